@@ -1,0 +1,4 @@
+"""Sound only: frames, codecs, resampling, VAD, WAV files and sound devices.
+
+This package imports nothing from ``runtime``.
+"""

@@ -1,0 +1,694 @@
+"""The streaming chat-completions client for the user's own endpoint.
+
+Theory of operation
+-------------------
+One :class:`ChatClient` talks to one endpoint (``base_url`` + ``model`` +
+optional ``api_key``) over a pooled, keep-alive httpx client whose transport
+connects only to addresses the URL policy checked (``runtime.llm.transport``).
+
+``client.stream(request)`` is an async context manager yielding a
+:class:`ChatStream`; iterating it yields the typed events of
+``runtime.llm.stream``. Inside, bytes go through the pure SSE decoder and the
+pure chunk decoder; this module only does the I/O, the deadlines, the
+retries and the timestamps.
+
+* Deadlines: ``first_token_s`` from the moment the request is handed to the
+  socket until the first generated delta (content, reasoning or tool call);
+  then ``stall_s`` between deltas. Heartbeats (empty deltas, comments) do not
+  reset them.
+* Retries happen only while nothing has been generated yet (no delta has been
+  yielded), only for retryable errors, and honour ``Retry-After`` up to
+  ``max_retry_wait_s``. The ``stream_options.include_usage`` field is dropped
+  (one extra attempt, remembered by the client) when the endpoint rejects the
+  request with 400/422.
+* Cancellation: leaving the context (normally, by error, or by cancelling the
+  consuming task) closes the HTTP response under a shielded, time-limited
+  cleanup, so the endpoint sees the disconnect and the pool stays consistent;
+  ``CancelledError`` is re-raised.
+* Timestamps come from an injected :class:`~runtime.clock.Clock` and follow
+  the metric definitions (``headers_ms``, ``first_event_ms``, ``ttft_ms``,
+  ``first_answer_ms``, ``itl_ms``, ``tpot_ms``, ``e2e_ms``).
+
+The ``api_key`` is a :class:`~runtime.secret.Secret`; it is sent only in the
+``Authorization`` header and is redacted from every error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import itertools
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+import httpx
+
+from runtime.clock import Clock, MonotonicClock, ns_to_ms
+from runtime.endpoints import (
+    EndpointURL,
+    PinnedEndpoint,
+    Resolver,
+    SystemResolver,
+    URLPolicy,
+    parse_endpoint_url,
+    resolve_endpoint,
+)
+from runtime.errors import (
+    EndpointAuthError,
+    EndpointConnectError,
+    EndpointError,
+    EndpointRateLimited,
+    EndpointRejected,
+    EndpointServerError,
+    EndpointStalled,
+    EndpointTimeout,
+    MalformedStream,
+    StreamDropped,
+)
+from runtime.llm.sse import SSEDecoder
+from runtime.llm.stream import (
+    ChatChunkDecoder,
+    ChatEvent,
+    Finish,
+    ReasoningDelta,
+    StreamStarted,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from runtime.llm.transport import PinnedNetworkBackend, PinnedTransport
+from runtime.secret import Secret
+
+log = logging.getLogger("voxloop.llm")
+
+_ERROR_BODY_LIMIT: Final = 4096
+_ERROR_TEXT_LIMIT: Final = 200
+_CLEANUP_TIMEOUT_S: Final = 2.0
+USER_AGENT: Final = "voxloop/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An OpenAI-compatible chat-completions endpoint."""
+
+    base_url: str
+    model: str
+    api_key: Secret | None = None
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.base_url
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """Deadlines in seconds (see the module docstring)."""
+
+    connect_s: float = 5.0
+    first_token_s: float = 10.0
+    stall_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries before the first token. ``max_attempts=1`` disables them."""
+
+    max_attempts: int = 2
+    backoff_s: float = 0.1
+    max_retry_wait_s: float = 3.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatRequest:
+    """One chat-completions request (``stream: true`` is always sent)."""
+
+    messages: Sequence[Mapping[str, Any]]
+    tools: Sequence[Mapping[str, Any]] = ()
+    temperature: float | None = None
+    max_tokens: int | None = None
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamTimings:
+    """Monotonic timestamps (ns, injected clock) of one streamed request."""
+
+    started_ns: int
+    sent_ns: int | None = None
+    headers_ns: int | None = None
+    first_event_ns: int | None = None
+    first_token_ns: int | None = None
+    first_answer_ns: int | None = None
+    ended_ns: int | None = None
+    token_ns: list[int] = field(default_factory=list)
+    new_connection: bool = False
+    attempts: int = 0
+    completion_tokens: int | None = None
+
+    def _since_sent(self, ns: int | None) -> float | None:
+        if ns is None or self.sent_ns is None:
+            return None
+        return ns_to_ms(ns - self.sent_ns)
+
+    @property
+    def connect_ms(self) -> float | None:
+        """From the call to the request being handed to the socket (pool wait, TCP, TLS)."""
+        return None if self.sent_ns is None else ns_to_ms(self.sent_ns - self.started_ns)
+
+    @property
+    def headers_ms(self) -> float | None:
+        return self._since_sent(self.headers_ns)
+
+    @property
+    def first_event_ms(self) -> float | None:
+        return self._since_sent(self.first_event_ns)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return self._since_sent(self.first_token_ns)
+
+    @property
+    def first_answer_ms(self) -> float | None:
+        return self._since_sent(self.first_answer_ns)
+
+    @property
+    def e2e_ms(self) -> float | None:
+        return self._since_sent(self.ended_ns)
+
+    @property
+    def itl_ms(self) -> list[float]:
+        t = self.token_ns
+        return [ns_to_ms(b - a) for a, b in itertools.pairwise(t)]
+
+    @property
+    def output_tokens(self) -> int:
+        return self.completion_tokens if self.completion_tokens else len(self.token_ns)
+
+    @property
+    def tpot_ms(self) -> float | None:
+        tokens = self.output_tokens
+        if tokens < 2 or len(self.token_ns) < 2:
+            return None
+        return ns_to_ms(self.token_ns[-1] - self.token_ns[0]) / (tokens - 1)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_detail(body: bytes, secret: Secret | None) -> str:
+    text = body.decode("utf-8", errors="replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
+        if isinstance(err, dict):
+            for key in ("message", "detail"):
+                if isinstance(err.get(key), str):
+                    text = err[key]
+                    break
+        elif isinstance(err, str):
+            text = err
+        elif isinstance(doc.get("detail"), str):
+            text = doc["detail"]
+    text = " ".join(text.split())
+    if secret is not None:
+        text = secret.redact(text)
+    if len(text) > _ERROR_TEXT_LIMIT:
+        text = text[:_ERROR_TEXT_LIMIT] + "…"
+    return text
+
+
+def _status_error(status: int, detail: str, retry_after: float | None) -> EndpointError:
+    suffix = f": {detail}" if detail else ""
+    if status in (401, 403):
+        return EndpointAuthError(
+            f"endpoint refused the credentials (HTTP {status}){suffix}",
+            retryable=False,
+            status_code=status,
+        )
+    if status == 429:
+        return EndpointRateLimited(
+            f"endpoint is rate limiting (HTTP 429){suffix}", retry_after_s=retry_after
+        )
+    if status == 408:
+        return EndpointTimeout(
+            f"endpoint timed out the request (HTTP 408){suffix}", retryable=True, status_code=408
+        )
+    if 300 <= status < 400:
+        return EndpointRejected(
+            f"endpoint answered with a redirect (HTTP {status}); redirects are not followed",
+            retryable=False,
+            status_code=status,
+        )
+    if 400 <= status < 500:
+        return EndpointRejected(
+            f"endpoint rejected the request (HTTP {status}){suffix}",
+            retryable=False,
+            status_code=status,
+        )
+    return EndpointServerError(
+        f"endpoint failed (HTTP {status}){suffix}", retryable=status != 501, status_code=status
+    )
+
+
+class ChatClient:
+    """Streams chat completions from one endpoint.
+
+    Args:
+        endpoint: where to send requests.
+        policy: the URL policy (stored endpoints use the default, strict one;
+            commands a machine's owner runs use :meth:`URLPolicy.operator`).
+        resolver: resolves the endpoint's host once (injectable for tests).
+        clock: monotonic clock for the timestamps.
+        timeouts: connect, first-token and stall deadlines.
+        retry: retries before the first token.
+        verify: TLS verification (``True``, or an ``ssl.SSLContext``).
+        http2: offer HTTP/2 (needs the ``http2`` extra).
+
+    Raises:
+        URLPolicyError: the base URL is not allowed (raised here for syntax,
+            and by :meth:`prewarm`/:meth:`stream` for resolved addresses).
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        policy: URLPolicy | None = None,
+        resolver: Resolver | None = None,
+        clock: Clock | None = None,
+        timeouts: ClientTimeouts | None = None,
+        retry: RetryPolicy | None = None,
+        verify: ssl.SSLContext | bool = True,
+        http2: bool = False,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._policy = policy or URLPolicy()
+        self._url: EndpointURL = parse_endpoint_url(endpoint.base_url, self._policy)
+        self._resolver = resolver or SystemResolver()
+        self._clock = clock or MonotonicClock()
+        self._timeouts = timeouts or ClientTimeouts()
+        self._retry = retry or RetryPolicy()
+        self._backend = PinnedNetworkBackend()
+        self._transport = PinnedTransport(self._backend, verify=verify, http2=http2, limits=limits)
+        self._pinned: PinnedEndpoint | None = None
+        self._pin_lock = asyncio.Lock()
+        self.include_usage = True
+        headers = {"User-Agent": USER_AGENT, "Accept": "text/event-stream"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key.reveal()}"
+        self._http = httpx.AsyncClient(
+            transport=self._transport,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=self._timeouts.connect_s,
+                read=None,
+                write=self._timeouts.connect_s,
+                pool=self._timeouts.connect_s,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"ChatClient(base_url={self._url.url!r}, model={self.endpoint.model!r})"
+
+    @property
+    def url(self) -> EndpointURL:
+        return self._url
+
+    @property
+    def connections_opened(self) -> int:
+        """TCP connections opened so far (keep-alive reuse keeps this low)."""
+        return self._backend.connects
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _ensure_pinned(self) -> PinnedEndpoint:
+        if self._pinned is None:
+            async with self._pin_lock:
+                if self._pinned is None:
+                    pinned = await resolve_endpoint(self._url, self._policy, self._resolver)
+                    self._backend.pin(self._url.host, self._url.port, pinned.addresses)
+                    self._pinned = pinned
+        return self._pinned
+
+    async def prewarm(self) -> None:
+        """Resolve, check and open the connection (TCP + TLS) before the first request.
+
+        Sends ``GET {base_url}/models``, whose answer is read and discarded so
+        the connection returns to the pool. Failures are not raised: a cold
+        first request is the fallback.
+
+        Raises:
+            URLPolicyError: the endpoint's addresses are not allowed.
+        """
+        await self._ensure_pinned()
+        try:
+            async with self._http.stream("GET", f"{self._url.url}/models") as response:
+                received = 0
+                async for chunk in response.aiter_raw():
+                    received += len(chunk)
+                    if received > 65536:
+                        break
+        except httpx.HTTPError:
+            log.info("endpoint prewarm failed", extra={"endpoint": self._url.url})
+
+    def build_body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body sent for ``request``."""
+        body: dict[str, Any] = {
+            "model": self.endpoint.model,
+            "messages": list(request.messages),
+            "stream": True,
+        }
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if request.tools:
+            body["tools"] = list(request.tools)
+            body["tool_choice"] = "auto"
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        body.update(request.extra_body)
+        return body
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatStream]:
+        """Open a streamed completion.
+
+        Yields:
+            A :class:`ChatStream`; iterate it for events, read ``timings``.
+
+        Raises:
+            EndpointError: the request failed (subclass says how).
+            URLPolicyError: the endpoint's addresses are not allowed.
+        """
+        await self._ensure_pinned()
+        chat = ChatStream(self, request, self._clock.now_ns())
+        try:
+            yield chat
+        finally:
+            await chat.aclose()
+
+    # -- used by ChatStream -------------------------------------------------
+
+    async def _open(self, request: ChatRequest, timings: StreamTimings) -> httpx.Response:
+        """Send the request and check the status; retry the include_usage fallback."""
+        dropped_usage = False
+        while True:
+            body = self.build_body(request)
+            response = await self._send(body, timings)
+            if response.status_code < 300:
+                ctype = response.headers.get("content-type", "")
+                if ctype.startswith("application/json"):
+                    detail = await self._read_error_body(response)
+                    raise MalformedStream(
+                        "endpoint answered with a JSON body, not an event stream"
+                        + (f": {detail}" if detail else ""),
+                        retryable=False,
+                    )
+                return response
+            detail = await self._read_error_body(response)
+            status = response.status_code
+            if status in (400, 422) and self.include_usage and not dropped_usage:
+                log.info("endpoint rejected stream_options; retrying without it")
+                self.include_usage = False
+                dropped_usage = True
+                continue
+            if dropped_usage:
+                # The failure was not about stream_options: keep asking for usage.
+                self.include_usage = True
+            raise _status_error(status, detail, _retry_after_s(response.headers.get("retry-after")))
+
+    async def _send(self, body: dict[str, Any], timings: StreamTimings) -> httpx.Response:
+        clock = self._clock
+
+        async def trace(name: str, info: Mapping[str, Any]) -> None:
+            if name == "connection.connect_tcp.started":
+                timings.new_connection = True
+            elif name.endswith(".send_request_headers.started"):
+                timings.sent_ns = clock.now_ns()
+            elif name.endswith(".receive_response_headers.complete"):
+                timings.headers_ns = clock.now_ns()
+
+        http_request = self._http.build_request(
+            "POST",
+            f"{self._url.url}/chat/completions",
+            content=json.dumps(body, separators=(",", ":")).encode(),
+            headers={"Content-Type": "application/json"},
+            extensions={"trace": trace},
+        )
+        try:
+            response = await self._http.send(http_request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise EndpointConnectError(
+                f"could not connect to the endpoint: {type(exc).__name__}", retryable=True
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise EndpointConnectError(
+                f"sending the request timed out: {type(exc).__name__}", retryable=True
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise StreamDropped(
+                f"connection failed before the response: {type(exc).__name__}", retryable=True
+            ) from exc
+        if timings.headers_ns is None:
+            timings.headers_ns = clock.now_ns()
+        if timings.sent_ns is None:
+            timings.sent_ns = timings.started_ns
+        return response
+
+    async def _read_error_body(self, response: httpx.Response) -> str:
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._timeouts.stall_s):
+                async for chunk in response.aiter_raw():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size >= _ERROR_BODY_LIMIT:
+                        break
+        except (httpx.HTTPError, TimeoutError):
+            pass
+        finally:
+            await response.aclose()
+        return _error_detail(b"".join(chunks)[:_ERROR_BODY_LIMIT], self.endpoint.api_key)
+
+
+class ChatStream:
+    """The events of one streamed completion (async iterator).
+
+    Attributes:
+        timings: timestamps of the current attempt (``attempts`` counts them).
+        usage: the usage reported by the endpoint, if any.
+        finish_reason: the finish reason, if one was received.
+    """
+
+    def __init__(self, client: ChatClient, request: ChatRequest, started_ns: int) -> None:
+        self._client = client
+        self._request = request
+        self._clock = client._clock
+        self.timings = StreamTimings(started_ns=started_ns)
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self._response: httpx.Response | None = None
+        self._raw: AsyncIterator[bytes] | None = None
+        self._sse = SSEDecoder()
+        self._chunks = ChatChunkDecoder()
+        self._pending: list[ChatEvent] = []
+        self._generated = False
+        self._started_sent = False
+        self._eof = False
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ChatEvent:
+        while True:
+            if self._pending:
+                event = self._pending.pop(0)
+                if isinstance(event, StreamStarted):
+                    if self._started_sent:
+                        continue
+                    self._started_sent = True
+                return event
+            if self._eof or self._closed:
+                raise StopAsyncIteration
+            try:
+                await self._fill()
+            except EndpointError as exc:
+                if not await self._should_retry(exc):
+                    self._closed = True
+                    await self._close_response()
+                    raise
+
+    async def _should_retry(self, exc: EndpointError) -> bool:
+        policy = self._client._retry
+        if self._generated or not exc.retryable or self.timings.attempts >= policy.max_attempts:
+            return False
+        wait = policy.backoff_s * self.timings.attempts
+        if isinstance(exc, EndpointRateLimited) and exc.retry_after_s is not None:
+            if exc.retry_after_s > policy.max_retry_wait_s:
+                return False
+            wait = max(wait, exc.retry_after_s)
+        log.info("retrying endpoint request", extra={"kind": exc.kind})
+        await self._close_response()
+        await asyncio.sleep(wait)
+        self._sse = SSEDecoder()
+        self._chunks = ChatChunkDecoder()
+        self._pending.clear()
+        self.timings = StreamTimings(
+            started_ns=self.timings.started_ns, attempts=self.timings.attempts
+        )
+        return True
+
+    def _deadline_s(self) -> float:
+        t = self._client._timeouts
+        return t.stall_s if self._generated else t.first_token_s
+
+    async def _fill(self) -> None:
+        """Read until at least one event is pending or the stream ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline_s()
+        try:
+            async with asyncio.timeout_at(deadline):
+                if self._response is None:
+                    self.timings.attempts += 1
+                    self._response = await self._client._open(self._request, self.timings)
+                    self._raw = self._response.aiter_raw()
+                assert self._raw is not None
+                while not self._pending:
+                    try:
+                        data = await anext(self._raw)
+                    except StopAsyncIteration:
+                        self._finish()
+                        return
+                    self._feed(data)
+        except TimeoutError:
+            await self._close_response()
+            if self._generated:
+                raise EndpointStalled(
+                    f"no token for {self._client._timeouts.stall_s:g} s (stall deadline)",
+                    retryable=False,
+                ) from None
+            raise EndpointTimeout(
+                f"no token within {self._client._timeouts.first_token_s:g} s of the request",
+                retryable=True,
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.StreamError) as exc:
+            await self._close_response()
+            raise StreamDropped(
+                f"connection dropped mid-stream: {type(exc).__name__}",
+                retryable=not self._generated,
+            ) from exc
+        except httpx.HTTPError as exc:
+            await self._close_response()
+            raise StreamDropped(
+                f"stream failed: {type(exc).__name__}", retryable=not self._generated
+            ) from exc
+
+    def _feed(self, data: bytes) -> None:
+        self._sse.receive_data(data)
+        for sse in self._sse.events_received():
+            self._accept(self._chunks.receive_event(sse))
+
+    def _finish(self) -> None:
+        self._sse.receive_eof()
+        for sse in self._sse.events_received():
+            self._accept(self._chunks.receive_event(sse))
+        self._accept(self._chunks.receive_eof())
+        self._eof = True
+        self.timings.ended_ns = self._clock.now_ns()
+
+    def _accept(self, events: list[ChatEvent]) -> None:
+        now = self._clock.now_ns()
+        t = self.timings
+        for event in events:
+            if isinstance(event, StreamStarted):
+                if t.first_event_ns is None:
+                    t.first_event_ns = now
+            elif isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
+                if t.first_token_ns is None:
+                    t.first_token_ns = now
+                if isinstance(event, TextDelta) and t.first_answer_ns is None:
+                    t.first_answer_ns = now
+                t.token_ns.append(now)
+                self._generated = True
+            elif isinstance(event, Usage):
+                self.usage = event
+                t.completion_tokens = event.completion_tokens
+            elif isinstance(event, Finish):
+                self.finish_reason = event.reason
+            self._pending.append(event)
+
+    async def _close_response(self) -> None:
+        response, self._response = self._response, None
+        raw, self._raw = self._raw, None
+        if response is None:
+            return
+        # Shielded and time-limited: the endpoint must see the disconnect even
+        # when the consumer was cancelled (the caller's CancelledError is re-raised
+        # by the caller's own await, never swallowed here).
+        closing = asyncio.ensure_future(self._aclose(response, raw))
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
+                    await closing
+            raise
+
+    @staticmethod
+    async def _aclose(response: httpx.Response, raw: AsyncIterator[bytes] | None) -> None:
+        with contextlib.suppress(httpx.HTTPError, OSError, TimeoutError):
+            async with asyncio.timeout(_CLEANUP_TIMEOUT_S):
+                if raw is not None and hasattr(raw, "aclose"):
+                    await raw.aclose()
+                await response.aclose()
+
+    async def aclose(self) -> None:
+        """Close the response (idempotent). The endpoint sees the disconnect."""
+        self._closed = True
+        await self._close_response()
+
+    async def collect_text(self) -> str:
+        """Consume the stream and return the speakable text."""
+        parts = [event.text async for event in self if isinstance(event, TextDelta)]
+        return "".join(parts)

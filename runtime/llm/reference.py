@@ -1,0 +1,575 @@
+"""A reference OpenAI-compatible streaming endpoint (loopback HTTP/1.1, optional TLS).
+
+Theory of operation
+-------------------
+A small asyncio server built on h11 (sans-I/O HTTP/1.1) that answers
+``POST …/chat/completions`` with a real ``text/event-stream`` exactly as
+OpenAI-compatible servers do: an optional role-only first chunk, content
+deltas one token per chunk after a configurable time to first token and
+inter-token gap, a finish chunk, an optional usage chunk (``choices: []`` or
+non-empty ``choices``, as different servers send it) and ``data: [DONE]``.
+``GET …/models`` lists the model (used for connection prewarming).
+
+A :class:`ReplyPlan` says how to answer, including faults: an HTTP status
+(4xx/5xx/429 with ``Retry-After``), a redirect, hanging before or after the
+headers, dropping the connection mid-stream, a malformed line, reasoning
+first (``reasoning_content`` or ``<think>`` tags), a tool call whose id, name
+and argument fragments arrive in separate deltas, or rejecting
+``stream_options``. Plans can be queued for the next requests; otherwise the
+default plan answers.
+
+While a response streams, the server watches the socket, so a client
+disconnect is seen at once and recorded (tests assert on it). Every request
+is recorded with the server's own timestamps (``time.perf_counter_ns``), so
+a client's TTFT can be checked against the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+
+import h11
+
+FaultKind = Literal[
+    "none", "status", "redirect", "hang_headers", "hang", "drop", "malformed", "empty"
+]
+UsageMode = Literal["none", "empty_choices", "with_choices"]
+
+_MAX_BODY: Final = 4 * 1024 * 1024
+_TOKEN = re.compile(r"\s*\S+")
+DEFAULT_REPLY: Final = (
+    "Sure, I can help with that. Your order shipped this morning and should arrive "
+    "on Thursday. Is there anything else I can do for you?"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyPlan:
+    """How the reference endpoint answers one request.
+
+    Attributes:
+        replies: reply texts, used in turn by successive requests.
+        ttft_ms: delay from the request to the first content token.
+        itl_ms: delay between tokens.
+        role_chunk: send a role-only chunk at once (before the TTFT delay).
+        usage: how to send usage when the request asks for it.
+        finish_chunk: send a chunk with ``finish_reason`` (llama-cpp-python omits it).
+        done: send ``data: [DONE]``.
+        fault: a failure to produce (see the module docstring).
+        status: the HTTP status for ``fault="status"``.
+        retry_after: ``Retry-After`` header value for status faults.
+        fault_after: tokens sent before ``drop``/``malformed``/``hang``.
+        reasoning: reasoning text streamed before the answer.
+        think_tags: stream the reasoning inside ``<think>`` in ``content``
+            instead of ``reasoning_content``.
+        tool_name: answer with a call to this tool (when the request has tools
+            and its last message is not a tool result).
+        tool_arguments: the call's JSON arguments (``None`` sends ``null``).
+        reject_stream_options: answer 400 when ``stream_options`` is sent.
+    """
+
+    replies: tuple[str, ...] = (DEFAULT_REPLY,)
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    role_chunk: bool = True
+    usage: UsageMode = "empty_choices"
+    finish_chunk: bool = True
+    done: bool = True
+    fault: FaultKind = "none"
+    status: int = 500
+    retry_after: str | None = None
+    fault_after: int = 3
+    reasoning: str = ""
+    think_tags: bool = False
+    tool_name: str | None = None
+    tool_arguments: str | None = '{"city": "Paris"}'
+    reject_stream_options: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ttft_ms < 0 or self.itl_ms < 0:
+            raise ValueError("delays must not be negative")
+        if not self.replies:
+            raise ValueError("at least one reply is required")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the server saw and did for one request (server clock, ns)."""
+
+    connection: int
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+    received_ns: int
+    first_token_ns: int | None = None
+    ended_ns: int | None = None
+    disconnected_ns: int | None = None
+    status: int = 0
+    tokens_sent: int = 0
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        """The server's own time from the request to the first token leaving it."""
+        if self.first_token_ns is None:
+            return None
+        return (self.first_token_ns - self.received_ns) / 1e6
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class ReferenceEndpoint:
+    """The server. Use as ``async with ReferenceEndpoint(plan) as server: …``.
+
+    Args:
+        plan: the default reply plan.
+        host: where to listen (loopback by default).
+        port: 0 picks a free port.
+        api_key: when set, requests must carry ``Authorization: Bearer <api_key>``.
+        ssl_context: serve HTTPS with this context.
+        model: the model id reported in chunks and ``/models``.
+    """
+
+    def __init__(
+        self,
+        plan: ReplyPlan | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        model: str = "voxloop-reference",
+    ) -> None:
+        self.plan = plan or ReplyPlan()
+        self._host = host
+        self._port = port
+        self._api_key = api_key
+        self._ssl = ssl_context
+        self.model = model
+        self._server: asyncio.Server | None = None
+        self._queued: deque[ReplyPlan] = deque()
+        self._conn_ids = itertools.count(1)
+        self._reply_index = 0
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.requests: list[RequestRecord] = []
+        self.connections = 0
+        self.request_arrived = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._on_connection, self._host, self._port, ssl=self._ssl
+        )
+
+    async def aclose(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def base_url(self) -> str:
+        scheme = "https" if self._ssl else "http"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{scheme}://{host}:{self.port}/v1"
+
+    def queue(self, *plans: ReplyPlan) -> None:
+        """Answer the next requests with these plans, in order."""
+        self._queued.extend(plans)
+
+    # -- connection handling ----------------------------------------------------
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.connections += 1
+        conn_id = next(self._conn_ids)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        try:
+            while True:
+                request = await self._read_request(conn, reader, conn_id)
+                if request is None:
+                    break
+                await self._respond(conn, reader, writer, request)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError, _Disconnected, ssl.SSLError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.CancelledError):
+                await writer.wait_closed()
+            self._handlers.discard(task)
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, conn_id: int
+    ) -> RequestRecord | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+            if isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > _MAX_BODY:
+                    raise _Disconnected
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        assert head is not None
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in head.headers}
+        parsed: dict[str, Any] | None
+        try:
+            doc = json.loads(body) if body else None
+            parsed = doc if isinstance(doc, dict) else None
+        except ValueError:
+            parsed = None
+        record = RequestRecord(
+            connection=conn_id,
+            method=head.method.decode(),
+            path=head.target.decode(),
+            headers=headers,
+            body=parsed,
+            received_ns=time.perf_counter_ns(),
+        )
+        self.requests.append(record)
+        self.request_arrived.set()
+        return record
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: RequestRecord,
+    ) -> None:
+        try:
+            path = record.path.split("?", 1)[0].rstrip("/")
+            if self._api_key is not None and record.headers.get("authorization") != (
+                f"Bearer {self._api_key}"
+            ):
+                await self._json(
+                    conn, writer, record, 401, _error("Invalid API key", "invalid_api_key")
+                )
+                return
+            if record.method == "GET" and path.endswith("/models"):
+                doc = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+                await self._json(conn, writer, record, 200, doc)
+                return
+            if record.method != "POST" or not path.endswith("/chat/completions"):
+                await self._json(conn, writer, record, 404, _error("Not found", "not_found"))
+                return
+            body = record.body
+            if body is None or not isinstance(body.get("messages"), list):
+                await self._json(
+                    conn, writer, record, 400, _error("'messages' is required", "invalid_request")
+                )
+                return
+            plan = self._queued.popleft() if self._queued else self.plan
+            await self._chat(conn, reader, writer, record, plan, body)
+        finally:
+            record.ended_ns = time.perf_counter_ns()
+            record.finished.set()
+
+    async def _json(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        record: RequestRecord,
+        status: int,
+        doc: object,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        payload = json.dumps(doc).encode()
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(payload))),
+            *(extra or []),
+        ]
+        record.status = status
+        await _write(writer, conn.send(h11.Response(status_code=status, headers=headers)))
+        await _write(writer, conn.send(h11.Data(data=payload)))
+        await _write(writer, conn.send(h11.EndOfMessage()))
+
+    async def _chat(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: RequestRecord,
+        plan: ReplyPlan,
+        body: dict[str, Any],
+    ) -> None:
+        if plan.reject_stream_options and "stream_options" in body:
+            await self._json(
+                conn, writer, record, 400,
+                _error("Unrecognized request argument supplied: stream_options", "invalid_request"),
+            )  # fmt: skip
+            return
+        if plan.fault == "status":
+            extra = [("retry-after", plan.retry_after)] if plan.retry_after else []
+            await self._json(
+                conn,
+                writer,
+                record,
+                plan.status,
+                _error(f"simulated {plan.status}", "simulated"),
+                extra,
+            )
+            return
+        if plan.fault == "redirect":
+            record.status = 307
+            await _write(
+                writer,
+                conn.send(
+                    h11.Response(
+                        status_code=307,
+                        headers=[("location", "http://169.254.169.254/"), ("content-length", "0")],
+                    )
+                ),
+            )
+            await _write(writer, conn.send(h11.EndOfMessage()))
+            return
+
+        watcher = asyncio.ensure_future(_watch_eof(reader))
+        try:
+            streaming = asyncio.ensure_future(self._stream(conn, writer, record, plan, body))
+            done, _ = await asyncio.wait({watcher, streaming}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                record.disconnected_ns = time.perf_counter_ns()
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, _Disconnected):
+                    await streaming
+                raise _Disconnected
+            streaming.result()
+        finally:
+            for task in (watcher,):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await task
+
+    async def _stream(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        record: RequestRecord,
+        plan: ReplyPlan,
+        body: dict[str, Any],
+    ) -> None:
+        if plan.fault == "hang_headers":
+            await asyncio.Event().wait()
+        record.status = 200
+        if body.get("stream") is not True:
+            await self._json(conn, writer, record, 200, self._completion(plan, body))
+            return
+        await _write(
+            writer,
+            conn.send(
+                h11.Response(
+                    status_code=200,
+                    headers=[
+                        ("content-type", "text/event-stream; charset=utf-8"),
+                        ("cache-control", "no-cache"),
+                    ],
+                )
+            ),
+        )
+        rid = f"chatcmpl-ref{len(self.requests)}"
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            doc = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+        async def send(data: bytes) -> None:
+            await _write(writer, conn.send(h11.Data(data=data)))
+
+        if plan.role_chunk:
+            await send(chunk({"role": "assistant", "content": ""}))
+        if plan.fault == "hang" and plan.fault_after == 0:
+            await asyncio.Event().wait()
+        if plan.ttft_ms:
+            await asyncio.sleep(plan.ttft_ms / 1000)
+
+        tokens: list[dict[str, Any]] = []
+        if plan.reasoning:
+            pieces = _TOKEN.findall(plan.reasoning)
+            if plan.think_tags:
+                pieces = ["<think>", *pieces, "</think>\n\n"]
+                tokens += [{"content": p} for p in pieces]
+            else:
+                tokens += [{"reasoning_content": p} for p in pieces]
+        tools = body.get("tools")
+        messages = body["messages"]
+        last_role = (
+            messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
+        )
+        finish = "stop"
+        if plan.tool_name and tools and last_role != "tool":
+            finish = "tool_calls"
+            call_id = f"call_ref{len(self.requests)}"
+            tokens.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"arguments": ""},
+                        }
+                    ]
+                }
+            )
+            tokens.append({"tool_calls": [{"index": 0, "function": {"name": plan.tool_name}}]})
+            args = plan.tool_arguments
+            if args is None:
+                tokens.append({"tool_calls": [{"index": 0, "function": {"arguments": None}}]})
+            else:
+                third = max(1, len(args) // 3)
+                for part in (args[:third], args[third : 2 * third], args[2 * third :]):
+                    if part:
+                        tokens.append(
+                            {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
+                        )
+        elif plan.fault != "empty":
+            text = plan.replies[self._reply_index % len(plan.replies)]
+            self._reply_index += 1
+            tokens += [{"content": t} for t in _TOKEN.findall(text)]
+
+        for i, delta in enumerate(tokens):
+            if i == plan.fault_after:
+                if plan.fault == "drop":
+                    writer.transport.abort()
+                    raise _Disconnected
+                if plan.fault == "malformed":
+                    await send(b'data: {"choices": [{"index": 0, "delta": {"content": "oops"\n\n')
+                    break
+                if plan.fault == "hang":
+                    await asyncio.Event().wait()
+            if i and plan.itl_ms:
+                await asyncio.sleep(plan.itl_ms / 1000)
+            await send(chunk(delta))
+            record.tokens_sent += 1
+            if record.first_token_ns is None:
+                record.first_token_ns = time.perf_counter_ns()
+
+        if plan.finish_chunk:
+            await send(chunk({}, finish))
+        options = body.get("stream_options")
+        if plan.usage != "none" and isinstance(options, dict) and options.get("include_usage"):
+            usage = {
+                "prompt_tokens": sum(
+                    len(str(m.get("content", ""))) // 4 for m in messages if isinstance(m, dict)
+                ),
+                "completion_tokens": len(tokens),
+                "total_tokens": 0,
+            }
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            doc: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            }
+            if plan.usage == "with_choices":
+                doc["choices"] = [{"index": 0, "delta": {}, "finish_reason": None}]
+            await send(b"data: " + json.dumps(doc).encode() + b"\n\n")
+        if plan.done:
+            await send(b"data: [DONE]\n\n")
+        await _write(writer, conn.send(h11.EndOfMessage()))
+
+    def _completion(self, plan: ReplyPlan, body: dict[str, Any]) -> dict[str, Any]:
+        text = plan.replies[self._reply_index % len(plan.replies)]
+        self._reply_index += 1
+        return {
+            "id": f"chatcmpl-ref{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+
+def _error(message: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+
+
+async def _write(writer: asyncio.StreamWriter, data: bytes | None) -> None:
+    if data:
+        writer.write(data)
+        await writer.drain()
+
+
+async def _watch_eof(reader: asyncio.StreamReader) -> None:
+    # HTTP/1.1 clients send nothing while a response streams (no pipelining
+    # from httpx), so the next read only returns when the peer goes away.
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            return

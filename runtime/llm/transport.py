@@ -1,0 +1,113 @@
+"""An httpx transport that connects only to addresses checked by the URL policy.
+
+The URL policy (``runtime.endpoints``) resolves an endpoint's name once and
+checks every address. This transport's network backend then maps that name to
+those addresses when httpcore opens a TCP connection, so a second DNS answer
+can never be used (DNS rebinding). TLS still verifies the certificate against
+the *name* and sends it as SNI, and ``Host`` stays the name. Connections to
+names that were not pinned, and Unix sockets, are refused. Proxies from the
+environment are ignored (they would bypass the pinning).
+"""
+
+from __future__ import annotations
+
+import ssl
+import typing
+
+import httpcore
+import httpx
+
+from runtime.endpoints import IPAddress
+
+
+class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """Resolves nothing itself: connects ``(host, port)`` to pinned addresses only."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
+        self._pins: dict[tuple[str, int], tuple[IPAddress, ...]] = {}
+        self.connects = 0
+
+    def pin(self, host: str, port: int, addresses: typing.Sequence[IPAddress]) -> None:
+        if not addresses:
+            raise ValueError("at least one address is required")
+        self._pins[(host.lower(), port)] = tuple(addresses)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = self._pins.get((host.lower().strip("[]"), port))
+        if addresses is None:
+            raise httpcore.ConnectError(
+                "connection refused: host was not checked by the URL policy"
+            )
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                stream = await self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+                continue
+            self.connects += 1
+            return stream
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not allowed for endpoints")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class PinnedTransport(httpx.AsyncHTTPTransport):
+    """``httpx.AsyncHTTPTransport`` whose connection pool uses a :class:`PinnedNetworkBackend`.
+
+    httpx does not expose httpcore's ``network_backend`` argument, so the pool
+    is built here with the same settings httpx would use (httpx 0.28 series,
+    pinned in ``pyproject.toml``; the integration tests fail if this breaks).
+    """
+
+    def __init__(
+        self,
+        backend: PinnedNetworkBackend,
+        *,
+        verify: ssl.SSLContext | bool = True,
+        http2: bool = False,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        limits = limits or httpx.Limits(max_connections=20, max_keepalive_connections=10)
+        super().__init__(verify=verify, http2=http2, trust_env=False, limits=limits)
+        ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True,
+            http2=http2,
+            network_backend=backend,
+        )
+        self.backend = backend
+
+    def pool_connection_count(self) -> int:
+        """How many connections the pool holds (for tests and statistics)."""
+        pool = self._pool
+        assert isinstance(pool, httpcore.AsyncConnectionPool)
+        return len(pool.connections)
