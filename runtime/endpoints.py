@@ -310,6 +310,8 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
         if rest and not rest.startswith(":"):
             raise _reject("host", "unexpected text after IPv6 literal")
         port_text = rest[1:] if rest else ""
+        if rest == ":":
+            raise _reject("port", "URL has an empty port")
         if "%" in literal:
             raise _reject("host", "IPv6 zone identifiers are not allowed")
         try:
@@ -323,6 +325,8 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
             host_text, port_text = netloc, ""
         elif not host_text:
             raise _reject("host", "URL has no host")
+        elif not port_text:
+            raise _reject("port", "URL has an empty port")
         if ":" in host_text or "[" in host_text or "]" in host_text:
             raise _reject("host", "IPv6 addresses must be written in brackets")
         lowered = host_text.lower().rstrip(".")

@@ -554,6 +554,10 @@ class ChatStream:
             try:
                 await self._fill()
             except EndpointError as exc:
+                if self._generated:
+                    # Output already reached the consumer: repeating the request
+                    # would repeat it, so no error after that point is retry-safe.
+                    exc.retryable = False
                 if not await self._should_retry(exc):
                     self._closed = True
                     await self._close_response()

@@ -240,7 +240,9 @@ class ReferenceEndpoint:
         except (ConnectionError, h11.ProtocolError, _Disconnected, ssl.SSLError):
             pass
         except asyncio.CancelledError:
-            pass
+            # The server is shutting down: do not wait for a TLS close_notify
+            # from a client that keeps the connection in its pool.
+            writer.transport.abort()
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.CancelledError):

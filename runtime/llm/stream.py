@@ -207,7 +207,7 @@ class ChatChunkDecoder:
             for is_reasoning, piece in self._think.feed(content):
                 out.append(ReasoningDelta(text=piece) if is_reasoning else TextDelta(text=piece))
         tool_calls = delta.get("tool_calls")
-        if tool_calls:
+        if tool_calls is not None:
             if not isinstance(tool_calls, list):
                 raise MalformedStream("'tool_calls' is not a list", retryable=True)
             for position, call in enumerate(tool_calls):

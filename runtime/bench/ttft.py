@@ -1,0 +1,429 @@
+"""The time-to-first-token benchmark: compares chat-completions endpoints.
+
+Each endpoint gets one **cold** request on a fresh client (new TCP/TLS
+connection, nothing resolved), ``warmup`` discarded requests, then
+``requests`` measured **warm** requests with ``concurrency`` in flight. Every
+request records the client's timestamps (see ``runtime.llm.client``), the
+time the speech segmenter would release the first segment
+(``first_sentence_ms``) and, on failure, the error kind. Failures and hangs
+are counted, never fatal: the deadline (``timeout_s``) bounds every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from runtime.bench.stats import summarize
+from runtime.clock import Clock, MonotonicClock, ns_to_ms
+from runtime.endpoints import Resolver, URLPolicy
+from runtime.errors import EndpointError, URLPolicyError
+from runtime.llm.client import (
+    ChatClient,
+    ChatRequest,
+    ChatStream,
+    ClientTimeouts,
+    Endpoint,
+    RetryPolicy,
+)
+from runtime.llm.stream import TextDelta
+from runtime.secret import Secret
+from runtime.speech.text import SpeechSegmenter
+
+METRICS: Final = (
+    "headers_ms",
+    "first_event_ms",
+    "ttft_ms",
+    "first_answer_ms",
+    "first_sentence_ms",
+    "itl_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "tokens_per_s",
+)
+
+VOICE_SYSTEM_PROMPT: Final = (
+    "You are a friendly voice assistant for Northwind Outfitters. Your replies are "
+    "spoken aloud: answer in one or two short sentences, no lists, no markdown, no emoji. "
+    "Say numbers, dates and times the way a person would say them."
+)
+
+VOICE_CONTEXT: Final[tuple[dict[str, str], ...]] = (
+    {"role": "assistant", "content": "Hi, thanks for calling Northwind. How can I help you today?"},
+    {"role": "user", "content": "Hi, I ordered a rain jacket last week and wanted to check on it."},
+    {
+        "role": "assistant",
+        "content": "Happy to help. Could you tell me the order number or the email on the order?",
+    },
+    {"role": "user", "content": "Sure, it's under jamie dot lee at example dot com."},
+    {
+        "role": "assistant",
+        "content": "Thanks, Jamie. I found an order for a storm shell jacket in navy, size medium.",
+    },
+    {"role": "user", "content": "That's the one. When is it going to arrive?"},
+)
+
+
+def voice_messages(system_prompt: str = VOICE_SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The default prompt: a voice-style system prompt and a realistic multi-turn context."""
+    return [{"role": "system", "content": system_prompt}, *VOICE_CONTEXT]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchTarget:
+    """One endpoint to benchmark (the key is read from ``api_key_env`` at run time)."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    requests: int = 20
+    warmup: int = 2
+    concurrency: int = 1
+    timeout_s: float = 30.0
+    max_tokens: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.requests < 1:
+            raise ValueError("--requests must be at least 1")
+        if self.warmup < 0:
+            raise ValueError("--warmup must not be negative")
+        if self.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
+        if not self.timeout_s > 0:
+            raise ValueError("--timeout must be positive")
+
+
+@dataclass(slots=True)
+class RequestResult:
+    endpoint: str
+    index: int
+    phase: str  # "cold" | "warmup" | "warm"
+    ok: bool
+    error: str | None = None
+    new_connection: bool = False
+    headers_ms: float | None = None
+    first_event_ms: float | None = None
+    ttft_ms: float | None = None
+    first_answer_ms: float | None = None
+    first_sentence_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+    output_tokens: int = 0
+    tokens_per_s: float | None = None
+    itl_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EndpointReport:
+    target: BenchTarget
+    results: list[RequestResult] = field(default_factory=list)
+
+    @property
+    def warm(self) -> list[RequestResult]:
+        return [r for r in self.results if r.phase == "warm"]
+
+    @property
+    def cold(self) -> RequestResult | None:
+        return next((r for r in self.results if r.phase == "cold"), None)
+
+    def errors(self) -> dict[str, int]:
+        return dict(Counter(r.error for r in self.warm if r.error))
+
+    def metric_samples(self, metric: str) -> list[float]:
+        ok = [r for r in self.warm if r.ok]
+        if metric == "itl_ms":
+            return [gap for r in ok for gap in r.itl_ms]
+        values = (getattr(r, metric) for r in ok)
+        return [v for v in values if v is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        cold = self.cold
+        return {
+            "name": self.target.name,
+            "base_url": self.target.base_url,
+            "model": self.target.model,
+            "requests": len(self.warm),
+            "ok": sum(r.ok for r in self.warm),
+            "errors": self.errors(),
+            "metrics": {m: summarize(self.metric_samples(m)) for m in METRICS},
+            "cold": None
+            if cold is None
+            else {
+                "ok": cold.ok,
+                "error": cold.error,
+                "ttft_ms": cold.ttft_ms,
+                "headers_ms": cold.headers_ms,
+                "e2e_ms": cold.e2e_ms,
+            },
+        }
+
+
+def load_targets(path: Path) -> list[BenchTarget]:
+    """Read ``[[endpoints]]`` tables (``name``, ``base_url``, ``model``, ``api_key_env``).
+
+    Raises:
+        ValueError: the file is missing, not TOML, or an entry is incomplete.
+    """
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    entries = doc.get("endpoints")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path} has no [[endpoints]] tables")
+    targets = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: endpoints[{i}] is not a table")
+        for key in ("base_url", "model"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ValueError(f"{path}: endpoints[{i}].{key} is required (a string)")
+        key_env = entry.get("api_key_env")
+        if key_env is not None and not isinstance(key_env, str):
+            raise ValueError(f"{path}: endpoints[{i}].api_key_env must be a string")
+        unknown = set(entry) - {"name", "base_url", "model", "api_key_env"}
+        if unknown:
+            raise ValueError(
+                f"{path}: endpoints[{i}] has unknown keys: {', '.join(sorted(unknown))}"
+            )
+        targets.append(
+            BenchTarget(
+                name=str(entry.get("name") or entry["base_url"]),
+                base_url=entry["base_url"],
+                model=entry["model"],
+                api_key_env=key_env,
+            )
+        )
+    return targets
+
+
+ProgressHook = Callable[[str, RequestResult], None]
+
+
+class TTFTBenchmark:
+    """Runs the benchmark for a list of targets.
+
+    Args:
+        targets: endpoints to compare (run one after another, so they do not
+            compete for this machine's CPU).
+        settings: request counts, concurrency and deadline.
+        messages: the prompt; the default is :func:`voice_messages`.
+        policy: URL policy (the operator's: local endpoints are allowed).
+        resolver: host resolver (injectable).
+        clock: monotonic clock.
+        on_result: called after every request (progress display).
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[BenchTarget],
+        settings: BenchSettings,
+        *,
+        messages: Sequence[dict[str, Any]] | None = None,
+        policy: URLPolicy | None = None,
+        resolver: Resolver | None = None,
+        clock: Clock | None = None,
+        on_result: ProgressHook | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.targets = list(targets)
+        self.settings = settings
+        self.messages = list(messages) if messages is not None else voice_messages()
+        self._policy = policy or URLPolicy.operator()
+        self._resolver = resolver
+        self._clock = clock or MonotonicClock()
+        self._on_result = on_result
+        self._env = env if env is not None else dict(os.environ)
+
+    def _client(self, target: BenchTarget) -> ChatClient:
+        key: Secret | None = None
+        if target.api_key_env:
+            value = self._env.get(target.api_key_env)
+            if value is None:
+                raise ValueError(f"environment variable {target.api_key_env} is not set")
+            key = Secret(value)
+        t = self.settings.timeout_s
+        return ChatClient(
+            Endpoint(target.base_url, target.model, key, target.name),
+            policy=self._policy,
+            resolver=self._resolver,
+            clock=self._clock,
+            timeouts=ClientTimeouts(connect_s=t, first_token_s=t, stall_s=t),
+            retry=RetryPolicy(max_attempts=1),
+        )
+
+    async def run(self) -> list[EndpointReport]:
+        return [await self.run_target(target) for target in self.targets]
+
+    async def run_target(self, target: BenchTarget) -> EndpointReport:
+        report = EndpointReport(target)
+        try:
+            client = self._client(target)
+        except (URLPolicyError, ValueError) as exc:
+            failed = RequestResult(target.name, 0, "warm", ok=False, error=_config_kind(exc))
+            report.results.extend(
+                RequestResult(target.name, i, "warm", ok=False, error=failed.error)
+                for i in range(self.settings.requests)
+            )
+            return report
+        async with client:
+            report.results.append(await self._one(client, target, 0, "cold"))
+            self._notify(target, report.results[-1])
+            for i in range(self.settings.warmup):
+                report.results.append(await self._one(client, target, i, "warmup"))
+                self._notify(target, report.results[-1])
+            report.results.extend(await self._warm(client, target))
+        return report
+
+    async def _warm(self, client: ChatClient, target: BenchTarget) -> list[RequestResult]:
+        results: list[RequestResult] = []
+        pending = iter(range(self.settings.requests))
+
+        async def worker() -> None:
+            for i in pending:
+                result = await self._one(client, target, i, "warm")
+                results.append(result)
+                self._notify(target, result)
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(self.settings.concurrency, self.settings.requests)):
+                tg.create_task(worker())
+        results.sort(key=lambda r: r.index)
+        return results
+
+    def _notify(self, target: BenchTarget, result: RequestResult) -> None:
+        if self._on_result is not None:
+            self._on_result(target.name, result)
+
+    async def _one(
+        self, client: ChatClient, target: BenchTarget, index: int, phase: str
+    ) -> RequestResult:
+        request = ChatRequest(messages=self.messages, max_tokens=self.settings.max_tokens)
+        result = RequestResult(target.name, index, phase, ok=False)
+        segmenter = SpeechSegmenter()
+        first_segment_ns: int | None = None
+        stream: ChatStream | None = None
+        try:
+            async with client.stream(request) as stream:
+                async for event in stream:
+                    if (
+                        isinstance(event, TextDelta)
+                        and first_segment_ns is None
+                        and segmenter.push(event.text)
+                    ):
+                        first_segment_ns = self._clock.now_ns()
+                if first_segment_ns is None and segmenter.flush():
+                    first_segment_ns = self._clock.now_ns()
+            result.ok = True
+        except URLPolicyError as exc:
+            result.error = _config_kind(exc)
+            return result
+        except EndpointError as exc:
+            result.error = exc.kind
+        if stream is None:
+            return result
+        t = stream.timings
+        result.new_connection = t.new_connection
+        result.headers_ms = t.headers_ms
+        result.first_event_ms = t.first_event_ms
+        result.ttft_ms = t.ttft_ms
+        result.first_answer_ms = t.first_answer_ms
+        if first_segment_ns is not None and t.sent_ns is not None:
+            result.first_sentence_ms = ns_to_ms(first_segment_ns - t.sent_ns)
+        result.itl_ms = t.itl_ms
+        result.tpot_ms = t.tpot_ms
+        result.e2e_ms = t.e2e_ms
+        result.output_tokens = t.output_tokens
+        if result.ok and t.tpot_ms and result.output_tokens > 1:
+            result.tokens_per_s = 1000.0 / t.tpot_ms
+        return result
+
+
+def _config_kind(exc: Exception) -> str:
+    return "url_policy" if isinstance(exc, URLPolicyError) else "config"
+
+
+def write_json(
+    reports: Sequence[EndpointReport], path: Path, extra: dict[str, Any] | None = None
+) -> None:
+    doc: dict[str, Any] = {"endpoints": [r.to_json() for r in reports]}
+    if extra:
+        doc.update(extra)
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+CSV_FIELDS: Final = (
+    "endpoint", "index", "phase", "ok", "error", "new_connection", "headers_ms",
+    "first_event_ms", "ttft_ms", "first_answer_ms", "first_sentence_ms", "tpot_ms",
+    "e2e_ms", "output_tokens", "tokens_per_s", "itl_ms_mean",
+)  # fmt: skip
+
+
+def write_csv(reports: Sequence[EndpointReport], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for report in reports:
+            for r in report.results:
+                row = asdict(r)
+                gaps = row.pop("itl_ms")
+                row["itl_ms_mean"] = sum(gaps) / len(gaps) if gaps else None
+                writer.writerow(row)
+
+
+def write_plot(reports: Sequence[EndpointReport], path: Path) -> None:
+    """Distributions per endpoint side by side (PNG, SVG or a self-contained HTML page).
+
+    Raises:
+        ValueError: the suffix is not supported or matplotlib is not installed.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".svg", ".html"):
+        raise ValueError("--plot must end in .png, .svg or .html")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'voxloop[plot]'") from None
+    import io
+
+    shown = ("ttft_ms", "first_sentence_ms", "itl_ms", "e2e_ms")
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4.2))
+    names = [r.target.name for r in reports]
+    for ax, metric in zip(axes, shown, strict=True):
+        data = [r.metric_samples(metric) or [float("nan")] for r in reports]
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=20, ha="right")
+        ax.set_title(metric)
+        ax.set_ylabel("ms")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("voxloop bench ttft (warm requests)")
+    fig.tight_layout()
+    if suffix == ".html":
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+        page = (
+            "<!doctype html><meta charset='utf-8'><title>voxloop bench ttft</title>"
+            f"<body style='font-family:sans-serif'>{buf.getvalue()}</body>\n"
+        )
+        path.write_text(page, encoding="utf-8")
+    else:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,440 @@
+"""The ``voxloop`` command line.
+
+Commands:
+    voxloop bench ttft       compare chat-completions endpoints by time to first token
+    voxloop endpoint serve   run the reference OpenAI-compatible streaming endpoint
+
+Exit status: 0 when the command completed (a benchmark that recorded endpoint
+failures still completed), 1 when it could not run, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from runtime import __version__
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _usage_error(message: str) -> int:
+    print(f"voxloop: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# -- bench ttft ---------------------------------------------------------------
+
+
+def _add_bench(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    p = bench_sub.add_parser(
+        "ttft",
+        help="compare chat-completions endpoints by time to first token",
+        description="Measure headers/first event/TTFT/first answer/first sentence/ITL/TPOT/e2e "
+        "per endpoint: one cold request, warm-up, then the measured warm requests.",
+    )
+    p.add_argument("--base-url", action="append", default=[], help="endpoint base URL (repeatable)")
+    p.add_argument(
+        "--model", action="append", default=[], help="model per --base-url (or one for all)"
+    )
+    p.add_argument("--name", action="append", default=[], help="display name per --base-url")
+    p.add_argument(
+        "--api-key-env", action="append", default=[], help="env var holding the key, per --base-url"
+    )
+    p.add_argument("--config", type=Path, help="TOML file with [[endpoints]] tables")
+    p.add_argument(
+        "--reference", action="store_true", help="also benchmark the built-in reference endpoint"
+    )
+    p.add_argument("--reference-ttft-ms", type=float, default=200.0)
+    p.add_argument("--reference-itl-ms", type=float, default=20.0)
+    p.add_argument("--requests", type=int, default=20, help="measured warm requests per endpoint")
+    p.add_argument("--warmup", type=int, default=2, help="discarded requests after the cold one")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--json", type=Path, dest="json_path", help="write the summary as JSON")
+    p.add_argument("--csv", type=Path, dest="csv_path", help="write one row per request")
+    p.add_argument(
+        "--plot", type=Path, dest="plot_path", help="write distributions (.png/.svg/.html)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_bench_ttft)
+
+
+def _targets_from_flags(args: argparse.Namespace) -> list[Any]:
+    from runtime.bench.ttft import BenchTarget, load_targets
+
+    targets: list[BenchTarget] = []
+    if args.config is not None:
+        targets.extend(load_targets(args.config))
+    urls: list[str] = args.base_url
+    n = len(urls)
+    if not n:
+        if args.model or args.name or args.api_key_env:
+            raise ValueError("--model/--name/--api-key-env need a --base-url")
+        return targets
+
+    def per_url(values: list[str], flag: str, default: str | None) -> list[str | None]:
+        if not values:
+            if default is None and flag == "--model":
+                raise ValueError("--model is required with --base-url")
+            return [default] * n
+        if len(values) == 1:
+            return [values[0]] * n if flag != "--name" or n == 1 else _numbered(values[0], n)
+        if len(values) != n:
+            raise ValueError(f"give {flag} once, or once per --base-url ({n})")
+        return list(values)
+
+    models = per_url(args.model, "--model", None)
+    names = per_url(args.name, "--name", None)
+    keys = per_url(args.api_key_env, "--api-key-env", None)
+    for url, model, name, key in zip(urls, models, names, keys, strict=True):
+        assert model is not None
+        targets.append(BenchTarget(name=name or url, base_url=url, model=model, api_key_env=key))
+    return targets
+
+
+def _numbered(name: str, n: int) -> list[str | None]:
+    return [f"{name}-{i + 1}" for i in range(n)]
+
+
+def _cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from runtime.bench.ttft import BenchSettings, BenchTarget
+
+    try:
+        settings = BenchSettings(
+            requests=args.requests,
+            warmup=args.warmup,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            max_tokens=args.max_tokens,
+        )
+        targets = _targets_from_flags(args)
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    if not targets and not args.reference:
+        return _usage_error("give at least one --base-url, a --config file, or --reference")
+    if args.plot_path is not None and args.plot_path.suffix.lower() not in (
+        ".png",
+        ".svg",
+        ".html",
+    ):
+        return _usage_error("--plot must end in .png, .svg or .html")
+    for target in targets:
+        if target.api_key_env and target.api_key_env not in os.environ:
+            return _usage_error(f"environment variable {target.api_key_env} is not set")
+    if args.reference_ttft_ms < 0 or args.reference_itl_ms < 0:
+        return _usage_error("reference delays must not be negative")
+
+    with contextlib.ExitStack() as stack:
+        reference = None
+        if args.reference:
+            from runtime.bench.reference_thread import ReferenceThread
+            from runtime.llm.reference import ReplyPlan
+
+            reference = stack.enter_context(
+                ReferenceThread(
+                    ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=args.reference_itl_ms)
+                )
+            )
+            targets.append(
+                BenchTarget(
+                    name="reference", base_url=reference.base_url, model="voxloop-reference"
+                )
+            )
+        reports = _run_bench(targets, settings, quiet=args.quiet)
+        extra: dict[str, Any] = {}
+        if reference is not None:
+            records = [r for r in reference.records() if r.path.endswith("/chat/completions")]
+            server_ttft = [
+                r.ttft_ms for r in records[-settings.requests :] if r.ttft_ms is not None
+            ]
+            if server_ttft:
+                extra["reference_server"] = {
+                    "ttft_ms_p50": statistics.median(server_ttft),
+                    "configured_ttft_ms": args.reference_ttft_ms,
+                }
+    _print_reports(reports, extra)
+    from runtime.bench.ttft import write_csv, write_json, write_plot
+
+    try:
+        if args.json_path is not None:
+            write_json(reports, args.json_path, extra)
+        if args.csv_path is not None:
+            write_csv(reports, args.csv_path)
+        if args.plot_path is not None:
+            write_plot(reports, args.plot_path)
+    except (OSError, ValueError) as exc:
+        print(f"voxloop: error: cannot write results: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _run_bench(targets: list[Any], settings: Any, *, quiet: bool) -> list[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from runtime.bench.ttft import TTFTBenchmark
+
+    per_target = 1 + settings.warmup + settings.requests
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=quiet or not sys.stderr.isatty(),
+        transient=True,
+        console=_console(stderr=True),
+    ) as progress:
+        tasks = {t.name: progress.add_task(t.name, total=per_target, status="") for t in targets}
+
+        def on_result(name: str, result: Any) -> None:
+            status = f"ttft {result.ttft_ms:.0f} ms" if result.ttft_ms else (result.error or "")
+            progress.update(tasks[name], advance=1, status=status)
+
+        bench = TTFTBenchmark(targets, settings, on_result=on_result)
+        reports: list[Any] = asyncio.run(bench.run())
+    return reports
+
+
+def _console(*, stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+_STATS = ("p50", "p90", "p95", "p99", "max", "mean")
+
+
+def _print_reports(reports: list[Any], extra: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    docs = [report.to_json() for report in reports]
+    summary = Table(title="Endpoints (warm requests; ms unless noted)")
+    summary.add_column("")
+    for doc in docs:
+        summary.add_column(doc["name"], justify="right")
+
+    def stat(metric: str, which: str) -> list[str]:
+        out = []
+        for doc in docs:
+            s = doc["metrics"].get(metric)
+            out.append(_fmt(s[which]) if s else "-")
+        return out
+
+    def cold_ttft(doc: dict[str, Any]) -> str:
+        cold = doc["cold"]
+        if not cold:
+            return "-"
+        return _fmt(cold["ttft_ms"]) if cold["ok"] else str(cold["error"])
+
+    summary.add_row("ok", *(f"{d['ok']}/{d['requests']}" for d in docs))
+    summary.add_row(
+        "errors",
+        *(", ".join(f"{k}={v}" for k, v in sorted(d["errors"].items())) or "-" for d in docs),
+    )
+    rows = (
+        ("ttft p50", "ttft_ms", "p50"),
+        ("ttft p90", "ttft_ms", "p90"),
+        ("ttft p99", "ttft_ms", "p99"),
+        ("first answer p50", "first_answer_ms", "p50"),
+        ("first sentence p50", "first_sentence_ms", "p50"),
+        ("headers p50", "headers_ms", "p50"),
+        ("itl p50", "itl_ms", "p50"),
+        ("tpot p50", "tpot_ms", "p50"),
+        ("tokens/s p50", "tokens_per_s", "p50"),
+        ("e2e p50", "e2e_ms", "p50"),
+    )
+    for label, metric, which in rows:
+        summary.add_row(label, *stat(metric, which))
+    summary.add_row("cold ttft", *(cold_ttft(d) for d in docs))
+    console.print(summary)
+    for doc in docs:
+        detail = Table(title=f"{doc['name']} — {doc['model']} @ {doc['base_url']}")
+        detail.add_column("metric")
+        for name in _STATS:
+            detail.add_column(name, justify="right")
+        for metric, stats in doc["metrics"].items():
+            if stats:
+                detail.add_row(
+                    metric, *(_fmt(stats[s]) for s in ("p50", "p90", "p95", "p99", "max", "mean"))
+                )
+        console.print(detail)
+    ref = extra.get("reference_server")
+    if ref:
+        console.print(
+            f"reference endpoint: server-side ttft p50 {ref['ttft_ms_p50']:.2f} ms "
+            f"(configured {ref['configured_ttft_ms']:.0f} ms)"
+        )
+
+
+# -- endpoint serve -----------------------------------------------------------
+
+
+def _add_endpoint(sub: Any) -> None:
+    ep = sub.add_parser("endpoint", help="the reference OpenAI-compatible endpoint")
+    ep_sub = ep.add_subparsers(dest="endpoint_command", required=True, parser_class=_Parser)
+    p = ep_sub.add_parser(
+        "serve",
+        help="serve a streaming chat-completions endpoint with chosen latency and faults",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--ttft-ms", type=float, default=200.0, help="delay before the first token")
+    p.add_argument("--itl-ms", type=float, default=20.0, help="delay between tokens")
+    p.add_argument("--reply", action="append", default=[], help="reply text (repeat to rotate)")
+    p.add_argument("--no-role-chunk", action="store_true", help="skip the role-only first chunk")
+    p.add_argument(
+        "--usage", choices=("none", "empty_choices", "with_choices"), default="empty_choices"
+    )
+    p.add_argument("--no-finish-chunk", action="store_true")
+    p.add_argument("--no-done", action="store_true", help="end the stream without [DONE]")
+    p.add_argument(
+        "--fault",
+        choices=(
+            "none",
+            "status",
+            "redirect",
+            "hang_headers",
+            "hang",
+            "drop",
+            "malformed",
+            "empty",
+        ),
+        default="none",
+    )
+    p.add_argument("--status", type=int, default=500, help="HTTP status for --fault status")
+    p.add_argument("--retry-after", help="Retry-After header for --fault status")
+    p.add_argument("--fault-after", type=int, default=3, help="tokens before drop/malformed/hang")
+    p.add_argument("--reasoning", default="", help="reasoning streamed before the answer")
+    p.add_argument("--think-tags", action="store_true", help="send reasoning inside <think> tags")
+    p.add_argument("--tool-name", help="answer requests that carry tools with a call to this tool")
+    p.add_argument("--tool-arguments", default='{"city": "Paris"}')
+    p.add_argument("--reject-stream-options", action="store_true")
+    p.add_argument("--api-key-env", help="require this env var's value as the Bearer key")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--model", default="voxloop-reference")
+    p.set_defaults(handler=_cmd_endpoint_serve)
+
+
+def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
+    from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+
+    if not 0 <= args.port <= 65535:
+        return _usage_error("--port must be between 0 and 65535")
+    try:
+        plan = ReplyPlan(
+            replies=tuple(args.reply) or ReplyPlan().replies,
+            ttft_ms=args.ttft_ms,
+            itl_ms=args.itl_ms,
+            role_chunk=not args.no_role_chunk,
+            usage=args.usage,
+            finish_chunk=not args.no_finish_chunk,
+            done=not args.no_done,
+            fault=args.fault,
+            status=args.status,
+            retry_after=args.retry_after,
+            fault_after=args.fault_after,
+            reasoning=args.reasoning,
+            think_tags=args.think_tags,
+            tool_name=args.tool_name,
+            tool_arguments=args.tool_arguments,
+            reject_stream_options=args.reject_stream_options,
+        )
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            return _usage_error(f"environment variable {args.api_key_env} is not set")
+    ctx: ssl.SSLContext | None = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            return _usage_error("--tls-cert and --tls-key go together")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            return _usage_error(f"cannot load the TLS certificate: {exc}")
+
+    async def serve() -> int:
+        server = ReferenceEndpoint(
+            plan, host=args.host, port=args.port, api_key=api_key, ssl_context=ctx, model=args.model
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            print(f"voxloop: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        print(f"reference endpoint listening: {server.base_url}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.aclose()
+        return EXIT_OK
+
+    return asyncio.run(serve())
+
+
+# -- entry point --------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="voxloop", description="voxloop: a realtime voice-agent runtime")
+    parser.add_argument("--version", action="version", version=f"voxloop {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_bench(sub)
+    _add_endpoint(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

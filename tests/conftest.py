@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from runtime.endpoints import URLPolicy
+from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
+from runtime.llm.reference import ReferenceEndpoint
+from runtime.secret import Secret
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ReferenceEndpoint]:
+    async with ReferenceEndpoint() as srv:
+        yield srv
+
+
+ClientFactory = Callable[..., ChatClient]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[ClientFactory]:
+    made: list[ChatClient] = []
+
+    def factory(
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeouts: ClientTimeouts | None = None,
+        retry: RetryPolicy | None = None,
+        **kwargs: object,
+    ) -> ChatClient:
+        kwargs.setdefault("policy", URLPolicy.operator())
+        client = ChatClient(
+            Endpoint(base_url, "test-model", Secret(api_key) if api_key else None),
+            timeouts=timeouts or ClientTimeouts(connect_s=5, first_token_s=5, stall_s=5),
+            retry=retry or RetryPolicy(max_attempts=2, backoff_s=0),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        await client.aclose()
