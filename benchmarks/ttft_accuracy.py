@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = [one_run(args.ttft_ms, args.itl_ms, args.requests) for _ in range(args.runs)]
     summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
-                                     "runs": runs, "median": summary}, indent=2) + "\n")  # fmt: skip
-    print(f"TTFT accuracy: {args.runs} runs x {args.requests} warm requests, "
-          f"reference TTFT {args.ttft_ms:g} ms, ITL {args.itl_ms:g} ms (median of run p50s)\n")  # fmt: skip
-    print("| configured ttft | server-side ttft p50 | voxloop ttft_ms p50 | client − server p50 "
-          "| client − server max |")  # fmt: skip
+    settings = vars(args) | {"json": str(args.json)}
+    doc = {"settings": settings, "runs": runs, "median": summary}
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(
+        f"TTFT accuracy: {args.runs} runs x {args.requests} warm requests, "
+        f"reference TTFT {args.ttft_ms:g} ms, ITL {args.itl_ms:g} ms (median of run p50s)\n"
+    )
+    print("| configured ttft | server-side ttft p50 | voxloop ttft_ms p50 | client - server p50 "
+          "| client - server max |")  # fmt: skip
     print("|---|---|---|---|---|")
     print(f"| {args.ttft_ms:.0f} ms | {summary['server_ttft_p50']:.2f} ms "
           f"| {summary['client_ttft_p50']:.2f} ms | {summary['diff_p50']:.2f} ms "

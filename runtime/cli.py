@@ -71,7 +71,12 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=2, help="discarded requests after the cold one")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="0 sends no max_tokens")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        help='JSON Lines of {"prompt": …} or {"messages": […]} (default: a voice conversation)',
+    )
     p.add_argument("--json", type=Path, dest="json_path", help="write the summary as JSON")
     p.add_argument("--csv", type=Path, dest="csv_path", help="write one row per request")
     p.add_argument(
@@ -119,7 +124,7 @@ def _numbered(name: str, n: int) -> list[str | None]:
 
 
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from runtime.bench.ttft import BenchSettings, BenchTarget
+    from runtime.bench.ttft import BenchSettings, BenchTarget, load_prompts
 
     try:
         settings = BenchSettings(
@@ -127,9 +132,10 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             concurrency=args.concurrency,
             timeout_s=args.timeout,
-            max_tokens=args.max_tokens,
+            max_tokens=args.max_tokens or None,
         )
         targets = _targets_from_flags(args)
+        prompts = load_prompts(args.prompts) if args.prompts is not None else None
     except ValueError as exc:
         return _usage_error(str(exc))
     if not targets and not args.reference:
@@ -162,7 +168,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
                     name="reference", base_url=reference.base_url, model="voxloop-reference"
                 )
             )
-        reports = _run_bench(targets, settings, quiet=args.quiet)
+        reports = _run_bench(targets, settings, prompts, quiet=args.quiet)
         extra: dict[str, Any] = {}
         if reference is not None:
             records = [r for r in reference.records() if r.path.endswith("/chat/completions")]
@@ -190,7 +196,9 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_bench(targets: list[Any], settings: Any, *, quiet: bool) -> list[Any]:
+def _run_bench(
+    targets: list[Any], settings: Any, prompts: list[Any] | None, *, quiet: bool
+) -> list[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from runtime.bench.ttft import TTFTBenchmark
@@ -212,7 +220,7 @@ def _run_bench(targets: list[Any], settings: Any, *, quiet: bool) -> list[Any]:
             status = f"ttft {result.ttft_ms:.0f} ms" if result.ttft_ms else (result.error or "")
             progress.update(tasks[name], advance=1, status=status)
 
-        bench = TTFTBenchmark(targets, settings, on_result=on_result)
+        bench = TTFTBenchmark(targets, settings, prompts=prompts, on_result=on_result)
         reports: list[Any] = asyncio.run(bench.run())
     return reports
 

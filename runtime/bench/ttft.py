@@ -68,13 +68,32 @@ VOICE_CONTEXT: Final[tuple[dict[str, str], ...]] = (
         "role": "assistant",
         "content": "Thanks, Jamie. I found an order for a storm shell jacket in navy, size medium.",
     },
-    {"role": "user", "content": "That's the one. When is it going to arrive?"},
+)
+
+# The caller's latest turn changes from request to request, as in a real
+# conversation: endpoints may reuse the shared prefix (prompt caching) but
+# cannot answer from a cache of the whole prompt.
+VOICE_QUESTIONS: Final = (
+    "That's the one. When is it going to arrive?",
+    "Can I still change the delivery address?",
+    "Is it possible to swap it for a large instead?",
+    "What's your return policy if it doesn't fit?",
+    "Could you send the tracking number to my email?",
+    "Will I need to sign for the package?",
+    "Do you have the same jacket in forest green?",
+    "How long does a refund usually take?",
 )
 
 
-def voice_messages(system_prompt: str = VOICE_SYSTEM_PROMPT) -> list[dict[str, str]]:
-    """The default prompt: a voice-style system prompt and a realistic multi-turn context."""
-    return [{"role": "system", "content": system_prompt}, *VOICE_CONTEXT]
+def voice_messages(system_prompt: str = VOICE_SYSTEM_PROMPT, turn: int = 0) -> list[dict[str, str]]:
+    """The default prompt: a voice-style system prompt, a realistic multi-turn context,
+    and the caller's latest question (``turn`` picks one)."""
+    question = VOICE_QUESTIONS[turn % len(VOICE_QUESTIONS)]
+    return [
+        {"role": "system", "content": system_prompt},
+        *VOICE_CONTEXT,
+        {"role": "user", "content": question},
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +231,41 @@ def load_targets(path: Path) -> list[BenchTarget]:
     return targets
 
 
+def load_prompts(path: Path) -> list[list[dict[str, Any]]]:
+    """Read prompts from JSON Lines: ``{"prompt": "text"}`` or ``{"messages": [...]}`` per line.
+
+    Raises:
+        ValueError: unreadable file, bad JSON, or a line of neither form.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    prompts: list[list[dict[str, Any]]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}:{number}: not valid JSON") from None
+        if isinstance(doc, dict) and isinstance(doc.get("prompt"), str):
+            prompts.append([{"role": "user", "content": doc["prompt"]}])
+        elif (
+            isinstance(doc, dict)
+            and isinstance(doc.get("messages"), list)
+            and doc["messages"]
+            and all(isinstance(m, dict) and "role" in m for m in doc["messages"])
+        ):
+            prompts.append(doc["messages"])
+        else:
+            expected = '{"prompt": …} or {"messages": [...]}'
+            raise ValueError(f"{path}:{number}: expected {expected}")
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
 ProgressHook = Callable[[str, RequestResult], None]
 
 
@@ -222,7 +276,8 @@ class TTFTBenchmark:
         targets: endpoints to compare (run one after another, so they do not
             compete for this machine's CPU).
         settings: request counts, concurrency and deadline.
-        messages: the prompt; the default is :func:`voice_messages`.
+        prompts: message lists used in turn by successive requests; the
+            default is :func:`voice_messages` with a changing last question.
         policy: URL policy (the operator's: local endpoints are allowed).
         resolver: host resolver (injectable).
         clock: monotonic clock.
@@ -234,7 +289,7 @@ class TTFTBenchmark:
         targets: Sequence[BenchTarget],
         settings: BenchSettings,
         *,
-        messages: Sequence[dict[str, Any]] | None = None,
+        prompts: Sequence[Sequence[dict[str, Any]]] | None = None,
         policy: URLPolicy | None = None,
         resolver: Resolver | None = None,
         clock: Clock | None = None,
@@ -243,12 +298,13 @@ class TTFTBenchmark:
     ) -> None:
         self.targets = list(targets)
         self.settings = settings
-        self.messages = list(messages) if messages is not None else voice_messages()
+        self.prompts = [list(p) for p in prompts] if prompts else None
         self._policy = policy or URLPolicy.operator()
         self._resolver = resolver
         self._clock = clock or MonotonicClock()
         self._on_result = on_result
         self._env = env if env is not None else dict(os.environ)
+        self._sent = 0
 
     def _client(self, target: BenchTarget) -> ChatClient:
         key: Secret | None = None
@@ -313,7 +369,12 @@ class TTFTBenchmark:
     async def _one(
         self, client: ChatClient, target: BenchTarget, index: int, phase: str
     ) -> RequestResult:
-        request = ChatRequest(messages=self.messages, max_tokens=self.settings.max_tokens)
+        self._sent += 1
+        if self.prompts:
+            messages = self.prompts[(self._sent - 1) % len(self.prompts)]
+        else:
+            messages = voice_messages(turn=self._sent)
+        request = ChatRequest(messages=messages, max_tokens=self.settings.max_tokens)
         result = RequestResult(target.name, index, phase, ok=False)
         segmenter = SpeechSegmenter()
         first_segment_ns: int | None = None

@@ -13,6 +13,7 @@ from runtime.bench.ttft import (
     BenchSettings,
     BenchTarget,
     TTFTBenchmark,
+    load_prompts,
     load_targets,
     voice_messages,
     write_csv,
@@ -46,9 +47,11 @@ async def test_reports_every_metric_cold_and_warm(server: ReferenceEndpoint):
     assert m["first_sentence_ms"]["p50"] >= m["ttft_ms"]["p50"]
     assert m["e2e_ms"]["p50"] >= m["first_sentence_ms"]["p50"]
     # The default prompt is a voice-style multi-turn context.
-    body = server.requests[-1].body
-    assert body is not None and body["messages"] == voice_messages()
-    assert body["messages"][0]["role"] == "system" and len(body["messages"]) >= 5
+    bodies = [r.body for r in server.requests if r.body]
+    assert bodies[-1]["messages"][:-1] == voice_messages()[:-1]
+    assert bodies[0]["messages"][0]["role"] == "system" and len(bodies[0]["messages"]) >= 5
+    # The latest user turn varies, the shared context does not.
+    assert len({b["messages"][-1]["content"] for b in bodies}) > 1
 
 
 async def test_failing_and_hanging_endpoints_are_reported_not_fatal():
@@ -160,3 +163,27 @@ def test_settings_are_validated():
         BenchSettings(requests=0)
     with pytest.raises(ValueError, match="--concurrency"):
         BenchSettings(concurrency=0)
+
+
+async def test_prompts_file_is_used_in_turn(server: ReferenceEndpoint, tmp_path: Path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"prompt": "one"}\n\n{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "two"}]}\n'
+    )
+    prompts = load_prompts(path)
+    await TTFTBenchmark(
+        [target(server, "a")], BenchSettings(requests=3, warmup=0, max_tokens=None), prompts=prompts
+    ).run()
+    bodies = [r.body for r in server.requests if r.body]
+    assert [b["messages"][-1]["content"] for b in bodies] == ["one", "two", "one", "two"]
+    assert all("max_tokens" not in b for b in bodies)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("{nope", "not valid JSON"), ('{"x": 1}', "expected"), ("", "no prompts")]
+)
+def test_bad_prompts_file(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "p.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_prompts(path)

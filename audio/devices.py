@@ -1,0 +1,393 @@
+"""Microphone and speaker through sounddevice (PortAudio), bridged into asyncio.
+
+Theory of operation
+-------------------
+PortAudio calls our callbacks on its own real-time thread. They never block
+and never touch asyncio objects directly:
+
+* :class:`Microphone`: the input callback copies the block and hands it to
+  the event loop with ``call_soon_threadsafe``; there it goes into a bounded
+  queue. When the consumer is too slow the **oldest** frame is dropped (live
+  audio: the newest is what matters) and ``statistics().dropped`` counts it.
+* :class:`Speaker`: the output callback pulls from a lock-protected byte
+  buffer; when the buffer runs dry it plays silence (an underrun, counted) —
+  never garbage or a stall. ``played_samples`` is the playout position: how
+  much of the agent's audio has actually gone out (barge-in uses it to know
+  what the user heard). :meth:`Speaker.write` applies backpressure at a
+  high-water mark; :meth:`Speaker.clear_buffer` drops what is queued at once.
+
+The stream classes are injectable (``stream_factory``) so the bridging logic is
+tested without a sound card; the module imports without PortAudio and raises
+:class:`DeviceUnavailable` with a clear message only when a device is opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol, Self
+
+from audio.frame import AudioFrame, check_pcm, check_rate
+
+
+class DeviceUnavailable(RuntimeError):
+    """PortAudio or the requested sound device is not available."""
+
+
+def _sounddevice() -> ModuleType:
+    try:
+        import sounddevice
+    except OSError as exc:  # the PortAudio shared library is missing
+        raise DeviceUnavailable(
+            "PortAudio is not installed (Debian/Ubuntu: apt-get install libportaudio2; "
+            f"macOS: brew install portaudio): {exc}"
+        ) from None
+    module: ModuleType = sounddevice
+    return module
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    index: int
+    name: str
+    max_input_channels: int
+    max_output_channels: int
+    default_samplerate: float
+
+
+def list_devices() -> list[DeviceInfo]:
+    """All sound devices PortAudio knows.
+
+    Raises:
+        DeviceUnavailable: PortAudio is missing.
+    """
+    sd = _sounddevice()
+    return [
+        DeviceInfo(
+            index=int(d["index"]),
+            name=str(d["name"]),
+            max_input_channels=int(d["max_input_channels"]),
+            max_output_channels=int(d["max_output_channels"]),
+            default_samplerate=float(d["default_samplerate"]),
+        )
+        for d in sd.query_devices()
+    ]
+
+
+def find_device(spec: int | str | None, kind: str) -> int | None:
+    """Resolve a device by index or (case-insensitive substring of its) name.
+
+    Args:
+        spec: index, name, or ``None`` for the system default.
+        kind: ``"input"`` or ``"output"``.
+
+    Raises:
+        DeviceUnavailable: no such device, or it has no channels of that kind.
+    """
+    if spec is None:
+        return None
+    devices = list_devices()
+    key = "max_input_channels" if kind == "input" else "max_output_channels"
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+        index = int(spec)
+        match = [d for d in devices if d.index == index]
+    else:
+        match = [d for d in devices if spec.lower() in d.name.lower()]
+    match = [d for d in match if getattr(d, key) > 0]
+    if not match:
+        names = ", ".join(f"{d.index}: {d.name}" for d in devices if getattr(d, key) > 0)
+        raise DeviceUnavailable(f"no {kind} device matches {spec!r} (available: {names or 'none'})")
+    return match[0].index
+
+
+class RawStream(Protocol):
+    """The part of ``sounddevice.RawInputStream``/``RawOutputStream`` we use."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+StreamFactory = Callable[..., RawStream]
+
+
+@dataclass(frozen=True, slots=True)
+class MicrophoneStatistics:
+    frames: int
+    dropped: int
+    queued: int
+    overflows: int
+
+
+class Microphone:
+    """Async iterator of :class:`AudioFrame` from an input device.
+
+    Args:
+        device: index, name or ``None`` (default device).
+        sample_rate: capture rate (the device resamples if needed).
+        frame_ms: block size delivered per frame.
+        max_queued: bound of the queue between PortAudio and the consumer.
+        stream_factory: ``sounddevice.RawInputStream`` by default.
+    """
+
+    def __init__(
+        self,
+        device: int | str | None = None,
+        *,
+        sample_rate: int = 16000,
+        frame_ms: int = 20,
+        max_queued: int = 25,
+        stream_factory: StreamFactory | None = None,
+    ) -> None:
+        self._device = device
+        self._rate = check_rate(sample_rate)
+        self._block = sample_rate * frame_ms // 1000
+        if max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
+        self._queue: deque[AudioFrame] = deque()
+        self._max = max_queued
+        self._factory = stream_factory
+        self._stream: RawStream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = asyncio.Event()
+        self._pts = 0
+        self._frames = 0
+        self._dropped = 0
+        self._overflows = 0
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Open and start the input stream.
+
+        Raises:
+            DeviceUnavailable: PortAudio or the device is missing.
+        """
+        self._loop = asyncio.get_running_loop()
+        factory = self._factory
+        device = self._device
+        if factory is None:
+            sd = _sounddevice()
+            factory = sd.RawInputStream
+            device = find_device(self._device, "input")
+        try:
+            self._stream = factory(
+                samplerate=self._rate,
+                blocksize=self._block,
+                channels=1,
+                dtype="int16",
+                device=device,
+                callback=self._callback,
+            )
+            self._stream.start()
+        except DeviceUnavailable:
+            raise
+        except Exception as exc:
+            raise DeviceUnavailable(f"cannot open the input device: {exc}") from None
+
+    def close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream.close()
+            self._stream = None
+        self._ready.set()
+
+    # PortAudio's thread.
+    def _callback(self, indata: Any, frames: int, time: Any, status: Any) -> None:
+        data = bytes(indata)
+        overflow = bool(status) and bool(getattr(status, "input_overflow", False))
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._push, data, overflow)
+
+    # The event loop's thread.
+    def _push(self, data: bytes, overflow: bool) -> None:
+        if self._closed:
+            return
+        if overflow:
+            self._overflows += 1
+        frame = AudioFrame(pcm=data, sample_rate=self._rate, pts=self._pts)
+        self._pts += frame.samples
+        self._frames += 1
+        if len(self._queue) >= self._max:
+            self._queue.popleft()
+            self._dropped += 1
+        self._queue.append(frame)
+        self._ready.set()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> AudioFrame:
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    def statistics(self) -> MicrophoneStatistics:
+        return MicrophoneStatistics(
+            frames=self._frames,
+            dropped=self._dropped,
+            queued=len(self._queue),
+            overflows=self._overflows,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerStatistics:
+    played_samples: int
+    buffered_samples: int
+    underruns: int
+
+
+class Speaker:
+    """Plays PCM16 on an output device, paced by the device.
+
+    Args:
+        device: index, name or ``None`` (default device).
+        sample_rate: playback rate.
+        block_ms: device callback block size.
+        high_water_ms: :meth:`write` waits while more than this is buffered.
+        stream_factory: ``sounddevice.RawOutputStream`` by default.
+    """
+
+    def __init__(
+        self,
+        device: int | str | None = None,
+        *,
+        sample_rate: int = 24000,
+        block_ms: int = 20,
+        high_water_ms: int = 200,
+        stream_factory: StreamFactory | None = None,
+    ) -> None:
+        self._device = device
+        self._rate = check_rate(sample_rate)
+        self._block = sample_rate * block_ms // 1000
+        self._high = sample_rate * high_water_ms // 1000 * 2
+        self._factory = stream_factory
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._played = 0
+        self._underruns = 0
+        self._stream: RawStream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    @property
+    def played_samples(self) -> int:
+        """Samples of written audio that have gone to the device (the playout position)."""
+        with self._lock:
+            return self._played
+
+    def start(self) -> None:
+        """Open and start the output stream.
+
+        Raises:
+            DeviceUnavailable: PortAudio or the device is missing.
+        """
+        self._loop = asyncio.get_running_loop()
+        factory = self._factory
+        device = self._device
+        if factory is None:
+            sd = _sounddevice()
+            factory = sd.RawOutputStream
+            device = find_device(self._device, "output")
+        try:
+            self._stream = factory(
+                samplerate=self._rate,
+                blocksize=self._block,
+                channels=1,
+                dtype="int16",
+                device=device,
+                callback=self._callback,
+            )
+            self._stream.start()
+        except DeviceUnavailable:
+            raise
+        except Exception as exc:
+            raise DeviceUnavailable(f"cannot open the output device: {exc}") from None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream.close()
+            self._stream = None
+
+    async def write(self, pcm: bytes) -> None:
+        """Queue audio; waits while the buffer is above the high-water mark."""
+        pcm = check_pcm(pcm)
+        while True:
+            with self._lock:
+                if len(self._buf) < self._high:
+                    self._buf += pcm
+                    self._drained.clear()
+                    return
+            await asyncio.sleep(self._block / self._rate)
+
+    def clear_buffer(self) -> int:
+        """Drop everything not yet played (barge-in). Returns the samples dropped."""
+        with self._lock:
+            dropped = len(self._buf) // 2
+            self._buf.clear()
+        self._drained.set()
+        return dropped
+
+    async def wait_for_playout(self) -> None:
+        """Wait until everything written has been played."""
+        await self._drained.wait()
+
+    def statistics(self) -> SpeakerStatistics:
+        with self._lock:
+            return SpeakerStatistics(self._played, len(self._buf) // 2, self._underruns)
+
+    # PortAudio's thread.
+    def _callback(self, outdata: Any, frames: int, time: Any, status: Any) -> None:
+        need = frames * 2
+        with self._lock:
+            take = min(need, len(self._buf))
+            chunk = bytes(self._buf[:take])
+            del self._buf[:take]
+            self._played += take // 2
+            if 0 < take < need:
+                # The buffer ran dry part-way through a block (a slow producer,
+                # or simply the end of an utterance): the rest is silence.
+                self._underruns += 1
+            empty = not self._buf
+        outdata[:take] = chunk
+        outdata[take:need] = b"\x00" * (need - take)
+        if empty and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._mark_drained)
+
+    def _mark_drained(self) -> None:
+        # Runs on the loop later than the callback: audio may have been written since.
+        with self._lock:
+            empty = not self._buf
+        if empty:
+            self._drained.set()

@@ -1,0 +1,45 @@
+"""Shared test helpers (test data locations, signal generators)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+SPEECH = DATA / "speech"
+REAL = DATA / "real"
+
+
+def conversation(name: str) -> list[dict[str, float | str]]:
+    doc = json.loads((SPEECH / f"{name}.json").read_text())
+    utterances: list[dict[str, float | str]] = doc["utterances"]
+    return utterances
+
+
+def manifest() -> list[dict[str, str | float]]:
+    return [
+        json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line
+    ]
+
+
+def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> bytes:
+    t = np.arange(round(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2").tobytes()
+
+
+def noise(seconds: float, rate: int, dbfs: float, colour: str = "white", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    n = round(seconds * rate)
+    x = rng.standard_normal(n)
+    if colour == "pink":
+        spectrum = np.fft.rfft(x)
+        spectrum /= np.sqrt(np.arange(1, len(spectrum) + 1))
+        x = np.fft.irfft(spectrum, n)
+    elif colour == "brown":
+        x = np.cumsum(x)
+        x -= np.convolve(x, np.ones(400) / 400, "same")
+    x = x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)
+    pcm: bytes = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+    return pcm
