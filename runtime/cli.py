@@ -72,6 +72,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
     p.add_argument("--max-tokens", type=int, default=128, help="0 sends no max_tokens")
+    p.add_argument("--http2", action="store_true", help="offer HTTP/2 (needs voxloop[http2])")
     p.add_argument(
         "--prompts",
         type=Path,
@@ -133,6 +134,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             timeout_s=args.timeout,
             max_tokens=args.max_tokens or None,
+            http2=args.http2,
         )
         targets = _targets_from_flags(args)
         prompts = load_prompts(args.prompts) if args.prompts is not None else None
@@ -180,9 +182,9 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
                     "ttft_ms_p50": statistics.median(server_ttft),
                     "configured_ttft_ms": args.reference_ttft_ms,
                 }
-    _print_reports(reports, extra)
     from runtime.bench.ttft import write_csv, write_json, write_plot
 
+    # Files first: the tables below may go to a pipe that closes early.
     try:
         if args.json_path is not None:
             write_json(reports, args.json_path, extra)
@@ -191,8 +193,10 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         if args.plot_path is not None:
             write_plot(reports, args.plot_path)
     except (OSError, ValueError) as exc:
+        _print_reports(reports, extra)
         print(f"voxloop: error: cannot write results: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    _print_reports(reports, extra)
     return EXIT_OK
 
 

@@ -113,6 +113,7 @@ class BenchSettings:
     concurrency: int = 1
     timeout_s: float = 30.0
     max_tokens: int | None = 128
+    http2: bool = False
 
     def __post_init__(self) -> None:
         if self.requests < 1:
@@ -321,6 +322,7 @@ class TTFTBenchmark:
             clock=self._clock,
             timeouts=ClientTimeouts(connect_s=t, first_token_s=t, stall_s=t),
             retry=RetryPolicy(max_attempts=1),
+            http2=self.settings.http2,
         )
 
     async def run(self) -> list[EndpointReport]:

@@ -152,6 +152,7 @@ class StreamTimings:
     new_connection: bool = False
     attempts: int = 0
     completion_tokens: int | None = None
+    http_version: str | None = None
 
     def _since_sent(self, ns: int | None) -> float | None:
         if ns is None or self.sent_ns is None:
@@ -488,6 +489,7 @@ class ChatClient:
             raise StreamDropped(
                 f"connection failed before the response: {type(exc).__name__}", retryable=True
             ) from exc
+        timings.http_version = response.http_version
         if timings.headers_ns is None:
             timings.headers_ns = clock.now_ns()
         if timings.sent_ns is None:

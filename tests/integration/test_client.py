@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 
 import pytest
@@ -514,3 +515,74 @@ def test_strict_policy_refuses_http_and_literals_at_construction(make_client: Cl
         make_client("http://api.example.com/v1", policy=URLPolicy())
     with pytest.raises(URLPolicyError):
         make_client("https://127.0.0.1/v1", policy=URLPolicy())
+
+
+async def test_http2_is_used_when_the_endpoint_offers_it(
+    tls_ca: trustme.CA, make_client: ClientFactory, tmp_path
+):
+    # A real HTTP/2 server (hypercorn, TLS + ALPN) streaming an OpenAI-style SSE body.
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    seen: list[str] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        seen.append(scope["http_version"])
+        while (await receive()).get("more_body"):
+            pass
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for piece in ("Hello", " over", " h2."):
+            chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {json.dumps(chunk)}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    cert = tls_ca.issue_cert("h2.example.test")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    # A listening socket handed to hypercorn: clients can connect before it starts serving.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{listener.fileno()}"]
+    config.certfile = str(tmp_path / "cert.pem")
+    config.keyfile = str(tmp_path / "key.pem")
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.accesslog = config.errorlog = None
+    config.graceful_timeout = 0.1
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    client_ctx = ssl.create_default_context()
+    tls_ca.configure_trust(client_ctx)
+    client = make_client(
+        f"https://h2.example.test:{port}/v1",
+        policy=URLPolicy().with_allowlist(["127.0.0.1/32"]),
+        resolver=StaticResolver({"h2.example.test": ["127.0.0.1"]}),
+        verify=client_ctx,
+        http2=True,
+    )
+    try:
+        stream, events = await collect(client)
+    finally:
+        await client.aclose()
+        stop.set()
+        await task
+        listener.detach()  # hypercorn owns (and has closed) the descriptor
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello over h2."
+    assert stream.timings.http_version == "HTTP/2"
+    assert seen == ["2"]
