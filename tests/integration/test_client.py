@@ -566,7 +566,7 @@ async def test_http2_is_used_when_the_endpoint_offers_it(
     config.accesslog = config.errorlog = None
     config.graceful_timeout = 0.1
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))
     client_ctx = ssl.create_default_context()
     tls_ca.configure_trust(client_ctx)
     client = make_client(
