@@ -3,6 +3,8 @@
 Commands:
     voxloop bench ttft       compare chat-completions endpoints by time to first token
     voxloop endpoint serve   run the reference OpenAI-compatible streaming endpoint
+    voxloop transcribe       print the transcript of a WAV file
+    voxloop say              speak text into a WAV file (or the speaker)
 
 Exit status: 0 when the command completed (a benchmark that recorded endpoint
 failures still completed), 1 when it could not run, 2 for bad arguments.
@@ -421,6 +423,128 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve())
 
 
+# -- transcribe / say -----------------------------------------------------------
+
+
+def _add_speech(sub: Any) -> None:
+    p = sub.add_parser("transcribe", help="print the transcript of a WAV file")
+    p.add_argument("file", type=Path, help="PCM16 WAV, mono or stereo, 8-48 kHz")
+    p.add_argument("--engine", default="whisper", help="STT engine (default: whisper)")
+    p.set_defaults(handler=_cmd_transcribe)
+
+    p = sub.add_parser("say", help="speak text into a WAV file, or play it")
+    p.add_argument("text")
+    p.add_argument("-o", "--output", type=Path, help="WAV file to write")
+    p.add_argument("--voice", help="voice id (see --list-voices)")
+    p.add_argument("--engine", default="piper", help="TTS engine: piper (default) or espeak")
+    p.add_argument("--rate", type=int, default=22050, help="output sample rate")
+    p.add_argument("--play", action="store_true", help="play through the default speaker")
+    p.add_argument("--list-voices", action="store_true", help="list the engine's voices")
+    p.set_defaults(handler=_cmd_say)
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from audio.wav import read_wav
+    from runtime.speech.engines._common import ModelVerificationError
+    from runtime.speech.engines.registry import STT_ENGINES, load_stt
+
+    if args.engine not in STT_ENGINES:
+        return _usage_error(f"unknown engine {args.engine!r} (available: {', '.join(STT_ENGINES)})")
+    try:
+        audio = read_wav(args.file)
+    except ValueError as exc:
+        return _usage_error(str(exc))
+
+    async def run() -> str:
+        stt = await load_stt(args.engine)
+        try:
+            result = await stt.transcribe(audio.mono(), audio.sample_rate)
+        finally:
+            await stt.aclose()
+        return result.text
+
+    try:
+        text = asyncio.run(run())
+    except ModelVerificationError as exc:
+        print(f"voxloop: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(text)
+    return EXIT_OK
+
+
+def _cmd_say(args: argparse.Namespace) -> int:
+    from audio.frame import check_rate
+    from audio.wav import write_wav
+    from runtime.speech.engines._common import ModelVerificationError
+    from runtime.speech.engines.registry import TTS_ENGINES, load_tts
+    from runtime.speech.text import SpeechSegmenter
+    from runtime.speech.tts import UnknownVoice
+
+    if args.engine not in TTS_ENGINES:
+        return _usage_error(f"unknown engine {args.engine!r} (available: {', '.join(TTS_ENGINES)})")
+    try:
+        check_rate(args.rate)
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    if not (args.output or args.play or args.list_voices):
+        return _usage_error("give -o OUT.wav, --play, or --list-voices")
+
+    async def run() -> bytes | None:
+        tts = await load_tts(args.engine)
+        try:
+            if args.list_voices:
+                for v in tts.voices():
+                    aliases = f" (also: {', '.join(v.aliases)})" if v.aliases else ""
+                    print(f"{v.id}\t{v.name}\t{v.language}{aliases}")
+                return None
+            # Markup, code and emoji are not read aloud; sentences go one at a time.
+            segmenter = SpeechSegmenter()
+            segments = segmenter.push(args.text) + segmenter.flush()
+            pcm = bytearray()
+            for segment in segments:
+                async for chunk in tts.synthesize(segment, voice=args.voice, sample_rate=args.rate):
+                    pcm += chunk.pcm
+            return bytes(pcm)
+        finally:
+            await tts.aclose()
+
+    try:
+        pcm = asyncio.run(run())
+    except UnknownVoice as exc:
+        return _usage_error(str(exc))
+    except ModelVerificationError as exc:
+        print(f"voxloop: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if pcm is None:
+        return EXIT_OK
+    if args.output is not None:
+        try:
+            write_wav(args.output, pcm, args.rate)
+        except OSError as exc:
+            print(f"voxloop: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.play:
+        return _play(pcm, args.rate)
+    return EXIT_OK
+
+
+def _play(pcm: bytes, rate: int) -> int:
+    from audio.devices import DeviceUnavailable, Speaker
+
+    async def play() -> None:
+        async with Speaker(sample_rate=rate) as speaker:
+            for i in range(0, len(pcm), rate // 5 * 2):
+                await speaker.write(pcm[i : i + rate // 5 * 2])
+            await speaker.wait_for_playout()
+
+    try:
+        asyncio.run(play())
+    except DeviceUnavailable as exc:
+        print(f"voxloop: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # -- entry point --------------------------------------------------------------
 
 
@@ -431,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_bench(sub)
     _add_endpoint(sub)
+    _add_speech(sub)
     return parser
 
 

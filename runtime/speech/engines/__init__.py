@@ -1,0 +1,1 @@
+"""Speech engines: embedded (offline) and remote implementations of the STT/TTS ports."""

