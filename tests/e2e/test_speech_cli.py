@@ -1,0 +1,93 @@
+"""``voxloop say`` and ``voxloop transcribe`` as users run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audio.wav import read_wav
+
+VOXLOOP = [sys.executable, "-m", "runtime.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VOXLOOP, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize(("engine", "rate"), [("piper", "22050"), ("espeak", "16000")])
+def test_say_then_transcribe(tmp_path: Path, engine: str, rate: str):
+    out = tmp_path / "hello.wav"
+    said = run(
+        "say",
+        "**Hello** there! Please cancel my subscription. 😀",
+        "-o",
+        str(out),
+        "--engine",
+        engine,
+        "--rate",
+        rate,
+    )
+    assert said.returncode == 0, said.stderr
+    audio = read_wav(out)
+    assert audio.sample_rate == int(rate) and audio.channels == 1 and audio.duration_s > 1.5
+    heard = run("transcribe", str(out))
+    assert heard.returncode == 0, heard.stderr
+    words = heard.stdout.lower()
+    assert "cancel" in words and "subscription" in words
+
+
+def test_transcribe_real_telephone_audio():
+    heard = run(
+        "transcribe", str(Path(__file__).parents[1] / "data" / "real" / "all-circuits-busy-now.wav")
+    )
+    assert heard.returncode == 0
+    assert heard.stdout.strip().lower().rstrip(".") == "all circuits are busy now"
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path):
+    corrupt = tmp_path / "bad.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    for result, message in [
+        (run("transcribe", str(corrupt)), "not a valid PCM WAV"),
+        (run("transcribe", str(tmp_path / "missing.wav")), "cannot open"),
+        (run("transcribe", str(corrupt), "--engine", "nope"), "unknown engine"),
+        (
+            run("say", "hi", "-o", str(tmp_path / "x.wav"), "--voice", "nope"),
+            "installed voices: en_US-joe-medium",
+        ),
+        (
+            run("say", "hi", "-o", str(tmp_path / "x.wav"), "--rate", "11025"),
+            "unsupported sample rate",
+        ),
+        (run("say", "hi"), "give -o OUT.wav"),
+    ]:
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_silence_transcribes_to_nothing(tmp_path: Path):
+    silent = tmp_path / "silence.wav"
+    from audio.wav import write_wav
+
+    write_wav(silent, bytes(32000 * 2), 16000)
+    heard = run("transcribe", str(silent))
+    assert heard.returncode == 0 and heard.stdout.strip() == ""
+
+
+def test_markup_only_text_writes_an_empty_file(tmp_path: Path):
+    out = tmp_path / "empty.wav"
+    said = run("say", "** ** 😀", "-o", str(out))
+    assert said.returncode == 0, said.stderr
+    assert read_wav(out).pcm == b""
+
+
+def test_list_voices():
+    listed = run("say", "x", "--list-voices")
+    assert listed.returncode == 0
+    assert listed.stdout.startswith("en_US-joe-medium\t")

@@ -1,0 +1,234 @@
+"""The embedded engines on real audio: accuracy, the pause trick, bad input, cancellation."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import jiwer
+import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from audio.frame import AudioFrame
+from audio.reframe import Reframer
+from audio.resample import resample_all
+from audio.wav import read_wav
+from runtime.speech.engines._common import ModelVerificationError, verify_sha256
+from runtime.speech.engines.espeak import EspeakTTS
+from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
+from runtime.speech.text import SpeechSegmenter
+from runtime.speech.tts import UnknownVoice
+
+from ...helpers import REAL, SPEECH, manifest, noise
+
+normalise = EnglishTextNormalizer()
+
+HARVARD = (
+    "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background. "
+    "It's easy to tell the depth of a well. Four hours of steady work faced us."
+)
+PROMPTS = {
+    "hello-world": "Hello world.",
+    "tt-weasels": "Weasels have eaten our phone system.",
+    "all-circuits-busy-now": "All circuits are busy now.",
+}
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    return float(jiwer.wer([normalise(r) for r in refs], [normalise(h) for h in hyps]))
+
+
+async def test_wer_on_the_test_utterances_is_at_most_5_percent(whisper: WhisperSTT):
+    refs, hyps = [], []
+    for item in manifest():
+        audio = read_wav(SPEECH / str(item["file"]))
+        result = await whisper.transcribe(audio.mono(), audio.sample_rate)
+        refs.append(str(item["text"]))
+        hyps.append(result.text)
+        assert result.decode_ms > 0 and result.audio_ms > 1000
+    assert wer(refs, hyps) <= 0.05
+
+
+async def test_real_recordings(whisper: WhisperSTT):
+    audio = read_wav(REAL / "speech_orig_16k.wav")
+    harvard = await whisper.transcribe(audio.mono(), audio.sample_rate)
+    assert wer([HARVARD], [harvard.text]) <= 0.10
+    refs, hyps = [], []
+    for name, text in PROMPTS.items():
+        prompt = read_wav(REAL / f"{name}.wav")  # 8 kHz telephone audio
+        hyps.append((await whisper.transcribe(prompt.mono(), prompt.sample_rate)).text)
+        refs.append(text)
+    assert wer(refs, hyps) <= 0.25  # "weasels" is a hard word for tiny.en
+
+
+@pytest.mark.parametrize("engine", ["piper", "espeak"])
+async def test_tts_round_trip_through_the_stt(
+    engine: str, request: pytest.FixtureRequest, whisper: WhisperSTT
+):
+    tts = request.getfixturevalue(engine)
+    refs, hyps = [], []
+    for item in manifest():
+        pcm = b"".join([c.pcm async for c in tts.synthesize(str(item["text"]), sample_rate=16000)])
+        hyps.append((await whisper.transcribe(pcm, 16000)).text)
+        refs.append(str(item["text"]))
+    # Piper is the default voice: 5 % at most. espeak is the robotic fallback,
+    # which Whisper tiny.en transcribes far worse (about 25 % WER here).
+    assert wer(refs, hyps) <= (0.05 if engine == "piper" else 0.35)
+
+
+async def test_empty_silence_and_noise_give_no_text(whisper: WhisperSTT):
+    assert (await whisper.transcribe(b"", 16000)).text == ""
+    assert (await whisper.transcribe(bytes(3 * 32000), 16000)).text == ""
+    assert (await whisper.transcribe(noise(3.0, 16000, dbfs=-60), 16000)).text == ""
+    assert (await whisper.transcribe(bytes(800), 8000)).text == ""
+    with pytest.raises(ValueError, match="even number"):
+        await whisper.transcribe(b"\x00", 16000)
+    with pytest.raises(ValueError, match="unsupported sample rate"):
+        await whisper.transcribe(b"", 11025)
+
+
+def turn_frames(pcm: bytes, rate: int = 16000) -> list[AudioFrame]:
+    return Reframer(rate, 20).process(pcm)
+
+
+async def test_pause_trick_returns_the_speculative_result(whisper: WhisperSTT):
+    pcm = read_wav(SPEECH / "shared-02-piper.wav").mono()
+    one_shot = await whisper.transcribe(pcm, 16000)
+    turn = whisper.start_turn()
+    for frame in turn_frames(pcm):
+        turn.push(frame)
+    turn.pause()
+    for frame in turn_frames(bytes(16000)):  # the end-of-turn silence
+        turn.push(frame)
+    final = await turn.finalize()
+    assert final.speculative and final.final
+    assert final.text == one_shot.text
+    assert (
+        turn.partial is not None and turn.partial.text == one_shot.text and not turn.partial.final
+    )
+
+
+async def test_resume_after_a_pause_decodes_the_whole_turn(whisper: WhisperSTT):
+    first = read_wav(SPEECH / "shared-09-piper.wav").mono()  # "Yes, that's correct."
+    second = read_wav(SPEECH / "shared-04-piper.wav").mono()  # "Please cancel my subscription."
+    turn = whisper.start_turn()
+    for frame in turn_frames(first):
+        turn.push(frame)
+    turn.pause()
+    turn.resume()
+    for frame in turn_frames(second):
+        turn.push(frame)
+    final = await turn.finalize()  # no pause at the end: decoded now
+    assert not final.speculative
+    assert wer(["Yes, that's correct. Please cancel my subscription."], [final.text]) <= 0.15
+
+
+async def test_long_turns_commit_earlier_text_and_decode_only_the_rest():
+    engine = WhisperSTT(config=WhisperConfig(commit_after_s=2.0))
+    try:
+        parts = [read_wav(SPEECH / f"shared-0{i}-piper.wav").mono() for i in (4, 5)]
+        turn = engine.start_turn(sample_rate=8000)
+        for part in parts:
+            for frame in turn_frames(resample_all(part, 16000, 8000), 8000):
+                turn.push(frame)
+            turn.pause()
+            assert turn._spec is not None
+            await turn._spec.future  # let the speculation finish before the user goes on
+            turn.resume()
+        turn.pause()
+        final = await turn.finalize()
+        assert turn._committed  # the first part was committed, not decoded again
+        assert (
+            wer(
+                ["Please cancel my subscription. I'd like to change my delivery address."],
+                [final.text],
+            )
+            <= 0.2
+        )
+    finally:
+        await engine.aclose()
+
+
+async def test_turn_misuse_is_refused(whisper: WhisperSTT):
+    turn = whisper.start_turn()
+    with pytest.raises(ValueError, match="expects 16000 Hz"):
+        turn.push(AudioFrame(pcm=bytes(320), sample_rate=8000))
+    await turn.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        turn.push(AudioFrame(pcm=bytes(640), sample_rate=16000))
+
+
+async def test_inference_runs_in_worker_threads(whisper: WhisperSTT, piper: PiperTTS):
+    seen: set[str] = set()
+    original = whisper.decode
+
+    def recording(pcm: bytes, previous_text: str = "") -> tuple[str, float]:
+        seen.add(threading.current_thread().name)
+        return original(pcm, previous_text)
+
+    whisper.decode = recording  # type: ignore[method-assign]
+    try:
+        await whisper.transcribe(read_wav(SPEECH / "shared-00-piper.wav").mono(), 16000)
+    finally:
+        del whisper.decode
+    assert seen and all(name.startswith("voxloop-stt") for name in seen)
+    assert threading.current_thread().name not in seen
+
+
+async def test_piper_streams_sentence_by_sentence_at_the_requested_rate(piper: PiperTTS):
+    chunks = [
+        c
+        async for c in piper.synthesize("First sentence here. And a second one.", sample_rate=8000)
+    ]
+    assert len(chunks) >= 2
+    assert all(c.sample_rate == 8000 for c in chunks)
+    assert sum(c.duration_ms for c in chunks) > 1000
+
+
+async def test_cancel_stops_synthesis_at_once(piper: PiperTTS):
+    run = piper.synthesize("One. Two. Three. Four. Five. Six. Seven.", sample_rate=24000)
+    got = []
+    async for chunk in run:
+        got.append(chunk)
+        run.cancel()
+    assert len(got) == 1
+    assert [c async for c in run] == []
+
+
+@pytest.mark.parametrize("engine", ["piper", "espeak"])
+async def test_markup_only_text_gives_no_audio_and_no_error(
+    engine: str, request: pytest.FixtureRequest
+):
+    tts = request.getfixturevalue(engine)
+    segmenter = SpeechSegmenter()
+    segments = segmenter.push("**  ** 😀 ```\ncode\n```") + segmenter.flush()
+    assert segments == []
+    assert [c async for c in tts.synthesize("   ", sample_rate=16000)] == []
+
+
+@pytest.mark.parametrize("engine", ["piper", "espeak"])
+def test_unknown_voice_lists_the_installed_voices(engine: str, request: pytest.FixtureRequest):
+    tts = request.getfixturevalue(engine)
+    with pytest.raises(UnknownVoice) as info:
+        tts.synthesize("hi", voice="no-such-voice")
+    for voice in tts.voices():
+        assert voice.id in str(info.value)
+
+
+def test_voices_and_aliases(piper: PiperTTS, espeak: EspeakTTS):
+    [joe] = piper.voices()
+    assert joe.id == "en_US-joe-medium" and "ivy" in joe.aliases and joe.sample_rate == 22050
+    piper.synthesize("hi", voice="ivy")  # the hosted API's voice id maps to the installed voice
+    assert {v.id for v in espeak.voices()} >= {"espeak-en-us"}
+
+
+def test_model_files_are_verified(tmp_path: Path):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"not the pinned model")
+    with pytest.raises(ModelVerificationError, match="expected 1a5a"):
+        verify_sha256(model, "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a")
+    with pytest.raises(ModelVerificationError, match="missing"):
+        verify_sha256(tmp_path / "absent.bin", "00")
+    with pytest.raises(ModelVerificationError, match="no Whisper model"):
+        WhisperSTT(model_dir=tmp_path / "empty")
