@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +47,36 @@ def noise(seconds: float, rate: int, dbfs: float, colour: str = "white", seed: i
     x = x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)
     pcm: bytes = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
     return pcm
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(
+    app, *, certfile: str | None = None, keyfile: str | None = None
+) -> AsyncIterator[int]:
+    """Serve an ASGI app with hypercorn on a loopback port; yields the port.
+
+    The listening socket exists before the server task starts, so clients can
+    connect at once (no waiting for the server to come up).
+    """
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{listener.fileno()}"]
+    if certfile:
+        config.certfile, config.keyfile = certfile, keyfile
+        config.alpn_protocols = ["h2", "http/1.1"]
+    config.accesslog = config.errorlog = None
+    config.graceful_timeout = 0.1
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))
+    try:
+        yield port
+    finally:
+        stop.set()
+        await task
+        listener.detach()  # hypercorn owns (and has closed) the descriptor

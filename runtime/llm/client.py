@@ -57,8 +57,6 @@ from runtime.endpoints import (
     Resolver,
     SystemResolver,
     URLPolicy,
-    parse_endpoint_url,
-    resolve_endpoint,
 )
 from runtime.errors import (
     EndpointAuthError,
@@ -83,7 +81,7 @@ from runtime.llm.stream import (
     ToolCallDelta,
     Usage,
 )
-from runtime.llm.transport import PinnedNetworkBackend, PinnedTransport
+from runtime.llm.transport import PinnedHTTP
 from runtime.secret import Secret
 
 log = logging.getLogger("voxloop.llm")
@@ -307,32 +305,29 @@ class ChatClient:
         limits: httpx.Limits | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._policy = policy or URLPolicy()
-        self._url: EndpointURL = parse_endpoint_url(endpoint.base_url, self._policy)
-        self._resolver = resolver or SystemResolver()
         self._clock = clock or MonotonicClock()
         self._timeouts = timeouts or ClientTimeouts()
         self._retry = retry or RetryPolicy()
-        self._backend = PinnedNetworkBackend()
-        self._transport = PinnedTransport(self._backend, verify=verify, http2=http2, limits=limits)
-        self._pinned: PinnedEndpoint | None = None
-        self._pin_lock = asyncio.Lock()
-        self.include_usage = True
-        headers = {"User-Agent": USER_AGENT, "Accept": "text/event-stream"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key.reveal()}"
-        self._http = httpx.AsyncClient(
-            transport=self._transport,
-            headers=headers,
+        self._pinned_http = PinnedHTTP(
+            endpoint.base_url,
+            policy=policy or URLPolicy(),
+            resolver=resolver or SystemResolver(),
+            headers={"User-Agent": USER_AGENT, "Accept": "text/event-stream"},
             timeout=httpx.Timeout(
                 connect=self._timeouts.connect_s,
                 read=None,
                 write=self._timeouts.connect_s,
                 pool=self._timeouts.connect_s,
             ),
-            follow_redirects=False,
-            trust_env=False,
+            api_key=endpoint.api_key,
+            verify=verify,
+            http2=http2,
+            limits=limits,
         )
+        self._url: EndpointURL = self._pinned_http.url
+        self._transport = self._pinned_http.transport
+        self._http = self._pinned_http.http
+        self.include_usage = True
 
     def __repr__(self) -> str:
         return f"ChatClient(base_url={self._url.url!r}, model={self.endpoint.model!r})"
@@ -344,7 +339,7 @@ class ChatClient:
     @property
     def connections_opened(self) -> int:
         """TCP connections opened so far (keep-alive reuse keeps this low)."""
-        return self._backend.connects
+        return self._pinned_http.backend.connects
 
     async def __aenter__(self) -> Self:
         return self
@@ -361,13 +356,7 @@ class ChatClient:
         await self._http.aclose()
 
     async def _ensure_pinned(self) -> PinnedEndpoint:
-        if self._pinned is None:
-            async with self._pin_lock:
-                if self._pinned is None:
-                    pinned = await resolve_endpoint(self._url, self._policy, self._resolver)
-                    self._backend.pin(self._url.host, self._url.port, pinned.addresses)
-                    self._pinned = pinned
-        return self._pinned
+        return await self._pinned_http.ensure_pinned()
 
     async def prewarm(self) -> None:
         """Resolve, check and open the connection (TCP + TLS) before the first request.

@@ -11,13 +11,23 @@ environment are ignored (they would bypass the pinning).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import typing
 
 import httpcore
 import httpx
 
-from runtime.endpoints import IPAddress
+from runtime.endpoints import (
+    EndpointURL,
+    IPAddress,
+    PinnedEndpoint,
+    Resolver,
+    URLPolicy,
+    parse_endpoint_url,
+    resolve_endpoint,
+)
+from runtime.secret import Secret
 
 
 class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
@@ -111,3 +121,60 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
         pool = self._pool
         assert isinstance(pool, httpcore.AsyncConnectionPool)
         return len(pool.connections)
+
+
+class PinnedHTTP:
+    """An httpx client bound to one endpoint: URL policy checked, resolved once, pinned.
+
+    Used by every client of user-configured endpoints (chat completions,
+    speech servers). Redirects are never followed and proxies from the
+    environment are ignored.
+
+    Raises:
+        URLPolicyError: the base URL is not allowed (syntax, at construction;
+            addresses, at :meth:`ensure_pinned`).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        policy: URLPolicy,
+        resolver: Resolver,
+        headers: dict[str, str],
+        timeout: httpx.Timeout,
+        api_key: Secret | None = None,
+        verify: ssl.SSLContext | bool = True,
+        http2: bool = False,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        self.url: EndpointURL = parse_endpoint_url(base_url, policy)
+        self._policy = policy
+        self._resolver = resolver
+        self.backend = PinnedNetworkBackend()
+        self.transport = PinnedTransport(self.backend, verify=verify, http2=http2, limits=limits)
+        self._pinned: PinnedEndpoint | None = None
+        self._lock = asyncio.Lock()
+        all_headers = dict(headers)
+        if api_key:
+            all_headers["Authorization"] = f"Bearer {api_key.reveal()}"
+        self.http = httpx.AsyncClient(
+            transport=self.transport,
+            headers=all_headers,
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def ensure_pinned(self) -> PinnedEndpoint:
+        """Resolve and check the endpoint's addresses once; later calls reuse them."""
+        if self._pinned is None:
+            async with self._lock:
+                if self._pinned is None:
+                    pinned = await resolve_endpoint(self.url, self._policy, self._resolver)
+                    self.backend.pin(self.url.host, self.url.port, pinned.addresses)
+                    self._pinned = pinned
+        return self._pinned
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
