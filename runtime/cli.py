@@ -429,22 +429,46 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
 def _add_speech(sub: Any) -> None:
     p = sub.add_parser("transcribe", help="print the transcript of a WAV file")
     p.add_argument("file", type=Path, help="PCM16 WAV, mono or stereo, 8-48 kHz")
-    p.add_argument("--engine", default="whisper", help="STT engine (default: whisper)")
+    p.add_argument("--engine", default="whisper", help="whisper (default), openai or assemblyai")
+    _add_remote_flags(p)
     p.set_defaults(handler=_cmd_transcribe)
 
     p = sub.add_parser("say", help="speak text into a WAV file, or play it")
     p.add_argument("text")
     p.add_argument("-o", "--output", type=Path, help="WAV file to write")
     p.add_argument("--voice", help="voice id (see --list-voices)")
-    p.add_argument("--engine", default="piper", help="TTS engine: piper (default) or espeak")
+    p.add_argument("--engine", default="piper", help="piper (default), espeak or openai")
+    _add_remote_flags(p)
     p.add_argument("--rate", type=int, default=22050, help="output sample rate")
     p.add_argument("--play", action="store_true", help="play through the default speaker")
     p.add_argument("--list-voices", action="store_true", help="list the engine's voices")
     p.set_defaults(handler=_cmd_say)
 
 
+def _add_remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", help="remote engine URL (openai: .../v1; assemblyai: host)")
+    p.add_argument("--model", help="remote engine model")
+    p.add_argument("--api-key-env", help="environment variable holding the remote engine's key")
+
+
+def _remote_options(args: argparse.Namespace) -> Any:
+    from runtime.endpoints import URLPolicy
+    from runtime.secret import Secret
+    from runtime.speech.engines.registry import RemoteOptions
+
+    key = None
+    if args.api_key_env:
+        value = os.environ.get(args.api_key_env)
+        if not value:
+            raise ValueError(f"environment variable {args.api_key_env} is not set")
+        key = Secret(value)
+    # The machine's owner runs the CLI: local speech servers are allowed.
+    return RemoteOptions(args.base_url, args.model, key, URLPolicy.operator())
+
+
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     from audio.wav import read_wav
+    from runtime.errors import VoiceAgentError
     from runtime.speech.engines._common import ModelVerificationError
     from runtime.speech.engines.registry import STT_ENGINES, load_stt
 
@@ -452,11 +476,12 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         return _usage_error(f"unknown engine {args.engine!r} (available: {', '.join(STT_ENGINES)})")
     try:
         audio = read_wav(args.file)
+        remote = _remote_options(args)
     except ValueError as exc:
         return _usage_error(str(exc))
 
     async def run() -> str:
-        stt = await load_stt(args.engine)
+        stt = await load_stt(args.engine, remote)
         try:
             result = await stt.transcribe(audio.mono(), audio.sample_rate)
         finally:
@@ -465,9 +490,11 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     try:
         text = asyncio.run(run())
-    except ModelVerificationError as exc:
+    except (ModelVerificationError, VoiceAgentError) as exc:
         print(f"voxloop: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ValueError as exc:
+        return _usage_error(str(exc))
     print(text)
     return EXIT_OK
 
@@ -475,6 +502,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 def _cmd_say(args: argparse.Namespace) -> int:
     from audio.frame import check_rate
     from audio.wav import write_wav
+    from runtime.errors import VoiceAgentError
     from runtime.speech.engines._common import ModelVerificationError
     from runtime.speech.engines.registry import TTS_ENGINES, load_tts
     from runtime.speech.text import SpeechSegmenter
@@ -484,13 +512,14 @@ def _cmd_say(args: argparse.Namespace) -> int:
         return _usage_error(f"unknown engine {args.engine!r} (available: {', '.join(TTS_ENGINES)})")
     try:
         check_rate(args.rate)
+        remote = _remote_options(args)
     except ValueError as exc:
         return _usage_error(str(exc))
     if not (args.output or args.play or args.list_voices):
         return _usage_error("give -o OUT.wav, --play, or --list-voices")
 
     async def run() -> bytes | None:
-        tts = await load_tts(args.engine)
+        tts = await load_tts(args.engine, remote)
         try:
             if args.list_voices:
                 for v in tts.voices():
@@ -512,9 +541,11 @@ def _cmd_say(args: argparse.Namespace) -> int:
         pcm = asyncio.run(run())
     except UnknownVoice as exc:
         return _usage_error(str(exc))
-    except ModelVerificationError as exc:
+    except (ModelVerificationError, VoiceAgentError) as exc:
         print(f"voxloop: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ValueError as exc:
+        return _usage_error(str(exc))
     if pcm is None:
         return EXIT_OK
     if args.output is not None:

@@ -42,15 +42,34 @@ def joe_voice_files() -> tuple[Path, Path]:
 
 
 class PiperTTS:
-    """Embedded neural TTS."""
+    """Embedded neural TTS.
 
-    def __init__(self, model: Path | None = None, config: Path | None = None) -> None:
+    Args:
+        model, config: a voice other than the pinned default (not verified).
+        noise_scale, noise_w: Piper's sampling noise (``None``: the voice's own
+            values). ``0`` makes synthesis deterministic and a little flatter.
+        length_scale: speaking rate (below 1 is faster).
+    """
+
+    def __init__(
+        self,
+        model: Path | None = None,
+        config: Path | None = None,
+        *,
+        noise_scale: float | None = None,
+        noise_w: float | None = None,
+        length_scale: float | None = None,
+    ) -> None:
         from piper import PiperVoice
+        from piper.config import SynthesisConfig
 
         if model is None:
             model, config = joe_voice_files()
             verify_sha256(model, JOE_SHA256)
         self._voice: Any = PiperVoice.load(model, config_path=config)
+        self._synthesis: Any = SynthesisConfig(
+            noise_scale=noise_scale, noise_w_scale=noise_w, length_scale=length_scale
+        )
         self._rate = int(self._voice.config.sample_rate)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="voxloop-piper"
@@ -84,11 +103,12 @@ class PiperTTS:
     ) -> PulledRun:
         self._check_voice(voice)
         piper_voice = self._voice
+        synthesis = self._synthesis
 
         def produce(cancelled: threading.Event) -> Iterator[tuple[bytes, str]]:
             if not text.strip():
                 return
-            for chunk in piper_voice.synthesize(text):
+            for chunk in piper_voice.synthesize(text, syn_config=synthesis):
                 if cancelled.is_set():
                     return
                 yield chunk.audio_int16_bytes, ""

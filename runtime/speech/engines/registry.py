@@ -2,38 +2,76 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Final
 
+from runtime.endpoints import URLPolicy
+from runtime.secret import Secret
 from runtime.speech.stt import SpeechToText
 from runtime.speech.tts import TextToSpeech
 
-STT_ENGINES: Final = ("whisper",)
-TTS_ENGINES: Final = ("piper", "espeak")
+STT_ENGINES: Final = ("whisper", "openai", "assemblyai")
+TTS_ENGINES: Final = ("piper", "espeak", "openai")
 
 
-async def load_stt(name: str = "whisper") -> SpeechToText:
-    """Load an embedded STT engine by name.
+@dataclass(frozen=True, slots=True)
+class RemoteOptions:
+    """Where a remote engine lives (ignored by embedded engines)."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key: Secret | None = None
+    policy: URLPolicy | None = None
+
+
+async def load_stt(name: str = "whisper", remote: RemoteOptions | None = None) -> SpeechToText:
+    """Load an STT engine by name.
 
     Raises:
-        ValueError: unknown engine name.
-        ModelVerificationError: the engine's pinned model is missing or altered.
+        ValueError: unknown engine name, or a remote engine without its settings.
+        ModelVerificationError: an embedded engine's pinned model is missing or altered.
+        URLPolicyError: a remote engine's URL is not allowed.
     """
+    remote = remote or RemoteOptions()
     if name == "whisper":
         from runtime.speech.engines.whisper import WhisperSTT
 
         return await WhisperSTT.load()
+    if name == "openai":
+        from runtime.speech.engines.openai_audio import OpenAISTT
+
+        if not remote.base_url:
+            raise ValueError("the openai STT engine needs --base-url")
+        return OpenAISTT(
+            remote.base_url,
+            model=remote.model or "whisper-1",
+            api_key=remote.api_key,
+            policy=remote.policy,
+        )
+    if name == "assemblyai":
+        from runtime.speech.engines.assemblyai import DEFAULT_HOST, AssemblyAIStreamingSTT
+
+        if remote.api_key is None:
+            raise ValueError("the assemblyai STT engine needs an API key (--api-key-env)")
+        return AssemblyAIStreamingSTT(
+            remote.api_key,
+            host=remote.base_url or DEFAULT_HOST,
+            speech_model=remote.model or "universal-streaming-english",
+            policy=remote.policy,
+        )
     raise ValueError(f"unknown STT engine {name!r} (available: {', '.join(STT_ENGINES)})")
 
 
-async def load_tts(name: str = "piper") -> TextToSpeech:
-    """Load an embedded TTS engine by name.
+async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> TextToSpeech:
+    """Load a TTS engine by name.
 
     Raises:
-        ValueError: unknown engine name.
-        ModelVerificationError: the engine's pinned voice is missing or altered.
+        ValueError: unknown engine name, or a remote engine without its settings.
+        ModelVerificationError: an embedded engine's pinned voice is missing or altered.
+        URLPolicyError: a remote engine's URL is not allowed.
     """
-    import asyncio
-
+    remote = remote or RemoteOptions()
     if name == "piper":
         from runtime.speech.engines.piper import PiperTTS
 
@@ -42,4 +80,15 @@ async def load_tts(name: str = "piper") -> TextToSpeech:
         from runtime.speech.engines.espeak import EspeakTTS
 
         return await asyncio.to_thread(EspeakTTS)
+    if name == "openai":
+        from runtime.speech.engines.openai_audio import OpenAITTS
+
+        if not remote.base_url:
+            raise ValueError("the openai TTS engine needs --base-url")
+        return OpenAITTS(
+            remote.base_url,
+            model=remote.model or "tts-1",
+            api_key=remote.api_key,
+            policy=remote.policy,
+        )
     raise ValueError(f"unknown TTS engine {name!r} (available: {', '.join(TTS_ENGINES)})")
