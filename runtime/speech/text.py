@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -81,12 +82,24 @@ def clean_for_speech(text: str) -> str:
 
 
 class SpeechSegmenter:
-    """Streaming sentence/clause segmenter for incremental TTS."""
+    """Streaming sentence/clause segmenter for incremental TTS.
 
-    __slots__ = ("_buf", "_config", "_fence", "_released", "_think")
+    Args:
+        config: segment lengths.
+        normaliser: applied to each released segment after cleaning (e.g. to
+            spell out numbers, dates and times for a TTS that reads them
+            badly); by default they are left for the TTS.
+    """
 
-    def __init__(self, config: SegmenterConfig | None = None) -> None:
+    __slots__ = ("_buf", "_config", "_fence", "_normaliser", "_released", "_think")
+
+    def __init__(
+        self,
+        config: SegmenterConfig | None = None,
+        normaliser: Callable[[str], str] | None = None,
+    ) -> None:
         self._config = config or SegmenterConfig()
+        self._normaliser = normaliser
         self._buf = ""
         self._released = 0
         self._think = TagSplitter("<think>", "</think>")
@@ -128,6 +141,8 @@ class SpeechSegmenter:
                 break
             raw, self._buf = self._buf[:cut], self._buf[cut:]
             text = clean_for_speech(raw)
+            if text and self._normaliser is not None:
+                text = self._normaliser(text).strip()
             if text:
                 out.append(text)
                 self._released += 1

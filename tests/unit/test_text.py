@@ -129,3 +129,10 @@ def test_any_split_gives_the_same_segments_and_nothing_is_lost(text: str, cuts: 
     assert segments(text, [c for c in cuts if c <= len(text)]) == whole
     # Nothing lost or duplicated: the words of the segments are the words of the cleaned text.
     assert " ".join(whole).split() == clean_for_speech(text).split()
+
+
+def test_numbers_are_left_alone_unless_a_normaliser_is_configured():
+    text = "Your total is $29.99, due 3/4 at 7:30."
+    assert segments(text) == [text]
+    spelled = SpeechSegmenter(normaliser=lambda s: s.replace("7:30", "seven thirty"))
+    assert spelled.push(text) + spelled.flush() == ["Your total is $29.99, due 3/4 at seven thirty."]
