@@ -135,4 +135,6 @@ def test_numbers_are_left_alone_unless_a_normaliser_is_configured():
     text = "Your total is $29.99, due 3/4 at 7:30."
     assert segments(text) == [text]
     spelled = SpeechSegmenter(normaliser=lambda s: s.replace("7:30", "seven thirty"))
-    assert spelled.push(text) + spelled.flush() == ["Your total is $29.99, due 3/4 at seven thirty."]
+    assert spelled.push(text) + spelled.flush() == [
+        "Your total is $29.99, due 3/4 at seven thirty."
+    ]
