@@ -44,6 +44,9 @@ class STTTurn(Protocol):
     def pause(self) -> None:
         """The user paused: work on what has been heard so far may start now."""
 
+    def resume(self) -> None:
+        """The user went on speaking after a pause."""
+
     @property
     def partial(self) -> Transcript | None:
         """The latest partial transcript, if any."""

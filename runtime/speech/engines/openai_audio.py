@@ -208,6 +208,13 @@ class RemoteTurn:
         result = self._spec[1].result()
         return Transcript(text=result.text, final=False, audio_ms=result.audio_ms)
 
+    async def speculative(self) -> Transcript | None:
+        """The answer to the request sent at the last pause (``None`` if there was none)."""
+        if self._spec is None:
+            return None
+        result = await asyncio.shield(self._spec[1])
+        return Transcript(text=result.text, final=False, audio_ms=result.audio_ms)
+
     def push(self, frame: AudioFrame) -> None:
         if self._closed:
             raise RuntimeError("push() on a closed turn")

@@ -259,6 +259,17 @@ class WhisperTurn:
             )
         return self._partial
 
+    async def speculative(self) -> Transcript | None:
+        """The result of the decode started at the last pause (``None`` if there was none)."""
+        spec = self._spec
+        if spec is None:
+            return None
+        # Shielded: abandoning a speculative reply must not cancel the decode
+        # that finalize() may still use.
+        text, decode_ms = await asyncio.shield(spec.future)
+        joined = " ".join(t for t in [*self._committed, text] if t).strip()
+        return Transcript(text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms)
+
     def push(self, frame: AudioFrame) -> None:
         if self._closed:
             raise RuntimeError("push() on a closed turn")

@@ -1,0 +1,71 @@
+"""Session configuration: the Voice Agent session fields plus voxloop's latency knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from runtime.conversation.tools import Tool
+
+SPOKEN_GUIDANCE: Final = (
+    "Your reply is spoken aloud by a text-to-speech voice: answer in short, natural sentences, "
+    "without markdown, lists, code or emoji, and say numbers the way a person would."
+)
+APOLOGY: Final = "Sorry, I'm having trouble answering right now. Could you say that again?"
+BACKCHANNELS: Final = frozenset(
+    {
+        "uh huh", "uh-huh", "mm hmm", "mm-hmm", "mhm", "hmm", "okay", "ok", "yeah", "yes", "yep",
+        "right", "sure", "i see", "got it", "cool", "alright", "all right", "nice", "great",
+        "oh", "ah", "wow", "yeah yeah", "uh", "um",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDetection:
+    """End of turn and barge-in (Voice Agent ``input.turn_detection`` plus voxloop knobs).
+
+    Attributes:
+        vad_threshold: speech probability threshold (0-1).
+        min_silence_ms: silence that ends a turn whose transcript reads complete.
+        max_silence_ms: silence that ends any turn.
+        interrupt_response: whether user speech can cut the agent off.
+        pause_ms: silence after which transcription (and the reply) start speculatively.
+        min_speech_ms: speech needed before a user turn starts.
+        barge_in_ms: speech needed, while the agent talks, before it counts as an interruption.
+        barge_in_min_words: words needed (back-channels such as "uh-huh" never count).
+    """
+
+    vad_threshold: float = 0.5
+    min_silence_ms: int = 400
+    max_silence_ms: int = 1200
+    interrupt_response: bool = True
+    pause_ms: int = 160
+    min_speech_ms: int = 60
+    barge_in_ms: int = 300
+    barge_in_min_words: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.vad_threshold <= 1.0:
+            raise ValueError("vad_threshold must be within 0..1")
+        if not 0 < self.pause_ms <= self.min_silence_ms <= self.max_silence_ms:
+            raise ValueError("need 0 < pause_ms <= min_silence_ms <= max_silence_ms")
+        if self.barge_in_ms < 0 or self.min_speech_ms < 0 or self.barge_in_min_words < 0:
+            raise ValueError("barge-in and speech thresholds must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """What one conversation is configured with."""
+
+    system_prompt: str = "You are a helpful voice assistant."
+    greeting: str | None = None
+    voice: str | None = None
+    tools: tuple[Tool, ...] = ()
+    turn_detection: TurnDetection = field(default_factory=TurnDetection)
+    spoken_guidance: bool = True
+    speculative: bool = True
+    apology: str = APOLOGY
+    max_tool_rounds: int = 4
+    temperature: float | None = None
+    max_tokens: int | None = 256

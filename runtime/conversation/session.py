@@ -1,0 +1,784 @@
+"""The conversation core.
+
+Theory of operation
+-------------------
+:meth:`ConversationSession.run` consumes 16 kHz mono frames (a microphone, a
+file paced in real time, a telephony bridge) and owns every task it starts in
+one ``TaskGroup``. Per 20 ms frame, synchronously: VAD, then the turn state
+machine (``runtime.conversation.turns``):
+
+* LISTENING: a run of speech of ``min_speech_ms`` starts a user turn; the
+  frames before it (pre-roll) go to the STT with it.
+* USER_SPEAKING: frames go to the STT turn. After ``pause_ms`` of silence
+  the STT starts decoding (the pause trick) and, when ``speculative``, a reply
+  is started on that transcript with its audio held back. If the user goes
+  on, the speculative reply is cancelled. After ``min_silence_ms`` (or
+  ``max_silence_ms`` when the transcript does not read as finished) the turn
+  ends: the final transcript either confirms the speculative reply (its audio
+  is released at once) or a new reply starts.
+* THINKING / SPEAKING: a reply runs in its own task: the endpoint's tokens go
+  through the speech segmenter to the TTS and, paced by the sink, to the
+  listener. User speech of ``barge_in_ms`` that is not a back-channel
+  ("uh-huh") cancels the reply task: the HTTP stream closes, TTS stops, the
+  sink's buffer is cleared, and the history keeps only the text that was
+  actually played (from the sink's playout position). The user's speech
+  becomes the next turn.
+
+Endpoint failures never end the session: the client retries before the first
+token; after that (or when retries are exhausted) a short apology is spoken,
+a :class:`ReplyError` is emitted and the session goes back to listening.
+
+Every event carries a timestamp from the injected clock; per-turn metrics
+(``stt_final_ms``, ``ttft_ms``, ``first_sentence_ms``, ``tts_first_audio_ms``,
+``v2v_ms``, ``overhead_ms``) come from the same instrumentation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from audio.frame import AudioFrame
+from audio.reframe import Reframer
+from audio.vad import VAD, default_vad
+from runtime.clock import Clock, MonotonicClock, ns_to_ms
+from runtime.conversation.config import BACKCHANNELS, SPOKEN_GUIDANCE, SessionConfig
+from runtime.conversation.events import (
+    AgentTranscript,
+    AgentTranscriptDelta,
+    ConversationEvent,
+    ReplyAudio,
+    ReplyDone,
+    ReplyError,
+    ReplyStarted,
+    SpeechStarted,
+    SpeechStopped,
+    ToolCallRequested,
+    TurnMetrics,
+    UserTranscript,
+    UserTranscriptDelta,
+)
+from runtime.conversation.sinks import AudioSink
+from runtime.conversation.tools import ToolRunner, openai_tool
+from runtime.conversation.turns import TurnState, TurnStateMachine
+from runtime.endpoints import Resolver, URLPolicy
+from runtime.errors import EndpointError
+from runtime.llm.client import ChatClient, ChatRequest
+from runtime.llm.stream import TextDelta, ToolCall
+from runtime.speech.stt import SpeechToText, STTTurn, Transcript
+from runtime.speech.text import SpeechSegmenter
+from runtime.speech.tts import TextToSpeech
+
+log = logging.getLogger("voxloop.session")
+
+RATE: Final = 16000
+FRAME_MS: Final = 20
+_PRE_ROLL_MS: Final = 240
+_WORD = re.compile(r"[a-z']+")
+
+EventHook = Callable[[ConversationEvent], None]
+
+
+def _complete(text: str) -> bool:
+    return text.rstrip().endswith((".", "?", "!"))
+
+
+def is_backchannel(text: str) -> bool:
+    words = " ".join(_WORD.findall(text.lower()))
+    return not words or words in BACKCHANNELS
+
+
+@dataclass(slots=True)
+class _Segment:
+    text: str
+    start: int  # samples, relative to the reply's first audio
+    end: int
+
+
+@dataclass(slots=True)
+class _Reply:
+    """One assistant reply and its timings (ns, session clock)."""
+
+    id: str
+    text_source: Callable[[], Awaitable[str]] | None  # None: no new user message
+    fixed_text: str | None = None  # greeting / apology: spoken verbatim, no LLM
+    instructions: str | None = None
+    speculative: bool = False
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    buffered: list[ConversationEvent] = field(default_factory=list)
+    user_text: str = ""
+    spoken: list[_Segment] = field(default_factory=list)
+    written: int = 0
+    base_played: int | None = None
+    generated: list[str] = field(default_factory=list)
+    tool_messages: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "completed"
+    t_end: int | None = None  # the user actually stopped speaking
+    t_eot: int | None = None  # end of turn confirmed
+    t_stt: int | None = None  # final transcript available
+    t_text: int | None = None  # transcript used for the request available
+    t_sent: int | None = None
+    ttft_ms: float | None = None
+    t_seg: int | None = None
+    t_tts_start: int | None = None
+    t_chunk: int | None = None
+    t_out: int | None = None
+    stt_final_ms: float | None = None
+
+
+class ConversationSession:
+    """One conversation.
+
+    Args:
+        config: prompt, greeting, voice, tools and turn detection.
+        llm: the endpoint client (prewarmed at start).
+        stt, tts: speech engines.
+        sink: where agent audio is played (reports its playout position).
+        on_event: receives every event, synchronously (must not block).
+        vad: 16 kHz, 20 ms VAD (default: webrtcvad behind the noise gate).
+        clock: the session clock.
+        tool_policy, tool_resolver: URL policy for HTTP tools.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: SessionConfig,
+        llm: ChatClient,
+        stt: SpeechToText,
+        tts: TextToSpeech,
+        sink: AudioSink,
+        on_event: EventHook,
+        vad: VAD | None = None,
+        clock: Clock | None = None,
+        tool_policy: URLPolicy | None = None,
+        tool_resolver: Resolver | None = None,
+    ) -> None:
+        self.config = config
+        self._llm = llm
+        self._stt = stt
+        self._tts = tts
+        self._sink = sink
+        self._emit_hook = on_event
+        td = config.turn_detection
+        self._vad = vad or default_vad(RATE, FRAME_MS, td.vad_threshold)
+        if self._vad.frame_samples != RATE * FRAME_MS // 1000:
+            raise ValueError("the session's VAD must take 20 ms frames at 16 kHz")
+        self._clock = clock or MonotonicClock()
+        self._tools = ToolRunner(
+            config.tools, on_client_call=self._client_tool_call, policy=tool_policy,
+            resolver=tool_resolver,
+        )  # fmt: skip
+        self.turns = TurnStateMachine()
+        self.history: list[dict[str, Any]] = []
+        self._reframer = Reframer(RATE, FRAME_MS)
+        self._tg: asyncio.TaskGroup | None = None
+        self._ids = itertools.count(1)
+        self._pre_roll: deque[AudioFrame] = deque(maxlen=_PRE_ROLL_MS // FRAME_MS)
+        self._speech_run = 0
+        self._in_speech = False
+        self._silence_ms = 0
+        self._paused = False
+        self._stt_turn: STTTurn | None = None
+        self._last_partial = ""
+        self._t_speech_end: int | None = None
+        self._reply: _Reply | None = None
+        self._reply_task: asyncio.Task[None] | None = None
+        self._spec: tuple[_Reply, asyncio.Task[None]] | None = None
+        self._barge_ms = 0
+        self._barge_quiet_ms = 0
+        self._barge_frames: list[AudioFrame] = []
+        self._barge_check: asyncio.Task[None] | None = None
+        self._barge_ignored = False
+        self._reply_current_reply_tool: str | None = None
+        self._closing = False
+        self._pending_turns = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.metrics: list[TurnMetrics] = []
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A user turn or a reply is in progress."""
+        return not self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        """Wait until nothing is in progress (no user turn, no reply)."""
+        await self._idle.wait()
+
+    def _update_idle(self) -> None:
+        idle = (
+            self.turns.state is TurnState.LISTENING
+            and self._reply_task is None
+            and self._pending_turns == 0
+        )
+        if idle:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def run(self, frames: AsyncIterator[AudioFrame]) -> None:
+        """Run the conversation until ``frames`` ends and the last reply is done."""
+        self.history = [{"role": "system", "content": self._system_prompt()}]
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self._prewarm())
+            if self.config.greeting:
+                self._start_reply(
+                    _Reply(id=self._new_id("reply"), text_source=None,
+                           fixed_text=self.config.greeting),
+                    committed=True,
+                )  # fmt: skip
+            async for frame in frames:
+                self.push(frame)
+                await asyncio.sleep(0)
+            self._closing = True
+            if self.turns.state is TurnState.USER_SPEAKING:
+                self._end_of_turn()
+            self._update_idle()
+            await self._idle.wait()
+            if self._barge_check is not None:
+                self._barge_check.cancel()
+            if self._stt_turn is not None:
+                await self._stt_turn.aclose()
+        self._tg = None
+
+    def push(self, frame: AudioFrame) -> None:
+        """Process captured audio (16 kHz mono). Synchronous and cheap: VAD + state machine."""
+        if frame.sample_rate != RATE:
+            raise ValueError(f"the session takes {RATE} Hz audio, got {frame.sample_rate} Hz")
+        for f in self._reframer.process(frame.pcm):
+            p = self._vad.speech_probability(f.pcm)
+            td = self.config.turn_detection
+            threshold = td.vad_threshold - (0.15 if self._in_speech else 0.0)
+            self._in_speech = p >= threshold and p > 0.0
+            self._on_frame(f, self._in_speech)
+
+    def inject_user_text(self, text: str) -> None:
+        """A user message without audio (``conversation.message`` + ``reply.create``)."""
+
+        async def source() -> str:
+            return text
+
+        self._cancel_reply()
+        reply = _Reply(id=self._new_id("reply"), text_source=source)
+        reply.t_text = self._clock.now_ns()
+        self._start_reply(reply, committed=True)
+
+    def create_reply(self, instructions: str | None = None) -> None:
+        """Generate a reply now, optionally steered by one-shot instructions."""
+        self._cancel_reply()
+        self._start_reply(
+            _Reply(id=self._new_id("reply"), text_source=None, instructions=instructions),
+            committed=True,
+        )
+
+    def submit_tool_result(self, call_id: str, result: str, *, is_error: bool = False) -> bool:
+        """Answer a client tool call (``tool.result``)."""
+        return self._tools.submit(call_id, result, is_error=is_error)
+
+    # -- input: VAD and turns ------------------------------------------------------
+
+    def _on_frame(self, frame: AudioFrame, speech: bool) -> None:
+        state = self.turns.state
+        td = self.config.turn_detection
+        if state is TurnState.LISTENING:
+            self._pre_roll.append(frame)
+            self._speech_run = self._speech_run + FRAME_MS if speech else 0
+            if self._speech_run >= max(td.min_speech_ms, FRAME_MS):
+                self._begin_user_turn(list(self._pre_roll))
+            return
+        if state is TurnState.USER_SPEAKING:
+            self._user_frame(frame, speech)
+            return
+        # THINKING / SPEAKING: watch for barge-in.
+        self._watch_barge_in(frame, speech)
+
+    def _begin_user_turn(self, frames: list[AudioFrame]) -> None:
+        self.turns.to(TurnState.USER_SPEAKING)
+        self._pre_roll.clear()
+        self._speech_run = 0
+        self._silence_ms = 0
+        self._paused = False
+        self._last_partial = ""
+        self._stt_turn = self._stt.start_turn(RATE)
+        for f in frames:
+            self._stt_turn.push(f)
+        self._t_speech_end = self._clock.now_ns()
+        self._update_idle()
+        self._emit(SpeechStarted(t_ns=self._clock.now_ns()))
+
+    def _user_frame(self, frame: AudioFrame, speech: bool) -> None:
+        turn = self._stt_turn
+        assert turn is not None
+        turn.push(frame)
+        td = self.config.turn_detection
+        partial = turn.partial
+        if partial is not None and partial.text and partial.text != self._last_partial:
+            self._last_partial = partial.text
+            self._emit(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
+        if speech:
+            if self._paused:
+                turn.resume()
+                self._paused = False
+                self._cancel_speculation()
+            self._silence_ms = 0
+            self._t_speech_end = self._clock.now_ns()
+            return
+        self._silence_ms += FRAME_MS
+        if self._silence_ms >= td.pause_ms and not self._paused:
+            self._paused = True
+            turn.pause()
+            if self.config.speculative:
+                self._speculate(turn)
+        if self._silence_ms >= td.min_silence_ms:
+            text = partial.text if partial is not None else ""
+            if _complete(text) or self._silence_ms >= td.max_silence_ms:
+                self._end_of_turn()
+
+    def _speculate(self, turn: STTTurn) -> None:
+        self._cancel_speculation()
+        speculative = getattr(turn, "speculative", None)
+        if speculative is None:
+            return
+
+        async def source() -> str:
+            result: Transcript | None = await speculative()
+            return result.text if result is not None else ""
+
+        reply = _Reply(id=self._new_id("reply"), text_source=source, speculative=True)
+        reply.t_end = self._t_speech_end
+        task = self._spawn(self._run_reply(reply))
+        self._spec = (reply, task)
+
+    def _cancel_speculation(self) -> None:
+        if self._spec is not None:
+            _, task = self._spec
+            self._spec = None
+            task.cancel()
+
+    def _end_of_turn(self) -> None:
+        now = self._clock.now_ns()
+        turn = self._stt_turn
+        assert turn is not None
+        self._stt_turn = None
+        self.turns.to(TurnState.THINKING)
+        self._emit(SpeechStopped(t_ns=now))
+        spec = self._spec
+        self._spec = None
+        t_end = self._t_speech_end
+        self._pending_turns += 1
+        self._update_idle()
+        self._spawn(self._finish_turn(turn, spec, t_end, now))
+
+    async def _finish_turn(
+        self,
+        turn: STTTurn,
+        spec: tuple[_Reply, asyncio.Task[None]] | None,
+        t_end: int | None,
+        t_eot: int,
+    ) -> None:
+        try:
+            await self._finish_turn_inner(turn, spec, t_end, t_eot)
+        finally:
+            self._pending_turns -= 1
+            self._update_idle()
+
+    async def _finish_turn_inner(
+        self,
+        turn: STTTurn,
+        spec: tuple[_Reply, asyncio.Task[None]] | None,
+        t_end: int | None,
+        t_eot: int,
+    ) -> None:
+        try:
+            final = await turn.finalize()
+        except EndpointError as exc:
+            log.warning("transcription failed", extra={"kind": exc.kind})
+            final = Transcript(text="")
+        t_stt = self._clock.now_ns()
+        text = final.text.strip()
+        if text:
+            self._emit(UserTranscript(t_ns=t_stt, text=text, item_id=self._new_id("item")))
+        if not text or self.turns.state is not TurnState.THINKING:
+            if spec is not None:
+                spec[1].cancel()
+            if self.turns.state is TurnState.THINKING and self._reply_task is None:
+                self.turns.to(TurnState.LISTENING)
+            return
+        if spec is not None and not spec[1].done() and spec[0].user_text in ("", text):
+            reply, task = spec
+            reply.t_eot, reply.t_stt = t_eot, t_stt
+            reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
+            reply.speculative = True
+            self._adopt(reply, task)
+            return
+        if spec is not None:
+            spec[1].cancel()
+
+        async def source() -> str:
+            return text
+
+        reply = _Reply(id=self._new_id("reply"), text_source=source)
+        reply.t_end, reply.t_eot, reply.t_stt, reply.t_text = t_end, t_eot, t_stt, t_stt
+        reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
+        self._start_reply(reply, committed=True)
+
+    def _watch_barge_in(self, frame: AudioFrame, speech: bool) -> None:
+        td = self.config.turn_detection
+        if not td.interrupt_response or self._reply is None:
+            return
+        if speech:
+            self._barge_ms += FRAME_MS
+            self._barge_quiet_ms = 0
+            self._barge_frames.append(frame)
+        elif self._barge_ms:
+            self._barge_quiet_ms += FRAME_MS
+            self._barge_frames.append(frame)
+            if self._barge_quiet_ms >= td.pause_ms:
+                # The burst ended without becoming an interruption (a back-channel).
+                self._reset_barge()
+        if (
+            self._barge_ms >= td.barge_in_ms
+            and self._barge_check is None
+            and not self._barge_ignored
+        ):
+            frames = list(self._barge_frames)
+            self._barge_check = self._spawn(self._check_barge_in(frames))
+
+    def _reset_barge(self) -> None:
+        self._barge_ms = 0
+        self._barge_quiet_ms = 0
+        self._barge_frames = []
+        self._barge_ignored = False
+        if self._barge_check is not None:
+            self._barge_check.cancel()
+            self._barge_check = None
+
+    async def _check_barge_in(self, frames: list[AudioFrame]) -> None:
+        td = self.config.turn_detection
+        pcm = b"".join(f.pcm for f in frames)
+        try:
+            heard = await self._stt.transcribe(pcm, RATE)
+        except EndpointError:
+            heard = Transcript(text="")
+        words = _WORD.findall(heard.text.lower())
+        self._barge_check = None
+        if is_backchannel(heard.text) or len(words) < td.barge_in_min_words:
+            self._barge_ignored = True
+            return
+        if self._reply is None or self.turns.state not in (TurnState.THINKING, TurnState.SPEAKING):
+            return
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        frames = list(self._barge_frames)
+        self._barge_ms = 0
+        self._barge_quiet_ms = 0
+        self._barge_frames = []
+        self._cancel_reply()
+        self.turns.to(TurnState.INTERRUPTED)
+        self._begin_user_turn(frames)
+
+    # -- replies ---------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        assert self._tg is not None, "the session is not running"
+        return self._tg.create_task(coro)
+
+    def _start_reply(self, reply: _Reply, *, committed: bool) -> None:
+        if committed:
+            reply.committed.set()
+        task = self._spawn(self._run_reply(reply))
+        self._adopt(reply, task)
+
+    def _adopt(self, reply: _Reply, task: asyncio.Task[None]) -> None:
+        self._reply = reply
+        self._reply_task = task
+        self._reset_barge()
+        if self.turns.state is TurnState.LISTENING:
+            self.turns.to(TurnState.THINKING)
+        if not reply.committed.is_set():
+            reply.committed.set()
+        for event in reply.buffered:
+            self._emit_hook(event)
+        reply.buffered.clear()
+        task.add_done_callback(self._reply_finished)
+        self._update_idle()
+
+    def _reply_finished(self, task: asyncio.Task[None]) -> None:
+        if task is not self._reply_task:
+            return
+        self._reply_task = None
+        self._reply = None
+        if self.turns.state in (TurnState.THINKING, TurnState.SPEAKING):
+            self.turns.to(TurnState.LISTENING)
+        self._update_idle()
+
+    def _cancel_reply(self) -> None:
+        self._cancel_speculation()
+        if self._reply_task is not None:
+            self._reply_task.cancel()
+            self._reply_task = None
+            self._reply = None
+            self._update_idle()
+
+    def _remit(self, reply: _Reply, event: ConversationEvent) -> None:
+        if reply.committed.is_set():
+            self._emit_hook(event)
+        else:
+            reply.buffered.append(event)
+
+    async def _run_reply(self, reply: _Reply) -> None:
+        segments: asyncio.Queue[str | None] = asyncio.Queue(maxsize=8)
+        try:
+            if reply.text_source is not None:
+                reply.user_text = (await reply.text_source()).strip()
+                if reply.t_text is None:
+                    reply.t_text = self._clock.now_ns()
+                if not reply.user_text:
+                    return
+            self._remit(reply, ReplyStarted(t_ns=self._clock.now_ns(), reply_id=reply.id))
+            async with asyncio.TaskGroup() as rtg:
+                rtg.create_task(self._speak(reply, segments))
+                await self._generate(reply, segments)
+            if not reply.committed.is_set():
+                await reply.committed.wait()
+            await self._sink.wait_for_playout()
+            self._finish(reply, interrupted=False)
+        except asyncio.CancelledError:
+            if reply.committed.is_set() and reply.status != "done":
+                dropped = self._sink.clear_buffer()
+                log.debug("reply interrupted", extra={"dropped_samples": dropped})
+                self._finish(reply, interrupted=True)
+            raise
+
+    async def _generate(self, reply: _Reply, segments: asyncio.Queue[str | None]) -> None:
+        segmenter = SpeechSegmenter()
+        try:
+            if reply.fixed_text is not None:
+                for seg in segmenter.push(reply.fixed_text) + segmenter.flush():
+                    await self._put_segment(reply, segments, seg)
+                return
+            for _ in range(self.config.max_tool_rounds + 1):
+                calls = await self._llm_round(reply, segmenter, segments)
+                if not calls:
+                    break
+                await self._run_tools(reply, calls)
+        except EndpointError as exc:
+            reply.status = "failed"
+            self._remit(
+                reply,
+                ReplyError(
+                    t_ns=self._clock.now_ns(), reply_id=reply.id, code=exc.kind,
+                    message=str(exc), retryable=exc.retryable, status_code=exc.status_code,
+                ),
+            )  # fmt: skip
+            for seg in segmenter.flush():
+                await self._put_segment(reply, segments, seg)
+            apology = SpeechSegmenter()
+            for seg in apology.push(self.config.apology) + apology.flush():
+                await segments.put(seg)
+        finally:
+            await segments.put(None)
+
+    async def _llm_round(
+        self, reply: _Reply, segmenter: SpeechSegmenter, segments: asyncio.Queue[str | None]
+    ) -> list[ToolCall]:
+        request = ChatRequest(
+            messages=self._messages(reply),
+            tools=[openai_tool(t) for t in self.config.tools],
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+        )
+        calls: list[ToolCall] = []
+        text_parts: list[str] = []
+        async with self._llm.stream(request) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    text_parts.append(event.text)
+                    for seg in segmenter.push(event.text):
+                        await self._put_segment(reply, segments, seg)
+                elif isinstance(event, ToolCall):
+                    calls.append(event)
+            if reply.t_sent is None:
+                reply.t_sent = stream.timings.sent_ns
+                reply.ttft_ms = stream.timings.ttft_ms
+        for seg in segmenter.flush():
+            await self._put_segment(reply, segments, seg)
+        text = "".join(text_parts).strip()
+        reply.generated.append(text)
+        if calls:
+            reply.tool_messages.append(
+                {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": [c.to_message() for c in calls],
+                }
+            )
+        return calls
+
+    async def _run_tools(self, reply: _Reply, calls: list[ToolCall]) -> None:
+        self._reply_current_reply_tool = reply.id
+        for call in calls:
+            result = await self._tools.run(call)
+            reply.tool_messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+
+    def _client_tool_call(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
+        reply = self._reply
+        reply_id = reply.id if reply is not None else ""
+        event = ToolCallRequested(
+            t_ns=self._clock.now_ns(), reply_id=reply_id, call_id=call_id, name=name,
+            arguments=arguments,
+        )  # fmt: skip
+        if reply is not None:
+            self._remit(reply, event)
+        else:
+            self._emit_hook(event)
+
+    async def _put_segment(
+        self, reply: _Reply, segments: asyncio.Queue[str | None], seg: str
+    ) -> None:
+        if reply.t_seg is None:
+            reply.t_seg = self._clock.now_ns()
+        await segments.put(seg)
+
+    async def _speak(self, reply: _Reply, segments: asyncio.Queue[str | None]) -> None:
+        rate = self._sink.sample_rate
+        while (seg := await segments.get()) is not None:
+            if reply.t_tts_start is None:
+                reply.t_tts_start = self._clock.now_ns()
+            start = reply.written
+            run = self._tts.synthesize(seg, voice=self.config.voice, sample_rate=rate)
+            async for chunk in run:
+                if reply.t_chunk is None:
+                    reply.t_chunk = self._clock.now_ns()
+                if not reply.committed.is_set():
+                    await reply.committed.wait()
+                if reply.t_out is None:
+                    reply.base_played = self._sink.played_samples
+                    reply.t_out = self._clock.now_ns()
+                    if self.turns.state is TurnState.THINKING:
+                        self.turns.to(TurnState.SPEAKING)
+                await self._sink.write(chunk.pcm)
+                reply.written += len(chunk.pcm) // 2
+                self._emit_hook(
+                    ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=chunk.pcm,
+                               sample_rate=rate)
+                )  # fmt: skip
+            if reply.written > start:
+                reply.spoken.append(_Segment(seg, start, reply.written))
+                self._emit_hook(
+                    AgentTranscriptDelta(t_ns=self._clock.now_ns(), reply_id=reply.id, delta=seg)
+                )
+
+    def _heard_text(self, reply: _Reply) -> str:
+        if reply.base_played is None:
+            return ""
+        played = self._sink.played_samples - reply.base_played
+        words: list[str] = []
+        for seg in reply.spoken:
+            if seg.end <= played:
+                words += seg.text.split()
+            elif seg.start < played:
+                seg_words = seg.text.split()
+                fraction = (played - seg.start) / max(1, seg.end - seg.start)
+                words += seg_words[: int(len(seg_words) * fraction)]
+                break
+            else:
+                break
+        return " ".join(words)
+
+    def _finish(self, reply: _Reply, *, interrupted: bool) -> None:
+        reply_status = reply.status
+        reply.status = "done"
+        now = self._clock.now_ns()
+        spoken = " ".join(s.text for s in reply.spoken)
+        agent_text = self._heard_text(reply) if interrupted else spoken
+        if reply.text_source is not None and reply.user_text:
+            self.history.append({"role": "user", "content": reply.user_text})
+        self.history.extend(reply.tool_messages)
+        if reply.fixed_text is not None and not interrupted:
+            self.history.append({"role": "assistant", "content": reply.fixed_text})
+        elif reply_status != "failed" or interrupted:
+            final = agent_text if interrupted else " ".join(t for t in reply.generated if t)
+            if final:
+                self.history.append({"role": "assistant", "content": final})
+        self._emit_hook(
+            AgentTranscript(t_ns=now, reply_id=reply.id, text=agent_text, interrupted=interrupted)
+        )
+        status = (
+            "interrupted"
+            if interrupted
+            else ("failed" if reply_status == "failed" else "completed")
+        )
+        self._emit_hook(ReplyDone(t_ns=now, reply_id=reply.id, status=status))  # type: ignore[arg-type]
+        if reply.text_source is not None and reply.t_end is not None:
+            metrics = self._metrics(reply, agent_text, interrupted)
+            self.metrics.append(metrics)
+            self._emit_hook(metrics)
+
+    def _metrics(self, reply: _Reply, agent_text: str, interrupted: bool) -> TurnMetrics:
+        def ms(a: int | None, b: int | None) -> float | None:
+            return None if a is None or b is None else ns_to_ms(b - a)
+
+        first_sentence = ms(reply.t_sent, reply.t_seg)
+        tts_first = ms(reply.t_tts_start, reply.t_chunk)
+        v2v = ms(reply.t_end, reply.t_out)
+        endpointing = ms(reply.t_end, reply.t_eot)
+        overhead: float | None = None
+        t = (reply.t_text, reply.t_sent, reply.t_seg, reply.t_tts_start, reply.t_chunk,
+             reply.t_out, reply.t_eot)  # fmt: skip
+        if all(x is not None for x in t):
+            t_text, t_sent, t_seg, t_tts, t_chunk, t_out, t_eot = (int(x or 0) for x in t)
+            # The runtime's own cost on the critical path: handing the transcript to
+            # the request, the first segment to the TTS, and the first audio to the sink.
+            glue = (t_sent - t_text) + (t_tts - t_seg) + (t_out - max(t_chunk, t_eot))
+            overhead = ns_to_ms(max(0, glue))
+        return TurnMetrics(
+            t_ns=self._clock.now_ns(), reply_id=reply.id, user_text=reply.user_text,
+            agent_text=agent_text, interrupted=interrupted, stt_final_ms=reply.stt_final_ms,
+            ttft_ms=reply.ttft_ms, first_sentence_ms=first_sentence, tts_first_audio_ms=tts_first,
+            v2v_ms=v2v, overhead_ms=overhead, endpointing_ms=endpointing,
+            speculative=reply.speculative,
+        )  # fmt: skip
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _system_prompt(self) -> str:
+        prompt = self.config.system_prompt.strip()
+        if self.config.spoken_guidance:
+            prompt = f"{prompt}\n\n{SPOKEN_GUIDANCE}".strip()
+        return prompt
+
+    def _messages(self, reply: _Reply) -> list[dict[str, Any]]:
+        messages = list(self.history)
+        if reply.text_source is not None and reply.user_text:
+            messages.append({"role": "user", "content": reply.user_text})
+        messages.extend(reply.tool_messages)
+        if reply.instructions:
+            messages.append({"role": "system", "content": reply.instructions})
+        return messages
+
+    async def _prewarm(self) -> None:
+        with contextlib.suppress(EndpointError, OSError, ValueError):
+            await self._llm.prewarm()
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._ids)}"
+
+    def _emit(self, event: ConversationEvent) -> None:
+        self._emit_hook(event)
+
+    def dump_history(self) -> str:
+        return json.dumps(self.history, indent=2)

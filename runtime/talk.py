@@ -1,0 +1,159 @@
+"""``voxloop talk``: a conversation with the microphone and speaker, or from a WAV file.
+
+File mode streams the input file in real time as if it were the microphone
+(then silence until the agent is done), and writes a stereo recording on one
+timeline — left the user, right the agent exactly as a listener heard it
+(an interrupted reply is cut where it was cut) — and per-turn metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from audio.frame import AudioFrame
+from audio.reframe import Reframer
+from audio.resample import resample_all
+from audio.wav import interleave, read_wav, write_wav
+from runtime.conversation.config import SessionConfig
+from runtime.conversation.events import ConversationEvent, TurnMetrics
+from runtime.conversation.session import RATE, ConversationSession
+from runtime.conversation.sinks import AudioSink, TimelineSink
+from runtime.llm.client import ChatClient
+from runtime.speech.stt import SpeechToText
+from runtime.speech.tts import TextToSpeech
+
+OUTPUT_RATE: Final = 24000
+TAIL_S: Final = 1.0
+MAX_WAIT_S: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    metrics: list[TurnMetrics]
+    history: list[dict[str, Any]]
+    duration_s: float
+
+
+class LoopPacer:
+    """Releases frames on the event loop's clock, from a shared origin ``t0``."""
+
+    def __init__(self, t0: float) -> None:
+        self._t0 = t0
+
+    async def wait_until(self, t: float) -> None:
+        delay = self._t0 + t - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def _file_frames(
+    pcm16k: bytes, pacer: LoopPacer, session: ConversationSession, recorded: bytearray
+) -> AsyncIterator[AudioFrame]:
+    reframer = Reframer(RATE, 20)
+    frames = reframer.process(pcm16k) + reframer.flush()
+    for frame in frames:
+        await pacer.wait_until(frame.end_pts / RATE)
+        recorded += frame.pcm
+        yield frame
+    # The user stays on the line, silent, until the agent is done.
+    pts = frames[-1].end_pts if frames else 0
+    silent = bytes(640)
+    idle_since: float | None = None
+    limit = pts + int(MAX_WAIT_S * RATE)
+    while pts < limit:
+        frame = AudioFrame(pcm=silent, sample_rate=RATE, pts=pts)
+        await pacer.wait_until(frame.end_pts / RATE)
+        recorded += silent
+        yield frame
+        pts = frame.end_pts
+        if session.busy:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = pts / RATE
+        elif pts / RATE - idle_since >= TAIL_S:
+            return
+
+
+async def talk_file(
+    input_wav: Path,
+    *,
+    llm: ChatClient,
+    stt: SpeechToText,
+    tts: TextToSpeech,
+    config: SessionConfig,
+    output_wav: Path | None = None,
+    metrics_json: Path | None = None,
+    on_event: Callable[[ConversationEvent], None] | None = None,
+) -> FileResult:
+    """Run a whole conversation from a WAV file in real time.
+
+    Raises:
+        ValueError: the input file is not a usable WAV.
+    """
+    audio = read_wav(input_wav)
+    pcm16k = resample_all(audio.mono(), audio.sample_rate, RATE)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.05
+    sink = TimelineSink(OUTPUT_RATE, t0)
+    session = ConversationSession(
+        config=config, llm=llm, stt=stt, tts=tts, sink=sink,
+        on_event=on_event or (lambda _e: None),
+    )  # fmt: skip
+    recorded = bytearray()
+    await session.run(_file_frames(pcm16k, LoopPacer(t0), session, recorded))
+    await sink.wait_for_playout()
+    user = resample_all(bytes(recorded), RATE, OUTPUT_RATE)
+    total = max(len(user), len(sink.timeline)) // 2
+    if output_wav is not None:
+        stereo = interleave(user + bytes(total * 2 - len(user)), sink.audio(total))
+        write_wav(output_wav, stereo, OUTPUT_RATE, channels=2)
+    if metrics_json is not None:
+        doc = {"turns": [m.to_json() for m in session.metrics]}
+        metrics_json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return FileResult(session.metrics, session.history, total / OUTPUT_RATE)
+
+
+async def talk_live(
+    *,
+    llm: ChatClient,
+    stt: SpeechToText,
+    tts: TextToSpeech,
+    config: SessionConfig,
+    input_device: int | str | None = None,
+    output_device: int | str | None = None,
+    on_event: Callable[[ConversationEvent], None] | None = None,
+    echo_tail_ms: int = 200,
+) -> None:
+    """Talk through the microphone and speaker until cancelled (Ctrl-C).
+
+    The microphone is silenced while the agent is audible (half-duplex), so the
+    agent never hears itself on open speakers; use headphones to barge in.
+
+    Raises:
+        DeviceUnavailable: PortAudio or a device is missing.
+    """
+    from audio.devices import Microphone, Speaker
+    from audio.echo import HalfDuplexGate
+
+    speaker = Speaker(output_device, sample_rate=OUTPUT_RATE)
+    sink: AudioSink = speaker
+    session = ConversationSession(
+        config=config, llm=llm, stt=stt, tts=tts, sink=sink,
+        on_event=on_event or (lambda _e: None),
+    )  # fmt: skip
+    gate = HalfDuplexGate(tail_ms=echo_tail_ms)
+
+    async def frames(mic: Microphone) -> AsyncIterator[AudioFrame]:
+        async for frame in mic:
+            queued = speaker.statistics().buffered_samples
+            if queued:
+                gate.playing(frame.end_pts + queued * RATE // OUTPUT_RATE)
+            yield gate.process(frame)
+
+    async with speaker, Microphone(input_device, sample_rate=RATE) as mic:
+        await session.run(frames(mic))
