@@ -287,6 +287,28 @@ def frame_level_db(pcm: bytes) -> float:
     return max(-120.0, 20.0 * float(np.log10(rms)) if rms > 0 else -120.0)
 
 
+def trim_leading_silence(
+    pcm: bytes, sample_rate: int, *, threshold_db: float = -60.0, keep_ms: int = 5
+) -> bytes:
+    """Drop near-silent samples at the start (TTS voices often begin with ~50 ms of it).
+
+    Looks at 5 ms blocks; keeps ``keep_ms`` before the first block above ``threshold_db``.
+    All-silent input is returned unchanged.
+    """
+    block = max(1, sample_rate // 200)
+    x = np.frombuffer(pcm, dtype="<i2")
+    n = len(x) // block
+    if n == 0:
+        return pcm
+    blocks = x[: n * block].astype(np.float64).reshape(n, block)
+    rms = np.sqrt(np.mean(blocks * blocks, axis=1)) / 32768.0
+    loud = np.nonzero(rms > 10 ** (threshold_db / 20))[0]
+    if not loud.size:
+        return pcm
+    start = max(0, int(loud[0]) * block - keep_ms * sample_rate // 1000)
+    return pcm[start * 2 :]
+
+
 def default_vad(sample_rate: int = 16000, frame_ms: int = 20, threshold: float = 0.5) -> VAD:
     """The embedded default: webrtcvad behind the noise gate."""
     return NoiseGatedVAD(WebRtcVAD.for_threshold(threshold, sample_rate, frame_ms))

@@ -5,6 +5,7 @@ Commands:
     voxloop endpoint serve   run the reference OpenAI-compatible streaming endpoint
     voxloop transcribe       print the transcript of a WAV file
     voxloop say              speak text into a WAV file (or the speaker)
+    voxloop talk             a spoken conversation: microphone and speaker, or WAV files
 
 Exit status: 0 when the command completed (a benchmark that recorded endpoint
 failures still completed), 1 when it could not run, 2 for bad arguments.
@@ -576,6 +577,183 @@ def _play(pcm: bytes, rate: int) -> int:
     return EXIT_OK
 
 
+# -- talk ---------------------------------------------------------------------------
+
+DEMO_REPLIES = (
+    "It's sunny and mild in Paris today, around eighteen degrees.",
+    "Done. I've booked a table for two at seven thirty tonight.",
+)
+
+
+def _add_talk(sub: Any) -> None:
+    p = sub.add_parser(
+        "talk",
+        help="a spoken conversation with your endpoint (microphone, or --input WAV)",
+        description="Talk to an OpenAI-compatible endpoint through the microphone and speaker, "
+        "or run a whole conversation from a WAV file (--input / --demo). Without --base-url "
+        "the built-in reference endpoint answers.",
+    )
+    p.add_argument("--input", type=Path, help="WAV file streamed in real time as the microphone")
+    p.add_argument("--demo", action="store_true", help="use the bundled two-turn demo recording")
+    p.add_argument("--output", type=Path, help="stereo WAV: left the user, right the agent")
+    p.add_argument("--metrics-json", type=Path, help="per-turn latency metrics as JSON")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: built-in reference)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--api-key-env", help="environment variable holding the endpoint key")
+    p.add_argument("--reference-ttft-ms", type=float, default=200.0)
+    p.add_argument("--system-prompt", default="You are a helpful voice assistant.")
+    p.add_argument("--greeting", help="spoken verbatim when the conversation starts")
+    p.add_argument("--voice", help="TTS voice id")
+    p.add_argument("--stt", default="whisper", help="STT engine (default: whisper)")
+    p.add_argument("--tts", default="piper", help="TTS engine: piper (default) or espeak")
+    p.add_argument("--min-silence-ms", type=int, default=400)
+    p.add_argument("--max-silence-ms", type=int, default=1200)
+    p.add_argument("--vad-threshold", type=float, default=0.5)
+    p.add_argument("--no-interrupt", action="store_true", help="the agent always finishes")
+    p.add_argument("--no-speculative", action="store_true", help="start replies at end of turn")
+    p.add_argument("--input-device", help="microphone (index or name) for live mode")
+    p.add_argument("--output-device", help="speaker (index or name) for live mode")
+    p.set_defaults(handler=_cmd_talk)
+
+
+def _talk_printer() -> Any:
+    from runtime.conversation import events as ev
+
+    console = _console()
+
+    def on_event(event: Any) -> None:
+        match event:
+            case ev.UserTranscript(text=text):
+                console.print(f"[bold cyan]you[/]   {text}")
+            case ev.AgentTranscript(text=text, interrupted=interrupted):
+                suffix = " [yellow](interrupted)[/]" if interrupted else ""
+                console.print(f"[bold green]agent[/] {text}{suffix}")
+            case ev.ReplyError(code=code, message=message):
+                console.print(f"[red]endpoint error ({code}):[/] {message}")
+            case ev.TurnMetrics() as m:
+
+                def f(v: float | None) -> str:
+                    return "-" if v is None else f"{v:.0f}"
+
+                console.print(
+                    f"[dim]latency v2v {f(m.v2v_ms)} ms = endpointing {f(m.endpointing_ms)}"
+                    f" | stt {f(m.stt_final_ms)} | ttft {f(m.ttft_ms)}"
+                    f" | first sentence {f(m.first_sentence_ms)} | tts {f(m.tts_first_audio_ms)}"
+                    f" | overhead {f(m.overhead_ms)}"
+                    f"{' (speculative)' if m.speculative else ''}[/]"
+                )
+            case _:
+                pass
+
+    return on_event
+
+
+def _cmd_talk(args: argparse.Namespace) -> int:
+    from runtime.conversation.config import SessionConfig, TurnDetection
+    from runtime.endpoints import URLPolicy
+    from runtime.errors import VoiceAgentError
+    from runtime.llm.client import ChatClient, Endpoint
+    from runtime.secret import Secret
+    from runtime.speech.engines._common import ModelVerificationError
+    from runtime.speech.engines.registry import load_stt, load_tts
+
+    if args.demo and args.input:
+        return _usage_error("give --demo or --input, not both")
+    source: Path | None = args.input
+    if args.demo:
+        source = Path(__file__).parent / "assets" / "demo_conversation.wav"
+    if (args.output or args.metrics_json) and source is None:
+        return _usage_error("--output and --metrics-json need --input or --demo")
+    if source is not None and not source.is_file():
+        return _usage_error(f"{source}: no such file")
+    try:
+        turn_detection = TurnDetection(
+            vad_threshold=args.vad_threshold,
+            min_silence_ms=args.min_silence_ms,
+            max_silence_ms=max(args.max_silence_ms, args.min_silence_ms),
+            interrupt_response=not args.no_interrupt,
+        )
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    key = None
+    if args.api_key_env:
+        value = os.environ.get(args.api_key_env)
+        if not value:
+            return _usage_error(f"environment variable {args.api_key_env} is not set")
+        key = Secret(value)
+    config = SessionConfig(
+        system_prompt=args.system_prompt,
+        greeting=args.greeting,
+        voice=args.voice,
+        turn_detection=turn_detection,
+        speculative=not args.no_speculative,
+    )
+
+    async def run(base_url: str) -> int:
+        from runtime.talk import talk_file, talk_live
+
+        stt = await load_stt(args.stt)
+        tts = await load_tts(args.tts)
+        printer = _talk_printer()
+        # The machine's owner runs this: local endpoints are allowed.
+        llm = ChatClient(Endpoint(base_url, args.model, key), policy=URLPolicy.operator())
+        try:
+            if source is not None:
+                result = await talk_file(
+                    source, llm=llm, stt=stt, tts=tts, config=config,
+                    output_wav=args.output, metrics_json=args.metrics_json, on_event=printer,
+                )  # fmt: skip
+                _print_talk_summary(result.metrics)
+            else:
+                _console().print("[dim]listening... (Ctrl-C to stop)[/]")
+                await talk_live(
+                    llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
+                    input_device=args.input_device, output_device=args.output_device,
+                )  # fmt: skip
+        finally:
+            await llm.aclose()
+            await stt.aclose()
+            await tts.aclose()
+        return EXIT_OK
+
+    try:
+        if args.base_url:
+            return asyncio.run(run(args.base_url))
+        from runtime.bench.reference_thread import ReferenceThread
+        from runtime.llm.reference import ReplyPlan
+
+        plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
+        with ReferenceThread(plan) as reference:
+            _console(stderr=True).print(
+                "[dim]no --base-url: using the built-in reference endpoint at "
+                f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
+            )
+            return asyncio.run(run(reference.base_url))
+    except (ModelVerificationError, VoiceAgentError) as exc:
+        print(f"voxloop: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    except RuntimeError as exc:  # DeviceUnavailable and friends
+        print(f"voxloop: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _print_talk_summary(metrics: list[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Turns (ms)")
+    for col in ("turn", "v2v", "endpointing", "stt final", "ttft", "first sentence",
+                "tts first audio", "overhead"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for i, m in enumerate(metrics, 1):
+        table.add_row(
+            str(i), _fmt(m.v2v_ms), _fmt(m.endpointing_ms), _fmt(m.stt_final_ms), _fmt(m.ttft_ms),
+            _fmt(m.first_sentence_ms), _fmt(m.tts_first_audio_ms), _fmt(m.overhead_ms),
+        )  # fmt: skip
+    _console().print(table)
+
+
 # -- entry point --------------------------------------------------------------
 
 
@@ -587,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_endpoint(sub)
     _add_speech(sub)
+    _add_talk(sub)
     return parser
 
 

@@ -37,6 +37,8 @@ class FileResult:
     metrics: list[TurnMetrics]
     history: list[dict[str, Any]]
     duration_s: float
+    user: bytes  # 24 kHz, the left channel
+    agent: bytes  # 24 kHz, the right channel
 
 
 class LoopPacer:
@@ -97,6 +99,25 @@ async def talk_file(
     """
     audio = read_wav(input_wav)
     pcm16k = resample_all(audio.mono(), audio.sample_rate, RATE)
+    return await talk_pcm(
+        pcm16k, llm=llm, stt=stt, tts=tts, config=config, output_wav=output_wav,
+        metrics_json=metrics_json, on_event=on_event,
+    )  # fmt: skip
+
+
+async def talk_pcm(
+    pcm16k: bytes,
+    *,
+    llm: ChatClient,
+    stt: SpeechToText,
+    tts: TextToSpeech,
+    config: SessionConfig,
+    output_wav: Path | None = None,
+    metrics_json: Path | None = None,
+    on_event: Callable[[ConversationEvent], None] | None = None,
+    on_session: Callable[[ConversationSession], None] | None = None,
+) -> FileResult:
+    """:func:`talk_file` on 16 kHz mono PCM already in memory."""
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     sink = TimelineSink(OUTPUT_RATE, t0)
@@ -104,6 +125,8 @@ async def talk_file(
         config=config, llm=llm, stt=stt, tts=tts, sink=sink,
         on_event=on_event or (lambda _e: None),
     )  # fmt: skip
+    if on_session is not None:
+        on_session(session)
     recorded = bytearray()
     await session.run(_file_frames(pcm16k, LoopPacer(t0), session, recorded))
     await sink.wait_for_playout()
@@ -111,11 +134,14 @@ async def talk_file(
     total = max(len(user), len(sink.timeline)) // 2
     if output_wav is not None:
         stereo = interleave(user + bytes(total * 2 - len(user)), sink.audio(total))
-        write_wav(output_wav, stereo, OUTPUT_RATE, channels=2)
+        await asyncio.to_thread(write_wav, output_wav, stereo, OUTPUT_RATE, 2)
     if metrics_json is not None:
         doc = {"turns": [m.to_json() for m in session.metrics]}
-        metrics_json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return FileResult(session.metrics, session.history, total / OUTPUT_RATE)
+        text = json.dumps(doc, indent=2) + "\n"
+        await asyncio.to_thread(metrics_json.write_text, text, encoding="utf-8")
+    return FileResult(
+        session.metrics, session.history, total / OUTPUT_RATE, user, sink.audio(total)
+    )
 
 
 async def talk_live(

@@ -48,7 +48,7 @@ from typing import Any, Final
 
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
-from audio.vad import VAD, default_vad
+from audio.vad import VAD, default_vad, trim_leading_silence
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
 from runtime.conversation.config import BACKCHANNELS, SPOKEN_GUIDANCE, SessionConfig
 from runtime.conversation.events import (
@@ -661,7 +661,10 @@ class ConversationSession:
             start = reply.written
             run = self._tts.synthesize(seg, voice=self.config.voice, sample_rate=rate)
             async for chunk in run:
+                pcm = chunk.pcm
                 if reply.t_chunk is None:
+                    # The voice's leading silence would only add to the latency.
+                    pcm = trim_leading_silence(pcm, rate)
                     reply.t_chunk = self._clock.now_ns()
                 if not reply.committed.is_set():
                     await reply.committed.wait()
@@ -670,10 +673,10 @@ class ConversationSession:
                     reply.t_out = self._clock.now_ns()
                     if self.turns.state is TurnState.THINKING:
                         self.turns.to(TurnState.SPEAKING)
-                await self._sink.write(chunk.pcm)
-                reply.written += len(chunk.pcm) // 2
+                await self._sink.write(pcm)
+                reply.written += len(pcm) // 2
                 self._emit_hook(
-                    ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=chunk.pcm,
+                    ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=pcm,
                                sample_rate=rate)
                 )  # fmt: skip
             if reply.written > start:

@@ -98,3 +98,33 @@ class TimelineSink:
         if total_samples is not None and len(data) < total_samples * 2:
             data += bytes(total_samples * 2 - len(data))
         return data
+
+
+class ImmediateSink:
+    """Plays everything the moment it is written (offline rendering, batch jobs).
+
+    The playout position always equals what was written, so nothing is ever
+    "unheard" and :meth:`clear_buffer` drops nothing.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self._rate = check_rate(sample_rate)
+        self.audio = bytearray()
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    @property
+    def played_samples(self) -> int:
+        return len(self.audio) // 2
+
+    async def write(self, pcm: bytes) -> None:
+        self.audio += check_pcm(pcm)
+        await asyncio.sleep(0)
+
+    def clear_buffer(self) -> int:
+        return 0
+
+    async def wait_for_playout(self) -> None:
+        await asyncio.sleep(0)
