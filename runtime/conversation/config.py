@@ -42,7 +42,7 @@ class TurnDetection:
     interrupt_response: bool = True
     pause_ms: int = 160
     min_speech_ms: int = 60
-    barge_in_ms: int = 300
+    barge_in_ms: int = 200
     barge_in_min_words: int = 1
 
     def __post_init__(self) -> None:

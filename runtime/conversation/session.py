@@ -82,6 +82,8 @@ log = logging.getLogger("voxloop.session")
 RATE: Final = 16000
 FRAME_MS: Final = 20
 _PRE_ROLL_MS: Final = 240
+_BARGE_KEEP_MS: Final = 2000
+_BARGE_RESET_MS: Final = 600
 _WORD = re.compile(r"[a-z']+")
 
 EventHook = Callable[[ConversationEvent], None]
@@ -195,7 +197,9 @@ class ConversationSession:
         self._spec: tuple[_Reply, asyncio.Task[None]] | None = None
         self._barge_ms = 0
         self._barge_quiet_ms = 0
-        self._barge_frames: list[AudioFrame] = []
+        # The last seconds heard while the agent talks: an interruption's first
+        # words ("wait, stop") belong to the user's next turn.
+        self._barge_frames: deque[AudioFrame] = deque(maxlen=_BARGE_KEEP_MS // FRAME_MS)
         self._barge_check: asyncio.Task[None] | None = None
         self._barge_ignored = False
         self._reply_current_reply_tool: str | None = None
@@ -203,6 +207,7 @@ class ConversationSession:
         self._pending_turns = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._prewarmed = asyncio.Event()
         self.metrics: list[TurnMetrics] = []
 
     # -- public API ------------------------------------------------------------------
@@ -438,16 +443,17 @@ class ConversationSession:
         td = self.config.turn_detection
         if not td.interrupt_response or self._reply is None:
             return
+        self._barge_frames.append(frame)
         if speech:
             self._barge_ms += FRAME_MS
             self._barge_quiet_ms = 0
-            self._barge_frames.append(frame)
         elif self._barge_ms:
             self._barge_quiet_ms += FRAME_MS
-            self._barge_frames.append(frame)
-            if self._barge_quiet_ms >= td.pause_ms:
+            if self._barge_quiet_ms >= _BARGE_RESET_MS and self._barge_check is None:
                 # The burst ended without becoming an interruption (a back-channel).
-                self._reset_barge()
+                self._barge_ms = 0
+                self._barge_quiet_ms = 0
+                self._barge_ignored = False
         if (
             self._barge_ms >= td.barge_in_ms
             and self._barge_check is None
@@ -459,7 +465,7 @@ class ConversationSession:
     def _reset_barge(self) -> None:
         self._barge_ms = 0
         self._barge_quiet_ms = 0
-        self._barge_frames = []
+        self._barge_frames.clear()
         self._barge_ignored = False
         if self._barge_check is not None:
             self._barge_check.cancel()
@@ -483,9 +489,7 @@ class ConversationSession:
 
     def _interrupt(self) -> None:
         frames = list(self._barge_frames)
-        self._barge_ms = 0
-        self._barge_quiet_ms = 0
-        self._barge_frames = []
+        self._reset_barge()
         self._cancel_reply()
         self.turns.to(TurnState.INTERRUPTED)
         self._begin_user_turn(frames)
@@ -603,6 +607,8 @@ class ConversationSession:
         )
         calls: list[ToolCall] = []
         text_parts: list[str] = []
+        # A reply right at the start reuses the connection being opened, not a second one.
+        await self._prewarmed.wait()
         async with self._llm.stream(request) as stream:
             async for event in stream:
                 if isinstance(event, TextDelta):
@@ -774,8 +780,11 @@ class ConversationSession:
         return messages
 
     async def _prewarm(self) -> None:
-        with contextlib.suppress(EndpointError, OSError, ValueError):
-            await self._llm.prewarm()
+        try:
+            with contextlib.suppress(EndpointError, OSError, ValueError):
+                await self._llm.prewarm()
+        finally:
+            self._prewarmed.set()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"

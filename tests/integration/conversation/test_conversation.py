@@ -1,0 +1,408 @@
+"""The conversation core on real audio, real engines and the reference endpoint over sockets.
+
+Audio runs in real time (the sink plays against the loop clock), so each
+conversation takes as long as it would for a person; inputs are kept short.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from audio.vad import default_vad, segment_pcm
+from audio.wav import read_wav
+from runtime.conversation import events as ev
+from runtime.conversation.config import SessionConfig, TurnDetection
+from runtime.conversation.session import ConversationSession
+from runtime.conversation.sinks import ImmediateSink
+from runtime.conversation.tools import ClientTool, HttpTool
+from runtime.endpoints import URLPolicy
+from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import WhisperSTT
+from runtime.talk import OUTPUT_RATE, talk_pcm
+
+from ...helpers import SPEECH, serve_asgi
+
+normalise = EnglishTextNormalizer()
+LONG_REPLY = (
+    "Let me tell you about the weather in Paris this week. Monday starts cloudy with a light breeze. "
+    "Tuesday brings scattered showers in the afternoon. Wednesday is sunny and warm. Thursday cools "
+    "down again with some wind from the north. Friday looks pleasant for a walk along the river."
+)
+
+
+def utterance(name: str) -> bytes:
+    return read_wav(SPEECH / f"{name}.wav").mono()
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(seconds * 16000) * 2)
+
+
+def active(pcm24k: bytes, start_s: float, end_s: float) -> bool:
+    x = np.frombuffer(pcm24k, "<i2")[int(start_s * OUTPUT_RATE) : int(end_s * OUTPUT_RATE)]
+    return bool(x.size) and float(np.sqrt(np.mean(x.astype(np.float64) ** 2))) > 100
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[ReferenceEndpoint]:
+    async with ReferenceEndpoint(ReplyPlan(ttft_ms=50, itl_ms=5)) as server:
+        yield server
+
+
+def llm_for(server: ReferenceEndpoint, **kwargs) -> ChatClient:
+    return ChatClient(Endpoint(server.base_url, "m"), policy=URLPolicy.operator(), **kwargs)
+
+
+def chat_bodies(server: ReferenceEndpoint) -> list[dict[str, Any]]:
+    return [r.body for r in server.requests if r.path.endswith("/chat/completions") and r.body]
+
+
+async def test_two_turn_conversation(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(
+        ttft_ms=50, itl_ms=5, replies=("It is sunny in Paris.", "Your table is booked.")
+    )
+    first, second = utterance("shared-00-piper"), utterance("shared-01-piper")
+    pcm = silence(0.4) + first + silence(3.0) + second + silence(0.5)
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(endpoint) as llm:
+        result = await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
+        )
+    agent = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert [a.text for a in agent] == ["It is sunny in Paris.", "Your table is booked."]
+    assert not any(a.interrupted for a in agent)
+    assert [e.status for e in events if isinstance(e, ev.ReplyDone)] == ["completed", "completed"]
+    # The second request carries the whole history, in the documented shape.
+    bodies = chat_bodies(endpoint)
+    messages = bodies[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert normalise(messages[1]["content"]) == normalise("What's the weather like in Paris today?")
+    assert messages[2]["content"] == "It is sunny in Paris."
+    assert normalise(messages[3]["content"]).replace("7 30", "730") == normalise(
+        "Book a table for two at seven thirty tonight."
+    )
+    # Both replies are audible after their user turns, on one timeline, never over them.
+    (s1, e1), (s2, e2) = segment_pcm(pcm, 16000, default_vad())
+    assert not active(result.agent, s1, e1) and active(result.agent, e1, e1 + 2.0)
+    assert not active(result.agent, s2, e2) and active(result.agent, e2, e2 + 2.0)
+    assert len(result.metrics) == 2
+    for m in result.metrics:
+        assert m.v2v_ms is not None and 0 < m.v2v_ms < 3000
+        assert m.ttft_ms is not None and m.ttft_ms >= 50
+        assert m.overhead_ms is not None and m.overhead_ms >= 0
+        assert m.endpointing_ms is not None and m.endpointing_ms >= 380
+    # Every event carries a timestamp from the session clock.
+    assert all(isinstance(e.t_ns, int) and e.t_ns > 0 for e in events)
+
+
+async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(
+        ttft_ms=50, itl_ms=5, replies=(LONG_REPLY, "Sorry, what did you ask?")
+    )
+    first, stop = (
+        utterance("shared-00-piper"),
+        utterance("shared-11-piper"),
+    )  # "Wait, stop, that's not what I asked."
+    pcm = silence(0.4) + first + silence(2.5) + stop + silence(0.5)
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(endpoint) as llm:
+        result = await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
+        )
+    first_reply = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    assert first_reply.interrupted
+    assert first_reply.text and LONG_REPLY.startswith(first_reply.text.rstrip(".,"))
+    assert len(first_reply.text) < len(LONG_REPLY) / 2
+    assert next(e.status for e in events if isinstance(e, ev.ReplyDone)) == "interrupted"
+    # History holds only the heard prefix; the interruption became the next user turn.
+    messages = chat_bodies(endpoint)[-1]["messages"]
+    assert messages[2] == {"role": "assistant", "content": first_reply.text}
+    assert "stop" in messages[3]["content"].lower()
+    # The agent's audio stops soon after the user starts talking over it.
+    barge = 0.4 + len(first) / 32000 + 2.5
+    assert active(result.agent, barge - 0.6, barge)
+    assert not active(result.agent, barge + 0.8, barge + 1.3)
+    assert result.metrics[0].interrupted
+
+
+async def test_a_backchannel_does_not_interrupt(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY,))
+    okay = b"".join([c.pcm async for c in piper.synthesize("Okay.", sample_rate=16000)])
+    pcm = silence(0.4) + utterance("shared-00-piper") + silence(2.5) + okay + silence(0.5)
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(endpoint) as llm:
+        await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
+        )
+    replies = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert len(replies) == 1 and not replies[0].interrupted
+    assert replies[0].text == LONG_REPLY
+
+
+async def test_no_interruption_when_interrupt_response_is_off(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(
+        ttft_ms=50, itl_ms=5, replies=("Sure. It will be sunny all week in Paris.",)
+    )
+    pcm = (
+        silence(0.4)
+        + utterance("shared-00-piper")
+        + silence(1.0)
+        + utterance("shared-11-piper")
+        + silence(0.3)
+    )
+    events: list[ev.ConversationEvent] = []
+    config = SessionConfig(turn_detection=TurnDetection(interrupt_response=False))
+    async with llm_for(endpoint) as llm:
+        await talk_pcm(pcm, llm=llm, stt=whisper, tts=piper, config=config, on_event=events.append)
+    first = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    assert not first.interrupted and first.text == "Sure. It will be sunny all week in Paris."
+
+
+async def test_greeting_is_spoken_verbatim_and_kept_in_history(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Of course.",))
+    greeting = "Hi, this is Northwind. How can I help?"
+    pcm = silence(3.5) + utterance("shared-04-piper") + silence(0.3)
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(endpoint) as llm:
+        result = await talk_pcm(
+            pcm,
+            llm=llm,
+            stt=whisper,
+            tts=piper,
+            config=SessionConfig(greeting=greeting),
+            on_event=events.append,
+        )
+    transcripts = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert transcripts[0].text == greeting
+    assert active(result.agent, 0.0, 1.5)
+    messages = chat_bodies(endpoint)[0]["messages"]
+    assert messages[1] == {"role": "assistant", "content": greeting}
+    assert messages[2]["role"] == "user"
+
+
+async def run_injected(
+    server: ReferenceEndpoint,
+    piper: PiperTTS,
+    whisper: WhisperSTT,
+    texts: list[str],
+    *,
+    config: SessionConfig | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
+    on_session=None,
+    tool_policy=None,
+) -> tuple[list[ev.ConversationEvent], ConversationSession]:
+    """Drive a session with text turns (``conversation.message`` + ``reply.create``), rendering audio offline."""
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(server, **(llm_kwargs or {})) as llm:
+        session = ConversationSession(
+            config=config or SessionConfig(),
+            llm=llm,
+            stt=whisper,
+            tts=piper,
+            sink=ImmediateSink(OUTPUT_RATE),
+            on_event=events.append,
+            tool_policy=tool_policy,
+        )
+        if on_session:
+            on_session(session)
+
+        async def frames():
+            for text in texts:
+                session.inject_user_text(text)
+                await session.wait_idle()
+            return
+            yield
+
+        await session.run(frames())
+    return events, session
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        ReplyPlan(fault="status", status=500),
+        ReplyPlan(fault="status", status=429, retry_after="0"),
+        ReplyPlan(fault="hang", fault_after=0),
+        ReplyPlan(fault="drop", fault_after=3),
+        ReplyPlan(fault="malformed", fault_after=2),
+    ],
+    ids=["500", "429", "hang", "drop-mid-reply", "malformed"],
+)
+async def test_endpoint_failures_apologise_and_the_next_turn_works(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS, fault: ReplyPlan
+):
+    endpoint.plan = ReplyPlan(replies=("All good now.",))
+    # Before the first token the client retries once; after it, never.
+    after_first_token = fault.fault in ("drop", "malformed") and fault.fault_after > 0
+    endpoint.queue(*([fault] if after_first_token else [fault, fault]))
+    events, session = await run_injected(
+        endpoint,
+        piper,
+        whisper,
+        ["Hello?", "Are you there?"],
+        llm_kwargs={
+            "timeouts": ClientTimeouts(first_token_s=0.3, stall_s=0.3),
+            "retry": RetryPolicy(max_attempts=2, backoff_s=0),
+        },
+    )
+    errors = [e for e in events if isinstance(e, ev.ReplyError)]
+    assert len(errors) == 1
+    assert errors[0].code in {"server", "rate_limit", "timeout", "dropped", "malformed"}
+    transcripts = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert session.config.apology in transcripts[0].text
+    assert transcripts[-1].text == "All good now."
+    assert [e.status for e in events if isinstance(e, ev.ReplyDone)] == ["failed", "completed"]
+    # The failed turn's user message is kept; the apology is not put in the model's mouth.
+    roles = [m["role"] for m in session.history]
+    assert roles == ["system", "user", "user", "assistant"]
+
+
+async def test_empty_completion_says_nothing(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.queue(ReplyPlan(fault="empty"))
+    endpoint.plan = ReplyPlan(replies=("Yes?",))
+    events, _ = await run_injected(endpoint, piper, whisper, ["Hmm.", "Hello?"])
+    assert not [e for e in events if isinstance(e, ev.ReplyError)]
+    transcripts = [e.text for e in events if isinstance(e, ev.AgentTranscript)]
+    assert transcripts == ["", "Yes?"]
+    assert not [e for e in events if isinstance(e, ev.ReplyAudio) and e.reply_id == "reply_1"]
+
+
+async def test_client_tool_round_trip(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.queue(ReplyPlan(tool_name="get_weather", tool_arguments='{"city": "Paris"}'))
+    endpoint.plan = ReplyPlan(replies=("It is twenty degrees in Paris.",))
+    holder: dict[str, Any] = {}
+
+    def watch(session: ConversationSession) -> None:
+        holder["session"] = session
+        original = session._emit_hook
+
+        def hook(event):
+            original(event)
+            if isinstance(event, ev.ToolCallRequested):
+                session.submit_tool_result(event.call_id, json.dumps({"temp_c": 20}))
+
+        session._emit_hook = hook
+
+    config = SessionConfig(
+        tools=(
+            ClientTool(
+                "get_weather",
+                "Current weather",
+                {"type": "object", "properties": {"city": {"type": "string"}}},
+            ),
+        )
+    )
+    events, _ = await run_injected(
+        endpoint, piper, whisper, ["Weather in Paris?"], config=config, on_session=watch
+    )
+    calls = [e for e in events if isinstance(e, ev.ToolCallRequested)]
+    assert (
+        len(calls) == 1
+        and calls[0].name == "get_weather"
+        and calls[0].arguments == {"city": "Paris"}
+    )
+    bodies = chat_bodies(endpoint)
+    assert bodies[0]["tools"][0]["function"]["name"] == "get_weather"
+    second = bodies[1]["messages"]
+    assert (
+        second[-2]["role"] == "assistant"
+        and second[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    )
+    assert second[-1] == {
+        "role": "tool",
+        "tool_call_id": calls[0].call_id,
+        "content": '{"temp_c": 20}',
+    }
+    assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == [
+        "It is twenty degrees in Paris."
+    ]
+
+
+async def test_http_tool_against_a_loopback_server(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    seen: list[dict[str, Any]] = []
+
+    async def weather(request: Request):
+        seen.append(await request.json())
+        return PlainTextResponse("sunny, 21 C " + "x" * 20000)
+
+    async def moved(request: Request):
+        return PlainTextResponse(
+            "", status_code=302, headers={"location": "http://169.254.169.254/"}
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/weather", weather, methods=["POST"]),
+            Route("/moved", moved, methods=["POST"]),
+        ]
+    )
+    async with serve_asgi(app) as port:
+        tools = (
+            HttpTool("weather", f"http://127.0.0.1:{port}/weather"),
+            HttpTool("moved", f"http://127.0.0.1:{port}/moved"),
+            HttpTool("private", "http://10.1.2.3/x"),
+        )
+        # Only loopback is allowed, explicitly, for this test.
+        policy = URLPolicy(
+            require_https=False, allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),)
+        )
+        for name in ("weather", "moved", "private"):
+            endpoint.queue(
+                ReplyPlan(tool_name=name, tool_arguments='{"city": "Paris"}'),
+                ReplyPlan(replies=("Done.",)),
+            )
+        events, session = await run_injected(
+            endpoint,
+            piper,
+            whisper,
+            ["one", "two", "three"],
+            config=SessionConfig(tools=tools),
+            tool_policy=policy,
+        )
+    assert seen == [{"city": "Paris"}]
+    tool_results = [m["content"] for m in session.history if m["role"] == "tool"]
+    assert tool_results[0].startswith("sunny, 21 C") and len(tool_results[0]) == 8 * 1024
+    assert tool_results[1] == "Error: the tool answered HTTP 302."
+    assert tool_results[2].startswith("Error: the tool's URL is not allowed")
+    assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == [
+        "Done.",
+        "Done.",
+        "Done.",
+    ]
+
+
+async def test_the_connection_is_prewarmed_at_session_start(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    await run_injected(endpoint, piper, whisper, ["Hi"])
+    assert endpoint.requests[0].path.endswith("/models")
+    assert {r.connection for r in endpoint.requests} == {1}
