@@ -606,7 +606,7 @@ def _add_talk(sub: Any) -> None:
     p.add_argument("--voice", help="TTS voice id")
     p.add_argument("--stt", default="whisper", help="STT engine (default: whisper)")
     p.add_argument("--tts", default="piper", help="TTS engine: piper (default) or espeak")
-    p.add_argument("--min-silence-ms", type=int, default=400)
+    p.add_argument("--min-silence-ms", type=int, default=300)
     p.add_argument("--max-silence-ms", type=int, default=1200)
     p.add_argument("--vad-threshold", type=float, default=0.5)
     p.add_argument("--no-interrupt", action="store_true", help="the agent always finishes")

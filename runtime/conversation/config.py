@@ -37,7 +37,7 @@ class TurnDetection:
     """
 
     vad_threshold: float = 0.5
-    min_silence_ms: int = 400
+    min_silence_ms: int = 300
     max_silence_ms: int = 1200
     interrupt_response: bool = True
     pause_ms: int = 160

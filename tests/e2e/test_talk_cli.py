@@ -1,0 +1,57 @@
+"""``voxloop talk`` in file mode, as the README's main command runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from audio.wav import read_wav, write_wav
+
+SPEECH = Path(__file__).parents[1] / "data" / "speech"
+
+
+def test_talk_file_mode_writes_stereo_and_metrics(tmp_path: Path):
+    user = read_wav(SPEECH / "shared-04-piper.wav")  # "Please cancel my subscription."
+    clip = tmp_path / "in.wav"
+    write_wav(clip, bytes(8000) + user.pcm + bytes(8000), 16000)
+    out, metrics = tmp_path / "out.wav", tmp_path / "m.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "talk", "--input", str(clip), "--output", str(out),
+         "--metrics-json", str(metrics), "--reference-ttft-ms", "50"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "cancel my subscription" in result.stdout.lower()
+    stereo = read_wav(out)
+    assert stereo.channels == 2 and stereo.sample_rate == 24000
+    assert stereo.duration_s > user.duration_s
+    doc = json.loads(metrics.read_text())
+    [turn] = doc["turns"]
+    assert set(turn) >= {
+        "user_text",
+        "agent_text",
+        "interrupted",
+        "stt_final_ms",
+        "ttft_ms",
+        "first_sentence_ms",
+        "tts_first_audio_ms",
+        "v2v_ms",
+        "overhead_ms",
+    }
+    assert turn["agent_text"] and not turn["interrupted"] and turn["v2v_ms"] > 0
+
+
+def test_talk_rejects_bad_arguments(tmp_path: Path):
+    for args, message in [
+        (["--input", str(tmp_path / "missing.wav")], "no such file"),
+        (["--demo", "--input", "x.wav"], "not both"),
+        (["--output", "x.wav"], "need --input or --demo"),
+        (["--demo", "--min-silence-ms", "0"], "pause_ms"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "runtime.cli", "talk", *args],
+                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
