@@ -53,7 +53,8 @@ def _db(pcm: bytes, rate: int) -> np.ndarray:
     win = rate // 100
     n = len(x) // win
     rms = np.sqrt(np.mean(x[: n * win].reshape(n, win) ** 2, axis=1))
-    return 20 * np.log10(rms + 1e-9)
+    db: np.ndarray = 20 * np.log10(rms + 1e-9)
+    return db
 
 
 def audio_v2v_ms(user: bytes, agent: bytes, rate: int, threshold_db: float = -40.0) -> list[float]:
@@ -62,7 +63,7 @@ def audio_v2v_ms(user: bytes, agent: bytes, rate: int, threshold_db: float = -40
     # User utterances: runs of loud blocks, merging gaps shorter than 600 ms.
     ends: list[int] = []
     last = None
-    for i in np.nonzero(u)[0]:
+    for i in (int(v) for v in np.nonzero(u)[0]):
         if last is not None and i - last > 60:
             ends.append(last)
         last = i
