@@ -48,7 +48,7 @@ from typing import Any, Final
 
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
-from audio.vad import VAD, default_vad, trim_leading_silence
+from audio.vad import VAD, default_vad, frame_level_db, trim_leading_silence
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
 from runtime.conversation.config import BACKCHANNELS, SPOKEN_GUIDANCE, SessionConfig
 from runtime.conversation.events import (
@@ -84,6 +84,7 @@ FRAME_MS: Final = 20
 _PRE_ROLL_MS: Final = 240
 _BARGE_KEEP_MS: Final = 2000
 _BARGE_RESET_MS: Final = 600
+_AUDIBLE_DBFS: Final = -55.0
 _WORD = re.compile(r"[a-z']+")
 
 EventHook = Callable[[ConversationEvent], None]
@@ -266,7 +267,10 @@ class ConversationSession:
             p = self._vad.speech_probability(f.pcm)
             td = self.config.turn_detection
             threshold = td.vad_threshold - (0.15 if self._in_speech else 0.0)
-            self._in_speech = p >= threshold and p > 0.0
+            # A voice's decaying tail below the audibility floor is not speech for
+            # turn-taking (the VAD's own hangover would add ~60-80 ms to every turn).
+            audible = frame_level_db(f.pcm) >= _AUDIBLE_DBFS
+            self._in_speech = p >= threshold and p > 0.0 and audible
             self._on_frame(f, self._in_speech)
 
     def inject_user_text(self, text: str) -> None:
