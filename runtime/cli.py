@@ -705,10 +705,10 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                 )  # fmt: skip
                 _print_talk_summary(result.metrics)
             else:
-                _console().print("[dim]listening... (Ctrl-C to stop)[/]")
                 await talk_live(
                     llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
                     input_device=args.input_device, output_device=args.output_device,
+                    on_ready=lambda: _console().print("[dim]listening... (Ctrl-C to stop)[/]"),
                 )  # fmt: skip
         finally:
             await llm.aclose()

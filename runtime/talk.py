@@ -154,6 +154,7 @@ async def talk_live(
     output_device: int | str | None = None,
     on_event: Callable[[ConversationEvent], None] | None = None,
     echo_tail_ms: int = 200,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Talk through the microphone and speaker until cancelled (Ctrl-C).
 
@@ -182,4 +183,6 @@ async def talk_live(
             yield gate.process(frame)
 
     async with speaker, Microphone(input_device, sample_rate=RATE) as mic:
+        if on_ready is not None:
+            on_ready()
         await session.run(frames(mic))

@@ -105,7 +105,10 @@ async def test_two_turn_conversation(
         assert m.v2v_ms is not None and 0 < m.v2v_ms < 3000
         assert m.ttft_ms is not None and m.ttft_ms >= 50
         assert m.overhead_ms is not None and m.overhead_ms >= 0
-        assert m.endpointing_ms is not None and m.endpointing_ms >= SessionConfig().turn_detection.min_silence_ms - 20
+        assert (
+            m.endpointing_ms is not None
+            and m.endpointing_ms >= SessionConfig().turn_detection.min_silence_ms - 20
+        )
     # Every event carries a timestamp from the session clock.
     assert all(isinstance(e.t_ns, int) and e.t_ns > 0 for e in events)
 
