@@ -117,6 +117,37 @@ class RawStream(Protocol):
 StreamFactory = Callable[..., RawStream]
 
 
+def _open_stream(
+    kind: str,
+    factory: StreamFactory | None,
+    device: int | str | None,
+    rate: int,
+    block: int,
+    callback: Callable[..., None],
+) -> RawStream:
+    """Open and start a raw int16 mono stream (``kind`` is "input" or "output").
+
+    Raises:
+        DeviceUnavailable: PortAudio or the device is missing, or the stream fails to open.
+    """
+    resolved: int | str | None = device
+    if factory is None:
+        sd = _sounddevice()
+        factory = sd.RawInputStream if kind == "input" else sd.RawOutputStream
+        resolved = find_device(device, kind)
+    try:
+        stream = factory(
+            samplerate=rate, blocksize=block, channels=1, dtype="int16", device=resolved,
+            callback=callback,
+        )  # fmt: skip
+        stream.start()
+    except DeviceUnavailable:
+        raise
+    except Exception as exc:
+        raise DeviceUnavailable(f"cannot open the {kind} device: {exc}") from None
+    return stream
+
+
 @dataclass(frozen=True, slots=True)
 class MicrophoneStatistics:
     frames: int
@@ -176,26 +207,9 @@ class Microphone:
             DeviceUnavailable: PortAudio or the device is missing.
         """
         self._loop = asyncio.get_running_loop()
-        factory = self._factory
-        device = self._device
-        if factory is None:
-            sd = _sounddevice()
-            factory = sd.RawInputStream
-            device = find_device(self._device, "input")
-        try:
-            self._stream = factory(
-                samplerate=self._rate,
-                blocksize=self._block,
-                channels=1,
-                dtype="int16",
-                device=device,
-                callback=self._callback,
-            )
-            self._stream.start()
-        except DeviceUnavailable:
-            raise
-        except Exception as exc:
-            raise DeviceUnavailable(f"cannot open the input device: {exc}") from None
+        self._stream = _open_stream(
+            "input", self._factory, self._device, self._rate, self._block, self._callback
+        )
 
     def close(self) -> None:
         self._closed = True
@@ -313,26 +327,9 @@ class Speaker:
             DeviceUnavailable: PortAudio or the device is missing.
         """
         self._loop = asyncio.get_running_loop()
-        factory = self._factory
-        device = self._device
-        if factory is None:
-            sd = _sounddevice()
-            factory = sd.RawOutputStream
-            device = find_device(self._device, "output")
-        try:
-            self._stream = factory(
-                samplerate=self._rate,
-                blocksize=self._block,
-                channels=1,
-                dtype="int16",
-                device=device,
-                callback=self._callback,
-            )
-            self._stream.start()
-        except DeviceUnavailable:
-            raise
-        except Exception as exc:
-            raise DeviceUnavailable(f"cannot open the output device: {exc}") from None
+        self._stream = _open_stream(
+            "output", self._factory, self._device, self._rate, self._block, self._callback
+        )
 
     def close(self) -> None:
         if self._stream is not None:

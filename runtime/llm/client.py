@@ -60,7 +60,6 @@ from runtime.endpoints import (
 )
 from runtime.errors import (
     EndpointAuthError,
-    EndpointConnectError,
     EndpointError,
     EndpointRateLimited,
     EndpointRejected,
@@ -81,7 +80,7 @@ from runtime.llm.stream import (
     ToolCallDelta,
     Usage,
 )
-from runtime.llm.transport import PinnedHTTP
+from runtime.llm.transport import PinnedHTTP, map_http_errors
 from runtime.secret import Secret
 
 log = logging.getLogger("voxloop.llm")
@@ -464,20 +463,8 @@ class ChatClient:
             headers={"Content-Type": "application/json"},
             extensions={"trace": trace},
         )
-        try:
+        async with map_http_errors("the endpoint"):
             response = await self._http.send(http_request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise EndpointConnectError(
-                f"could not connect to the endpoint: {type(exc).__name__}", retryable=True
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise EndpointConnectError(
-                f"sending the request timed out: {type(exc).__name__}", retryable=True
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise StreamDropped(
-                f"connection failed before the response: {type(exc).__name__}", retryable=True
-            ) from exc
         timings.http_version = response.http_version
         if timings.headers_ns is None:
             timings.headers_ns = clock.now_ns()

@@ -12,8 +12,10 @@ environment are ignored (they would bypass the pinning).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import typing
+from collections.abc import AsyncIterator
 
 import httpcore
 import httpx
@@ -27,6 +29,7 @@ from runtime.endpoints import (
     parse_endpoint_url,
     resolve_endpoint,
 )
+from runtime.errors import EndpointConnectError, EndpointTimeout, StreamDropped
 from runtime.secret import Secret
 
 
@@ -178,3 +181,27 @@ class PinnedHTTP:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+@contextlib.asynccontextmanager
+async def map_http_errors(peer: str, *, before_response: bool = True) -> AsyncIterator[None]:
+    """Convert httpx failures into the typed endpoint errors, at one boundary.
+
+    Args:
+        peer: how messages name the other side ("the endpoint", "the speech server").
+        before_response: failures before any response byte are safe to retry.
+    """
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise EndpointConnectError(
+            f"could not connect to {peer}: {type(exc).__name__}", retryable=True
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise EndpointTimeout(
+            f"{peer} timed out: {type(exc).__name__}", retryable=before_response
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise StreamDropped(
+            f"the connection to {peer} failed: {type(exc).__name__}", retryable=before_response
+        ) from exc

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import io
 import wave
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Final, Self
 
 import httpx
@@ -28,14 +28,11 @@ from audio.frame import AudioFrame, check_pcm, check_rate
 from audio.resample import Resampler
 from runtime.endpoints import Resolver, SystemResolver, URLPolicy
 from runtime.errors import (
-    EndpointConnectError,
     EndpointError,
-    EndpointTimeout,
     MalformedStream,
-    StreamDropped,
 )
 from runtime.llm.client import USER_AGENT, _error_detail, _retry_after_s, _status_error
-from runtime.llm.transport import PinnedHTTP
+from runtime.llm.transport import PinnedHTTP, map_http_errors
 from runtime.secret import Secret
 from runtime.speech.stt import Transcript
 from runtime.speech.tts import AudioChunk, UnknownVoice, Voice
@@ -62,24 +59,6 @@ async def _raise_for_status(response: httpx.Response, api_key: Secret | None) ->
         _error_detail(body[:4096], api_key),
         _retry_after_s(response.headers.get("retry-after")),
     )
-
-
-@contextlib.asynccontextmanager
-async def _mapped_errors() -> AsyncIterator[None]:
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        raise EndpointConnectError(
-            f"could not connect to the speech server: {type(exc).__name__}", retryable=True
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise EndpointTimeout(
-            f"the speech server timed out: {type(exc).__name__}", retryable=True
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise StreamDropped(
-            f"the speech server connection failed: {type(exc).__name__}", retryable=False
-        ) from exc
 
 
 class _Remote:
@@ -151,7 +130,7 @@ class OpenAISTT(_Remote):
         if prompt:
             data["prompt"] = prompt
         files = {"file": ("audio.wav", _wav_bytes(pcm, sample_rate), "audio/wav")}
-        async with _mapped_errors():
+        async with map_http_errors("the speech server", before_response=False):
             response = await self._client.http.post(
                 f"{self._client.url.url}/audio/transcriptions", data=data, files=files
             )
@@ -362,7 +341,7 @@ class RemoteSpeech:
         resampler = Resampler(engine._pcm_rate, self._rate)
         carry = b""
         async with (
-            _mapped_errors(),
+            map_http_errors("the speech server", before_response=False),
             client.http.stream("POST", f"{client.url.url}/audio/speech", json=body) as response,
         ):
             await _raise_for_status(response, engine._api_key)
