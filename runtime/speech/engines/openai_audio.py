@@ -130,7 +130,7 @@ class OpenAISTT(_Remote):
         if prompt:
             data["prompt"] = prompt
         files = {"file": ("audio.wav", _wav_bytes(pcm, sample_rate), "audio/wav")}
-        async with map_http_errors("the speech server", before_response=False):
+        async with map_http_errors("the speech server"):
             response = await self._client.http.post(
                 f"{self._client.url.url}/audio/transcriptions", data=data, files=files
             )
