@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import re
 from collections import deque
@@ -203,8 +202,6 @@ class ConversationSession:
         self._barge_frames: deque[AudioFrame] = deque(maxlen=_BARGE_KEEP_MS // FRAME_MS)
         self._barge_check: asyncio.Task[None] | None = None
         self._barge_ignored = False
-        self._reply_current_reply_tool: str | None = None
-        self._closing = False
         self._pending_turns = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -248,7 +245,6 @@ class ConversationSession:
             async for frame in frames:
                 self.push(frame)
                 await asyncio.sleep(0)
-            self._closing = True
             if self.turns.state is TurnState.USER_SPEAKING:
                 self._end_of_turn()
             self._update_idle()
@@ -639,7 +635,6 @@ class ConversationSession:
         return calls
 
     async def _run_tools(self, reply: _Reply, calls: list[ToolCall]) -> None:
-        self._reply_current_reply_tool = reply.id
         for call in calls:
             result = await self._tools.run(call)
             reply.tool_messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
@@ -795,6 +790,3 @@ class ConversationSession:
 
     def _emit(self, event: ConversationEvent) -> None:
         self._emit_hook(event)
-
-    def dump_history(self) -> str:
-        return json.dumps(self.history, indent=2)
