@@ -616,13 +616,19 @@ def _add_talk(sub: Any) -> None:
     p.set_defaults(handler=_cmd_talk)
 
 
-def _talk_printer() -> Any:
+def _talk_printer(*, live: bool = False) -> Any:
     from runtime.conversation import events as ev
 
     console = _console()
+    interactive = live and console.is_terminal
 
     def on_event(event: Any) -> None:
         match event:
+            case ev.SpeechStarted() if interactive:
+                console.print("[dim]you   …[/]", end="\r")
+            case ev.UserTranscriptDelta(text=text) if interactive:
+                # The partial transcript, rewritten in place while the user talks.
+                console.print(f"[cyan]you[/]   {text} …", end="\r", soft_wrap=True)
             case ev.UserTranscript(text=text):
                 console.print(f"[bold cyan]you[/]   {text}")
             case ev.AgentTranscript(text=text, interrupted=interrupted):
@@ -694,7 +700,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
 
         stt = await load_stt(args.stt)
         tts = await load_tts(args.tts)
-        printer = _talk_printer()
+        printer = _talk_printer(live=source is None)
         # The machine's owner runs this: local endpoints are allowed.
         llm = ChatClient(Endpoint(base_url, args.model, key), policy=URLPolicy.operator())
         try:
