@@ -1,0 +1,1 @@
+"""The agent service: stored agents, encrypted secrets, tokens (REST and realtime adapters)."""
