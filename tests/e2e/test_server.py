@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ..postgres import PostgresServer, postgres_server
 from ..unit.test_endpoints import HOSTILE_URLS
 
 API_KEY = "vk-test-operator-key"
@@ -43,7 +44,14 @@ class Server:
         return c
 
 
-def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer | None]:
+    yield from postgres_server()
+
+
+def start_server(
+    data_dir: Path, extra_env: dict[str, str] | None = None, database_url: str | None = None
+) -> Server:
     log = data_dir.parent / f"{data_dir.name}-server.log"
     env = {
         **os.environ,
@@ -53,7 +61,8 @@ def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Ser
     }
     err = log.open("a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "-v", "serve", "--port", "0", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "runtime.cli", "-v", "serve", "--port", "0", "--data-dir", str(data_dir),
+         *(["--database-url", database_url] if database_url else [])],
         stdout=subprocess.PIPE, stderr=err, text=True, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -76,9 +85,16 @@ def stop(server: Server) -> None:
         server.log_handle = None
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = start_server(tmp_path / "data")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresServer | None
+) -> Iterator[Server]:
+    url = None
+    if request.param == "postgresql":
+        if postgres is None:
+            pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+        url = postgres.new_database()
+    srv = start_server(tmp_path / "data", database_url=url)
     try:
         yield srv
     finally:
@@ -260,8 +276,9 @@ def test_secrets_never_leave_in_responses_database_or_logs(server: Server):
     for text in texts:
         assert LLM_KEY not in text and HEADER_SECRET not in text and "tool-secret" not in text
     stop(server)
-    db = (server.data_dir / "voxloop.db").read_bytes()
-    assert LLM_KEY.encode() not in db and b"tool-secret" not in db
+    if (server.data_dir / "voxloop.db").exists():
+        db = (server.data_dir / "voxloop.db").read_bytes()
+        assert LLM_KEY.encode() not in db and b"tool-secret" not in db
     log = server.log.read_text()
     assert "agent created" in log
     assert LLM_KEY not in log and "tool-secret" not in log
