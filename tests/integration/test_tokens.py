@@ -56,7 +56,7 @@ async def test_expired_forged_and_garbage_tokens_are_refused(workers: tuple[Api,
     expired = a.mint({"jti": "t2", "exp": int(time.time()) - 1, "msd": 600})
     assert await b.redeem(expired) is None
     genuine = a.mint({"jti": "t3", "exp": int(time.time()) + 60, "msd": 600})
-    body, _, mac = genuine.partition(".")
+    _, _, mac = genuine.partition(".")
     forged = (
         a.mint({"jti": "t3", "exp": int(time.time()) + 9999, "msd": 600}).split(".")[0] + "." + mac
     )
