@@ -330,3 +330,30 @@ def test_tokens_and_voices(server: Server):
     voices = c.get("/v1/voices").json()
     joe = next(v for v in voices if v["voice_id"] == "en_US-joe-medium")
     assert "ivy" in joe["aliases"]
+
+
+def test_agents_cli_against_the_server(server: Server, tmp_path: Path):
+    env = {**os.environ, "VOXLOOP_API_KEY": API_KEY, "MY_LLM_KEY": LLM_KEY}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runtime.cli", "agents", "--url", server.url, *args],
+                              capture_output=True, text=True, env=env, timeout=60, check=False)  # fmt: skip
+
+    made = cli("create", "--name", "Front desk", "--system-prompt", "Be brief.", "--greeting", "Hello!",
+               "--llm-base-url", "https://api.example.com/v1", "--llm-model", "m", "--llm-api-key-env", "MY_LLM_KEY")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    agent = json.loads(made.stdout)
+    assert LLM_KEY not in made.stdout
+    assert [a["id"] for a in json.loads(cli("list").stdout)] == [agent["id"]]
+    patch = tmp_path / "patch.json"
+    patch.write_text(json.dumps({"greeting": "Hi again!"}))
+    assert (
+        json.loads(cli("update", agent["id"], "--file", str(patch)).stdout)["greeting"]
+        == "Hi again!"
+    )
+    assert json.loads(cli("get", agent["id"]).stdout)["greeting"] == "Hi again!"
+    bad = cli("create", "--name", "x", "--system-prompt", "y", "--voice", "nope")
+    assert bad.returncode == 1 and "(voice)" in bad.stderr and "Traceback" not in bad.stderr
+    assert cli("delete", agent["id"]).returncode == 0
+    gone = cli("get", agent["id"])
+    assert gone.returncode == 1 and "HTTP 404" in gone.stderr
