@@ -1,0 +1,113 @@
+"""Agent service throughput: agent reads and token mints per second.
+
+Starts ``voxloop serve`` (one uvicorn worker, SQLite by default) as a
+subprocess, stores ``--agents`` agents, then drives it over loopback with
+``--concurrency`` requests in flight for ``--seconds`` per measurement, three
+times each; reports the median requests per second.
+
+Run: ``python -m benchmarks.server_load [--database-url postgresql+asyncpg://…]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+KEY = "bench-key"
+
+
+def start(data_dir: Path, database_url: str | None) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "VOXLOOP_API_KEYS": KEY,
+           "VOXLOOP_STATIC_HOSTS": json.dumps({"api.example.com": ["93.184.216.34"]})}  # fmt: skip
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir", str(data_dir)]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    return proc, line.rsplit(" ", 1)[1].strip()
+
+
+async def rate(url: str, paths: list[str], seconds: float, concurrency: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": KEY}, limits=limits) as c:
+        deadline = time.perf_counter() + seconds
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                r = await c.get(random.choice(paths))
+                r.raise_for_status()
+                done += 1
+
+        t0 = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(concurrency):
+                tg.create_task(worker())
+        return done / (time.perf_counter() - t0)
+
+
+async def main_async(args: argparse.Namespace, url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": KEY}) as c:
+        ids = []
+        for i in range(args.agents):
+            llm = [{"base_url": "https://api.example.com/v1", "model": "m", "api_key": "sk-x"}]
+            body = {"name": f"agent {i}", "system_prompt": "Be brief.", "voice": "ivy", "llm": llm}
+            r = await c.post("/v1/agents", json=body)
+            r.raise_for_status()
+            ids.append(r.json()["id"])
+    reads = [f"/v1/agents/{i}" for i in ids]
+    mints = ["/v1/token?expires_in_seconds=60"]
+    return {
+        "agent_reads_per_s": statistics.median(
+            [await rate(url, reads, args.seconds, args.concurrency) for _ in range(3)]
+        ),
+        "token_mints_per_s": statistics.median(
+            [await rate(url, mints, args.seconds, args.concurrency) for _ in range(3)]
+        ),
+        "agent_list_per_s": statistics.median(
+            [await rate(url, ["/v1/agents"], args.seconds, args.concurrency) for _ in range(3)]
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="agent service throughput")
+    parser.add_argument("--agents", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--database-url")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start(Path(tmp), args.database_url)
+        try:
+            result = asyncio.run(main_async(args, url))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+    store = "PostgreSQL" if args.database_url else "SQLite"
+    print(f"one uvicorn worker, {store}, {args.concurrency} requests in flight, "
+          f"median of 3 x {args.seconds:g} s\n")  # fmt: skip
+    print("| operation | requests/s |")
+    print("|---|---|")
+    print(f"| GET /v1/agents/{{id}} | {result['agent_reads_per_s']:.0f} |")
+    print(f"| GET /v1/agents ({args.agents} agents) | {result['agent_list_per_s']:.0f} |")
+    print(f"| GET /v1/token (mint) | {result['token_mints_per_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
