@@ -803,9 +803,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, SecretError) as exc:
         return _usage_error(str(exc))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from runtime.server.logs import configure
+
+    configure(logging.INFO if args.verbose else logging.WARNING)
     config = uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, log_level="warning",
-        access_log=False, lifespan="on",
+        access_log=False, lifespan="on", log_config=None,
     )  # fmt: skip
     server = uvicorn.Server(config)
 

@@ -280,7 +280,8 @@ def test_secrets_never_leave_in_responses_database_or_logs(server: Server):
         db = (server.data_dir / "voxloop.db").read_bytes()
         assert LLM_KEY.encode() not in db and b"tool-secret" not in db
     log = server.log.read_text()
-    assert "agent created" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(line["msg"] == "agent created" and line["agent_id"] == agent["id"] for line in lines)
     assert LLM_KEY not in log and "tool-secret" not in log
 
 
