@@ -434,13 +434,19 @@ def tls_ca() -> trustme.CA:
     return trustme.CA()
 
 
+def tls_contexts(ca: trustme.CA, cert_name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for ``cert_name`` and a client context trusting ``ca``."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(cert_name).configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
 async def test_tls_connect_is_pinned_to_the_checked_address(
     tls_ca: trustme.CA, make_client: ClientFactory
 ):
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("llm.example.test").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    tls_ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = tls_contexts(tls_ca, "llm.example.test")
     async with ReferenceEndpoint(ssl_context=server_ctx) as srv:
         resolver = StaticResolver({"llm.example.test": ["127.0.0.1"]})
         policy = URLPolicy().with_allowlist(["127.0.0.1/32"])
@@ -459,10 +465,7 @@ async def test_tls_connect_is_pinned_to_the_checked_address(
 async def test_http2_offer_falls_back_to_http1_over_tls(
     tls_ca: trustme.CA, make_client: ClientFactory
 ):
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("llm.example.test").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    tls_ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = tls_contexts(tls_ca, "llm.example.test")
     async with ReferenceEndpoint(ssl_context=server_ctx) as srv:
         client = make_client(
             f"https://llm.example.test:{srv.port}/v1",
@@ -478,10 +481,7 @@ async def test_http2_offer_falls_back_to_http1_over_tls(
 async def test_certificate_for_another_name_is_refused(
     tls_ca: trustme.CA, make_client: ClientFactory
 ):
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("other.example.test").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    tls_ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = tls_contexts(tls_ca, "other.example.test")
     async with ReferenceEndpoint(ssl_context=server_ctx) as srv:
         client = make_client(
             f"https://llm.example.test:{srv.port}/v1",

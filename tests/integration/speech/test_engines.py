@@ -14,6 +14,7 @@ from audio.frame import AudioFrame
 from audio.reframe import Reframer
 from audio.resample import resample_all
 from audio.wav import read_wav
+from runtime.bench.ttft import VOICE_QUESTIONS
 from runtime.speech.engines._common import ModelVerificationError, verify_sha256
 from runtime.speech.engines.espeak import EspeakTTS
 from runtime.speech.engines.piper import PiperTTS
@@ -49,13 +50,7 @@ def wer(refs: list[str], hyps: list[str]) -> float:
 # More sentences for the TTS round trip: Piper samples noise, so a bigger set
 # keeps the measured WER stable from run to run.
 ROUND_TRIP_EXTRA = (
-    "Can I still change the delivery address?",
-    "Is it possible to swap it for a large instead?",
-    "What's your return policy if it doesn't fit?",
-    "Could you send the tracking number to my email?",
-    "Will I need to sign for the package?",
-    "Do you have the same jacket in forest green?",
-    "How long does a refund usually take?",
+    *VOICE_QUESTIONS[1:],
     "Your order shipped this morning and should arrive on Thursday.",
     "I can book a table for four people at eight o'clock.",
     "The pharmacy on Main Street is open until nine tonight.",
