@@ -823,6 +823,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"voxloop: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
+    # Accepted connections inherit this on Linux; without it a keep-alive client waits
+    # for a delayed ACK (~40 ms) on every response.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.listen(128)
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     print(f"voxloop serve listening on http://{host}:{sock.getsockname()[1]}", flush=True)
