@@ -49,6 +49,18 @@ def _usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
+def _env_value(name: str) -> str:
+    """The non-empty value of environment variable ``name`` (keys are never passed as flags).
+
+    Raises:
+        ValueError: unset or empty.
+    """
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"environment variable {name} is not set")
+    return value
+
+
 # -- bench ttft ---------------------------------------------------------------
 
 
@@ -391,9 +403,10 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
         return _usage_error(str(exc))
     api_key = None
     if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            return _usage_error(f"environment variable {args.api_key_env} is not set")
+        try:
+            api_key = _env_value(args.api_key_env)
+        except ValueError as exc:
+            return _usage_error(str(exc))
     ctx: ssl.SSLContext | None = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -464,10 +477,7 @@ def _remote_options(args: argparse.Namespace) -> Any:
 
     key = None
     if args.api_key_env:
-        value = os.environ.get(args.api_key_env)
-        if not value:
-            raise ValueError(f"environment variable {args.api_key_env} is not set")
-        key = Secret(value)
+        key = Secret(_env_value(args.api_key_env))
     # The machine's owner runs the CLI: local speech servers are allowed.
     return RemoteOptions(args.base_url, args.model, key, URLPolicy.operator())
 
@@ -688,10 +698,10 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         return _usage_error(str(exc))
     key = None
     if args.api_key_env:
-        value = os.environ.get(args.api_key_env)
-        if not value:
-            return _usage_error(f"environment variable {args.api_key_env} is not set")
-        key = Secret(value)
+        try:
+            key = Secret(_env_value(args.api_key_env))
+        except ValueError as exc:
+            return _usage_error(str(exc))
     config = SessionConfig(
         system_prompt=args.system_prompt,
         greeting=args.greeting,
@@ -911,9 +921,7 @@ def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.llm_base_url:
         if not (args.llm_model and args.llm_api_key_env):
             raise ValueError("--llm-base-url needs --llm-model and --llm-api-key-env")
-        key = os.environ.get(args.llm_api_key_env)
-        if not key:
-            raise ValueError(f"environment variable {args.llm_api_key_env} is not set")
+        key = _env_value(args.llm_api_key_env)
         body["llm"] = [{"base_url": args.llm_base_url, "model": args.llm_model, "api_key": key}]
     return body
 
@@ -921,10 +929,8 @@ def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_agents(args: argparse.Namespace) -> int:
     import httpx
 
-    key = os.environ.get(args.api_key_env)
-    if not key:
-        return _usage_error(f"environment variable {args.api_key_env} is not set")
     try:
+        key = _env_value(args.api_key_env)
         body = _agent_body(args) if args.agents_command in ("create", "update") else None
     except ValueError as exc:
         return _usage_error(str(exc))

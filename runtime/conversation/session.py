@@ -321,7 +321,7 @@ class ConversationSession:
             self._stt_turn.push(f)
         self._t_speech_end = self._clock.now_ns()
         self._update_idle()
-        self._emit(SpeechStarted(t_ns=self._clock.now_ns()))
+        self._emit_hook(SpeechStarted(t_ns=self._clock.now_ns()))
 
     def _user_frame(self, frame: AudioFrame, speech: bool) -> None:
         turn = self._stt_turn
@@ -331,7 +331,7 @@ class ConversationSession:
         partial = turn.partial
         if partial is not None and partial.text and partial.text != self._last_partial:
             self._last_partial = partial.text
-            self._emit(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
+            self._emit_hook(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
         if speech:
             if self._paused:
                 turn.resume()
@@ -378,7 +378,7 @@ class ConversationSession:
         assert turn is not None
         self._stt_turn = None
         self.turns.to(TurnState.THINKING)
-        self._emit(SpeechStopped(t_ns=now))
+        self._emit_hook(SpeechStopped(t_ns=now))
         spec = self._spec
         self._spec = None
         t_end = self._t_speech_end
@@ -414,7 +414,7 @@ class ConversationSession:
         t_stt = self._clock.now_ns()
         text = final.text.strip()
         if text:
-            self._emit(UserTranscript(t_ns=t_stt, text=text, item_id=self._new_id("item")))
+            self._emit_hook(UserTranscript(t_ns=t_stt, text=text, item_id=self._new_id("item")))
         if not text or self.turns.state is not TurnState.THINKING:
             if spec is not None:
                 spec[1].cancel()
@@ -787,6 +787,3 @@ class ConversationSession:
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"
-
-    def _emit(self, event: ConversationEvent) -> None:
-        self._emit_hook(event)

@@ -8,7 +8,6 @@ they are stored and never appear in a response, a log line or an error.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -28,7 +27,7 @@ from starlette.routing import Route
 
 from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolicy
 from runtime.server.agents import AgentInput, FieldError, check_urls, validate_agent
-from runtime.server.secrets import KeyRing, SecretBox
+from runtime.server.secrets import KeyRing, SecretBox, b64url_decode, b64url_encode
 from runtime.server.store import AgentRow, Store, now, sqlite_url
 
 log = logging.getLogger("voxloop.server")
@@ -311,18 +310,17 @@ class Api:
     # -- tokens -------------------------------------------------------------------
 
     def mint(self, claims: dict[str, Any]) -> str:
-        payload = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode())
-        body = payload.rstrip(b"=").decode()
+        body = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
         mac = hmac.new(self._token_key, body.encode(), hashlib.sha256).digest()
-        return f"{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+        return f"{body}.{b64url_encode(mac)}"
 
     async def redeem(self, token: str) -> dict[str, Any] | None:
         """The token's claims if it is genuine, unexpired and not used before; marks it used."""
         body, _, mac = token.partition(".")
         expected = hmac.new(self._token_key, body.encode(), hashlib.sha256).digest()
         try:
-            given = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
-            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            given = b64url_decode(mac)
+            claims = json.loads(b64url_decode(body))
         except ValueError:
             return None
         if not hmac.compare_digest(given, expected) or not isinstance(claims, dict):

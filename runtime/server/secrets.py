@@ -40,11 +40,17 @@ class SecretError(Exception):
     """A secret could not be sealed or opened (the message never holds the secret)."""
 
 
-def _b64e(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
+    """Unpadded base64url (RFC 4648 §5)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64d(text: str) -> bytes:
+def b64url_decode(text: str) -> bytes:
+    """Inverse of :func:`b64url_encode` (padding restored).
+
+    Raises:
+        ValueError: not base64url.
+    """
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -86,7 +92,7 @@ class KeyRing:
             if not sep:
                 raise SecretError("VOXLOOP_SECRET_KEY must be kid:base64key[,kid:base64key…]")
             try:
-                keys[kid] = _b64d(encoded)
+                keys[kid] = b64url_decode(encoded)
             except (ValueError, TypeError):
                 raise SecretError(f"key {kid!r} in VOXLOOP_SECRET_KEY is not base64") from None
             order.append(kid)
@@ -96,7 +102,7 @@ class KeyRing:
 
     def to_env(self) -> str:
         ordered = [self.primary, *(k for k in self.keys if k != self.primary)]
-        return ",".join(f"{kid}:{_b64e(self.keys[kid])}" for kid in ordered)
+        return ",".join(f"{kid}:{b64url_encode(self.keys[kid])}" for kid in ordered)
 
     def rotated(self) -> KeyRing:
         """A ring with a new primary key; the old keys stay for reading."""
@@ -105,7 +111,7 @@ class KeyRing:
 
     def save(self, path: Path) -> None:
         """Write the ring to ``path`` with mode 0600 (atomically)."""
-        doc = {"primary": self.primary, "keys": {k: _b64e(v) for k, v in self.keys.items()}}
+        doc = {"primary": self.primary, "keys": {k: b64url_encode(v) for k, v in self.keys.items()}}
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -129,7 +135,7 @@ class KeyRing:
             raise SecretError(f"the key file {path} must not be accessible to others (chmod 600)")
         try:
             doc = json.loads(text)
-            keys = {str(k): _b64d(str(v)) for k, v in doc["keys"].items()}
+            keys = {str(k): b64url_decode(str(v)) for k, v in doc["keys"].items()}
             return cls(primary=str(doc["primary"]), keys=keys)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise SecretError(f"the key file {path} is malformed") from None
@@ -156,7 +162,7 @@ class SecretBox:
         nonce = secrets.token_bytes(NONCE_BYTES)
         key = self.ring.keys[self.ring.primary]
         sealed = AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), context.encode("utf-8"))
-        return f"{VERSION}.{self.ring.primary}.{_b64e(nonce + sealed)}"
+        return f"{VERSION}.{self.ring.primary}.{b64url_encode(nonce + sealed)}"
 
     def open(self, token: str, *, context: str) -> Secret:
         """Decrypt a sealed value.
@@ -169,7 +175,7 @@ class SecretBox:
         if key is None:
             raise SecretError(f"no key with id {kid!r} in the key ring")
         try:
-            data = _b64d(body)
+            data = b64url_decode(body)
             plaintext = AESGCM(key).decrypt(
                 data[:NONCE_BYTES], data[NONCE_BYTES:], context.encode("utf-8")
             )
