@@ -1,0 +1,1 @@
+"""Pure wire-protocol codecs (no I/O)."""
