@@ -1,0 +1,68 @@
+"""The ``voxloop`` command line.
+
+Commands, and the module each lives in:
+    voxloop bench ttft           compare chat-completions endpoints by time to first token (bench)
+    voxloop endpoint serve       run the reference OpenAI-compatible streaming endpoint (endpoint)
+    voxloop transcribe           print the transcript of a WAV file (speech)
+    voxloop say                  speak text into a WAV file, or the speaker (speech)
+    voxloop talk                 a spoken conversation: microphone and speaker, or WAV files (talk)
+    voxloop serve                the agent service: REST API for agents, tokens and voices (serve)
+    voxloop secrets rotate-key   re-encrypt stored secrets under a new key (serve)
+    voxloop agents ...           create, list, get, update and delete stored agents (agents)
+
+Adding a command group: write ``runtime/cli/<group>.py`` with a
+``register(sub)`` function that adds its sub-parser(s) to ``sub`` (the
+top-level subparsers; pass ``parser_class=Parser`` to nested subparsers) and
+sets ``handler=`` to a function ``(argparse.Namespace) -> int``; then add the
+module to :data:`GROUPS` below (one line). Handlers report failures by raising
+:class:`~runtime.cli.common.CommandError` or
+:class:`~runtime.cli.common.UsageError` with one line naming the cause and the
+fix; :func:`main` prints it. Exit codes are listed in :mod:`runtime.cli.common`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from runtime import __version__
+from runtime.cli import agents, bench, endpoint, serve, speech, talk
+from runtime.cli.common import EXIT_INTERRUPTED, CommandError, Parser, report
+
+# Each module's ``register(sub)`` adds its commands, in this order, to ``voxloop --help``.
+GROUPS = (
+    bench,
+    endpoint,
+    speech,
+    talk,
+    serve,
+    agents,
+)
+
+
+def build_parser() -> Parser:
+    """The ``voxloop`` argument parser with every command group registered."""
+    parser = Parser(prog="voxloop", description="voxloop: a realtime voice-agent runtime")
+    parser.add_argument("--version", action="version", version=f"voxloop {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``voxloop`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.handler(args)
+    except CommandError as exc:
+        return report(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code

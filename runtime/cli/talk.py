@@ -1,0 +1,195 @@
+"""``voxloop talk``: a spoken conversation through the microphone and speaker, or WAV files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from runtime.cli.common import (
+    EXIT_OK,
+    CommandError,
+    UsageError,
+    env_value,
+    fmt,
+    rich_console,
+)
+
+DEMO_REPLIES = (
+    "It's sunny and mild in Paris today, around eighteen degrees.",
+    "Done. I've booked a table for two at seven thirty tonight.",
+)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "talk",
+        help="a spoken conversation with your endpoint (microphone, or --input WAV)",
+        description="Talk to an OpenAI-compatible endpoint through the microphone and speaker, "
+        "or run a whole conversation from a WAV file (--input / --demo). Without --base-url "
+        "the built-in reference endpoint answers.",
+    )
+    p.add_argument("--input", type=Path, help="WAV file streamed in real time as the microphone")
+    p.add_argument("--demo", action="store_true", help="use the bundled two-turn demo recording")
+    p.add_argument("--output", type=Path, help="stereo WAV: left the user, right the agent")
+    p.add_argument("--metrics-json", type=Path, help="per-turn latency metrics as JSON")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: built-in reference)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--api-key-env", help="environment variable holding the endpoint key")
+    p.add_argument("--reference-ttft-ms", type=float, default=200.0)
+    p.add_argument("--system-prompt", default="You are a helpful voice assistant.")
+    p.add_argument("--greeting", help="spoken verbatim when the conversation starts")
+    p.add_argument("--voice", help="TTS voice id")
+    p.add_argument("--stt", default="whisper", help="STT engine (default: whisper)")
+    p.add_argument("--tts", default="piper", help="TTS engine: piper (default) or espeak")
+    p.add_argument("--min-silence-ms", type=int, default=300)
+    p.add_argument("--max-silence-ms", type=int, default=1200)
+    p.add_argument("--vad-threshold", type=float, default=0.5)
+    p.add_argument("--no-interrupt", action="store_true", help="the agent always finishes")
+    p.add_argument("--no-speculative", action="store_true", help="start replies at end of turn")
+    p.add_argument("--input-device", help="microphone (index or name) for live mode")
+    p.add_argument("--output-device", help="speaker (index or name) for live mode")
+    p.set_defaults(handler=_cmd_talk)
+
+
+def _talk_printer(*, live: bool = False) -> Any:
+    from runtime.conversation import events as ev
+
+    console = rich_console()
+    interactive = live and console.is_terminal
+
+    def on_event(event: Any) -> None:
+        match event:
+            case ev.SpeechStarted() if interactive:
+                console.print("[dim]you   …[/]", end="\r")
+            case ev.UserTranscriptDelta(text=text) if interactive:
+                # The partial transcript, rewritten in place while the user talks.
+                console.print(f"[cyan]you[/]   {text} …", end="\r", soft_wrap=True)
+            case ev.UserTranscript(text=text):
+                console.print(f"[bold cyan]you[/]   {text}")
+            case ev.AgentTranscript(text=text, interrupted=interrupted):
+                suffix = " [yellow](interrupted)[/]" if interrupted else ""
+                console.print(f"[bold green]agent[/] {text}{suffix}")
+            case ev.ReplyError(code=code, message=message):
+                console.print(f"[red]endpoint error ({code}):[/] {message}")
+            case ev.TurnMetrics() as m:
+
+                def f(v: float | None) -> str:
+                    return "-" if v is None else f"{v:.0f}"
+
+                console.print(
+                    f"[dim]latency v2v {f(m.v2v_ms)} ms = endpointing {f(m.endpointing_ms)}"
+                    f" | stt {f(m.stt_final_ms)} | ttft {f(m.ttft_ms)}"
+                    f" | first sentence {f(m.first_sentence_ms)} | tts {f(m.tts_first_audio_ms)}"
+                    f" | overhead {f(m.overhead_ms)}"
+                    f"{' (speculative)' if m.speculative else ''}[/]"
+                )
+            case _:
+                pass
+
+    return on_event
+
+
+def _cmd_talk(args: argparse.Namespace) -> int:
+    from runtime.conversation.config import SessionConfig, TurnDetection
+    from runtime.endpoints import URLPolicy
+    from runtime.errors import VoiceAgentError
+    from runtime.llm.client import ChatClient, Endpoint
+    from runtime.secret import Secret
+    from runtime.speech.engines._common import ModelVerificationError
+    from runtime.speech.engines.registry import load_stt, load_tts
+
+    if args.demo and args.input:
+        raise UsageError("give --demo or --input, not both")
+    source: Path | None = args.input
+    if args.demo:
+        source = Path(__file__).parents[1] / "assets" / "demo_conversation.wav"
+    if (args.output or args.metrics_json) and source is None:
+        raise UsageError("--output and --metrics-json need --input or --demo")
+    if source is not None and not source.is_file():
+        raise UsageError(f"{source}: no such file")
+    try:
+        turn_detection = TurnDetection(
+            vad_threshold=args.vad_threshold,
+            min_silence_ms=args.min_silence_ms,
+            max_silence_ms=max(args.max_silence_ms, args.min_silence_ms),
+            interrupt_response=not args.no_interrupt,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    key = None
+    if args.api_key_env:
+        try:
+            key = Secret(env_value(args.api_key_env))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    config = SessionConfig(
+        system_prompt=args.system_prompt,
+        greeting=args.greeting,
+        voice=args.voice,
+        turn_detection=turn_detection,
+        speculative=not args.no_speculative,
+    )
+
+    async def run(base_url: str) -> int:
+        from runtime.talk import talk_file, talk_live
+
+        stt = await load_stt(args.stt)
+        tts = await load_tts(args.tts)
+        printer = _talk_printer(live=source is None)
+        # The machine's owner runs this: local endpoints are allowed.
+        llm = ChatClient(Endpoint(base_url, args.model, key), policy=URLPolicy.operator())
+        try:
+            if source is not None:
+                result = await talk_file(
+                    source, llm=llm, stt=stt, tts=tts, config=config,
+                    output_wav=args.output, metrics_json=args.metrics_json, on_event=printer,
+                )  # fmt: skip
+                _print_talk_summary(result.metrics)
+            else:
+                await talk_live(
+                    llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
+                    input_device=args.input_device, output_device=args.output_device,
+                    on_ready=lambda: rich_console().print("[dim]listening... (Ctrl-C to stop)[/]"),
+                )  # fmt: skip
+        finally:
+            await llm.aclose()
+            await stt.aclose()
+            await tts.aclose()
+        return EXIT_OK
+
+    try:
+        if args.base_url:
+            return asyncio.run(run(args.base_url))
+        from runtime.bench.reference_thread import ReferenceThread
+        from runtime.llm.reference import ReplyPlan
+
+        plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
+        with ReferenceThread(plan) as reference:
+            rich_console(stderr=True).print(
+                "[dim]no --base-url: using the built-in reference endpoint at "
+                f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
+            )
+            return asyncio.run(run(reference.base_url))
+    except (ModelVerificationError, VoiceAgentError) as exc:
+        raise CommandError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except RuntimeError as exc:  # DeviceUnavailable and friends
+        raise CommandError(str(exc)) from None
+
+
+def _print_talk_summary(metrics: list[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Turns (ms)")
+    for col in ("turn", "v2v", "endpointing", "stt final", "ttft", "first sentence",
+                "tts first audio", "overhead"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for i, m in enumerate(metrics, 1):
+        table.add_row(
+            str(i), fmt(m.v2v_ms), fmt(m.endpointing_ms), fmt(m.stt_final_ms), fmt(m.ttft_ms),
+            fmt(m.first_sentence_ms), fmt(m.tts_first_audio_ms), fmt(m.overhead_ms),
+        )  # fmt: skip
+    rich_console().print(table)
