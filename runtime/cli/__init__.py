@@ -6,6 +6,7 @@ Commands, and the module each lives in:
     voxloop transcribe           print the transcript of a WAV file (speech)
     voxloop say                  speak text into a WAV file, or the speaker (speech)
     voxloop talk                 a spoken conversation: microphone and speaker, or WAV files (talk)
+    voxloop connect              a Voice Agent session over a server's realtime WebSocket (connect)
     voxloop serve                the agent service: REST API for agents, tokens and voices (serve)
     voxloop secrets rotate-key   re-encrypt stored secrets under a new key (serve)
     voxloop agents ...           create, list, get, update and delete stored agents (agents)
@@ -26,7 +27,7 @@ import logging
 from collections.abc import Sequence
 
 from runtime import __version__
-from runtime.cli import agents, bench, endpoint, serve, speech, talk
+from runtime.cli import agents, bench, connect, endpoint, serve, speech, talk
 from runtime.cli.common import EXIT_INTERRUPTED, CommandError, Parser, report
 
 # Each module's ``register(sub)`` adds its commands, in this order, to ``voxloop --help``.
@@ -35,6 +36,7 @@ GROUPS = (
     endpoint,
     speech,
     talk,
+    connect,
     serve,
     agents,
 )

@@ -68,7 +68,7 @@ class HandshakeRejected(SessionFailure):
     """The server answered the upgrade with an HTTP error (401/403: bad credentials)."""
 
     def __init__(self, status: int) -> None:
-        code = "unauthorized" if status in (401, 403) else f"http_{status}"
+        code = {401: "unauthorized", 403: "forbidden"}.get(status, f"http_{status}")
         super().__init__(code, f"the server refused the WebSocket upgrade (HTTP {status})")
         self.status = status
 
@@ -177,9 +177,14 @@ class VoiceAgentClient:
             self.protocol.connection_made()
             await self._flush()
             tg.create_task(self._reader())
-            await self._wait_ready()
-            self._stack = stack.pop_all()
-        return self
+            if await self._wait_ready():
+                self._stack = stack.pop_all()
+                return self
+            await self._close_socket()
+        # Raised outside the task group, so callers see the failure itself.
+        if self.protocol.error is not None:
+            raise self.protocol.error
+        raise SessionFailure("agent_timeout", f"no session.ready within {self._ready_timeout:g} s")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -189,7 +194,7 @@ class VoiceAgentClient:
         await self._close_socket()
         await self._stack.__aexit__(exc_type, exc, tb)
 
-    async def _wait_ready(self) -> None:
+    async def _wait_ready(self) -> bool:
         ready = asyncio.ensure_future(self._ready.wait())
         over = asyncio.ensure_future(self._over.wait())
         try:
@@ -199,12 +204,7 @@ class VoiceAgentClient:
         finally:
             ready.cancel()
             over.cancel()
-        if self.protocol.state is State.READY:
-            return
-        await self._close_socket()
-        if self.protocol.error is not None:
-            raise self.protocol.error
-        raise SessionFailure("agent_timeout", f"no session.ready within {self._ready_timeout:g} s")
+        return self.protocol.state is State.READY
 
     # -- application API -----------------------------------------------------------------------
 

@@ -328,9 +328,13 @@ class ClientProtocol:
         elif self.state is State.ENDING:
             self._fail("connection_closed", "the connection closed before session.ended",
                        close_code)  # fmt: skip
+        elif close_code == CLOSE_POLICY and self.session_id is None:
+            # Bad or used credentials close 1008 before any session exists.
+            message = reason or "the server refused the credentials (close 1008)"
+            self._fail("unauthorized", message, close_code)
         elif close_code == CLOSE_POLICY:
-            self._fail("policy_violation", reason or "the server closed the session (1008)",
-                       close_code)  # fmt: skip
+            message = reason or "the server closed the session (1008)"
+            self._fail("policy_violation", message, close_code)
         elif self.session_id is None:
             what = f"code {close_code}" if close_code is not None else "no close frame"
             message = f"the connection closed before session.ready ({what})"
