@@ -72,6 +72,7 @@ class Peer:
     sessions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     tool_results: list[ToolResult] = field(default_factory=list)
     port: int = 0
+    audio_seen: asyncio.Event = field(default_factory=asyncio.Event)
     _dropped: bool = False
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -130,6 +131,7 @@ class Peer:
                 match event:
                     case InputAudio(audio=audio):
                         audio_msgs += 1
+                        self.audio_seen.set()
                         if self.drop_after_audio == audio_msgs and not self._dropped:
                             self._dropped = True
                             ws.transport.abort()
@@ -328,6 +330,7 @@ async def test_headless_run_records_both_sides_and_times_the_turn(tmp_path: Path
 
 async def test_cli_exit_codes(tmp_path: Path):
     import os
+    import signal
     import sys
 
     peer = Peer()
@@ -357,6 +360,21 @@ async def test_cli_exit_codes(tmp_path: Path):
         assert (code, err) == (4, "voxloop: error: Invalid API key (unauthorized)\n")
         code, _, err = await cli(url, "--agent-id", "nope", "--input", str(clip))
         assert (code, err) == (5, "voxloop: error: Agent not found (agent_not_found)\n")
+        # Ctrl-C in the middle of a headless run: a clean session.end, then exit 130.
+        long_clip = tmp_path / "long.wav"
+        write_wav(long_clip, bytes(24000 * 2 * 30), 24000)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "runtime.cli", "connect", url, "--agent-id", "agent_1",
+            "--input", str(long_clip), env={**os.environ, "VOXLOOP_API_KEY": KEY},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        peer.audio_seen.clear()
+        await peer.audio_seen.wait()
+        proc.send_signal(signal.SIGINT)
+        _, err_b = await proc.communicate()
+        assert proc.returncode == 130 and b"Traceback" not in err_b, err_b
+        last = list(peer.sessions)[-1]
+        assert peer.sessions[last][-1] == {"type": "session.end"}
     code, _, err = await cli(url, "--agent-id", "agent_1", "--input", str(clip))
     assert code == 3 and err.startswith(f"voxloop: error: cannot reach 127.0.0.1:{peer.port}")
     for args, message in [
