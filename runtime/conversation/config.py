@@ -12,13 +12,6 @@ SPOKEN_GUIDANCE: Final = (
     "without markdown, lists, code or emoji, and say numbers the way a person would."
 )
 APOLOGY: Final = "Sorry, I'm having trouble answering right now. Could you say that again?"
-BACKCHANNELS: Final = frozenset(
-    {
-        "uh huh", "uh-huh", "mm hmm", "mm-hmm", "mhm", "hmm", "okay", "ok", "yeah", "yes", "yep",
-        "right", "sure", "i see", "got it", "cool", "alright", "all right", "nice", "great",
-        "oh", "ah", "wow", "yeah yeah", "uh", "um",
-    }
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

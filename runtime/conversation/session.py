@@ -1,28 +1,32 @@
-"""The conversation core.
+"""The conversation core: orchestration between the turn-taking policy, the engines and the history.
 
 Theory of operation
 -------------------
 :meth:`ConversationSession.run` consumes 16 kHz mono frames (a microphone, a
 file paced in real time, a telephony bridge) and owns every task it starts in
-one ``TaskGroup``. Per 20 ms frame, synchronously: VAD, then the turn state
-machine (``runtime.conversation.turns``):
+one ``TaskGroup``. Per 20 ms frame, synchronously: the VAD decides speech or
+not, and the turn-taking policy (:mod:`runtime.conversation.policy`, pure)
+turns that into decisions the session carries out:
 
-* LISTENING: a run of speech of ``min_speech_ms`` starts a user turn; the
-  frames before it (pre-roll) go to the STT with it.
-* USER_SPEAKING: frames go to the STT turn. After ``pause_ms`` of silence
-  the STT starts decoding (the pause trick) and, when ``speculative``, a reply
-  is started on that transcript with its audio held back. If the user goes
-  on, the speculative reply is cancelled. After ``min_silence_ms`` (or
-  ``max_silence_ms`` when the transcript does not read as finished) the turn
-  ends: the final transcript either confirms the speculative reply (its audio
-  is released at once) or a new reply starts.
-* THINKING / SPEAKING: a reply runs in its own task: the endpoint's tokens go
-  through the speech segmenter to the TTS and, paced by the sink, to the
-  listener. User speech of ``barge_in_ms`` that is not a back-channel
-  ("uh-huh") cancels the reply task: the HTTP stream closes, TTS stops, the
-  sink's buffer is cleared, and the history keeps only the text that was
-  actually played (from the sink's playout position). The user's speech
-  becomes the next turn.
+* ``StartTurn``: a user turn begins; its audio (with a short pre-roll) goes to
+  a new STT turn.
+* ``Pause`` / ``Resume``: the STT decodes what was said so far and, when
+  ``speculative``, a reply starts on that transcript with its audio held
+  back; if the user goes on, it is cancelled.
+* ``EndTurn``: the final transcript either confirms the speculative reply
+  (its audio is released at once) or a new reply starts.
+* ``CheckBurst``: speech while the agent replies is transcribed (everything
+  since the burst began) and the policy re-decides as it grows.
+* ``Interrupt``: the reply task is cancelled: the HTTP stream closes, TTS
+  stops, the sink's buffer is cleared, and the history keeps only the text
+  that was actually played (from the sink's playout position). The burst's
+  audio, from its first frame, is the next user turn.
+* A reply that ends while the user is still talking (or, without
+  ``interrupt_response``, after they spoke over it) hands their speech over as
+  the next turn: no word is dropped.
+
+The states of :mod:`runtime.conversation.turns` follow these decisions; the
+history (:mod:`runtime.conversation.history`) is written in one place.
 
 Endpoint failures never end the session: the client retries before the first
 token; after that (or when retries are exhausted) a short apology is spoken,
@@ -39,7 +43,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ from audio.frame import AudioFrame
 from audio.reframe import Reframer
 from audio.vad import VAD, default_vad, frame_level_db, trim_leading_silence
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
-from runtime.conversation.config import BACKCHANNELS, SPOKEN_GUIDANCE, SessionConfig
+from runtime.conversation.config import SPOKEN_GUIDANCE, SessionConfig
 from runtime.conversation.events import (
     AgentTranscript,
     AgentTranscriptDelta,
@@ -65,6 +68,21 @@ from runtime.conversation.events import (
     UserTranscript,
     UserTranscriptDelta,
 )
+from runtime.conversation.history import History, SpokenLog, heard_prefix
+from runtime.conversation.policy import (
+    FRAME_MS,
+    BackChannel,
+    CheckBurst,
+    Decision,
+    EndTurn,
+    Interrupt,
+    Pause,
+    Resume,
+    StartTurn,
+    TurnTakingPolicy,
+    classify,
+    is_backchannel,
+)
 from runtime.conversation.sinks import AudioSink
 from runtime.conversation.tools import ToolRunner, openai_tool
 from runtime.conversation.turns import TurnState, TurnStateMachine
@@ -76,33 +94,15 @@ from runtime.speech.stt import SpeechToText, STTTurn, Transcript
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import TextToSpeech
 
+__all__ = ["FRAME_MS", "RATE", "ConversationSession", "EventHook", "is_backchannel"]
+
 log = logging.getLogger("voxloop.session")
 
 RATE: Final = 16000
-FRAME_MS: Final = 20
-_PRE_ROLL_MS: Final = 240
-_BARGE_KEEP_MS: Final = 2000
-_BARGE_RESET_MS: Final = 600
+_KEEP_MS: Final = 60_000  # input audio kept for turns and bursts (bounded)
 _AUDIBLE_DBFS: Final = -55.0
-_WORD = re.compile(r"[a-z']+")
 
 EventHook = Callable[[ConversationEvent], None]
-
-
-def _complete(text: str) -> bool:
-    return text.rstrip().endswith((".", "?", "!"))
-
-
-def is_backchannel(text: str) -> bool:
-    words = " ".join(_WORD.findall(text.lower()))
-    return not words or words in BACKCHANNELS
-
-
-@dataclass(slots=True)
-class _Segment:
-    text: str
-    start: int  # samples, relative to the reply's first audio
-    end: int
 
 
 @dataclass(slots=True)
@@ -117,7 +117,7 @@ class _Reply:
     committed: asyncio.Event = field(default_factory=asyncio.Event)
     buffered: list[ConversationEvent] = field(default_factory=list)
     user_text: str = ""
-    spoken: list[_Segment] = field(default_factory=list)
+    spoken: SpokenLog = field(default_factory=SpokenLog)
     written: int = 0
     base_played: int | None = None
     generated: list[str] = field(default_factory=list)
@@ -148,6 +148,7 @@ class ConversationSession:
         vad: 16 kHz, 20 ms VAD (default: webrtcvad behind the noise gate).
         clock: the session clock.
         tool_policy, tool_resolver: URL policy for HTTP tools.
+        policy: the turn-taking policy (default: one built from ``config.turn_detection``).
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class ConversationSession:
         clock: Clock | None = None,
         tool_policy: URLPolicy | None = None,
         tool_resolver: Resolver | None = None,
+        policy: TurnTakingPolicy | None = None,
     ) -> None:
         self.config = config
         self._llm = llm
@@ -179,29 +181,24 @@ class ConversationSession:
             config.tools, on_client_call=self._client_tool_call, policy=tool_policy,
             resolver=tool_resolver,
         )  # fmt: skip
+        self.policy = policy or TurnTakingPolicy(td)
         self.turns = TurnStateMachine()
-        self.history: list[dict[str, Any]] = []
+        self._history = History()
         self._reframer = Reframer(RATE, FRAME_MS)
         self._tg: asyncio.TaskGroup | None = None
         self._ids = itertools.count(1)
-        self._pre_roll: deque[AudioFrame] = deque(maxlen=_PRE_ROLL_MS // FRAME_MS)
-        self._speech_run = 0
+        self._audio: deque[AudioFrame] = deque(maxlen=_KEEP_MS // FRAME_MS)
         self._in_speech = False
-        self._silence_ms = 0
-        self._paused = False
         self._stt_turn: STTTurn | None = None
+        self._turn_deferred = False
+        self._turn_seq = 0
+        self._carry: list[str] = []  # words of turns the user went on from before a reply
         self._last_partial = ""
-        self._t_speech_end: int | None = None
         self._reply: _Reply | None = None
         self._reply_task: asyncio.Task[None] | None = None
         self._spec: tuple[_Reply, asyncio.Task[None]] | None = None
-        self._barge_ms = 0
-        self._barge_quiet_ms = 0
-        # The last seconds heard while the agent talks: an interruption's first
-        # words ("wait, stop") belong to the user's next turn.
-        self._barge_frames: deque[AudioFrame] = deque(maxlen=_BARGE_KEEP_MS // FRAME_MS)
-        self._barge_check: asyncio.Task[None] | None = None
-        self._barge_ignored = False
+        self._checks: set[asyncio.Task[None]] = set()
+        self._input_ended = False
         self._pending_turns = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -209,6 +206,11 @@ class ConversationSession:
         self.metrics: list[TurnMetrics] = []
 
     # -- public API ------------------------------------------------------------------
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The messages so far (OpenAI chat shape; read-only for callers)."""
+        return self._history.messages
 
     @property
     def busy(self) -> bool:
@@ -232,7 +234,8 @@ class ConversationSession:
 
     async def run(self, frames: AsyncIterator[AudioFrame]) -> None:
         """Run the conversation until ``frames`` ends and the last reply is done."""
-        self.history = [{"role": "system", "content": self._system_prompt()}]
+        self._history.start(self._system_prompt())
+        self._input_ended = False
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._prewarm())
@@ -245,18 +248,19 @@ class ConversationSession:
             async for frame in frames:
                 self.push(frame)
                 await asyncio.sleep(0)
+            self._input_ended = True
             if self.turns.state is TurnState.USER_SPEAKING:
-                self._end_of_turn()
+                self._act(self.policy.end_turn())
             self._update_idle()
             await self._idle.wait()
-            if self._barge_check is not None:
-                self._barge_check.cancel()
+            for task in list(self._checks):
+                task.cancel()
             if self._stt_turn is not None:
                 await self._stt_turn.aclose()
         self._tg = None
 
     def push(self, frame: AudioFrame) -> None:
-        """Process captured audio (16 kHz mono). Synchronous and cheap: VAD + state machine."""
+        """Process captured audio (16 kHz mono). Synchronous and cheap: VAD + policy."""
         if frame.sample_rate != RATE:
             raise ValueError(f"the session takes {RATE} Hz audio, got {frame.sample_rate} Hz")
         for f in self._reframer.process(frame.pcm):
@@ -292,66 +296,75 @@ class ConversationSession:
         """Answer a client tool call (``tool.result``)."""
         return self._tools.submit(call_id, result, is_error=is_error)
 
-    # -- input: VAD and turns ------------------------------------------------------
+    # -- input: frames, policy decisions, turns ------------------------------------
 
     def _on_frame(self, frame: AudioFrame, speech: bool) -> None:
-        state = self.turns.state
-        td = self.config.turn_detection
-        if state is TurnState.LISTENING:
-            self._pre_roll.append(frame)
-            self._speech_run = self._speech_run + FRAME_MS if speech else 0
-            if self._speech_run >= max(td.min_speech_ms, FRAME_MS):
-                self._begin_user_turn(list(self._pre_roll))
-            return
-        if state is TurnState.USER_SPEAKING:
-            self._user_frame(frame, speech)
-            return
-        # THINKING / SPEAKING: watch for barge-in.
-        self._watch_barge_in(frame, speech)
+        self._audio.append(frame)
+        turn = self._stt_turn
+        if turn is not None:
+            turn.push(frame)
+            partial = turn.partial
+            if partial is not None and partial.text and partial.text != self._last_partial:
+                self._last_partial = partial.text
+                self.policy.partial(partial.text)
+                self._emit_hook(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
+        for decision in self.policy.frame(speech, self._clock.now_ns()):
+            self._act(decision)
 
-    def _begin_user_turn(self, frames: list[AudioFrame]) -> None:
+    def _frames_from(self, first: int, end: int | None = None) -> list[AudioFrame]:
+        """Kept frames with index in ``[first, end)`` (``end``: up to the latest)."""
+        base = self.policy.frames_seen - len(self._audio)
+        stop = len(self._audio) if end is None else end - base
+        return list(itertools.islice(self._audio, max(0, first - base), max(0, stop)))
+
+    def _act(self, decision: Decision) -> None:
+        match decision:
+            case StartTurn(first_frame=first, deferred=deferred):
+                if self.turns.state is not TurnState.LISTENING:
+                    self.turns.to(TurnState.LISTENING)
+                self._begin_user_turn(self._frames_from(first), deferred=deferred)
+            case Pause(t_speech_end_ns=t_end):
+                assert self._stt_turn is not None
+                self._stt_turn.pause()
+                if self.config.speculative:
+                    self._speculate(self._stt_turn, t_end)
+            case Resume():
+                assert self._stt_turn is not None
+                self._stt_turn.resume()
+                self._cancel_speculation()
+            case EndTurn():
+                self._end_of_turn(decision)
+            case CheckBurst(check_id=check_id, first_frame=first, end_frame=end):
+                pcm = b"".join(f.pcm for f in self._frames_from(first, end))
+                task = self._spawn(self._check_burst(check_id, pcm))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
+            case Interrupt(first_frame=first, text=text):
+                log.debug("interrupted", extra={"heard": text})
+                self._cancel_reply()
+                if self.turns.state in (TurnState.THINKING, TurnState.SPEAKING):
+                    self.turns.to(TurnState.INTERRUPTED)
+                self._begin_user_turn(self._frames_from(first), deferred=False)
+            case BackChannel(text=text):
+                log.debug("back-channel", extra={"heard": text})
+
+    def _begin_user_turn(self, frames: list[AudioFrame], *, deferred: bool) -> None:
         self.turns.to(TurnState.USER_SPEAKING)
-        self._pre_roll.clear()
-        self._speech_run = 0
-        self._silence_ms = 0
-        self._paused = False
+        self._turn_seq += 1
+        self._turn_deferred = deferred
         self._last_partial = ""
+        if self._stt_turn is not None:
+            self._spawn(self._stt_turn.aclose())
         self._stt_turn = self._stt.start_turn(RATE)
         for f in frames:
             self._stt_turn.push(f)
-        self._t_speech_end = self._clock.now_ns()
         self._update_idle()
         self._emit_hook(SpeechStarted(t_ns=self._clock.now_ns()))
+        if self._input_ended:
+            # Speech taken up after the input ended: nothing more will come.
+            self._act(self.policy.end_turn())
 
-    def _user_frame(self, frame: AudioFrame, speech: bool) -> None:
-        turn = self._stt_turn
-        assert turn is not None
-        turn.push(frame)
-        td = self.config.turn_detection
-        partial = turn.partial
-        if partial is not None and partial.text and partial.text != self._last_partial:
-            self._last_partial = partial.text
-            self._emit_hook(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
-        if speech:
-            if self._paused:
-                turn.resume()
-                self._paused = False
-                self._cancel_speculation()
-            self._silence_ms = 0
-            self._t_speech_end = self._clock.now_ns()
-            return
-        self._silence_ms += FRAME_MS
-        if self._silence_ms >= td.pause_ms and not self._paused:
-            self._paused = True
-            turn.pause()
-            if self.config.speculative:
-                self._speculate(turn)
-        if self._silence_ms >= td.min_silence_ms:
-            text = partial.text if partial is not None else ""
-            if _complete(text) or self._silence_ms >= td.max_silence_ms:
-                self._end_of_turn()
-
-    def _speculate(self, turn: STTTurn) -> None:
+    def _speculate(self, turn: STTTurn, t_end: int) -> None:
         self._cancel_speculation()
         speculative = getattr(turn, "speculative", None)
         if speculative is None:
@@ -359,10 +372,10 @@ class ConversationSession:
 
         async def source() -> str:
             result: Transcript | None = await speculative()
-            return result.text if result is not None else ""
+            return self._with_carry(result.text if result is not None else "")
 
         reply = _Reply(id=self._new_id("reply"), text_source=source, speculative=True)
-        reply.t_end = self._t_speech_end
+        reply.t_end = t_end
         task = self._spawn(self._run_reply(reply))
         self._spec = (reply, task)
 
@@ -372,29 +385,37 @@ class ConversationSession:
             self._spec = None
             task.cancel()
 
-    def _end_of_turn(self) -> None:
-        now = self._clock.now_ns()
+    def _with_carry(self, text: str) -> str:
+        return " ".join([*self._carry, text.strip()]).strip()
+
+    def _end_of_turn(self, decision: EndTurn) -> None:
         turn = self._stt_turn
         assert turn is not None
         self._stt_turn = None
         self.turns.to(TurnState.THINKING)
-        self._emit_hook(SpeechStopped(t_ns=now))
+        self._emit_hook(SpeechStopped(t_ns=decision.t_ns))
         spec = self._spec
         self._spec = None
-        t_end = self._t_speech_end
         self._pending_turns += 1
         self._update_idle()
-        self._spawn(self._finish_turn(turn, spec, t_end, now))
+        self._spawn(
+            self._finish_turn(
+                turn, spec, self._turn_seq, self._turn_deferred, decision.t_speech_end_ns,
+                decision.t_ns,
+            )
+        )  # fmt: skip
 
     async def _finish_turn(
         self,
         turn: STTTurn,
         spec: tuple[_Reply, asyncio.Task[None]] | None,
-        t_end: int | None,
+        seq: int,
+        deferred: bool,
+        t_end: int,
         t_eot: int,
     ) -> None:
         try:
-            await self._finish_turn_inner(turn, spec, t_end, t_eot)
+            await self._finish_turn_inner(turn, spec, seq, deferred, t_end, t_eot)
         finally:
             self._pending_turns -= 1
             self._update_idle()
@@ -403,7 +424,9 @@ class ConversationSession:
         self,
         turn: STTTurn,
         spec: tuple[_Reply, asyncio.Task[None]] | None,
-        t_end: int | None,
+        seq: int,
+        deferred: bool,
+        t_end: int,
         t_eot: int,
     ) -> None:
         try:
@@ -412,15 +435,29 @@ class ConversationSession:
             log.warning("transcription failed", extra={"kind": exc.kind})
             final = Transcript(text="")
         t_stt = self._clock.now_ns()
-        text = final.text.strip()
-        if text:
-            self._emit_hook(UserTranscript(t_ns=t_stt, text=text, item_id=self._new_id("item")))
-        if not text or self.turns.state is not TurnState.THINKING:
+        heard = final.text.strip()
+        if deferred and classify(heard) != "words":
+            heard = ""  # an acknowledgement said over the reply claims no turn
+        if heard:
+            self._emit_hook(UserTranscript(t_ns=t_stt, text=heard, item_id=self._new_id("item")))
+        if seq != self._turn_seq:
+            # The user went on talking (an interruption) before this turn was answered:
+            # their words open the next turn.
+            if spec is not None:
+                spec[1].cancel()
+            if heard:
+                self._carry.append(heard)
+            return
+        text = self._with_carry(heard)
+        if not heard:
             if spec is not None:
                 spec[1].cancel()
             if self.turns.state is TurnState.THINKING and self._reply_task is None:
                 self.turns.to(TurnState.LISTENING)
+                for decision in self.policy.turn_dropped():
+                    self._act(decision)
             return
+        self._carry.clear()
         if spec is not None and not spec[1].done() and spec[0].user_text in ("", text):
             reply, task = spec
             reply.t_eot, reply.t_stt = t_eot, t_stt
@@ -439,60 +476,13 @@ class ConversationSession:
         reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
         self._start_reply(reply, committed=True)
 
-    def _watch_barge_in(self, frame: AudioFrame, speech: bool) -> None:
-        td = self.config.turn_detection
-        if not td.interrupt_response or self._reply is None:
-            return
-        self._barge_frames.append(frame)
-        if speech:
-            self._barge_ms += FRAME_MS
-            self._barge_quiet_ms = 0
-        elif self._barge_ms:
-            self._barge_quiet_ms += FRAME_MS
-            if self._barge_quiet_ms >= _BARGE_RESET_MS and self._barge_check is None:
-                # The burst ended without becoming an interruption (a back-channel).
-                self._barge_ms = 0
-                self._barge_quiet_ms = 0
-                self._barge_ignored = False
-        if (
-            self._barge_ms >= td.barge_in_ms
-            and self._barge_check is None
-            and not self._barge_ignored
-        ):
-            frames = list(self._barge_frames)
-            self._barge_check = self._spawn(self._check_barge_in(frames))
-
-    def _reset_barge(self) -> None:
-        self._barge_ms = 0
-        self._barge_quiet_ms = 0
-        self._barge_frames.clear()
-        self._barge_ignored = False
-        if self._barge_check is not None:
-            self._barge_check.cancel()
-            self._barge_check = None
-
-    async def _check_barge_in(self, frames: list[AudioFrame]) -> None:
-        td = self.config.turn_detection
-        pcm = b"".join(f.pcm for f in frames)
+    async def _check_burst(self, check_id: int, pcm: bytes) -> None:
         try:
             heard = await self._stt.transcribe(pcm, RATE)
         except EndpointError:
             heard = Transcript(text="")
-        words = _WORD.findall(heard.text.lower())
-        self._barge_check = None
-        if is_backchannel(heard.text) or len(words) < td.barge_in_min_words:
-            self._barge_ignored = True
-            return
-        if self._reply is None or self.turns.state not in (TurnState.THINKING, TurnState.SPEAKING):
-            return
-        self._interrupt()
-
-    def _interrupt(self) -> None:
-        frames = list(self._barge_frames)
-        self._reset_barge()
-        self._cancel_reply()
-        self.turns.to(TurnState.INTERRUPTED)
-        self._begin_user_turn(frames)
+        for decision in self.policy.burst_heard(check_id, heard.text):
+            self._act(decision)
 
     # -- replies ---------------------------------------------------------------------
 
@@ -509,9 +499,9 @@ class ConversationSession:
     def _adopt(self, reply: _Reply, task: asyncio.Task[None]) -> None:
         self._reply = reply
         self._reply_task = task
-        self._reset_barge()
         if self.turns.state is TurnState.LISTENING:
             self.turns.to(TurnState.THINKING)
+        self.policy.reply_started()
         if not reply.committed.is_set():
             reply.committed.set()
         for event in reply.buffered:
@@ -527,6 +517,8 @@ class ConversationSession:
         self._reply = None
         if self.turns.state in (TurnState.THINKING, TurnState.SPEAKING):
             self.turns.to(TurnState.LISTENING)
+        for decision in self.policy.reply_ended():
+            self._act(decision)
         self._update_idle()
 
     def _cancel_reply(self) -> None:
@@ -685,7 +677,7 @@ class ConversationSession:
                                sample_rate=rate)
                 )  # fmt: skip
             if reply.written > start:
-                reply.spoken.append(_Segment(seg, start, reply.written))
+                reply.spoken.add(seg, start, reply.written)
                 self._emit_hook(
                     AgentTranscriptDelta(t_ns=self._clock.now_ns(), reply_id=reply.id, delta=seg)
                 )
@@ -693,35 +685,26 @@ class ConversationSession:
     def _heard_text(self, reply: _Reply) -> str:
         if reply.base_played is None:
             return ""
-        played = self._sink.played_samples - reply.base_played
-        words: list[str] = []
-        for seg in reply.spoken:
-            if seg.end <= played:
-                words += seg.text.split()
-            elif seg.start < played:
-                seg_words = seg.text.split()
-                fraction = (played - seg.start) / max(1, seg.end - seg.start)
-                words += seg_words[: int(len(seg_words) * fraction)]
-                break
-            else:
-                break
-        return " ".join(words)
+        return heard_prefix(reply.spoken.segments, self._sink.played_samples - reply.base_played)
 
     def _finish(self, reply: _Reply, *, interrupted: bool) -> None:
         reply_status = reply.status
         reply.status = "done"
         now = self._clock.now_ns()
-        spoken = " ".join(s.text for s in reply.spoken)
-        agent_text = self._heard_text(reply) if interrupted else spoken
-        if reply.text_source is not None and reply.user_text:
-            self.history.append({"role": "user", "content": reply.user_text})
-        self.history.extend(reply.tool_messages)
-        if reply.fixed_text is not None and not interrupted:
-            self.history.append({"role": "assistant", "content": reply.fixed_text})
-        elif reply_status != "failed" or interrupted:
-            final = agent_text if interrupted else " ".join(t for t in reply.generated if t)
-            if final:
-                self.history.append({"role": "assistant", "content": final})
+        agent_text = self._heard_text(reply) if interrupted else reply.spoken.text
+        if interrupted:
+            assistant = agent_text  # only what the user heard
+        elif reply.fixed_text is not None:
+            assistant = reply.fixed_text
+        elif reply_status == "failed":
+            assistant = ""  # the apology is not put in the model's mouth
+        else:
+            assistant = " ".join(t for t in reply.generated if t)
+        self._history.record(
+            user_text=reply.user_text if reply.text_source is not None else "",
+            tool_messages=reply.tool_messages,
+            assistant_text=assistant,
+        )
         self._emit_hook(
             AgentTranscript(t_ns=now, reply_id=reply.id, text=agent_text, interrupted=interrupted)
         )
@@ -770,13 +753,11 @@ class ConversationSession:
         return prompt
 
     def _messages(self, reply: _Reply) -> list[dict[str, Any]]:
-        messages = list(self.history)
-        if reply.text_source is not None and reply.user_text:
-            messages.append({"role": "user", "content": reply.user_text})
-        messages.extend(reply.tool_messages)
-        if reply.instructions:
-            messages.append({"role": "system", "content": reply.instructions})
-        return messages
+        return self._history.request(
+            user_text=reply.user_text if reply.text_source is not None else "",
+            tool_messages=reply.tool_messages,
+            instructions=reply.instructions,
+        )
 
     async def _prewarm(self) -> None:
         try:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from runtime.conversation.config import TurnDetection
-from runtime.conversation.session import is_backchannel
+from runtime.conversation.policy import is_backchannel
 from runtime.conversation.turns import (
     TRANSITIONS,
     InvalidState,
@@ -41,9 +43,36 @@ def test_every_illegal_transition_raises(start: TurnState, target: TurnState):
         sm.to(target)
 
 
-def test_the_diagram_lists_every_transition():
-    text = diagram()
-    assert text.count("-->") == sum(len(v) for v in TRANSITIONS.values())
+# Written out by hand, independently of the table: a change to either must be deliberate.
+GOLDEN = {
+    ("listening", "user_speaking"),  # the user starts a turn
+    ("listening", "thinking"),  # a greeting or an injected message
+    ("user_speaking", "listening"),  # the turn ended with nothing transcribed
+    ("user_speaking", "thinking"),  # end of turn
+    ("thinking", "speaking"),  # first reply audio
+    ("thinking", "listening"),  # empty transcript, empty or failed reply
+    ("thinking", "interrupted"),  # the user interrupts before the first audio
+    ("thinking", "user_speaking"),  # the reply ended with the user's words pending
+    ("speaking", "listening"),  # the reply is done
+    ("speaking", "interrupted"),  # barge-in
+    ("speaking", "thinking"),  # a new reply replaces the current one
+    ("interrupted", "user_speaking"),  # the interruption is the next turn
+    ("interrupted", "listening"),
+}
+
+
+def test_the_table_is_the_golden_one():
+    table = {(s.value, t.value) for s, targets in TRANSITIONS.items() for t in targets}
+    assert table == GOLDEN
+    assert ("listening", "speaking") not in table
+
+
+def test_the_readme_diagram_is_the_table():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("```mermaid\n", 1)[1].split("```", 1)[0].strip()
+    assert block == diagram()
+    edges = {tuple(line.split(" --> ")) for line in block.splitlines()[1:]}
+    assert {(a.strip(), b.strip()) for a, b in edges} == GOLDEN
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,468 @@
+"""The turn-taking policy: who has the floor, decided from VAD frames and transcripts.
+
+Theory of operation
+-------------------
+:class:`TurnTakingPolicy` is pure and synchronous: it does no I/O, starts no
+task and reads no clock. The session feeds it, per 20 ms input frame, the VAD
+decision and the frame's timestamp (:meth:`~TurnTakingPolicy.frame`), plus
+what the STT made of the audio (:meth:`~TurnTakingPolicy.partial`,
+:meth:`~TurnTakingPolicy.burst_heard`) and what the agent is doing
+(:meth:`~TurnTakingPolicy.reply_started`, :meth:`~TurnTakingPolicy.reply_ended`,
+:meth:`~TurnTakingPolicy.turn_dropped`). Each call returns the decisions to
+carry out, in order. Frames are numbered from 0 in arrival order; decisions
+that need audio name the first frame they need, and the session keeps the
+audio. Tests and the turn-taking benchmark drive the policy directly with a
+virtual clock, so every decision is exact to the frame.
+
+Phases::
+
+    LISTENING ──speech of min_speech_ms──▶ USER_TURN ──silence──▶ RESPONDING
+        ▲                                     ▲   ▲                  │
+        └───── turn dropped / reply ended ────┼───┼──────────────────┘
+                                              │   └── reply ended with words pending (deferred)
+                                              └────── interruption
+
+* USER_TURN: after ``pause_ms`` of silence, :class:`Pause` (decode now and
+  speculate); speech again, :class:`Resume`. After ``min_silence_ms`` the
+  turn ends if the latest transcript reads as a finished sentence
+  (:func:`reads_complete`), after ``max_silence_ms`` in any case
+  (:class:`EndTurn`).
+* RESPONDING (the turn was handed over, a reply is being prepared or spoken):
+  user speech is a *burst*. With ``interrupt_response``, a burst of
+  ``barge_in_ms`` of speech is transcribed (:class:`CheckBurst`, from the
+  burst's first frame with a short pre-roll), and again each time it has grown
+  by ``recheck_ms`` after the previous answer: the decision follows the
+  speech. Words that are not a back-channel (:func:`classify`) interrupt at
+  once (:class:`Interrupt`); a burst is a back-channel only once it has ended
+  (``burst_end_ms`` of silence) and its whole transcript is one
+  (:class:`BackChannel`). Without ``interrupt_response`` nothing interrupts.
+* Nothing said is lost: when the reply ends while a burst is still undecided,
+  or (without ``interrupt_response``) after the user spoke during it, the
+  speech becomes the next user turn (:class:`StartTurn` with
+  ``deferred=True``, from the first frame of that speech). A deferred turn
+  whose final transcript is only a back-channel gets no reply (the session
+  drops it).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from runtime.conversation.config import TurnDetection
+
+FRAME_MS: Final = 20
+PRE_ROLL_MS: Final = 240
+RECHECK_MS: Final = 300
+BURST_END_MS: Final = 600
+
+# -- what was said ------------------------------------------------------------------
+
+# Acknowledgements that do not claim the floor (PROTOCOL §3.7: "uh-huh", "okay", "mm-hmm",
+# "yeah, makes sense"). Matched as whole phrases, any number of times in a row.
+BACKCHANNEL_PHRASES: Final = frozenset(
+    {
+        "uh huh", "mm hmm", "mhm", "mm", "hmm", "hm", "okay", "ok", "yeah", "yes", "yep", "yup",
+        "right", "sure", "i see", "got it", "cool", "alright", "all right", "nice", "great",
+        "oh", "ah", "aha", "wow", "true", "exactly", "indeed", "makes sense", "that makes sense",
+        "sounds good", "fair enough", "of course", "perfect", "good", "oh okay", "i know",
+        "uh", "um", "er", "erm",
+    }
+)  # fmt: skip
+_LONGEST_PHRASE: Final = max(len(p.split()) for p in BACKCHANNEL_PHRASES)
+_APOSTROPHE: Final = "\u2019"
+_TOKEN = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+_HYPHENATED = {"uh-huh": "uh huh", "mm-hmm": "mm hmm", "m-hm": "mm hmm", "uh-uh": "uh uh"}
+
+Meaning = Literal["nothing", "backchannel", "words"]
+
+
+def _tokens(text: str) -> list[str]:
+    lowered = text.lower()
+    for spelled, spaced in _HYPHENATED.items():
+        lowered = lowered.replace(spelled, spaced)
+    return [t.replace(_APOSTROPHE, "'") for t in _TOKEN.findall(lowered)]
+
+
+def classify(text: str) -> Meaning:
+    """What a burst of user speech amounts to.
+
+    ``"nothing"`` when no word was heard; ``"backchannel"`` when the words are
+    acknowledgements only — one or several, repeated or not ("uh-huh", "okay,
+    okay", "yeah, makes sense"); ``"words"`` otherwise: anything else (a filler
+    followed by words, "um, wait"), and always for numbers ("1 2 3 4") and
+    names, which answer something and are never mere acknowledgement.
+    """
+    tokens = _tokens(text)
+    if not tokens:
+        return "nothing"
+    if any(ch.isdigit() for t in tokens for ch in t):
+        return "words"
+    i = 0
+    while i < len(tokens):
+        for n in range(min(_LONGEST_PHRASE, len(tokens) - i), 0, -1):
+            if " ".join(tokens[i : i + n]) in BACKCHANNEL_PHRASES:
+                i += n
+                break
+        else:
+            return "words"
+    return "backchannel"
+
+
+def is_backchannel(text: str) -> bool:
+    """True when ``text`` claims nothing: empty, or acknowledgements only (see :func:`classify`)."""
+    return classify(text) != "words"
+
+
+def word_count(text: str) -> int:
+    return len(_tokens(text))
+
+
+# Words a finished sentence does not end with: articles, prepositions, conjunctions, fillers.
+_DANGLING: Final = frozenset(
+    {
+        "a", "an", "the", "to", "of", "for", "with", "at", "in", "on", "from", "by", "into",
+        "and", "or", "but", "so", "because", "if", "than", "that", "my", "your", "our", "their",
+        "his", "her", "its", "um", "uh", "er", "like", "i", "i'd", "i'm", "we", "you", "is",
+        "are", "was", "were", "be", "about", "some", "any", "which", "who", "where", "when",
+        "then", "also", "maybe", "just", "can", "could", "would", "will", "should",
+    }
+)  # fmt: skip
+
+
+def reads_complete(text: str) -> bool:
+    """Whether a transcript reads as a finished sentence.
+
+    It must end with ``.``, ``?`` or ``!`` — an ellipsis ("I'd like to book...")
+    is a pause, not an end — and its last word must not leave the sentence
+    hanging (an article, a preposition, a conjunction, a filler: "I'd like to
+    book a.").
+    """
+    stripped = text.rstrip().rstrip("\"')]\u00bb\u201d\u2019")
+    if not stripped.endswith((".", "?", "!")) or stripped.endswith(("..", "…")):
+        return False
+    tokens = _tokens(stripped)
+    return bool(tokens) and tokens[-1] not in _DANGLING
+
+
+def ends_with_punctuation(text: str) -> bool:
+    """The plain rule: ends with ``.``, ``?`` or ``!`` (an ellipsis does not count)."""
+    stripped = text.rstrip()
+    return stripped.endswith((".", "?", "!")) and not stripped.endswith(("..", "…"))
+
+
+# -- decisions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartTurn:
+    """A user turn starts; its audio begins at frame ``first_frame``.
+
+    ``deferred``: speech heard while the agent replied, taken up once the reply ended.
+    """
+
+    first_frame: int
+    t_ns: int
+    deferred: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """The user paused (``pause_ms``): decode what was said, start a reply speculatively.
+
+    ``t_speech_end_ns``: the user's last speech frame.
+    """
+
+    t_ns: int
+    t_speech_end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The user went on after a pause: drop the speculative reply."""
+
+    t_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndTurn:
+    """The user's turn is over. ``t_speech_end_ns``: their last speech frame."""
+
+    t_ns: int
+    t_speech_end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckBurst:
+    """Transcribe frames ``[first_frame, end_frame)``, then call ``burst_heard(check_id, text)``."""
+
+    check_id: int
+    first_frame: int
+    end_frame: int
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """Stop the reply; the user's turn starts at ``first_frame`` (the burst's start)."""
+
+    first_frame: int
+    t_ns: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackChannel:
+    """A burst ended as an acknowledgement (or as no words): the agent talks on."""
+
+    text: str
+
+
+Decision = StartTurn | Pause | Resume | EndTurn | CheckBurst | Interrupt | BackChannel
+
+
+class Phase(enum.Enum):
+    LISTENING = "listening"
+    USER_TURN = "user_turn"
+    RESPONDING = "responding"
+
+
+@dataclass(slots=True)
+class _Burst:
+    first_frame: int
+    speech_ms: int = 0
+    quiet_ms: int = 0
+    checked_to: int = -1  # frame (exclusive) the last check covered
+    pending: int | None = None  # check id in flight
+    pending_to: int = -1
+    text: str = ""
+    t_last_speech: int = 0
+
+
+class TurnTakingPolicy:
+    """Turn-taking decisions (see the module docstring).
+
+    Args:
+        turn_detection: thresholds (ms) and ``interrupt_response``.
+        complete: whether a transcript reads as finished (default :func:`reads_complete`).
+        recheck_ms: burst growth (ms) after which an undecided burst is transcribed again.
+        burst_end_ms: silence (ms) that ends a burst heard while the agent replies.
+        pre_roll_ms: audio (ms) kept before the first speech frame of a turn or burst.
+    """
+
+    def __init__(
+        self,
+        turn_detection: TurnDetection,
+        *,
+        complete: Callable[[str], bool] = reads_complete,
+        recheck_ms: int = RECHECK_MS,
+        burst_end_ms: int = BURST_END_MS,
+        pre_roll_ms: int = PRE_ROLL_MS,
+    ) -> None:
+        self.td = turn_detection
+        self._complete = complete
+        self._recheck = max(FRAME_MS, recheck_ms) // FRAME_MS
+        self._burst_end_ms = burst_end_ms
+        self._pre_roll = pre_roll_ms // FRAME_MS
+        self.phase = Phase.LISTENING
+        self._frame = -1  # index of the latest frame
+        self._t_ns = 0
+        self._speech_run = 0
+        # USER_TURN
+        self._silence_ms = 0
+        self._paused = False
+        self._partial = ""
+        self._t_speech_end = 0
+        # RESPONDING
+        self._replying = False
+        self._burst: _Burst | None = None
+        self._deferred_from: int | None = None
+        self._deferred_quiet_ms = 0
+        self._t_deferred_speech = 0
+        self._checks = 0
+
+    @property
+    def frames_seen(self) -> int:
+        return self._frame + 1
+
+    # -- inputs ------------------------------------------------------------------
+
+    def frame(self, speech: bool, t_ns: int) -> list[Decision]:
+        """One 20 ms frame (the next frame index) and whether the VAD calls it speech."""
+        self._frame += 1
+        self._t_ns = t_ns
+        if self.phase is Phase.LISTENING:
+            return self._listening(speech)
+        if self.phase is Phase.USER_TURN:
+            return self._user_turn(speech)
+        return self._responding(speech)
+
+    def partial(self, text: str) -> list[Decision]:
+        """The latest transcript of the current user turn (used for end of turn)."""
+        if self.phase is Phase.USER_TURN:
+            self._partial = text
+        return []
+
+    def reply_started(self) -> None:
+        """A reply is now the agent's (adopted after a turn, or injected)."""
+        if self.phase is Phase.LISTENING:
+            self.phase = Phase.RESPONDING
+            self._speech_run = 0
+        self._replying = True
+
+    def reply_ended(self) -> list[Decision]:
+        """The agent's reply finished or failed (not interrupted by :class:`Interrupt`).
+
+        Returns a deferred :class:`StartTurn` when the user spoke meanwhile.
+        """
+        self._replying = False
+        if self.phase is not Phase.RESPONDING:
+            return []
+        return self._hand_back()
+
+    def turn_dropped(self) -> list[Decision]:
+        """The handed-over turn produced no reply (nothing was transcribed)."""
+        if self.phase is not Phase.RESPONDING or self._replying:
+            return []
+        return self._hand_back()
+
+    def burst_heard(self, check_id: int, text: str) -> list[Decision]:
+        """The transcript of a :class:`CheckBurst` (everything said since the burst began)."""
+        burst = self._burst
+        if burst is None or burst.pending != check_id or self.phase is not Phase.RESPONDING:
+            return []
+        burst.pending = None
+        burst.checked_to = burst.pending_to
+        burst.text = text
+        meaning = classify(text)
+        if meaning == "words" and word_count(text) >= self.td.barge_in_min_words:
+            self._burst = None
+            self._begin_turn(quiet_ms=burst.quiet_ms, t_speech_end=burst.t_last_speech)
+            return [Interrupt(burst.first_frame, self._t_ns, text)]
+        ended_covered = (
+            burst.quiet_ms >= self._burst_end_ms
+            and burst.checked_to >= self._frame + 1 - burst.quiet_ms // FRAME_MS
+        )
+        if ended_covered:
+            self._burst = None
+            return [BackChannel(text)]
+        return self._maybe_check(burst)
+
+    # -- phases ------------------------------------------------------------------
+
+    def _listening(self, speech: bool) -> list[Decision]:
+        self._speech_run = self._speech_run + FRAME_MS if speech else 0
+        if self._speech_run >= max(self.td.min_speech_ms, FRAME_MS):
+            first = max(0, self._frame + 1 - self._pre_roll)
+            self._speech_run = 0
+            self._begin_turn()
+            return [StartTurn(first, self._t_ns)]
+        return []
+
+    def _begin_turn(self, *, quiet_ms: int = 0, t_speech_end: int | None = None) -> None:
+        self.phase = Phase.USER_TURN
+        self._silence_ms = quiet_ms
+        self._paused = False
+        self._partial = ""
+        self._t_speech_end = self._t_ns if t_speech_end is None else t_speech_end
+        self._deferred_from = None
+
+    def _user_turn(self, speech: bool) -> list[Decision]:
+        td = self.td
+        if speech:
+            self._silence_ms = 0
+            self._t_speech_end = self._t_ns
+            if self._paused:
+                self._paused = False
+                return [Resume(self._t_ns)]
+            return []
+        self._silence_ms += FRAME_MS
+        out: list[Decision] = []
+        if self._silence_ms >= td.pause_ms and not self._paused:
+            self._paused = True
+            out.append(Pause(self._t_ns, self._t_speech_end))
+        if self._silence_ms >= td.min_silence_ms and (
+            self._silence_ms >= td.max_silence_ms or self._complete(self._partial)
+        ):
+            out.append(self.end_turn())
+        return out
+
+    def end_turn(self) -> EndTurn:
+        """End the user turn now (also when the input ends)."""
+        self.phase = Phase.RESPONDING
+        self._speech_run = 0
+        self._burst = None
+        self._deferred_from = None
+        return EndTurn(self._t_ns, self._t_speech_end)
+
+    def _responding(self, speech: bool) -> list[Decision]:
+        td = self.td
+        if not td.interrupt_response:
+            # Nothing interrupts; whatever is said waits for the reply to end.
+            self._speech_run = self._speech_run + FRAME_MS if speech else 0
+            if self._deferred_from is None:
+                if self._speech_run >= max(td.min_speech_ms, FRAME_MS):
+                    self._deferred_from = max(0, self._frame + 1 - self._pre_roll)
+                    self._deferred_quiet_ms = 0
+                    self._t_deferred_speech = self._t_ns
+            elif speech:
+                self._deferred_quiet_ms = 0
+                self._t_deferred_speech = self._t_ns
+            else:
+                self._deferred_quiet_ms += FRAME_MS
+            return []
+        burst = self._burst
+        if burst is None:
+            if not speech:
+                return []
+            burst = self._burst = _Burst(first_frame=max(0, self._frame - self._pre_roll))
+        if speech:
+            burst.speech_ms += FRAME_MS
+            burst.quiet_ms = 0
+            burst.t_last_speech = self._t_ns
+        else:
+            burst.quiet_ms += FRAME_MS
+            if burst.speech_ms < td.barge_in_ms and burst.quiet_ms >= self._burst_end_ms:
+                # Too short to be anything (a click, a breath).
+                self._burst = None
+                return []
+        if burst.speech_ms < td.barge_in_ms:
+            return []
+        return self._maybe_check(burst)
+
+    def _maybe_check(self, burst: _Burst) -> list[Decision]:
+        if burst.pending is not None:
+            return []
+        end = self._frame + 1
+        ended = burst.quiet_ms >= self._burst_end_ms
+        first_check = burst.checked_to < 0
+        grown = end - burst.checked_to >= self._recheck
+        if not (first_check or grown or (ended and burst.checked_to < end)):
+            return []
+        if burst.checked_to >= 0 and burst.quiet_ms // FRAME_MS >= end - burst.checked_to:
+            # Only silence since the last check: nothing new to hear until the burst ends.
+            if not ended:
+                return []
+            self._burst = None
+            return [BackChannel(burst.text)]
+        self._checks += 1
+        burst.pending = self._checks
+        burst.pending_to = end
+        return [CheckBurst(self._checks, burst.first_frame, end)]
+
+    def _hand_back(self) -> list[Decision]:
+        """The floor returns to the user: pending speech becomes their turn."""
+        self._speech_run = 0
+        burst = self._burst
+        self._burst = None
+        if burst is not None and burst.speech_ms >= max(self.td.min_speech_ms, FRAME_MS):
+            self._begin_turn(quiet_ms=burst.quiet_ms, t_speech_end=burst.t_last_speech)
+            return [StartTurn(burst.first_frame, self._t_ns, deferred=True)]
+        if self._deferred_from is not None:
+            first = self._deferred_from
+            self._begin_turn(quiet_ms=self._deferred_quiet_ms, t_speech_end=self._t_deferred_speech)
+            return [StartTurn(first, self._t_ns, deferred=True)]
+        self.phase = Phase.LISTENING
+        return []

@@ -1,0 +1,279 @@
+"""The turn-taking policy, driven frame by frame with a virtual clock (exact to the frame)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from runtime.conversation.config import TurnDetection
+from runtime.conversation.policy import (
+    FRAME_MS,
+    PRE_ROLL_MS,
+    BackChannel,
+    CheckBurst,
+    Decision,
+    EndTurn,
+    Interrupt,
+    Pause,
+    Phase,
+    Resume,
+    StartTurn,
+    TurnTakingPolicy,
+    classify,
+    is_backchannel,
+    reads_complete,
+)
+
+MS = 1_000_000
+
+
+class Driver:
+    """Feeds frames at 20 ms steps of a virtual clock and records every decision with its frame."""
+
+    def __init__(
+        self, policy: TurnTakingPolicy, hear: Callable[[int, int], str] | None = None
+    ) -> None:
+        self.policy = policy
+        self.hear = hear  # answers each burst check at once: (first_frame, end_frame) -> text
+        self.log: list[tuple[int, Decision]] = []
+
+    @property
+    def frame(self) -> int:
+        return self.policy.frames_seen - 1
+
+    def feed(self, speech: bool, ms: int) -> list[Decision]:
+        out: list[Decision] = []
+        for _ in range(ms // FRAME_MS):
+            t = self.policy.frames_seen * FRAME_MS * MS
+            pending = self.policy.frame(speech, t)
+            while pending:
+                d = pending.pop(0)
+                self.log.append((self.frame, d))
+                out.append(d)
+                if isinstance(d, CheckBurst) and self.hear is not None:
+                    pending += self.policy.burst_heard(
+                        d.check_id, self.hear(d.first_frame, d.end_frame)
+                    )
+        return out
+
+    def first(self, kind: type) -> tuple[int, Decision]:
+        return next((f, d) for f, d in self.log if isinstance(d, kind))
+
+
+def responding(td: TurnDetection) -> Driver:
+    """A policy whose user turn ended and whose reply is playing."""
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(False, 200)
+    drv.feed(True, 1000)
+    drv.policy.partial("What's the weather like in Paris today?")
+    drv.feed(False, td.max_silence_ms)
+    assert drv.policy.phase is Phase.RESPONDING
+    drv.policy.reply_started()
+    drv.log.clear()
+    return drv
+
+
+@pytest.mark.parametrize("min_silence_ms", [200, 300, 500, 840])
+def test_a_complete_turn_ends_after_exactly_min_silence(min_silence_ms: int):
+    td = TurnDetection(min_silence_ms=min_silence_ms, pause_ms=160)
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(False, 400)
+    drv.feed(True, 60)
+    start_frame, start = drv.first(StartTurn)
+    # 60 ms of speech starts the turn on its third frame, with 240 ms of pre-roll.
+    assert start_frame == 22
+    assert start == StartTurn(first_frame=23 - PRE_ROLL_MS // FRAME_MS, t_ns=22 * 20 * MS)
+    drv.feed(True, 1000)
+    last_speech = drv.frame
+    drv.policy.partial("Book a table for two.")
+    drv.feed(False, 2000)
+    end_frame, end = drv.first(EndTurn)
+    assert end_frame - last_speech == min_silence_ms // FRAME_MS
+    assert isinstance(end, EndTurn) and end.t_speech_end_ns == last_speech * 20 * MS
+    assert (end.t_ns - end.t_speech_end_ns) // MS == min_silence_ms
+    pause_frame, _ = drv.first(Pause)
+    assert pause_frame - last_speech == 160 // FRAME_MS
+    assert [type(d) for _, d in drv.log] == [StartTurn, Pause, EndTurn]
+
+
+@pytest.mark.parametrize(
+    "partial",
+    ["I'd like to book...", "I'd like to book a.", "I'd like to book a table for", "", "Um"],
+)
+def test_an_unfinished_sentence_waits_for_max_silence(partial: str):
+    td = TurnDetection(min_silence_ms=300, max_silence_ms=1100)
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(True, 800)
+    last_speech = drv.frame
+    drv.policy.partial(partial)
+    drv.feed(False, 3000)
+    end_frame, _ = drv.first(EndTurn)
+    assert end_frame - last_speech == 1100 // FRAME_MS
+
+
+def test_a_pause_then_more_speech_resumes_the_same_turn():
+    td = TurnDetection()
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(True, 600)
+    drv.policy.partial("I'd like to book.")
+    drv.feed(False, 200)  # past pause_ms (160), short of min_silence_ms (300)
+    drv.feed(True, 600)
+    kinds = [type(d) for _, d in drv.log]
+    assert kinds == [StartTurn, Pause, Resume]
+    assert drv.policy.phase is Phase.USER_TURN
+
+
+def test_speech_shorter_than_min_speech_starts_nothing():
+    drv = Driver(TurnTakingPolicy(TurnDetection(min_speech_ms=100)))
+    for _ in range(20):
+        drv.feed(True, 80)
+        drv.feed(False, 40)
+    assert drv.log == []
+
+
+def test_an_interruption_that_starts_with_a_filler_is_re_decided_as_it_grows():
+    td = TurnDetection()
+    drv = responding(td)
+    burst_start = drv.policy.frames_seen
+    drv.feed(True, td.barge_in_ms)
+    frame, check = drv.first(CheckBurst)
+    assert frame == burst_start + td.barge_in_ms // FRAME_MS - 1
+    assert isinstance(check, CheckBurst)
+    assert check.first_frame == burst_start - PRE_ROLL_MS // FRAME_MS
+    assert check.end_frame == frame + 1
+    # The first 200 ms are only "Um": no decision yet, the burst goes on.
+    assert drv.policy.burst_heard(check.check_id, "Um,") == []
+    drv.log.clear()
+    drv.feed(True, 280)
+    assert drv.log == []  # 300 ms of growth are needed before hearing it again
+    drv.feed(True, 20)
+    (_, again), *_ = drv.log
+    assert isinstance(again, CheckBurst) and again.first_frame == check.first_frame
+    decisions = drv.policy.burst_heard(again.check_id, "Um, wait, stop")
+    assert decisions == [Interrupt(check.first_frame, drv.frame * 20 * MS, "Um, wait, stop")]
+    assert drv.policy.phase is Phase.USER_TURN
+
+
+def test_a_backchannel_is_decided_only_once_the_burst_has_ended():
+    td = TurnDetection()
+    drv = responding(td)
+    start = drv.policy.frames_seen
+    # "okay" (300 ms), 200 ms pause, "okay" (200 ms): the transcript covers what was said so far.
+    drv.hear = lambda first, end: "Okay," if end <= start + 25 else "Okay, okay."
+    drv.feed(True, 300)
+    drv.feed(False, 200)
+    drv.feed(True, 200)
+    drv.feed(False, 580)
+    checks = [(f, d) for f, d in drv.log if isinstance(d, CheckBurst)]
+    # Heard at 200 ms of speech, then each time the burst grew by 300 ms, never decided early.
+    assert [d.end_frame - start for _, d in checks] == [10, 25, 40]
+    assert all(not isinstance(d, BackChannel | Interrupt) for _, d in drv.log)
+    drv.log.clear()
+    drv.feed(False, 20)  # 600 ms of silence end the burst; the last check heard all of it
+    assert [d for _, d in drv.log] == [BackChannel("Okay, okay.")]
+    assert drv.policy.phase is Phase.RESPONDING
+
+
+def test_a_burst_still_undecided_when_the_reply_ends_becomes_the_next_turn():
+    td = TurnDetection()
+    drv = responding(td)
+    burst_start = drv.policy.frames_seen
+    drv.feed(True, 220)
+    _, check = drv.first(CheckBurst)
+    assert isinstance(check, CheckBurst)
+    decisions = drv.policy.reply_ended()
+    assert decisions == [
+        StartTurn(burst_start - PRE_ROLL_MS // FRAME_MS, drv.frame * 20 * MS, deferred=True)
+    ]
+    # The late answer about the old burst changes nothing.
+    assert drv.policy.burst_heard(check.check_id, "Okay, but") == []
+    assert drv.policy.phase is Phase.USER_TURN
+
+
+def test_without_interrupt_response_speech_waits_for_the_reply_to_end():
+    td = TurnDetection(interrupt_response=False)
+    drv = responding(td)
+    drv.feed(False, 400)
+    first_speech = drv.policy.frames_seen
+    drv.feed(True, 1500)
+    drv.feed(False, 300)
+    drv.feed(True, 500)
+    drv.feed(False, 2000)
+    assert drv.log == []  # nothing interrupts, nothing is checked
+    decisions = drv.policy.reply_ended()
+    start = StartTurn(
+        first_speech + td.min_speech_ms // FRAME_MS - PRE_ROLL_MS // FRAME_MS,
+        drv.frame * 20 * MS,
+        deferred=True,
+    )
+    assert decisions == [start]
+    # The silence since the user stopped already counts towards the end of that turn.
+    drv.policy.partial("No, I meant next Friday.")
+    assert [type(d) for d in drv.feed(False, 20)] == [Pause, EndTurn]
+
+
+def test_silence_during_a_reply_hands_the_floor_back():
+    drv = responding(TurnDetection())
+    drv.feed(False, 3000)
+    assert drv.policy.reply_ended() == []
+    assert drv.policy.phase is Phase.LISTENING
+
+
+def test_a_short_click_during_a_reply_is_nothing():
+    td = TurnDetection()
+    drv = responding(td)
+    drv.feed(True, td.barge_in_ms - 20)
+    drv.feed(False, 1000)
+    assert drv.log == []
+    assert drv.policy.reply_ended() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "meaning"),
+    [
+        # PROTOCOL §3.7: back-channels ...
+        ("Uh-huh.", "backchannel"),
+        ("Okay", "backchannel"),
+        ("mm-hmm", "backchannel"),
+        ("Yeah, makes sense.", "backchannel"),
+        ("Okay, okay.", "backchannel"),
+        ("Yeah yeah yeah", "backchannel"),
+        ("Right. Got it.", "backchannel"),
+        # ... and true interruptions.
+        ("Wait, stop.", "words"),
+        ("Hold on.", "words"),
+        ("Sorry, that's not right.", "words"),
+        ("Um, wait, stop, that's not what I asked.", "words"),
+        ("Okay, but I meant the other one.", "words"),
+        ("Uh, no.", "words"),
+        # Numbers and names answer something.
+        ("1 2 3 4", "words"),
+        ("4572", "words"),
+        ("Seven.", "words"),
+        ("John.", "words"),
+        ("", "nothing"),
+        (" ... ", "nothing"),
+    ],
+)
+def test_what_a_burst_means(text: str, meaning: str):
+    assert classify(text) == meaning
+    assert is_backchannel(text) is (meaning != "words")
+
+
+@pytest.mark.parametrize(
+    ("text", "complete"),
+    [
+        ("Book a table for two.", True),
+        ("What time is it?", True),
+        ("Stop!", True),
+        ("I'd like to book...", False),
+        ("I'd like to book\u2026", False),
+        ("I'd like to book a.", False),
+        ("My order number is", False),
+        ("Can you remind me to call my sister and.", False),
+        ("", False),
+    ],
+)
+def test_what_reads_complete(text: str, complete: bool):
+    assert reads_complete(text) is complete
