@@ -21,23 +21,36 @@ The policy is applied in two steps:
    changes after the check (rebinding) cannot redirect the request.
    Redirects are never followed.
 
-An address is public when Python's ``ipaddress`` calls it global and it is not
-multicast or reserved; IPv6 forms that embed an IPv4 address (IPv4-mapped,
-IPv4-compatible, NAT64, 6to4) are judged by the embedded address, and the
-mapped/compatible forms are refused outright, as hosts never publish them.
+Whether an address is public is decided from the IANA special-purpose address
+registries, kept here as tables (:data:`IPV4_SPECIAL`, :data:`IPV6_SPECIAL`;
+Python's ``ipaddress.is_global`` changes between patch releases): the most
+specific block an address falls in decides, by the registry's "Globally
+Reachable" column; multicast is never public; IPv6 must also be in the global
+unicast space ``2000::/3`` (so the deprecated site-local ``fec0::/10`` and
+anything not yet allocated are refused). IPv6 forms that embed an IPv4 address
+(NAT64, 6to4, Teredo) are judged by the embedded address; IPv4-mapped and
+IPv4-compatible forms are refused outright, as hosts never publish them.
+
 Operators who run endpoints on their own network allow private hosts by name
-or CIDR (:meth:`URLPolicy.with_allowlist`) or wholesale (``allow_private``).
+or CIDR (:meth:`URLPolicy.with_allowlist`, the server's
+``VOXLOOP_ALLOW_PRIVATE_ENDPOINTS``) or wholesale (``allow_private``). Such
+hosts may also use plain ``http``; a public address always needs ``https``.
+Private certificate authorities are trusted through :func:`tls_verify`
+(``VOXLOOP_CA_BUNDLE``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
 import socket
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from pathlib import Path
+from typing import Final, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from runtime.errors import URLPolicyError
@@ -49,10 +62,104 @@ MAX_URL_LENGTH: Final = 2048
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 _NAT64 = (
     ipaddress.IPv6Network("64:ff9b::/96"),
     ipaddress.IPv6Network("64:ff9b:1::/48"),
 )
+ALLOWLIST_SETTING: Final = "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS"
+CA_BUNDLE_SETTING: Final = "VOXLOOP_CA_BUNDLE"
+
+
+class SpecialBlock(NamedTuple):
+    """One row of an IANA special-purpose address registry."""
+
+    network: IPNetwork
+    name: str
+    globally_reachable: bool
+
+
+def _blocks(rows: Sequence[tuple[str, str, bool]]) -> tuple[SpecialBlock, ...]:
+    return tuple(SpecialBlock(ipaddress.ip_network(n), name, g) for n, name, g in rows)
+
+
+# https://www.iana.org/assignments/iana-ipv4-special-registry (plus multicast, RFC 5771).
+IPV4_SPECIAL: Final = _blocks([
+    ("0.0.0.0/8", "this-network", False),
+    ("0.0.0.0/32", "unspecified", False),
+    ("10.0.0.0/8", "private", False),
+    ("100.64.0.0/10", "shared (CGNAT)", False),
+    ("127.0.0.0/8", "loopback", False),
+    ("169.254.0.0/16", "link-local", False),
+    ("172.16.0.0/12", "private", False),
+    ("192.0.0.0/24", "IETF protocol assignment", False),
+    ("192.0.0.0/29", "IPv4 service continuity", False),
+    ("192.0.0.8/32", "IPv4 dummy", False),
+    ("192.0.0.9/32", "PCP anycast", True),
+    ("192.0.0.10/32", "TURN anycast", True),
+    ("192.0.0.170/32", "NAT64/DNS64 discovery", False),
+    ("192.0.0.171/32", "NAT64/DNS64 discovery", False),
+    ("192.0.2.0/24", "documentation", False),
+    ("192.31.196.0/24", "AS112", True),
+    ("192.52.193.0/24", "AMT", True),
+    ("192.88.99.0/24", "deprecated 6to4 relay anycast", False),
+    ("192.168.0.0/16", "private", False),
+    ("192.175.48.0/24", "AS112 direct delegation", True),
+    ("198.18.0.0/15", "benchmarking", False),
+    ("198.51.100.0/24", "documentation", False),
+    ("203.0.113.0/24", "documentation", False),
+    ("224.0.0.0/4", "multicast", False),
+    ("240.0.0.0/4", "reserved", False),
+    ("255.255.255.255/32", "limited broadcast", False),
+])  # fmt: skip
+
+# https://www.iana.org/assignments/iana-ipv6-special-registry (plus multicast ff00::/8).
+# NAT64, Teredo and 6to4 addresses are judged by the IPv4 address they embed.
+IPV6_SPECIAL: Final = _blocks([
+    ("::1/128", "loopback", False),
+    ("::/128", "unspecified", False),
+    ("::ffff:0:0/96", "IPv4-mapped", False),
+    ("64:ff9b::/96", "NAT64", True),
+    ("64:ff9b:1::/48", "local-use NAT64", False),
+    ("100::/64", "discard-only", False),
+    ("100:0:0:1::/64", "dummy", False),
+    ("2001::/23", "IETF protocol assignment", False),
+    ("2001::/32", "Teredo", False),
+    ("2001:1::1/128", "PCP anycast", True),
+    ("2001:1::2/128", "TURN anycast", True),
+    ("2001:1::3/128", "DNS-SD SRP anycast", True),
+    ("2001:2::/48", "benchmarking", False),
+    ("2001:3::/32", "AMT", True),
+    ("2001:4:112::/48", "AS112", True),
+    ("2001:10::/28", "deprecated ORCHID", False),
+    ("2001:20::/28", "ORCHIDv2", True),
+    ("2001:30::/28", "drone remote ID tags", True),
+    ("2001:db8::/32", "documentation", False),
+    ("2002::/16", "6to4", False),
+    ("2620:4f:8000::/48", "AS112 direct delegation", True),
+    ("3fff::/20", "documentation", False),
+    ("5f00::/16", "segment routing SIDs", False),
+    ("fc00::/7", "unique-local (private)", False),
+    ("fe80::/10", "link-local", False),
+    ("fec0::/10", "deprecated site-local", False),
+    ("ff00::/8", "multicast", False),
+])  # fmt: skip
+
+_GLOBAL_UNICAST_V6: Final = ipaddress.IPv6Network("2000::/3")
+
+
+def special_block(address: IPAddress) -> SpecialBlock | None:
+    """The most specific special-purpose block ``address`` is in, if any."""
+    table = IPV4_SPECIAL if address.version == 4 else IPV6_SPECIAL
+    best: SpecialBlock | None = None
+    for block in table:
+        if address in block.network and (
+            best is None or block.network.prefixlen > best.network.prefixlen
+        ):
+            best = block
+    return best
+
+
 _LOCAL_NAMES: Final = ("localhost",)
 _LOCAL_SUFFIXES: Final = (".localhost",)
 
@@ -107,11 +214,21 @@ class URLPolicy:
     def permits_address(self, address: IPAddress, host: str) -> bool:
         if is_public_address(address):
             return True
+        return self.permits_private(address, host)
+
+    def permits_private(self, address: IPAddress, host: str) -> bool:
+        """Whether a non-public ``address`` is on the operator's allowlist."""
+        if address.is_unspecified or address.is_multicast:
+            return False
         if self.allow_private or host in self.allowed_hosts:
-            return not address.is_unspecified and not address.is_multicast
+            return True
         return any(
             address in net for net in self.allowed_networks if net.version == address.version
         )
+
+    @property
+    def has_allowlist(self) -> bool:
+        return self.allow_private or bool(self.allowed_hosts or self.allowed_networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,21 +298,19 @@ def _reject(reason: str, message: str) -> URLPolicyError:
 
 def describe_address(address: IPAddress) -> str:
     """A short reason why an address is not public (for error messages)."""
-    checks = (
-        ("unspecified", address.is_unspecified),
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("multicast", address.is_multicast),
-        ("private", address.is_private),
-        ("reserved", address.is_reserved),
-    )
-    for name, flag in checks:
-        if flag:
-            return name
-    if isinstance(address, ipaddress.IPv4Address) and address in ipaddress.IPv4Network(
-        "100.64.0.0/10"
-    ):
-        return "shared (CGNAT)"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return "IPv4-mapped"
+        if int(address) >> 32 == 0 and not address.is_loopback and not address.is_unspecified:
+            return "IPv4-compatible"
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return f"{describe_address(embedded)} (embedded in IPv6)"
+    block = special_block(address)
+    if block is not None:
+        return block.name
+    if isinstance(address, ipaddress.IPv6Address) and address not in _GLOBAL_UNICAST_V6:
+        return "unallocated"
     return "not globally routable"
 
 
@@ -211,7 +326,11 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
 
 
 def is_public_address(address: IPAddress) -> bool:
-    """Whether a connection to ``address`` reaches the public internet only."""
+    """Whether a connection to ``address`` reaches the public internet only.
+
+    Decided from :data:`IPV4_SPECIAL` / :data:`IPV6_SPECIAL` (see the module
+    docstring), not from ``ipaddress.is_global``.
+    """
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return False
@@ -221,12 +340,10 @@ def is_public_address(address: IPAddress) -> bool:
         embedded = _embedded_ipv4(address)
         if embedded is not None:
             return is_public_address(embedded)
-    return bool(
-        address.is_global
-        and not address.is_multicast
-        and not address.is_reserved
-        and not address.is_unspecified
-    )
+        if address not in _GLOBAL_UNICAST_V6 and address not in _NAT64[0]:
+            return False
+    block = special_block(address)
+    return block is None or block.globally_reachable
 
 
 def _normalise_name(host: str, *, original: str) -> str:
@@ -253,8 +370,10 @@ def _parse_ipv4_literal(host: str) -> ipaddress.IPv4Address:
     # canonical dotted quad is accepted; other spellings are how SSRF filters
     # are bypassed (inet_aton accepts 2130706433, 0x7f000001, 0177.1, 127.1).
     parts = host.split(".")
+    # ASCII digits only: fullwidth, Arabic-Indic and superscript digits pass str.isdigit().
     canonical = len(parts) == 4 and all(
-        p.isdigit() and (p == "0" or not p.startswith("0")) and int(p) <= 255 for p in parts
+        _ASCII_DIGITS.fullmatch(p) and (p == "0" or not p.startswith("0")) and int(p) <= 255
+        for p in parts
     )
     if not canonical:
         raise _reject("numeric-host", f"non-canonical numeric IPv4 host {host!r}")
@@ -285,10 +404,12 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
     except ValueError as exc:
         raise _reject("syntax", f"URL cannot be parsed: {exc}") from None
     scheme = parts.scheme.lower()
-    allowed_schemes = ("https",) if policy.require_https else ("https", "http")
-    if scheme not in allowed_schemes:
-        shown = scheme or "none"
-        raise _reject("scheme", f"URL scheme must be {' or '.join(allowed_schemes)}, not {shown}")
+    if scheme not in ("https", "http"):
+        shown = (scheme or "none")[:20]
+        allowed = "https" if policy.require_https and not policy.has_allowlist else "https or http"
+        raise _reject("scheme", f"URL scheme must be {allowed}, not {shown}")
+    if scheme == "http" and policy.require_https and not policy.has_allowlist:
+        raise _reject("scheme", _HTTPS_ONLY)
     if parts.query or url.rstrip("/").endswith("?"):
         raise _reject("query", "base URL must not have a query string")
     if parts.fragment or "#" in url:
@@ -342,7 +463,11 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
                 host = str(address)
 
     if port_text:
-        if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) <= 65535:
+        if (
+            not _ASCII_DIGITS.fullmatch(port_text)
+            or len(port_text) > 5
+            or not 0 < int(port_text) <= 65535
+        ):
             raise _reject("port", f"invalid port {port_text!r}")
         port = int(port_text)
     else:
@@ -350,6 +475,7 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
 
     if address is not None:
         check_address(address, host, policy)
+        _check_http(scheme, address, host, policy)
     elif (
         not policy.allow_private
         and host not in policy.allowed_hosts
@@ -371,13 +497,32 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
     )
 
 
+_HTTPS_ONLY: Final = (
+    "URL scheme must be https; plain http is allowed only for private hosts on the "
+    f"operator's allowlist ({ALLOWLIST_SETTING})"
+)
+
+
+def _check_http(scheme: str, address: IPAddress, host: str, policy: URLPolicy) -> None:
+    """Plain http under a strict policy: only to allowlisted non-public addresses."""
+    if scheme != "http" or not policy.require_https:
+        return
+    if is_public_address(address) or not policy.permits_private(address, host):
+        raise _reject(
+            "scheme",
+            f"host {host!r} is public ({address}): URL scheme must be https "
+            f"(plain http is allowed only for private hosts on {ALLOWLIST_SETTING})",
+        )
+
+
 def check_address(address: IPAddress, host: str, policy: URLPolicy) -> None:
     """Raise :class:`URLPolicyError` unless ``policy`` permits connecting to ``address``."""
     if not policy.permits_address(address, host):
         raise _reject(
             "private-address",
-            f"host {host!r} resolves to a {describe_address(address)} address ({address}), "
-            "which is not allowed",
+            f"host {host[:80]!r} resolves to a {describe_address(address)} address ({address}), "
+            "which is not allowed; to allow it, add the host or its network to "
+            f"{ALLOWLIST_SETTING}",
         )
 
 
@@ -402,6 +547,7 @@ async def resolve_endpoint(
         except ValueError:
             raise _reject("unresolvable", "resolver returned an invalid address") from None
         check_address(address, endpoint.host, policy)
+        _check_http(endpoint.scheme, address, endpoint.host, policy)
         if address not in addresses:
             addresses.append(address)
     if not addresses:
@@ -412,3 +558,34 @@ async def resolve_endpoint(
 async def check_endpoint_url(url: str, policy: URLPolicy, resolver: Resolver) -> PinnedEndpoint:
     """Parse, resolve and check ``url`` in one call."""
     return await resolve_endpoint(parse_endpoint_url(url, policy), policy, resolver)
+
+
+def tls_verify(
+    ca_bundle: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> ssl.SSLContext | bool:
+    """What to verify TLS peers with: the system roots, plus a private CA bundle if given.
+
+    Args:
+        ca_bundle: a PEM file of extra trusted certificates (a private CA, a
+            self-signed endpoint). ``None`` reads ``VOXLOOP_CA_BUNDLE`` from ``env``.
+        env: the environment (default ``os.environ``).
+
+    Returns:
+        ``True`` (system roots) or an ``ssl.SSLContext`` that trusts the system
+        roots and the bundle; pass it as ``verify=`` to any voxloop client.
+
+    Raises:
+        ValueError: the bundle cannot be read or holds no certificate (one line).
+    """
+    source = ca_bundle if ca_bundle is not None else (env or os.environ).get(CA_BUNDLE_SETTING)
+    if not source:
+        return True
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=str(source))
+    except FileNotFoundError:
+        raise ValueError(f"the CA bundle {source} does not exist") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "no PEM certificate in it"
+        raise ValueError(f"the CA bundle {source} cannot be used: {reason}") from None
+    return context

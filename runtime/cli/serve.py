@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,21 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--data-dir", type=Path, help="SQLite file and key file (VOXLOOP_DATA_DIR)")
-    p.add_argument("--database-url", help="e.g. postgresql+asyncpg://… (VOXLOOP_DATABASE_URL)")
+    p.add_argument(
+        "--database-url",
+        help="postgresql://user:pw@host/db or sqlite:///path (VOXLOOP_DATABASE_URL)",
+    )
     p.set_defaults(handler=_cmd_serve)
 
     s = sub.add_parser("secrets", help="manage the encryption of stored secrets")
     s_sub = s.add_subparsers(dest="secrets_command", required=True, parser_class=Parser)
-    r = s_sub.add_parser("rotate-key", help="add a new primary key and re-encrypt every secret")
-    r.add_argument("--data-dir", type=Path)
-    r.add_argument("--database-url")
+    r = s_sub.add_parser(
+        "rotate-key",
+        help="add a new primary key, re-encrypt every secret, retire unused keys "
+        "(exit 1: some secrets did not open)",
+    )
+    r.add_argument("--data-dir", type=Path, help="must exist (VOXLOOP_DATA_DIR)")
+    r.add_argument("--database-url", help="as for serve (VOXLOOP_DATABASE_URL)")
     r.set_defaults(handler=_cmd_rotate_key)
 
 
@@ -43,8 +51,9 @@ def _server_settings(args: argparse.Namespace) -> Any:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from runtime.server.app import create_app
+    from runtime.server.app import check_database, create_app
     from runtime.server.secrets import SecretError
+    from runtime.server.store import StoreError
 
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
@@ -53,6 +62,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, SecretError) as exc:
         raise UsageError(str(exc)) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:  # the database is reachable and migrated before "listening" is printed
+        asyncio.run(check_database(settings))
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
     from runtime.server.logs import configure
 
     configure(logging.INFO if args.verbose else logging.WARNING)
@@ -83,30 +96,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:
-    from runtime.server.secrets import SecretBox, SecretError
-    from runtime.server.store import Store, reseal_all
+    from runtime.server.rotation import RotationError, rotate_command
 
     try:
-        settings = _server_settings(args)
-    except (ValueError, SecretError) as exc:
+        return asyncio.run(
+            rotate_command(
+                os.environ, sys.stdout, data_dir=args.data_dir, database=args.database_url
+            )
+        )
+    except RotationError as exc:
         raise UsageError(str(exc)) from None
-    ring = settings.ring.rotated()
-    from_env = bool(os.environ.get("VOXLOOP_SECRET_KEY"))
-    if not from_env:
-        # The new ring (old keys included) is saved first, so no value is ever unreadable.
-        ring.save(settings.data_dir / "secret.key")
-
-    async def run() -> int:
-        store = Store(settings.database_url)
-        try:
-            await store.start()
-            return await reseal_all(store, SecretBox(ring))
-        finally:
-            await store.aclose()
-
-    changed = asyncio.run(run())
-    print(f"re-encrypted {changed} secrets under key {ring.primary}")
-    if from_env:
-        print("set VOXLOOP_SECRET_KEY to the new key ring (old keys kept for reading):")
-        print(ring.to_env())
-    return EXIT_OK

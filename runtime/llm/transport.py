@@ -28,6 +28,7 @@ from runtime.endpoints import (
     URLPolicy,
     parse_endpoint_url,
     resolve_endpoint,
+    tls_verify,
 )
 from runtime.errors import EndpointConnectError, EndpointTimeout, StreamDropped
 from runtime.secret import Secret
@@ -106,6 +107,8 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
         limits: httpx.Limits | None = None,
     ) -> None:
         limits = limits or httpx.Limits(max_connections=20, max_keepalive_connections=10)
+        if verify is True:
+            verify = tls_verify()  # the system roots, plus VOXLOOP_CA_BUNDLE if set
         super().__init__(verify=verify, http2=http2, trust_env=False, limits=limits)
         ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(

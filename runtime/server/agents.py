@@ -1,38 +1,447 @@
-"""Agent definitions: validation of REST bodies (the Voice Agent agent object).
+"""Agent definitions: the REST schema (the Voice Agent agent object) as pydantic models.
 
-Pure except for :func:`check_urls`, which resolves endpoint and HTTP-tool hosts
-through the URL policy. Every problem is a :class:`FieldError` naming the
-field (``llm[0].base_url``, ``tools[1].http.headers[0].value``…); secrets are
-never echoed in messages.
+The same models validate request bodies and generate ``/openapi.json``
+(:func:`openapi_document`), so the published schema cannot drift from what
+the server accepts. Everything is pure except :func:`check_urls`, which
+resolves endpoint and HTTP-tool hosts through the URL policy.
+
+Validation happens in two steps, both before anything is written:
+
+1. :func:`parse_json` turns the raw body into plain JSON values and refuses
+   what a database or a later reader could not hold: ``NaN``/``Infinity``
+   (and numbers that overflow to them), lone surrogate escapes, NUL
+   characters, nesting deeper than :data:`MAX_DEPTH`.
+2. :func:`validate_agent` checks the shapes (unknown fields are refused at
+   every level, types are strict: ``"1"`` is not a number, ``true`` is not 1).
+
+Every problem is a :class:`FieldError` naming the field (``llm[0].base_url``,
+``tools[1].http.headers[0].value``, ``input.turn_detection.min_silence``…).
+Messages never echo secrets, and echoed user text is shortened.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import models_json_schema
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
 from runtime.secret import Secret
 
-FIELDS: Final = frozenset(
-    {"name", "system_prompt", "voice", "greeting", "input", "output", "tools", "llm"}
-)
-TOOL_FIELDS: Final = frozenset(
-    {"type", "name", "description", "parameters", "execution_mode", "timeout_seconds", "http",
-     "response_instructions"}
-)  # fmt: skip
-HTTP_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
 MAX_TEXT: Final = 20_000
+MAX_DEPTH: Final = 32
+MAX_TOOLS: Final = 128
+MAX_HEADERS: Final = 32
+MAX_URL: Final = 2048
+MAX_MESSAGE: Final = 300
+HTTP_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 class FieldError(ValueError):
-    """A request body problem, tied to a field path."""
+    """A request body problem, tied to a field path (``param``)."""
 
     def __init__(self, param: str, message: str) -> None:
+        message = shorten(message)
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters (error bodies stay small)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- step 1: JSON -------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise FieldError("body", f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise FieldError("body", "a number is too large")
+    return value
+
+
+def _check_tree(value: Any, path: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise FieldError(path or "body", f"is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        _check_text(value, path or "body")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, path or "body")
+            _check_tree(item, f"{path}.{key}" if path else key, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_tree(item, f"{path}[{i}]", depth + 1)
+
+
+def _check_text(text: str, path: str) -> None:
+    if "\x00" in text:
+        raise FieldError(path, "must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FieldError(
+            path, "contains an unpaired surrogate escape (not valid Unicode)"
+        ) from None
+
+
+def parse_json(data: bytes) -> Any:
+    """Decode a request body into JSON values a database can store.
+
+    Raises:
+        FieldError: not UTF-8 JSON, a non-finite number, an unpaired surrogate,
+            a NUL character, or nesting deeper than :data:`MAX_DEPTH` (``param``
+            names the place when it is known).
+    """
+    try:
+        text = data.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except FieldError:
+        raise
+    except RecursionError:
+        raise FieldError("body", f"is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError:  # includes UnicodeDecodeError and integers of thousands of digits
+        raise FieldError("body", "is not valid JSON") from None
+    _check_tree(value, "", 0)
+    return value
+
+
+# -- step 2: shapes -----------------------------------------------------------------
+
+
+def _no_line_breaks(value: str) -> str:
+    if any(c in value for c in "\r\n\x00"):
+        raise ValueError("must not contain line breaks or NUL characters")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _secret_line(value: SecretStr) -> SecretStr:
+    text = value.get_secret_value()
+    if not text:
+        raise ValueError("must not be empty")
+    if any(c in text for c in "\r\n\x00"):
+        raise ValueError("must not contain line breaks or NUL characters")
+    return value
+
+
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def _header_name(value: str) -> str:
+    if not value or not set(value) <= _TOKEN_CHARS:
+        raise ValueError("must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+    return value
+
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Name = Annotated[str, Field(max_length=1000), AfterValidator(_not_blank)]
+Line = Annotated[
+    str, Field(max_length=1000), AfterValidator(_no_line_breaks), AfterValidator(_not_blank)
+]
+URLText = Annotated[str, Field(max_length=MAX_URL)]
+SecretLine = Annotated[SecretStr, Field(max_length=8192), AfterValidator(_secret_line)]
+HeaderName = Annotated[str, Field(max_length=256), AfterValidator(_header_name)]
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Short = Annotated[str, Field(max_length=500)]
+LanguageCode = Annotated[str, Field(max_length=16)]
+Unit = Annotated[float, Field(ge=0, le=1)]
+SilenceMs = Annotated[int, Field(ge=50, le=10_000)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class VoiceRef(_Model):
+    voice_id: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def _voice_form(value: Any) -> Any:
+    return {"voice_id": value} if isinstance(value, str) else value
+
+
+Voice = Annotated[VoiceRef, BeforeValidator(_voice_form)]
+
+
+class AudioFormat(_Model):
+    encoding: Literal["audio/pcm", "audio/pcmu", "audio/pcma"] | None = None
+    sample_rate: Literal[8000, 16000, 24000] | None = None
+
+
+class TurnDetection(_Model):
+    type: Literal["server_vad", "semantic_vad"] | None = None
+    vad_threshold: Unit | None = None
+    min_silence: SilenceMs | None = None
+    max_silence: SilenceMs | None = None
+    interrupt_response: bool | None = None
+    interruption_delay: Annotated[int, Field(ge=0, le=10_000)] | None = None
+    uninterruptible_turns: Annotated[list[Short], Field(max_length=100)] | None = None
+
+
+class InputConfig(_Model):
+    """The stored form of the WebSocket ``session.input`` (PROTOCOL §3.5)."""
+
+    type: Literal["audio", "text"] | None = None
+    format: AudioFormat | None = None
+    keyterms: Annotated[list[Short], Field(max_length=100)] | None = None
+    turn_detection: TurnDetection | None = None
+    transcription_mode: Literal["min_latency", "balanced", "max_accuracy"] | None = None
+    language_codes: Annotated[list[LanguageCode], Field(max_length=32)] | None = None
+    voice_focus: Literal["near-field", "far-field"] | None = None
+    voice_focus_threshold: Unit | None = None
+    continuous_partials: bool | None = None
+    transcription_prompt: Annotated[str, Field(max_length=1750)] | None = None
+
+
+class OutputConfig(_Model):
+    """The stored form of ``session.output`` without the voice (PROTOCOL §3.5)."""
+
+    type: Literal["audio", "text"] | None = None
+    format: AudioFormat | None = None
+    volume: Annotated[float, Field(ge=0, le=100)] | None = None
+
+
+class HeaderIn(_Model):
+    """An HTTP-tool header on write: ``value`` sets it, name only keeps it, ``remove`` drops it."""
+
+    name: HeaderName
+    value: SecretLine | None = None
+    remove: bool = False
+
+    @model_validator(mode="after")
+    def _value_or_remove(self) -> HeaderIn:
+        if self.remove and self.value is not None:
+            raise ValueError("give value or remove, not both")
+        return self
+
+
+def _header_form(value: Any) -> Any:
+    if isinstance(value, dict):  # the older form: {"Name": "value"}
+        return [{"name": k, "value": v} for k, v in value.items()]
+    return value
+
+
+def _unique_headers(value: list[HeaderIn]) -> list[HeaderIn]:
+    seen: set[str] = set()
+    for header in value:
+        if header.name.lower() in seen:
+            raise ValueError(f"header {header.name!r} is given twice")
+        seen.add(header.name.lower())
+    return value
+
+
+class HttpIn(_Model):
+    url: URLText
+    http_method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: Annotated[
+        list[HeaderIn],
+        Field(max_length=MAX_HEADERS),
+        BeforeValidator(_header_form),
+        AfterValidator(_unique_headers),
+    ] = Field(default_factory=list)
+
+
+class ResponseInstructions(_Model):
+    success: Short | None = None
+    error: Short | None = None
+
+
+def _empty_parameters() -> dict[str, JsonValue]:
+    return {"type": "object", "properties": {}}
+
+
+class ToolIn(_Model):
+    """A tool in the flat form (PROTOCOL §2.4); without ``http`` it is answered by the client."""
+
+    type: Literal["function"] = "function"
+    name: ToolName
+    description: Text = ""
+    parameters: dict[str, JsonValue] = Field(default_factory=_empty_parameters)
+    execution_mode: Literal["interactive", "hold"] = "interactive"
+    timeout_seconds: Annotated[int | float, Field(ge=1, le=300)] = 120
+    http: HttpIn | None = None
+    response_instructions: ResponseInstructions | None = None
+
+
+def _unique_tools(value: list[ToolIn]) -> list[ToolIn]:
+    seen: set[str] = set()
+    for tool in value:
+        if tool.name in seen:
+            raise ValueError(f"tool name {tool.name!r} is used twice")
+        seen.add(tool.name)
+    return value
+
+
+Tools = Annotated[list[ToolIn], Field(max_length=MAX_TOOLS), AfterValidator(_unique_tools)]
+
+
+class LLMIn(_Model):
+    """Your own OpenAI-compatible endpoint (PROTOCOL §2.3); ``api_key`` is write-only."""
+
+    base_url: URLText
+    model: Line
+    api_key: SecretLine
+
+
+LLMList = Annotated[list[LLMIn], Field(max_length=1)]
+
+
+class AgentCreate(_Model):
+    """``POST /v1/agents``."""
+
+    name: Name
+    system_prompt: Text
+    voice: Voice
+    greeting: Text | None = None
+    input: InputConfig = Field(default_factory=InputConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    tools: Tools = Field(default_factory=list)
+    llm: LLMList = Field(default_factory=list)
+
+
+def _absent() -> Any:
+    """Absent by default, but ``null`` is not a value (only ``greeting`` may be null)."""
+    return Field(default=None)
+
+
+class AgentUpdate(_Model):
+    """``PUT /v1/agents/{id}``: fields present replace the stored value, absent fields are kept.
+
+    ``tools`` and ``llm`` are replaced wholesale; ``"llm": []`` clears the endpoint.
+    """
+
+    name: Name = _absent()
+    system_prompt: Text = _absent()
+    voice: Voice = _absent()
+    greeting: Text | None = None
+    input: InputConfig = _absent()
+    output: OutputConfig = _absent()
+    tools: Tools = _absent()
+    llm: LLMList = _absent()
+
+
+# -- responses (for the OpenAPI document) --------------------------------------------
+
+
+class HeaderOut(_Model):
+    name: str
+    last_set_at: str
+
+
+class HttpOut(_Model):
+    url: str
+    http_method: str
+    headers: list[HeaderOut]
+
+
+class ToolOut(_Model):
+    type: Literal["function"]
+    name: str
+    description: str
+    parameters: dict[str, JsonValue]
+    execution_mode: str
+    timeout_seconds: int | float
+    http: HttpOut | None = None
+    response_instructions: ResponseInstructions | None = None
+
+
+class LLMOut(_Model):
+    base_url: str
+    model: str
+
+
+class Agent(_Model):
+    """An agent as every read returns it (secrets removed)."""
+
+    id: str
+    name: str
+    system_prompt: str
+    voice: VoiceRef
+    greeting: str | None
+    input: InputConfig
+    output: OutputConfig
+    tools: list[ToolOut]
+    llm: list[LLMOut]
+    created_at: str
+    updated_at: str
+
+
+class AgentSummary(_Model):
+    id: str
+    name: str
+    created_at: str
+    updated_at: str
+    deleted_at: None
+
+
+class ResponseMetadata(_Model):
+    next_cursor: str
+
+
+class AgentPage(_Model):
+    """``GET /v1/agents?limit=…[&cursor=…]``: one page, newest first."""
+
+    agents: list[AgentSummary]
+    has_more: bool
+    response_metadata: ResponseMetadata
+
+
+class ErrorItem(_Model):
+    param: str
+    message: str
+
+
+class ErrorBody(_Model):
+    detail: str
+    code: str | None = None
+    param: str | None = None
+    errors: list[ErrorItem] | None = None
+
+
+class TokenOut(_Model):
+    token: str
+    expires_in_seconds: int
+
+
+class VoiceOut(_Model):
+    voice_id: str
+    name: str
+    language: str
+    engine: str
+    aliases: list[str]
+
+
+# -- the validated result ---------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,187 +467,113 @@ class ToolInput:
 
 @dataclass(slots=True)
 class AgentInput:
-    """A validated body. ``None`` means the field was absent (PUT keeps it)."""
+    """A validated body. Keys absent from ``fields`` (and ``None`` tools/llm) are kept on PUT."""
 
     fields: dict[str, Any] = field(default_factory=dict)
     tools: list[ToolInput] | None = None
     llm: list[LLMInput] | None = None
 
 
-def _text(value: Any, param: str, *, required: bool = True, nullable: bool = False) -> str | None:
-    if value is None:
-        if nullable:
-            return None
-        raise FieldError(param, "is required" if required else "must be a string")
-    if not isinstance(value, str):
-        raise FieldError(param, "must be a string")
-    if len(value) > MAX_TEXT:
-        raise FieldError(param, f"must be at most {MAX_TEXT} characters")
-    return value
+_TAGS: Final = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
-def _object(value: Any, param: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise FieldError(param, "must be an object")
-    return value
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TAGS or "[" in part or part[:1].isupper():
+            continue  # a union branch or a validator, not a field
+        else:
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+_MESSAGES: Final = {
+    "missing": "is required",
+    "extra_forbidden": "is not a known field",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "list_type": "must be a list",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+}
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = str(error["type"])
+    if kind in _MESSAGES:
+        return _MESSAGES[kind]
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    return message[:1].lower() + message[1:]
 
 
 def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> AgentInput:
     """Check a create (``partial=False``) or update (``partial=True``) body.
 
+    Args:
+        body: the parsed JSON (see :func:`parse_json`).
+        partial: an update: absent fields are kept.
+        voices: installed voice ids; others are refused.
+
     Raises:
-        FieldError: the first problem found.
+        FieldError: the first problem found (the ``param`` of the first
+            pydantic error, in document order).
     """
-    doc = _object(body, "body")
-    unknown = sorted(set(doc) - FIELDS)
-    if unknown:
-        raise FieldError(unknown[0], "is not a known field")
+    if not isinstance(body, dict):
+        raise FieldError("body", "must be a JSON object")
+    model: type[AgentCreate | AgentUpdate] = AgentUpdate if partial else AgentCreate
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+        raise FieldError(_param(first["loc"]), _message(first)) from None
+    given = parsed.model_fields_set
     out = AgentInput()
-    if not partial:
-        for name in ("name", "system_prompt", "voice"):
-            if name not in doc:
-                raise FieldError(name, "is required")
-    for name in ("name", "system_prompt"):
-        if name in doc:
-            out.fields[name] = _text(doc[name], name)
-    if "name" in out.fields and not str(out.fields["name"]).strip():
-        raise FieldError("name", "must not be empty")
-    if "greeting" in doc:
-        out.fields["greeting"] = _text(doc["greeting"], "greeting", nullable=True)
-    if "voice" in doc:
-        voice = doc["voice"]
-        voice_id = voice.get("voice_id") if isinstance(voice, dict) else voice
-        if not isinstance(voice_id, str):
-            raise FieldError("voice", 'must be {"voice_id": "…"} or a voice id string')
+    for name in ("name", "system_prompt", "greeting"):
+        if name in given:
+            out.fields[name] = getattr(parsed, name)
+    if "voice" in given:
+        voice_id = parsed.voice.voice_id
         if voice_id not in voices:
+            shown = ", ".join(sorted(voices)) or "none (install the embedded extra)"
             raise FieldError(
-                "voice", f"unknown voice {voice_id!r}; installed: {', '.join(sorted(voices))}"
+                "voice", f"unknown voice {shorten(voice_id, 60)!r}; installed: {shown}"
             )
         out.fields["voice"] = {"voice_id": voice_id}
     for name in ("input", "output"):
-        if name in doc:
-            out.fields[name] = _object(doc[name], name)
-    if "tools" in doc:
-        out.tools = _tools(doc["tools"])
-    if "llm" in doc:
-        out.llm = _llm(doc["llm"])
+        if name in given or not partial:
+            value = getattr(parsed, name)
+            out.fields[name] = value.model_dump(mode="json", exclude_unset=True)
+    if "tools" in given or not partial:
+        out.tools = [_tool(t) for t in parsed.tools]
+    if "llm" in given or not partial:
+        out.llm = [
+            LLMInput(e.base_url, e.model, Secret(e.api_key.get_secret_value())) for e in parsed.llm
+        ]
     return out
 
 
-def _llm(value: Any) -> list[LLMInput]:
-    if not isinstance(value, list):
-        raise FieldError("llm", "must be a list")
-    if len(value) > 1:
-        raise FieldError("llm", "accepts at most one entry")
-    entries = []
-    for i, entry in enumerate(value):
-        param = f"llm[{i}]"
-        entry = _object(entry, param)
-        unknown = sorted(set(entry) - {"base_url", "model", "api_key"})
-        if unknown:
-            raise FieldError(f"{param}.{unknown[0]}", "is not a known field")
-        base_url = _text(entry.get("base_url"), f"{param}.base_url")
-        model = _text(entry.get("model"), f"{param}.model")
-        key = _text(entry.get("api_key"), f"{param}.api_key")
-        assert base_url is not None
-        assert model is not None
-        assert key is not None
-        if not model.strip():
-            raise FieldError(f"{param}.model", "must not be empty")
-        if not key:
-            raise FieldError(f"{param}.api_key", "must not be empty")
-        entries.append(LLMInput(base_url=base_url, model=model, api_key=Secret(key)))
-    return entries
-
-
-def _tools(value: Any) -> list[ToolInput]:
-    if not isinstance(value, list):
-        raise FieldError("tools", "must be a list")
-    tools: list[ToolInput] = []
-    names: set[str] = set()
-    for i, raw in enumerate(value):
-        param = f"tools[{i}]"
-        tool = _object(raw, param)
-        unknown = sorted(set(tool) - TOOL_FIELDS)
-        if unknown:
-            raise FieldError(f"{param}.{unknown[0]}", "is not a known field")
-        name = _text(tool.get("name"), f"{param}.name")
-        assert name is not None
-        if not name.replace("_", "").replace("-", "").isalnum() or name in names:
-            raise FieldError(
-                f"{param}.name", "must be a unique identifier (letters, digits, _ and -)"
-            )
-        names.add(name)
-        doc: dict[str, Any] = {
-            "type": "function",
-            "name": name,
-            "description": _text(tool.get("description", ""), f"{param}.description"),
-            "parameters": _object(
-                tool.get("parameters", {"type": "object", "properties": {}}), f"{param}.parameters"
-            ),
-            "execution_mode": tool.get("execution_mode", "interactive"),
-            "timeout_seconds": tool.get("timeout_seconds", 120),
-        }
-        if doc["execution_mode"] not in ("interactive", "hold"):
-            raise FieldError(f"{param}.execution_mode", "must be interactive or hold")
-        timeout = doc["timeout_seconds"]
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 1 <= timeout <= 300
-        ):
-            raise FieldError(f"{param}.timeout_seconds", "must be a number from 1 to 300")
-        url = None
-        headers: tuple[HeaderInput, ...] = ()
-        if "http" in tool:
-            http = _object(tool["http"], f"{param}.http")
-            unknown = sorted(set(http) - {"url", "http_method", "headers"})
-            if unknown:
-                raise FieldError(f"{param}.http.{unknown[0]}", "is not a known field")
-            url = _text(http.get("url"), f"{param}.http.url")
-            method = http.get("http_method", "POST")
-            if method not in HTTP_METHODS:
-                raise FieldError(
-                    f"{param}.http.http_method", f"must be one of {', '.join(HTTP_METHODS)}"
-                )
-            headers = _headers(http.get("headers", []), f"{param}.http.headers")
-            doc["http"] = {"url": url, "http_method": method}
-        tools.append(ToolInput(doc=doc, url=url, headers=headers))
-    return tools
-
-
-def _headers(value: Any, param: str) -> tuple[HeaderInput, ...]:
-    if isinstance(value, dict):  # the older form: {"Name": "value"}
-        value = [{"name": k, "value": v} for k, v in value.items()]
-    if not isinstance(value, list):
-        raise FieldError(param, "must be a list of {name, value} or an object")
-    out = []
-    seen: set[str] = set()
-    for i, raw in enumerate(value):
-        p = f"{param}[{i}]"
-        header = _object(raw, p)
-        unknown = sorted(set(header) - {"name", "value", "remove"})
-        if unknown:
-            raise FieldError(f"{p}.{unknown[0]}", "is not a known field")
-        name = _text(header.get("name"), f"{p}.name")
-        assert name is not None
-        if not name or any(c in name for c in ":\r\n ") or name.lower() in seen:
-            raise FieldError(f"{p}.name", "must be a unique header name")
-        seen.add(name.lower())
-        remove = header.get("remove", False)
-        if not isinstance(remove, bool):
-            raise FieldError(f"{p}.remove", "must be a boolean")
-        if "value" in header and remove:
-            raise FieldError(p, "give value or remove, not both")
-        secret = None
-        if "value" in header:
-            text = _text(header["value"], f"{p}.value")
-            assert text is not None
-            if "\r" in text or "\n" in text:
-                raise FieldError(f"{p}.value", "must not contain line breaks")
-            secret = Secret(text)
-        out.append(HeaderInput(name=name, value=secret, remove=remove))
-    return tuple(out)
+def _tool(tool: ToolIn) -> ToolInput:
+    doc = tool.model_dump(mode="json", exclude={"http", "response_instructions"})
+    if tool.response_instructions is not None:
+        doc["response_instructions"] = tool.response_instructions.model_dump(exclude_none=True)
+    if tool.http is None:
+        return ToolInput(doc=doc)
+    doc["http"] = {"url": tool.http.url, "http_method": tool.http.http_method}
+    headers = tuple(
+        HeaderInput(
+            name=h.name,
+            value=None if h.value is None else Secret(h.value.get_secret_value()),
+            remove=h.remove,
+        )
+        for h in tool.http.headers
+    )
+    return ToolInput(doc=doc, url=tool.http.url, headers=headers)
 
 
 async def check_urls(agent: AgentInput, policy: URLPolicy, resolver: Resolver) -> None:
@@ -258,3 +593,137 @@ async def check_urls(agent: AgentInput, policy: URLPolicy, resolver: Resolver) -
                 await check_endpoint_url(tool.url, policy, resolver)
             except URLPolicyError as exc:
                 raise FieldError(f"tools[{i}].http.url", str(exc)) from None
+
+
+# -- OpenAPI -------------------------------------------------------------------------
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, generated from the models above."""
+    _, defs = models_json_schema(
+        [
+            (AgentCreate, "validation"),
+            (AgentUpdate, "validation"),
+            (Agent, "serialization"),
+            (AgentSummary, "serialization"),
+            (AgentPage, "serialization"),
+            (ErrorBody, "serialization"),
+            (TokenOut, "serialization"),
+            (VoiceOut, "serialization"),
+        ],
+        ref_template="#/components/schemas/{model}",
+    )
+
+    def ref(name: str) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    errors = {
+        "401": json_body(ref("ErrorBody"), "missing or wrong API key"),
+        "422": json_body(ref("ErrorBody"), "invalid body; `param` names the field"),
+    }
+    not_found = {"404": json_body(ref("ErrorBody"), "no such agent (`agent_not_found`)")}
+    agent_id = {"name": "agent_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    query = [
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+         "description": "page size; with limit or cursor the answer is an AgentPage"},
+        {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "the previous page's response_metadata.next_cursor"},
+    ]  # fmt: skip
+    token_query = [
+        {"name": "expires_in_seconds", "in": "query", "required": True,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 600}},
+        {"name": "max_session_duration_seconds", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 60, "maximum": 10800, "default": 10800}},
+    ]  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "voxloop agent service", "version": version},
+        "security": [{"apiKey": []}],
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "Authorization"}
+            },
+            "schemas": defs["$defs"],
+        },
+        "paths": {
+            "/v1/agents": {
+                "post": {
+                    "summary": "Create an agent",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("AgentCreate")}},
+                    },
+                    "responses": {"201": json_body(ref("Agent"), "the stored agent"), **errors},
+                },
+                "get": {
+                    "summary": "List agents, newest first",
+                    "parameters": query,
+                    "responses": {
+                        "200": json_body(
+                            {
+                                "oneOf": [
+                                    {"type": "array", "items": ref("AgentSummary")},
+                                    ref("AgentPage"),
+                                ]
+                            },
+                            "every agent as an array, or one page when limit/cursor is given",
+                        ),
+                        **errors,
+                    },
+                },
+            },
+            "/v1/agents/{agent_id}": {
+                "parameters": [agent_id],
+                "get": {
+                    "summary": "Get an agent",
+                    "responses": {
+                        "200": json_body(ref("Agent"), "the agent"),
+                        **errors,
+                        **not_found,
+                    },
+                },
+                "put": {
+                    "summary": "Update an agent (fields present replace, absent are kept)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("AgentUpdate")}},
+                    },
+                    "responses": {
+                        "200": json_body(ref("Agent"), "the updated agent"),
+                        **errors,
+                        **not_found,
+                    },
+                },
+                "delete": {
+                    "summary": "Delete an agent",
+                    "responses": {"204": {"description": "deleted"}, **errors, **not_found},
+                },
+            },
+            "/v1/token": {
+                "get": {
+                    "summary": "Mint a single-use temporary token for the realtime endpoint",
+                    "parameters": token_query,
+                    "responses": {
+                        "200": json_body(ref("TokenOut"), "the token"),
+                        "400": json_body(
+                            ref("ErrorBody"), "a parameter is missing or out of range"
+                        ),
+                        "401": errors["401"],
+                    },
+                },
+            },
+            "/v1/voices": {
+                "get": {
+                    "summary": "Installed voices",
+                    "responses": {
+                        "200": json_body({"type": "array", "items": ref("VoiceOut")}, "voices"),
+                        "401": errors["401"],
+                    },
+                },
+            },
+        },
+    }

@@ -1,19 +1,32 @@
 """The agent service's HTTP API (Starlette): agents, temporary tokens, voices.
 
 Every route but ``/openapi.json`` needs an API key (``Authorization: <key>`` or
-``Bearer <key>``). Bodies are limited in size and validated field by field;
-secrets (endpoint ``api_key`` s, HTTP-tool header values) are sealed before
-they are stored and never appear in a response, a log line or an error.
+``Bearer <key>``). Bodies are limited in size and time, parsed and validated
+completely (``runtime.server.agents``) before anything is written, and each
+request is one database transaction; secrets (endpoint ``api_key`` s,
+HTTP-tool header values) are sealed before they are stored and never appear
+in a response, a log line or an error. No input produces a 500; if a bug
+does, the response says ``Connection: close``.
+
+For the realtime server
+-----------------------
+* :meth:`Api.load_agent` loads a stored agent by id with its secrets opened
+  in memory (:class:`LoadedAgent`: ``llm[i].api_key`` and tool header values
+  as :class:`~runtime.secret.Secret`).
+* :meth:`Api.redeem` checks a temporary token and records its single use
+  atomically (one row insert; a second redemption on any worker fails).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -24,22 +37,56 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from runtime import __version__
 from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolicy
-from runtime.server.agents import AgentInput, FieldError, check_urls, validate_agent
-from runtime.server.secrets import KeyRing, SecretBox, b64url_decode, b64url_encode
-from runtime.server.store import AgentRow, Store, now, sqlite_url
+from runtime.secret import Secret
+from runtime.server.agents import (
+    AgentInput,
+    FieldError,
+    check_urls,
+    openapi_document,
+    parse_json,
+    shorten,
+    validate_agent,
+)
+from runtime.server.secrets import (
+    KeyRing,
+    KeyUnavailable,
+    SecretBox,
+    SecretError,
+    b64url_decode,
+    b64url_encode,
+)
+from runtime.server.store import (
+    AgentRow,
+    Store,
+    WriteTx,
+    database_url,
+    decode_cursor,
+    now,
+    sqlite_url,
+)
 
 log = logging.getLogger("voxloop.server")
 
 MAX_BODY: Final = 1 << 20
+BODY_TIMEOUT_S: Final = 30.0
 TOKEN_TTL_MAX: Final = 600
 SESSION_MAX: Final = 10_800
+PAGE_MAX: Final = 200
+_ASCII_INT: Final = re.compile(r"[0-9]{1,9}")
 
 
 @dataclass
 class Settings:
-    """Server configuration (see :func:`settings_from_env`)."""
+    """Server configuration (see :func:`settings_from_env`).
+
+    Attributes:
+        key_file: where ``ring`` was read from (``None`` with ``VOXLOOP_SECRET_KEY``);
+            re-read when another process rotates the key.
+    """
 
     api_keys: frozenset[str]
     data_dir: Path
@@ -48,6 +95,29 @@ class Settings:
     policy: URLPolicy = field(default_factory=URLPolicy)
     resolver: Resolver = field(default_factory=SystemResolver)
     voices: frozenset[str] = frozenset()
+    key_file: Path | None = None
+
+
+def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
+    """The stored-endpoint URL policy with ``VOXLOOP_ALLOW_PRIVATE_ENDPOINTS`` applied.
+
+    ``1``/``true``/``yes``/``all`` allow every non-public address; otherwise a
+    comma-separated list of host names and CIDRs. Allowed private hosts may
+    use plain ``http``; public hosts always need ``https``.
+
+    Raises:
+        ValueError: an entry is neither a host name nor a network.
+    """
+    policy = URLPolicy()
+    allow = env.get("VOXLOOP_ALLOW_PRIVATE_ENDPOINTS", "").strip()
+    if allow.lower() in ("1", "true", "yes", "all"):
+        return URLPolicy(allow_private=True)
+    if allow:
+        try:
+            return policy.with_allowlist(allow.split(","))
+        except ValueError as exc:
+            raise ValueError(f"VOXLOOP_ALLOW_PRIVATE_ENDPOINTS: {exc}") from None
+    return policy
 
 
 def settings_from_env(
@@ -56,7 +126,9 @@ def settings_from_env(
     """Build settings from ``VOXLOOP_*`` environment variables (and flags that override them).
 
     Raises:
-        ValueError: a variable is malformed or no API key is configured.
+        ValueError: a variable is malformed, the database URL is not supported,
+            or no API key is configured.
+        SecretError: the key ring cannot be read.
     """
     from runtime.speech.engines.registry import installed_voice_ids
 
@@ -64,36 +136,64 @@ def settings_from_env(
     if not keys:
         raise ValueError("set VOXLOOP_API_KEYS to the comma-separated keys that may call the API")
     directory = data_dir or Path(env.get("VOXLOOP_DATA_DIR", "voxloop-data"))
-    url = database_url or env.get("VOXLOOP_DATABASE_URL") or sqlite_url(directory)
+    raw_url = database_url or env.get("VOXLOOP_DATABASE_URL")
+    url = _database_url(raw_url) if raw_url else sqlite_url(directory)
+    key_file: Path | None = None
     if env.get("VOXLOOP_SECRET_KEY"):
         ring = KeyRing.from_env(env["VOXLOOP_SECRET_KEY"])
     else:
-        ring = KeyRing.load_or_create(directory / "secret.key")
-    policy = URLPolicy()
-    allow = env.get("VOXLOOP_ALLOW_PRIVATE_ENDPOINTS", "").strip()
-    if allow.lower() in ("1", "true", "yes", "all"):
-        policy = URLPolicy(allow_private=True)
-    elif allow:
-        policy = policy.with_allowlist(allow.split(","))
+        key_file = directory / "secret.key"
+        ring = KeyRing.load_or_create(key_file)
+    policy = policy_from_env(env)
     resolver: Resolver = SystemResolver()
     if env.get("VOXLOOP_STATIC_HOSTS"):
-        table = json.loads(env["VOXLOOP_STATIC_HOSTS"])
-        if not isinstance(table, dict):
+        try:
+            table = json.loads(env["VOXLOOP_STATIC_HOSTS"])
+        except ValueError:
+            table = None
+        if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
             raise ValueError("VOXLOOP_STATIC_HOSTS must be a JSON object of host -> [addresses]")
         resolver = StaticResolver({str(k): [str(a) for a in v] for k, v in table.items()})
-    return Settings(keys, directory, url, ring, policy, resolver, installed_voice_ids())
+    return Settings(
+        keys, directory, url, ring, policy, resolver, installed_voice_ids(), key_file=key_file
+    )
+
+
+def _database_url(text: str) -> str:
+    return database_url(text)
+
+
+async def check_database(settings: Settings) -> None:
+    """Connect to the database and migrate it, then close (before a server says "listening").
+
+    Raises:
+        StoreError: the database cannot be reached or opened (one line).
+    """
+    store = Store(settings.database_url)
+    await store.start()
+    try:
+        await store.init_primary(settings.ring.primary)
+    finally:
+        await store.aclose()
 
 
 def _error(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    message = shorten(message)
     body: dict[str, Any] = {"detail": message}
     if code:
         body["code"] = code
     if param:
+        param = shorten(param, 200)
         body["param"] = param
         body["errors"] = [{"param": param, "message": message}]
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _iso(value: Any) -> str:
@@ -101,39 +201,74 @@ def _iso(value: Any) -> str:
     return text if value.tzinfo else text + "+00:00"
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedLLM:
+    """An agent's endpoint with its key opened (in memory only)."""
+
+    base_url: str
+    model: str
+    api_key: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedAgent:
+    """A stored agent ready to run.
+
+    Attributes:
+        doc: the public agent (as ``GET /v1/agents/{id}`` returns it).
+        llm: the endpoint (at most one), key opened.
+        tool_headers: tool name -> header name -> value, opened.
+    """
+
+    doc: dict[str, Any]
+    llm: tuple[LoadedLLM, ...]
+    tool_headers: dict[str, dict[str, Secret]]
+
+
+class Unavailable(Exception):
+    """A write cannot be done now (503); nothing was stored."""
+
+
 class Api:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.box = SecretBox(settings.ring)
-        self._token_key = hashlib.sha256(
-            b"voxloop-token-v1" + settings.ring.keys[settings.ring.primary]
-        ).digest()
+        self.box = SecretBox(settings.ring, key_file=settings.key_file)
+        self._api_keys = tuple(k.encode("utf-8") for k in settings.api_keys)
 
     # -- plumbing ---------------------------------------------------------------
 
     def authorized(self, request: Request) -> JSONResponse | None:
-        header = request.headers.get("authorization")
-        if not header:
+        raw = request.headers.get("authorization")
+        if not raw:
             return _error(401, "Missing authorization header")
-        key = header[7:].strip() if header.lower().startswith("bearer ") else header.strip()
-        if not any(hmac.compare_digest(key, k) for k in self.settings.api_keys):
+        # Header values are bytes (decoded as latin-1 by Starlette); compare bytes, so a
+        # non-ASCII value is simply a wrong key.
+        key = raw[7:].strip() if raw.lower().startswith("bearer ") else raw.strip()
+        given = key.encode("latin-1", "replace")
+        if not any(hmac.compare_digest(given, k) for k in self._api_keys):
             return _error(401, "Unauthorized")
         return None
 
     async def body(self, request: Request) -> Any:
+        """The request body as checked JSON.
+
+        Raises:
+            FieldError: too large, too slow (more than ``BODY_TIMEOUT_S``), or not acceptable JSON.
+        """
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        if length is not None and (not _ASCII_INT.fullmatch(length) or int(length) > MAX_BODY):
             raise FieldError("body", f"is larger than {MAX_BODY} bytes")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_BODY:
-                raise FieldError("body", f"is larger than {MAX_BODY} bytes")
         try:
-            return json.loads(data)
-        except ValueError:
-            raise FieldError("body", "is not valid JSON") from None
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > MAX_BODY:
+                        raise FieldError("body", f"is larger than {MAX_BODY} bytes")
+        except TimeoutError:
+            raise FieldError("body", f"was not received within {BODY_TIMEOUT_S:.0f} s") from None
+        return parse_json(bytes(data))
 
     def public(self, row: AgentRow) -> dict[str, Any]:
         config = dict(row.config)
@@ -163,8 +298,17 @@ class Api:
             "updated_at": _iso(row.updated_at),
         }
 
+    def _seal_kid(self, tx: WriteTx) -> str:
+        kid = tx.primary_kid or self.box.ring.primary
+        if not self.box.has_key(kid):
+            raise Unavailable(
+                f"stored secrets are now sealed under key {kid!r}, which this server does not "
+                "have; restart it with the rotated VOXLOOP_SECRET_KEY"
+            )
+        return kid
+
     def _apply(
-        self, row_id: str, agent: AgentInput, old: AgentRow | None
+        self, row_id: str, agent: AgentInput, old: AgentRow | None, kid: str
     ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
         config = (
             dict(old.config) if old else {"greeting": None, "input": {}, "output": {}, "tools": []}
@@ -176,7 +320,7 @@ class Api:
                 {
                     "base_url": e.base_url,
                     "model": e.model,
-                    "api_key": self.box.seal(e.api_key, context=f"{row_id}:llm.api_key"),
+                    "api_key": self.box.seal(e.api_key, context=f"{row_id}:llm.api_key", kid=kid),
                 }
                 for e in agent.llm
             ]
@@ -184,21 +328,24 @@ class Api:
         if agent.tools is not None:
             stamp = _iso(now())
             new_secrets: dict[str, dict[str, dict[str, str]]] = {}
-            for tool in agent.tools:
+            for i, tool in enumerate(agent.tools):
                 name = tool.doc["name"]
                 kept = secrets.get(name, {})
                 headers: dict[str, dict[str, str]] = {}
-                for h in tool.headers:
+                for j, h in enumerate(tool.headers):
                     if h.remove:
                         continue
                     if h.value is not None:
-                        sealed = self.box.seal(h.value, context=f"{row_id}:tool:{name}:{h.name}")
+                        sealed = self.box.seal(
+                            h.value, context=f"{row_id}:tool:{name}:{h.name}", kid=kid
+                        )
                         headers[h.name] = {"sealed": sealed, "last_set_at": stamp}
                     elif h.name in kept:
                         headers[h.name] = kept[h.name]
                     else:
                         raise FieldError(
-                            f"tools.{name}.http.headers", f"header {h.name!r} has no stored value"
+                            f"tools[{i}].http.headers[{j}].value",
+                            f"header {shorten(h.name, 60)!r} has no stored value; give its value",
                         )
                 if headers:
                     new_secrets[name] = headers
@@ -217,30 +364,54 @@ class Api:
             )
             await check_urls(agent, self.settings.policy, self.settings.resolver)
             row_id = Store.new_agent_id()
-            config, llm, secrets = self._apply(row_id, agent, None)
+            async with self.store.writing() as tx:
+                config, llm, secrets = self._apply(row_id, agent, None, self._seal_kid(tx))
+                stamp = now()
+                row = AgentRow(
+                    row_id, str(agent.fields["name"]), stamp, stamp, config, llm, secrets
+                )
+                await tx.insert(row)
         except FieldError as exc:
             return _error(422, exc.message, param=exc.param, code="validation_error")
-        stamp = now()
-        row = AgentRow(row_id, str(agent.fields["name"]), stamp, stamp, config, llm, secrets)
-        await self.store.insert_agent(row)
+        except (Unavailable, KeyUnavailable) as exc:
+            return _error(503, str(exc), code="key_unavailable")
         log.info("agent created", extra={"agent_id": row_id})
         return JSONResponse(self.public(row), status_code=201)
 
     async def list_agents(self, request: Request) -> Response:
         if (denied := self.authorized(request)) is not None:
             return denied
-        rows = await self.store.list_agents()
+        params = request.query_params
+        paged = "limit" in params or "cursor" in params
+        try:
+            limit = _int_param(request, "limit", 1, PAGE_MAX) or 50 if paged else None
+            after = None
+            if params.get("cursor"):
+                try:
+                    after = decode_cursor(params["cursor"])
+                except ValueError as exc:
+                    raise FieldError("cursor", str(exc)) from None
+        except FieldError as exc:
+            return _error(400, exc.message, param=exc.param, code="invalid_request")
+        rows, next_cursor = await self.store.list_agents(limit, after)
+        items = [
+            {
+                "id": r.id,
+                "name": r.name,
+                "created_at": _iso(r.created_at),
+                "updated_at": _iso(r.updated_at),
+                "deleted_at": None,
+            }
+            for r in rows
+        ]
+        if not paged:
+            return JSONResponse(items)
         return JSONResponse(
-            [
-                {
-                    "id": r.id,
-                    "name": r.name,
-                    "created_at": _iso(r.created_at),
-                    "updated_at": _iso(r.updated_at),
-                    "deleted_at": None,
-                }
-                for r in rows
-            ]
+            {
+                "agents": items,
+                "has_more": bool(next_cursor),
+                "response_metadata": {"next_cursor": next_cursor},
+            }
         )
 
     async def get_agent(self, request: Request) -> Response:
@@ -254,21 +425,29 @@ class Api:
     async def update_agent(self, request: Request) -> Response:
         if (denied := self.authorized(request)) is not None:
             return denied
-        old = await self.store.get_agent(request.path_params["agent_id"])
-        if old is None:
-            return _error(404, "agent not found", code="agent_not_found")
+        agent_id = request.path_params["agent_id"]
         try:
+            if await self.store.get_agent(agent_id) is None:
+                return _error(404, "agent not found", code="agent_not_found")
             agent = validate_agent(
                 await self.body(request), partial=True, voices=self.settings.voices
             )
             await check_urls(agent, self.settings.policy, self.settings.resolver)
-            config, llm, secrets = self._apply(old.id, agent, old)
+            # Read, merge and write in one transaction with the row locked: concurrent
+            # PUTs of different fields both survive.
+            async with self.store.writing(agent_id) as tx:
+                old = tx.row
+                if old is None:
+                    return _error(404, "agent not found", code="agent_not_found")
+                config, llm, secrets = self._apply(old.id, agent, old, self._seal_kid(tx))
+                name = str(agent.fields.get("name", old.name))
+                row = AgentRow(old.id, name, old.created_at, now(), config, llm, secrets)
+                await tx.replace(row)
         except FieldError as exc:
             return _error(422, exc.message, param=exc.param, code="validation_error")
-        name = str(agent.fields.get("name", old.name))
-        row = AgentRow(old.id, name, old.created_at, now(), config, llm, secrets)
-        await self.store.replace_agent(row)
-        log.info("agent updated", extra={"agent_id": old.id})
+        except (Unavailable, KeyUnavailable) as exc:
+            return _error(503, str(exc), code="key_unavailable")
+        log.info("agent updated", extra={"agent_id": agent_id})
         return JSONResponse(self.public(row))
 
     async def delete_agent(self, request: Request) -> Response:
@@ -307,25 +486,71 @@ class Api:
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
+    # -- for the realtime server --------------------------------------------------
+
+    async def load_agent(self, agent_id: str) -> LoadedAgent | None:
+        """The stored agent ``agent_id`` with its secrets opened in memory (``None``: absent).
+
+        Raises:
+            SecretError: a stored secret does not open (wrong or missing key); the
+                message names the field, never the value.
+        """
+        row = await self.store.get_agent(agent_id)
+        if row is None:
+            return None
+        llm = []
+        for i, entry in enumerate(row.llm):
+            try:
+                key = self.box.open(entry["api_key"], context=f"{row.id}:llm.api_key")
+            except SecretError as exc:
+                raise SecretError(f"agent {row.id} llm[{i}].api_key: {exc}") from None
+            llm.append(LoadedLLM(entry["base_url"], entry["model"], key))
+        headers: dict[str, dict[str, Secret]] = {}
+        for tool, stored in row.tool_secrets.items():
+            headers[tool] = {}
+            for name, meta in stored.items():
+                try:
+                    headers[tool][name] = self.box.open(
+                        meta["sealed"], context=f"{row.id}:tool:{tool}:{name}"
+                    )
+                except SecretError as exc:
+                    raise SecretError(f"agent {row.id} tool {tool} header {name}: {exc}") from None
+        return LoadedAgent(self.public(row), tuple(llm), headers)
+
     # -- tokens -------------------------------------------------------------------
 
+    def _token_key(self, kid: str) -> bytes:
+        return hashlib.sha256(b"voxloop-token-v1" + self.box.ring.keys[kid]).digest()
+
     def mint(self, claims: dict[str, Any]) -> str:
+        """Sign ``claims`` (``jti``, ``exp`` in Unix seconds, ``msd``) into a token string."""
+        claims = {**claims, "kid": self.box.ring.primary}
         body = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
-        mac = hmac.new(self._token_key, body.encode(), hashlib.sha256).digest()
+        mac = hmac.new(self._token_key(claims["kid"]), body.encode(), hashlib.sha256).digest()
         return f"{body}.{b64url_encode(mac)}"
 
     async def redeem(self, token: str) -> dict[str, Any] | None:
-        """The token's claims if it is genuine, unexpired and not used before; marks it used."""
+        """The token's claims if it is genuine, unexpired and not used before; marks it used.
+
+        The use is recorded with one insert into ``token_uses``, so of any number of
+        concurrent redemptions (on any worker sharing the database) exactly one wins.
+        """
         body, _, mac = token.partition(".")
-        expected = hmac.new(self._token_key, body.encode(), hashlib.sha256).digest()
         try:
             given = b64url_decode(mac)
             claims = json.loads(b64url_decode(body))
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
-        if not hmac.compare_digest(given, expected) or not isinstance(claims, dict):
+        if not isinstance(claims, dict):
             return None
-        if int(claims.get("exp", 0)) < time.time():
+        kid = claims.get("kid", self.box.ring.primary)
+        if not isinstance(kid, str) or not self.box.has_key(kid):
+            return None
+        expected = hmac.new(self._token_key(kid), body.encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(given, expected):
+            return None
+        exp = claims.get("exp")
+        if not isinstance(exp, int) or exp < time.time():
             return None
         if not await self.store.use_token(str(claims.get("jti"))):
             return None
@@ -340,9 +565,43 @@ def _int_param(
         if required:
             raise FieldError(name, "is required")
         return None
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit() also accepts "²" and "١٢٣".
+    if not _ASCII_INT.fullmatch(raw) or not low <= int(raw) <= high:
         raise FieldError(name, f"must be an integer from {low} to {high}")
     return int(raw)
+
+
+class CloseAfterError:
+    """ASGI middleware: an unhandled exception becomes a JSON 500 with ``Connection: close``.
+
+    Only the exception's type is logged (messages could hold request data).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("internal error", extra={"error": type(exc).__name__})
+            if started:
+                raise
+            response = _error(
+                500, "internal error", code="internal_error", headers={"Connection": "close"}
+            )
+            await response(scope, receive, send)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -353,6 +612,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await store.start()
+        await store.init_primary(settings.ring.primary)
         try:
             yield
         finally:
@@ -372,7 +632,8 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.state.api = api
+    app.add_middleware(CloseAfterError)
     return app
 
 
-OPENAPI: Final = json.loads((Path(__file__).parent / "openapi.json").read_text(encoding="utf-8"))
+OPENAPI: Final = openapi_document(__version__)

@@ -109,15 +109,31 @@ class KeyRing:
         kid = _new_kid()
         return KeyRing(primary=kid, keys={**self.keys, kid: AESGCM.generate_key(bit_length=256)})
 
+    def only(self, kids: set[str]) -> KeyRing:
+        """A ring with only the primary key and ``kids`` (retiring the others)."""
+        keep = {k: v for k, v in self.keys.items() if k == self.primary or k in kids}
+        return KeyRing(primary=self.primary, keys=keep)
+
     def save(self, path: Path) -> None:
-        """Write the ring to ``path`` with mode 0600 (atomically)."""
+        """Write the ring to ``path`` with mode 0600, atomically and durably.
+
+        The file and its directory are fsynced before this returns, so a crash
+        afterwards cannot lose the new ring.
+        """
         doc = {"primary": self.primary, "keys": {k: b64url_encode(v) for k, v in self.keys.items()}}
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:
@@ -151,18 +167,58 @@ class KeyRing:
         return ring
 
 
+class KeyUnavailable(SecretError):
+    """The key a value must be sealed with (or was sealed with) is not in this worker's ring."""
+
+
 class SecretBox:
-    """Seals and opens secrets with a :class:`KeyRing`."""
+    """Seals and opens secrets with a :class:`KeyRing`.
 
-    def __init__(self, ring: KeyRing) -> None:
+    Args:
+        ring: the keys.
+        key_file: where the ring came from; when a key id is missing (another
+            process rotated the key), the file is read again, so running
+            workers pick up a new primary key without a restart.
+    """
+
+    def __init__(self, ring: KeyRing, key_file: Path | None = None) -> None:
         self.ring = ring
+        self.key_file = key_file
 
-    def seal(self, value: str | Secret, *, context: str) -> str:
+    def has_key(self, kid: str) -> bool:
+        """Whether ``kid`` is in the ring (re-reading the key file once if it is not)."""
+        if kid in self.ring.keys:
+            return True
+        self.refresh()
+        return kid in self.ring.keys
+
+    def refresh(self) -> None:
+        """Re-read the key file, if the ring came from one (keys are only ever added)."""
+        if self.key_file is None:
+            return
+        try:
+            ring = KeyRing.load(self.key_file)
+        except SecretError:
+            return
+        self.ring = KeyRing(primary=ring.primary, keys={**self.ring.keys, **ring.keys})
+
+    def seal(self, value: str | Secret, *, context: str, kid: str | None = None) -> str:
+        """Encrypt under key ``kid`` (default: the ring's primary key).
+
+        Raises:
+            KeyUnavailable: ``kid`` is not in the ring, even after re-reading the key file.
+        """
+        kid = kid or self.ring.primary
+        if not self.has_key(kid):
+            raise KeyUnavailable(
+                f"secrets are now sealed under key {kid!r}, which this process does not have; "
+                "restart it with the rotated VOXLOOP_SECRET_KEY"
+            )
         plaintext = value.reveal() if isinstance(value, Secret) else value
         nonce = secrets.token_bytes(NONCE_BYTES)
-        key = self.ring.keys[self.ring.primary]
+        key = self.ring.keys[kid]
         sealed = AESGCM(key).encrypt(nonce, plaintext.encode("utf-8"), context.encode("utf-8"))
-        return f"{VERSION}.{self.ring.primary}.{b64url_encode(nonce + sealed)}"
+        return f"{VERSION}.{kid}.{b64url_encode(nonce + sealed)}"
 
     def open(self, token: str, *, context: str) -> Secret:
         """Decrypt a sealed value.
@@ -171,9 +227,9 @@ class SecretBox:
             SecretError: unknown format or key id, wrong context, or tampered data.
         """
         _, kid, body = self._split(token)
-        key = self.ring.keys.get(kid)
-        if key is None:
-            raise SecretError(f"no key with id {kid!r} in the key ring")
+        if not self.has_key(kid):
+            raise KeyUnavailable(f"no key with id {kid!r} in the key ring")
+        key = self.ring.keys[kid]
         try:
             data = b64url_decode(body)
             plaintext = AESGCM(key).decrypt(
@@ -188,11 +244,16 @@ class SecretBox:
     def key_id(self, token: str) -> str:
         return self._split(token)[1]
 
-    def reseal(self, token: str, *, context: str) -> str:
-        """Re-encrypt under the primary key (no-op if it already is)."""
-        if self.key_id(token) == self.ring.primary:
+    def reseal(self, token: str, *, context: str, kid: str | None = None) -> str:
+        """Re-encrypt under key ``kid`` (default: primary); no-op if it already is.
+
+        Raises:
+            SecretError: the value does not open.
+        """
+        kid = kid or self.ring.primary
+        if self.key_id(token) == kid:
             return token
-        return self.seal(self.open(token, context=context), context=context)
+        return self.seal(self.open(token, context=context), context=context, kid=kid)
 
     @staticmethod
     def _split(token: str) -> tuple[str, str, str]:

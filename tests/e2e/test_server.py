@@ -293,13 +293,17 @@ def test_key_rotation_keeps_agents_readable(tmp_path: Path):
     finally:
         stop(srv)
     old_key = json.loads((data / "secret.key").read_text())["primary"]
-    env = {**os.environ, "VOXLOOP_API_KEYS": API_KEY}
+    env = {k: v for k, v in os.environ.items() if k != "VOXLOOP_API_KEYS"}  # not needed
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "secrets", "rotate-key", "--data-dir", str(data)],
                          capture_output=True, text=True, env=env, timeout=60, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "re-encrypted 2 secrets" in out.stdout
     ring = json.loads((data / "secret.key").read_text())
-    assert ring["primary"] != old_key and old_key in ring["keys"]
+    assert out.stdout.splitlines() == [
+        f"re-encrypted 2 secrets under key {ring['primary']}",
+        f"retired unused keys: {old_key}",
+    ]
+    # Every secret moved to the new key, so the old one was retired.
+    assert ring["primary"] != old_key and list(ring["keys"]) == [ring["primary"]]
     # Every stored secret now names the new key id.
     import sqlite3
 

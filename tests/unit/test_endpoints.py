@@ -217,9 +217,18 @@ async def test_operator_allowlist_by_cidr_and_by_host():
     await check_endpoint_url("https://vllm.corp.example/v1", by_host, RESOLVER)
     with pytest.raises(URLPolicyError):
         await check_endpoint_url("https://internal.example.com/v1", by_host, RESOLVER)
-    # The allowlist never relaxes https.
-    with pytest.raises(URLPolicyError, match="scheme"):
-        await check_endpoint_url("http://vllm.corp.example/v1", by_host, RESOLVER)
+    # Allowlisted private hosts may use plain http (a vLLM on the LAN); public hosts never.
+    pinned = await check_endpoint_url("http://vllm.corp.example:8000/v1", by_host, RESOLVER)
+    assert pinned.endpoint.url == "http://vllm.corp.example:8000/v1"
+    await check_endpoint_url("http://10.20.30.40/v1", by_cidr, RESOLVER)
+    for policy in (by_host, by_cidr, URLPolicy(allow_private=True)):
+        with pytest.raises(URLPolicyError, match="must be https") as info:
+            await check_endpoint_url("http://api.example.com/v1", policy, RESOLVER)
+        assert "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS" in str(info.value)
+    with pytest.raises(URLPolicyError, match="VOXLOOP_ALLOW_PRIVATE_ENDPOINTS"):
+        await check_endpoint_url("http://vllm.corp.example/v1", STRICT, RESOLVER)
+    with pytest.raises(URLPolicyError, match="VOXLOOP_ALLOW_PRIVATE_ENDPOINTS"):
+        await check_endpoint_url("https://internal.example.com/v1", by_host, RESOLVER)
 
 
 def test_allowlist_entries_are_validated():

@@ -39,6 +39,7 @@ from runtime.endpoints import (
     URLPolicy,
     parse_endpoint_url,
     resolve_endpoint,
+    tls_verify,
 )
 from runtime.errors import (
     EndpointAuthError,
@@ -193,7 +194,7 @@ class AssemblyAIStreamingSTT:
             "proxy": None,
         }
         if scheme == "wss":
-            kwargs["ssl"] = self._ssl or ssl.create_default_context()
+            kwargs["ssl"] = self._ssl or _default_ssl()
             kwargs["server_hostname"] = self._url.host
         try:
             return await connect(uri, **kwargs)
@@ -374,3 +375,9 @@ class AssemblyAITurn:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _default_ssl() -> ssl.SSLContext:
+    """The system roots, plus ``VOXLOOP_CA_BUNDLE`` if set."""
+    verify = tls_verify()
+    return verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
