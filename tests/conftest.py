@@ -32,6 +32,9 @@ async def make_client() -> AsyncIterator[ClientFactory]:
         **kwargs: object,
     ) -> ChatClient:
         kwargs.setdefault("policy", URLPolicy.operator())
+        # The reference endpoint never opens think blocks in a template: text is
+        # released as it streams (the tests of the undecided start pass None).
+        kwargs.setdefault("leading_reasoning", False)
         client = ChatClient(
             Endpoint(base_url, "test-model", Secret(api_key) if api_key else None),
             timeouts=timeouts or ClientTimeouts(connect_s=5, first_token_s=5, stall_s=5),

@@ -62,3 +62,7 @@ class SessionConfig:
     max_tool_rounds: int = 4
     temperature: float | None = None
     max_tokens: int | None = 256
+    # The longest the caller waits in silence for a reply's first token, across
+    # the endpoint client's retries, before the apology (None: the client's own
+    # first_token_budget_s, 5 s).
+    first_token_timeout_s: float | None = None

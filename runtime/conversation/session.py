@@ -596,6 +596,7 @@ class ConversationSession:
             tools=[openai_tool(t) for t in self.config.tools],
             temperature=self.config.temperature,
             max_tokens=self.config.max_tokens,
+            first_token_timeout_s=self.config.first_token_timeout_s,
         )
         calls: list[ToolCall] = []
         text_parts: list[str] = []

@@ -12,15 +12,36 @@ connects only to addresses the URL policy checked (``runtime.llm.transport``).
 pure chunk decoder; this module only does the I/O, the deadlines, the
 retries and the timestamps.
 
-* Deadlines: ``first_token_s`` from the moment the request is handed to the
-  socket until the first generated delta (content, reasoning or tool call);
-  then ``stall_s`` between deltas. Heartbeats (empty deltas, comments) do not
-  reset them.
-* Retries happen only while nothing has been generated yet (no delta has been
-  yielded), only for retryable errors, and honour ``Retry-After`` up to
-  ``max_retry_wait_s``. The ``stream_options.include_usage`` field is dropped
-  (one extra attempt, remembered by the client) when the endpoint rejects the
-  request with 400/422.
+* Deadlines are chosen for a voice call, where every second before the first
+  token is silence the caller hears. ``first_token_s`` bounds one attempt,
+  from the start of that attempt (connect included) to the first generated
+  delta (content, reasoning or tool call, even if held back);
+  ``first_token_budget_s`` bounds the whole reply across its retries — the
+  longest silence an endpoint can cause before the apology. After the first
+  delta, ``stall_s`` bounds the gap between deltas. Heartbeats (empty
+  deltas, role-only chunks, comments) do not reset them. A request may carry
+  its own budget (``ChatRequest.first_token_timeout_s``), so an agent or a
+  session can choose one.
+* Retries happen only while nothing has reached the consumer yet, only for
+  retryable errors, and only while they can still help: at least
+  ``RetryPolicy.min_retry_budget_s`` of the budget must remain once any
+  ``Retry-After`` has been waited (which is honoured up to
+  ``max_retry_wait_s``). A first attempt that used its whole deadline leaves
+  no room for a second one, so a silent endpoint costs one deadline, not
+  two. The ``stream_options.include_usage`` field is dropped (one extra
+  attempt, remembered by the client) when the endpoint rejects the request
+  with 400/422.
+* Bodies: the client advertises gzip, deflate and br and decodes them (SSE
+  bodies and error bodies alike); another ``Content-Encoding`` is a
+  :class:`MalformedStream` naming it. ``data: [DONE]`` ends the stream at
+  once, even when the server keeps the connection open. A 2xx body that
+  ends without a single server-sent event (an HTML page from a proxy, a body
+  in an encoding the server did not declare) is a retryable
+  :class:`MalformedStream` quoting its first bytes, never an empty reply.
+* Template-opened reasoning (see ``runtime.llm.stream``): until the client
+  knows whether the endpoint's chat template opens a think block, the start
+  of a reply's content is held back until the stream decides; the decision is
+  remembered in :attr:`ChatClient.leading_reasoning` for the next replies.
 * Cancellation: leaving the context (normally, by error, or by cancelling the
   consuming task) closes the HTTP response under a shielded, time-limited
   cleanup, so the endpoint sees the disconnect and the pool stays consistent;
@@ -59,17 +80,14 @@ from runtime.endpoints import (
     URLPolicy,
 )
 from runtime.errors import (
-    EndpointAuthError,
     EndpointError,
     EndpointRateLimited,
-    EndpointRejected,
-    EndpointServerError,
     EndpointStalled,
     EndpointTimeout,
     MalformedStream,
     StreamDropped,
 )
-from runtime.llm.sse import SSEDecoder
+from runtime.llm.sse import SSEDecoder, SSEEvent
 from runtime.llm.stream import (
     ChatChunkDecoder,
     ChatEvent,
@@ -79,6 +97,7 @@ from runtime.llm.stream import (
     TextDelta,
     ToolCallDelta,
     Usage,
+    status_error,
 )
 from runtime.llm.transport import PinnedHTTP, map_http_errors
 from runtime.secret import Secret
@@ -88,6 +107,13 @@ log = logging.getLogger("voxloop.llm")
 _ERROR_BODY_LIMIT: Final = 4096
 _ERROR_TEXT_LIMIT: Final = 200
 _CLEANUP_TIMEOUT_S: Final = 2.0
+_BODY_HEAD_LIMIT: Final = 512
+# After [DONE]: how long, and how much, to read for the end of the body.
+_DRAIN_S: Final = 0.05
+_DRAIN_LIMIT: Final = 65536
+# What httpx decodes (br through the ``brotli`` dependency): the client
+# advertises exactly these in Accept-Encoding.
+_DECODED_ENCODINGS: Final = frozenset({"identity", "gzip", "deflate", "br"})
 USER_AGENT: Final = "voxloop/0.1"
 
 
@@ -107,20 +133,42 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ClientTimeouts:
-    """Deadlines in seconds (see the module docstring)."""
+    """Deadlines in seconds, chosen for a voice call (see the module docstring).
 
-    connect_s: float = 5.0
-    first_token_s: float = 10.0
-    stall_s: float = 5.0
+    Attributes:
+        connect_s: TCP connect, TLS handshake, pool wait and request write.
+        first_token_s: one attempt, from its start to its first generated delta.
+        first_token_budget_s: the whole reply, across retries, to its first delta
+            (a request's ``first_token_timeout_s`` replaces it).
+        stall_s: the longest gap between deltas once generation started.
+    """
+
+    connect_s: float = 3.0
+    first_token_s: float = 4.0
+    first_token_budget_s: float = 5.0
+    stall_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if min(self.connect_s, self.first_token_s, self.first_token_budget_s, self.stall_s) <= 0:
+            raise ValueError("deadlines must be positive")
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Retries before the first token. ``max_attempts=1`` disables them."""
+    """Retries before the first token. ``max_attempts=1`` disables them.
+
+    Attributes:
+        max_attempts: attempts per reply, the first included.
+        backoff_s: wait before retry *n* is ``backoff_s * n`` (at least).
+        max_retry_wait_s: a longer ``Retry-After`` is not waited out.
+        min_retry_budget_s: a retry starts only if this much of the first-token
+            budget is left after the wait (a shorter attempt cannot help).
+    """
 
     max_attempts: int = 2
     backoff_s: float = 0.1
-    max_retry_wait_s: float = 3.0
+    max_retry_wait_s: float = 2.0
+    min_retry_budget_s: float = 1.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +180,8 @@ class ChatRequest:
     temperature: float | None = None
     max_tokens: int | None = None
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    first_token_timeout_s: float | None = None
+    """The longest wait for the first token across retries (``None``: the client's budget)."""
 
 
 @dataclass(slots=True)
@@ -238,39 +288,6 @@ def _error_detail(body: bytes, secret: Secret | None) -> str:
     return text
 
 
-def _status_error(status: int, detail: str, retry_after: float | None) -> EndpointError:
-    suffix = f": {detail}" if detail else ""
-    if status in (401, 403):
-        return EndpointAuthError(
-            f"endpoint refused the credentials (HTTP {status}){suffix}",
-            retryable=False,
-            status_code=status,
-        )
-    if status == 429:
-        return EndpointRateLimited(
-            f"endpoint is rate limiting (HTTP 429){suffix}", retry_after_s=retry_after
-        )
-    if status == 408:
-        return EndpointTimeout(
-            f"endpoint timed out the request (HTTP 408){suffix}", retryable=True, status_code=408
-        )
-    if 300 <= status < 400:
-        return EndpointRejected(
-            f"endpoint answered with a redirect (HTTP {status}); redirects are not followed",
-            retryable=False,
-            status_code=status,
-        )
-    if 400 <= status < 500:
-        return EndpointRejected(
-            f"endpoint rejected the request (HTTP {status}){suffix}",
-            retryable=False,
-            status_code=status,
-        )
-    return EndpointServerError(
-        f"endpoint failed (HTTP {status}){suffix}", retryable=status != 501, status_code=status
-    )
-
-
 class ChatClient:
     """Streams chat completions from one endpoint.
 
@@ -284,6 +301,9 @@ class ChatClient:
         retry: retries before the first token.
         verify: TLS verification (``True``, or an ``ssl.SSLContext``).
         http2: offer HTTP/2 (needs the ``http2`` extra).
+        leading_reasoning: whether the endpoint's chat template opens a think
+            block before every reply (``None``: learn it from the first reply,
+            holding that reply's text back until the stream decides).
 
     Raises:
         URLPolicyError: the base URL is not allowed (raised here for syntax,
@@ -302,8 +322,10 @@ class ChatClient:
         verify: ssl.SSLContext | bool = True,
         http2: bool = False,
         limits: httpx.Limits | None = None,
+        leading_reasoning: bool | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.leading_reasoning = leading_reasoning
         self._clock = clock or MonotonicClock()
         self._timeouts = timeouts or ClientTimeouts()
         self._retry = retry or RetryPolicy()
@@ -432,6 +454,18 @@ class ChatClient:
                         + (f": {detail}" if detail else ""),
                         retryable=False,
                     )
+                unknown = [
+                    coding
+                    for coding in response.headers.get_list("content-encoding", split_commas=True)
+                    if coding.strip().lower() not in _DECODED_ENCODINGS
+                ]
+                if unknown:
+                    await response.aclose()
+                    raise MalformedStream(
+                        f"endpoint compressed the stream with {', '.join(unknown)!r}, "
+                        "which voxloop does not decode (gzip, deflate and br are)",
+                        retryable=False,
+                    )
                 return response
             detail = await self._read_error_body(response)
             status = response.status_code
@@ -443,7 +477,7 @@ class ChatClient:
             if dropped_usage:
                 # The failure was not about stream_options: keep asking for usage.
                 self.include_usage = True
-            raise _status_error(status, detail, _retry_after_s(response.headers.get("retry-after")))
+            raise status_error(status, detail, _retry_after_s(response.headers.get("retry-after")))
 
     async def _send(self, body: dict[str, Any], timings: StreamTimings) -> httpx.Response:
         clock = self._clock
@@ -477,12 +511,13 @@ class ChatClient:
         size = 0
         try:
             async with asyncio.timeout(self._timeouts.stall_s):
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():
                     chunks.append(chunk)
                     size += len(chunk)
                     if size >= _ERROR_BODY_LIMIT:
                         break
         except (httpx.HTTPError, TimeoutError):
+            # Undecodable (DecodingError) or cut short: the status still says what failed.
             pass
         finally:
             await response.aclose()
@@ -508,12 +543,21 @@ class ChatStream:
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
         self._sse = SSEDecoder()
-        self._chunks = ChatChunkDecoder()
+        self._chunks = ChatChunkDecoder(leading_reasoning=client.leading_reasoning)
         self._pending: list[ChatEvent] = []
         self._generated = False
+        self._spoke = False
         self._started_sent = False
         self._eof = False
         self._closed = False
+        self._sse_events = 0
+        self._head = bytearray()
+        loop = asyncio.get_running_loop()
+        timeouts = client._timeouts
+        budget = request.first_token_timeout_s or timeouts.first_token_budget_s
+        self._budget_s = budget
+        self._budget_deadline = loop.time() + budget
+        self._deadline = self._budget_deadline
 
     def __aiter__(self) -> Self:
         return self
@@ -528,10 +572,17 @@ class ChatStream:
                     self._started_sent = True
                 return event
             if self._eof or self._closed:
+                if self._response is not None and self._chunks.done:
+                    await self._drain()
                 raise StopAsyncIteration
             try:
                 await self._fill()
             except EndpointError as exc:
+                key = self._client.endpoint.api_key
+                if key is not None:
+                    # In-band messages and quoted bodies come from the server,
+                    # which may echo the presented key.
+                    exc.args = tuple(key.redact(a) if isinstance(a, str) else a for a in exc.args)
                 if self._generated:
                     # Output already reached the consumer: repeating the request
                     # would repeat it, so no error after that point is retry-safe.
@@ -550,31 +601,41 @@ class ChatStream:
             if exc.retry_after_s > policy.max_retry_wait_s:
                 return False
             wait = max(wait, exc.retry_after_s)
+        left = self._budget_deadline - asyncio.get_running_loop().time() - wait
+        if left < policy.min_retry_budget_s:
+            # Too little of the first-token budget is left for a retry to help.
+            return False
         log.info("retrying endpoint request", extra={"kind": exc.kind})
         await self._close_response()
         await asyncio.sleep(wait)
         self._sse = SSEDecoder()
-        self._chunks = ChatChunkDecoder()
+        self._chunks = ChatChunkDecoder(leading_reasoning=self._client.leading_reasoning)
         self._pending.clear()
+        self._sse_events = 0
+        self._head.clear()
         self.timings = StreamTimings(
             started_ns=self.timings.started_ns, attempts=self.timings.attempts
         )
         return True
 
-    def _deadline_s(self) -> float:
+    def _start_attempt(self) -> None:
         t = self._client._timeouts
-        return t.stall_s if self._generated else t.first_token_s
+        now = asyncio.get_running_loop().time()
+        self._deadline = min(now + t.first_token_s, self._budget_deadline)
+
+    def _token_received(self) -> None:
+        self._deadline = asyncio.get_running_loop().time() + self._client._timeouts.stall_s
 
     async def _fill(self) -> None:
         """Read until at least one event is pending or the stream ended."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._deadline_s()
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(self._deadline) as deadline:
                 if self._response is None:
                     self.timings.attempts += 1
+                    self._start_attempt()
+                    deadline.reschedule(self._deadline)
                     self._response = await self._client._open(self._request, self.timings)
-                    self._raw = self._response.aiter_raw()
+                    self._raw = self._response.aiter_bytes()
                 assert self._raw is not None
                 while not self._pending:
                     try:
@@ -582,18 +643,34 @@ class ChatStream:
                     except StopAsyncIteration:
                         self._finish()
                         return
+                    before = self._chunks.deltas
                     self._feed(data)
+                    if self._chunks.done:
+                        self._finish()
+                        return
+                    if self._chunks.deltas != before:
+                        self._token_received()
+                        deadline.reschedule(self._deadline)
         except TimeoutError:
             await self._close_response()
-            if self._generated:
+            t = self._client._timeouts
+            if self._chunks.deltas:
                 raise EndpointStalled(
-                    f"no token for {self._client._timeouts.stall_s:g} s (stall deadline)",
-                    retryable=False,
+                    f"no token for {t.stall_s:g} s (stall deadline)",
+                    retryable=not self._generated,
                 ) from None
+            limit = min(t.first_token_s, self._budget_s)
             raise EndpointTimeout(
-                f"no token within {self._client._timeouts.first_token_s:g} s of the request",
-                retryable=True,
+                f"no token within {limit:g} s of the request", retryable=True
             ) from None
+        except httpx.DecodingError as exc:
+            response = self._response
+            coding = response.headers.get("content-encoding", "") if response is not None else ""
+            await self._close_response()
+            raise MalformedStream(
+                f"endpoint sent a body that does not decode as {coding or 'declared'!r}",
+                retryable=not self._generated,
+            ) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.StreamError) as exc:
             await self._close_response()
             raise StreamDropped(
@@ -607,31 +684,64 @@ class ChatStream:
             ) from exc
 
     def _feed(self, data: bytes) -> None:
+        if len(self._head) < _BODY_HEAD_LIMIT:
+            self._head += data[: _BODY_HEAD_LIMIT - len(self._head)]
         self._sse.receive_data(data)
-        for sse in self._sse.events_received():
+        self._decode(self._sse.events_received())
+
+    def _decode(self, events: list[SSEEvent]) -> None:
+        for sse in events:
+            self._sse_events += 1
             self._accept(self._chunks.receive_event(sse))
+            if self._chunks.done:
+                return
 
     def _finish(self) -> None:
-        self._sse.receive_eof()
-        for sse in self._sse.events_received():
-            self._accept(self._chunks.receive_event(sse))
+        if not self._chunks.done:
+            self._sse.receive_eof()
+            self._decode(self._sse.events_received())
+        if self._sse_events == 0:
+            raise MalformedStream(
+                f"endpoint answered {self._describe_body()} without a single server-sent event",
+                retryable=True,
+            )
         self._accept(self._chunks.receive_eof())
         self._eof = True
         self.timings.ended_ns = self._clock.now_ns()
+        client = self._client
+        if client.leading_reasoning is None:
+            decided = self._chunks.leading_reasoning
+            if decided or (decided is False and self._spoke):
+                client.leading_reasoning = decided
+
+    def _describe_body(self) -> str:
+        response = self._response
+        ctype = response.headers.get("content-type", "") if response is not None else ""
+        status = f"HTTP {response.status_code}" if response is not None else "a success"
+        head = " ".join(bytes(self._head).decode("utf-8", errors="replace").split())
+        if len(head) > 120:
+            head = head[:120] + "…"
+        what = f"{status} ({ctype or 'no content type'})"
+        return f"{what} with {head!r}" if head else f"{what} with an empty body"
 
     def _accept(self, events: list[ChatEvent]) -> None:
         now = self._clock.now_ns()
         t = self.timings
+        # Token times follow what the endpoint generated, held-back content included.
+        new = self._chunks.deltas - len(t.token_ns)
+        if new > 0:
+            if t.first_token_ns is None:
+                t.first_token_ns = now
+            t.token_ns.extend([now] * new)
         for event in events:
             if isinstance(event, StreamStarted):
                 if t.first_event_ns is None:
                     t.first_event_ns = now
             elif isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
-                if t.first_token_ns is None:
-                    t.first_token_ns = now
-                if isinstance(event, TextDelta) and t.first_answer_ns is None:
-                    t.first_answer_ns = now
-                t.token_ns.append(now)
+                if isinstance(event, TextDelta):
+                    self._spoke = True
+                    if t.first_answer_ns is None:
+                        t.first_answer_ns = now
                 self._generated = True
             elif isinstance(event, Usage):
                 self.usage = event
@@ -639,6 +749,20 @@ class ChatStream:
             elif isinstance(event, Finish):
                 self.finish_reason = event.reason
             self._pending.append(event)
+
+    async def _drain(self) -> None:
+        """After ``[DONE]``: read the end of the body if it comes at once (the
+        connection then goes back to the pool), else close it — a server that
+        holds the response open is not waited for."""
+        raw = self._raw
+        received = 0
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                while raw is not None and received <= _DRAIN_LIMIT:
+                    received += len(await anext(raw))
+        except (StopAsyncIteration, TimeoutError, httpx.HTTPError):
+            pass
+        await self._close_response()
 
     async def _close_response(self) -> None:
         response, self._response = self._response, None

@@ -18,6 +18,17 @@ and argument fragments arrive in separate deltas, or rejecting
 ``stream_options``. Plans can be queued for the next requests; otherwise the
 default plan answers.
 
+A plan can also serve a recorded body verbatim (``body``, cut into pieces of
+``chunk_size`` bytes, each written and flushed on its own), compress what it
+sends (``content_encoding``: gzip, deflate or br, flushed after every piece as
+a compressing proxy does, error bodies included) and keep the connection open
+after the body instead of ending the response (``hold_open``).
+
+Like a careless real server, every error answer quotes the credentials it
+was given: the presented ``Authorization`` value appears in the error message
+and in an ``x-presented-authorization`` header, so a client that does not
+redact what it quotes leaks the key in its errors.
+
 While a response streams, the server watches the socket, so a client
 disconnect is seen at once and recorded (tests assert on it). Every request
 is recorded with the server's own timestamps (``time.perf_counter_ns``), so
@@ -33,6 +44,7 @@ import json
 import re
 import ssl
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -43,6 +55,7 @@ import h11
 FaultKind = Literal[
     "none", "status", "redirect", "hang_headers", "hang", "drop", "malformed", "empty"
 ]
+ContentEncoding = Literal["identity", "gzip", "deflate", "br"]
 UsageMode = Literal["none", "empty_choices", "with_choices"]
 
 _MAX_BODY: Final = 4 * 1024 * 1024
@@ -76,6 +89,13 @@ class ReplyPlan:
             and its last message is not a tool result).
         tool_arguments: the call's JSON arguments (``None`` sends ``null``).
         reject_stream_options: answer 400 when ``stream_options`` is sent.
+        body: serve these bytes as the whole response body instead of a reply.
+        content_type: the response's content type with ``body``.
+        chunk_size: write ``body`` in pieces of this many bytes (``None``: at once).
+        content_encoding: compress every body this plan sends (SSE and errors).
+        hold_open: after the body, keep the connection open and never end the response.
+        declared_encoding: a ``Content-Encoding`` header sent with ``body`` as is
+            (a proxy that relabels bodies, or an encoding the client never offered).
     """
 
     replies: tuple[str, ...] = (DEFAULT_REPLY,)
@@ -94,8 +114,16 @@ class ReplyPlan:
     tool_name: str | None = None
     tool_arguments: str | None = '{"city": "Paris"}'
     reject_stream_options: bool = False
+    body: bytes | None = None
+    content_type: str = "text/event-stream; charset=utf-8"
+    chunk_size: int | None = None
+    content_encoding: ContentEncoding = "identity"
+    hold_open: bool = False
+    declared_encoding: str | None = None
 
     def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
         if self.ttft_ms < 0 or self.itl_ms < 0:
             raise ValueError("delays must not be negative")
         if not self.replies:
@@ -303,8 +331,9 @@ class ReferenceEndpoint:
                 f"Bearer {self._api_key}"
             ):
                 await self._json(
-                    conn, writer, record, 401, _error("Invalid API key", "invalid_api_key")
-                )
+                    conn, writer, record, 401,
+                    _error(f"Incorrect API key provided: {_presented(record)}", "invalid_api_key"),
+                )  # fmt: skip
                 return
             if record.method == "GET" and path.endswith("/models"):
                 doc = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
@@ -333,13 +362,17 @@ class ReferenceEndpoint:
         status: int,
         doc: object,
         extra: list[tuple[str, str]] | None = None,
+        encoding: ContentEncoding = "identity",
     ) -> None:
         payload = json.dumps(doc).encode()
-        headers = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(payload))),
-            *(extra or []),
-        ]
+        headers = [("content-type", "application/json")]
+        if encoding != "identity":
+            encoder = _Encoder(encoding)
+            payload = encoder.encode(payload) + encoder.finish()
+            headers.append(("content-encoding", encoding))
+        if status >= 400 and "authorization" in record.headers:
+            headers.append(("x-presented-authorization", record.headers["authorization"]))
+        headers += [("content-length", str(len(payload))), *(extra or [])]
         record.status = status
         await _write(writer, conn.send(h11.Response(status_code=status, headers=headers)))
         await _write(writer, conn.send(h11.Data(data=payload)))
@@ -358,6 +391,7 @@ class ReferenceEndpoint:
             await self._json(
                 conn, writer, record, 400,
                 _error("Unrecognized request argument supplied: stream_options", "invalid_request"),
+                encoding=plan.content_encoding,
             )  # fmt: skip
             return
         if plan.fault == "status":
@@ -367,8 +401,9 @@ class ReferenceEndpoint:
                 writer,
                 record,
                 plan.status,
-                _error(f"simulated {plan.status}", "simulated"),
+                _error(f"simulated {plan.status} for the key {_presented(record)}", "simulated"),
                 extra,
+                encoding=plan.content_encoding,
             )
             return
         if plan.fault == "redirect":
@@ -416,18 +451,38 @@ class ReferenceEndpoint:
         if body.get("stream") is not True:
             await self._json(conn, writer, record, 200, self._completion(plan, body))
             return
-        await _write(
-            writer,
-            conn.send(
-                h11.Response(
-                    status_code=200,
-                    headers=[
-                        ("content-type", "text/event-stream; charset=utf-8"),
-                        ("cache-control", "no-cache"),
-                    ],
-                )
-            ),
-        )
+        headers = [
+            ("content-type", plan.content_type if plan.body is not None else _SSE_TYPE),
+            ("cache-control", "no-cache"),
+        ]
+        encoder: _Encoder | None = None
+        if plan.content_encoding != "identity":
+            encoder = _Encoder(plan.content_encoding)
+            headers.append(("content-encoding", plan.content_encoding))
+        elif plan.declared_encoding is not None:
+            headers.append(("content-encoding", plan.declared_encoding))
+        await _write(writer, conn.send(h11.Response(status_code=200, headers=headers)))
+
+        async def send(data: bytes) -> None:
+            if encoder is not None:
+                data = encoder.encode(data)
+            await _write(writer, conn.send(h11.Data(data=data)))
+
+        async def end() -> None:
+            if encoder is not None:
+                await _write(writer, conn.send(h11.Data(data=encoder.finish())))
+            if plan.hold_open:
+                # As a server whose worker keeps the response open after the
+                # last event: the client must not wait for the end.
+                await asyncio.Event().wait()
+            await _write(writer, conn.send(h11.EndOfMessage()))
+
+        if plan.body is not None:
+            step = plan.chunk_size or max(1, len(plan.body))
+            for at in range(0, len(plan.body), step):
+                await send(plan.body[at : at + step])
+            await end()
+            return
         rid = f"chatcmpl-ref{len(self.requests)}"
         created = int(time.time())
 
@@ -440,9 +495,6 @@ class ReferenceEndpoint:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
             return b"data: " + json.dumps(doc).encode() + b"\n\n"
-
-        async def send(data: bytes) -> None:
-            await _write(writer, conn.send(h11.Data(data=data)))
 
         if plan.role_chunk:
             await send(chunk({"role": "assistant", "content": ""}))
@@ -538,7 +590,7 @@ class ReferenceEndpoint:
             await send(b"data: " + json.dumps(doc).encode() + b"\n\n")
         if plan.done:
             await send(b"data: [DONE]\n\n")
-        await _write(writer, conn.send(h11.EndOfMessage()))
+        await end()
 
     def _completion(self, plan: ReplyPlan, body: dict[str, Any]) -> dict[str, Any]:
         text = plan.replies[self._reply_index % len(plan.replies)]
@@ -556,6 +608,39 @@ class ReferenceEndpoint:
                 }
             ],
         }
+
+
+_SSE_TYPE: Final = "text/event-stream; charset=utf-8"
+
+
+class _Encoder:
+    """Streaming Content-Encoding: every piece is flushed so it can be decoded at once."""
+
+    def __init__(self, encoding: ContentEncoding) -> None:
+        self._brotli: Any = None
+        self._zlib: Any = None
+        if encoding == "br":
+            import brotli
+
+            self._brotli = brotli.Compressor()
+        else:
+            # gzip: a gzip member (wbits 31); deflate: the zlib format RFC 9110 names.
+            self._zlib = zlib.compressobj(wbits=31 if encoding == "gzip" else 15)
+
+    def encode(self, data: bytes) -> bytes:
+        if self._brotli is not None:
+            return bytes(self._brotli.process(data)) + bytes(self._brotli.flush())
+        return bytes(self._zlib.compress(data)) + bytes(self._zlib.flush(zlib.Z_SYNC_FLUSH))
+
+    def finish(self) -> bytes:
+        if self._brotli is not None:
+            return bytes(self._brotli.finish())
+        return bytes(self._zlib.flush(zlib.Z_FINISH))
+
+
+def _presented(record: RequestRecord) -> str:
+    value = record.headers.get("authorization", "")
+    return value.removeprefix("Bearer ") or "(none)"
 
 
 def _error(message: str, code: str) -> dict[str, Any]:

@@ -12,10 +12,17 @@ Bytes may arrive split anywhere, including between the CR and LF of one line
 ending and inside a multi-byte UTF-8 character; the decoder keeps the
 remainder, so any split of the same stream yields the same events.
 
-One deliberate difference: at end of stream the standard discards an event
-that was not terminated by a blank line. Several OpenAI-compatible servers
-end their last ``data:`` line without one, so :meth:`SSEDecoder.receive_eof`
-dispatches a pending event whose last line was complete.
+Two deliberate differences from the standard:
+
+* at end of stream the standard discards an event that was not terminated by
+  a blank line. Several OpenAI-compatible servers end their last ``data:``
+  line without one, so :meth:`SSEDecoder.receive_eof` dispatches a pending
+  event whose last line was complete;
+* the standard ignores unknown field names, but llama.cpp's server reports a
+  failure mid-stream as an ``error:`` field (``error: {"code":500,…}``). Such
+  lines are collected like ``data`` and dispatched as an event named
+  ``error`` (the same name ``event: error`` + ``data:`` gives), so the failure
+  is never mistaken for the end of a successful stream.
 
 No asyncio and no sockets here; ``runtime.llm.client`` feeds this from httpx.
 """
@@ -48,6 +55,7 @@ class SSEDecoder:
         "_buffer",
         "_data",
         "_eof",
+        "_error",
         "_event",
         "_events",
         "_has_data",
@@ -65,6 +73,7 @@ class SSEDecoder:
         self._eof = False
         self._data: list[str] = []
         self._has_data = False
+        self._error: list[str] = []
         self._event = ""
         self._id: str | None = None
         self._last_id: str | None = None
@@ -140,6 +149,8 @@ class SSEDecoder:
         if name == "data":
             self._data.append(value)
             self._has_data = True
+        elif name == "error":
+            self._error.append(value)
         elif name == "event":
             self._event = value
         elif name == "id" and "\x00" not in value:
@@ -151,7 +162,16 @@ class SSEDecoder:
     def _dispatch(self) -> None:
         if self._id is not None:
             self._last_id = self._id
-        if self._has_data:
+        if self._error:
+            self._events.append(
+                SSEEvent(
+                    data="\n".join(self._error),
+                    event="error",
+                    id=self._last_id,
+                    retry_ms=self._retry,
+                )
+            )
+        elif self._has_data:
             self._events.append(
                 SSEEvent(
                     data="\n".join(self._data),
@@ -162,6 +182,7 @@ class SSEDecoder:
             )
         self._data = []
         self._has_data = False
+        self._error = []
         self._event = ""
         self._id = None
         self._retry = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import typing
 from collections.abc import AsyncIterator
@@ -32,6 +33,26 @@ from runtime.endpoints import (
 )
 from runtime.errors import EndpointConnectError, EndpointTimeout, StreamDropped
 from runtime.secret import Secret
+
+
+class _NoHeaderValues(logging.Filter):
+    """Keeps response header values out of httpcore's debug log.
+
+    httpcore logs every response's headers at DEBUG. A server may echo the
+    credentials it was given in a header, so with debug logging on the key
+    would reach the log; the record keeps only the event name.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("receive_response_headers.complete"):
+            record.msg = message.split(" ", 1)[0] + " (header values not logged)"
+            record.args = None
+        return True
+
+
+for _name in ("httpcore.http11", "httpcore.http2"):
+    logging.getLogger(_name).addFilter(_NoHeaderValues())
 
 
 class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):

@@ -13,7 +13,8 @@ from runtime.errors import (
     EndpointServerError,
     EndpointTimeout,
 )
-from runtime.llm.client import Endpoint, _error_detail, _retry_after_s, _status_error
+from runtime.llm.client import Endpoint, _error_detail, _retry_after_s
+from runtime.llm.stream import status_error
 from runtime.secret import Secret
 
 KEY = "sk-test-0123456789abcdef"
@@ -57,7 +58,7 @@ def test_secret_redacts_text():
     ],
 )
 def test_status_mapping(status: int, cls: type, retryable: bool):
-    err = _status_error(status, "detail", None)
+    err = status_error(status, "detail", None)
     assert isinstance(err, cls)
     assert err.retryable is retryable
     assert err.status_code == status
@@ -65,8 +66,8 @@ def test_status_mapping(status: int, cls: type, retryable: bool):
 
 
 def test_fault_attribution():
-    assert _status_error(401, "", None).fault == "caller"
-    assert _status_error(500, "", None).fault == "endpoint"
+    assert status_error(401, "", None).fault == "caller"
+    assert status_error(500, "", None).fault == "endpoint"
 
 
 def test_retry_after_forms():

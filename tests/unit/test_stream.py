@@ -203,9 +203,18 @@ def test_malformed_chunks(data: str, message: str):
         run(SSEEvent(data=data))
 
 
-def test_data_after_done_is_malformed():
-    with pytest.raises(MalformedStream, match="after \\[DONE\\]"):
-        run(SSEEvent(data="[DONE]"), chunk({"content": "late"}))
+def test_done_is_terminal_and_what_follows_is_ignored():
+    dec = ChatChunkDecoder()
+    # The start is undecided (a template may have opened a think block): held.
+    assert dec.receive_event(chunk({"content": "Hi."})) == [
+        StreamStarted(response_id="c1", model="m")
+    ]
+    assert dec.receive_event(SSEEvent(data="[DONE]")) == [TextDelta(text="Hi.")]
+    assert dec.done
+    assert dec.receive_event(chunk({"content": "late"})) == []
+    assert dec.receive_event(SSEEvent(data="{not json")) == []
+    assert dec.receive_event(SSEEvent(data="x", event="error")) == []
+    assert dec.receive_eof() == []
 
 
 def test_in_band_error_object_raises_server_error_with_message():

@@ -31,7 +31,8 @@ from runtime.errors import (
     EndpointError,
     MalformedStream,
 )
-from runtime.llm.client import USER_AGENT, _error_detail, _retry_after_s, _status_error
+from runtime.llm.client import USER_AGENT, _error_detail, _retry_after_s
+from runtime.llm.stream import status_error
 from runtime.llm.transport import PinnedHTTP, map_http_errors
 from runtime.secret import Secret
 from runtime.speech.stt import Transcript
@@ -54,7 +55,7 @@ async def _raise_for_status(response: httpx.Response, api_key: Secret | None) ->
     if response.status_code < 300:
         return
     body = await response.aread()
-    raise _status_error(
+    raise status_error(
         response.status_code,
         _error_detail(body[:4096], api_key),
         _retry_after_s(response.headers.get("retry-after")),

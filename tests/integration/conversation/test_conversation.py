@@ -63,6 +63,8 @@ async def endpoint() -> AsyncIterator[ReferenceEndpoint]:
 
 
 def llm_for(server: ReferenceEndpoint, **kwargs) -> ChatClient:
+    # The reference endpoint never opens think blocks in a template: replies stream.
+    kwargs.setdefault("leading_reasoning", False)
     return ChatClient(Endpoint(server.base_url, "m"), policy=URLPolicy.operator(), **kwargs)
 
 
