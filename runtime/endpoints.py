@@ -458,9 +458,9 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
         else:
             host = _normalise_name(host_text, original=url)
             if _NUMERIC_LABEL.match(host.rsplit(".", 1)[-1]):
-                # An internationalised name that normalises to digits.
-                address = _parse_ipv4_literal(host)
-                host = str(address)
+                # An internationalised name that normalises to digits ("127.0.0.¹"):
+                # a number spelled in other scripts is never an address.
+                raise _reject("numeric-host", "numeric host written with non-ASCII digits")
 
     if port_text:
         if (

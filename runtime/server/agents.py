@@ -83,15 +83,19 @@ def _finite_float(text: str) -> float:
 
 
 def _check_tree(value: Any, path: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise FieldError(path or "body", f"is nested deeper than {MAX_DEPTH} levels")
+    """``depth``: how many containers enclose ``value`` (the body itself is at 0)."""
     if isinstance(value, str):
         _check_text(value, path or "body")
-    elif isinstance(value, dict):
+        return
+    if not isinstance(value, dict | list):
+        return
+    if depth >= MAX_DEPTH:
+        raise FieldError("body", f"is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
         for key, item in value.items():
             _check_text(key, path or "body")
             _check_tree(item, f"{path}.{key}" if path else key, depth + 1)
-    elif isinstance(value, list):
+    else:
         for i, item in enumerate(value):
             _check_tree(item, f"{path}[{i}]", depth + 1)
 
@@ -102,9 +106,7 @@ def _check_text(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise FieldError(
-            path, "contains an unpaired surrogate escape (not valid Unicode)"
-        ) from None
+        raise FieldError(path, "contains an unpaired surrogate (not valid Unicode)") from None
 
 
 def parse_json(data: bytes) -> Any:

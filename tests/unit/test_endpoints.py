@@ -3,14 +3,20 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.endpoints import (
+    IPV4_SPECIAL,
+    IPV6_SPECIAL,
     StaticResolver,
     URLPolicy,
     check_endpoint_url,
     is_public_address,
     parse_endpoint_url,
     resolve_endpoint,
+    special_block,
+    tls_verify,
 )
 from runtime.errors import URLPolicyError
 
@@ -277,3 +283,125 @@ def test_reasons_name_the_kind_of_address():
 )
 def test_is_public_address(address: str, public: bool):
     assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+# -- the IANA special-purpose tables -------------------------------------------------------
+
+
+def _inside(block) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    net = block.network
+    return [net.network_address, net.broadcast_address, net[net.num_addresses // 2]]
+
+
+@pytest.mark.parametrize("block", [*IPV4_SPECIAL, *IPV6_SPECIAL], ids=lambda b: str(b.network))
+def test_every_special_purpose_block_follows_its_registry_row(block):
+    for address in _inside(block):
+        found = special_block(address)
+        assert found is not None
+        if found.network != block.network:
+            # A more specific row inside this block decides for this address.
+            assert found.network.subnet_of(block.network)  # type: ignore[arg-type]
+            continue
+        expected = block.globally_reachable
+        if block.name in ("Teredo", "6to4", "NAT64", "local-use NAT64"):
+            continue  # judged by the embedded IPv4 address (tested below)
+        assert is_public_address(address) is expected, (address, block.name)
+        if not expected:
+            with pytest.raises(URLPolicyError, match="not allowed"):
+                literal = f"[{address}]" if address.version == 6 else str(address)
+                parse_endpoint_url(f"https://{literal}/v1", STRICT)
+
+
+def test_the_tables_hold_the_registry_rows():
+    v4 = {str(b.network): b.globally_reachable for b in IPV4_SPECIAL}
+    v6 = {str(b.network): b.globally_reachable for b in IPV6_SPECIAL}
+    assert len(v4) == 26 and len(v6) == 27
+    assert v4["192.0.0.8/32"] is False and v4["192.0.0.9/32"] is True
+    assert v6["3fff::/20"] is False and v6["fec0::/10"] is False and v6["2001:20::/28"] is True
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[fec0::1]/v1",
+        "https://[fec0::ffff:7f00:1]/v1",
+        "https://192.0.0.8/v1",
+        "https://[3fff::1]/v1",
+        "https://[5f00::1]/v1",
+        "https://[100:0:0:1::1]/v1",
+        "https://[4000::1]/v1",  # not allocated (outside 2000::/3)
+        "https://192.88.99.1/v1",
+        "https://198.18.0.1/v1",
+    ],
+)
+async def test_addresses_the_issue_measured_are_refused(url: str):
+    with pytest.raises(URLPolicyError, match="VOXLOOP_ALLOW_PRIVATE_ENDPOINTS"):
+        await check_endpoint_url(url, STRICT, RESOLVER)
+
+
+async def test_names_pinned_to_special_addresses_are_refused():
+    resolver = StaticResolver(
+        {"a.example": ["fec0::1"], "b.example": ["192.0.0.8"], "c.example": ["3fff::1"]}
+    )
+    for host in ("a.example", "b.example", "c.example"):
+        with pytest.raises(URLPolicyError, match="not allowed"):
+            await check_endpoint_url(f"https://{host}/v1", STRICT, resolver)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://１２７.0.0.1/v1",  # fullwidth  # noqa: RUF001
+        "https://127.０.0.1/v1",  # noqa: RUF001
+        "https://١٢٧.0.0.1/v1",  # Arabic-Indic
+        "https://۱۲۷.0.0.1/v1",  # Extended Arabic-Indic
+        "https://¹²⁷.0.0.1/v1",  # superscript
+        "https://127.0.0.¹/v1",
+        "https://१२७.0.0.1/v1",  # Devanagari
+        "https://api.example.com:４４３/v1",  # noqa: RUF001
+        "https://api.example.com:²/v1",
+        "https://[::１]/v1",  # noqa: RUF001
+        "https://example.１２７/v1",  # noqa: RUF001
+    ],
+)
+def test_non_ascii_digit_spellings_are_policy_errors(url: str):
+    with pytest.raises(URLPolicyError):
+        parse_endpoint_url(url, STRICT)
+    with pytest.raises(URLPolicyError):
+        parse_endpoint_url(url, URLPolicy.operator())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from(list("0123456789.:[]/%@-abcfx١٢７¹²⁷０ :\\?#")),  # noqa: RUF001
+        max_size=30,
+    )
+)
+def test_any_host_text_is_a_policy_error_or_a_url(host: str):
+    for policy in (STRICT, URLPolicy.operator()):
+        try:
+            endpoint = parse_endpoint_url(f"https://{host}/v1", policy)
+        except URLPolicyError:
+            continue
+        assert endpoint.host.isascii()
+        assert parse_endpoint_url(endpoint.url, policy).url == endpoint.url
+
+
+def test_ca_bundle_is_loaded_from_the_setting(tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    assert tls_verify(env={}) is True
+    context = tls_verify(env={"VOXLOOP_CA_BUNDLE": str(bundle)})
+    assert isinstance(context, ssl.SSLContext)
+    assert any(c.get("subject") for c in context.get_ca_certs())
+    with pytest.raises(ValueError, match="does not exist"):
+        tls_verify(tmp_path / "missing.pem")
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="cannot be used"):
+        tls_verify(tmp_path / "bad.pem")
