@@ -36,6 +36,7 @@ class Server:
     proc: subprocess.Popen[str]
     log_handle: Any = None
     clients: list[httpx.Client] = field(default_factory=list)
+    database_url: str | None = None
 
     def client(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": key} if key else {}
@@ -68,7 +69,9 @@ def start_server(
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("voxloop serve listening on "), log.read_text()
-    return Server(line.rsplit(" ", 1)[1].strip(), data_dir, log, proc, err)
+    return Server(
+        line.rsplit(" ", 1)[1].strip(), data_dir, log, proc, err, database_url=database_url
+    )
 
 
 def stop(server: Server) -> None:
