@@ -26,15 +26,20 @@ writing, because its steps happen in this order:
    ring). With any failure, nothing is retired.
 
 Killed at any point, every stored secret opens with the key file on disk or
-with the last ring printed.
+with the last ring printed. Two rotations never interleave: with a key file
+they take an exclusive lock on ``secret.key.lock`` in the data directory, and
+the switch of step 2 is a compare-and-swap on the primary key id, so a
+rotation that raced another one stops before sealing anything.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 from runtime.server.secrets import KeyRing, SecretBox, SecretError
 from runtime.server.store import (
@@ -124,10 +129,17 @@ async def rotate(
             with the new ring before anything is sealed with it, and again with
             the retired ring at the end if keys were retired.
     """
+    current = await store.primary_kid()
+    if current is not None and current not in box.ring.keys:
+        raise RotationError(
+            f"the database's secrets are sealed under key {current!r}, which this key ring does "
+            "not hold; use the ring printed by the last rotation"
+        )
     ring = box.ring.rotated()
     persist(ring)
     box.ring = ring
-    await store.set_primary(ring.primary)
+    if not await store.set_primary(ring.primary, expect=current):
+        raise RotationError("another key rotation changed the primary key meanwhile; run again")
     report = RotationReport(ring=ring)
     for agent_id in await store.agent_ids():
         async with store.writing(agent_id) as tx:
@@ -151,6 +163,12 @@ async def rotate(
         persist(report.ring)
         box.ring = report.ring
     return report
+
+
+def _lock(path: Path) -> IO[str]:
+    handle = path.open("a")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
 
 
 async def rotate_command(
@@ -196,18 +214,28 @@ async def rotate_command(
         else:
             new.save(key_file)
 
-    if from_env:
-        out.write("set VOXLOOP_SECRET_KEY to the new key ring (old keys kept for reading):\n")
-    store = Store(url)
+    lock = None
+    if not from_env:
+        # One rotation at a time per key file; the ring is read again under the lock.
+        lock = await asyncio.to_thread(_lock, directory / "secret.key.lock")
     try:
-        await store.start()
-    except StoreError as exc:
-        raise RotationError(str(exc)) from None
-    try:
-        await store.init_primary(ring.primary)
-        report = await rotate(store, SecretBox(ring), persist)
+        if not from_env:
+            ring = KeyRing.load(key_file)
+        if from_env:
+            out.write("set VOXLOOP_SECRET_KEY to the new key ring (old keys kept for reading):\n")
+        store = Store(url)
+        try:
+            await store.start()
+        except StoreError as exc:
+            raise RotationError(str(exc)) from None
+        try:
+            await store.init_primary(ring.primary)
+            report = await rotate(store, SecretBox(ring), persist)
+        finally:
+            await store.aclose()
     finally:
-        await store.aclose()
+        if lock is not None:
+            lock.close()
     out.write(f"re-encrypted {report.resealed} secrets under key {report.ring.primary}\n")
     if report.retired:
         out.write(f"retired unused keys: {', '.join(report.retired)}\n")

@@ -257,17 +257,24 @@ class Store:
             value = await conn.scalar(sa.select(secret_state.c.primary_kid))
         return None if value is None else str(value)
 
-    async def set_primary(self, kid: str) -> None:
-        """Switch the primary key id (waits for writers that hold the old one)."""
+    async def set_primary(self, kid: str, *, expect: str | None) -> bool:
+        """Switch the primary key id from ``expect`` to ``kid`` (compare-and-swap).
+
+        Waits for writers that hold the old one. Returns False, changing nothing,
+        if the recorded id is not ``expect``.
+        """
         async with self._begin(write=True) as conn:
-            if self.sqlite:
-                current = await conn.scalar(sa.select(secret_state.c.primary_kid))
-            else:
-                current = await conn.scalar(sa.select(secret_state.c.primary_kid).with_for_update())
+            query = sa.select(secret_state.c.primary_kid)
+            if not self.sqlite:
+                query = query.with_for_update()
+            current = await conn.scalar(query)
+            if current != expect:
+                return False
             if current is None:
                 await conn.execute(secret_state.insert().values(id=1, primary_kid=kid))
             else:
                 await conn.execute(secret_state.update().values(primary_kid=kid))
+            return True
 
     # -- agents ---------------------------------------------------------------------
 
