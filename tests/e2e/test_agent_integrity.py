@@ -110,7 +110,7 @@ BAD_BODIES: list[tuple[bytes, str]] = [
     (json.dumps({**AGENT, "llm": [{"base_url": "https://api.example.com/v1", "model": "m", "api_key": "k\r\nX: y"}]}).encode(), "llm[0].api_key"),
     (json.dumps({**AGENT, "llm": [{"base_url": "https://api.example.com/v1", "model": "m\x00", "api_key": "k"}]}).encode(), "llm[0].model"),
     (json.dumps({**AGENT, "tools": [{"name": "t", "http": {"url": "https://tools.example.com/", "headers": [{"name": "A\nB", "value": "v"}]}}]}).encode(), "tools[0].http.headers[0].name"),
-    (json.dumps({**AGENT, "llm": [{"base_url": "https://１２７.0.0.1/v1", "model": "m", "api_key": "k"}]}).encode(), "llm[0].base_url"),  # noqa: RUF001
+    (json.dumps({**AGENT, "llm": [{"base_url": "https://１２７.0.0.1/v1", "model": "m", "api_key": "k"}]}).encode(), "llm[0].base_url"),
     (json.dumps({**AGENT, "llm": [{"base_url": "https://[fec0::1]/v1", "model": "m", "api_key": "k"}]}).encode(), "llm[0].base_url"),
     (json.dumps({**AGENT, "llm": [{"base_url": "https://192.0.0.8/v1", "model": "m", "api_key": "k"}]}).encode(), "llm[0].base_url"),
     (json.dumps({**AGENT, "llm": [{"base_url": "http://internal.example.com/v1", "model": "m", "api_key": "k"}]}).encode(), "llm[0].base_url"),
@@ -151,7 +151,7 @@ def test_header_without_stored_value_is_refused_inside_the_transaction(server: S
 
 @pytest.mark.parametrize(
     "value",
-    ["١٢٣", "１２", "²", "9" * 5000, "-5", "5.0", " 5", "0x10", ""],  # noqa: RUF001  # noqa: RUF001
+    ["١٢٣", "１２", "²", "9" * 5000, "-5", "5.0", " 5", "0x10", ""],
 )
 def test_token_parameters_in_odd_numbers_are_400(server: Server, value: str):
     r = server.client().get("/v1/token", params={"expires_in_seconds": value})

@@ -351,17 +351,17 @@ async def test_names_pinned_to_special_addresses_are_refused():
 @pytest.mark.parametrize(
     "url",
     [
-        "https://１２７.0.0.1/v1",  # fullwidth  # noqa: RUF001
-        "https://127.０.0.1/v1",  # noqa: RUF001
+        "https://１２７.0.0.1/v1",  # fullwidth
+        "https://127.０.0.1/v1",
         "https://١٢٧.0.0.1/v1",  # Arabic-Indic
         "https://۱۲۷.0.0.1/v1",  # Extended Arabic-Indic
         "https://¹²⁷.0.0.1/v1",  # superscript
         "https://127.0.0.¹/v1",
         "https://१२७.0.0.1/v1",  # Devanagari
-        "https://api.example.com:４４３/v1",  # noqa: RUF001
+        "https://api.example.com:４４３/v1",
         "https://api.example.com:²/v1",
-        "https://[::１]/v1",  # noqa: RUF001
-        "https://example.１２７/v1",  # noqa: RUF001
+        "https://[::１]/v1",
+        "https://example.１２７/v1",
     ],
 )
 def test_non_ascii_digit_spellings_are_policy_errors(url: str):
@@ -374,7 +374,7 @@ def test_non_ascii_digit_spellings_are_policy_errors(url: str):
 @settings(max_examples=300, deadline=None)
 @given(
     st.text(
-        alphabet=st.sampled_from(list("0123456789.:[]/%@-abcfx١٢７¹²⁷０ :\\?#")),  # noqa: RUF001
+        alphabet=st.sampled_from(list("0123456789.:[]/%@-abcfx١٢７¹²⁷０ :\\?#")),
         max_size=30,
     )
 )
