@@ -54,14 +54,22 @@ class LoopPacer:
 
 
 async def _file_frames(
-    pcm16k: bytes, pacer: LoopPacer, session: ConversationSession, recorded: bytearray
+    pcm16k: bytes,
+    pacer: LoopPacer,
+    session: ConversationSession,
+    recorded: bytearray,
+    on_input_second: Callable[[int], None] | None = None,
 ) -> AsyncIterator[AudioFrame]:
     reframer = Reframer(RATE, 20)
     frames = reframer.process(pcm16k) + reframer.flush()
     for frame in frames:
         await pacer.wait_until(frame.end_pts / RATE)
         recorded += frame.pcm
+        if on_input_second is not None and frame.end_pts // RATE > frame.pts // RATE:
+            on_input_second(frame.end_pts // RATE)
         yield frame
+    if on_input_second is not None and frames and frames[-1].end_pts % RATE:
+        on_input_second(frames[-1].end_pts // RATE + 1)
     # The user stays on the line, silent, until the agent is done.
     pts = frames[-1].end_pts if frames else 0
     silent = bytes(640)
@@ -91,8 +99,17 @@ async def talk_file(
     output_wav: Path | None = None,
     metrics_json: Path | None = None,
     on_event: Callable[[ConversationEvent], None] | None = None,
+    on_input_second: Callable[[int], None] | None = None,
 ) -> FileResult:
     """Run a whole conversation from a WAV file in real time.
+
+    Args:
+        on_input_second: called with n each time n seconds of the input (rounded up
+            at its end) have been streamed, for progress displays.
+
+    If the conversation is cancelled (Ctrl-C), ``output_wav`` and
+    ``metrics_json`` still receive everything up to that moment before the
+    cancellation propagates.
 
     Raises:
         ValueError: the input file is not a usable WAV.
@@ -101,7 +118,7 @@ async def talk_file(
     pcm16k = resample_all(audio.mono(), audio.sample_rate, RATE)
     return await talk_pcm(
         pcm16k, llm=llm, stt=stt, tts=tts, config=config, output_wav=output_wav,
-        metrics_json=metrics_json, on_event=on_event,
+        metrics_json=metrics_json, on_event=on_event, on_input_second=on_input_second,
     )  # fmt: skip
 
 
@@ -116,6 +133,7 @@ async def talk_pcm(
     metrics_json: Path | None = None,
     on_event: Callable[[ConversationEvent], None] | None = None,
     on_session: Callable[[ConversationSession], None] | None = None,
+    on_input_second: Callable[[int], None] | None = None,
 ) -> FileResult:
     """:func:`talk_file` on 16 kHz mono PCM already in memory."""
     loop = asyncio.get_running_loop()
@@ -128,20 +146,40 @@ async def talk_pcm(
     if on_session is not None:
         on_session(session)
     recorded = bytearray()
-    await session.run(_file_frames(pcm16k, LoopPacer(t0), session, recorded))
-    await sink.wait_for_playout()
+    frames = _file_frames(pcm16k, LoopPacer(t0), session, recorded, on_input_second)
+    try:
+        await session.run(frames)
+        await sink.wait_for_playout()
+    except asyncio.CancelledError:
+        # Interrupted: keep what was said so far (written here, without awaiting,
+        # because the task is being cancelled), then let the cancellation go on.
+        _write_outputs(session, sink, recorded, output_wav, metrics_json)
+        raise
+    user, total = await asyncio.to_thread(
+        _write_outputs, session, sink, recorded, output_wav, metrics_json
+    )
+    return FileResult(
+        session.metrics, session.history, total / OUTPUT_RATE, user, sink.audio(total)
+    )
+
+
+def _write_outputs(
+    session: ConversationSession,
+    sink: TimelineSink,
+    recorded: bytearray,
+    output_wav: Path | None,
+    metrics_json: Path | None,
+) -> tuple[bytes, int]:
+    """Write the stereo recording and the metrics; return the user channel and its length."""
     user = resample_all(bytes(recorded), RATE, OUTPUT_RATE)
     total = max(len(user), len(sink.timeline)) // 2
     if output_wav is not None:
         stereo = interleave(user + bytes(total * 2 - len(user)), sink.audio(total))
-        await asyncio.to_thread(write_wav, output_wav, stereo, OUTPUT_RATE, 2)
+        write_wav(output_wav, stereo, OUTPUT_RATE, 2)
     if metrics_json is not None:
         doc = {"turns": [m.to_json() for m in session.metrics]}
-        text = json.dumps(doc, indent=2) + "\n"
-        await asyncio.to_thread(metrics_json.write_text, text, encoding="utf-8")
-    return FileResult(
-        session.metrics, session.history, total / OUTPUT_RATE, user, sink.audio(total)
-    )
+        metrics_json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return user, total
 
 
 async def talk_live(

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from runtime import __version__
 from runtime.cli import agents, bench, connect, endpoint, serve, speech, talk
-from runtime.cli.common import EXIT_INTERRUPTED, CommandError, Parser, report
+from runtime.cli.common import EXIT_INTERRUPTED, CommandError, Parser, describe, report
 
 # Each module's ``register(sub)`` adds its commands, in this order, to ``voxloop --help``.
 GROUPS = (
@@ -63,8 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.handler(args)
-    except CommandError as exc:
-        return report(exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except CommandError as exc:
+        return report(exc)
+    except Exception as exc:
+        # Anything no command anticipated: still one line; the traceback only with -v.
+        if args.verbose:
+            logging.getLogger("voxloop").error("unexpected error", exc_info=exc)
+        return report(describe(exc))
     return code

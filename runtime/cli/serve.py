@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from runtime.cli.common import (
@@ -19,15 +23,44 @@ from runtime.cli.common import (
 )
 
 
+SERVE_SETTINGS = """\
+settings (environment variables; flags override the first three):
+  VOXLOOP_API_KEYS        comma-separated keys that may call the API (required)
+  VOXLOOP_DATA_DIR        directory for the SQLite database and the key file
+                          (default: ./voxloop-data; --data-dir)
+  VOXLOOP_DATABASE_URL    postgresql://user:pw@host/db or sqlite:///path
+                          (default: SQLite in the data directory; --database-url)
+  VOXLOOP_SECRET_KEY      key ring for stored secrets (default: DATA_DIR/secret.key)
+  VOXLOOP_ALLOW_PRIVATE_ENDPOINTS
+                          1 (any private address) or comma-separated hosts/CIDRs that
+                          stored endpoints may use
+  VOXLOOP_STATIC_HOSTS    JSON {"host": ["address", …]} answered instead of DNS
+
+logs: JSON lines on stderr: start, one "request" line per request (method, path,
+status, duration_ms, request_id), errors with a structured "exception", and a
+"shutdown" line. SIGTERM or Ctrl-C stops the server cleanly (exit 0).
+
+public routes (no key): / , /health , /docs , /openapi.json
+"""
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the agent service (REST API)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--data-dir", type=Path, help="SQLite file and key file (VOXLOOP_DATA_DIR)")
+    p = sub.add_parser(
+        "serve",
+        help="run the agent service (REST API)",
+        description="Run the agent service: a REST API for agents, temporary tokens and voices.",
+        epilog=SERVE_SETTINGS,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
+    p.add_argument(
+        "--data-dir", type=Path, help="SQLite file and key file (default: $VOXLOOP_DATA_DIR)"
+    )
     p.add_argument(
         "--database-url",
-        help="postgresql://user:pw@host/db or sqlite:///path (VOXLOOP_DATABASE_URL)",
+        help="postgresql://user:pw@host/db or sqlite:///path (default: $VOXLOOP_DATABASE_URL)",
     )
+    p.add_argument("--no-access-log", action="store_true", help="no log line per request")
     p.set_defaults(handler=_cmd_serve)
 
     s = sub.add_parser("secrets", help="manage the encryption of stored secrets")
@@ -57,23 +90,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
+    directory = args.data_dir or Path(os.environ.get("VOXLOOP_DATA_DIR") or "voxloop-data")
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         settings = _server_settings(args)
+    except OSError as exc:
+        raise UsageError(
+            f"data directory {directory}: {exc.strerror} (set --data-dir or VOXLOOP_DATA_DIR)"
+        ) from None
     except (ValueError, SecretError) as exc:
         raise UsageError(str(exc)) from None
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:  # the database is reachable and migrated before "listening" is printed
         asyncio.run(check_database(settings))
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     from runtime.server.logs import configure
 
-    configure(logging.INFO if args.verbose else logging.WARNING)
+    configure(logging.INFO)
+    logging.getLogger("voxloop").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # Migration chatter only with -v.
+    logging.getLogger("alembic").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if args.no_access_log:
+        logging.getLogger("voxloop.access").setLevel(logging.WARNING)
     config = uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, log_level="warning",
         access_log=False, lifespan="on", log_config=None,
     )  # fmt: skip
-    server = uvicorn.Server(config)
+    server = _server(config)
 
     # Bind before serving: clients may connect as soon as the address is printed.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -89,10 +132,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.listen(128)
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-    print(f"voxloop serve listening on http://{host}:{sock.getsockname()[1]}", flush=True)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    print(f"voxloop serve listening on {url}", flush=True)
+    log = logging.getLogger("voxloop.server")
+    log.info("started", extra={"url": url})
     with sock:
         asyncio.run(server.serve(sockets=[sock]))
+    if not server.started:
+        raise CommandError("the agent service did not start (see the log lines above)")
+    name = signal.Signals(server.stop_signal).name if server.stop_signal else "none"
+    log.info("shutdown", extra={"signal": name})
     return EXIT_OK
+
+
+def _server(config: Any) -> Any:
+    """A uvicorn server for which a SIGTERM/SIGINT stop is a clean exit (0).
+
+    uvicorn re-raises the signal after a graceful shutdown (exit 143 for
+    SIGTERM); here the handler records it for the shutdown line instead.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stop_signal: int | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            self.stop_signal = self.stop_signal or sig
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:

