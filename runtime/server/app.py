@@ -1,12 +1,12 @@
 """The agent service's HTTP API (Starlette): agents, temporary tokens, voices.
 
 Every route but ``/``, ``/health``, ``/docs`` and ``/openapi.json`` needs an
-API key (``Authorization: <key>`` or ``Bearer <key>``). Bodies are limited in size and time, parsed and validated
-completely (``runtime.server.agents``) before anything is written, and each
-request is one database transaction; secrets (endpoint ``api_key`` s,
-HTTP-tool header values) are sealed before they are stored and never appear
-in a response, a log line or an error. No input produces a 500; if a bug
-does, the response says ``Connection: close``.
+API key (``Authorization: <key>`` or ``Bearer <key>``). Bodies are limited in
+size and time, parsed and validated completely (``runtime.server.agents``)
+before anything is written, and each request is one database transaction;
+secrets (endpoint ``api_key`` s, HTTP-tool header values) are sealed before
+they are stored and never appear in a response, a log line or an error. No
+input produces a 500; if a bug does, the response says ``Connection: close``.
 
 For the realtime server
 -----------------------
@@ -53,6 +53,7 @@ from runtime.server.agents import (
     shorten,
     validate_agent,
 )
+from runtime.server.logs import AccessLog
 from runtime.server.secrets import (
     KeyRing,
     KeyUnavailable,
@@ -70,7 +71,6 @@ from runtime.server.store import (
     now,
     sqlite_url,
 )
-from runtime.server.logs import AccessLog
 
 log = logging.getLogger("voxloop.server")
 
@@ -97,7 +97,10 @@ class Settings:
     ring: KeyRing
     policy: URLPolicy = field(default_factory=URLPolicy)
     resolver: Resolver = field(default_factory=SystemResolver)
+    # Voice ids (and aliases) an agent may name: every voice voxloop's engines have.
     voices: frozenset[str] = frozenset()
+    # Those this installation can speak; agents naming others are stored with a warning.
+    installed_voices: frozenset[str] = frozenset()
     key_file: Path | None = None
 
 
@@ -133,7 +136,7 @@ def settings_from_env(
             or no API key is configured.
         SecretError: the key ring cannot be read.
     """
-    from runtime.speech.engines.registry import installed_voice_ids
+    from runtime.speech.engines.registry import installed_voice_ids, known_voices, voice_ids
 
     keys = frozenset(k.strip() for k in env.get("VOXLOOP_API_KEYS", "").split(",") if k.strip())
     if not keys:
@@ -158,8 +161,9 @@ def settings_from_env(
             raise ValueError("VOXLOOP_STATIC_HOSTS must be a JSON object of host -> [addresses]")
         resolver = StaticResolver({str(k): [str(a) for a in v] for k, v in table.items()})
     return Settings(
-        keys, directory, url, ring, policy, resolver, installed_voice_ids(), key_file=key_file
-    )
+        keys, directory, url, ring, policy, resolver, voice_ids(known_voices()),
+        installed_voice_ids(), key_file=key_file,
+    )  # fmt: skip
 
 
 def _database_url(text: str) -> str:
@@ -299,6 +303,7 @@ class Api:
             "llm": [{"base_url": e["base_url"], "model": e["model"]} for e in row.llm],
             "created_at": _iso(row.created_at),
             "updated_at": _iso(row.updated_at),
+            "warnings": self.warnings(config),
         }
 
     def _seal_kid(self, tx: WriteTx) -> str:
@@ -309,6 +314,18 @@ class Api:
                 "have; restart it with the rotated VOXLOOP_SECRET_KEY"
             )
         return kid
+
+    def warnings(self, config: dict[str, Any]) -> list[dict[str, str]]:
+        """What keeps a stored agent from working on this installation (empty: nothing)."""
+        voice = config.get("voice") or {}
+        voice_id = voice.get("voice_id") if isinstance(voice, dict) else None
+        if voice_id is None or voice_id in self.settings.installed_voices:
+            return []
+        return [{
+            "param": "voice", "code": "voice_not_installed",
+            "message": f"voice {voice_id!r} is not installed on this server, so the agent "
+            "cannot speak yet: install the speech engines (pip install 'voxloop[embedded]')",
+        }]  # fmt: skip
 
     def _apply(
         self, row_id: str, agent: AgentInput, old: AgentRow | None, kid: str
@@ -478,12 +495,13 @@ class Api:
     async def voices(self, request: Request) -> Response:
         if (denied := self.authorized(request)) is not None:
             return denied
-        from runtime.speech.engines.registry import installed_voices
+        from runtime.speech.engines.registry import known_voices
 
+        installed = self.settings.installed_voices
         return JSONResponse([
             {"voice_id": v.id, "name": v.name, "language": v.language, "engine": v.engine,
-             "aliases": list(v.aliases)}
-            for v in installed_voices()
+             "aliases": list(v.aliases), "installed": v.id in installed}
+            for v in known_voices()
         ])  # fmt: skip
 
     async def openapi(self, request: Request) -> Response:

