@@ -47,8 +47,12 @@ class WavAudio:
         return np.ascontiguousarray(arr[:, index]).tobytes()
 
 
-def read_wav(source: str | Path | bytes) -> WavAudio:
+def read_wav(source: str | Path | bytes, *, any_rate: bool = False) -> WavAudio:
     """Read a PCM16 WAV file (a path, or the file's bytes).
+
+    Args:
+        any_rate: accept any sample rate (the caller resamples), not only
+            :data:`~audio.frame.SUPPORTED_RATES`.
 
     Raises:
         ValueError: the file is missing, malformed, truncated, or not PCM16 mono/stereo
@@ -70,7 +74,8 @@ def read_wav(source: str | Path | bytes) -> WavAudio:
                 if channels not in (1, 2):
                     raise ValueError(f"{name}: expected mono or stereo, got {channels} channels")
                 try:
-                    check_rate(rate)
+                    if not any_rate or rate <= 0:
+                        check_rate(rate)
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
                 pcm = w.readframes(nframes)

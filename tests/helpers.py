@@ -5,15 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
+import pytest
 
 DATA = Path(__file__).parent / "data"
 SPEECH = DATA / "speech"
 REAL = DATA / "real"
+
+
+STRICT_ENV = "VOXLOOP_TEST_STRICT"
+
+
+def strict() -> bool:
+    """Whether a missing test prerequisite is a failure (.ci/run sets VOXLOOP_TEST_STRICT=1)."""
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def missing(reason: str) -> NoReturn:
+    """A prerequisite (PortAudio, PostgreSQL, …) is missing: a visible skip, a failure in CI."""
+    if strict():
+        pytest.fail(f"{reason}; {STRICT_ENV} is set, so this cannot be skipped", pytrace=False)
+    pytest.skip(reason)
 
 
 def conversation(name: str) -> list[dict[str, float | str]]:

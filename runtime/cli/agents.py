@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,8 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     except httpx.InvalidURL as exc:
         raise UsageError(f"--url {url}: {exc}") from None
     except httpx.HTTPError as exc:
-        cause = str(exc) or type(exc).__name__
+        # "[Errno 111] Connection refused" -> "connection refused"
+        cause = re.sub(r"^\[Errno -?\d+\] ", "", str(exc)).lower() or type(exc).__name__
         raise Unavailable(
             f"cannot reach the agent service at {url} ({cause}); is voxloop serve running "
             "there? (--url or VOXLOOP_URL)"

@@ -16,13 +16,17 @@ from runtime.cli.common import (
     CommandError,
     Parser,
     UsageError,
+    check_output,
     fmt,
+    require,
     rich_console,
 )
 
 
 def register(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks")
+    bench = sub.add_parser(
+        "bench", help="benchmarks", description="Benchmarks of the endpoints voxloop talks to."
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     p = bench_sub.add_parser(
         "ttft",
@@ -30,7 +34,12 @@ def register(sub: Any) -> None:
         description="Measure headers/first event/TTFT/first answer/first sentence/ITL/TPOT/e2e "
         "per endpoint: one cold request, warm-up, then the measured warm requests.",
     )
-    p.add_argument("--base-url", action="append", default=[], help="endpoint base URL (repeatable)")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=[],
+        help="endpoint base URL, e.g. https://host/v1 or host:port/v1 (repeatable)",
+    )
     p.add_argument(
         "--model", action="append", default=[], help="model per --base-url (or one for all)"
     )
@@ -42,14 +51,24 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--reference", action="store_true", help="also benchmark the built-in reference endpoint"
     )
-    p.add_argument("--reference-ttft-ms", type=float, default=200.0)
-    p.add_argument("--reference-itl-ms", type=float, default=20.0)
+    p.add_argument(
+        "--reference-ttft-ms",
+        type=float,
+        default=200.0,
+        help="the reference endpoint's time to first token, ms",
+    )
+    p.add_argument(
+        "--reference-itl-ms",
+        type=float,
+        default=20.0,
+        help="the reference endpoint's delay between tokens, ms",
+    )
     p.add_argument("--requests", type=int, default=20, help="measured warm requests per endpoint")
     p.add_argument("--warmup", type=int, default=2, help="discarded requests after the cold one")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
     p.add_argument("--max-tokens", type=int, default=128, help="0 sends no max_tokens")
-    p.add_argument("--http2", action="store_true", help="offer HTTP/2 (needs voxloop[http2])")
+    p.add_argument("--http2", action="store_true", help="offer HTTP/2 (needs the http2 extra: h2)")
     p.add_argument(
         "--prompts",
         type=Path,
@@ -58,7 +77,10 @@ def register(sub: Any) -> None:
     p.add_argument("--json", type=Path, dest="json_path", help="write the summary as JSON")
     p.add_argument("--csv", type=Path, dest="csv_path", help="write one row per request")
     p.add_argument(
-        "--plot", type=Path, dest="plot_path", help="write distributions (.png/.svg/.html)"
+        "--plot",
+        type=Path,
+        dest="plot_path",
+        help="write distributions (.png/.svg/.html; needs the plot extra: matplotlib)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_bench_ttft)
@@ -125,6 +147,15 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         ".html",
     ):
         raise UsageError("--plot must end in .png, .svg or .html")
+    # Optional packages and output paths are checked now, not after the benchmark.
+    if args.plot_path is not None:
+        require("matplotlib")
+    if args.http2:
+        require("h2")
+    for flag, path in (("--json", args.json_path), ("--csv", args.csv_path),
+                       ("--plot", args.plot_path)):  # fmt: skip
+        if path is not None:
+            check_output(path, flag)
     for target in targets:
         if target.api_key_env and target.api_key_env not in os.environ:
             raise UsageError(f"environment variable {target.api_key_env} is not set")

@@ -26,16 +26,21 @@ def register(sub: Any) -> None:
         "serve",
         help="serve a streaming chat-completions endpoint with chosen latency and faults",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8089, help="port to listen on (0: any free port)")
     p.add_argument("--ttft-ms", type=float, default=200.0, help="delay before the first token")
     p.add_argument("--itl-ms", type=float, default=20.0, help="delay between tokens")
     p.add_argument("--reply", action="append", default=[], help="reply text (repeat to rotate)")
     p.add_argument("--no-role-chunk", action="store_true", help="skip the role-only first chunk")
     p.add_argument(
-        "--usage", choices=("none", "empty_choices", "with_choices"), default="empty_choices"
+        "--usage",
+        choices=("none", "empty_choices", "with_choices"),
+        default="empty_choices",
+        help="how token usage is reported when the client asks for it",
     )
-    p.add_argument("--no-finish-chunk", action="store_true")
+    p.add_argument(
+        "--no-finish-chunk", action="store_true", help="skip the chunk with finish_reason"
+    )
     p.add_argument("--no-done", action="store_true", help="end the stream without [DONE]")
     p.add_argument(
         "--fault",
@@ -50,6 +55,8 @@ def register(sub: Any) -> None:
             "empty",
         ),
         default="none",
+        help="misbehave: an HTTP error status, a redirect, hang before headers or mid-stream, "
+        "drop the connection, send malformed or empty events",
     )
     p.add_argument("--status", type=int, default=500, help="HTTP status for --fault status")
     p.add_argument("--retry-after", help="Retry-After header for --fault status")
@@ -57,12 +64,18 @@ def register(sub: Any) -> None:
     p.add_argument("--reasoning", default="", help="reasoning streamed before the answer")
     p.add_argument("--think-tags", action="store_true", help="send reasoning inside <think> tags")
     p.add_argument("--tool-name", help="answer requests that carry tools with a call to this tool")
-    p.add_argument("--tool-arguments", default='{"city": "Paris"}')
-    p.add_argument("--reject-stream-options", action="store_true")
+    p.add_argument(
+        "--tool-arguments", default='{"city": "Paris"}', help="JSON arguments of that tool call"
+    )
+    p.add_argument(
+        "--reject-stream-options",
+        action="store_true",
+        help="answer 400 to requests with stream_options (as some servers do)",
+    )
     p.add_argument("--api-key-env", help="require this env var's value as the Bearer key")
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
-    p.add_argument("--model", default="voxloop-reference")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve https")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.add_argument("--model", default="voxloop-reference", help="model id in /v1/models")
     p.set_defaults(handler=_cmd_endpoint_serve)
 
 

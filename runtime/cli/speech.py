@@ -124,7 +124,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     check_engine("STT", args.engine, STT_ENGINES)
     try:
-        audio = read_wav(args.file)
+        audio = read_wav(args.file, any_rate=True)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     remote = remote_options(args.base_url, args.model, args.api_key_env)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ..helpers import missing
 from ..postgres import PostgresServer, postgres_server
 from ..unit.test_endpoints import HOSTILE_URLS
 
@@ -95,7 +96,7 @@ def server(
     url = None
     if request.param == "postgresql":
         if postgres is None:
-            pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+            missing("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
         url = postgres.new_database()
     srv = start_server(tmp_path / "data", database_url=url)
     try:

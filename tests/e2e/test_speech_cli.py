@@ -55,14 +55,14 @@ def test_bad_input_is_a_clear_error(tmp_path: Path):
     for result, message in [
         (run("transcribe", str(corrupt)), "not a valid PCM WAV"),
         (run("transcribe", str(tmp_path / "missing.wav")), "cannot open"),
-        (run("transcribe", str(corrupt), "--engine", "nope"), "unknown engine"),
+        (run("transcribe", str(corrupt), "--engine", "nope"), "invalid choice: 'nope'"),
         (
             run("say", "hi", "-o", str(tmp_path / "x.wav"), "--voice", "nope"),
             "installed voices: en_US-joe-medium",
         ),
         (
             run("say", "hi", "-o", str(tmp_path / "x.wav"), "--rate", "11025"),
-            "unsupported sample rate",
+            "--rate: unsupported sample rate",
         ),
         (run("say", "hi"), "give -o OUT.wav"),
     ]:

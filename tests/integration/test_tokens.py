@@ -12,6 +12,7 @@ from runtime.server.app import Api, Settings
 from runtime.server.secrets import KeyRing
 from runtime.server.store import Store, sqlite_url
 
+from ..helpers import missing
 from ..postgres import PostgresServer, postgres_server
 
 
@@ -26,7 +27,7 @@ async def workers(
 ) -> AsyncIterator[tuple[Api, Api]]:
     if request.param == "postgresql":
         if postgres is None:
-            pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+            missing("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
         url = postgres.new_database()
     else:
         url = sqlite_url(tmp_path)

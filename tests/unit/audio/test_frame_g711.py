@@ -10,7 +10,9 @@ from audio.frame import AudioFrame, pcm_from_float
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop  # the ITU-T G.711 reference implementation in CPython 3.11
+    # The ITU-T G.711 reference: CPython's audioop up to 3.12, audioop-lts from 3.13
+    # (a dev dependency there), under the same module name.
+    import audioop
 
 ALL_PCM = np.arange(-32768, 32768, dtype="<i2").tobytes()
 ALL_CODES = bytes(range(256))

