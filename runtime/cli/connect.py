@@ -65,7 +65,7 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     auth.add_argument("--token", help="a single-use token from GET /v1/token (sent as ?token=)")
     inline = p.add_argument_group("inline session (without --agent-id)")
-    inline.add_argument("--system-prompt")
+    inline.add_argument("--system-prompt", help="the agent's instructions")
     inline.add_argument("--greeting", help="spoken verbatim when the session starts")
     inline.add_argument("--voice", help="voice id (see GET /v1/voices)")
     inline.add_argument("--input-encoding", choices=sorted(ENCODINGS), help="default pcm")

@@ -160,8 +160,8 @@ def test_rotate_key_without_the_data_dir(tmp_path: Path):
                      env={"VOXLOOP_API_KEYS": "k", "VOXLOOP_SECRET_KEY": ""})  # fmt: skip
     assert_one_line(
         result, 2,
-        f"data directory {tmp_path / 'nope'} does not exist: give the one voxloop serve uses "
-        "(--data-dir or VOXLOOP_DATA_DIR)",
+        f"the data directory {tmp_path / 'nope'} does not exist (check --data-dir or "
+        "VOXLOOP_DATA_DIR)",
     )  # fmt: skip
     assert not (tmp_path / "nope").exists()
 
