@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -65,3 +66,22 @@ async def test_expired_forged_and_garbage_tokens_are_refused(workers: tuple[Api,
     for garbage in ("", "abc", "abc.def", "..."):
         assert await b.redeem(garbage) is None
     assert await b.redeem(genuine) is not None
+
+
+async def test_concurrent_redemptions_of_one_token_succeed_exactly_once(workers: tuple[Api, Api]):
+    a, b = workers
+    for n in range(3):
+        token = a.mint({"jti": f"race-{n}", "exp": int(time.time()) + 60, "msd": 600})
+        results = await asyncio.gather(*(w.redeem(token) for w in (a, b) * 10))
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1 and winners[0]["jti"] == f"race-{n}"
+
+
+async def test_tokens_survive_a_key_rotation_on_another_worker(workers: tuple[Api, Api]):
+    a, b = workers
+    token = a.mint({"jti": "rot", "exp": int(time.time()) + 60, "msd": 600})
+    b.box.ring = b.box.ring.rotated()  # b now signs with a new primary key, keeps the old one
+    newer = b.mint({"jti": "rot2", "exp": int(time.time()) + 60, "msd": 600})
+    assert await b.redeem(token) is not None
+    assert await a.redeem(newer) is None  # a does not hold b's new key (no key file to re-read)
+    assert await b.redeem(newer) is not None
