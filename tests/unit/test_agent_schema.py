@@ -93,7 +93,7 @@ def test_nesting_up_to_the_limit_is_accepted():
         ({**BASE, "tools": [{"name": "a", "http": {"url": "https://t.example", "headers": [{"name": "A", "value": "v"}, {"name": "a", "value": "w"}]}}]}, "tools[0].http.headers", "header 'a' is given twice"),
         ({**BASE, "tools": [{"name": "a", "http": {"url": "https://t.example", "http_method": "TRACE"}}]}, "tools[0].http.http_method", "input should be 'GET', 'POST', 'PUT', 'PATCH' or 'DELETE'"),
         ({**BASE, "tools": [{"name": "a", "http": {"url": "https://t.example", "retries": 1}}]}, "tools[0].http.retries", "is not a known field"),
-        ({**BASE, "voice": "nova"}, "voice", "unknown voice 'nova'; installed: ivy"),
+        ({**BASE, "voice": "nova"}, "voice", "unknown voice 'nova'; known voices: ivy"),
     ],
 )  # fmt: skip
 def test_invalid_bodies_name_the_field(body: dict[str, Any], param: str, message: str):
