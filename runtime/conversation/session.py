@@ -292,6 +292,31 @@ class ConversationSession:
             committed=True,
         )
 
+    def cancel_reply(self) -> bool:
+        """Cut the reply in progress (``reply.cancel``); it ends as interrupted.
+
+        Returns:
+            False when no reply was in progress.
+        """
+        if self._reply_task is None:
+            return False
+        self._cancel_reply()
+        if self.turns.state in (TurnState.THINKING, TurnState.SPEAKING):
+            self.turns.to(TurnState.LISTENING)
+        self._update_idle()
+        return True
+
+    def reconfigure(self, config: SessionConfig) -> None:
+        """Apply a later ``session.update``: prompt, tools and turn detection.
+
+        They take effect from the next frame or reply; a reply in progress and
+        the greeting are not affected.
+        """
+        self.config = config
+        self._tools.set_tools(config.tools)
+        if self.history and self.history[0].get("role") == "system":
+            self.history[0] = {"role": "system", "content": self._system_prompt()}
+
     def submit_tool_result(self, call_id: str, result: str, *, is_error: bool = False) -> bool:
         """Answer a client tool call (``tool.result``)."""
         return self._tools.submit(call_id, result, is_error=is_error)

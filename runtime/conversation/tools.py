@@ -90,6 +90,10 @@ class ToolRunner:
         self._resolver = resolver or SystemResolver()
         self._pending: dict[str, asyncio.Future[str]] = {}
 
+    def set_tools(self, tools: tuple[Tool, ...]) -> None:
+        """Replace the tools (calls already waiting for a result keep waiting)."""
+        self._tools = {t.name: t for t in tools}
+
     def submit(self, call_id: str, result: str, *, is_error: bool = False) -> bool:
         """An adapter's answer to a client tool call. Returns False for unknown/late ids."""
         future = self._pending.get(call_id)

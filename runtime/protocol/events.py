@@ -70,7 +70,6 @@ ErrorCode = Literal[
     "invalid_value",
     "immutable_field",
     "invalid_config",
-    "llm_unavailable",
 ]
 FATAL_CODES: Final[frozenset[str]] = frozenset(
     {"unauthorized", "forbidden", "agent_not_found", "session_not_found", "session_forbidden",
@@ -600,7 +599,12 @@ def _llm(value: Any) -> tuple[LLMSpec, ...]:
     return tuple(out)
 
 
-def _session(value: Any) -> SessionPatch:
+def parse_session(value: Any) -> SessionPatch:
+    """Validate a session configuration object (``session.update.session``, a stored agent).
+
+    Raises:
+        ProtocolError: as :func:`decode_client_event` does for a ``session.update``.
+    """
     doc = _obj(value, "session")
     keys = frozenset(doc)
     agent_id = _str(doc, "agent_id", "session.")
@@ -695,7 +699,7 @@ def decode_client_event(
         case "session.update":
             if "session" not in doc:
                 raise ProtocolError("invalid_format", "session is required", param="session")
-            return SessionUpdate(session=_session(doc["session"]))
+            return SessionUpdate(session=parse_session(doc["session"]))
         case "session.resume":
             sid = _str(doc, "session_id", "", required=True)
             assert sid is not None

@@ -38,7 +38,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime import __version__
@@ -71,6 +71,14 @@ from runtime.server.store import (
     now,
     sqlite_url,
 )
+from runtime.protocol.events import LLMSpec
+from runtime.server.realtime import realtime_endpoint
+from runtime.server.runner import (
+    Engines,
+    RunnerLimits,
+    SessionRunner,
+    default_llm_from_env,
+)
 
 log = logging.getLogger("voxloop.server")
 
@@ -102,6 +110,10 @@ class Settings:
     # Those this installation can speak; agents naming others are stored with a warning.
     installed_voices: frozenset[str] = frozenset()
     key_file: Path | None = None
+    limits: RunnerLimits = field(default_factory=RunnerLimits)
+    default_llm: LLMSpec | None = None
+    stt_engine: str = "whisper"
+    tts_engine: str = "piper"
 
 
 def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
@@ -163,6 +175,8 @@ def settings_from_env(
     return Settings(
         keys, directory, url, ring, policy, resolver, voice_ids(known_voices()),
         installed_voice_ids(), key_file=key_file,
+        limits=RunnerLimits.from_env(env), default_llm=default_llm_from_env(env),
+        stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=env.get("VOXLOOP_TTS", "piper"),
     )  # fmt: skip
 
 
@@ -647,6 +661,12 @@ class CloseAfterError:
 def create_app(settings: Settings) -> Starlette:
     store = Store(settings.database_url)
     api = Api(settings, store)
+    engines = Engines(settings.stt_engine, settings.tts_engine)
+    runner = SessionRunner(
+        store=store, box=api.box, policy=settings.policy, resolver=settings.resolver,
+        default_llm=settings.default_llm, voices=settings.voices, engines=engines,
+        limits=settings.limits,
+    )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -656,6 +676,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
+            await engines.aclose()
             await store.aclose()
 
     app = Starlette(
@@ -671,12 +692,15 @@ def create_app(settings: Settings) -> Starlette:
             Route("/", api.index, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/docs", api.docs, methods=["GET"]),
+            WebSocketRoute("/v1/ws", realtime_endpoint(api, runner)),
+            WebSocketRoute("/v1/realtime", realtime_endpoint(api, runner)),
         ],
         middleware=[Middleware(AccessLog)],
         lifespan=lifespan,
     )
     app.state.api = api
     app.add_middleware(CloseAfterError)
+    app.state.runner = runner
     return app
 
 
