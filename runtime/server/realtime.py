@@ -70,6 +70,11 @@ class Connection:
         )
         self.slow = asyncio.Event()
         self.accepting = True
+        # Reading pauses while the client is slow to take our answers (backpressure).
+        self._low_water = runner.limits.outbound_messages // 4
+        self._high_water = runner.limits.outbound_messages // 2
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     # -- outgoing -----------------------------------------------------------------
 
@@ -89,6 +94,8 @@ class Connection:
 
     async def send_loop(self) -> None:
         while (event := await self.queue.get()) is not None:
+            if self.queue.qsize() <= self._low_water:
+                self._drained.set()
             try:
                 await self.ws.send_text(ev.encode(event))
             except (WebSocketDisconnect, RuntimeError, OSError):
@@ -217,7 +224,12 @@ class Connection:
             timestamp=time.time(),
         ))  # fmt: skip
         log.info("session ready", extra={"session_id": live.session_id})
-        reason = await self._run(live)
+        self.runner.attach(live)
+        reason = "failed"
+        try:
+            reason = await self._run(live)
+        finally:
+            await self.runner.release(live, keep=reason == "dropped")
         log.info("session over", extra={"session_id": live.session_id, "reason": reason})
 
     async def _run(self, live: LiveSession) -> str:
@@ -258,21 +270,20 @@ class Connection:
         if failed:
             await self._send_now(_error_event("internal_error", "the session failed"))
             await self._close(CLOSE_INTERNAL)
-            await self.runner.states.discard(live.session_id)
             return "failed"
         if reason == "ended":
-            await self.runner.states.discard(live.session_id)
             await self._close(CLOSE_NORMAL)
         elif reason == "expired":
-            await self.runner.states.discard(live.session_id)
             await self._close(CLOSE_POLICY, "session expired")
         else:
-            await self.runner.keep(live)
             await self._close(CLOSE_POLICY, "client not reading")
         return reason
 
     async def _receive_loop(self, live: LiveSession) -> None:
         while True:
+            if self.queue.qsize() >= self._high_water:
+                self._drained.clear()
+                await self._drained.wait()
             try:
                 event = await self._receive()
             except (_Closed, WebSocketDisconnect):

@@ -418,34 +418,45 @@ class Engines:
 
 
 class PacedSink:
-    """The session's speaker: sends audio at most ``lead_ms`` ahead of real time.
+    """The session's speaker: accepts audio like a device and sends it paced to real time.
 
-    :meth:`write` cuts audio into ``piece_ms`` pieces and hands each to
-    ``on_audio`` only when no more than ``lead_ms`` is ahead of the loop
-    clock, so the listener's playout position (``played_samples``) is known
-    to within a piece and at most ``lead_ms`` is in flight when a reply is cut.
+    :meth:`write` queues audio on a virtual playout timeline (waiting while
+    more than ``lead_ms`` is queued, like a device buffer). :meth:`run` sends
+    it in ``piece_ms`` pieces, each when its playout time is at most
+    ``lead_ms`` away, so a listener never holds more than ``lead_ms`` of
+    unplayed audio and the playout position (``played_samples``, the loop
+    clock against the timeline) is what was heard. :meth:`clear_buffer`
+    drops what was not played; pieces not yet sent are never sent.
 
     Args:
         sample_rate: the output encoding's rate (audio is produced at it).
-        lead_ms: how far ahead of real time audio may be sent.
-        on_audio: receives each piece (PCM16 at ``sample_rate``), synchronously.
-        piece_ms: the size of the pieces.
+        lead_ms: how far ahead of real time audio is sent.
+        on_audio: receives each piece (PCM16 at ``sample_rate``) and the tag
+            that was current when it was written.
+        tag: called at each :meth:`write` (which reply the audio belongs to).
+        piece_ms: the size of the pieces sent.
     """
 
     def __init__(
         self,
         sample_rate: int,
         lead_ms: int,
-        on_audio: Callable[[bytes], None],
+        on_audio: Callable[[bytes, Any], None],
+        tag: Callable[[], Any] = lambda: None,
         piece_ms: int = 40,
     ) -> None:
         self._rate = check_rate(sample_rate)
         self._lead = sample_rate * lead_ms // 1000
         self._piece = sample_rate * piece_ms // 1000 * 2
         self._on_audio = on_audio
+        self._tag = tag
         self._t0 = asyncio.get_running_loop().time()
         self._end = 0
         self._written = 0
+        # (timeline position in samples, pcm, tag) not sent yet; bounded by the
+        # write-side wait (lead + one chunk).
+        self._pending: collections.deque[tuple[int, bytes, Any]] = collections.deque()
+        self._wake = asyncio.Event()
 
     @property
     def sample_rate(self) -> int:
@@ -456,7 +467,7 @@ class PacedSink:
 
     @property
     def queued_samples(self) -> int:
-        """Samples sent that the listener has not heard yet."""
+        """Samples written that the listener has not heard yet."""
         return max(0, self._end - self._now())
 
     @property
@@ -464,25 +475,46 @@ class PacedSink:
         return self._written - self.queued_samples
 
     async def write(self, pcm: bytes) -> None:
+        # A timer, not polling: sleep exactly until the queue is back under the lead.
+        while (ahead := self._end - self._now()) > self._lead:  # noqa: ASYNC110
+            await asyncio.sleep((ahead - self._lead) / self._rate)
+        tag = self._tag()
+        pos = max(self._end, self._now())
         for i in range(0, len(pcm), self._piece):
             piece = pcm[i : i + self._piece]
-            # A timer, not polling: sleep exactly until the lead is back under its bound.
-            while (ahead := self._end - self._now()) > self._lead:  # noqa: ASYNC110
-                await asyncio.sleep((ahead - self._lead) / self._rate)
-            self._end = max(self._end, self._now()) + len(piece) // 2
-            self._written += len(piece) // 2
-            self._on_audio(piece)
+            self._pending.append((pos, piece, tag))
+            pos += len(piece) // 2
+        self._end = pos
+        self._written += len(pcm) // 2
+        self._wake.set()
 
     def clear_buffer(self) -> int:
         dropped = self.queued_samples
         self._written -= dropped
         if dropped:
             self._end = self._now()
+        self._pending.clear()
         return dropped
 
     async def wait_for_playout(self) -> None:
         while (remaining := self._end - self._now()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(remaining / self._rate)
+
+    async def run(self) -> None:
+        """Send the queued audio in real time, forever (cancel to stop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            pos, piece, tag = self._pending[0]
+            send_at = self._t0 + (pos - self._lead) / self._rate
+            if send_at > loop.time():
+                await asyncio.sleep(send_at - loop.time())
+                continue  # cleared meanwhile?
+            self._pending.popleft()
+            self._on_audio(piece, tag)
 
 
 class AudioIngress:
@@ -598,7 +630,8 @@ class _ProtoReply:
     core_id: str
     reply_id: str
     item_id: str
-    samples: int = 0
+    samples: int = 0  # written to the sink (the timeline of the deltas)
+    sent: int = 0  # sent to the client
     delta_end_ms: int = 0
     texts: list[str] = field(default_factory=list)
     closed: bool = False  # reply.done sent for this part (a tool call is pending)
@@ -670,8 +703,9 @@ class LiveSession:
         assert self.spec.llm is not None
         self._llm = self.runner.chat_client(self.spec.llm)
         sink = PacedSink(
-            self.spec.output_format.sample_rate, self.runner.limits.output_lead_ms, self._on_audio
-        )
+            self.spec.output_format.sample_rate, self.runner.limits.output_lead_ms,
+            self._on_audio, tag=lambda: self._speaking,
+        )  # fmt: skip
         self._sink = sink
         config = self.spec.core_config()
         if self._prior_history is not None:
@@ -686,6 +720,7 @@ class LiveSession:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 conversation = tg.create_task(session.run(self._frames(session)))
+                pacer = tg.create_task(sink.run())
                 remaining = self.expires_at - time.time()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, remaining)):
@@ -693,6 +728,7 @@ class LiveSession:
                 if not self._ended.is_set():
                     self._end_reason = "expired"
                 conversation.cancel()
+                pacer.cancel()
         finally:
             self._tg = None
             await self._llm.aclose()
@@ -840,18 +876,15 @@ class LiveSession:
         reply.reply_id = self._new_id("reply")
         reply.item_id = self._new_id("item")
         reply.samples = 0
+        reply.sent = 0
         reply.delta_end_ms = 0
         reply.closed = False
         self._emit(ev.ReplyStarted(reply_id=reply.reply_id, item_id=reply.item_id))
 
-    def _on_audio(self, pcm: bytes) -> None:
-        # Only the reply that started last writes to the sink (a cut reply stops at once).
-        reply = self._speaking
+    def _on_audio(self, pcm: bytes, reply: _ProtoReply | None) -> None:
         if reply is None:
             return
-        if reply.closed:
-            self._reopen(reply)
-        reply.samples += len(pcm) // 2
+        reply.sent += len(pcm) // 2
         self._emit(ev.ReplyAudio(data=self._encode(pcm), reply_id=reply.reply_id))
 
     def _on_core_event(self, event: core.ConversationEvent) -> None:
@@ -871,8 +904,12 @@ class LiveSession:
                 reply = self._reply(core_id)
                 self._speaking = reply
                 emit(ev.ReplyStarted(reply_id=reply.reply_id, item_id=reply.item_id))
-            case core.ReplyAudio():
-                pass  # sent piece by piece, paced, by the sink (_on_audio)
+            case core.ReplyAudio(reply_id=core_id, pcm=pcm):
+                # Written to the sink, which sends it paced (_on_audio).
+                reply = self._reply(core_id)
+                if reply.closed:
+                    self._reopen(reply)
+                reply.samples += len(pcm) // 2
             case core.AgentTranscriptDelta(reply_id=core_id, delta=delta):
                 reply = self._reply(core_id)
                 if reply.closed:
@@ -1015,6 +1052,9 @@ class SessionRunner:
         self.limits = limits or RunnerLimits()
         self.states: SessionStateStore = states or MemorySessionStore()
         self.active = 0
+        # Sessions running on this worker; the event is set once a session's
+        # state has been kept (or discarded) after its socket went away.
+        self._running: dict[str, asyncio.Event] = {}
 
     def voice_known(self, voice: str) -> bool:
         return not self.voices or voice in self.voices
@@ -1183,6 +1223,12 @@ class SessionRunner:
                 grace period), ``session_forbidden`` (another credential's
                 session), ``session_expired``.
         """
+        running = self._running.get(session_id)
+        if running is not None:
+            # The old socket is still being torn down here: wait for its state.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await running.wait()
         state = await self.states.take(session_id)
         if state is None:
             raise SessionRefused(
@@ -1210,9 +1256,21 @@ class SessionRunner:
             audio_seconds=state.audio_seconds, emit=emit,
         )  # fmt: skip
 
-    async def keep(self, live: LiveSession) -> None:
-        """Keep a dropped session for the grace period."""
-        await self.states.save(live.snapshot(), self.limits.resume_grace_s)
+    def attach(self, live: LiveSession) -> None:
+        """Note that ``live`` runs on this worker (until :meth:`release`)."""
+        self._running[live.session_id] = asyncio.Event()
+
+    async def release(self, live: LiveSession, *, keep: bool) -> None:
+        """The session's socket is gone: keep its state for a resume, or forget it."""
+        try:
+            if keep:
+                await self.states.save(live.snapshot(), self.limits.resume_grace_s)
+            else:
+                await self.states.discard(live.session_id)
+        finally:
+            done = self._running.pop(live.session_id, None)
+            if done is not None:
+                done.set()
 
     def seal_state(self, live: LiveSession) -> ResumableState:
         spec = live.spec

@@ -1,0 +1,797 @@
+"""The Voice Agent WebSocket black-box: a real ``voxloop serve`` process, real sockets,
+real speech through the real engines, and a loopback OpenAI-compatible endpoint that
+checks the Bearer key it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from audio.g711 import ulaw_decode, ulaw_encode
+from audio.resample import resample_all
+from audio.wav import read_wav
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
+from runtime.protocol import events as ev
+
+from ..helpers import SPEECH
+
+API_KEY = "vk-realtime-operator"
+OTHER_KEY = "vk-second-operator"
+LLM_KEY = "sk-agent-llm-5e4d3c2b1a"
+DEFAULT_KEY = "sk-server-default-0a9b8c"
+LONG_REPLY = (
+    "Sure. The weather in Paris today is mild and mostly sunny, with a light breeze from the west, "
+    "a high of about twenty degrees in the afternoon, and a small chance of showers late in "
+    "the evening, so you may want to bring a light jacket if you plan to stay out after dark."
+)
+
+
+# -- the loopback endpoint (its own thread and loop, shared by the module) -----------------
+
+
+class EndpointThread:
+    """A :class:`ReferenceEndpoint` requiring ``Bearer <api_key>``, on its own loop."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready: Future[ReferenceEndpoint] = Future()
+        self._stop: asyncio.Event | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        server = ReferenceEndpoint(ReplyPlan(replies=("Okay.",)), api_key=self._api_key)
+        await server.start()
+        self._ready.set_result(server)
+        await self._stop.wait()
+        await server.aclose()
+
+    def __enter__(self) -> EndpointThread:
+        self._thread.start()
+        self.server = self._ready.result(timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def _call(self, fn: Any) -> Any:
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    def answer(self, *plans: ReplyPlan, default: str = "Okay.") -> None:
+        """Answer the next requests with ``plans``, then ``default``."""
+
+        def apply() -> None:
+            self.server._queued.clear()
+            self.server.plan = ReplyPlan(replies=(default,))
+            self.server.queue(*plans)
+
+        self._call(apply)
+
+    def chats(self) -> list[RequestRecord]:
+        records: list[RequestRecord] = self._call(
+            lambda: [r for r in self.server.requests if r.path.endswith("/chat/completions")]
+        )
+        return records
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+
+def plan(*replies: str, **kwargs: Any) -> ReplyPlan:
+    return ReplyPlan(replies=replies or ("Okay.",), ttft_ms=30, itl_ms=5, **kwargs)
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    http: str
+    ws: str
+    proc: subprocess.Popen[str]
+    log: Path
+    handle: Any = None
+
+
+def start_server(data_dir: Path, env: dict[str, str]) -> Server:
+    log = data_dir.parent / f"{data_dir.name}-server.log"
+    handle = log.open("a")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "-v", "serve", "--port", "0", "--data-dir",
+         str(data_dir)],
+        stdout=subprocess.PIPE, stderr=handle, text=True,
+        env={**os.environ, "VOXLOOP_API_KEYS": f"{API_KEY},{OTHER_KEY}", **env},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("voxloop serve listening on "), log.read_text()
+    http = line.rsplit(" ", 1)[1].strip()
+    return Server(http, "ws" + http[4:] + "/v1/ws", proc, log, handle)
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=30)
+    assert server.proc.stdout is not None
+    server.proc.stdout.close()
+    server.handle.close()
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[EndpointThread]:
+    with EndpointThread(LLM_KEY) as thread:
+        yield thread
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(
+        tmp_path_factory.mktemp("realtime") / "data",
+        {"VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
+         "VOXLOOP_STATIC_HOSTS": json.dumps({"api.example.com": ["93.184.216.34"]})},
+    )  # fmt: skip
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+# -- the client --------------------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    ws: websockets.ClientConnection
+    seen: list[ev.ServerEvent] = field(default_factory=list)
+    queue: asyncio.Queue[ev.ServerEvent | None] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                event = ev.decode_server_event(message)
+                assert not isinstance(event, ev.UnknownServerEvent), message
+                await self.queue.put(event)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            await self.queue.put(None)
+
+    async def send(self, doc: dict[str, Any] | str) -> None:
+        await self.ws.send(doc if isinstance(doc, str) else json.dumps(doc))
+
+    async def next(self, *types: str, within: float = 30.0) -> ev.ServerEvent:
+        """The next event of one of ``types`` (events before it are kept in ``seen``)."""
+        async with asyncio.timeout(within):
+            while True:
+                event = await self.queue.get()
+                if event is None:
+                    await self.queue.put(None)
+                    raise AssertionError(f"closed ({self.ws.close_code}) waiting for {types}")
+                self.seen.append(event)
+                if event.type in types:
+                    return event
+
+    async def until(self, kind: str, within: float = 30.0) -> list[ev.ServerEvent]:
+        """Every event up to and including the next ``kind``."""
+        start = len(self.seen)
+        await self.next(kind, within=within)
+        return self.seen[start:]
+
+    async def closed(self, within: float = 15.0) -> tuple[list[ev.ServerEvent], int | None]:
+        """Events until the server closes, and the close code."""
+        start = len(self.seen)
+        async with asyncio.timeout(within):
+            while (event := await self.queue.get()) is not None:
+                self.seen.append(event)
+        await self.queue.put(None)
+        await self.ws.wait_closed()
+        return self.seen[start:], self.ws.close_code
+
+    async def stream(self, data: bytes, bytes_per_s: int, chunk: int) -> None:
+        """Send audio in real time, in ``chunk``-byte messages."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(0, len(data), chunk):
+            piece = data[i : i + chunk]
+            await self.send({"type": "input.audio", "audio": base64.b64encode(piece).decode()})
+            delay = t0 + (i + len(piece)) / bytes_per_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # real-time pacing of the microphone
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Any]:
+    clients: list[Client] = []
+
+    async def open_(
+        url: str, key: str | None = API_KEY, *, bearer: bool = True, query: str = ""
+    ) -> Client:
+        headers = {"Authorization": f"Bearer {key}" if bearer else key} if key else {}
+        ws = await websockets.connect(url + query, additional_headers=headers, max_size=None)
+        client = Client(ws)
+        client.task = asyncio.get_running_loop().create_task(client._read())
+        clients.append(client)
+        return client
+
+    yield open_
+    for c in clients:
+        await c.ws.close()
+        if c.task is not None:
+            await c.task
+
+
+def inline(endpoint: EndpointThread, **session: Any) -> dict[str, Any]:
+    llm = [{"base_url": endpoint.base_url, "model": "agent-model", "api_key": LLM_KEY}]
+    return {"type": "session.update", "session": {"llm": llm, **session}}
+
+
+def speech(name: str, rate: int) -> bytes:
+    audio = read_wav(SPEECH / f"{name}.wav")
+    return resample_all(audio.mono(), audio.sample_rate, rate)
+
+
+def silence(seconds: float, rate: int) -> bytes:
+    return bytes(int(seconds * rate) * 2)
+
+
+def words(text: str) -> str:
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c == " ").split())
+
+
+_normalise = EnglishTextNormalizer()
+
+
+def spoken(text: str) -> str:
+    """Whisper's English normalisation (numbers folded), times written one way."""
+    return str(_normalise(text)).replace("7 30", "730")
+
+
+def audio_of(events: list[ev.ServerEvent], reply_id: str) -> bytes:
+    return b"".join(
+        e.data for e in events if isinstance(e, ev.ReplyAudio) and e.reply_id == reply_id
+    )
+
+
+def types(events: list[ev.ServerEvent]) -> list[str]:
+    out: list[str] = []
+    for e in events:
+        if not out or out[-1] != e.type or e.type not in ("reply.audio", "transcript.user.delta"):
+            out.append(e.type)
+    return out
+
+
+# -- authentication ------------------------------------------------------------------------------
+
+
+async def test_credentials_are_checked_on_the_upgrade(server: Server, connect: Any) -> None:
+    for key, query in ((None, ""), ("wrong-key", ""), (None, "?token=forged.token")):
+        client = await connect(server.ws, key, query=query)
+        events, code = await client.closed()
+        assert code == 1008
+        assert [(e.type, e.code) for e in events if isinstance(e, ev.SessionError)] == [
+            ("session.error", "unauthorized")
+        ]
+        assert len(events) == 1
+    # The raw key (no Bearer) is accepted, as on the REST API.
+    client = await connect(server.ws, API_KEY, bearer=False)
+    await client.send({"type": "session.update", "session": {"agent_id": "agent_nope"}})
+    events, code = await client.closed()
+    assert [(e.type, getattr(e, "code", None)) for e in events] == [
+        ("session.error", "agent_not_found")
+    ]
+    assert code == 1008
+
+
+async def test_a_token_starts_exactly_one_session(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    async with httpx.AsyncClient(base_url=server.http, headers={"Authorization": API_KEY}) as rest:
+        response = await rest.get(
+            "/v1/token", params={"expires_in_seconds": 60, "max_session_duration_seconds": 600}
+        )
+    token = response.json()["token"]
+    first = await connect(server.ws, None, query=f"?token={token}")
+    await first.send(inline(endpoint))
+    ready = await first.next("session.ready")
+    assert isinstance(ready, ev.SessionReady)
+    # The token's cap bounds the session.
+    assert ready.expires_at is not None and ready.timestamp is not None
+    assert 599 <= ready.expires_at - ready.timestamp <= 601
+    again = await connect(server.ws, None, query=f"?token={token}")
+    events, code = await again.closed()
+    assert code == 1008
+    assert [getattr(e, "code", None) for e in events] == ["unauthorized"]
+
+
+# -- lifecycle, greeting, errors ------------------------------------------------------------------
+
+
+async def test_lifecycle_greeting_updates_and_every_error_code(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan("Hello from the model."), plan("Noted."), plan("Still here."))
+    client = await connect(server.ws)
+    # Anything but session.update first is refused without ending the connection.
+    await client.send({"type": "reply.create"})
+    err = await client.next("session.error")
+    assert isinstance(err, ev.SessionError)
+    assert (err.code, err.param) == ("invalid_format", "type")
+    greeting = "Hi there, how can I help you today?"
+    await client.send(inline(endpoint, system_prompt="You are terse.", greeting=greeting,
+                             output={"voice": "ivy", "volume": 100}))  # fmt: skip
+    ready = await client.next("session.ready")
+    assert isinstance(ready, ev.SessionReady)
+    assert ready.session_id.startswith("sess_")
+    assert ready.resume_token and ready.resume_token.startswith("rt_")
+    assert ready.config is not None
+    assert ready.config["system_prompt"] == "You are terse."
+    assert ready.config["greeting"] == greeting
+    assert ready.config["output"] == {
+        "voice": "ivy", "format": {"encoding": "audio/pcm", "sample_rate": 24000}, "volume": 100.0,
+    }  # fmt: skip
+    assert ready.config["llm"] == [{"base_url": endpoint.base_url, "model": "agent-model"}]
+    assert LLM_KEY not in json.dumps(ready.config)
+    # The greeting is spoken verbatim, in the documented order, without any client action.
+    events = await client.until("reply.done")
+    kinds = types(events)
+    assert [k for k in kinds if k not in ("reply.audio", "transcript.agent.delta")] == [
+        "reply.started", "transcript.agent", "reply.done",
+    ]  # fmt: skip
+    assert set(kinds[1:-2]) == {"reply.audio", "transcript.agent.delta"}
+    started, done = events[0], events[-1]
+    assert isinstance(started, ev.ReplyStarted) and isinstance(done, ev.ReplyDone)
+    final = events[-2]
+    assert isinstance(final, ev.TranscriptAgent)
+    assert (final.text, final.interrupted, final.reply_id) == (greeting, False, started.reply_id)
+    assert (done.status, done.reply_id) == ("completed", started.reply_id)
+    delta = next(e for e in events if isinstance(e, ev.TranscriptAgentDelta))
+    pcm = audio_of(events, started.reply_id)
+    # The delta's timing covers exactly the reply's audio (24 kHz PCM16).
+    assert (delta.delta, delta.start_ms) == (greeting, 0)
+    assert delta.end_ms == len(pcm) // 2 * 1000 // 24000
+    assert len(pcm) > 24000 * 2  # more than a second of speech
+    assert endpoint.chats() == [] or all(
+        r.body and r.body["messages"][-1]["content"] != greeting for r in endpoint.chats()
+    )
+
+    bad: list[tuple[str, str, str | None]] = [
+        ("{not json", "invalid_format", None),
+        (json.dumps({"type": "bogus"}), "invalid_format", "type"),
+        (json.dumps({"no": "type"}), "invalid_format", "type"),
+        (json.dumps({"type": "session.update", "session": {"output": {"volume": "loud"}}}),
+         "invalid_value", "session.output.volume"),
+        (json.dumps({"type": "input.audio", "audio": "%%%not base64"}), "invalid_audio", "audio"),
+        (json.dumps({"type": "session.update", "session": {"greeting": "Other"}}),
+         "immutable_field", "session.greeting"),
+        (json.dumps({"type": "session.update", "session": {"output": {"voice": "en-gb"}}}),
+         "immutable_field", "session.output.voice"),
+        (json.dumps({"type": "session.update",
+                     "session": {"output": {"format": {"encoding": "audio/pcmu"}}}}),
+         "immutable_field", "session.output.format"),
+        (json.dumps({"type": "session.update", "session": {"agent_id": "agent_x"}}),
+         "agent_id_not_first", "session.agent_id"),
+        (json.dumps({"type": "session.update", "session": {"input": {"turn_detection": {
+            "min_silence": 900, "max_silence": 100}}}}), "invalid_config",
+         "session.input.turn_detection.min_silence"),
+        (json.dumps({"type": "tool.result", "call_id": "call_unknown", "result": "{}"}),
+         "invalid_value", "call_id"),
+        (json.dumps({"type": "reply.create", "instructions": "x" * (600 * 1024)}),
+         "invalid_format", "message"),
+    ]  # fmt: skip
+    for text, code, param in bad:
+        await client.send(text)
+        err = await client.next("session.error")
+        assert isinstance(err, ev.SessionError)
+        assert (err.code, err.param) == (code, param), text[:80]
+        assert err.timestamp is not None
+    await client.ws.send(b"\x00\x01binary")
+    err = await client.next("session.error")
+    assert isinstance(err, ev.SessionError) and err.code == "invalid_format"
+
+    # A later update is acknowledged with the new effective configuration.
+    await client.send({"type": "session.update", "session": {"system_prompt": "Be brief.",
+                       "greeting": greeting, "output": {"volume": 50}}})  # fmt: skip
+    updated = await client.next("session.updated")
+    assert isinstance(updated, ev.SessionUpdated) and updated.config is not None
+    assert updated.config["system_prompt"] == "Be brief."
+    assert updated.config["output"]["volume"] == 50.0
+
+    # conversation.message adds to the history; reply.create answers with instructions.
+    await client.send({"type": "conversation.message", "role": "user", "content": "Hi model."})
+    await client.send({"type": "reply.create", "instructions": "Answer in French."})
+    events = await client.until("reply.done")
+    final = next(e for e in events if isinstance(e, ev.TranscriptAgent))
+    assert final.text == "Hello from the model."
+    assert isinstance(events[-1], ev.ReplyDone) and events[-1].status == "completed"
+    request = endpoint.chats()[-1]
+    assert request.headers["authorization"] == f"Bearer {LLM_KEY}"
+    assert request.body is not None
+    assert request.body["model"] == "agent-model"
+    messages = request.body["messages"]
+    assert messages[0]["role"] == "system" and messages[0]["content"].startswith("Be brief.")
+    assert messages[1:] == [
+        {"role": "assistant", "content": greeting},
+        {"role": "user", "content": "Hi model."},
+        {"role": "system", "content": "Answer in French."},
+    ]
+
+    # reply.cancel cuts the reply in progress.
+    endpoint.answer(plan(LONG_REPLY))
+    await client.send({"type": "reply.create"})
+    first_audio = await client.next("reply.audio")
+    assert isinstance(first_audio, ev.ReplyAudio)
+    await client.send({"type": "reply.cancel", "reply_id": first_audio.reply_id})
+    events = await client.until("reply.done")
+    final = next(e for e in events if isinstance(e, ev.TranscriptAgent))
+    assert final.interrupted and len(final.text) < len(LONG_REPLY)
+    assert isinstance(events[-1], ev.ReplyDone) and events[-1].status == "cancelled"
+
+    # session.end -> session.ended -> close 1000.
+    await client.send({"type": "session.end"})
+    events, code = await client.closed()
+    assert code == 1000
+    ended = events[-1]
+    assert isinstance(ended, ev.SessionEnded)
+    assert ended.session_duration_seconds > 0
+    assert ended.audio_duration_seconds is None  # no audio was sent
+
+
+async def test_endpoint_failure_is_a_reply_error_and_the_session_goes_on(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    endpoint.answer(
+        ReplyPlan(fault="status", status=503), ReplyPlan(fault="status", status=503),
+        plan("Back again."),
+    )  # fmt: skip
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done")
+    error = next(e for e in events if isinstance(e, ev.ReplyError))
+    assert (error.code, error.retryable, error.status_code) == ("server", True, 503)
+    assert error.reply_id == events[-1].reply_id
+    assert LLM_KEY not in error.message
+    assert any(isinstance(e, ev.ReplyAudio) for e in events)  # the spoken apology
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done")
+    assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == "Back again."
+    assert events[-1].status == "completed"
+
+
+async def test_an_inline_session_without_llm_is_told_clearly(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    client = await connect(server.ws)
+    await client.send({"type": "session.update", "session": {"system_prompt": "x"}})
+    err = await client.next("session.error")
+    assert isinstance(err, ev.SessionError)
+    assert (err.code, err.param) == ("invalid_config", "session.llm")
+    assert "VOXLOOP_LLM_BASE_URL" in err.message
+    # The connection stays open for a corrected update.
+    await client.send(inline(endpoint))
+    assert isinstance(await client.next("session.ready"), ev.SessionReady)
+    # A private endpoint that is not allowlisted is refused the same way.
+    other = await connect(server.ws)
+    await other.send({"type": "session.update", "session": {"llm": [
+        {"base_url": "http://10.1.2.3/v1", "model": "m", "api_key": "k"}]}})  # fmt: skip
+    err = await other.next("session.error")
+    assert isinstance(err, ev.SessionError)
+    assert (err.code, err.param) == ("invalid_config", "llm[0].base_url")
+
+
+# -- spoken turns ---------------------------------------------------------------------------------
+
+
+async def test_two_spoken_turns_with_the_history_in_the_second_request(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan("It is sunny in Paris."), plan("Your table is booked."))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    audio = speech("conv-two_turns", 24000) + silence(2.0, 24000)
+    # Odd-sized messages: samples straddle messages and must be carried over.
+    streaming = asyncio.get_running_loop().create_task(client.stream(audio, 48000, 1999))
+    first = await client.until("reply.done", within=40)
+    second = await client.until("reply.done", within=40)
+    await streaming
+    for turn, user_text, agent_text in (
+        (first, "What's the weather like in Paris today?", "It is sunny in Paris."),
+        (second, "Book a table for two at seven thirty tonight.", "Your table is booked."),
+    ):
+        # Audio and agent deltas interleave between reply.started and transcript.agent.
+        kinds = types(turn)
+        assert [k for k in kinds if k not in ("reply.audio", "transcript.agent.delta")][-5:] == [
+            "input.speech.stopped", "transcript.user", "reply.started", "transcript.agent",
+            "reply.done",
+        ]  # fmt: skip
+        body = kinds[kinds.index("reply.started") + 1 : kinds.index("transcript.agent")]
+        assert set(body) == {"reply.audio", "transcript.agent.delta"}
+        assert kinds[0] == "input.speech.started"
+        user = next(e for e in turn if isinstance(e, ev.TranscriptUser))
+        assert spoken(user.text) == spoken(user_text)
+        deltas = [e for e in turn if isinstance(e, ev.TranscriptUserDelta)]
+        assert all(d.item_id == user.item_id for d in deltas)
+        agent = next(e for e in turn if isinstance(e, ev.TranscriptAgent))
+        assert (agent.text, agent.interrupted) == (agent_text, False)
+    messages = endpoint.chats()[-1].body["messages"]  # type: ignore[index]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == "It is sunny in Paris."
+    assert words(messages[1]["content"]) == words("What's the weather like in Paris today?")
+    assert all(r.headers["authorization"] == f"Bearer {LLM_KEY}" for r in endpoint.chats())
+
+
+async def test_barge_in_keeps_the_heard_prefix(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan(LONG_REPLY), plan("Sorry, what did you ask?"))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    audio = speech("conv-barge_in", 24000) + silence(2.0, 24000)
+    streaming = asyncio.get_running_loop().create_task(client.stream(audio, 48000, 2400))
+    first = await client.until("reply.done", within=40)
+    second = await client.until("reply.done", within=40)
+    await streaming
+    cut = next(e for e in first if isinstance(e, ev.TranscriptAgent))
+    assert cut.interrupted
+    assert cut.text and LONG_REPLY.startswith(cut.text.rstrip(".,"))
+    assert len(cut.text) < len(LONG_REPLY) / 2
+    assert first[-1].status == "interrupted"
+    # What was heard: the audio sent for the reply covers the heard text, at most the
+    # paced lead more.
+    assert "input.speech.started" in types(first)
+    messages = endpoint.chats()[-1].body["messages"]  # type: ignore[index]
+    assert messages[2] == {"role": "assistant", "content": cut.text}
+    assert "stop" in messages[3]["content"].lower()
+    assert next(e for e in second if isinstance(e, ev.TranscriptAgent)).text == (
+        "Sorry, what did you ask?"
+    )
+
+
+async def test_mulaw_in_and_mulaw_out(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan("It is sunny in Paris."))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint, input={"format": {"encoding": "audio/pcmu"}},
+                             output={"format": {"encoding": "audio/pcmu"}}))  # fmt: skip
+    ready = await client.next("session.ready")
+    assert isinstance(ready, ev.SessionReady) and ready.config is not None
+    assert ready.config["input"]["format"] == {"encoding": "audio/pcmu", "sample_rate": 8000}
+    pcm8 = speech("shared-00-piper", 8000) + silence(2.0, 8000)
+    streaming = asyncio.get_running_loop().create_task(client.stream(ulaw_encode(pcm8), 8000, 400))
+    events = await client.until("reply.done", within=40)
+    await streaming
+    user = next(e for e in events if isinstance(e, ev.TranscriptUser))
+    # Telephone-band audio: the words may come back slightly off, the sentence does not.
+    assert words(user.text).startswith("whats the weather like in")
+    reply = next(e for e in events if isinstance(e, ev.ReplyStarted))
+    chunks = [e.data for e in events if isinstance(e, ev.ReplyAudio)]
+    # Pieces of at most 40 ms of 8 kHz μ-law (one byte per sample).
+    assert max(len(c) for c in chunks) == 320
+    pcm = ulaw_decode(b"".join(chunks))
+    delta = next(e for e in events if isinstance(e, ev.TranscriptAgentDelta))
+    assert delta.end_ms == len(pcm) // 2 * 1000 // 8000
+    assert max(abs(int.from_bytes(pcm[i : i + 2], "little", signed=True))
+               for i in range(0, len(pcm), 2)) > 3000  # fmt: skip
+    assert reply.reply_id == delta.reply_id
+    await client.send({"type": "session.end"})
+    events, code = await client.closed()
+    ended = events[-1]
+    assert isinstance(ended, ev.SessionEnded) and code == 1000
+    assert ended.audio_duration_seconds == pytest.approx(len(pcm8) / 2 / 8000, abs=0.01)
+
+
+# -- tools -----------------------------------------------------------------------------------------
+
+
+async def test_client_tool_round_trip_follows_the_timing_rule(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(
+        ReplyPlan(tool_name="get_weather", tool_arguments='{"city": "Paris"}',
+                  replies=("Let me check.",)),
+        plan("It is twenty degrees in Paris."),
+    )  # fmt: skip
+    client = await connect(server.ws)
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    await client.send(inline(endpoint, tools=[tool]))  # fmt: skip
+    await client.next("session.ready")
+    await client.send({"type": "conversation.message", "role": "user", "content": "Weather?"})
+    await client.send({"type": "reply.create"})
+    call = await client.next("tool.call")
+    assert isinstance(call, ev.ToolCall)
+    assert (call.name, dict(call.arguments)) == ("get_weather", {"city": "Paris"})
+    # reply.done follows the call; the result is sent when reply.done is the latest event.
+    done = await client.next("reply.done")
+    assert isinstance(done, ev.ReplyDone) and done.status == "completed"
+    assert done.reply_id == call.reply_id
+    first_part = client.seen[client.seen.index(next(
+        e for e in client.seen if isinstance(e, ev.ReplyStarted))):]  # fmt: skip
+    assert types(first_part)[-3:] == ["transcript.agent", "tool.call", "reply.done"]
+    assert client.queue.empty()
+    await client.send({"type": "tool.result", "call_id": call.call_id,
+                       "result": json.dumps({"temp_c": 20})})  # fmt: skip
+    events = await client.until("reply.done")
+    assert types(events)[0] == "reply.started"
+    started = events[0]
+    assert isinstance(started, ev.ReplyStarted) and started.reply_id != call.reply_id
+    final = next(e for e in events if isinstance(e, ev.TranscriptAgent))
+    assert final.text == "It is twenty degrees in Paris."
+    messages = endpoint.chats()[-1].body["messages"]  # type: ignore[index]
+    assert messages[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert messages[-1] == {"role": "tool", "tool_call_id": call.call_id,
+                            "content": '{"temp_c": 20}'}  # fmt: skip
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+async def test_resume_continues_the_conversation(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan("First answer."), plan("Second answer."), plan("Third answer."))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint, greeting="Welcome back."))
+    ready = await client.next("session.ready")
+    assert isinstance(ready, ev.SessionReady)
+    await client.until("reply.done")
+    await client.send({"type": "conversation.message", "role": "user", "content": "One."})
+    await client.send({"type": "reply.create"})
+    await client.until("reply.done")
+    await client.ws.close()  # a drop: no session.end
+
+    # Another key of the server is another owner.
+    other = await connect(server.ws, OTHER_KEY)
+    await other.send({"type": "session.resume", "session_id": ready.session_id})
+    events, code = await other.closed()
+    assert [getattr(e, "code", None) for e in events] == ["session_forbidden"] and code == 1008
+
+    # The resume token works as the credential (a browser's single-use token is spent).
+    again = await connect(server.ws, None, query=f"?token={ready.resume_token}")
+    await again.send({"type": "session.resume", "session_id": ready.session_id})
+    resumed = await again.next("session.ready")
+    assert isinstance(resumed, ev.SessionReady)
+    assert resumed.session_id == ready.session_id
+    assert resumed.expires_at == ready.expires_at
+    assert resumed.resume_token != ready.resume_token
+    await again.send({"type": "conversation.message", "role": "user", "content": "Two."})
+    await again.send({"type": "reply.create"})
+    events = await again.until("reply.done")
+    # No second greeting; the history continues.
+    assert [e.text for e in events if isinstance(e, ev.TranscriptAgent)] == ["Second answer."]
+    messages = endpoint.chats()[-1].body["messages"]  # type: ignore[index]
+    assert messages[1:] == [
+        {"role": "assistant", "content": "Welcome back."},
+        {"role": "user", "content": "One."},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "Two."},
+    ]
+    await again.ws.close()
+
+    # With the API key, after a second drop.
+    third = await connect(server.ws)
+    await third.send({"type": "session.resume", "session_id": ready.session_id})
+    assert isinstance(await third.next("session.ready"), ev.SessionReady)
+    await third.send({"type": "session.end"})
+    events, code = await third.closed()
+    assert isinstance(events[-1], ev.SessionEnded) and code == 1000
+
+    # An ended session cannot be resumed.
+    late = await connect(server.ws)
+    await late.send({"type": "session.resume", "session_id": ready.session_id})
+    events, code = await late.closed()
+    assert [getattr(e, "code", None) for e in events] == ["session_not_found"] and code == 1008
+
+
+# -- bad input never ends the session ----------------------------------------------------------
+
+
+async def test_audio_faster_than_real_time_is_bounded(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan("Still fine."))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    burst = silence(1.0, 24000)
+    for _ in range(6):  # six seconds of audio at once
+        await client.send({"type": "input.audio", "audio": base64.b64encode(burst).decode()})
+    err = await client.next("session.error")
+    assert isinstance(err, ev.SessionError)
+    assert (err.code, err.param) == ("audio_rate_violation", "audio")
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done")
+    assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == "Still fine."
+
+
+def mutations(seed: int, count: int) -> Iterator[str]:
+    import random
+
+    rng = random.Random(seed)
+    valid = [
+        {"type": "session.update", "session": {"system_prompt": "p", "output": {"volume": 80}}},
+        {"type": "input.audio", "audio": base64.b64encode(bytes(64)).decode()},
+        {"type": "tool.result", "call_id": "c", "result": "{}"},
+        {"type": "conversation.message", "role": "user", "content": "hi"},
+        {"type": "reply.cancel"},
+        {"type": "session.update", "session": {"input": {"turn_detection": {"min_silence": 300}}}},
+    ]
+    junk: list[Any] = [None, True, -1, 1e308, "", "x" * 50, [], {}, {"a": [1]}, "audio/pcmu"]
+    for _ in range(count):
+        doc = json.loads(json.dumps(rng.choice(valid)))
+        op = rng.randrange(5)
+        if op == 0:  # replace a field's value
+            target = doc if "session" not in doc or rng.random() < 0.5 else doc["session"]
+            target[rng.choice(list(target))] = rng.choice(junk)
+            yield json.dumps(doc)
+        elif op == 1:  # add an unknown field
+            doc[rng.choice(["x", "type2", "session_id", "audio"])] = rng.choice(junk)
+            yield json.dumps(doc)
+        else:  # corrupt the text
+            text = json.dumps(doc)
+            i = rng.randrange(len(text))
+            if op == 2:
+                yield text[:i]
+            elif op == 3:
+                yield text[:i] + rng.choice(['"', "{", "}", "\\", "\x00", "é", ","]) + text[i:]
+            else:
+                yield text[:i] + text[i + 1 :]
+
+
+async def test_fuzzed_messages_only_get_typed_errors(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(plan("Alive and well."))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    count = 10_000
+    for text in mutations(12, count):
+        await client.send(text)
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done", within=60)
+    codes = {e.code for e in client.seen if isinstance(e, ev.SessionError)}
+    assert codes <= {"invalid_format", "invalid_value", "invalid_audio", "invalid_config",
+                     "immutable_field", "audio_rate_violation"}  # fmt: skip
+    assert "invalid_format" in codes and "invalid_value" in codes
+    assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == "Alive and well."
+    assert server.proc.poll() is None
