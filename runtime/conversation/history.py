@@ -81,6 +81,19 @@ class History:
         """Begin a conversation: the system prompt alone."""
         self.messages[:] = [{"role": "system", "content": system_prompt}]
 
+    def restore(self, messages: list[dict[str, Any]]) -> None:
+        """Continue an earlier conversation: its messages after the system prompt."""
+        self.messages.extend(messages)
+
+    def set_system(self, system_prompt: str) -> None:
+        """Replace the system prompt (the configuration changed mid-conversation)."""
+        if self.messages and self.messages[0].get("role") == "system":
+            self.messages[0] = {"role": "system", "content": system_prompt}
+
+    def add(self, role: str, content: str) -> None:
+        """A message a client added to the conversation (``user`` or ``system``)."""
+        self.messages.append({"role": role, "content": content})
+
     def request(
         self,
         *,

@@ -44,9 +44,9 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
@@ -148,6 +148,8 @@ class ConversationSession:
         vad: 16 kHz, 20 ms VAD (default: webrtcvad behind the noise gate).
         clock: the session clock.
         tool_policy, tool_resolver: URL policy for HTTP tools.
+        prior_history: messages of an earlier part of this conversation (a
+            resumed session); the system prompt is this session's own.
         policy: the turn-taking policy (default: one built from ``config.turn_detection``).
     """
 
@@ -164,6 +166,7 @@ class ConversationSession:
         clock: Clock | None = None,
         tool_policy: URLPolicy | None = None,
         tool_resolver: Resolver | None = None,
+        prior_history: Sequence[Mapping[str, Any]] = (),
         policy: TurnTakingPolicy | None = None,
     ) -> None:
         self.config = config
@@ -184,6 +187,8 @@ class ConversationSession:
         self.policy = policy or TurnTakingPolicy(td)
         self.turns = TurnStateMachine()
         self._history = History()
+        prior = [dict(m) for m in prior_history]
+        self._prior_history = prior[1:] if prior and prior[0].get("role") == "system" else prior
         self._reframer = Reframer(RATE, FRAME_MS)
         self._tg: asyncio.TaskGroup | None = None
         self._ids = itertools.count(1)
@@ -235,6 +240,7 @@ class ConversationSession:
     async def run(self, frames: AsyncIterator[AudioFrame]) -> None:
         """Run the conversation until ``frames`` ends and the last reply is done."""
         self._history.start(self._system_prompt())
+        self._history.restore(self._prior_history)
         self._input_ended = False
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
@@ -314,8 +320,11 @@ class ConversationSession:
         """
         self.config = config
         self._tools.set_tools(config.tools)
-        if self.history and self.history[0].get("role") == "system":
-            self.history[0] = {"role": "system", "content": self._system_prompt()}
+        self._history.set_system(self._system_prompt())
+
+    def add_message(self, role: Literal["user", "system"], content: str) -> None:
+        """Append a message without audio (``conversation.message``); it does not reply."""
+        self._history.add(role, content)
 
     def submit_tool_result(self, call_id: str, result: str, *, is_error: bool = False) -> bool:
         """Answer a client tool call (``tool.result``)."""

@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime import __version__
 from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolicy
+from runtime.protocol.events import LLMSpec
 from runtime.secret import Secret
 from runtime.server.agents import (
     AgentInput,
@@ -54,6 +55,13 @@ from runtime.server.agents import (
     validate_agent,
 )
 from runtime.server.logs import AccessLog
+from runtime.server.realtime import realtime_endpoint
+from runtime.server.runner import (
+    Engines,
+    RunnerLimits,
+    SessionRunner,
+    default_llm_from_env,
+)
 from runtime.server.secrets import (
     KeyRing,
     KeyUnavailable,
@@ -70,14 +78,6 @@ from runtime.server.store import (
     decode_cursor,
     now,
     sqlite_url,
-)
-from runtime.protocol.events import LLMSpec
-from runtime.server.realtime import realtime_endpoint
-from runtime.server.runner import (
-    Engines,
-    RunnerLimits,
-    SessionRunner,
-    default_llm_from_env,
 )
 
 log = logging.getLogger("voxloop.server")
@@ -663,8 +663,8 @@ def create_app(settings: Settings) -> Starlette:
     api = Api(settings, store)
     engines = Engines(settings.stt_engine, settings.tts_engine)
     runner = SessionRunner(
-        store=store, box=api.box, policy=settings.policy, resolver=settings.resolver,
-        default_llm=settings.default_llm, voices=settings.voices, engines=engines,
+        load_agent=api.load_agent, box=api.box, policy=settings.policy, resolver=settings.resolver,
+        default_llm=settings.default_llm, voices=settings.installed_voices, engines=engines,
         limits=settings.limits,
     )  # fmt: skip
 

@@ -51,7 +51,7 @@ import json
 import logging
 import secrets as pysecrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -63,7 +63,7 @@ from runtime.conversation import events as core
 from runtime.conversation.config import SessionConfig, TurnDetection
 from runtime.conversation.session import RATE, ConversationSession
 from runtime.conversation.tools import ClientTool, HttpTool, Tool
-from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url, parse_endpoint_url
+from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
 from runtime.llm.client import ChatClient, Endpoint
 from runtime.protocol import events as ev
@@ -713,13 +713,13 @@ class LiveSession:
         session = ConversationSession(
             config=config, llm=self._llm, stt=stt, tts=tts, sink=sink,
             on_event=self._on_core_event, tool_policy=self.runner.policy,
-            tool_resolver=self.runner.resolver,
+            tool_resolver=self.runner.resolver, prior_history=self._prior_history or (),
         )  # fmt: skip
         self._session = session
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                conversation = tg.create_task(session.run(self._frames(session)))
+                conversation = tg.create_task(session.run(self._frames()))
                 pacer = tg.create_task(sink.run())
                 remaining = self.expires_at - time.time()
                 with contextlib.suppress(TimeoutError):
@@ -734,10 +734,7 @@ class LiveSession:
             await self._llm.aclose()
         return self._end_reason
 
-    async def _frames(self, session: ConversationSession) -> AsyncIterator[AudioFrame]:
-        if self._prior_history is not None and len(self._prior_history) > 1:
-            # The conversation so far, behind the (possibly updated) system prompt.
-            session.history[1:] = self._prior_history[1:]
+    async def _frames(self) -> AsyncIterator[AudioFrame]:
         async for frame in self._ingress.frames():
             yield frame
 
@@ -783,7 +780,7 @@ class LiveSession:
                     session.create_reply(instructions)
             case ev.ConversationMessage(role=role, content=content):
                 if session is not None:
-                    session.history.append({"role": role, "content": content})
+                    session.add_message(role, content)
             case ev.ToolResult() as result:
                 self._tool_result(result)
             case ev.ReplyCancel(reply_id=reply_id):
@@ -1012,15 +1009,12 @@ class LiveSession:
 # -- the runner ---------------------------------------------------------------------------
 
 
-AgentLoader = Callable[[str], Any]
-
-
 class SessionRunner:
     """Binds, starts, limits and resumes the sessions of one worker.
 
     Args:
-        store: the agent store (``get_agent``).
-        box: opens sealed secrets (stored ``llm`` keys, tool headers) and seals resumable state.
+        load_agent: a stored agent by id, its secrets opened in memory (``None``: absent).
+        box: seals the secrets of resumable state.
         policy, resolver: the URL policy for endpoints and HTTP tools.
         default_llm: the server's endpoint for sessions without ``llm``.
         voices: installed voice ids (and aliases).
@@ -1032,7 +1026,7 @@ class SessionRunner:
     def __init__(
         self,
         *,
-        store: Any,
+        load_agent: Callable[[str], Awaitable[Any]],
         box: Any,
         policy: URLPolicy,
         resolver: Resolver,
@@ -1042,7 +1036,7 @@ class SessionRunner:
         limits: RunnerLimits | None = None,
         states: SessionStateStore | None = None,
     ) -> None:
-        self.store = store
+        self.load_agent = load_agent
         self.box = box
         self.policy = policy
         self.resolver = resolver
@@ -1059,32 +1053,9 @@ class SessionRunner:
     def voice_known(self, voice: str) -> bool:
         return not self.voices or voice in self.voices
 
-    def policy_for(self, url: str) -> URLPolicy:
-        """The URL policy for ``url``: plain ``http`` only for hosts the operator allowed."""
-        if not self.policy.require_https or not url.lower().startswith("http://"):
-            return self.policy
-        relaxed = dataclasses.replace(self.policy, require_https=False)
-        try:
-            parsed = parse_endpoint_url(url, relaxed)
-        except URLPolicyError:
-            return self.policy
-        allowed = (
-            self.policy.allow_private
-            or parsed.host in self.policy.allowed_hosts
-            or (
-                parsed.address is not None
-                and any(
-                    parsed.address in net
-                    for net in self.policy.allowed_networks
-                    if net.version == parsed.address.version
-                )
-            )
-        )
-        return relaxed if allowed else self.policy
-
     def chat_client(self, llm: ev.LLMSpec) -> ChatClient:
         return ChatClient(
-            Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy_for(llm.base_url),
+            Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy,
             resolver=self.resolver,
         )  # fmt: skip
 
@@ -1144,43 +1115,44 @@ class SessionRunner:
         """
         assert spec.llm is not None
         try:
-            url = spec.llm.base_url
-            await check_endpoint_url(url, self.policy_for(url), self.resolver)
+            await check_endpoint_url(spec.llm.base_url, self.policy, self.resolver)
         except URLPolicyError as exc:
             raise SessionRefused(
                 code, f"the llm endpoint is not allowed: {exc}", param="llm[0].base_url"
             ) from None
 
     async def _stored(self, agent_id: str) -> SessionSpec:
-        row = await self.store.get_agent(agent_id)
-        if row is None:
+        try:
+            agent = await self.load_agent(agent_id)
+        except Exception as exc:  # a sealed secret that does not open, the store failing
+            log.warning("stored agent cannot be loaded", extra={"error": type(exc).__name__})
+            raise SessionRefused(
+                "agent_init_failed", "the stored agent cannot be loaded (see the server log)",
+                param="session.agent_id",
+            ) from None  # fmt: skip
+        if agent is None:
             raise SessionRefused(
                 "agent_not_found", f"no agent with id {agent_id[:80]!r}", param="session.agent_id"
             )
-        config = dict(row.config)
+        doc = agent.doc
         tools = []
-        for doc in config.get("tools", []):
-            doc = dict(doc)
-            if "http" in doc:
-                sealed = row.tool_secrets.get(doc["name"], {})
-                http = dict(doc["http"])
-                http["headers"] = [
-                    {"name": name,
-                     "value": self.box.open(meta["sealed"],
-                                            context=f"{row.id}:tool:{doc['name']}:{name}").reveal()}
-                    for name, meta in sealed.items()
-                ]  # fmt: skip
-                doc["http"] = http
-            tools.append(doc)
-        output = dict(config.get("output") or {})
-        voice = config.get("voice")
-        if voice is not None and "voice" not in output:
-            output["voice"] = voice
+        for tool in doc.get("tools", []):
+            tool = dict(tool)
+            if "http" in tool:
+                opened = agent.tool_headers.get(tool["name"], {})
+                tool["http"] = {
+                    **tool["http"],
+                    "headers": [{"name": k, "value": v.reveal()} for k, v in opened.items()],
+                }
+            tools.append(tool)
+        output = dict(doc.get("output") or {})
+        if doc.get("voice") is not None and "voice" not in output:
+            output["voice"] = doc["voice"]
         session = {
-            "system_prompt": config.get("system_prompt", ""),
-            "greeting": config.get("greeting"),
+            "system_prompt": doc.get("system_prompt", ""),
+            "greeting": doc.get("greeting"),
             "tools": tools,
-            "input": config.get("input") or {},
+            "input": doc.get("input") or {},
             "output": output,
         }
         try:
@@ -1190,12 +1162,12 @@ class SessionRunner:
                 "agent_init_failed", f"the stored agent cannot run: {exc.message}",
                 param=exc.param,
             ) from None  # fmt: skip
-        spec = dataclasses.replace(SessionSpec().apply(patch), agent_id=row.id)
-        if row.llm:
-            entry = row.llm[0]
-            key = self.box.open(entry["api_key"], context=f"{row.id}:llm.api_key")
+        spec = dataclasses.replace(SessionSpec().apply(patch), agent_id=str(doc["id"]))
+        if agent.llm:
+            entry = agent.llm[0]
             spec = dataclasses.replace(
-                spec, llm=ev.LLMSpec(base_url=entry["base_url"], model=entry["model"], api_key=key)
+                spec,
+                llm=ev.LLMSpec(base_url=entry.base_url, model=entry.model, api_key=entry.api_key),
             )
         return spec
 
