@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from runtime.cli.checks import with_scheme
+from runtime.cli.checks import use_ca_bundle, with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
@@ -78,6 +78,13 @@ def _connection_flags(parser: argparse.ArgumentParser, *, default: Any) -> None:
         help=f"the agent service (default: $VOXLOOP_URL, else {DEFAULT_URL}; host:port is fine)",
     )
     parser.add_argument(
+        "--ca-bundle",
+        type=Path,
+        default=default,
+        help="PEM file of extra trusted certificates for an https service behind a private CA "
+        "(default: $VOXLOOP_CA_BUNDLE)",
+    )
+    parser.add_argument(
         "--api-key-env",
         default=default,
         help="environment variable holding the API key (default: VOXLOOP_API_KEY)",
@@ -118,6 +125,9 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     import httpx
 
     url = service_url(args.url)
+    use_ca_bundle(args.ca_bundle)
+    from runtime.endpoints import tls_verify
+
     key_env = args.api_key_env or "VOXLOOP_API_KEY"
     try:
         key = env_value(key_env)
@@ -139,13 +149,20 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     }[args.agents_command]
     path = path.replace("{id}", getattr(args, "agent_id", ""))
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": key}, timeout=30) as client:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": key}, timeout=30, verify=tls_verify()
+        ) as client:
             response = client.request(method, path, json=body)
     except httpx.InvalidURL as exc:
         raise UsageError(f"--url {url}: {exc}") from None
     except httpx.HTTPError as exc:
         # "[Errno 111] Connection refused" -> "connection refused"
         cause = re.sub(r"^\[Errno -?\d+\] ", "", str(exc)).lower() or type(exc).__name__
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise Unavailable(
+                f"the agent service at {url} has a certificate this machine does not trust; "
+                "for a private CA pass --ca-bundle FILE.pem (or set VOXLOOP_CA_BUNDLE)"
+            ) from None
         raise Unavailable(
             f"cannot reach the agent service at {url} ({cause}); is voxloop serve running "
             "there? (--url or VOXLOOP_URL)"

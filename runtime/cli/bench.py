@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.cli.checks import add_ca_bundle_flag, use_ca_bundle, with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
@@ -48,6 +49,7 @@ def register(sub: Any) -> None:
         "--api-key-env", action="append", default=[], help="env var holding the key, per --base-url"
     )
     p.add_argument("--config", type=Path, help="TOML file with [[endpoints]] tables")
+    add_ca_bundle_flag(p)
     p.add_argument(
         "--reference", action="store_true", help="also benchmark the built-in reference endpoint"
     )
@@ -115,6 +117,7 @@ def _targets_from_flags(args: argparse.Namespace) -> list[Any]:
     keys = per_url(args.api_key_env, "--api-key-env", None)
     for url, model, name, key in zip(urls, models, names, keys, strict=True):
         assert model is not None
+        url = with_scheme(url)
         targets.append(BenchTarget(name=name or url, base_url=url, model=model, api_key_env=key))
     return targets
 
@@ -147,6 +150,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         ".html",
     ):
         raise UsageError("--plot must end in .png, .svg or .html")
+    use_ca_bundle(args.ca_bundle)
     # Optional packages and output paths are checked now, not after the benchmark.
     if args.plot_path is not None:
         require("matplotlib")

@@ -7,9 +7,13 @@ unreachable) with one line naming the cause and the fix.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import ipaddress
 import os
+import ssl
+from pathlib import Path
 from typing import Any, Final
 
 from runtime.cli.common import Unavailable, UsageError, require
@@ -47,17 +51,54 @@ def with_scheme(url: str) -> str:
     return f"http://{url}"
 
 
+def add_ca_bundle_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--ca-bundle`` (extra trusted certificates for every connection the command makes)."""
+    parser.add_argument(
+        "--ca-bundle",
+        type=Path,
+        help="PEM file of extra trusted certificates, for an endpoint behind a private CA or "
+        "with a self-signed certificate (default: $VOXLOOP_CA_BUNDLE)",
+    )
+
+
+def use_ca_bundle(path: Path | None) -> None:
+    """Trust ``path`` (or ``$VOXLOOP_CA_BUNDLE``) on every connection this process makes.
+
+    Raises:
+        UsageError: the bundle is missing or holds no certificate.
+    """
+    from runtime.endpoints import CA_BUNDLE_SETTING, tls_verify
+
+    if path is not None:
+        # Every voxloop transport in this process reads the setting.
+        os.environ[CA_BUNDLE_SETTING] = str(path)
+    try:
+        tls_verify()
+    except ValueError as exc:
+        raise UsageError(f"{exc} (--ca-bundle or {CA_BUNDLE_SETTING})") from None
+
+
 async def check_endpoint(url: str, flag: str) -> None:
-    """Check that ``url`` parses, resolves and accepts a TCP connection.
+    """Check that ``url`` parses, resolves, accepts a connection and (https) is trusted.
 
     The policy is the operator's (local and private addresses are fine): the
-    person running the command owns the machine.
+    person running the command owns the machine. For ``https`` the TLS
+    handshake verifies the certificate with the system roots plus
+    ``VOXLOOP_CA_BUNDLE`` (see :func:`use_ca_bundle`).
 
     Raises:
         UsageError: the URL is malformed.
-        Unavailable: the host does not resolve, or nothing listens there.
+        Unavailable: the host does not resolve, nothing listens there, or its
+            certificate is not trusted.
     """
-    from runtime.endpoints import SystemResolver, URLPolicy, parse_endpoint_url, resolve_endpoint
+    from runtime.endpoints import (
+        CA_BUNDLE_SETTING,
+        SystemResolver,
+        URLPolicy,
+        parse_endpoint_url,
+        resolve_endpoint,
+        tls_verify,
+    )
     from runtime.errors import URLPolicyError
 
     policy = URLPolicy.operator()
@@ -69,11 +110,27 @@ async def check_endpoint(url: str, flag: str) -> None:
         pinned = await resolve_endpoint(endpoint, policy, SystemResolver())
     except URLPolicyError as exc:
         raise Unavailable(f"{flag} {url}: {exc}; check the host name") from None
+    tls: ssl.SSLContext | None = None
+    if endpoint.scheme in ("https", "wss"):
+        verify = tls_verify()
+        tls = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
     errors: list[str] = []
     for address in pinned.addresses:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                _, writer = await asyncio.open_connection(str(address), endpoint.port)
+                _, writer = await asyncio.open_connection(
+                    str(address), endpoint.port, ssl=tls,
+                    server_hostname=endpoint.host if tls else None,
+                )  # fmt: skip
+        except ssl.SSLCertVerificationError as exc:
+            raise Unavailable(
+                f"{flag} {url}: the server's certificate is not trusted "
+                f"({exc.verify_message}); for a private CA or a self-signed certificate "
+                f"pass --ca-bundle FILE.pem (or set {CA_BUNDLE_SETTING})"
+            ) from None
+        except ssl.SSLError as exc:
+            errors.append(f"TLS handshake failed: {exc.reason or exc}")
+            continue
         except TimeoutError:
             errors.append(f"no answer within {CONNECT_TIMEOUT_S:g} s")
             continue
@@ -81,7 +138,8 @@ async def check_endpoint(url: str, flag: str) -> None:
             errors.append(os.strerror(exc.errno).lower() if exc.errno else str(exc))
             continue
         writer.close()
-        await writer.wait_closed()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
         return
     shown = f"[{endpoint.host}]" if _is_v6(endpoint.host) else endpoint.host
     raise Unavailable(

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from runtime.cli.checks import (
+    add_ca_bundle_flag,
     check_devices,
     check_endpoint,
     check_engine,
     check_voice,
     to_supported_rate,
+    use_ca_bundle,
     with_scheme,
 )
 from runtime.cli.common import (
@@ -74,6 +76,7 @@ def _add_remote_flags(p: argparse.ArgumentParser) -> None:
         "universal-streaming-english for assemblyai)",
     )
     p.add_argument("--api-key-env", help="environment variable holding the remote engine's key")
+    add_ca_bundle_flag(p)
 
 
 def remote_options(base_url: str | None, model: str | None, api_key_env: str | None) -> Any:
@@ -128,6 +131,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     remote = remote_options(args.base_url, args.model, args.api_key_env)
+    use_ca_bundle(args.ca_bundle)
     pcm, rate = to_supported_rate(audio.mono(), audio.sample_rate)
 
     async def run() -> str:
@@ -170,6 +174,7 @@ def _cmd_say(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output(args.output, "-o")
     remote = remote_options(args.base_url, args.model, args.api_key_env)
+    use_ca_bundle(args.ca_bundle)
     if args.play and not args.list_voices:
         check_devices(None, None, mic=False)
     text = "" if args.list_voices else _read_text(args.text)

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from runtime.cli.checks import (
+    add_ca_bundle_flag,
     check_devices,
     check_endpoint,
     check_engine,
     check_voice,
+    use_ca_bundle,
     with_scheme,
 )
 from runtime.cli.common import (
@@ -55,6 +57,7 @@ def register(sub: Any) -> None:
         "(default: the built-in reference endpoint)",
     )
     p.add_argument("--model", default="default", help="model name sent to --base-url")
+    add_ca_bundle_flag(p)
     p.add_argument("--api-key-env", help="environment variable holding the endpoint key")
     p.add_argument(
         "--reference-ttft-ms",
@@ -203,6 +206,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     base_url = with_scheme(args.base_url) if args.base_url else None
+    use_ca_bundle(args.ca_bundle)
     if source is None:
         check_devices(args.input_device, args.output_device, mic=True)
     config = SessionConfig(
