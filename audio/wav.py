@@ -1,8 +1,11 @@
-"""WAV files (PCM16, mono or stereo) and a paced frame source.
+"""WAV files (PCM16, mono or stereo), a streaming WAV reader and a paced frame source.
 
 Reading validates everything a file can get wrong (not RIFF/WAVE, truncated
-header or data, not 16-bit PCM, unsupported rate or channel count) and says so
-in a :class:`ValueError` that names the file.
+header or data, unsupported rate or channel count) and says so in a
+:class:`ValueError` that names the file. The chunk layout is walked here (so a
+streaming placeholder size is told apart from a truncated file); the samples
+are decoded by libsndfile. :class:`WavStreamReader` takes a WAV body as it
+arrives over the network and hands out only its audio.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import wave
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
+import soundfile
 
 from audio.frame import AudioFrame, check_pcm, check_rate
 from audio.reframe import Reframer
@@ -47,47 +51,262 @@ class WavAudio:
         return np.ascontiguousarray(arr[:, index]).tobytes()
 
 
+_PLACEHOLDER_SIZES: Final = (0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class RiffLayout:
+    """Where a WAV file's audio is.
+
+    Attributes:
+        data_offset: byte offset of the ``data`` chunk's payload.
+        data_size: its size in bytes, as present in the file.
+        streamed: the header carried a placeholder size (0 or 0xFFFFFFFF, as a
+            tool streaming to a pipe writes it): the audio runs to the end of the file.
+    """
+
+    data_offset: int
+    data_size: int
+    streamed: bool
+
+
+def riff_layout(raw: bytes, name: str = "<bytes>") -> RiffLayout:
+    """Find the ``data`` chunk of a RIFF/RF64 WAVE file, chunk by chunk.
+
+    Chunks may come in any order and number (``LIST``, ``fact``, ``JUNK``, …),
+    with odd sizes padded to even as RIFF requires.
+
+    Raises:
+        ValueError: not RIFF/WAVE, no ``fmt `` or ``data`` chunk, or a data
+            chunk that declares more bytes than the file holds.
+    """
+    if len(raw) < 12 or raw[:4] not in (b"RIFF", b"RF64") or raw[8:12] != b"WAVE":
+        raise ValueError(f"{name}: not a valid PCM WAV file (no RIFF/WAVE header)")
+    at = 12
+    seen_fmt = False
+    while at + 8 <= len(raw):
+        chunk_id = raw[at : at + 4]
+        size = int.from_bytes(raw[at + 4 : at + 8], "little")
+        body = at + 8
+        if chunk_id == b"fmt ":
+            seen_fmt = True
+        elif chunk_id == b"data":
+            if not seen_fmt:
+                raise ValueError(f"{name}: not a valid PCM WAV file (data before fmt)")
+            present = len(raw) - body
+            if size in _PLACEHOLDER_SIZES or raw[:4] == b"RF64":
+                return RiffLayout(data_offset=body, data_size=present, streamed=True)
+            if size > present:
+                raise ValueError(f"{name}: truncated data ({present} bytes, header says {size})")
+            return RiffLayout(data_offset=body, data_size=size, streamed=False)
+        at = body + size + (size & 1)
+    raise ValueError(f"{name}: not a valid PCM WAV file (no data chunk)")
+
+
 def read_wav(source: str | Path | bytes, *, any_rate: bool = False) -> WavAudio:
-    """Read a PCM16 WAV file (a path, or the file's bytes).
+    """Read a WAV file (a path, or the file's bytes) as PCM16.
+
+    Real-world variants are read the same on every supported Python version:
+    ``WAVE_FORMAT_EXTENSIBLE`` headers, extra chunks in any order, streaming
+    placeholder sizes (the audio then runs to the end of the file), and 8-,
+    24- and 32-bit integer, float and A-/µ-law samples (converted to 16-bit).
+    Decoding is libsndfile's, through ``soundfile``.
 
     Args:
         any_rate: accept any sample rate (the caller resamples), not only
             :data:`~audio.frame.SUPPORTED_RATES`.
 
     Raises:
-        ValueError: the file is missing, malformed, truncated, or not PCM16 mono/stereo
+        ValueError: the file is missing, malformed, truncated, or not mono/stereo
             at a supported rate.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    try:
-        fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
-    except OSError as exc:
-        raise ValueError(f"{name}: cannot open: {exc.strerror}") from None
-    with fh:
+    if isinstance(source, bytes):
+        raw = source
+    else:
         try:
-            with wave.open(fh, "rb") as w:
-                channels, width, rate, nframes = (
-                    w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-                )  # fmt: skip
-                if width != 2:
-                    raise ValueError(f"{name}: expected 16-bit PCM, got {8 * width}-bit samples")
-                if channels not in (1, 2):
-                    raise ValueError(f"{name}: expected mono or stereo, got {channels} channels")
-                try:
-                    if not any_rate or rate <= 0:
-                        check_rate(rate)
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
-                pcm = w.readframes(nframes)
-        except (wave.Error, EOFError) as exc:
-            raise ValueError(
-                f"{name}: not a valid PCM WAV file ({exc or 'truncated header'})"
-            ) from None
-    if len(pcm) != nframes * 2 * channels:
-        raise ValueError(
-            f"{name}: truncated data ({len(pcm)} bytes, header says {nframes * 2 * channels})"
-        )
-    return WavAudio(pcm=pcm, sample_rate=rate, channels=channels)
+            raw = Path(source).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{name}: cannot open: {exc.strerror}") from None
+    layout = riff_layout(raw, name)
+    if layout.streamed:
+        raw = _with_sizes(raw, layout)
+    try:
+        info = soundfile.info(io.BytesIO(raw))
+        if info.channels not in (1, 2):
+            raise ValueError(f"{name}: expected mono or stereo, got {info.channels} channels")
+        try:
+            if not any_rate or info.samplerate <= 0:
+                check_rate(info.samplerate)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        # Read as float and scale here: libsndfile's own float-to-int
+        # conversion does not scale float files (1.0 would become 1).
+        samples, rate = soundfile.read(io.BytesIO(raw), dtype="float64", always_2d=True)
+    except soundfile.LibsndfileError as exc:
+        raise ValueError(f"{name}: not a valid PCM WAV file ({exc.error_string})") from None
+    scaled = np.clip(np.round(samples * 32768.0), -32768, 32767)
+    pcm: bytes = np.ascontiguousarray(scaled).astype("<i2").tobytes()
+    return WavAudio(pcm=pcm, sample_rate=int(rate), channels=int(samples.shape[1]))
+
+
+def _with_sizes(raw: bytes, layout: RiffLayout) -> bytes:
+    """A copy of a streamed file whose RIFF and data sizes say what is there."""
+    if raw[:4] == b"RF64":
+        return raw  # RF64 keeps its sizes in ds64, which libsndfile reads
+    fixed = bytearray(raw)
+    fixed[4:8] = (len(raw) - 8).to_bytes(4, "little")
+    fixed[layout.data_offset - 4 : layout.data_offset] = layout.data_size.to_bytes(4, "little")
+    return bytes(fixed)
+
+
+_PCM: Final = 1
+_FLOAT: Final = 3
+_EXTENSIBLE: Final = 0xFFFE
+# The sub-format GUID of WAVE_FORMAT_EXTENSIBLE ends with this for every
+# format tag (KSDATAFORMAT_SUBTYPE_PCM = 00000001-0000-0010-8000-00aa00389b71).
+_GUID_TAIL: Final = bytes.fromhex("000000001000800000aa00389b71")
+_MAX_HEADER: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class WavFormat:
+    """A WAV stream's sample format (from its ``fmt `` chunk)."""
+
+    sample_rate: int
+    channels: int
+    bits: int
+    floating: bool
+
+
+class WavStreamReader:
+    """A WAV body read as it arrives: only the audio comes out, as mono PCM16.
+
+    Pure and incremental (bytes in, PCM out). The header may be split anywhere;
+    chunks before ``data`` (``LIST``, ``fact``, odd sizes) are skipped, chunks
+    after a ``data`` chunk of known size are ignored, and a placeholder data
+    size (0 or 0xFFFFFFFF, as a server streaming the file writes it) means
+    "to the end of the body". 8/16/24/32-bit integer and 32-bit float samples,
+    plain or ``WAVE_FORMAT_EXTENSIBLE``, are converted to 16-bit; channels are
+    averaged to mono.
+
+    Raises (from :meth:`feed` and :meth:`finish`):
+        ValueError: not a WAV body, a format it cannot play, or a body that
+            ended before its audio began.
+    """
+
+    __slots__ = ("_buf", "_carry", "_format", "_remaining")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._format: WavFormat | None = None
+        self._remaining: int | None = None
+        self._carry = b""
+
+    @property
+    def format(self) -> WavFormat | None:
+        """The format, once the header up to the ``data`` chunk has arrived."""
+        return self._format if self.started else None
+
+    @property
+    def started(self) -> bool:
+        """Whether the audio has begun (the header is complete)."""
+        return self._remaining is not None
+
+    def feed(self, data: bytes) -> bytes:
+        """Take the next bytes of the body; return the mono PCM16 they complete."""
+        if not self.started:
+            self._buf += data
+            data = self._parse_header()
+            if not self.started:
+                return b""
+        return self._audio(data)
+
+    def finish(self) -> bytes:
+        """The body ended; return nothing more, or raise if no audio ever began."""
+        if not self.started:
+            raise ValueError("the WAV body ended before its audio began")
+        return b""
+
+    def _parse_header(self) -> bytes:
+        buf = self._buf
+        if len(buf) >= 12 and (bytes(buf[:4]) not in (b"RIFF", b"RF64") or buf[8:12] != b"WAVE"):
+            raise ValueError("not a WAV body (no RIFF/WAVE header)")
+        at = 12
+        while at + 8 <= len(buf):
+            chunk_id = bytes(buf[at : at + 4])
+            size = int.from_bytes(buf[at + 4 : at + 8], "little")
+            body = at + 8
+            if chunk_id == b"data":
+                if self._format is None:
+                    raise ValueError("not a WAV body (data before fmt)")
+                streamed = size in _PLACEHOLDER_SIZES or bytes(buf[:4]) == b"RF64"
+                self._remaining = -1 if streamed else size  # -1: to the end of the body
+                rest = bytes(buf[body:])
+                self._buf = bytearray()
+                return rest
+            if body + size > len(buf):
+                break
+            if chunk_id == b"fmt ":
+                self._format = _parse_fmt(bytes(buf[body : body + size]))
+            at = body + size + (size & 1)
+        if len(buf) > _MAX_HEADER:
+            raise ValueError("WAV header larger than 1 MiB before the audio")
+        return b""
+
+    def _audio(self, data: bytes) -> bytes:
+        fmt = self._format
+        assert fmt is not None
+        assert self._remaining is not None
+        if self._remaining >= 0:
+            data = data[: self._remaining]
+            self._remaining -= len(data)
+        data = self._carry + data
+        frame = fmt.channels * fmt.bits // 8
+        cut = len(data) - len(data) % frame
+        self._carry = data[cut:]
+        return _to_mono16(data[:cut], fmt) if cut else b""
+
+
+def _parse_fmt(chunk: bytes) -> WavFormat:
+    if len(chunk) < 16:
+        raise ValueError("WAV fmt chunk is too short")
+    tag = int.from_bytes(chunk[0:2], "little")
+    channels = int.from_bytes(chunk[2:4], "little")
+    rate = int.from_bytes(chunk[4:8], "little")
+    bits = int.from_bytes(chunk[14:16], "little")
+    if tag == _EXTENSIBLE:
+        if len(chunk) < 40 or chunk[26:40] != _GUID_TAIL:
+            raise ValueError("WAV extensible format with an unknown sub-format")
+        tag = int.from_bytes(chunk[24:26], "little")
+    floating = tag == _FLOAT
+    if not (tag == _PCM and bits in (8, 16, 24, 32)) and not (floating and bits == 32):
+        raise ValueError(f"WAV sample format {tag} with {bits}-bit samples cannot be played")
+    if not 1 <= channels <= 8:
+        raise ValueError(f"WAV with {channels} channels cannot be played")
+    check_rate(rate)
+    return WavFormat(sample_rate=rate, channels=channels, bits=bits, floating=floating)
+
+
+def _to_mono16(data: bytes, fmt: WavFormat) -> bytes:
+    if fmt.floating:
+        x = np.frombuffer(data, dtype="<f4").astype(np.float64) * 32768.0
+    elif fmt.bits == 8:
+        x = (np.frombuffer(data, dtype=np.uint8).astype(np.float64) - 128.0) * 256.0
+    elif fmt.bits == 16:
+        if fmt.channels == 1:
+            return data
+        x = np.frombuffer(data, dtype="<i2").astype(np.float64)
+    elif fmt.bits == 24:
+        b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v & 0x800000, v - 0x1000000, v) / 256.0).astype(np.float64)
+    else:
+        x = np.frombuffer(data, dtype="<i4").astype(np.float64) / 65536.0
+    if fmt.channels > 1:
+        x = x.reshape(-1, fmt.channels).mean(axis=1)
+    out: bytes = np.clip(np.round(x), -32768, 32767).astype("<i2").tobytes()
+    return out
 
 
 def write_wav(path: str | Path, pcm: bytes, sample_rate: int, channels: int = 1) -> None:

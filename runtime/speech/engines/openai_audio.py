@@ -5,7 +5,13 @@
   speaches, vLLM and LocalAI expose.
 * TTS: ``POST {base_url}/audio/speech`` with ``response_format: "pcm"``:
   raw 16-bit mono PCM (24 kHz unless configured) streamed back, resampled
-  once to the sink's rate as it arrives.
+  once to the sink's rate as it arrives. Servers do not all honour the
+  format: a WAV answer (``audio/wav``, or a body that starts with a RIFF/WAVE
+  header whatever its label) is read as it streams and only its audio is
+  played, at the rate its header gives; ``audio/L16;rate=…`` gives its rate;
+  FLAC, Ogg and MP3 answers are decoded whole by libsndfile once they have
+  arrived; anything else is a :class:`MalformedStream` naming the format
+  (never header or container bytes played as samples).
 
 The base URL goes through the same URL policy, pinned connections and
 secret handling as chat-completions endpoints. A turn uses the same pause
@@ -23,9 +29,12 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Final, Self
 
 import httpx
+import numpy as np
+import soundfile
 
 from audio.frame import AudioFrame, check_pcm, check_rate
 from audio.resample import Resampler
+from audio.wav import WavStreamReader
 from runtime.endpoints import Resolver, SystemResolver, URLPolicy
 from runtime.errors import (
     EndpointError,
@@ -295,6 +304,139 @@ class OpenAITTS(_Remote):
         return RemoteSpeech(self, text, chosen, check_rate(sample_rate))
 
 
+_WAV_TYPES: Final = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
+_RAW_TYPES: Final = frozenset(
+    {"", "audio/pcm", "audio/l16", "audio/raw", "application/octet-stream"}
+)
+_DECODED_TYPES: Final = frozenset(
+    {"audio/flac", "audio/x-flac", "audio/ogg", "audio/opus", "audio/mpeg", "audio/mp3"}
+)
+_CONTAINER_MAGIC: Final = (b"fLaC", b"OggS", b"ID3")
+_SNIFF: Final = 12
+_MAX_DECODED_BODY: Final = 32 << 20
+
+
+class SpeechBody:
+    """What a ``/audio/speech`` answer holds, as mono PCM16 and its rate.
+
+    Pure: bytes in, ``(pcm, rate)`` out. The first 12 bytes decide how the
+    body is read (see the module docstring); until then nothing comes out.
+
+    Args:
+        content_type: the response's ``Content-Type``.
+        pcm_rate: the rate of raw PCM when the server does not say.
+    """
+
+    def __init__(self, content_type: str, pcm_rate: int) -> None:
+        media, _, params = content_type.partition(";")
+        self._type = media.strip().lower()
+        self._rate = pcm_rate
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "rate" and value.strip().isdigit():
+                self._rate = check_rate(int(value.strip()))
+        self._head = b""
+        self._mode: str | None = None
+        self._wav = WavStreamReader()
+        self._whole = bytearray()
+        self._carry = b""
+
+    @property
+    def rate(self) -> int | None:
+        """The rate of what :meth:`feed` returns, once known."""
+        if self._mode == "wav":
+            fmt = self._wav.format
+            return fmt.sample_rate if fmt is not None else None
+        return self._rate if self._mode == "raw" else None
+
+    def feed(self, data: bytes) -> bytes:
+        """Next bytes of the body; returns the PCM they complete (at :attr:`rate`).
+
+        Raises:
+            MalformedStream: a format that cannot be played.
+        """
+        if self._mode is None:
+            self._head += data
+            if len(self._head) < _SNIFF:
+                return b""
+            data, self._head = self._head, b""
+            self._mode = self._choose(data)
+        try:
+            if self._mode == "wav":
+                return self._wav.feed(data)
+        except ValueError as exc:
+            raise MalformedStream(
+                f"speech server answered a WAV body: {exc}", retryable=False
+            ) from None
+        if self._mode == "decode":
+            self._whole += data
+            if len(self._whole) > _MAX_DECODED_BODY:
+                raise MalformedStream("speech server answer is larger than 32 MiB", retryable=False)
+            return b""
+        data = self._carry + data
+        cut = len(data) - len(data) % 2
+        self._carry = data[cut:]
+        return data[:cut]
+
+    def finish(self) -> tuple[bytes, int | None]:
+        """The body ended: the PCM still held and its rate.
+
+        Raises:
+            MalformedStream: the body ended early or could not be decoded.
+        """
+        pcm = b""
+        if self._mode is None:
+            # Shorter than the sniffing window: decide on what there is.
+            head, self._head = self._head, b""
+            self._mode = self._choose(head)
+            pcm = self.feed(head)
+        if self._mode == "wav":
+            try:
+                self._wav.finish()
+            except ValueError as exc:
+                raise MalformedStream(
+                    f"speech server answered a WAV body: {exc}", retryable=False
+                ) from None
+        elif self._mode == "decode":
+            return self._decode()
+        return pcm, self.rate
+
+    def _choose(self, head: bytes) -> str:
+        if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+            return "wav"
+        if self._type in _WAV_TYPES:
+            return "wav"  # the reader names what is wrong with it
+        if head.startswith(_CONTAINER_MAGIC) or self._type in _DECODED_TYPES:
+            return "decode"
+        if self._type in _RAW_TYPES:
+            return "raw"
+        raise MalformedStream(
+            f"speech server answered {self._type!r}, which voxloop cannot play "
+            "(raw PCM, WAV, FLAC, Ogg and MP3 are played)",
+            retryable=False,
+        )
+
+    def _decode(self) -> tuple[bytes, int]:
+        try:
+            samples, rate = soundfile.read(io.BytesIO(bytes(self._whole)), dtype="float64")
+        except soundfile.LibsndfileError as exc:
+            raise MalformedStream(
+                f"speech server answered {self._type or 'audio'} that does not decode "
+                f"({exc.error_string})",
+                retryable=False,
+            ) from None
+        if samples.ndim > 1:
+            samples = samples.mean(axis=1)
+        try:
+            check_rate(int(rate))
+        except ValueError as exc:
+            raise MalformedStream(
+                f"speech server answered audio at {exc}", retryable=False
+            ) from None
+        pcm: bytes = np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
+        return pcm, int(rate)
+
+
 class RemoteSpeech:
     """One ``/audio/speech`` response, yielded as PCM chunks as they arrive."""
 
@@ -339,20 +481,29 @@ class RemoteSpeech:
             "voice": self._voice,
             "response_format": "pcm",
         }
-        resampler = Resampler(engine._pcm_rate, self._rate)
-        carry = b""
+        resampler: Resampler | None = None
+
+        def play(pcm: bytes, rate: int | None) -> bytes:
+            nonlocal resampler
+            if not pcm or rate is None:
+                return b""
+            if resampler is None:
+                resampler = Resampler(rate, self._rate)
+            return resampler.process(pcm)
+
         async with (
             map_http_errors("the speech server", before_response=False),
             client.http.stream("POST", f"{client.url.url}/audio/speech", json=body) as response,
         ):
             await _raise_for_status(response, engine._api_key)
+            speech = SpeechBody(response.headers.get("content-type", ""), engine._pcm_rate)
             async for data in response.aiter_bytes():
-                data = carry + data
-                cut = len(data) - len(data) % 2
-                carry = data[cut:]
-                out = resampler.process(data[:cut])
+                out = play(speech.feed(data), speech.rate)
                 if out:
                     yield AudioChunk(pcm=out, sample_rate=self._rate, text=self._text)
-        tail = resampler.flush()
-        if tail:
-            yield AudioChunk(pcm=tail, sample_rate=self._rate, text=self._text)
+            rest, rate = speech.finish()
+        out = play(rest, rate)
+        if resampler is not None:
+            out += resampler.flush()
+        if out:
+            yield AudioChunk(pcm=out, sample_rate=self._rate, text=self._text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import jiwer
@@ -11,7 +12,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from audio.reframe import Reframer
 from audio.wav import read_wav
 from runtime.endpoints import StaticResolver, URLPolicy
-from runtime.errors import EndpointAuthError, EndpointServerError, URLPolicyError
+from runtime.errors import EndpointAuthError, EndpointServerError, MalformedStream, URLPolicyError
 from runtime.secret import Secret
 from runtime.speech.engines.openai_audio import OpenAISTT, OpenAITTS
 from runtime.speech.engines.piper import PiperTTS
@@ -19,7 +20,7 @@ from runtime.speech.engines.whisper import WhisperSTT
 from runtime.speech.tts import UnknownVoice
 
 from ...helpers import SPEECH, serve_asgi
-from .openai_audio_server import Recorder, make_app
+from .openai_audio_server import NATIVE_RATE, Recorder, make_app
 
 KEY = "sk-audio-secret-1234"
 normalise = EnglishTextNormalizer()
@@ -95,20 +96,67 @@ async def test_remote_speech_streams_pcm_at_the_requested_rate(audio_server, whi
         await tts.aclose()
 
 
-async def test_errors_are_typed_and_the_key_never_shows(audio_server):
+async def test_errors_are_typed_and_the_key_never_shows(audio_server, caplog):
+    caplog.set_level(logging.DEBUG)
     url, recorder = audio_server
     stt = OpenAISTT(url, api_key=Secret("sk-wrong-key-999"), **op())
     tts = OpenAITTS(url, api_key=Secret(KEY), **op())
     try:
         with pytest.raises(EndpointAuthError) as info:
             await stt.transcribe(bytes(32000), 16000)
-        assert "sk-wrong-key-999" not in str(info.value)
+        # The server quoted the key in its message and a header.
+        assert str(info.value) == (
+            "endpoint refused the credentials (HTTP 401): Incorrect API key provided: ********"
+        )
         recorder.fail_next = 503
-        with pytest.raises(EndpointServerError):
+        with pytest.raises(EndpointServerError) as failed:
             [c async for c in tts.synthesize("Hello.")]
+        assert str(failed.value) == "endpoint failed (HTTP 503): simulated failure for ********"
     finally:
         await stt.aclose()
         await tts.aclose()
+    assert "sk-wrong-key-999" not in caplog.text and KEY not in caplog.text
+
+
+async def speak(url: str, text: str, rate: int) -> bytes:
+    tts = OpenAITTS(url, api_key=Secret(KEY), **op())
+    try:
+        chunks = [c async for c in tts.synthesize(text, sample_rate=rate)]
+    finally:
+        await tts.aclose()
+    assert all(c.sample_rate == rate for c in chunks)
+    return b"".join(c.pcm for c in chunks)
+
+
+@pytest.mark.parametrize("container", ["wav", "wav-streamed", "flac"])
+async def test_container_answers_play_only_their_samples(audio_server, container):
+    url, recorder = audio_server
+    recorder.container = container
+    pcm = await speak(url, "Your table is booked.", NATIVE_RATE)
+    # Exactly the samples the server synthesized: no header, no trailing chunk
+    # (each would click), at the rate the container gives.
+    assert pcm == recorder.sent_pcm and len(pcm) > 20000
+
+
+async def test_container_at_another_rate_is_resampled_to_the_sink(audio_server, whisper):
+    url, recorder = audio_server
+    recorder.container = "wav"
+    pcm = await speak(url, "Please cancel my subscription.", 16000)
+    sent_s = len(recorder.sent_pcm) / 2 / NATIVE_RATE
+    assert abs(len(pcm) / 2 / 16000 - sent_s) < 0.005
+    heard = await whisper.transcribe(pcm, 16000)
+    assert normalise(heard.text) == normalise("Please cancel my subscription.")
+
+
+async def test_a_format_that_cannot_be_played_is_a_clear_error(audio_server):
+    url, recorder = audio_server
+    recorder.container = "aac"
+    with pytest.raises(MalformedStream) as info:
+        await speak(url, "Hello.", 24000)
+    assert str(info.value) == (
+        "speech server answered 'audio/aac', which voxloop cannot play "
+        "(raw PCM, WAV, FLAC, Ogg and MP3 are played)"
+    )
 
 
 async def test_url_policy_applies_to_speech_servers():

@@ -55,7 +55,7 @@ def _wav_bytes(pcm: bytes, rate: int, channels: int = 1, width: int = 2) -> byte
         (b"RIFF\x10\x00\x00\x00WAVEfmt ", "not a valid PCM WAV"),
         (b"not a wav file at all, just text", "not a valid PCM WAV"),
         (_wav_bytes(bytes(400), 16000)[:60], "truncated data"),
-        (_wav_bytes(bytes(400), 16000, width=1), "expected 16-bit PCM"),
+        (b"RIFF\x10\x00\x00\x00WAVEdata\x04\x00\x00\x00\x00\x00\x00\x00", "data before fmt"),
         (_wav_bytes(bytes(600), 16000, channels=3), "expected mono or stereo"),
         (_wav_bytes(bytes(400), 11025), "unsupported sample rate 11025"),
     ],
