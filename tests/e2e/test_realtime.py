@@ -119,6 +119,7 @@ class Server:
     proc: subprocess.Popen[str]
     log: Path
     handle: Any = None
+    data_dir: Path | None = None
 
 
 def start_server(data_dir: Path, env: dict[str, str]) -> Server:
@@ -134,7 +135,7 @@ def start_server(data_dir: Path, env: dict[str, str]) -> Server:
     line = proc.stdout.readline()
     assert line.startswith("voxloop serve listening on "), log.read_text()
     http = line.rsplit(" ", 1)[1].strip()
-    return Server(http, "ws" + http[4:] + "/v1/ws", proc, log, handle)
+    return Server(http, "ws" + http[4:] + "/v1/ws", proc, log, handle, data_dir)
 
 
 def stop_server(server: Server) -> None:
@@ -158,7 +159,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(
         tmp_path_factory.mktemp("realtime") / "data",
         {"VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
-         "VOXLOOP_STATIC_HOSTS": json.dumps({"api.example.com": ["93.184.216.34"]})},
+         "VOXLOOP_STATIC_HOSTS": json.dumps({"llm.example.com": ["93.184.216.34"]})},
     )  # fmt: skip
     try:
         yield srv
@@ -799,3 +800,174 @@ async def test_fuzzed_messages_only_get_typed_errors(
     assert "invalid_format" in codes and "invalid_value" in codes
     assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == "Alive and well."
     assert server.proc.poll() is None
+
+
+# -- stored agents ---------------------------------------------------------------------------------
+
+TOOL_SECRET = "Bearer tool-header-secret-77"
+
+
+async def rest(server: Server, method: str, path: str, body: Any = None) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=server.http, headers={"Authorization": API_KEY}) as c:
+        return await c.request(method, path, json=body)
+
+
+async def test_a_stored_agent_answers_on_its_own_llm_with_its_tools(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from ..helpers import serve_asgi
+
+    seen: list[tuple[str, str | None]] = []
+
+    async def weather(request: Request) -> JSONResponse:
+        seen.append((str(request.query_params.get("city")), request.headers.get("authorization")))
+        return JSONResponse({"temp_c": 21, "sky": "clear"})
+
+    tool_app = Starlette(routes=[Route("/weather", weather)])
+    async with serve_asgi(tool_app) as port:
+        created = await rest(server, "POST", "/v1/agents", {
+            "name": "Front desk", "system_prompt": "You are the front desk.",
+            "voice": {"voice_id": "ivy"}, "greeting": "Front desk, hello.",
+            "output": {"format": {"encoding": "audio/pcmu"}, "volume": 80},
+            "input": {"turn_detection": {"min_silence": 400}},
+            "tools": [
+                {"name": "weather", "description": "Weather for a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                 "http": {"url": f"http://127.0.0.1:{port}/weather", "http_method": "GET",
+                          "headers": [{"name": "Authorization", "value": TOOL_SECRET}]}},
+                {"name": "transfer", "description": "Transfer the call"},
+            ],
+            "llm": [{"base_url": endpoint.base_url, "model": "stored-model", "api_key": LLM_KEY}],
+        })  # fmt: skip
+        assert created.status_code == 201, created.text
+        agent_id = created.json()["id"]
+        endpoint.answer(
+            ReplyPlan(tool_name="weather", tool_arguments='{"city": "Oslo"}', replies=("",)),
+            plan("It is clear and twenty one degrees in Oslo."),
+        )
+        client = await connect(server.ws)
+        await client.send({"type": "session.update", "session": {"agent_id": agent_id}})
+        ready = await client.next("session.ready")
+        assert isinstance(ready, ev.SessionReady) and ready.config is not None
+        config = ready.config
+        assert config["agent_id"] == agent_id
+        assert config["system_prompt"] == "You are the front desk."
+        assert config["output"] == {
+            "voice": "ivy", "format": {"encoding": "audio/pcmu", "sample_rate": 8000},
+            "volume": 80.0,
+        }  # fmt: skip
+        assert config["input"]["turn_detection"]["min_silence"] == 400
+        assert [t["name"] for t in config["tools"]] == ["weather", "transfer"]
+        assert config["llm"] == [{"base_url": endpoint.base_url, "model": "stored-model"}]
+        assert TOOL_SECRET not in json.dumps(config) and LLM_KEY not in json.dumps(config)
+        greeting = await client.until("reply.done")
+        assert next(e for e in greeting if isinstance(e, ev.TranscriptAgent)).text == (
+            "Front desk, hello."
+        )
+        # μ-law out at 8 kHz: one byte per sample, 40 ms pieces.
+        assert max(len(e.data) for e in greeting if isinstance(e, ev.ReplyAudio)) == 320
+        await client.send({"type": "conversation.message", "role": "user",
+                           "content": "Weather in Oslo?"})  # fmt: skip
+        await client.send({"type": "reply.create"})
+        events = await client.until("reply.done")
+    # The HTTP tool ran server-side, with its stored header; nothing about it on the socket.
+    assert seen == [("Oslo", TOOL_SECRET)]
+    assert not any(isinstance(e, ev.ToolCall) for e in events)
+    assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == (
+        "It is clear and twenty one degrees in Oslo."
+    )
+    requests = endpoint.chats()[-2:]
+    assert all(r.headers["authorization"] == f"Bearer {LLM_KEY}" for r in requests)
+    body = requests[-1].body
+    assert body is not None and body["model"] == "stored-model"
+    assert body["messages"][0]["content"].startswith("You are the front desk.")
+    assert [t["function"]["name"] for t in body["tools"]] == ["weather", "transfer"]
+    assert json.loads(body["messages"][-1]["content"]) == {"temp_c": 21, "sky": "clear"}
+    assert body["messages"][-1]["role"] == "tool"
+
+
+async def test_a_stored_agent_that_cannot_run_is_refused(
+    server: Server, endpoint: EndpointThread, connect: Any, tmp_path: Path
+) -> None:
+    # No llm and no server default.
+    bare = await rest(server, "POST", "/v1/agents",
+                      {"name": "Bare", "system_prompt": "x", "voice": "ivy"})  # fmt: skip
+    assert bare.status_code == 201, bare.text
+    client = await connect(server.ws)
+    await client.send({"type": "session.update", "session": {"agent_id": bare.json()["id"]}})
+    events, code = await client.closed()
+    assert [getattr(e, "code", None) for e in events] == ["agent_init_failed"] and code == 1008
+    assert "VOXLOOP_LLM_BASE_URL" in events[0].message
+
+    # An endpoint whose name now resolves to a private address is refused, not called.
+    public = await rest(server, "POST", "/v1/agents", {
+        "name": "Moved", "system_prompt": "x", "voice": "ivy",
+        "llm": [{"base_url": "https://llm.example.com/v1", "model": "m", "api_key": LLM_KEY}],
+    })  # fmt: skip
+    assert public.status_code == 201, public.text
+    assert server.data_dir is not None
+    moved = start_server(server.data_dir, {
+        "VOXLOOP_STATIC_HOSTS": json.dumps({"llm.example.com": ["10.9.8.7"]})})  # fmt: skip
+    try:
+        client = await connect(moved.ws)
+        await client.send({"type": "session.update", "session": {"agent_id": public.json()["id"]}})
+        events, code = await client.closed()
+    finally:
+        stop_server(moved)
+    assert [getattr(e, "code", None) for e in events] == ["agent_init_failed"] and code == 1008
+    error = events[0]
+    assert isinstance(error, ev.SessionError)
+    assert error.param == "llm[0].base_url"
+    assert "10.9.8.7" in error.message and LLM_KEY not in error.message
+
+
+# -- limits and the server's default endpoint ----------------------------------------------------
+
+
+async def test_capacity_duration_and_the_default_endpoint(
+    endpoint: EndpointThread, connect: Any, tmp_path: Path
+) -> None:
+    with EndpointThread(DEFAULT_KEY) as default:
+        default.answer(plan("From the default endpoint."))
+        srv = start_server(tmp_path / "limits", {
+            "VOXLOOP_MAX_SESSIONS": "1", "VOXLOOP_MAX_SESSION_SECONDS": "6",
+            "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
+            "VOXLOOP_LLM_BASE_URL": default.base_url, "VOXLOOP_LLM_MODEL": "default-model",
+            "VOXLOOP_LLM_API_KEY": DEFAULT_KEY,
+        })  # fmt: skip
+        try:
+            first = await connect(srv.ws)
+            await first.send({"type": "session.update", "session": {"system_prompt": "Hi."}})
+            ready = await first.next("session.ready")
+            assert isinstance(ready, ev.SessionReady) and ready.config is not None
+            assert ready.config["llm"] == [{"base_url": default.base_url, "model": "default-model"}]
+            assert ready.expires_at is not None and ready.timestamp is not None
+            assert 5 <= ready.expires_at - ready.timestamp <= 6
+            # One session per worker: the second is refused at once.
+            second = await connect(srv.ws)
+            events, code = await second.closed()
+            assert [getattr(e, "code", None) for e in events] == ["at_capacity"] and code == 1008
+            await first.send({"type": "reply.create"})
+            events = await first.until("reply.done")
+            assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == (
+                "From the default endpoint."
+            )
+            request = default.chats()[-1]
+            assert request.headers["authorization"] == f"Bearer {DEFAULT_KEY}"
+            assert request.body is not None and request.body["model"] == "default-model"
+            # The duration cap: session_expired, then session.ended, then the close.
+            events, code = await first.closed(within=20)
+            assert [e.type for e in events][-2:] == ["session.error", "session.ended"]
+            assert events[-2].code == "session_expired"
+            assert code == 1008
+            # The slot is free again.
+            third = await connect(srv.ws)
+            await third.send({"type": "session.update", "session": {}})
+            assert isinstance(await third.next("session.ready"), ev.SessionReady)
+        finally:
+            stop_server(srv)
