@@ -1,0 +1,224 @@
+"""The session runner's pure parts: configuration, limits, audio ingress, resumable state."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from audio.g711 import alaw_encode, ulaw_encode
+from runtime.conversation.config import TurnDetection
+from runtime.endpoints import StaticResolver, URLPolicy
+from runtime.protocol import events as ev
+from runtime.secret import Secret
+from runtime.server.runner import (
+    AudioIngress,
+    Engines,
+    LiveSession,
+    MemorySessionStore,
+    Principal,
+    ResumableState,
+    RunnerLimits,
+    SessionRefused,
+    SessionRunner,
+    SessionSpec,
+    default_llm_from_env,
+    key_owner,
+)
+from runtime.server.secrets import KeyRing, SecretBox
+
+from ..helpers import tone
+
+
+def patch(doc: dict[str, object]) -> ev.SessionPatch:
+    return ev.parse_session(doc)
+
+
+def test_spec_applies_updates_and_names_immutable_changes() -> None:
+    spec = SessionSpec().apply(
+        patch({"system_prompt": "A", "greeting": "Hi", "output": {"voice": "ivy", "volume": 40},
+               "input": {"turn_detection": {"min_silence": 500, "interrupt_response": False}}})
+    )  # fmt: skip
+    assert (spec.system_prompt, spec.greeting, spec.voice, spec.volume) == ("A", "Hi", "ivy", 40.0)
+    td = spec.turn_detection
+    assert (td.min_silence_ms, td.max_silence_ms, td.interrupt_response) == (500, 1200, False)
+    assert td.pause_ms == TurnDetection().pause_ms
+    # The same values are no change; different ones are, field by field.
+    assert spec.immutable_change(patch({"greeting": "Hi", "output": {"voice": "ivy"}})) is None
+    assert spec.immutable_change(patch({"greeting": None})) == "session.greeting"
+    assert spec.immutable_change(patch({"output": {"voice": "joe"}})) == "session.output.voice"
+    assert (
+        spec.immutable_change(patch({"output": {"format": {"encoding": "audio/pcma"}}}))
+        == "session.output.format"
+    )
+    assert spec.immutable_change(patch({"output": {"volume": 10}})) is None
+    # A short min_silence pulls the speculative pause down with it.
+    short = spec.apply(patch({"input": {"turn_detection": {"min_silence": 100}}}))
+    assert (short.turn_detection.min_silence_ms, short.turn_detection.pause_ms) == (100, 100)
+    with pytest.raises(SessionRefused) as info:
+        spec.apply(patch({"input": {"turn_detection": {"max_silence": 200}}}))
+    assert (info.value.code, info.value.param) == (
+        "invalid_config",
+        "session.input.turn_detection.min_silence",
+    )
+
+
+def test_public_config_has_no_secrets() -> None:
+    spec = SessionSpec().apply(
+        patch({"tools": [{"name": "t", "http": {"url": "https://x.example/t",
+                          "headers": [{"name": "Authorization", "value": "tool-secret"}]}}],
+               "llm": [{"base_url": "https://e.example/v1", "model": "m", "api_key": "llm-secret"}]})
+    )  # fmt: skip
+    public = spec.public()
+    text = repr(public)
+    assert "tool-secret" not in text and "llm-secret" not in text
+    assert public["llm"] == [{"base_url": "https://e.example/v1", "model": "m"}]
+    assert public["tools"][0]["http"] == {"url": "https://x.example/t", "http_method": "POST"}
+    assert public["input"]["format"] == {"encoding": "audio/pcm", "sample_rate": 24000}
+    core = spec.core_config()
+    assert [t.name for t in core.tools] == ["t"]
+
+
+def test_limits_and_default_endpoint_from_the_environment() -> None:
+    limits = RunnerLimits.from_env({"VOXLOOP_MAX_SESSIONS": "3", "VOXLOOP_AUDIO_LEAD_MS": "120"})
+    assert (limits.max_sessions, limits.output_lead_ms, limits.max_duration_s) == (3, 120, 10_800)
+    for bad in ("0", "-1", "ten", "1.5"):
+        with pytest.raises(ValueError, match="VOXLOOP_MAX_SESSIONS"):
+            RunnerLimits.from_env({"VOXLOOP_MAX_SESSIONS": bad})
+    assert default_llm_from_env({}) is None
+    llm = default_llm_from_env(
+        {"VOXLOOP_LLM_BASE_URL": "https://e.example/v1", "VOXLOOP_LLM_MODEL": "m",
+         "VOXLOOP_LLM_API_KEY": "k"}
+    )  # fmt: skip
+    assert llm == ev.LLMSpec(base_url="https://e.example/v1", model="m", api_key=Secret("k"))
+    with pytest.raises(ValueError, match="VOXLOOP_LLM_MODEL"):
+        default_llm_from_env({"VOXLOOP_LLM_BASE_URL": "https://e.example/v1"})
+
+
+def test_memory_store_expires_and_takes_once() -> None:
+    now = [100.0]
+    store = MemorySessionStore(clock=lambda: now[0])
+    state = _state("sess_a")
+
+    async def run() -> None:
+        await store.save(state, 30)
+        assert len(store) == 1
+        now[0] += 29.9
+        assert await store.take("sess_a") == state
+        assert await store.take("sess_a") is None  # taken once
+        await store.save(state, 30)
+        now[0] += 30.0
+        assert await store.take("sess_a") is None  # expired
+        await store.save(state, 30)
+        await store.discard("sess_a")
+        assert len(store) == 0
+
+    asyncio.run(run())
+
+
+def _state(session_id: str) -> ResumableState:
+    return ResumableState(
+        session_id=session_id, owner="key:x", resume_token_hash="h", spec={}, history=[],
+        started_at=0.0, expires_at=1.0, audio_seconds=0.0,
+    )  # fmt: skip
+
+
+# -- audio ingress ---------------------------------------------------------------------------
+
+
+def test_odd_length_pcm_chunks_carry_the_byte_over() -> None:
+    pcm = tone(440, 1.0, 24000)
+    whole = AudioIngress(ev.AudioFormat(), capacity_ms=5000)
+    split = AudioIngress(ev.AudioFormat(), capacity_ms=5000)
+    whole.feed(pcm)
+    for i in range(0, len(pcm), 1999):
+        split.feed(pcm[i : i + 1999])
+    assert split.received_samples == whole.received_samples == 24000
+    assert split.received_seconds == 1.0
+    a = np.frombuffer(b"".join(f.pcm for f in whole._frames), "<i2").astype(int)
+    b = np.frombuffer(b"".join(f.pcm for f in split._frames), "<i2").astype(int)
+    # The same samples: a stateful resampler rounds differently at chunk boundaries by a
+    # few LSB; a lost or misplaced byte would turn every later sample into noise.
+    assert len(a) == len(b) > 0
+    assert np.abs(a - b).max() <= 4
+
+
+@pytest.mark.parametrize(("encoding", "encode"), [("audio/pcmu", ulaw_encode),
+                                                  ("audio/pcma", alaw_encode)])  # fmt: skip
+def test_g711_input_is_decoded_to_16_khz_frames(encoding: str, encode: object) -> None:
+    ingress = AudioIngress(ev.AudioFormat(encoding=encoding), capacity_ms=5000)  # type: ignore[arg-type]
+    ingress.feed(encode(tone(300, 1.0, 8000)))  # type: ignore[operator]
+    assert ingress.received_samples == 8000
+    frames = list(ingress._frames)
+    assert all(f.sample_rate == 16000 and f.samples == 320 for f in frames)
+    assert 44 <= len(frames) <= 50  # 1 s at 20 ms, less the resampler's delay
+
+
+def test_audio_beyond_the_buffer_drops_the_oldest() -> None:
+    ingress = AudioIngress(ev.AudioFormat(), capacity_ms=200)
+    first = ingress.feed(bytes(24000 * 2 // 10))  # 100 ms: fits
+    assert first == 0
+    dropped = ingress.feed(bytes(24000 * 2))  # 1 s more
+    assert dropped == ingress.dropped_frames > 40
+    assert len(ingress._frames) == 10  # the bound, 200 ms
+
+
+# -- resumable state ----------------------------------------------------------------------------
+
+
+async def test_state_is_sealed_and_resumed_only_by_its_owner() -> None:
+    box = SecretBox(KeyRing.generate())
+    runner = SessionRunner(
+        load_agent=_no_agent, box=box, policy=URLPolicy(), resolver=StaticResolver({}),
+        default_llm=None, voices=frozenset(), engines=Engines(),
+    )  # fmt: skip
+    spec = SessionSpec().apply(
+        patch({"system_prompt": "P", "greeting": "G", "output": {"volume": 30},
+               "input": {"turn_detection": {"min_silence": 700, "max_silence": 900}},
+               "tools": [{"name": "t", "http": {"url": "https://x.example/t",
+                          "headers": [{"name": "X-Key", "value": "tool-secret"}]}}],
+               "llm": [{"base_url": "https://e.example/v1", "model": "m", "api_key": "llm-secret"}]})
+    )  # fmt: skip
+    owner = Principal(kind="key", owner=key_owner("operator-key"))
+    live = runner.start(spec, owner, lambda e: None, now=1000.0)
+    runner.attach(live)
+    await runner.release(live, keep=True)
+    stored = await runner.states.take(live.session_id)
+    assert stored is not None
+    text = repr(stored)
+    assert "tool-secret" not in text and "llm-secret" not in text and live.resume_token not in text
+    await runner.states.save(stored, 30)
+
+    other = Principal(kind="key", owner=key_owner("other-key"))
+    with pytest.raises(SessionRefused) as info:
+        await runner.resume(live.session_id, other, lambda e: None)
+    assert info.value.code == "session_forbidden"
+    wrong_token = Principal(kind="resume", owner="", resume_token=Secret("rt_wrong"))
+    with pytest.raises(SessionRefused):
+        await runner.resume(live.session_id, wrong_token, lambda e: None)
+
+    token = Principal(kind="resume", owner="", resume_token=Secret(live.resume_token))
+    with pytest.raises(SessionRefused) as info:  # expired: started at t=1000 with a 3 h cap
+        await runner.resume(live.session_id, token, lambda e: None)
+    assert info.value.code == "session_expired"
+
+    fresh = runner.start(spec, owner, lambda e: None)
+    runner.attach(fresh)
+    await runner.release(fresh, keep=True)
+    resumed = await runner.resume(fresh.session_id, owner, lambda e: None)
+    assert resumed.session_id == fresh.session_id
+    assert resumed.expires_at == fresh.expires_at
+    assert dataclasses.replace(resumed.spec, tools=()) == dataclasses.replace(spec, tools=())
+    http = resumed.spec.tools[0].http
+    assert http is not None and http.headers == {"X-Key": Secret("tool-secret")}
+    assert resumed.spec.llm is not None and resumed.spec.llm.api_key == Secret("llm-secret")
+    with pytest.raises(SessionRefused) as info:
+        await runner.resume(fresh.session_id, owner, lambda e: None)
+    assert info.value.code == "session_not_found"
+    assert isinstance(resumed, LiveSession)
+
+
+async def _no_agent(agent_id: str) -> None:
+    return None
