@@ -314,3 +314,32 @@ def test_openapi_is_served_and_matches_the_models(server: Server):
     doc = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     assert doc["components"]["schemas"]["AgentCreate"]["additionalProperties"] is False
     assert "AgentPage" in doc["components"]["schemas"]
+
+
+def test_a_500_closes_the_connection_and_says_nothing_inside(
+    request: pytest.FixtureRequest, server: Server
+):
+    agent_id = server.client().post("/v1/agents", json=AGENT).json()["id"]
+    # Break the database under the running server.
+    url = f"sqlite+aiosqlite:///{server.data_dir / 'voxloop.db'}"
+    if request.node.callspec.params["server"] == "postgresql":
+        assert server.database_url is not None
+        url = server.database_url
+    asyncio.run(_execute(url, "drop table agents"))
+    c = server.client()  # keep-alive
+    ok = c.get("/v1/voices")
+    assert ok.status_code == 200 and "connection" not in ok.headers
+    r = c.get(f"/v1/agents/{agent_id}")
+    assert r.status_code == 500 and r.headers["connection"] == "close"
+    assert r.json() == {"detail": "internal error", "code": "internal_error"}
+    # Token minting does not need the table: the server is still up.
+    assert server.client().get("/v1/token", params={"expires_in_seconds": 5}).status_code == 200
+
+
+async def _execute(url: str, statement: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(statement))
+    finally:
+        await engine.dispose()
