@@ -41,18 +41,32 @@ def start(data_dir: Path, database_url: str | None) -> tuple[subprocess.Popen[st
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-def wrk_rate(url: str, path: str, seconds: float, concurrency: int) -> float:
+def wrk_rate(
+    url: str, path: str, seconds: float, concurrency: int, script: Path | None = None
+) -> float:
     """Requests per second measured by wrk (one thread), which costs far less CPU than Python."""
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-H", f"Authorization: {KEY}",
-         url + path],
+         *(["-s", str(script)] if script else []), url + path],
         capture_output=True, text=True, check=True, timeout=seconds + 30,
     ).stdout  # fmt: skip
+    if "Non-2xx or 3xx responses" in out:
+        raise RuntimeError(f"wrk saw errors on {path}:\n{out}")
     line = next(x for x in out.splitlines() if x.startswith("Requests/sec:"))
     return float(line.split()[1])
 
 
-async def rate(url: str, paths: list[str], seconds: float, concurrency: int) -> float:
+# Every request updates the same agent: the worst case for the row lock.
+PUT_SCRIPT = """wrk.method = "PUT"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"greeting": "Hello again!", "input": {"turn_detection": {"min_silence": 400}}}'
+"""
+PUT_BODY = {"greeting": "Hello again!", "input": {"turn_detection": {"min_silence": 400}}}
+
+
+async def rate(
+    url: str, paths: list[str], seconds: float, concurrency: int, *, put: bool = False
+) -> float:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": KEY}, limits=limits) as c:
         deadline = time.perf_counter() + seconds
@@ -61,7 +75,10 @@ async def rate(url: str, paths: list[str], seconds: float, concurrency: int) -> 
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                r = await c.get(random.choice(paths))
+                if put:
+                    r = await c.put(random.choice(paths), json=PUT_BODY)
+                else:
+                    r = await c.get(random.choice(paths))
                 r.raise_for_status()
                 done += 1
 
@@ -84,18 +101,24 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, float]:
     reads = [f"/v1/agents/{i}" for i in ids]
     mints = ["/v1/token?expires_in_seconds=60"]
     if args.tool == "wrk":
+        script = Path(tempfile.mkdtemp()) / "put.lua"
+        script.write_text(PUT_SCRIPT, encoding="utf-8")
 
-        def med(path: str) -> float:
+        def med(path: str, lua: Path | None = None) -> float:
             return statistics.median(
-                [wrk_rate(url, path, args.seconds, args.concurrency) for _ in range(3)]
+                [wrk_rate(url, path, args.seconds, args.concurrency, lua) for _ in range(3)]
             )
 
         return {
+            "agent_updates_per_s": med(reads[0], script),
             "agent_reads_per_s": med(reads[0]),
             "token_mints_per_s": med(mints[0]),
             "agent_list_per_s": med("/v1/agents"),
         }
     return {
+        "agent_updates_per_s": statistics.median(
+            [await rate(url, reads[:1], args.seconds, args.concurrency, put=True) for _ in range(3)]
+        ),
         "agent_reads_per_s": statistics.median(
             [await rate(url, reads, args.seconds, args.concurrency) for _ in range(3)]
         ),
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of 3 x {args.seconds:g} s\n")  # fmt: skip
     print("| operation | requests/s |")
     print("|---|---|")
+    print(f"| PUT /v1/agents/{{id}} (one agent) | {result['agent_updates_per_s']:.0f} |")
     print(f"| GET /v1/agents/{{id}} | {result['agent_reads_per_s']:.0f} |")
     print(f"| GET /v1/agents ({args.agents} agents) | {result['agent_list_per_s']:.0f} |")
     print(f"| GET /v1/token (mint) | {result['token_mints_per_s']:.0f} |")

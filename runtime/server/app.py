@@ -73,6 +73,7 @@ from runtime.server.secrets import (
 from runtime.server.store import (
     AgentRow,
     Store,
+    StoreError,
     WriteTx,
     database_url,
     decode_cursor,
@@ -188,14 +189,20 @@ async def check_database(settings: Settings) -> None:
     """Connect to the database and migrate it, then close (before a server says "listening").
 
     Raises:
-        StoreError: the database cannot be reached or opened (one line).
+        StoreError: the database cannot be reached or opened, or its secrets are
+            sealed under a key this key ring lacks (one line).
     """
     store = Store(settings.database_url)
     await store.start()
     try:
-        await store.init_primary(settings.ring.primary)
+        kid = await store.init_primary(settings.ring.primary)
     finally:
         await store.aclose()
+    if not SecretBox(settings.ring, key_file=settings.key_file).has_key(kid):
+        raise StoreError(
+            f"the database's secrets are sealed under key {kid!r}, which this key ring does not "
+            "hold; set VOXLOOP_SECRET_KEY to the ring the last `voxloop secrets rotate-key` printed"
+        )
 
 
 def _error(
@@ -320,8 +327,18 @@ class Api:
             "warnings": self.warnings(config),
         }
 
-    def _seal_kid(self, tx: WriteTx) -> str:
+    def _seal_kid(self, tx: WriteTx, agent: AgentInput) -> str:
+        """The key id to seal this write's secrets with (the database's primary key id).
+
+        Raises:
+            Unavailable: the write carries a secret and this server lacks that key.
+        """
         kid = tx.primary_kid or self.box.ring.primary
+        carries_secret = bool(agent.llm) or any(
+            h.value is not None for t in agent.tools or [] for h in t.headers
+        )
+        if not carries_secret:
+            return kid
         if not self.box.has_key(kid):
             raise Unavailable(
                 f"stored secrets are now sealed under key {kid!r}, which this server does not "
@@ -399,7 +416,7 @@ class Api:
             await check_urls(agent, self.settings.policy, self.settings.resolver)
             row_id = Store.new_agent_id()
             async with self.store.writing() as tx:
-                config, llm, secrets = self._apply(row_id, agent, None, self._seal_kid(tx))
+                config, llm, secrets = self._apply(row_id, agent, None, self._seal_kid(tx, agent))
                 stamp = now()
                 row = AgentRow(
                     row_id, str(agent.fields["name"]), stamp, stamp, config, llm, secrets
@@ -473,7 +490,7 @@ class Api:
                 old = tx.row
                 if old is None:
                     return _error(404, "agent not found", code="agent_not_found")
-                config, llm, secrets = self._apply(old.id, agent, old, self._seal_kid(tx))
+                config, llm, secrets = self._apply(old.id, agent, old, self._seal_kid(tx, agent))
                 name = str(agent.fields.get("name", old.name))
                 row = AgentRow(old.id, name, old.created_at, now(), config, llm, secrets)
                 await tx.replace(row)

@@ -273,3 +273,72 @@ async def _populate_small(data: Path, ring: KeyRing) -> None:
                 )
     finally:
         await store.aclose()
+
+
+def test_env_key_rotation_with_a_running_worker(tmp_path: Path):
+    """With VOXLOOP_SECRET_KEY a running server cannot learn the new key: its secret-carrying
+    writes are refused (503, nothing stored) until it restarts with the printed ring."""
+    from .test_server import start_server, stop
+
+    old = KeyRing.generate()
+    data = tmp_path / "data"
+    srv = start_server(data, extra_env={"VOXLOOP_SECRET_KEY": old.to_env()})
+    try:
+        c = srv.client()
+        agent = c.post("/v1/agents", json=AGENT).json()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VOXLOOP_")}
+        out = subprocess.run([*VOXLOOP, "secrets", "rotate-key", "--data-dir", str(data)],
+                             env={**env, "VOXLOOP_SECRET_KEY": old.to_env()},
+                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        printed = [
+            line.split("=", 1)[1]
+            for line in out.stdout.splitlines()
+            if line.startswith("VOXLOOP_SECRET_KEY=")
+        ]
+        new = KeyRing.from_env(printed[-1])
+        assert list(new.keys) == [new.primary] and new.primary not in old.keys
+        before = c.get(f"/v1/agents/{agent['id']}").json()
+        r = c.put(
+            f"/v1/agents/{agent['id']}",
+            json={"name": "x", "llm": [{**AGENT["llm"][0], "api_key": "sk-new"}]},
+        )
+        assert r.status_code == 503 and r.json()["code"] == "key_unavailable"
+        assert "VOXLOOP_SECRET_KEY" in r.json()["detail"] and "sk-new" not in r.text
+        assert c.get(f"/v1/agents/{agent['id']}").json() == before  # nothing stored; reads work
+        assert (
+            c.put(f"/v1/agents/{agent['id']}", json={"greeting": "still fine"}).status_code == 200
+        )
+    finally:
+        stop(srv)
+    # Restarting with the old ring is refused before listening; with the printed ring it works.
+    stale = subprocess.run([*VOXLOOP, "serve", "--port", "0", "--data-dir", str(data)],
+                           env={**os.environ, "VOXLOOP_API_KEYS": API_KEY, "VOXLOOP_SECRET_KEY": old.to_env()},
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert stale.returncode == 2 and stale.stdout == ""
+    assert stale.stderr == (
+        f"voxloop: error: the database's secrets are sealed under key '{new.primary}', which this key ring "
+        "does not hold; set VOXLOOP_SECRET_KEY to the ring the last `voxloop secrets rotate-key` printed\n"
+    )
+    srv = start_server(data, extra_env={"VOXLOOP_SECRET_KEY": new.to_env()})
+    try:
+        r = srv.client().put(
+            f"/v1/agents/{agent['id']}", json={"llm": [{**AGENT["llm"][0], "api_key": "sk-new"}]}
+        )
+        assert r.status_code == 200
+    finally:
+        stop(srv)
+    loaded = asyncio.run(_load_env(data, new, agent["id"]))
+    assert loaded is not None and loaded.llm[0].api_key.reveal() == "sk-new"
+
+
+async def _load_env(data_dir: Path, ring: KeyRing, agent_id: str):
+    url = sqlite_url(data_dir)
+    store = Store(url)
+    await store.start()
+    try:
+        return await Api(Settings(frozenset({"k"}), data_dir, url, ring), store).load_agent(
+            agent_id
+        )
+    finally:
+        await store.aclose()
