@@ -481,7 +481,10 @@ def parse_endpoint_url(url: str, policy: URLPolicy) -> EndpointURL:
         and host not in policy.allowed_hosts
         and (host in _LOCAL_NAMES or host.endswith(_LOCAL_SUFFIXES))
     ):
-        raise _reject("private-address", f"host {host!r} is a local name")
+        raise _reject(
+            "private-address",
+            f"host {host!r} is a local name; to allow it, add it to {ALLOWLIST_SETTING}",
+        )
 
     path = parts.path.rstrip("/")
     shown_host = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
