@@ -8,7 +8,9 @@ arrived :data:`HEAD_TIMEOUT_S` seconds after the connection opened or the
 previous response ended. Bodies have their own deadline in the handlers
 (``runtime.server.app.BODY_TIMEOUT_S``).
 
-Use it as ``uvicorn.Config(app, http=GuardedH11Protocol, …)``.
+Use it as ``uvicorn.Config(app, http=GuardedH11Protocol, …)``. After a WebSocket
+upgrade the connection belongs to the WebSocket protocol and the deadline no
+longer applies.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         before = self.cycle
         super().data_received(data)
-        if self.cycle is not before:
+        if self._upgraded():
+            self._disarm()  # a WebSocket now owns the connection
+        elif self.cycle is not before:
             self._disarm()  # a new request head arrived
         elif self.cycle is None or self.cycle.response_complete:
             self._arm()  # part of a head: the deadline keeps running
@@ -57,8 +61,11 @@ class GuardedH11Protocol(H11Protocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _upgraded(self) -> bool:
+        return bool(self.transport.get_protocol() is not self)
+
     def _head_late(self) -> None:
         self._head_timer = None
         waiting = self.cycle is None or self.cycle.response_complete
-        if waiting and not self.transport.is_closing():
+        if waiting and not self._upgraded() and not self.transport.is_closing():
             self.transport.close()

@@ -66,3 +66,33 @@ async def test_complete_requests_are_served_and_the_deadline_restarts_after_each
         await writer.drain()
         assert await reader.read() == b""
         writer.close()
+
+
+async def test_a_websocket_outlives_the_head_deadline():
+    import websockets
+    from starlette.routing import WebSocketRoute
+
+    async def echo(ws):
+        await ws.accept()
+        async for text in ws.iter_text():
+            await ws.send_text(text)
+
+    app = Starlette(routes=[WebSocketRoute("/ws", echo)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(
+        uvicorn.Config(app, http=QuickHead, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with websockets.connect(f"ws://127.0.0.1:{sock.getsockname()[1]}/ws") as ws:
+            for i in range(3):
+                # Each wait outlasts the 0.3 s head deadline; the WebSocket stays open.
+                await asyncio.sleep(QuickHead.head_timeout_s * 2)
+                await ws.send(f"ping {i}")
+                assert await ws.recv() == f"ping {i}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
