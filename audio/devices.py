@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,18 @@ def _sounddevice() -> ModuleType:
         ) from None
     module: ModuleType = sounddevice
     return module
+
+
+def _device_time(info: Any, field: str) -> float:
+    """PortAudio's time stamp ``field`` of a callback, or the monotonic clock.
+
+    PortAudio reports when a block is captured (``inputBufferAdcTime``) or
+    reaches the DAC (``outputBufferDacTime``: now plus the device's output
+    latency) on the stream's clock, which is the monotonic clock on Linux;
+    hosts that report nothing (0) fall back to now.
+    """
+    value = getattr(info, field, 0.0) if info is not None else 0.0
+    return float(value) if value else time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,7 @@ class MicrophoneStatistics:
     dropped: int
     queued: int
     overflows: int
+    process_errors: int = 0
 
 
 class Microphone:
@@ -165,6 +179,11 @@ class Microphone:
         frame_ms: block size delivered per frame.
         max_queued: bound of the queue between PortAudio and the consumer.
         stream_factory: ``sounddevice.RawInputStream`` by default.
+        process: runs on PortAudio's thread on each block, with the device
+            time (seconds) its first sample was captured, and returns the
+            block to deliver (echo cancellation: :meth:`audio.echo.EchoPath.captured`).
+            If it raises, the block is delivered unprocessed and
+            ``statistics().process_errors`` counts it.
     """
 
     def __init__(
@@ -175,10 +194,13 @@ class Microphone:
         frame_ms: int = 20,
         max_queued: int = 25,
         stream_factory: StreamFactory | None = None,
+        process: Callable[[bytes, float], bytes] | None = None,
     ) -> None:
         self._device = device
         self._rate = check_rate(sample_rate)
         self._block = sample_rate * frame_ms // 1000
+        self._process = process
+        self._process_errors = 0
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
         self._queue: deque[AudioFrame] = deque()
@@ -222,6 +244,11 @@ class Microphone:
     # PortAudio's thread.
     def _callback(self, indata: Any, frames: int, time: Any, status: Any) -> None:
         data = bytes(indata)
+        if self._process is not None:
+            try:
+                data = self._process(data, _device_time(time, "inputBufferAdcTime"))
+            except Exception:
+                self._process_errors += 1
         overflow = bool(status) and bool(getattr(status, "input_overflow", False))
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -259,6 +286,7 @@ class Microphone:
             dropped=self._dropped,
             queued=len(self._queue),
             overflows=self._overflows,
+            process_errors=self._process_errors,
         )
 
 
@@ -278,6 +306,10 @@ class Speaker:
         block_ms: device callback block size.
         high_water_ms: :meth:`write` waits while more than this is buffered.
         stream_factory: ``sounddevice.RawOutputStream`` by default.
+        on_played: runs on PortAudio's thread with exactly each block handed
+            to the device (silence included), its rate, and the device time
+            (seconds) its first sample reaches the DAC — the far-end
+            reference for :meth:`audio.echo.EchoPath.played`.
     """
 
     def __init__(
@@ -288,7 +320,9 @@ class Speaker:
         block_ms: int = 20,
         high_water_ms: int = 200,
         stream_factory: StreamFactory | None = None,
+        on_played: Callable[[bytes, int, float], None] | None = None,
     ) -> None:
+        self._on_played = on_played
         self._device = device
         self._rate = check_rate(sample_rate)
         self._block = sample_rate * block_ms // 1000
@@ -379,6 +413,9 @@ class Speaker:
             empty = not self._buf
         outdata[:take] = chunk
         outdata[take:need] = b"\x00" * (need - take)
+        if self._on_played is not None:
+            block = chunk + bytes(need - take)
+            self._on_played(block, self._rate, _device_time(time, "outputBufferDacTime"))
         if empty and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._mark_drained)
 

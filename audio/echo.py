@@ -1,6 +1,6 @@
 """Keeping the agent from hearing itself (laptop mode).
 
-Two pieces:
+Three pieces:
 
 * :class:`HalfDuplexGate` — reliable and free: while the agent's audio is
   playing (and for ``tail_ms`` after, for the room's echo to die down),
@@ -11,14 +11,41 @@ Two pieces:
 * :class:`EchoCanceller` — the interface a real acoustic echo canceller
   plugs into: it sees the far-end (speaker) signal and the near-end
   (microphone) signal and returns the cleaned microphone signal.
-  :class:`NoEchoCancellation` is the pass-through default.
+  :class:`NoEchoCancellation` is the pass-through default;
+  :class:`audio.aec.WebRtcEchoCanceller` (WebRTC AEC3, the ``aec`` extra)
+  is the real one.
+* :class:`EchoPath` — pairs each microphone block with the far-end audio that
+  was audible while it was captured, and runs the canceller on it. It is
+  called from the sound devices' callback threads: the speaker hands it
+  exactly the block it gives the device, stamped with the time the device
+  reports that block will reach the DAC; the microphone hands it each block
+  stamped with the time the device reports it was captured. The far end is
+  looked up by time, so the devices' reported latencies (and their clock
+  drift) are taken out before the canceller sees the signals; the canceller
+  only has to model the room and whatever latency the devices misreport.
+
+Theory of operation of :class:`EchoPath`: far-end audio is resampled to the
+microphone's rate and appended to a bounded history (``history_ms``). An
+*anchor* maps history positions to device time: (position, time) of the last
+speaker block. The next block extends the mapping by its length; only when
+the device's own time stamp disagrees with that by more than
+``reanchor_ms`` (clock drift between the two devices, an underrun, a
+restarted stream) is the anchor moved, so time-stamp jitter does not shake
+the reference. A microphone block captured at time ``t`` takes the history
+samples from position ``anchor + (t - anchor_time) * rate`` on; positions
+the history does not hold (before the first speaker block, or already
+forgotten) are silence.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
-from audio.frame import AudioFrame
+from audio.frame import AudioFrame, check_pcm, check_rate
+from audio.resample import Quality, Resampler
 
 
 class EchoCanceller(Protocol):
@@ -71,3 +98,165 @@ class HalfDuplexGate:
             return frame
         self.gated_frames += 1
         return AudioFrame(pcm=bytes(len(frame.pcm)), sample_rate=frame.sample_rate, pts=frame.pts)
+
+
+@dataclass(frozen=True, slots=True)
+class EchoPathStatistics:
+    far_blocks: int  # speaker blocks received
+    near_blocks: int  # microphone blocks processed
+    cancelled_blocks: int  # microphone blocks that had far-end audio to cancel
+    reanchors: int  # times the far-end time mapping was moved (drift, underruns)
+    busy_ns: int  # time spent in the canceller
+
+
+class EchoPath:
+    """The far-end reference and the canceller between a speaker and a microphone.
+
+    Args:
+        canceller: the echo canceller (called from the microphone's thread only).
+        sample_rate: the microphone's (and the canceller's) rate in Hz.
+        history_ms: how much far-end audio is kept for lookup (bounds memory
+            and the largest device latency that can be aligned).
+        reanchor_ms: how far the speaker's time stamps may wander from the
+            sample count before the time mapping is moved.
+
+    Raises:
+        ValueError: unsupported rate, or non-positive ``history_ms``.
+
+    Thread-safe: :meth:`played` and :meth:`captured` may run on different threads.
+    """
+
+    def __init__(
+        self,
+        canceller: EchoCanceller,
+        sample_rate: int = 16000,
+        *,
+        history_ms: int = 2000,
+        reanchor_ms: float = 20.0,
+        smoothing: float = 0.05,
+    ) -> None:
+        self._rate = check_rate(sample_rate)
+        if history_ms <= 0:
+            raise ValueError("history_ms must be positive")
+        self._canceller = canceller
+        self._max = sample_rate * history_ms // 1000 * 2
+        self._tolerance = reanchor_ms / 1000
+        self._smoothing = smoothing
+        self._lock = threading.Lock()
+        self._resampler: Resampler | None = None
+        self._quality: Quality = "HQ"
+        self._far = bytearray()
+        self._far_start = 0  # history position of self._far[0]
+        self._far_base = 0  # history position of the resampler's first output
+        self._far_in = 0  # samples the resampler has taken in
+        self._anchor: tuple[int, float] | None = None  # (position, device time)
+        self._near_pts = 0
+        self._far_blocks = 0
+        self._near_blocks = 0
+        self._cancelled = 0
+        self._reanchors = 0
+        self._busy_ns = 0
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    def played(self, pcm: bytes, sample_rate: int, at: float) -> None:
+        """The speaker handed ``pcm`` to the device (its callback thread).
+
+        Args:
+            pcm: exactly the block given to the device, silence included.
+            sample_rate: the speaker's rate.
+            at: device time (seconds) when its first sample reaches the DAC.
+
+        Raises:
+            ValueError: odd byte count or unsupported rate.
+        """
+        pcm = check_pcm(pcm)
+        with self._lock:
+            if self._resampler is None or self._resampler.in_rate != sample_rate:
+                self._resampler = Resampler(sample_rate, self._rate, self._quality)
+                self._far_base = self._far_start + len(self._far) // 2
+                self._far_in = 0
+            # The block's position counts the resampler's input, not its
+            # output: soxr releases output in bursts, the input is exact.
+            position = self._far_base + self._far_in * self._rate // sample_rate
+            self._far_in += len(pcm) // 2
+            pcm = self._resampler.process(pcm)
+            if self._anchor is None:
+                self._anchor = (position, at)
+            else:
+                expected = self._anchor[1] + (position - self._anchor[0]) / self._rate
+                error = at - expected
+                if abs(error) > self._tolerance:
+                    self._anchor = (position, at)
+                    self._reanchors += 1
+                else:
+                    self._anchor = (position, expected + self._smoothing * error)
+            self._far += pcm
+            excess = len(self._far) - self._max
+            if excess > 0:
+                del self._far[:excess]
+                self._far_start += excess // 2
+            self._far_blocks += 1
+
+    def _far_at(self, at: float, samples: int) -> bytes | None:
+        with self._lock:
+            if self._anchor is None:
+                return None
+            position, anchor_time = self._anchor
+            start = position + round((at - anchor_time) * self._rate) - self._far_start
+            end = start + samples
+            held = len(self._far) // 2
+            lo, hi = max(start, 0), min(end, held)
+            if lo >= hi:
+                return None
+            piece = bytes(self._far[lo * 2 : hi * 2])
+        return bytes((lo - start) * 2) + piece + bytes((end - hi) * 2)
+
+    def captured(self, pcm: bytes, at: float) -> bytes:
+        """Cancel the echo in a microphone block (its callback thread).
+
+        Args:
+            pcm: the block at :attr:`sample_rate`, a whole number of 10 ms.
+            at: device time (seconds) when its first sample was captured.
+
+        Returns:
+            The cleaned block, same length.
+
+        Raises:
+            ValueError: odd byte count, or a length the canceller rejects.
+        """
+        pcm = check_pcm(pcm)
+        samples = len(pcm) // 2
+        far_pcm = self._far_at(at, samples)
+        near = AudioFrame(pcm=pcm, sample_rate=self._rate, pts=self._near_pts)
+        far = (
+            None
+            if far_pcm is None
+            else AudioFrame(pcm=far_pcm, sample_rate=self._rate, pts=self._near_pts)
+        )
+        started = time.perf_counter_ns()
+        out = self._canceller.process(near, far)
+        self._busy_ns += time.perf_counter_ns() - started
+        self._near_pts += samples
+        self._near_blocks += 1
+        if far is not None:
+            self._cancelled += 1
+        return out.pcm
+
+    def reset(self) -> None:
+        """Forget the far-end history and the canceller's echo path."""
+        with self._lock:
+            self._far.clear()
+            self._far_start = 0
+            self._anchor = None
+            self._resampler = None
+        self._canceller.reset()
+
+    def statistics(self) -> EchoPathStatistics:
+        with self._lock:
+            far_blocks, reanchors = self._far_blocks, self._reanchors
+        return EchoPathStatistics(
+            far_blocks, self._near_blocks, self._cancelled, reanchors, self._busy_ns
+        )
