@@ -44,8 +44,11 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from audio.frame import AudioFrame, check_pcm, check_rate
 from audio.resample import Quality, Resampler
+from audio.vad import frame_level_db
 
 
 class EchoCanceller(Protocol):
@@ -100,12 +103,107 @@ class HalfDuplexGate:
         return AudioFrame(pcm=bytes(len(frame.pcm)), sample_rate=frame.sample_rate, pts=frame.pts)
 
 
+class ResidualEchoGate:
+    """Keeps what the canceller left of the agent's voice away from the VAD.
+
+    A canceller removes most of the echo but not all of it: while it learns
+    the room, and in short bursts after (a syllable the speaker distorted, a
+    change of the echo path), tens of dB of echo remain, which a VAD calls
+    speech. This gate looks, per block, at how much the canceller removed:
+
+    * no far-end audio in the last ``window_ms`` (the echo path's delay and
+      reverberation): the block passes;
+    * the first ``warmup_ms`` of far-end audio (the canceller is learning):
+      the block is echo;
+    * the canceller removed less than ``double_talk_db``: something it cannot
+      cancel is there, the user's voice (double talk): the block passes, and
+      so do the next ``hold_ms`` (word endings);
+    * otherwise it is echo.
+
+    Echo blocks are attenuated by ``attenuation_db`` (not silenced: the noise
+    floor the VAD tracks stays meaningful). The price: a user much quieter
+    at the microphone than the echo cannot interrupt by voice.
+
+    Args:
+        window_ms: how long far-end audio counts as possibly audible.
+        warmup_ms: far-end audio heard before double talk is trusted.
+        double_talk_db: at most this much removed means near-end speech.
+        hold_ms: blocks passed after near-end speech.
+        attenuation_db: applied to echo blocks.
+        far_active_dbfs: far-end level that counts as audio.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_ms: int = 600,
+        warmup_ms: int = 2000,
+        double_talk_db: float = 10.0,
+        hold_ms: int = 200,
+        attenuation_db: float = 30.0,
+        far_active_dbfs: float = -50.0,
+    ) -> None:
+        if min(window_ms, warmup_ms, hold_ms) < 0 or attenuation_db < 0:
+            raise ValueError("durations and the attenuation must not be negative")
+        self._window_s = window_ms / 1000
+        self._warmup_s = warmup_ms / 1000
+        self._double_talk = double_talk_db
+        self._hold_s = hold_ms / 1000
+        self._gain = 10 ** (-attenuation_db / 20)
+        self._far_active = far_active_dbfs
+        self._since_far_s = float("inf")
+        self._far_heard_s = 0.0
+        self._hold_left_s = 0.0
+        self.echo_blocks = 0
+        self.double_talk_blocks = 0
+
+    def process(self, near: bytes, cleaned: bytes, far: bytes | None, seconds: float) -> bytes:
+        """Gate one block.
+
+        Args:
+            near: the microphone block before cancellation.
+            cleaned: the canceller's output for it.
+            far: the far-end block aligned with it, or ``None``.
+            seconds: the block's duration.
+
+        Returns:
+            ``cleaned``, or ``cleaned`` attenuated when it is echo.
+        """
+        if far is not None and frame_level_db(far) >= self._far_active:
+            self._since_far_s = 0.0
+        else:
+            self._since_far_s += seconds
+        if self._since_far_s > self._window_s:
+            self._hold_left_s = 0.0
+            return cleaned
+        self._far_heard_s += seconds
+        if self._far_heard_s > self._warmup_s:
+            removed = frame_level_db(near) - frame_level_db(cleaned)
+            if removed < self._double_talk:
+                self._hold_left_s = self._hold_s
+                self.double_talk_blocks += 1
+                return cleaned
+            if self._hold_left_s > 0:
+                self._hold_left_s -= seconds
+                return cleaned
+        self.echo_blocks += 1
+        x = np.frombuffer(cleaned, "<i2").astype(np.float64) * self._gain
+        return x.astype("<i2").tobytes()
+
+    def reset(self) -> None:
+        self._since_far_s = float("inf")
+        self._far_heard_s = 0.0
+        self._hold_left_s = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class EchoPathStatistics:
     far_blocks: int  # speaker blocks received
     near_blocks: int  # microphone blocks processed
     cancelled_blocks: int  # microphone blocks that had far-end audio to cancel
     reanchors: int  # times the far-end time mapping was moved (drift, underruns)
+    echo_blocks: int  # blocks the residual gate attenuated as echo
+    double_talk_blocks: int  # blocks it passed as near-end speech over far-end audio
     busy_ns: int  # time spent in the canceller
 
 
@@ -134,11 +232,14 @@ class EchoPath:
         history_ms: int = 2000,
         reanchor_ms: float = 20.0,
         smoothing: float = 0.05,
+        residual_gate: ResidualEchoGate | None = None,
+        gate_residual: bool = True,
     ) -> None:
         self._rate = check_rate(sample_rate)
         if history_ms <= 0:
             raise ValueError("history_ms must be positive")
         self._canceller = canceller
+        self._gate = residual_gate or (ResidualEchoGate() if gate_residual else None)
         self._max = sample_rate * history_ms // 1000 * 2
         self._tolerance = reanchor_ms / 1000
         self._smoothing = smoothing
@@ -237,13 +338,15 @@ class EchoPath:
             else AudioFrame(pcm=far_pcm, sample_rate=self._rate, pts=self._near_pts)
         )
         started = time.perf_counter_ns()
-        out = self._canceller.process(near, far)
+        out = self._canceller.process(near, far).pcm
+        if self._gate is not None:
+            out = self._gate.process(pcm, out, far_pcm, samples / self._rate)
         self._busy_ns += time.perf_counter_ns() - started
         self._near_pts += samples
         self._near_blocks += 1
         if far is not None:
             self._cancelled += 1
-        return out.pcm
+        return out
 
     def reset(self) -> None:
         """Forget the far-end history and the canceller's echo path."""
@@ -253,10 +356,15 @@ class EchoPath:
             self._anchor = None
             self._resampler = None
         self._canceller.reset()
+        if self._gate is not None:
+            self._gate.reset()
 
     def statistics(self) -> EchoPathStatistics:
         with self._lock:
             far_blocks, reanchors = self._far_blocks, self._reanchors
+        gate = self._gate
         return EchoPathStatistics(
-            far_blocks, self._near_blocks, self._cancelled, reanchors, self._busy_ns
-        )
+            far_blocks, self._near_blocks, self._cancelled, reanchors,
+            gate.echo_blocks if gate else 0, gate.double_talk_blocks if gate else 0,
+            self._busy_ns,
+        )  # fmt: skip

@@ -3,7 +3,8 @@
 For tests and benchmarks of echo cancellation without a sound card. What the
 speaker plays goes through, in order:
 
-1. mild loudspeaker nonlinearity (``tanh`` soft clipping, ``drive``);
+1. loudspeaker nonlinearity (``tanh(drive * x) / drive``: unity gain for
+   quiet sounds, loud peaks compressed; ``drive`` 1 is mild);
 2. the speaker's clock running ``drift`` faster (positive) or slower than the
    microphone's (a resampling by ``1 + drift``), together with the change of
    rate from the speaker's to the microphone's;
@@ -42,7 +43,8 @@ class RoomConfig:
         delay_ms: extra delay from the speaker to the microphone (not reported).
         rt60_s: reverberation time of the synthetic room.
         echo_db: level of the echo relative to what was played (dB).
-        drive: loudspeaker nonlinearity; 0 is linear, 1 to 3 is mild.
+        drive: loudspeaker nonlinearity; 0 is linear, 1 is mild (a full-scale
+            peak comes out 2.4 dB lower).
         noise_dbfs: background noise level at the microphone (dBFS RMS),
             ``None`` for none.
         drift: speaker clock relative to the microphone clock (0.001 = +0.1 %).
@@ -52,7 +54,7 @@ class RoomConfig:
     delay_ms: float = 60.0
     rt60_s: float = 0.25
     echo_db: float = -6.0
-    drive: float = 1.5
+    drive: float = 1.0
     noise_dbfs: float | None = -60.0
     drift: float = 0.0
     seed: int = 0
@@ -125,7 +127,7 @@ class EchoRoom:
         x = np.frombuffer(check_pcm(pcm), "<i2").astype(np.float64) / 32768
         drive = self.config.drive
         if drive > 0:
-            x = np.tanh(drive * x) / np.tanh(drive)
+            x = np.tanh(drive * x) / drive
         y = self._resampler.resample_chunk(x, last=False)
         if len(y):
             self._fifo = np.concatenate([self._fifo, self._convolve(y)])

@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
@@ -182,6 +182,17 @@ def _write_outputs(
     return user, total
 
 
+EchoMode = Literal["aec", "half-duplex", "off"]
+ECHO_MODES: Final[tuple[EchoMode, ...]] = ("aec", "half-duplex", "off")
+
+
+def default_echo_mode() -> EchoMode:
+    """``"aec"`` with the echo canceller installed (the ``aec`` extra), else ``"half-duplex"``."""
+    from audio import aec
+
+    return "aec" if aec.available() else "half-duplex"
+
+
 async def talk_live(
     *,
     llm: ChatClient,
@@ -191,36 +202,57 @@ async def talk_live(
     input_device: int | str | None = None,
     output_device: int | str | None = None,
     on_event: Callable[[ConversationEvent], None] | None = None,
+    echo: EchoMode | None = None,
     echo_tail_ms: int = 200,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Talk through the microphone and speaker until cancelled (Ctrl-C).
 
-    The microphone is silenced while the agent is audible (half-duplex), so the
-    agent never hears itself on open speakers; use headphones to barge in.
+    ``echo`` keeps the agent from hearing itself on open speakers:
+
+    * ``"aec"``: WebRTC echo cancellation on the microphone's thread, with what
+      the speaker plays as the reference (full duplex: the user can interrupt
+      by voice);
+    * ``"half-duplex"``: the microphone is silenced while the agent is audible
+      and ``echo_tail_ms`` after (use headphones to barge in);
+    * ``"off"``: nothing (headphones);
+    * ``None``: :func:`default_echo_mode`.
 
     Raises:
         DeviceUnavailable: PortAudio or a device is missing.
+        EchoCancellerUnavailable: ``"aec"`` without the ``aec`` extra.
     """
     from audio.devices import Microphone, Speaker
-    from audio.echo import HalfDuplexGate
+    from audio.echo import EchoPath, HalfDuplexGate
 
-    speaker = Speaker(output_device, sample_rate=OUTPUT_RATE)
+    mode = default_echo_mode() if echo is None else echo
+    path: EchoPath | None = None
+    if mode == "aec":
+        from audio.aec import WebRtcEchoCanceller
+
+        path = EchoPath(WebRtcEchoCanceller(RATE), RATE)
+    gate = HalfDuplexGate(tail_ms=echo_tail_ms) if mode == "half-duplex" else None
+    speaker = Speaker(
+        output_device, sample_rate=OUTPUT_RATE, on_played=path.played if path else None
+    )
     sink: AudioSink = speaker
     session = ConversationSession(
         config=config, llm=llm, stt=stt, tts=tts, sink=sink,
         on_event=on_event or (lambda _e: None),
     )  # fmt: skip
-    gate = HalfDuplexGate(tail_ms=echo_tail_ms)
 
     async def frames(mic: Microphone) -> AsyncIterator[AudioFrame]:
         async for frame in mic:
+            if gate is None:
+                yield frame
+                continue
             queued = speaker.statistics().buffered_samples
             if queued:
                 gate.playing(frame.end_pts + queued * RATE // OUTPUT_RATE)
             yield gate.process(frame)
 
-    async with speaker, Microphone(input_device, sample_rate=RATE) as mic:
+    microphone = Microphone(input_device, sample_rate=RATE, process=path.captured if path else None)
+    async with speaker, microphone as mic:
         if on_ready is not None:
             on_ready()
         await session.run(frames(mic))

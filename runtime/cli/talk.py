@@ -38,6 +38,14 @@ DEMO_REPLIES = (
 )
 
 
+ECHO_LINES = {
+    "aec": "aec (echo cancellation: speak over the agent to interrupt it)",
+    "half-duplex": "half-duplex (microphone muted while the agent speaks; "
+    "use headphones and --echo off to interrupt by voice)",
+    "off": "off (use headphones)",
+}
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "talk",
@@ -105,6 +113,13 @@ def register(sub: Any) -> None:
     p.add_argument("--no-speculative", action="store_true", help="start replies at end of turn")
     p.add_argument("--input-device", help="microphone (index or name) for live mode")
     p.add_argument("--output-device", help="speaker (index or name) for live mode")
+    p.add_argument(
+        "--echo",
+        choices=("aec", "half-duplex", "off"),
+        help="live mode on open speakers: aec (echo cancellation, interrupt by voice; the "
+        "default when voxloop[aec] is installed), half-duplex (microphone muted while the agent "
+        "speaks; the default otherwise) or off (headphones)",
+    )
     p.set_defaults(handler=_cmd_talk)
 
 
@@ -226,7 +241,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     asyncio.run(preflight())
 
     async def run(base_url: str) -> int:
-        from runtime.talk import talk_file, talk_live
+        from runtime.talk import default_echo_mode, talk_file, talk_live
 
         with status("loading the speech engines"):
             stt = await load_stt(args.stt, stt_remote)
@@ -243,10 +258,13 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                 )  # fmt: skip
                 _print_talk_summary(result.metrics)
             else:
+                echo = args.echo or default_echo_mode()
                 await talk_live(
                     llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
-                    input_device=args.input_device, output_device=args.output_device,
-                    on_ready=lambda: rich_console().print("[dim]listening... (Ctrl-C to stop)[/]"),
+                    input_device=args.input_device, output_device=args.output_device, echo=echo,
+                    on_ready=lambda: rich_console().print(
+                        f"[dim]listening, echo: {ECHO_LINES[echo]} (Ctrl-C to stop)[/]"
+                    ),
                 )  # fmt: skip
         finally:
             await llm.aclose()

@@ -1,0 +1,116 @@
+"""Full duplex on a simulated laptop: the real session hears its own voice through a room.
+
+Real speech, real Whisper and Piper, the reference endpoint over a socket,
+and the agent's audio fed back through :class:`audio.room.EchoRoom` (a
+synthetic room, an unreported delay, loudspeaker distortion, noise and
+clock drift). The many-replies sweep is ``benchmarks/aec.py``; these are the
+few cases that pin the behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from audio.room import RoomConfig
+from audio.wav import read_wav
+from runtime.conversation import events as ev
+from runtime.conversation.config import SessionConfig
+from runtime.echo_sim import RoomResult, talk_through_room
+from runtime.endpoints import URLPolicy
+from runtime.llm.client import ChatClient, Endpoint
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import WhisperSTT
+
+from ...helpers import SPEECH
+
+normalise = EnglishTextNormalizer()
+REPLY = (
+    "Paris will be mild this week. Monday starts cloudy with a light breeze. "
+    "Tuesday brings scattered showers in the afternoon, and Wednesday is sunny and warm."
+)
+# A hard laptop: a late echo the devices do not report, a reverberant room,
+# a distorting speaker, audible noise and the speaker's clock 0.1 % fast.
+HARD_ROOM = RoomConfig(
+    delay_ms=180, rt60_s=0.35, echo_db=-3.0, drive=1.0, noise_dbfs=-55.0, drift=0.001, seed=7
+)
+
+
+def utterance(name: str) -> bytes:
+    return read_wav(SPEECH / f"{name}.wav").mono()
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(seconds * 16000) * 2)
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[ReferenceEndpoint]:
+    async with ReferenceEndpoint(ReplyPlan(ttft_ms=50, itl_ms=5, replies=(REPLY,))) as server:
+        yield server
+
+
+async def converse(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS, user: bytes, **kwargs
+) -> RoomResult:
+    llm = ChatClient(Endpoint(endpoint.base_url, "m"), policy=URLPolicy.operator())
+    async with llm:
+        return await talk_through_room(
+            user, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), **kwargs
+        )
+
+
+def of(result: RoomResult, kind: type) -> list:
+    return [e for _, e in result.events if isinstance(e, kind)]
+
+
+async def test_with_echo_cancellation_the_agent_never_interrupts_itself(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    user = silence(0.4) + utterance("shared-00-piper") + silence(0.5)
+    result = await converse(endpoint, whisper, piper, user, room=HARD_ROOM, echo="aec")
+    assert [e.status for e in of(result, ev.ReplyDone)] == ["completed"]
+    assert [a.text for a in of(result, ev.AgentTranscript)] == [REPLY]
+    # The agent's own voice never became a user turn.
+    texts = [normalise(u.text) for u in of(result, ev.UserTranscript)]
+    assert texts == [normalise("What's the weather like in Paris today?")]
+
+
+async def test_without_it_the_same_room_makes_the_agent_interrupt_itself(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    user = silence(0.4) + utterance("shared-00-piper") + silence(0.5)
+    result = await converse(
+        endpoint, whisper, piper, user, room=HARD_ROOM, echo="off", max_wait_s=8.0
+    )
+    assert of(result, ev.ReplyDone)[0].status == "interrupted"
+
+
+async def test_the_user_interrupts_by_voice_over_the_echo(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    question, stop = utterance("shared-00-piper"), utterance("shared-11-piper")
+    user = silence(0.4) + question + silence(3.0) + stop + silence(0.5)
+    result = await converse(endpoint, whisper, piper, user, room=HARD_ROOM, echo="aec")
+    done = of(result, ev.ReplyDone)
+    assert done[0].status == "interrupted"
+    # Cut after the user started talking over it, not before.
+    onset = (len(user) - len(stop)) / 32000 - 0.5
+    cut = next(t for t, e in result.events if isinstance(e, ev.ReplyDone))
+    assert onset < cut < onset + 2.0
+    texts = [normalise(u.text) for u in of(result, ev.UserTranscript)]
+    print(texts, cut - onset)
+    assert texts[0] == normalise("What's the weather like in Paris today?")
+    assert texts[1] == normalise("Wait, stop, that's not what I asked.")
+
+
+async def test_a_backchannel_over_the_echo_does_not_interrupt(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    okay = b"".join([c.pcm async for c in piper.synthesize("Okay.", sample_rate=16000)])
+    user = silence(0.4) + utterance("shared-00-piper") + silence(3.0) + okay + silence(0.5)
+    result = await converse(endpoint, whisper, piper, user, room=HARD_ROOM, echo="aec")
+    assert [e.status for e in of(result, ev.ReplyDone)] == ["completed"]
