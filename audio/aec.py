@@ -19,11 +19,11 @@ loop.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from typing import Any, Final
 
+from audio.echo import EchoPath
 from audio.frame import AudioFrame
 
 SUPPORTED_RATES: Final = (8000, 16000, 32000, 48000)
@@ -35,17 +35,21 @@ class EchoCancellerUnavailable(RuntimeError):
 
 
 def available() -> bool:
-    """Whether :class:`WebRtcEchoCanceller` can be created (the ``aec`` extra is installed)."""
+    """Whether :class:`WebRtcEchoCanceller` can be created (the ``aec`` extra is installed).
+
+    Imports the binding (it loads a native library) to be sure.
+    """
     try:
-        return importlib.util.find_spec("livekit.rtc") is not None
-    except ModuleNotFoundError:  # no ``livekit`` package at all
+        _rtc()
+    except EchoCancellerUnavailable:
         return False
+    return True
 
 
 def _rtc() -> Any:
     try:
         from livekit import rtc
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or its native library does not load
         raise EchoCancellerUnavailable(INSTALL_HINT) from None
     return rtc
 
@@ -150,3 +154,17 @@ class WebRtcEchoCanceller:
 
     def statistics(self) -> CancellerStatistics:
         return CancellerStatistics(self._frames, self._far_frames, self._busy_ns)
+
+
+def echo_path(sample_rate: int = 16000) -> EchoPath:
+    """What live mode uses: AEC3 with the high-pass filter and noise suppression,
+    and the residual-echo gate (:class:`audio.echo.ResidualEchoGate`).
+
+    Noise suppression keeps the noise floor steady: without it the echo
+    suppressor pumps background noise up and down, and a VAD that tracks the
+    noise floor then takes the noise for speech.
+
+    Raises:
+        EchoCancellerUnavailable: the ``aec`` extra is not installed.
+    """
+    return EchoPath(WebRtcEchoCanceller(sample_rate, noise_suppression=True), sample_rate)

@@ -39,8 +39,10 @@ forgotten) are silence.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,53 +109,67 @@ class ResidualEchoGate:
     """Keeps what the canceller left of the agent's voice away from the VAD.
 
     A canceller removes most of the echo but not all of it: while it learns
-    the room, and in short bursts after (a syllable the speaker distorted, a
-    change of the echo path), tens of dB of echo remain, which a VAD calls
-    speech. This gate looks, per block, at how much the canceller removed:
+    the room, and in short bursts after (a syllable the speaker distorted, the
+    room's reverberation), some echo remains, which a VAD calls speech. This
+    gate decides, per block, whether the cleaned block is near-end speech
+    (the user) or what is left of the echo:
 
     * no far-end audio in the last ``window_ms`` (the echo path's delay and
-      reverberation): the block passes;
-    * the first ``warmup_ms`` of far-end audio (the canceller is learning):
-      the block is echo;
-    * the canceller removed less than ``double_talk_db``: something it cannot
-      cancel is there, the user's voice (double talk): the block passes, and
-      so do the next ``hold_ms`` (word endings);
-    * otherwise it is echo.
+      reverberation): it passes;
+    * until the canceller has converged (the median of what it removed from
+      the last 25 loud blocks reaches ``converged_db``, after at least
+      ``min_warmup_ms`` and at most ``max_warmup_ms`` of far-end audio): echo;
+    * the canceller removed less than ``double_talk_db`` *and* the microphone
+      is about as loud as the echo usually is (within ``loudness_db`` of the
+      recent loud echo level): something it cannot cancel is there, the
+      user's voice (double talk): it passes, and so do the next ``hold_ms``
+      (word endings);
+    * otherwise echo.
 
-    Echo blocks are attenuated by ``attenuation_db`` (not silenced: the noise
-    floor the VAD tracks stays meaningful). The price: a user much quieter
-    at the microphone than the echo cannot interrupt by voice.
+    An echo block is scaled down to the noise floor of the cleaned signal
+    (its recent quiet level), never below it, so the VAD's own noise-floor
+    tracking is not disturbed. The price: a user much quieter at the
+    microphone than the echo cannot interrupt by voice.
 
     Args:
         window_ms: how long far-end audio counts as possibly audible.
-        warmup_ms: far-end audio heard before double talk is trusted.
-        double_talk_db: at most this much removed means near-end speech.
+        min_warmup_ms, max_warmup_ms: bounds of the learning phase (far-end audio).
+        converged_db: median removal that ends the learning phase.
+        double_talk_db: at most this much removed suggests near-end speech.
+        loudness_db: how far below the loud echo level near-end speech may be.
         hold_ms: blocks passed after near-end speech.
-        attenuation_db: applied to echo blocks.
         far_active_dbfs: far-end level that counts as audio.
     """
 
     def __init__(
         self,
         *,
-        window_ms: int = 600,
-        warmup_ms: int = 2000,
+        window_ms: int = 1000,
+        min_warmup_ms: int = 2000,
+        max_warmup_ms: int = 4000,
+        converged_db: float = 15.0,
         double_talk_db: float = 10.0,
+        loudness_db: float = 8.0,
         hold_ms: int = 200,
-        attenuation_db: float = 30.0,
         far_active_dbfs: float = -50.0,
     ) -> None:
-        if min(window_ms, warmup_ms, hold_ms) < 0 or attenuation_db < 0:
-            raise ValueError("durations and the attenuation must not be negative")
+        if min(window_ms, min_warmup_ms, max_warmup_ms, hold_ms) < 0:
+            raise ValueError("durations must not be negative")
         self._window_s = window_ms / 1000
-        self._warmup_s = warmup_ms / 1000
+        self._min_warmup_s = min_warmup_ms / 1000
+        self._max_warmup_s = max_warmup_ms / 1000
+        self._converged_db = converged_db
+        self._converged = False
+        self._removed: deque[float] = deque(maxlen=25)
         self._double_talk = double_talk_db
+        self._loudness = loudness_db
         self._hold_s = hold_ms / 1000
-        self._gain = 10 ** (-attenuation_db / 20)
         self._far_active = far_active_dbfs
         self._since_far_s = float("inf")
         self._far_heard_s = 0.0
         self._hold_left_s = 0.0
+        self._echo_levels: deque[float] = deque(maxlen=150)  # mic levels while the far end plays
+        self._quiet_levels: deque[float] = deque(maxlen=150)  # cleaned levels
         self.echo_blocks = 0
         self.double_talk_blocks = 0
 
@@ -167,8 +183,10 @@ class ResidualEchoGate:
             seconds: the block's duration.
 
         Returns:
-            ``cleaned``, or ``cleaned`` attenuated when it is echo.
+            ``cleaned``, or ``cleaned`` scaled down to the noise floor when it is echo.
         """
+        near_db, out_db = frame_level_db(near), frame_level_db(cleaned)
+        self._quiet_levels.append(out_db)
         if far is not None and frame_level_db(far) >= self._far_active:
             self._since_far_s = 0.0
         else:
@@ -177,23 +195,40 @@ class ResidualEchoGate:
             self._hold_left_s = 0.0
             return cleaned
         self._far_heard_s += seconds
-        if self._far_heard_s > self._warmup_s:
-            removed = frame_level_db(near) - frame_level_db(cleaned)
-            if removed < self._double_talk:
-                self._hold_left_s = self._hold_s
-                self.double_talk_blocks += 1
-                return cleaned
-            if self._hold_left_s > 0:
-                self._hold_left_s -= seconds
-                return cleaned
+        self._echo_levels.append(near_db)
+        loud_echo = float(np.percentile(self._echo_levels, 90))
+        loud = near_db >= loud_echo - self._loudness
+        if not self._converged:
+            if loud:
+                self._removed.append(near_db - out_db)
+            self._converged = self._far_heard_s >= self._max_warmup_s or (
+                self._far_heard_s >= self._min_warmup_s
+                and len(self._removed) == self._removed.maxlen
+                and statistics.median(self._removed) >= self._converged_db
+            )
+        elif near_db - out_db < self._double_talk and loud:
+            self._hold_left_s = self._hold_s
+            self.double_talk_blocks += 1
+            return cleaned
+        elif self._hold_left_s > 0:
+            self._hold_left_s -= seconds
+            return cleaned
         self.echo_blocks += 1
-        x = np.frombuffer(cleaned, "<i2").astype(np.float64) * self._gain
+        floor = float(np.percentile(self._quiet_levels, 10))
+        if out_db <= floor:
+            return cleaned
+        gain = 10 ** ((floor - out_db) / 20)
+        x = np.frombuffer(cleaned, "<i2").astype(np.float64) * gain
         return x.astype("<i2").tobytes()
 
     def reset(self) -> None:
         self._since_far_s = float("inf")
         self._far_heard_s = 0.0
         self._hold_left_s = 0.0
+        self._converged = False
+        self._removed.clear()
+        self._echo_levels.clear()
+        self._quiet_levels.clear()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,12 @@ and is added to what else reaches the microphone (the user's voice) together
 with background noise (``noise_dbfs``, seeded). Everything is deterministic
 for a given :class:`RoomConfig`.
 
-The delay line is a FIFO: with a positive drift it slowly drains (the echo
-comes earlier), with a negative drift it grows, by ``drift`` seconds per
-second. Should it ever run dry the echo resumes after a gap of silence, as
-after a glitch in a real device.
+The speaker's clock drift means it plays ``1 + drift`` times as many samples
+per second of the microphone's clock: feed :meth:`EchoRoom.play` that much
+more audio per block than the nominal rate (see :mod:`runtime.echo_sim`),
+and the echo keeps pace with the microphone. Should the delay line ever run
+dry (less audio played than that), the echo resumes after a gap of silence,
+as after an underrun in a real device.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ The same session as ``voxloop talk`` live mode, with the sound card replaced
 by :class:`audio.room.EchoRoom`. Every 20 ms, on the event loop's clock:
 
 1. the block the virtual speaker (:class:`TimelineSink`) played in that
-   interval goes to the room and, stamped as a device would stamp it (its
-   time at the DAC, ``reported_latency_s`` after it was handed over, on the
-   speaker's drifting clock), to the echo handling;
+   interval (``RoomConfig.drift`` more samples than the loop's clock says,
+   the speaker's clock being that much fast) goes to the room and, stamped
+   as a device would stamp it (its time at the DAC, ``reported_latency_s``
+   after it was handed over), to the echo handling;
 2. the microphone records the user's audio for the interval plus the room's
    echo and noise;
 3. the echo handling of :func:`runtime.talk.talk_live` (the same
@@ -93,9 +94,9 @@ async def talk_through_room(
     result = RoomResult()
     path: EchoPath | None = None
     if echo == "aec":
-        from audio.aec import WebRtcEchoCanceller
+        from audio.aec import echo_path
 
-        path = EchoPath(WebRtcEchoCanceller(RATE), RATE)
+        path = echo_path(RATE)
     gate = HalfDuplexGate(tail_ms=echo_tail_ms) if echo == "half-duplex" else None
     acoustic = None
     drift = 0.0
@@ -114,7 +115,7 @@ async def talk_through_room(
     )
     pacer = LoopPacer(t0)
     near_bytes = RATE * FRAME_MS // 1000 * 2
-    far_bytes = OUTPUT_RATE * FRAME_MS // 1000 * 2
+    far_step = OUTPUT_RATE * FRAME_MS // 1000
 
     async def frames() -> AsyncIterator[AudioFrame]:
         k = 0
@@ -123,8 +124,12 @@ async def talk_through_room(
         while k < limit:
             t = k * FRAME_MS / 1000
             await pacer.wait_until(t + FRAME_MS / 1000)
-            far = bytes(sink.timeline[k * far_bytes : (k + 1) * far_bytes])
-            far += bytes(far_bytes - len(far))
+            # The speaker's clock runs ``drift`` fast: it takes a little more
+            # of the timeline per tick than the loop's clock says (up to a
+            # few tens of ms ahead, within what the sink has queued).
+            start, end = round(k * far_step * (1 + drift)), round((k + 1) * far_step * (1 + drift))
+            far = bytes(sink.timeline[start * 2 : end * 2])
+            far += bytes((end - start) * 2 - len(far))
             near = user[k * near_bytes : (k + 1) * near_bytes]
             near += bytes(near_bytes - len(near))
             if acoustic is not None:
@@ -133,7 +138,7 @@ async def talk_through_room(
             result.mic += near
             started = loop.time()
             if path is not None:
-                path.played(far, OUTPUT_RATE, t / (1 + drift) + reported_latency_s)
+                path.played(far, OUTPUT_RATE, t + reported_latency_s)
                 near = path.captured(near, t)
             frame = AudioFrame(pcm=near, sample_rate=RATE, pts=k * near_bytes // 2)
             if gate is not None:

@@ -228,9 +228,9 @@ async def talk_live(
     mode = default_echo_mode() if echo is None else echo
     path: EchoPath | None = None
     if mode == "aec":
-        from audio.aec import WebRtcEchoCanceller
+        from audio.aec import echo_path
 
-        path = EchoPath(WebRtcEchoCanceller(RATE), RATE)
+        path = echo_path(RATE)
     gate = HalfDuplexGate(tail_ms=echo_tail_ms) if mode == "half-duplex" else None
     speaker = Speaker(
         output_device, sample_rate=OUTPUT_RATE, on_played=path.played if path else None

@@ -39,9 +39,8 @@ DEMO_REPLIES = (
 
 
 ECHO_LINES = {
-    "aec": "aec (echo cancellation: speak over the agent to interrupt it)",
-    "half-duplex": "half-duplex (microphone muted while the agent speaks; "
-    "use headphones and --echo off to interrupt by voice)",
+    "aec": "aec (speak over the agent to interrupt it)",
+    "half-duplex": "half-duplex (microphone muted while the agent speaks)",
     "off": "off (use headphones)",
 }
 
@@ -263,7 +262,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                     llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
                     input_device=args.input_device, output_device=args.output_device, echo=echo,
                     on_ready=lambda: rich_console().print(
-                        f"[dim]listening, echo: {ECHO_LINES[echo]} (Ctrl-C to stop)[/]"
+                        f"[dim]listening, echo: {ECHO_LINES[echo]} (Ctrl-C to stop)[/]",
+                        soft_wrap=True,
                     ),
                 )  # fmt: skip
         finally:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from audio.wav import read_wav, write_wav
 
 from ..helpers import missing
@@ -59,9 +61,16 @@ def test_talk_rejects_bad_arguments(tmp_path: Path):
         assert "Traceback" not in result.stderr
 
 
-def test_live_mode_opens_real_devices_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("echo", "line"),
+    [([], "echo: aec (speak over"), (["--echo", "half-duplex"], "echo: half-duplex (microphone")],
+)
+def test_live_mode_opens_real_devices_and_stops_cleanly_on_ctrl_c(
+    tmp_path: Path, echo: list[str], line: str
+):
     # PortAudio through an ALSA null device (no sound card): the microphone
     # delivers silence, the speaker accepts audio; Ctrl-C ends the session.
+    # With the aec extra installed (as in dev), echo cancellation is the default.
     import os
     import signal
 
@@ -71,7 +80,7 @@ def test_live_mode_opens_real_devices_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     env = {**os.environ, "HOME": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.cli", "talk", "--greeting", "Hello there.",
-         "--input-device", "voxloop_null", "--output-device", "voxloop_null"],
+         "--input-device", "voxloop_null", "--output-device", "voxloop_null", *echo],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
@@ -82,8 +91,9 @@ def test_live_mode_opens_real_devices_and_stops_cleanly_on_ctrl_c(tmp_path: Path
             assert "PortAudio is not installed" in err and "Traceback" not in err
             assert proc.returncode == 3
             missing("PortAudio is not installed (apt-get install libportaudio2; .ci/run does)")
-        line = proc.stdout.readline()  # the greeting, spoken into the null speaker
-        assert "Hello there." in line
+        assert line in first
+        greeting = proc.stdout.readline()  # spoken into the null speaker
+        assert "Hello there." in greeting
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

@@ -1,0 +1,340 @@
+"""Echo cancellation on a simulated laptop: ERLE, double talk, CPU, and whole conversations.
+
+Part 1, signals (seconds): the agent's voice (the Piper utterances in
+``tests/data/speech``, played at 24 kHz) goes through :class:`audio.room.EchoRoom`
+in each condition, and :class:`audio.echo.EchoPath` (WebRTC AEC3 plus the
+residual-echo gate) cleans the microphone, 20 ms at a time, as in live mode.
+
+* ERLE: echo return loss enhancement, 10·log10(mic energy / output energy)
+  over the echo-only run after the first second (noise included, so a quiet
+  room caps it).
+* residual speech: echo-only frames the session's VAD (webrtcvad behind the
+  noise gate, and audible) calls speech, and the longest such run (barge-in
+  needs 200 ms in a row); before the gate, and after it.
+* double talk: real recorded speech (Harvard sentences, codec2) spoken over
+  the agent; the share of the user's speech frames (by the VAD on the clean
+  recording) the VAD still calls speech after cancellation, and the level
+  change of those frames.
+* CPU: time in ``EchoPath.played`` + ``EchoPath.captured`` per 20 ms frame.
+
+Part 2, conversations (``--conversations N``, minutes): the real session
+(Whisper, Piper, the reference endpoint) on the simulated laptop
+(:func:`runtime.echo_sim.talk_through_room`), N conversations per condition
+and scenario, each also run on a clean microphone for comparison:
+
+* ``listen``: the user asks, then listens to the whole reply;
+* ``backchannel``: the user says "Okay." during the reply;
+* ``interrupt``: the user interrupts 1.5-4 s into the reply.
+
+Reported: self-interruptions (a reply cut though the user said nothing, or
+said only a back-channel), user turns the user never spoke, interruptions
+detected and how long after the user began, and the WER of the user's
+transcripts, with AEC and on the clean microphone.
+
+Run:
+    nice -n 10 python -m benchmarks.aec                     # part 1
+    nice -n 10 python -m benchmarks.aec --conversations 3   # and part 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audio.aec import WebRtcEchoCanceller, echo_path
+from audio.echo import EchoPath
+from audio.resample import resample_all
+from audio.room import EchoRoom, RoomConfig
+from audio.vad import default_vad, frame_level_db
+from audio.wav import read_wav
+
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+RATE = 16000
+SPEAKER_RATE = 24000
+LATENCY_S = 0.04  # the speaker's reported output latency in the simulation
+
+CONDITIONS: dict[str, RoomConfig] = {
+    "near 20 ms": RoomConfig(delay_ms=20, rt60_s=0.2, echo_db=-6, drive=0.5, seed=1),
+    "200 ms, reverberant": RoomConfig(delay_ms=200, rt60_s=0.5, echo_db=-6, drive=1.0, seed=2),
+    "loud, distorting": RoomConfig(delay_ms=80, rt60_s=0.3, echo_db=0, drive=1.5, seed=3),
+    "noisy -45 dBFS": RoomConfig(delay_ms=120, rt60_s=0.3, echo_db=-6, noise_dbfs=-45, seed=4),
+    "drift +0.1 %": RoomConfig(delay_ms=100, rt60_s=0.3, echo_db=-3, drift=0.001, seed=5),
+    "drift -0.1 %": RoomConfig(delay_ms=150, rt60_s=0.3, echo_db=-3, drift=-0.001, seed=6),
+}
+
+
+def agent_voice(seconds: float) -> bytes:
+    """The agent's voice at the speaker's rate: the Piper utterances, back to back."""
+    pcm = b""
+    for path in sorted((DATA / "speech").glob("shared-*-piper.wav")):
+        pcm += read_wav(path).mono()
+        if len(pcm) >= seconds * RATE * 2:
+            break
+    return resample_all(pcm[: int(seconds * RATE) * 2], RATE, SPEAKER_RATE)
+
+
+def user_voice() -> bytes:
+    """Real recorded speech (Harvard sentences), 16 kHz."""
+    return read_wav(DATA / "real" / "speech_orig_16k.wav").mono()
+
+
+@dataclass
+class SignalRow:
+    condition: str
+    erle_db: float
+    residual_speech_pct_raw: float
+    longest_residual_ms_raw: int
+    residual_speech_pct: float
+    longest_residual_ms: int
+    double_talk_kept_pct: float
+    double_talk_kept_pct_raw: float
+    double_talk_level_db: float
+    cpu_us_per_frame: float
+    cpu_us_p99: float
+
+
+def _simulate(
+    room: RoomConfig, far24: bytes, user16: bytes, *, gate: bool
+) -> tuple[bytes, bytes, list[float]]:
+    """Run the echo path; returns (mic, cleaned, per-frame cost in µs)."""
+    acoustic = EchoRoom(
+        RoomConfig(**{**asdict(room), "delay_ms": room.delay_ms + LATENCY_S * 1000}),
+        speaker_rate=SPEAKER_RATE,
+    )
+    path = (
+        echo_path(RATE)
+        if gate
+        else EchoPath(WebRtcEchoCanceller(RATE, noise_suppression=True), RATE, gate_residual=False)
+    )
+    mic, out, cost = bytearray(), bytearray(), []
+    far_step, near_step = SPEAKER_RATE // 50, RATE // 50 * 2
+    frames = min(int(len(far24) / 2 / far_step / (1 + room.drift)), len(user16) // near_step)
+    for k in range(frames):
+        t = k * 0.02
+        # The speaker's clock runs ``drift`` fast: a little more audio per tick.
+        start = round(k * far_step * (1 + room.drift))
+        end = round((k + 1) * far_step * (1 + room.drift))
+        far = far24[start * 2 : end * 2]
+        acoustic.play(far)
+        near = acoustic.capture(user16[k * near_step : (k + 1) * near_step])
+        started = time.perf_counter_ns()
+        path.played(far, SPEAKER_RATE, t + LATENCY_S)
+        cleaned = path.captured(near, t)
+        cost.append((time.perf_counter_ns() - started) / 1000)
+        mic += near
+        out += cleaned
+    return bytes(mic), bytes(out), cost
+
+
+def _speech_frames(pcm: bytes) -> list[bool]:
+    vad = default_vad(RATE, 20)
+    return [
+        vad.speech_probability(pcm[i : i + 640]) >= 0.5
+        and frame_level_db(pcm[i : i + 640]) >= -55.0
+        for i in range(0, len(pcm) - 639, 640)
+    ]
+
+
+def _longest_run_ms(flags: list[bool]) -> int:
+    best = run = 0
+    for f in flags:
+        run = run + 1 if f else 0
+        best = max(best, run)
+    return best * 20
+
+
+def signal_row(name: str, room: RoomConfig, seconds: float) -> SignalRow:
+    far = agent_voice(seconds)
+    silence = bytes(int(seconds * RATE) * 2)
+    mic, raw, cost = _simulate(room, far, silence, gate=False)
+    _, gated, _ = _simulate(room, far, silence, gate=True)
+    skip = RATE * 2  # the first second
+    m = np.frombuffer(mic, "<i2").astype(np.float64)[skip // 2 :]
+    o = np.frombuffer(raw, "<i2").astype(np.float64)[skip // 2 :]
+    erle = 10 * np.log10(float(np.sum(m**2)) / max(float(np.sum(o**2)), 1.0))
+    raw_speech, gated_speech = _speech_frames(raw), _speech_frames(gated)
+    # Double talk: the user talks over the agent from 2 s on.
+    user = user_voice()
+    near = bytes(2 * RATE * 2) + user
+    near = near[: len(silence)] + bytes(max(0, len(silence) - len(near)))
+    _, dt_gated, _ = _simulate(room, far, near, gate=True)
+    _, dt_raw, _ = _simulate(room, far, near, gate=False)
+    truth = _speech_frames(near)
+    kept = _speech_frames(dt_gated)
+    kept_raw = _speech_frames(dt_raw)
+    talk = [i for i, t in enumerate(truth) if t]
+    levels = [
+        frame_level_db(dt_gated[i * 640 : i * 640 + 640])
+        - frame_level_db(near[i * 640 : i * 640 + 640])
+        for i in talk
+    ]
+    return SignalRow(
+        condition=name,
+        erle_db=round(erle, 1),
+        residual_speech_pct_raw=round(100 * sum(raw_speech) / len(raw_speech), 2),
+        longest_residual_ms_raw=_longest_run_ms(raw_speech),
+        residual_speech_pct=round(100 * sum(gated_speech) / len(gated_speech), 2),
+        longest_residual_ms=_longest_run_ms(gated_speech),
+        double_talk_kept_pct=round(100 * sum(kept[i] for i in talk) / len(talk), 1),
+        double_talk_kept_pct_raw=round(100 * sum(kept_raw[i] for i in talk) / len(talk), 1),
+        double_talk_level_db=round(statistics.median(levels), 1),
+        cpu_us_per_frame=round(statistics.fmean(cost), 1),
+        cpu_us_p99=round(float(np.percentile(cost, 99)), 1),
+    )
+
+
+# -- part 2: conversations ---------------------------------------------------------
+
+REPLY = (
+    "Paris will be mild this week. Monday starts cloudy with a light breeze. "
+    "Tuesday brings scattered showers in the afternoon, and Wednesday is sunny and warm. "
+    "Thursday cools down again with some wind from the north."
+)
+QUESTIONS = ("shared-00-piper", "shared-03-piper", "shared-06-piper")
+INTERRUPTIONS = ("shared-11-piper", "shared-10-piper", "shared-04-piper")
+
+
+def _manifest() -> dict[str, str]:
+    rows = [json.loads(x) for x in (DATA / "speech" / "manifest.jsonl").read_text().splitlines()]
+    return {r["file"].removesuffix(".wav"): r["text"] for r in rows if x_ok(r)}
+
+
+def x_ok(row: dict[str, Any]) -> bool:
+    return isinstance(row.get("file"), str) and isinstance(row.get("text"), str)
+
+
+async def conversations(n: int, names: list[str]) -> dict[str, Any]:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    from runtime.conversation import events as ev
+    from runtime.conversation.config import SessionConfig
+    from runtime.echo_sim import talk_through_room
+    from runtime.endpoints import URLPolicy
+    from runtime.llm.client import ChatClient, Endpoint
+    from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+    from runtime.speech.engines.piper import PiperTTS
+    from runtime.speech.engines.whisper import WhisperSTT
+
+    normalise = EnglishTextNormalizer()
+    texts = _manifest()
+    stt, tts = WhisperSTT(), PiperTTS(noise_scale=0.0, noise_w=0.0)
+    okay = b"".join([c.pcm async for c in tts.synthesize("Okay.", sample_rate=RATE)])
+    rng = np.random.default_rng(0)
+
+    def utt(name: str) -> bytes:
+        return read_wav(DATA / "speech" / f"{name}.wav").mono()
+
+    def sil(s: float) -> bytes:
+        return bytes(int(s * RATE) * 2)
+
+    results: dict[str, Any] = {}
+    async with ReferenceEndpoint(ReplyPlan(ttft_ms=50, itl_ms=5, replies=(REPLY,))) as server:
+        for cond in ["clean", *names]:
+            room = None if cond == "clean" else CONDITIONS[cond]
+            stats: dict[str, Any] = {
+                "replies": 0, "self_interruptions": 0, "phantom_turns": 0,
+                "interruptions": 0, "interruptions_detected": 0, "detect_s": [],
+                "refs": [], "hyps": [],
+            }  # fmt: skip
+            for i in range(n):
+                for scenario in ("listen", "backchannel", "interrupt"):
+                    q = QUESTIONS[i % len(QUESTIONS)]
+                    said = [texts[q]]
+                    user = sil(0.4) + utt(q)
+                    gap = float(rng.uniform(3.0, 5.5))  # the reply starts ~1.5 s after
+                    if scenario == "backchannel":
+                        user += sil(gap) + okay
+                    elif scenario == "interrupt":
+                        stop = INTERRUPTIONS[i % len(INTERRUPTIONS)]
+                        onset = len(user) / 32000 + gap
+                        user += sil(gap) + utt(stop)
+                        said.append(texts[stop])
+                    user += sil(0.5)
+                    llm = ChatClient(Endpoint(server.base_url, "m"), policy=URLPolicy.operator())
+                    async with llm:
+                        r = await talk_through_room(
+                            user, room=room, echo="off" if room is None else "aec", llm=llm,
+                            stt=stt, tts=tts, config=SessionConfig(), max_wait_s=25.0,
+                        )  # fmt: skip
+                    done = [(t, e) for t, e in r.events if isinstance(e, ev.ReplyDone)]
+                    heard = [e.text for _, e in r.events if isinstance(e, ev.UserTranscript)]
+                    stats["replies"] += len(done)
+                    first_cut = next((t for t, e in done if e.status == "interrupted"), None)
+                    if scenario == "interrupt":
+                        stats["interruptions"] += 1
+                        if first_cut is not None and first_cut > onset:
+                            stats["interruptions_detected"] += 1
+                            stats["detect_s"].append(first_cut - onset)
+                        elif first_cut is not None:
+                            stats["self_interruptions"] += 1
+                    elif first_cut is not None:
+                        stats["self_interruptions"] += 1
+                    stats["phantom_turns"] += max(0, len(heard) - len(said))
+                    stats["refs"].append(normalise(" ".join(said)))
+                    stats["hyps"].append(normalise(" ".join(heard[: len(said)])))
+                    print(f"  {cond:>20} {scenario:>11}: {heard}", file=sys.stderr)
+            wer = jiwer.wer(stats.pop("refs"), stats.pop("hyps"))
+            detect = stats.pop("detect_s")
+            stats["wer_pct"] = round(100 * wer, 1)
+            stats["detect_median_s"] = round(statistics.median(detect), 2) if detect else None
+            results[cond] = stats
+            print(cond, stats, file=sys.stderr)
+    await stt.aclose()
+    await tts.aclose()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="echo cancellation on a simulated laptop")
+    parser.add_argument("--seconds", type=float, default=20.0, help="agent speech per condition")
+    parser.add_argument("--conversations", type=int, default=0, help="per condition and scenario")
+    parser.add_argument("--conditions", nargs="*", default=list(CONDITIONS))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/aec.json"))
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.conditions if c not in CONDITIONS]
+    if unknown:
+        parser.error(f"unknown conditions {unknown}; known: {list(CONDITIONS)}")
+    rows = [signal_row(name, CONDITIONS[name], args.seconds) for name in args.conditions]
+    header = (
+        "| condition | ERLE dB | residual speech frames, AEC only → gated | longest run ms "
+        "| double talk: user frames kept (AEC only) | level dB | µs/frame (p99) |"
+    )
+    print(header)
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r.condition} | {r.erle_db} | {r.residual_speech_pct_raw} % → "
+            f"{r.residual_speech_pct} % | {r.longest_residual_ms_raw} → {r.longest_residual_ms} "
+            f"| {r.double_talk_kept_pct} % ({r.double_talk_kept_pct_raw} %) "
+            f"| {r.double_talk_level_db} | {r.cpu_us_per_frame} ({r.cpu_us_p99}) |"
+        )
+    doc: dict[str, Any] = {"signals": [asdict(r) for r in rows]}
+    if args.conversations:
+        doc["conversations"] = asyncio.run(conversations(args.conversations, args.conditions))
+        print()
+        print("| microphone | replies | self-interruptions | phantom user turns "
+              "| interruptions detected | median detection s | user WER % |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for cond, s in doc["conversations"].items():
+            print(
+                f"| {cond} | {s['replies']} | {s['self_interruptions']} | {s['phantom_turns']} "
+                f"| {s['interruptions_detected']}/{s['interruptions']} | {s['detect_median_s']} "
+                f"| {s['wer_pct']} |"
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
