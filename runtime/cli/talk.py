@@ -19,6 +19,7 @@ from runtime.cli.checks import (
 )
 from runtime.cli.common import (
     EXIT_OK,
+    Unavailable,
     UsageError,
     check_output,
     env_value,
@@ -223,6 +224,11 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     use_ca_bundle(args.ca_bundle)
     if source is None:
         check_devices(args.input_device, args.output_device, mic=True)
+        if args.echo == "aec":
+            from audio import aec
+
+            if not aec.available():
+                raise Unavailable(aec.INSTALL_HINT)
     config = SessionConfig(
         system_prompt=args.system_prompt,
         greeting=args.greeting,

@@ -99,3 +99,25 @@ def test_live_mode_opens_real_devices_and_stops_cleanly_on_ctrl_c(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "Traceback" not in err
+
+
+def test_echo_cancellation_without_the_extra_is_a_clear_error(tmp_path: Path):
+    # The aec extra hidden from a real CLI run on an ALSA null device.
+    import os
+
+    (tmp_path / ".asoundrc").write_text("pcm.!default { type null }\n")
+    program = (
+        "import sys; sys.modules['livekit'] = None\n"
+        "from runtime.cli import main\n"
+        "sys.exit(main(['talk', '--echo', 'aec']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HOME": str(tmp_path)}, check=False,
+    )  # fmt: skip
+    if "PortAudio is not installed" in result.stderr:
+        missing("PortAudio is not installed (apt-get install libportaudio2; .ci/run does)")
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip() == (
+        "voxloop: error: echo cancellation needs the aec extra: pip install 'voxloop[aec]'"
+    )
