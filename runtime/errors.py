@@ -6,6 +6,8 @@ Every error says whose fault it was and whether retrying is safe::
     ├── URLPolicyError            the URL is not allowed (caller's fault, never retry)
     └── EndpointError             a chat-completions endpoint call failed
         ├── EndpointConnectError      could not connect (network; retryable)
+        │   └── EndpointTLSError          the TLS handshake failed (a certificate
+        │                                 that does not verify is not retryable)
         ├── EndpointAuthError         401/403 (caller's credentials; not retryable)
         ├── EndpointRateLimited       429 (endpoint; retryable after ``retry_after_s``)
         ├── EndpointRejected          other 4xx, 3xx redirects (caller's request; not retryable)
@@ -66,6 +68,10 @@ class EndpointError(VoiceAgentError):
 class EndpointConnectError(EndpointError):
     kind = "connect"
     fault: Fault = "network"
+
+
+class EndpointTLSError(EndpointConnectError):
+    kind = "tls"
 
 
 class EndpointAuthError(EndpointError):

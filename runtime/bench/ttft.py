@@ -5,8 +5,16 @@ connection, nothing resolved), ``warmup`` discarded requests, then
 ``requests`` measured **warm** requests with ``concurrency`` in flight. Every
 request records the client's timestamps (see ``runtime.llm.client``), the
 time the speech segmenter would release the first segment
-(``first_sentence_ms``) and, on failure, the error kind. Failures and hangs
-are counted, never fatal: the deadline (``timeout_s``) bounds every request.
+(``first_sentence_ms``) and, on failure, the error kind and its message
+(the key redacted). Failures and hangs are counted, never fatal: the deadline
+(``timeout_s``) bounds every request.
+
+Error kinds are the endpoint client's (``auth``, ``rate_limit``, ``server``,
+``rejected``, ``timeout``, ``stall``, ``malformed``, ``dropped``,
+``connect``, ``tls``) plus ``dns`` (the host name does not resolve),
+``url_policy`` (the URL or an address it resolves to is not allowed) and
+``config`` (e.g. the key's environment variable is not set). Each report
+keeps the first message of every kind.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import os
 import tomllib
 from collections import Counter
@@ -37,6 +46,8 @@ from runtime.llm.client import (
 from runtime.llm.stream import TextDelta
 from runtime.secret import Secret
 from runtime.speech.text import SpeechSegmenter
+
+log = logging.getLogger("voxloop.bench")
 
 METRICS: Final = (
     "headers_ms",
@@ -133,6 +144,7 @@ class RequestResult:
     phase: str  # "cold" | "warmup" | "warm"
     ok: bool
     error: str | None = None
+    message: str | None = None
     new_connection: bool = False
     headers_ms: float | None = None
     first_event_ms: float | None = None
@@ -162,6 +174,14 @@ class EndpointReport:
     def errors(self) -> dict[str, int]:
         return dict(Counter(r.error for r in self.warm if r.error))
 
+    def error_messages(self) -> dict[str, str]:
+        """The first message of each error kind, over every phase (cold included)."""
+        first: dict[str, str] = {}
+        for r in self.results:
+            if r.error and r.error not in first:
+                first[r.error] = r.message or ""
+        return first
+
     def metric_samples(self, metric: str) -> list[float]:
         ok = [r for r in self.warm if r.ok]
         if metric == "itl_ms":
@@ -178,12 +198,14 @@ class EndpointReport:
             "requests": len(self.warm),
             "ok": sum(r.ok for r in self.warm),
             "errors": self.errors(),
+            "error_messages": self.error_messages(),
             "metrics": {m: summarize(self.metric_samples(m)) for m in METRICS},
             "cold": None
             if cold is None
             else {
                 "ok": cold.ok,
                 "error": cold.error,
+                "message": cold.message,
                 "ttft_ms": cold.ttft_ms,
                 "headers_ms": cold.headers_ms,
                 "e2e_ms": cold.e2e_ms,
@@ -320,7 +342,9 @@ class TTFTBenchmark:
             policy=self._policy,
             resolver=self._resolver,
             clock=self._clock,
-            timeouts=ClientTimeouts(connect_s=t, first_token_s=t, stall_s=t),
+            timeouts=ClientTimeouts(
+                connect_s=t, first_token_s=t, first_token_budget_s=t, stall_s=t
+            ),
             retry=RetryPolicy(max_attempts=1),
             http2=self.settings.http2,
         )
@@ -333,11 +357,12 @@ class TTFTBenchmark:
         try:
             client = self._client(target)
         except (URLPolicyError, ValueError) as exc:
-            failed = RequestResult(target.name, 0, "warm", ok=False, error=_config_kind(exc))
+            kind, message = _config_kind(exc), str(exc)
             report.results.extend(
-                RequestResult(target.name, i, "warm", ok=False, error=failed.error)
+                RequestResult(target.name, i, "warm", ok=False, error=kind, message=message)
                 for i in range(self.settings.requests)
             )
+            self._notify(target, report.results[0])
             return report
         async with client:
             report.results.append(await self._one(client, target, 0, "cold"))
@@ -364,7 +389,17 @@ class TTFTBenchmark:
         results.sort(key=lambda r: r.index)
         return results
 
+    @staticmethod
+    def _redacted(client: ChatClient, message: str) -> str:
+        key = client.endpoint.api_key
+        return key.redact(message) if key is not None else message
+
     def _notify(self, target: BenchTarget, result: RequestResult) -> None:
+        if result.error:
+            log.info(
+                "%s: %s request %d failed (%s): %s",
+                target.name, result.phase, result.index, result.error, result.message,
+            )  # fmt: skip
         if self._on_result is not None:
             self._on_result(target.name, result)
 
@@ -395,9 +430,11 @@ class TTFTBenchmark:
             result.ok = True
         except URLPolicyError as exc:
             result.error = _config_kind(exc)
+            result.message = self._redacted(client, str(exc))
             return result
         except EndpointError as exc:
             result.error = exc.kind
+            result.message = self._redacted(client, str(exc))
         if stream is None:
             return result
         t = stream.timings
@@ -418,7 +455,9 @@ class TTFTBenchmark:
 
 
 def _config_kind(exc: Exception) -> str:
-    return "url_policy" if isinstance(exc, URLPolicyError) else "config"
+    if isinstance(exc, URLPolicyError):
+        return "dns" if exc.reason == "unresolvable" else "url_policy"
+    return "config"
 
 
 def write_json(
@@ -431,7 +470,7 @@ def write_json(
 
 
 CSV_FIELDS: Final = (
-    "endpoint", "index", "phase", "ok", "error", "new_connection", "headers_ms",
+    "endpoint", "index", "phase", "ok", "error", "message", "new_connection", "headers_ms",
     "first_event_ms", "ttft_ms", "first_answer_ms", "first_sentence_ms", "tpot_ms",
     "e2e_ms", "output_tokens", "tokens_per_s", "itl_ms_mean",
 )  # fmt: skip

@@ -287,6 +287,17 @@ def _print_reports(reports: list[Any], extra: dict[str, Any]) -> None:
         summary.add_row(label, *stat(metric, which))
     summary.add_row("cold ttft", *(cold_ttft(d) for d in docs))
     console.print(summary)
+    failures = [(d, kind, message) for d in docs for kind, message in d["error_messages"].items()]
+    if failures:
+        errors = Table(title="Errors (the first message of each kind)")
+        for column in ("endpoint", "kind", "count", "first message"):
+            errors.add_column(column, overflow="fold")
+        for doc, kind, message in failures:
+            count = doc["errors"].get(kind, 0) + (
+                1 if (doc["cold"] or {}).get("error") == kind else 0
+            )
+            errors.add_row(doc["name"], kind, str(count), message or "-")
+        console.print(errors)
     for doc in docs:
         detail = Table(title=f"{doc['name']} — {doc['model']} @ {doc['base_url']}")
         detail.add_column("metric")

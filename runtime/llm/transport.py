@@ -31,7 +31,7 @@ from runtime.endpoints import (
     resolve_endpoint,
     tls_verify,
 )
-from runtime.errors import EndpointConnectError, EndpointTimeout, StreamDropped
+from runtime.errors import EndpointConnectError, EndpointTimeout, EndpointTLSError, StreamDropped
 from runtime.secret import Secret
 
 
@@ -218,8 +218,16 @@ async def map_http_errors(peer: str, *, before_response: bool = True) -> AsyncIt
     try:
         yield
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        tls = _ssl_cause(exc)
+        if tls is not None:
+            verify = isinstance(tls, ssl.SSLCertVerificationError)
+            message = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
+            detail = message or tls.reason or str(tls)
+            raise EndpointTLSError(
+                f"TLS handshake with {peer} failed: {detail}", retryable=not verify
+            ) from exc
         raise EndpointConnectError(
-            f"could not connect to {peer}: {type(exc).__name__}", retryable=True
+            f"could not connect to {peer}: {_connect_detail(exc)}", retryable=True
         ) from exc
     except httpx.TimeoutException as exc:
         raise EndpointTimeout(
@@ -229,3 +237,21 @@ async def map_http_errors(peer: str, *, before_response: bool = True) -> AsyncIt
         raise StreamDropped(
             f"the connection to {peer} failed: {type(exc).__name__}", retryable=before_response
         ) from exc
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a connect failure, if that is what it was."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _connect_detail(exc: httpx.HTTPError) -> str:
+    """``ConnectError: [Errno 111] Connection refused`` — the OS reason, when there is one."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__

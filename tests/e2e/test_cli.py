@@ -115,10 +115,19 @@ def test_endpoint_serve_and_bench_against_it(tmp_path: Path):
         assert "sk-serve-key" not in good.stdout + good.stderr
 
         env["WRONG"] = "sk-wrong"
-        bad = run("bench", "ttft", "--base-url", base_url, "--model", "m", "--api-key-env", "WRONG",
-                  "--requests", "2", "--warmup", "0", "--json", str(out), env=env)  # fmt: skip
+        env["COLUMNS"] = "200"
+        bad = run("-v", "bench", "ttft", "--base-url", base_url, "--model", "m",
+                  "--api-key-env", "WRONG", "--requests", "2", "--warmup", "0",
+                  "--json", str(out), env=env)  # fmt: skip
         assert bad.returncode == 0  # the run completed; the failures are in the report
         assert json.loads(out.read_text())["endpoints"][0]["errors"] == {"auth": 2}
+        # The server quoted the wrong key; the table and the -v lines show its message, redacted.
+        message = (
+            "endpoint refused the credentials (HTTP 401): Incorrect API key provided: ********"
+        )
+        assert f"│ auth │ 3     │ {message}" in bad.stdout
+        assert f"warm request 0 failed (auth): {message}" in bad.stderr
+        assert "sk-wrong" not in bad.stdout + bad.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import ssl
 from pathlib import Path
 
 import pytest
+import trustme
 
 from runtime.bench.ttft import (
     METRICS,
@@ -20,6 +23,7 @@ from runtime.bench.ttft import (
     write_json,
     write_plot,
 )
+from runtime.endpoints import StaticResolver
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 
 
@@ -187,3 +191,58 @@ def test_bad_prompts_file(tmp_path: Path, text: str, message: str):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_prompts(path)
+
+
+async def test_diagnosis_tells_dns_tls_policy_and_server_failures_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="voxloop.bench")
+    key = "sk-bench-secret-31"
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("llm.example.test").configure_cert(server_ctx)
+    async with (
+        ReferenceEndpoint(ssl_context=server_ctx) as tls_server,
+        ReferenceEndpoint(ReplyPlan(fault="status", status=500)) as failing,
+    ):
+        targets = [
+            BenchTarget("dns", "https://nowhere.example.test/v1", "m"),
+            BenchTarget("tls", f"https://llm.example.test:{tls_server.port}/v1", "m"),
+            BenchTarget("policy", "https://0x7f000001/v1", "m"),
+            BenchTarget("server", failing.base_url, "m", api_key_env="BENCH_KEY"),
+        ]
+        reports = await TTFTBenchmark(
+            targets,
+            BenchSettings(requests=2, warmup=0),
+            resolver=StaticResolver({"llm.example.test": ["127.0.0.1"]}),
+            env={"BENCH_KEY": key},
+        ).run()
+    expected = {
+        "dns": {"dns": "host 'nowhere.example.test' does not resolve"},
+        "tls": {
+            "tls": "TLS handshake with the endpoint failed: unable to get local issuer certificate"
+        },
+        "policy": {"url_policy": "non-canonical numeric IPv4 host '0x7f000001'"},
+        # The server quoted the key it was given; the report never does.
+        "server": {"server": "endpoint failed (HTTP 500): simulated 500 for the key ********"},
+    }
+    assert {r.target.name: r.error_messages() for r in reports} == expected
+    assert reports[1].errors() == {"tls": 2} and len(tls_server.requests) == 0
+
+    write_json(reports, tmp_path / "r.json")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {e["name"]: e["error_messages"] for e in doc["endpoints"]} == expected
+    assert doc["endpoints"][0]["cold"]["message"] == expected["dns"]["dns"]
+    write_csv(reports, tmp_path / "r.csv")
+    with (tmp_path / "r.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["endpoint"], r["error"], r["message"]) for r in rows} == {
+        (name, kind, message) for name, first in expected.items() for kind, message in first.items()
+    }
+    # With -v, every failed request is one log line with its message.
+    lines = [r.getMessage() for r in caplog.records if r.name == "voxloop.bench"]
+    assert (
+        "tls: warm request 1 failed (tls): TLS handshake with the endpoint failed: "
+        "unable to get local issuer certificate" in lines
+    )
+    assert key not in (tmp_path / "r.json").read_text() + (tmp_path / "r.csv").read_text()
+    assert key not in caplog.text

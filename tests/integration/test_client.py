@@ -493,7 +493,11 @@ async def test_certificate_for_another_name_is_refused(
         )
         with pytest.raises(EndpointError) as info:
             await collect(client)
-        assert info.value.kind == "connect"
+        assert info.value.kind == "tls" and info.value.retryable is False
+        assert str(info.value) == (
+            "TLS handshake with the endpoint failed: "
+            "Hostname mismatch, certificate is not valid for 'llm.example.test'."
+        )
         assert len(srv.requests) == 0
 
 
