@@ -92,7 +92,7 @@ from runtime.llm.client import ChatClient, ChatRequest
 from runtime.llm.stream import TextDelta, ToolCall
 from runtime.speech.stt import SpeechToText, STTTurn, Transcript
 from runtime.speech.text import SpeechSegmenter
-from runtime.speech.tts import TextToSpeech
+from runtime.speech.tts import TextToSpeech, warm_up
 
 __all__ = ["FRAME_MS", "RATE", "ConversationSession", "EventHook", "is_backchannel"]
 
@@ -245,6 +245,7 @@ class ConversationSession:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._prewarm())
+            tg.create_task(warm_up(self._tts))
             if self.config.greeting:
                 self._start_reply(
                     _Reply(id=self._new_id("reply"), text_source=None,
@@ -640,7 +641,7 @@ class ConversationSession:
             async for event in stream:
                 if isinstance(event, TextDelta):
                     text_parts.append(event.text)
-                    for seg in segmenter.push(event.text):
+                    for seg in segmenter.push(event.text, ns_to_ms(self._clock.now_ns())):
                         await self._put_segment(reply, segments, seg)
                 elif isinstance(event, ToolCall):
                     calls.append(event)

@@ -38,7 +38,7 @@ Release policy (the first segment is what the listener waits for):
   once ``eager_chars`` characters are in; otherwise, once ``first_words``
   words have arrived (or ``first_after_ms`` have passed since the first text,
   when the caller passes times), at the last clause mark, or else at a word
-  boundary that does not leave a dangling article or preposition.
+  boundary that does not leave a dangling article, preposition or number.
 * Second segment: at a sentence end or clause mark once ``min_chars``
   characters are in (it must be ready before the short first one has played).
 * Later segments are batched for prosody: a sentence end is taken only when
@@ -157,8 +157,8 @@ class SegmenterConfig:
     """
 
     eager_chars: int = 24
-    first_words: int = 0
-    first_after_ms: float | None = None
+    first_words: int = 7
+    first_after_ms: float | None = 250.0
     min_chars: int = 30
     max_chars: int = 220
 
@@ -403,7 +403,13 @@ class SpeechSegmenter:
                     if first:
                         start = max(buf.rfind(" ", 0, i), buf.rfind("\n", 0, i)) + 1
                         word = buf[start:i].strip(_OPENERS + _CLOSERS).lower()
-                        if word and word not in _BINDING and _clean(buf[:i]):
+                        # Not after a number either: "6:45 | a.m.", "3 | items".
+                        if (
+                            word
+                            and word not in _BINDING
+                            and not any(c.isdigit() for c in word)
+                            and _clean(buf[:i])
+                        ):
                             last_word = i + 1
                         if cfg.first_words and words >= cfg.first_words + 4 and _clean(buf[:i]):
                             return last_clause or last_word or i + 1

@@ -5,13 +5,20 @@ of :class:`AudioChunk` at the requested sample rate, one or more chunks per
 sentence, each yielded as soon as it is ready. :meth:`TTSRun.cancel` stops it
 at once: no chunk is yielded after it, and the engine stops working as soon as
 the current inference step returns.
+
+An engine's first synthesis is slower than the next ones (model sessions,
+phonemizer data, resampler set-up): engines that can, offer an async
+``warmup()`` and :func:`warm_up` runs it when a session starts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
+
+log = logging.getLogger("voxloop.tts")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,3 +77,18 @@ class TextToSpeech(Protocol):
         """
 
     async def aclose(self) -> None: ...
+
+
+async def warm_up(tts: TextToSpeech) -> None:
+    """Run the engine's ``warmup()`` if it has one; a failure is logged, never raised.
+
+    Called when a session starts, so the first reply does not pay the first
+    synthesis' set-up cost.
+    """
+    warmup = getattr(tts, "warmup", None)
+    if warmup is None:
+        return
+    try:
+        await warmup()
+    except Exception as exc:  # the first reply will just be slower
+        log.info("TTS warm-up failed", extra={"engine": tts.name, "error": type(exc).__name__})

@@ -146,10 +146,11 @@ def test_any_split_gives_the_same_segments_and_nothing_is_lost(text: str, cuts: 
 
 def test_numbers_are_left_alone_unless_a_normaliser_is_configured():
     text = "Your total is $29.99, due 3/4 at 7:30."
-    assert segments(text) == [text]
+    assert segments(text) == ["Your total is $29.99,", "due 3/4 at 7:30."]
     spelled = SpeechSegmenter(normaliser=lambda s: s.replace("7:30", "seven thirty"))
     assert spelled.push(text) + spelled.flush() == [
-        "Your total is $29.99, due 3/4 at seven thirty."
+        "Your total is $29.99,",
+        "due 3/4 at seven thirty.",
     ]
 
 
@@ -306,14 +307,13 @@ def test_abbreviations_are_decided_by_what_follows(text: str, expected: list[str
 
 def test_first_segment_at_a_word_boundary_when_no_mark_comes_soon():
     text = "Hello World, welcome to our little corner of the world where everything is possible."
-    words = SegmenterConfig(first_words=7)
-    released = streamed(text, 4, words)
+    released = streamed(text, 4)
     # The first clause is short, so it waits for a few more words, then goes alone.
     assert released[0] == (44, "Hello World,")
     no_marks = "So the best way to get there from the station is by the number nine bus."
     # No mark at all: a word boundary that leaves no dangling article or preposition.
-    assert segments(no_marks, config=words)[0] == "So the best way to get there"
-    assert segments(no_marks) == [no_marks]
+    assert segments(no_marks)[0] == "So the best way to get there"
+    assert segments(no_marks, config=SegmenterConfig(first_words=0)) == [no_marks]
 
 
 def test_first_segment_after_a_delay_when_times_are_given():

@@ -131,5 +131,11 @@ class EspeakTTS:
             produce, native_rate=self._rate, sample_rate=sample_rate, executor=self._executor
         )
 
+    async def warmup(self) -> None:
+        """Synthesize a short phrase and discard it: the first synthesis loads the
+        voice data and sets up the resampler."""
+        async for _ in self.synthesize("Hello there.", sample_rate=24000):
+            pass
+
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

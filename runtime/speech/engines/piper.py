@@ -117,5 +117,11 @@ class PiperTTS:
             produce, native_rate=self._rate, sample_rate=sample_rate, executor=self._executor
         )
 
+    async def warmup(self) -> None:
+        """Synthesize a short phrase and discard it: the first synthesis sets up the
+        model session, the phonemizer and the resampler (~200 ms on one core)."""
+        async for _ in self.synthesize("Hello there.", sample_rate=24000):
+            pass
+
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,166 @@
+"""Speculative replies and session warm-up, on real audio, real engines and the reference endpoint.
+
+A speculative reply starts at the user's pause, on the transcript decoded then;
+the server's receive times and the session's events share one clock
+(``perf_counter_ns``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from runtime.conversation import events as ev
+from runtime.conversation.config import SessionConfig, TurnDetection
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import WhisperSTT
+from runtime.speech.tts import warm_up
+from runtime.talk import talk_pcm
+
+from .test_conversation import active, chat_bodies, llm_for, normalise, silence, utterance
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[ReferenceEndpoint]:
+    async with ReferenceEndpoint(ReplyPlan(ttft_ms=50, itl_ms=5)) as server:
+        yield server
+
+
+CANCEL = "Please cancel my subscription."
+ADDRESS = "I'd like to change my delivery address."
+SPECULATIVE = " ".join(f"Never heard, sentence number {n}." for n in range(1, 40))
+
+
+def chats(endpoint: ReferenceEndpoint) -> list[Any]:
+    return [r for r in endpoint.requests if r.path.endswith("/chat/completions")]
+
+
+async def one_turn(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: Any, config: SessionConfig
+) -> tuple[list[ev.ConversationEvent], Any]:
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Your subscription is cancelled.",))
+    pcm = silence(0.4) + utterance("shared-04-piper") + silence(1.5)
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(endpoint) as llm:
+        result = await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=config, on_event=events.append
+        )
+    return events, result
+
+
+async def test_speculation_is_on_by_default_and_the_request_leaves_before_the_end_of_turn(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    events, result = await one_turn(endpoint, whisper, piper, SessionConfig())
+    [request] = chats(endpoint)
+    assert normalise(request.body["messages"][-1]["content"]) == normalise(CANCEL)
+    # The reply spoken is the one started at the pause, on the transcript decoded then.
+    [metrics] = result.metrics
+    assert metrics.speculative is True
+    td = SessionConfig().turn_detection
+    assert metrics.endpointing_ms is not None and metrics.endpointing_ms >= td.min_silence_ms - 20
+    assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == [
+        "Your subscription is cancelled."
+    ]
+
+
+async def test_no_speculation_when_disabled(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    events, result = await one_turn(endpoint, whisper, piper, SessionConfig(speculative=False))
+    [stopped] = [e for e in events if isinstance(e, ev.SpeechStopped)]
+    [request] = chats(endpoint)
+    # Nothing is asked before the end of the turn is confirmed.
+    assert request.received_ns > stopped.t_ns
+    [metrics] = result.metrics
+    assert metrics.speculative is False
+    assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == [
+        "Your subscription is cancelled."
+    ]
+
+
+async def test_resuming_after_the_pause_cancels_the_speculative_reply_and_it_is_never_spoken(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    # A long end-of-turn silence, so the ~1.5 s between the two sentences is a pause, long
+    # enough for the speculative request to leave before the user goes on.
+    config = SessionConfig(
+        turn_detection=TurnDetection(pause_ms=160, min_silence_ms=2500, max_silence_ms=2500)
+    )
+    # The speculative reply streams for seconds: it is still streaming when the user resumes.
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=20, replies=(SPECULATIVE, "Done."))
+    first, second = utterance("shared-04-piper"), utterance("shared-05-piper")
+    pcm = silence(0.4) + first + silence(0.4) + second + silence(3.0)
+    events: list[ev.ConversationEvent] = []
+    async with llm_for(endpoint) as llm:
+        result = await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=config, on_event=events.append
+        )
+    requests = chats(endpoint)
+    assert len(requests) == 2
+    spec, final = requests
+    # The first request carried only what was said before the pause, and was abandoned
+    # (the client hung up) once the user went on.
+    assert normalise(spec.body["messages"][-1]["content"]) == normalise(CANCEL)
+    assert spec.disconnected_ns is not None and spec.disconnected_ns < final.received_ns
+    resumed_s = 0.4 + len(first) / 32000 + 0.4
+    # Its reply was never heard: nothing plays before the user's second sentence ends.
+    assert not active(result.agent, 0.0, resumed_s + len(second) / 32000)
+    heard = normalise(final.body["messages"][-1]["content"])
+    assert heard == normalise(f"{CANCEL} {ADDRESS}")
+    # Only the reply to the whole turn was spoken, and its audio came from the second pause's
+    # speculation (the transcript matched the final one).
+    assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == ["Done."]
+    assert sum(isinstance(e, ev.ReplyStarted) for e in events) == 1
+    [metrics] = result.metrics
+    assert metrics.speculative is True
+    assert "Never heard" not in str(chat_bodies(endpoint)[-1]["messages"])
+
+
+class WarmupRecorder:
+    """A real engine, with a record of when it was warmed and asked to speak."""
+
+    def __init__(self, inner: PiperTTS) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def voices(self) -> Any:
+        return self.inner.voices()
+
+    def synthesize(self, text: str, *, voice: str | None = None, sample_rate: int = 24000) -> Any:
+        self.calls.append(f"synthesize {text}")
+        return self.inner.synthesize(text, voice=voice, sample_rate=sample_rate)
+
+    async def warmup(self) -> None:
+        self.calls.append("warmup")
+        await self.inner.warmup()
+        self.calls.append("warm")
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_the_tts_is_warmed_up_when_the_session_starts(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    tts = WarmupRecorder(piper)
+    await one_turn(endpoint, whisper, tts, SessionConfig())
+    assert tts.calls == ["warmup", "warm", "synthesize Your subscription is cancelled."]
+
+
+async def test_warm_up_is_optional_and_never_raises(piper: PiperTTS):
+    class Failing(WarmupRecorder):
+        async def warmup(self) -> None:
+            raise RuntimeError("model session failed")
+
+    await warm_up(Failing(piper))  # logged, not raised
+    await warm_up(piper)
+    chunks = [c async for c in piper.synthesize("Ready.", sample_rate=16000)]
+    assert sum(len(c.pcm) for c in chunks) > 16000 * 2 // 10
