@@ -245,7 +245,8 @@ class ConversationSession:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._prewarm())
-            tg.create_task(warm_up(self._tts))
+            if not self.config.greeting:  # a greeting warms the TTS itself, sooner
+                tg.create_task(warm_up(self._tts))
             if self.config.greeting:
                 self._start_reply(
                     _Reply(id=self._new_id("reply"), text_source=None,
