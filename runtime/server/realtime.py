@@ -103,13 +103,16 @@ class Connection:
                 return
 
     async def _send_now(self, event: ev.ServerEvent) -> None:
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await self.ws.send_text(ev.encode(event))
+        # Bounded: a client that does not read must not hold the handler.
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+            async with asyncio.timeout(_FLUSH_S):
+                await self.ws.send_text(ev.encode(event))
 
     async def _close(self, code: int, reason: str = "") -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                await self.ws.close(code, reason)
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+                async with asyncio.timeout(_FLUSH_S):
+                    await self.ws.close(code, reason)
 
     # -- authentication -------------------------------------------------------------
 

@@ -124,7 +124,7 @@ class RunnerLimits:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerLimits:
         """Read ``VOXLOOP_MAX_SESSIONS``, ``VOXLOOP_MAX_SESSION_SECONDS``,
-        ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_INPUT_BUFFER_MS``.
+        ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_INPUT_BUFFER_MS``, ``VOXLOOP_OUTBOUND_MESSAGES``.
 
         Raises:
             ValueError: a value is not a positive integer.
@@ -144,6 +144,7 @@ class RunnerLimits:
             max_duration_s=number("VOXLOOP_MAX_SESSION_SECONDS", d.max_duration_s),
             output_lead_ms=number("VOXLOOP_AUDIO_LEAD_MS", d.output_lead_ms),
             input_buffer_ms=number("VOXLOOP_INPUT_BUFFER_MS", d.input_buffer_ms),
+            outbound_messages=number("VOXLOOP_OUTBOUND_MESSAGES", d.outbound_messages),
         )
 
 
