@@ -1,0 +1,258 @@
+"""The silence a caller hears in each endpoint fault mode.
+
+For every way an endpoint fails, a loopback reference endpoint is put in that
+mode and a chat client asks it for a reply, as the conversation core does at
+the end of a user's turn. Measured from the request:
+
+* ``silence_s``: the longest stretch in which the agent has nothing to say —
+  until the first speakable text, between texts, and from the last text to
+  the end of the stream or the error that makes the agent apologise;
+* ``outcome``: ``reply`` (spoken and finished), ``apology`` (an error before
+  any text: the apology is spoken), ``reply+apology`` (text, then an error),
+  or ``nothing`` (a "successful" reply with nothing in it: the caller hears
+  silence until they speak again).
+
+Text-to-speech time is not included (the apology's first audio follows the
+error by Piper's time to first audio, ~50 ms; see "Speech engines").
+
+The servers run in this process; each measurement runs in a subprocess
+against the client of a source tree (``--tree``), so the same servers measure
+an older client too::
+
+    nice -n 10 python -m benchmarks.fault_silence --runs 3 --json after.json
+    git worktree add /tmp/before <commit>
+    nice -n 10 python -m benchmarks.fault_silence --runs 3 --tree /tmp/before --json before.json
+    python -m benchmarks.fault_silence --table before.json after.json
+
+The client is measured with its default deadlines and retries; a client that
+supports ``leading_reasoning`` is told the endpoint does not open think blocks
+(as it knows from an endpoint's second reply on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAMS = ROOT / "tests" / "data" / "endpoint-streams"
+
+# name -> (description, plans for successive requests; None: nothing listens)
+MODES: dict[str, tuple[str, list[dict[str, Any]] | None]] = {
+    "healthy": ("answers at once", [{}]),
+    "http-500": ("HTTP 500 on every request", [{"fault": "status", "status": 500}]),
+    "http-503-once": (
+        "HTTP 503 once, then answers",
+        [{"fault": "status", "status": 503}, {}],
+    ),
+    "http-429": (
+        "HTTP 429, Retry-After: 1, on every request",
+        [{"fault": "status", "status": 429, "retry_after": "1"}],
+    ),
+    "refused": ("nothing listens on the port", None),
+    "no-headers": ("accepts, never sends response headers", [{"fault": "hang_headers"}]),
+    "no-first-token": (
+        "headers and a role chunk, then nothing",
+        [{"fault": "hang", "fault_after": 0}],
+    ),
+    "stall-mid-reply": ("three tokens, then nothing", [{"fault": "hang", "fault_after": 3}]),
+    "drop-before-token": (
+        "connection dropped before the first token",
+        [{"fault": "drop", "fault_after": 0}],
+    ),
+    "done-held-open": (
+        "[DONE], then the connection stays open",
+        [{"body": "done-then-held-open.sse", "hold_open": True}],
+    ),
+    "error-field": (
+        "llama.cpp `error:` SSE field on every request",
+        [{"body": "error-field-line.sse"}],
+    ),
+    "gzip-body": (
+        "the stream gzip-compressed",
+        [{"body": "served-gzip.sse", "content_encoding": "gzip"}],
+    ),
+    "html-200": (
+        "a proxy's HTML page with status 200",
+        [{"body": "<html><body>Bad gateway</body></html>", "content_type": "text/html"}],
+    ),
+}
+
+
+def _plan(spec: dict[str, Any]) -> Any:
+    from runtime.llm.reference import ReplyPlan
+
+    spec = dict(spec)
+    body = spec.pop("body", None)
+    if body is not None:
+        path = STREAMS / body
+        spec["body"] = path.read_bytes() if path.suffix == ".sse" else body.encode()
+    return ReplyPlan(replies=("Sure, I can help with that.",), **spec)
+
+
+async def _serve(runs: int) -> tuple[dict[str, str], list[Any]]:
+    from runtime.llm.reference import ReferenceEndpoint
+
+    urls: dict[str, str] = {}
+    servers: list[Any] = []
+    for name, (_, plans) in MODES.items():
+        if plans is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                urls[name] = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+            continue
+        server = ReferenceEndpoint(_plan(plans[-1]))
+        await server.start()
+        servers.append((server, plans))
+        urls[name] = server.base_url
+    return urls, servers
+
+
+def _refill(servers: list[Any]) -> None:
+    for server, plans in servers:
+        server._queued.clear()
+        server.queue(*[_plan(p) for p in plans[:-1]])
+
+
+async def _orchestrate(args: argparse.Namespace, tree: Path, script: str) -> dict[str, Any]:
+    urls, servers = await _serve(args.runs)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in MODES}
+    try:
+        for _ in range(args.runs):
+            for name in MODES:
+                _refill(servers)
+                # Run as a script from the measured tree, so its `runtime` is imported.
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, script, "--measure", urls[name],
+                    cwd=str(tree), env=env, stdout=subprocess.PIPE,
+                )  # fmt: skip
+                out, _ = await proc.communicate()
+                results[name].append(json.loads(out))
+                print(f"{name:20s} {results[name][-1]}", file=sys.stderr)
+    finally:
+        for server, _ in servers:
+            await server.aclose()
+    summary = {}
+    for name, runs in results.items():
+        silences = [r["silence_s"] for r in runs]
+        outcomes = sorted({r["outcome"] for r in runs})
+        summary[name] = {
+            "description": MODES[name][0],
+            "silence_s": statistics.median(silences),
+            "silence_max_s": max(silences),
+            "outcome": "/".join(outcomes),
+            "attempts": max(r["attempts"] for r in runs),
+            "error": runs[-1]["error"],
+        }
+    return {"tree": str(tree), "runs": args.runs, "modes": summary}
+
+
+async def _measure(url: str) -> dict[str, Any]:
+    # Runs against whichever tree is first on PYTHONPATH: only APIs both old
+    # and new clients have are used.
+    import inspect
+
+    from runtime.endpoints import URLPolicy
+    from runtime.errors import EndpointError
+    from runtime.llm.client import ChatClient, ChatRequest, Endpoint
+    from runtime.llm.stream import TextDelta
+
+    kwargs: dict[str, Any] = {"policy": URLPolicy.operator()}
+    if "leading_reasoning" in inspect.signature(ChatClient).parameters:
+        kwargs["leading_reasoning"] = False
+    request = ChatRequest(messages=[{"role": "user", "content": "Can you help me?"}])
+    marks: list[float] = []
+    text = ""
+    error = None
+    attempts = 0
+    async with ChatClient(Endpoint(url, "any"), **kwargs) as client:
+        t0 = time.perf_counter()
+        try:
+            async with client.stream(request) as stream:
+                async for event in stream:
+                    if isinstance(event, TextDelta) and event.text.strip():
+                        marks.append(time.perf_counter() - t0)
+                        text += event.text
+                attempts = stream.timings.attempts
+        except EndpointError as exc:
+            error = f"{exc.kind}: {exc}"
+            attempts = -1
+        end = time.perf_counter() - t0
+    points = [0.0, *marks, end]
+    silence = max(b - a for a, b in itertools.pairwise(points))
+    if error is None:
+        outcome = "reply" if text else "nothing"
+    else:
+        outcome = "reply+apology" if text else "apology"
+    if not text and error is None:
+        silence = end  # silent success: nothing until the caller speaks again
+    return {
+        "silence_s": round(silence, 3),
+        "end_s": round(end, 3),
+        "outcome": outcome,
+        "text": text,
+        "error": error,
+        "attempts": attempts,
+    }
+
+
+def _silence(row: dict[str, Any]) -> str:
+    if row["outcome"] == "nothing":
+        return "until the caller speaks again"
+    return f"{row['silence_s']:.2f}"
+
+
+def _table(before_path: str, after_path: str) -> str:
+    before = json.loads(Path(before_path).read_text())["modes"]
+    after = json.loads(Path(after_path).read_text())["modes"]
+    rows = [
+        "| endpoint fault | silence before (s) | outcome before "
+        "| silence after (s) | outcome after |",
+        "|---|---:|---|---:|---|",
+    ]
+    for name, (desc, _) in MODES.items():
+        b, a = before[name], after[name]
+        cells = [desc, _silence(b), b["outcome"], _silence(a), a["outcome"]]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tree", help="source tree whose client is measured (default: this one)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"))
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(asyncio.run(_measure(args.measure))))
+        return
+    if args.table:
+        print(_table(*args.table))
+        return
+    tree = Path(args.tree).resolve() if args.tree else ROOT
+    result = asyncio.run(_orchestrate(args, tree, str(Path(__file__).resolve())))
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    for name, row in result["modes"].items():
+        print(f"{name:20s} {row['silence_s']:6.2f} s  {row['outcome']:14s} {row['error'] or ''}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
