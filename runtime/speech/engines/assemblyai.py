@@ -12,10 +12,23 @@ when punctuation/casing were applied), and ``Termination`` after the client's
 :func:`parse_server_message` is the pure protocol core (dict in, typed event
 out, :class:`~runtime.errors.MalformedStream` for anything else). A turn
 (:class:`AssemblyAITurn`) opens a session when it starts, streams frames as
-they come, and on :meth:`~AssemblyAITurn.finalize` sends ``ForceEndpoint`` and
-waits for the end-of-turn transcript (the formatted one when formatting is
-on), then ``Terminate``. The URL goes through the URL policy and the
-connection is pinned to the checked address like every other endpoint.
+they come, and on :meth:`~AssemblyAITurn.finalize` sends ``ForceEndpoint``
+and ``Terminate`` and collects every end-of-turn transcript (the formatted
+ones when formatting is on) until ``Termination``: the service handles
+messages in order, so ``Termination`` comes after the forced end of turn,
+and turns the server ended on its own while the user went on (its
+endpointing) are kept, in order, however late their messages arrive.
+Partial ``Turn`` messages (``end_of_turn: false``) only update
+:attr:`~AssemblyAITurn.partial`.
+
+Failures: a handshake the service refuses (HTTP 401/403: the key) is an
+:class:`~runtime.errors.EndpointAuthError` quoting the service's message; an
+``Error`` message (sent just before the service closes the socket) and a
+close with an error code become typed errors (auth codes: 1008, 3005, 4001)
+quoting the service's text. Everything quoted has the key redacted, since
+the service may echo what it was given. The URL goes through the URL policy
+and the connection is pinned to the checked address like every other
+endpoint.
 """
 
 from __future__ import annotations
@@ -49,10 +62,12 @@ from runtime.errors import (
     MalformedStream,
     StreamDropped,
 )
+from runtime.llm.client import _error_detail
 from runtime.secret import Secret
 from runtime.speech.stt import Transcript
 
 DEFAULT_HOST: Final = "https://streaming.assemblyai.com"
+_AUTH_CODES: Final = frozenset({1008, 3005, 4001})
 CHUNK_MS: Final = 50
 
 
@@ -200,14 +215,16 @@ class AssemblyAIStreamingSTT:
             return await connect(uri, **kwargs)
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
+            detail = _error_detail(bytes(exc.response.body or b""), self._key)
+            suffix = f": {detail}" if detail else ""
             if status in (401, 403):
                 raise EndpointAuthError(
-                    f"streaming STT refused the credentials (HTTP {status})", retryable=False,
-                    status_code=status,
+                    f"streaming STT refused the credentials (HTTP {status}){suffix}",
+                    retryable=False, status_code=status,
                 ) from None  # fmt: skip
             raise EndpointConnectError(
-                f"streaming STT refused the connection (HTTP {status})", retryable=status >= 500,
-                status_code=status,
+                f"streaming STT refused the connection (HTTP {status}){suffix}",
+                retryable=status >= 500, status_code=status,
             ) from None  # fmt: skip
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise EndpointConnectError(
@@ -248,11 +265,11 @@ class AssemblyAITurn:
         self._outbox: asyncio.Queue[bytes | str | None] = asyncio.Queue(maxsize=200)
         self._finals: list[str] = []
         self._latest = ""
-        self._ended = asyncio.Event()
         self._terminated = asyncio.Event()
         self._error: EndpointError | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._audio_bytes = 0
+        self._terminate_sent = False
         self._closed = False
 
     async def open(self) -> None:
@@ -278,12 +295,13 @@ class AssemblyAITurn:
                     if event.end_of_turn and formatted_ok:
                         if event.transcript.strip():
                             self._finals.append(event.transcript.strip())
-                        self._ended.set()
+                        self._latest = ""
                 elif isinstance(event, Termination):
                     self._terminated.set()
                 elif isinstance(event, ServerError):
-                    self._error = StreamDropped(
-                        f"streaming STT reported an error: {event.error[:200]}", retryable=False
+                    code = f" (code {event.error_code})" if event.error_code is not None else ""
+                    self._error = self._typed(
+                        event.error_code, f"streaming STT reported an error{code}: {event.error}"
                     )
                     break
         except MalformedStream as exc:
@@ -292,14 +310,18 @@ class AssemblyAITurn:
             pass
         finally:
             if ws.close_code not in (None, 1000) and self._error is None:
-                reason = (ws.close_reason or "")[:200]
-                cls = EndpointAuthError if ws.close_code in (1008, 4001, 3005) else StreamDropped
-                self._error = cls(
-                    f"streaming STT closed the session ({ws.close_code} {reason})".strip(),
-                    retryable=False,
+                reason = ws.close_reason or ""
+                self._error = self._typed(
+                    ws.close_code,
+                    f"streaming STT closed the session ({ws.close_code} {reason}".strip() + ")",
                 )
-            self._ended.set()
             self._terminated.set()
+
+    def _typed(self, code: int | None, message: str) -> EndpointError:
+        message = self._engine._key.redact(" ".join(message.split()))[:240]
+        if code in _AUTH_CODES:
+            return EndpointAuthError(message, retryable=False)
+        return StreamDropped(message, retryable=False)
 
     async def _writer(self, ws: ClientConnection) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
@@ -341,9 +363,11 @@ class AssemblyAITurn:
         try:
             async with asyncio.timeout(self._engine._timeout):
                 await self.open()
-                self._ended.clear()
-                await self._outbox.put(json.dumps({"type": "ForceEndpoint"}))
-                await self._ended.wait()
+                if self._error is None:
+                    await self._outbox.put(json.dumps({"type": "ForceEndpoint"}))
+                    await self._outbox.put(json.dumps({"type": "Terminate"}))
+                    self._terminate_sent = True
+                    await self._terminated.wait()
         except TimeoutError:
             raise EndpointTimeout("no final transcript from the streaming STT in time",
                                   retryable=False) from None  # fmt: skip
@@ -368,7 +392,8 @@ class AssemblyAITurn:
             return
         with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
             async with asyncio.timeout(2.0):
-                await self._outbox.put(json.dumps({"type": "Terminate"}))
+                if not self._terminate_sent:
+                    await self._outbox.put(json.dumps({"type": "Terminate"}))
                 await self._outbox.put(None)
                 await self._terminated.wait()
         await ws.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ from audio.reframe import Reframer
 from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.endpoints import StaticResolver, URLPolicy
-from runtime.errors import EndpointAuthError, MalformedStream, URLPolicyError
+from runtime.errors import EndpointAuthError, MalformedStream, StreamDropped, URLPolicyError
 from runtime.secret import Secret
 from runtime.speech.engines.assemblyai import (
     AssemblyAIStreamingSTT,
@@ -29,18 +30,31 @@ from runtime.speech.engines.assemblyai import (
 from runtime.speech.engines.whisper import WhisperSTT
 
 from ...helpers import SPEECH
-from .aai_server import SessionLog, make_handler
+from .aai_server import ServerBehaviour, SessionLog, make_handler, make_process_request
 
 KEY = "aai-test-key-5678"
 normalise = EnglishTextNormalizer()
 
 
-@pytest.fixture
-async def aai(whisper: WhisperSTT) -> AsyncIterator[tuple[str, list[SessionLog]]]:
+@contextlib.asynccontextmanager
+async def aai_server(
+    whisper: WhisperSTT, behaviour: ServerBehaviour | None = None
+) -> AsyncIterator[tuple[str, list[SessionLog]]]:
     sessions: list[SessionLog] = []
-    async with serve(make_handler(whisper, KEY, sessions), "127.0.0.1", 0) as server:
+    async with serve(
+        make_handler(whisper, KEY, sessions, behaviour),
+        "127.0.0.1",
+        0,
+        process_request=make_process_request(KEY),
+    ) as server:
         port = server.sockets[0].getsockname()[1]
         yield f"http://127.0.0.1:{port}", sessions
+
+
+@pytest.fixture
+async def aai(whisper: WhisperSTT) -> AsyncIterator[tuple[str, list[SessionLog]]]:
+    async with aai_server(whisper) as running:
+        yield running
 
 
 def client(host: str, key: str = KEY, **kwargs) -> AssemblyAIStreamingSTT:
@@ -80,11 +94,76 @@ async def test_live_turn_at_8khz_with_partial(aai):
     assert sessions[0].terminated
 
 
-async def test_wrong_key_is_an_auth_error_without_the_key(aai):
-    host, _ = aai
+async def test_wrong_key_is_refused_in_the_handshake_and_never_shown(aai):
+    host, sessions = aai
     with pytest.raises(EndpointAuthError) as info:
         await client(host, key="aai-wrong-0000").transcribe(bytes(16000), 16000)
-    assert "aai-wrong-0000" not in str(info.value)
+    # The service quoted the key in its refusal; the error keeps the message, not the key.
+    assert str(info.value) == (
+        "streaming STT refused the credentials (HTTP 401): Invalid API key: ********"
+    )
+    assert sessions == []  # refused before any session began
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "message"),
+    [
+        (
+            ServerBehaviour(error=(3005, "Unauthorized connection: key {key} was revoked")),
+            EndpointAuthError,
+            "streaming STT reported an error (code 3005): "
+            "Unauthorized connection: key ******** was revoked",
+        ),
+        (
+            ServerBehaviour(error=(3008, "Session Expired: Maximum session duration exceeded")),
+            StreamDropped,
+            "streaming STT reported an error (code 3008): "
+            "Session Expired: Maximum session duration exceeded",
+        ),
+        (
+            ServerBehaviour(close=(4001, "Not Authorized: {key}")),
+            EndpointAuthError,
+            "streaming STT closed the session (4001 Not Authorized: ********)",
+        ),
+    ],
+)
+async def test_error_messages_and_close_reasons_are_typed_and_redacted(
+    whisper: WhisperSTT, behaviour: ServerBehaviour, kind, message: str
+):
+    async with aai_server(whisper, behaviour) as (host, sessions):
+        with pytest.raises(kind) as info:
+            await client(host).transcribe(bytes(16000), 16000)
+    assert type(info.value) is kind and str(info.value) == message
+    assert info.value.retryable is False
+    assert [m["type"] for m in sessions[0].sent][:2] == (
+        ["Begin", "Error"] if behaviour.error else ["Begin"]
+    )
+
+
+async def test_partials_update_the_turn_and_only_the_end_of_turn_counts(whisper: WhisperSTT):
+    audio = read_wav(SPEECH / "shared-06-piper.wav").mono()
+    async with aai_server(whisper, ServerBehaviour(partial_every_s=0.8)) as (host, sessions):
+        result = await client(host).transcribe(audio, 16000)
+    assert normalise(result.text) == normalise("What time does the pharmacy close on Sundays?")
+    partials = [m for m in sessions[0].sent if m["type"] == "Turn" and not m["end_of_turn"]]
+    # The unformatted end-of-turn copy is one of them; the rest are running partials.
+    assert len(partials) >= 3
+    assert sum(m["type"] == "Turn" and m["end_of_turn"] is True for m in sessions[0].sent) == 1
+
+
+async def test_turns_the_server_ends_itself_are_kept(whisper: WhisperSTT):
+    first = read_wav(SPEECH / "shared-09-piper.wav").mono()
+    second = read_wav(SPEECH / "shared-04-piper.wav").mono()
+    pcm = first + bytes(2 * 16000) + second  # a second of silence between them
+    behaviour = ServerBehaviour(end_turn_after_silence_ms=700)
+    async with aai_server(whisper, behaviour) as (host, sessions):
+        result = await client(host).transcribe(pcm, 16000)
+    assert normalise(result.text) == normalise(
+        "Yes, that's correct. Please cancel my subscription."
+    )
+    ends = [m for m in sessions[0].sent if m["type"] == "Turn" and m["end_of_turn"]]
+    assert [m["turn_order"] for m in ends] == [0, 1]
+    assert [m["type"] for m in sessions[0].messages] == ["ForceEndpoint", "Terminate"]
 
 
 async def test_unformatted_turns_when_formatting_is_off(aai):
