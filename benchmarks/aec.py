@@ -28,9 +28,11 @@ and scenario, each also run on a clean microphone for comparison:
 * ``interrupt``: the user interrupts 1.5-4 s into the reply.
 
 Reported: self-interruptions (a reply cut though the user said nothing, or
-said only a back-channel), user turns the user never spoke, interruptions
-detected and how long after the user began, and the WER of the user's
-transcripts, with AEC and on the clean microphone.
+said only a back-channel, or before the user began), phantom user turns (a
+transcript that does not end within 3 s of the user's speech: the agent's own
+voice taken for the user's), interruptions detected and how long after the
+user's speech began (by the VAD on the clean recording), and the WER of the
+user's transcripts, with AEC and on the clean microphone.
 
 Run:
     nice -n 10 python -m benchmarks.aec                     # part 1
@@ -55,7 +57,7 @@ from audio.aec import WebRtcEchoCanceller, echo_path
 from audio.echo import EchoPath
 from audio.resample import resample_all
 from audio.room import EchoRoom, RoomConfig
-from audio.vad import default_vad, frame_level_db
+from audio.vad import default_vad, frame_level_db, segment_pcm
 from audio.wav import read_wav
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -257,7 +259,6 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
                         user += sil(gap) + okay
                     elif scenario == "interrupt":
                         stop = INTERRUPTIONS[i % len(INTERRUPTIONS)]
-                        onset = len(user) / 32000 + gap
                         user += sil(gap) + utt(stop)
                         said.append(texts[stop])
                     user += sil(0.5)
@@ -268,7 +269,13 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
                             stt=stt, tts=tts, config=SessionConfig(), max_wait_s=25.0,
                         )  # fmt: skip
                     done = [(t, e) for t, e in r.events if isinstance(e, ev.ReplyDone)]
-                    heard = [e.text for _, e in r.events if isinstance(e, ev.UserTranscript)]
+                    spoken = segment_pcm(user, RATE, default_vad())
+                    if scenario == "interrupt":
+                        onset = spoken[-1][0]
+                    # A user turn is the user's if it ends while (or soon after) they spoke.
+                    turns = [(t, e.text) for t, e in r.events if isinstance(e, ev.UserTranscript)]
+                    heard = [x for t, x in turns if any(a <= t <= b + 3.0 for a, b in spoken)]
+                    stats["phantom_turns"] += len(turns) - len(heard)
                     stats["replies"] += len(done)
                     first_cut = next((t for t, e in done if e.status == "interrupted"), None)
                     if scenario == "interrupt":
@@ -280,9 +287,8 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
                             stats["self_interruptions"] += 1
                     elif first_cut is not None:
                         stats["self_interruptions"] += 1
-                    stats["phantom_turns"] += max(0, len(heard) - len(said))
                     stats["refs"].append(normalise(" ".join(said)))
-                    stats["hyps"].append(normalise(" ".join(heard[: len(said)])))
+                    stats["hyps"].append(normalise(" ".join(heard)))
                     print(f"  {cond:>20} {scenario:>11}: {heard}", file=sys.stderr)
             wer = jiwer.wer(stats.pop("refs"), stats.pop("hyps"))
             detect = stats.pop("detect_s")
