@@ -241,6 +241,7 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
         return bytes(int(s * RATE) * 2)
 
     results: dict[str, Any] = {}
+    log: list[dict[str, Any]] = []
     async with ReferenceEndpoint(ReplyPlan(ttft_ms=50, itl_ms=5, replies=(REPLY,))) as server:
         for cond in ["clean", *names]:
             room = None if cond == "clean" else CONDITIONS[cond]
@@ -254,6 +255,7 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
                     q = QUESTIONS[i % len(QUESTIONS)]
                     said = [texts[q]]
                     user = sil(0.4) + utt(q)
+                    asked = len(user) / (2 * RATE)
                     gap = float(rng.uniform(3.0, 5.5))  # the reply starts ~1.5 s after
                     if scenario == "backchannel":
                         user += sil(gap) + okay
@@ -269,27 +271,39 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
                             stt=stt, tts=tts, config=SessionConfig(), max_wait_s=25.0,
                         )  # fmt: skip
                     done = [(t, e) for t, e in r.events if isinstance(e, ev.ReplyDone)]
-                    spoken = segment_pcm(user, RATE, default_vad())
-                    if scenario == "interrupt":
-                        onset = spoken[-1][0]
-                    # A user turn is the user's if it ends while (or soon after) they spoke.
-                    turns = [(t, e.text) for t, e in r.events if isinstance(e, ev.UserTranscript)]
-                    heard = [x for t, x in turns if any(a <= t <= b + 3.0 for a, b in spoken)]
-                    stats["phantom_turns"] += len(turns) - len(heard)
+                    # When the user's second utterance begins (by the VAD on the clean audio).
+                    onset = next(
+                        (a for a, _ in segment_pcm(user, RATE, default_vad()) if a > asked), None
+                    )
+                    # A user turn is the user's if most of its words are words the user said.
+                    words = set(normalise(" ".join(said)).split())
+                    turns = [e.text for _, e in r.events if isinstance(e, ev.UserTranscript)]
+                    heard: list[str] = []
+                    phantom: list[str] = []
+                    for text in turns:
+                        w = normalise(text).split()
+                        (heard if sum(x in words for x in w) * 2 >= len(w) else phantom).append(
+                            text
+                        )
+                    stats["phantom_turns"] += len(phantom)
                     stats["replies"] += len(done)
                     first_cut = next((t for t, e in done if e.status == "interrupted"), None)
-                    if scenario == "interrupt":
+                    if first_cut is not None and (
+                        scenario != "interrupt" or onset is None or first_cut < onset
+                    ):
+                        stats["self_interruptions"] += 1
+                    elif scenario == "interrupt":
                         stats["interruptions"] += 1
-                        if first_cut is not None and first_cut > onset:
+                        if first_cut is not None and onset is not None:
                             stats["interruptions_detected"] += 1
                             stats["detect_s"].append(first_cut - onset)
-                        elif first_cut is not None:
-                            stats["self_interruptions"] += 1
-                    elif first_cut is not None:
-                        stats["self_interruptions"] += 1
                     stats["refs"].append(normalise(" ".join(said)))
                     stats["hyps"].append(normalise(" ".join(heard)))
-                    print(f"  {cond:>20} {scenario:>11}: {heard}", file=sys.stderr)
+                    log.append({
+                        "microphone": cond, "scenario": scenario, "said": said, "heard": heard,
+                        "phantom": phantom, "onset_s": onset, "first_cut_s": first_cut,
+                    })  # fmt: skip
+                    print(f"  {cond:>20} {scenario:>11}: {heard} {phantom}", file=sys.stderr)
             wer = jiwer.wer(stats.pop("refs"), stats.pop("hyps"))
             detect = stats.pop("detect_s")
             stats["wer_pct"] = round(100 * wer, 1)
@@ -298,6 +312,7 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
             print(cond, stats, file=sys.stderr)
     await stt.aclose()
     await tts.aclose()
+    results["log"] = log
     return results
 
 
@@ -333,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
               "| interruptions detected | median detection s | user WER % |")  # fmt: skip
         print("|---|---:|---:|---:|---:|---:|---:|")
         for cond, s in doc["conversations"].items():
+            if cond == "log":
+                continue
             print(
                 f"| {cond} | {s['replies']} | {s['self_interruptions']} | {s['phantom_turns']} "
                 f"| {s['interruptions_detected']}/{s['interruptions']} | {s['detect_median_s']} "
