@@ -545,7 +545,8 @@ class ChatStream:
         self._sse = SSEDecoder()
         self._chunks = ChatChunkDecoder(leading_reasoning=client.leading_reasoning)
         self._pending: list[ChatEvent] = []
-        self._generated = False
+        self._generated = False  # output reached the consumer: no retry from here on
+        self._deferred: EndpointError | None = None
         self._spoke = False
         self._started_sent = False
         self._eof = False
@@ -570,7 +571,14 @@ class ChatStream:
                     if self._started_sent:
                         continue
                     self._started_sent = True
+                elif isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
+                    self._generated = True
                 return event
+            if self._deferred is not None:
+                # What the endpoint sent before its error has been delivered.
+                exc, self._deferred = self._deferred, None
+                await self._fail(exc)
+                continue
             if self._eof or self._closed:
                 if self._response is not None and self._chunks.done:
                     await self._drain()
@@ -578,19 +586,23 @@ class ChatStream:
             try:
                 await self._fill()
             except EndpointError as exc:
-                key = self._client.endpoint.api_key
-                if key is not None:
-                    # In-band messages and quoted bodies come from the server,
-                    # which may echo the presented key.
-                    exc.args = tuple(key.redact(a) if isinstance(a, str) else a for a in exc.args)
-                if self._generated:
-                    # Output already reached the consumer: repeating the request
-                    # would repeat it, so no error after that point is retry-safe.
-                    exc.retryable = False
-                if not await self._should_retry(exc):
-                    self._closed = True
-                    await self._close_response()
-                    raise
+                await self._fail(exc)
+
+    async def _fail(self, exc: EndpointError) -> None:
+        """Retry if that is safe and can help; otherwise close and raise ``exc``."""
+        key = self._client.endpoint.api_key
+        if key is not None:
+            # In-band messages and quoted bodies come from the server,
+            # which may echo the presented key.
+            exc.args = tuple(key.redact(a) if isinstance(a, str) else a for a in exc.args)
+        if self._generated:
+            # Output already reached the consumer: repeating the request
+            # would repeat it, so no error after that point is retry-safe.
+            exc.retryable = False
+        if not await self._should_retry(exc):
+            self._closed = True
+            await self._close_response()
+            raise exc
 
     async def _should_retry(self, exc: EndpointError) -> bool:
         policy = self._client._retry
@@ -611,6 +623,7 @@ class ChatStream:
         self._sse = SSEDecoder()
         self._chunks = ChatChunkDecoder(leading_reasoning=self._client.leading_reasoning)
         self._pending.clear()
+        self._eof = False
         self._sse_events = 0
         self._head.clear()
         self.timings = StreamTimings(
@@ -692,7 +705,19 @@ class ChatStream:
     def _decode(self, events: list[SSEEvent]) -> None:
         for sse in events:
             self._sse_events += 1
-            self._accept(self._chunks.receive_event(sse))
+            try:
+                decoded = self._chunks.receive_event(sse)
+            except EndpointError as exc:
+                if not any(
+                    isinstance(e, TextDelta | ReasoningDelta | ToolCallDelta) for e in self._pending
+                ):
+                    raise
+                # Deliver what came before the error first (it may be spoken),
+                # then raise it: the reply is never taken as finished.
+                self._deferred = exc
+                self._eof = True
+                return
+            self._accept(decoded)
             if self._chunks.done:
                 return
 
@@ -742,7 +767,6 @@ class ChatStream:
                     self._spoke = True
                     if t.first_answer_ns is None:
                         t.first_answer_ns = now
-                self._generated = True
             elif isinstance(event, Usage):
                 self.usage = event
                 t.completion_tokens = event.completion_tokens

@@ -341,3 +341,22 @@ async def test_retry_after_longer_than_the_budget_allows_is_not_waited(
         await collect(client)
     assert info.value.retry_after_s == 1
     assert len(server.requests) == 1  # 1 s of waiting would leave 0.5 s: no retry
+
+
+async def test_text_before_an_error_in_the_same_read_is_delivered_first(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"Half an"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":" answer"}}]}\n\n'
+        + recorded("error-field-line.sse")
+    )
+    server.plan = ReplyPlan(body=body)  # one write: the text and the error arrive together
+    received: list[str] = []
+    with pytest.raises(EndpointServerError) as info:
+        async with make_client(server.base_url).stream(REQ) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    received.append(event.text)
+    assert received == ["Half an", " answer"]
+    assert info.value.retryable is False and len(server.requests) == 1
