@@ -89,7 +89,7 @@ from runtime.conversation.turns import TurnState, TurnStateMachine
 from runtime.endpoints import Resolver, URLPolicy
 from runtime.errors import EndpointError
 from runtime.llm.client import ChatClient, ChatRequest
-from runtime.llm.stream import TextDelta, ToolCall
+from runtime.llm.stream import Finish, TextDelta, ToolCall
 from runtime.speech.stt import SpeechToText, STTTurn, Transcript
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import TextToSpeech, warm_up
@@ -802,6 +802,34 @@ class ConversationSession:
                 await self._llm.prewarm()
         finally:
             self._prewarmed.set()
+        if self.config.warm_prompt:
+            await self._warm_prompt()
+
+    async def _warm_prompt(self) -> None:
+        """Send the system prompt with a one-word question (``config.warm_prompt``).
+
+        The endpoint caches the prompt's prefix for the first real request. A reply
+        that stops on its own without a think block shows the template opens none, so
+        the client streams the first reply at once; anything else teaches nothing.
+        """
+        llm = self._llm
+        known = llm.leading_reasoning
+        request = ChatRequest(
+            messages=[{"role": "system", "content": self._system_prompt()},
+                      {"role": "user", "content": "Reply with the single word OK."}],
+            temperature=0.0, max_tokens=16,
+        )  # fmt: skip
+        finish = ""
+        try:
+            async with llm.stream(request) as stream:
+                async for event in stream:
+                    if isinstance(event, Finish):
+                        finish = event.reason
+        except (EndpointError, OSError, ValueError) as exc:
+            log.info("prompt warm-up failed", extra={"kind": type(exc).__name__})
+        finally:
+            if known is None and llm.leading_reasoning is False and finish != "stop":
+                llm.leading_reasoning = None
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"

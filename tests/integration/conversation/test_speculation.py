@@ -164,3 +164,48 @@ async def test_warm_up_is_optional_and_never_raises(piper: PiperTTS):
     await warm_up(piper)
     chunks = [c async for c in piper.synthesize("Ready.", sample_rate=16000)]
     assert sum(len(c.pcm) for c in chunks) > 16000 * 2 // 10
+
+
+async def warm_session(endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS) -> Any:
+    """One session with ``warm_prompt``: silence only, so the warm-up is the only request."""
+    async with llm_for(endpoint, leading_reasoning=None) as llm:
+        await talk_pcm(
+            silence(1.0), llm=llm, stt=whisper, tts=piper,
+            config=SessionConfig(system_prompt="You are Northwind's agent.", warm_prompt=True),
+        )  # fmt: skip
+        return llm.leading_reasoning
+
+
+async def test_warm_prompt_sends_the_system_prompt_and_learns_the_first_reply_can_stream(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("OK.",))
+    assert await warm_session(endpoint, whisper, piper) is False
+    [request] = chats(endpoint)
+    messages = request.body["messages"]
+    assert messages[0]["role"] == "system"
+    assert messages[0]["content"].startswith("You are Northwind's agent.")
+    assert messages[1] == {"role": "user", "content": "Reply with the single word OK."}
+    assert request.body["max_tokens"] == 16
+
+
+async def test_warm_prompt_learns_nothing_from_a_reply_cut_short_or_inside_reasoning(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    # Cut at max_tokens (no "stop"): a template-opened think block may still be open.
+    endpoint.plan = ReplyPlan(
+        ttft_ms=50, itl_ms=5, replies=("Okay so the user",), finish_chunk=False
+    )
+    assert await warm_session(endpoint, whisper, piper) is None
+    # A closing think tag: the template opens one, and the client keeps that.
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("They greet me.</think>OK.",))
+    assert await warm_session(endpoint, whisper, piper) is True
+
+
+async def test_no_warm_prompt_by_default(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    async with llm_for(endpoint, leading_reasoning=None) as llm:
+        await talk_pcm(silence(1.0), llm=llm, stt=whisper, tts=piper, config=SessionConfig())
+        assert llm.leading_reasoning is None
+    assert chats(endpoint) == []
