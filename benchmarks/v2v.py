@@ -156,9 +156,7 @@ def config_for(args: argparse.Namespace, shape: str | None) -> SessionConfig:
     prompt = base.system_prompt
     if shape is not None and args.base_url:
         prompt = f"{prompt} {SHAPE_PROMPTS[shape]}"
-    return replace(
-        base, turn_detection=td, system_prompt=prompt, warm_prompt=args.warm_prompt
-    )
+    return replace(base, turn_detection=td, system_prompt=prompt, warm_prompt=args.warm_prompt)
 
 
 def group(runs: list[dict[str, Any]]) -> dict[str, Any]:
