@@ -44,9 +44,19 @@ GROUPS = (
 
 def build_parser() -> Parser:
     """The ``voxloop`` argument parser with every command group registered."""
-    parser = Parser(prog="voxloop", description="voxloop: a realtime voice-agent runtime")
+    parser = Parser(
+        prog="voxloop",
+        description="voxloop: a realtime voice-agent runtime",
+        epilog="exit codes: 0 done, 1 failed while working, 2 bad arguments or settings,\n"
+        "3 something needed is missing or unreachable, 130 interrupted (connect adds 4-7)",
+    )
     parser.add_argument("--version", action="version", version=f"voxloop {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log more (serve: debug lines); an unexpected error also logs its traceback",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in GROUPS:
         group.register(sub)
