@@ -283,6 +283,8 @@ class Connection:
         return reason
 
     async def _receive_loop(self, live: LiveSession) -> None:
+        # Messages sent right after session.ready wait in the socket until the core runs.
+        await live.wait_started()
         while True:
             if self.queue.qsize() >= self._high_water:
                 self._drained.clear()

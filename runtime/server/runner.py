@@ -675,6 +675,7 @@ class LiveSession:
         self._session: ConversationSession | None = None
         self._llm: ChatClient | None = None
         self._ended = asyncio.Event()
+        self._started = asyncio.Event()
         self._end_reason: EndReason = "dropped"
         self._replies: dict[str, _ProtoReply] = {}
         self._ids = itertools.count(1)
@@ -735,7 +736,13 @@ class LiveSession:
             await self._llm.aclose()
         return self._end_reason
 
+    async def wait_started(self) -> None:
+        """Wait until the conversation runs (client events may be handled from then on)."""
+        await self._started.wait()
+
     async def _frames(self) -> AsyncIterator[AudioFrame]:
+        # The core asks for the first frame once it runs (history begun, greeting started).
+        self._started.set()
         async for frame in self._ingress.frames():
             yield frame
 

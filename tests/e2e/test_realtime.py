@@ -642,10 +642,11 @@ async def test_client_tool_round_trip_follows_the_timing_rule(
         "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     }
+    # The messages follow session.update at once: they wait until the session runs.
     await client.send(inline(endpoint, tools=[tool]))  # fmt: skip
-    await client.next("session.ready")
     await client.send({"type": "conversation.message", "role": "user", "content": "Weather?"})
     await client.send({"type": "reply.create"})
+    assert isinstance(await client.next("session.ready"), ev.SessionReady)
     call = await client.next("tool.call")
     assert isinstance(call, ev.ToolCall)
     assert (call.name, dict(call.arguments)) == ("get_weather", {"city": "Paris"})
