@@ -513,6 +513,15 @@ async def test_an_inline_session_without_llm_is_told_clearly(
     err = await other.next("session.error")
     assert isinstance(err, ev.SessionError)
     assert (err.code, err.param) == ("invalid_config", "llm[0].base_url")
+    # A voice this server cannot speak is an invalid value (the socket stays open).
+    await other.send(inline(endpoint, output={"voice": "nova"}))
+    err = await other.next("session.error")
+    assert isinstance(err, ev.SessionError)
+    assert (err.code, err.param) == ("invalid_value", "session.output.voice")
+    # The older URL reaches the same endpoint.
+    legacy = await connect(server.ws.replace("/v1/ws", "/v1/realtime"))
+    await legacy.send(inline(endpoint, output={"voice": "ivy"}))
+    assert isinstance(await legacy.next("session.ready"), ev.SessionReady)
 
 
 # -- spoken turns ---------------------------------------------------------------------------------
