@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -8,6 +8,14 @@ from runtime.endpoints import URLPolicy
 from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
 from runtime.llm.reference import ReferenceEndpoint
 from runtime.secret import Secret
+
+from .postgres import PostgresServer, postgres_server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer | None]:
+    """One throwaway PostgreSQL server for the whole session (``None``: not installed)."""
+    yield from postgres_server()
 
 
 @pytest.fixture

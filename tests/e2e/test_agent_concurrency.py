@@ -28,7 +28,6 @@ from runtime.server.secrets import KeyRing, SecretBox
 from runtime.server.store import AgentRow, Store, now, sqlite_url
 
 from .test_server import AGENT, API_KEY, Server
-from .test_server import postgres as postgres
 from .test_server import server as server
 
 VOXLOOP = [sys.executable, "-m", "runtime.cli"]

@@ -33,7 +33,6 @@ from .test_server import (
     start_server,
     stop,
 )
-from .test_server import postgres as postgres
 from .test_server import server as server
 
 VOXLOOP = [sys.executable, "-m", "runtime.cli"]

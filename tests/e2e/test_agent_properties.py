@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..postgres import PostgresServer, postgres_server
+from ..postgres import PostgresServer
 from .test_server import API_KEY, Server, start_server, stop
 
 LLM = {"base_url": "https://api.example.com/v1", "model": "m", "api_key": "sk-prop-secret"}
@@ -144,13 +144,12 @@ def encode(body: Any) -> bytes:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def prop_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres: PostgresServer | None,
 ) -> Iterator[Server]:
     url = None
-    pg: Iterator[PostgresServer | None] | None = None
     if request.param == "postgresql":
-        pg = postgres_server()
-        postgres = next(pg)
         if postgres is None:
             pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
         url = postgres.new_database()
@@ -159,8 +158,6 @@ def prop_server(
         yield srv
     finally:
         stop(srv)
-        if pg is not None:
-            next(pg, None)
 
 
 def client(server: Server) -> httpx.Client:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ..helpers import missing
-from ..postgres import PostgresServer, postgres_server
+from ..postgres import PostgresServer
 from ..unit.test_endpoints import HOSTILE_URLS
 
 API_KEY = "vk-test-operator-key"
@@ -44,11 +44,6 @@ class Server:
         c = httpx.Client(base_url=self.url, headers=headers, timeout=10)
         self.clients.append(c)
         return c
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer | None]:
-    yield from postgres_server()
 
 
 def start_server(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,12 +14,7 @@ from runtime.server.secrets import KeyRing
 from runtime.server.store import Store, sqlite_url
 
 from ..helpers import missing
-from ..postgres import PostgresServer, postgres_server
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer | None]:
-    yield from postgres_server()
+from ..postgres import PostgresServer
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
