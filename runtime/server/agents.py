@@ -637,6 +637,13 @@ def openapi_document(version: str) -> dict[str, Any]:
         "422": json_body(ref("ErrorBody"), "invalid body; `param` names the field"),
     }
     not_found = {"404": json_body(ref("ErrorBody"), "no such agent (`agent_not_found`)")}
+    key_unavailable = {
+        "503": json_body(
+            ref("ErrorBody"),
+            "`key_unavailable`: the key was rotated and this server lacks the new key "
+            "(restart it with the rotated VOXLOOP_SECRET_KEY); nothing was stored",
+        )
+    }
     agent_id = {"name": "agent_id", "in": "path", "required": True, "schema": {"type": "string"}}
     query = [
         {"name": "limit", "in": "query", "required": False,
@@ -669,7 +676,11 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": ref("AgentCreate")}},
                     },
-                    "responses": {"201": json_body(ref("Agent"), "the stored agent"), **errors},
+                    "responses": {
+                        "201": json_body(ref("Agent"), "the stored agent"),
+                        **errors,
+                        **key_unavailable,
+                    },
                 },
                 "get": {
                     "summary": "List agents, newest first",
@@ -708,6 +719,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "200": json_body(ref("Agent"), "the updated agent"),
                         **errors,
                         **not_found,
+                        **key_unavailable,
                     },
                 },
                 "delete": {
