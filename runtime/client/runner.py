@@ -200,6 +200,8 @@ class _Conversation:
             result, is_error = await handler(call)
             with contextlib.suppress(ValueError):  # the session ended meanwhile
                 await self.client.submit_tool_result(call.call_id, result, is_error=is_error)
+                # The answer continues in a new reply: wait for it as after a user turn.
+                self.activity.awaiting_since = asyncio.get_running_loop().time()
         finally:
             self.activity.tools -= 1
 
