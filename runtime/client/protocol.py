@@ -199,6 +199,7 @@ class ClientProtocol:
     _events: list[AppEvent] = field(default_factory=list)
     _resuming: bool = False
     _fatal: SessionError | None = None
+    _binding_error: SessionError | None = None
     _current_reply: str | None = None
     _done_is_latest: bool = False
     _calls: dict[str, str | None] = field(default_factory=dict)  # call_id -> reply_id
@@ -231,7 +232,7 @@ class ClientProtocol:
         """
         if self.state is not State.DISCONNECTED:
             raise InvalidState(f"reconnect in state {self.state.value}")
-        self._fatal = None
+        self._fatal = self._binding_error = None
         self._to(State.CONNECTING)
 
     def receive_text(self, text: str | bytes) -> None:
@@ -323,6 +324,9 @@ class ClientProtocol:
             return
         self._out.clear()  # never replayed on a new socket
         fatal = self._fatal
+        if fatal is None and self.state is State.BINDING:
+            # Before session.ready any error explains the close (agent_timeout, invalid_config …).
+            fatal = self._binding_error
         if fatal is not None:
             self._fail(fatal.code, fatal.message or fatal.code, close_code)
         elif self.state is State.ENDING:
@@ -404,6 +408,8 @@ class ClientProtocol:
                     self._to(State.ENDED)
             case SessionError() if event.code in FATAL_CODES:
                 self._fatal = event
+            case SessionError() if self.state is State.BINDING:
+                self._binding_error = event
             case InputSpeechStarted():
                 self._done_is_latest = False
                 self._events.append(event)

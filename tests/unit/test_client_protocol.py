@@ -200,6 +200,12 @@ def test_clean_end_and_failures_before_ready():
     refused.connection_lost(1008, "unauthorized")
     assert refused.error is not None and refused.error.code == "unauthorized"
 
+    slow = ClientProtocol(BIND)
+    slow.connection_made()
+    feed(slow, {"type": "session.error", "code": "agent_timeout", "message": "no session.update"})
+    slow.connection_lost(1008)
+    assert slow.error is not None and slow.error.code == "agent_timeout"
+
     dropped = ClientProtocol(BIND)
     dropped.connection_made()
     dropped.connection_lost(None)
