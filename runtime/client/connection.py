@@ -166,6 +166,8 @@ class VoiceAgentClient:
         self._ready = asyncio.Event()
         self._over = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
+        self._closing = False
+        self._reader_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -176,7 +178,7 @@ class VoiceAgentClient:
             tg = await stack.enter_async_context(asyncio.TaskGroup())
             self.protocol.connection_made()
             await self._flush()
-            tg.create_task(self._reader())
+            self._reader_task = tg.create_task(self._reader())
             if await self._wait_ready():
                 self._stack = stack.pop_all()
                 return self
@@ -190,8 +192,11 @@ class VoiceAgentClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:  # fmt: skip
-        # Closing the socket ends the reader; the task group then exits.
+        # Closing the socket ends the reader; one still handing events to a consumer that
+        # has gone is cancelled. Then the task group exits.
         await self._close_socket()
+        if self._reader_task is not None and not self._over.is_set():
+            self._reader_task.cancel()
         await self._stack.__aexit__(exc_type, exc, tb)
 
     async def _wait_ready(self) -> bool:
@@ -295,6 +300,7 @@ class VoiceAgentClient:
             raise ServerUnreachable(f"cannot reach {host}: {reason}") from None
 
     async def _close_socket(self) -> None:
+        self._closing = True  # our own close is not a drop to resume from
         ws = self._ws
         if ws is not None:
             await ws.close()
@@ -337,6 +343,9 @@ class VoiceAgentClient:
                     break
                 code = ws.close_code if ws.close_code != 1006 else None
                 self.protocol.connection_lost(code, ws.close_reason or "")
+                if self._closing:
+                    message = "the client closed the connection without session.end"
+                    self.protocol.give_up(message, "connection_closed")
                 await self._publish()
                 if not self.protocol.resumable or not self._ready.is_set():
                     break
@@ -352,7 +361,7 @@ class VoiceAgentClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._resume_window
         attempt = 0
-        while loop.time() < deadline:
+        while loop.time() < deadline and not self._closing:
             await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
             attempt += 1
             self.protocol.reconnect()

@@ -347,10 +347,10 @@ class ClientProtocol:
             self._resuming = True
             self._to(State.DISCONNECTED)
 
-    def give_up(self, message: str) -> None:
-        """Stop trying to resume (the resume window is over)."""
+    def give_up(self, message: str, code: str = "resume_failed") -> None:
+        """Stop trying to resume (the resume window is over, or the client closed)."""
         if self.state in (State.DISCONNECTED, State.CONNECTING, State.BINDING):
-            self._fail("resume_failed", message)
+            self._fail(code, message)
 
     # -- outputs -----------------------------------------------------------------------------
 

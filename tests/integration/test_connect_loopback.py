@@ -206,6 +206,17 @@ async def test_binds_with_bearer_key_and_ends_cleanly():
     assert peer.sessions["sess_1"] == [{"type": "input.audio"}, {"type": "session.end"}]
 
 
+async def test_leaving_without_end_closes_and_does_not_resume():
+    peer = Peer()
+    async with running(peer) as url:
+        async with VoiceAgentClient(url, session=BIND, auth=Auth(api_key=Secret(KEY))) as client:
+            assert await client.send_audio(bytes(CHUNK))
+        assert client.protocol.state is State.FAILED
+        assert client.error is not None and client.error.code == "connection_closed"
+        assert client.statistics().resumes == 0
+    assert peer.auth_headers == [f"Bearer {KEY}"]  # no second connection
+
+
 async def test_token_goes_in_the_query_and_failures_are_typed():
     peer = Peer()
     async with running(peer) as url:
