@@ -201,7 +201,7 @@ def _printer() -> Any:
 
 
 def _exit_code(code: str) -> int:
-    if code == "unreachable":
+    if code == "unreachable" or code.startswith("http_"):  # no Voice Agent WebSocket there
         return EXIT_UNREACHABLE
     if code in ("unauthorized", "forbidden"):
         return EXIT_AUTH

@@ -69,7 +69,11 @@ class HandshakeRejected(SessionFailure):
 
     def __init__(self, status: int) -> None:
         code = {401: "unauthorized", 403: "forbidden"}.get(status, f"http_{status}")
-        super().__init__(code, f"the server refused the WebSocket upgrade (HTTP {status})")
+        if status in (401, 403):
+            message = f"the server refused the credentials: HTTP {status}"
+        else:
+            message = f"no Voice Agent WebSocket at that URL: HTTP {status}"
+        super().__init__(code, message)
         self.status = status
 
 

@@ -80,6 +80,8 @@ class Peer:
         self.auth_headers.append(auth)
         if auth == "Bearer reject-http":
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
+        if request.path.split("?")[0] != "/v1/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         return None
 
     async def send(self, ws: ServerConnection, doc: dict[str, Any]) -> None:
@@ -386,6 +388,12 @@ async def test_cli_exit_codes(tmp_path: Path):
         assert proc.returncode == 130 and b"Traceback" not in err_b, err_b
         last = list(peer.sessions)[-1]
         assert peer.sessions[last][-1] == {"type": "session.end"}
+        # An HTTP server without the WebSocket there: the upgrade is refused.
+        code, _, err = await cli(url.replace("/v1/ws", "/nothing-here"), "--agent-id", "agent_1",
+                                 "--input", str(clip), key="reject-http-404")  # fmt: skip
+        assert (code, err) == (
+            3, "voxloop: error: no Voice Agent WebSocket at that URL: HTTP 404 (http_404)\n"
+        )  # fmt: skip
     code, _, err = await cli(url, "--agent-id", "agent_1", "--input", str(clip))
     assert code == 3 and err.startswith(f"voxloop: error: cannot reach 127.0.0.1:{peer.port}")
     for args, message in [
