@@ -55,13 +55,16 @@ def register(sub: Any) -> None:
         description="Open a Voice Agent session on URL (ws://, wss://, http:// or https://; "
         "/v1/ws is added when the URL has no path) and talk through the microphone and "
         "speaker, or stream a WAV file in real time (--input) and record the conversation.",
+        epilog="exit codes: 0 ended cleanly, 1 could not run, 2 bad arguments, 3 server "
+        "unreachable, 4 authentication refused, 5 agent not found, 6 connection lost and not "
+        "resumed, 7 the server ended the session with an error, 130 Ctrl-C",
     )
     p.add_argument("url", help="the server, e.g. ws://127.0.0.1:8080/v1/ws")
     p.add_argument("--agent-id", help="bind a stored agent (no inline settings with it)")
     auth = p.add_argument_group("authentication (one of)")
     auth.add_argument(
         "--api-key-env", default=DEFAULT_API_KEY_ENV,
-        help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV})",
+        help="environment variable holding the API key (sent as Authorization: Bearer)",
     )  # fmt: skip
     auth.add_argument("--token", help="a single-use token from GET /v1/token (sent as ?token=)")
     inline = p.add_argument_group("inline session (without --agent-id)")
