@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -299,9 +300,20 @@ class VoiceAgentClient:
         except InvalidStatus as exc:
             raise HandshakeRejected(exc.response.status_code) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            host = urlsplit(self.url).netloc
-            reason = type(exc).__name__ if not str(exc) else str(exc)
-            raise ServerUnreachable(f"cannot reach {host}: {reason}") from None
+            raise ServerUnreachable(self._unreachable(exc)) from None
+
+    def _unreachable(self, exc: BaseException) -> str:
+        host = urlsplit(self.url).netloc
+        if isinstance(exc, ConnectionRefusedError):
+            return f"cannot reach {host} (connection refused); is the server running?"
+        if isinstance(exc, socket.gaierror):
+            return f"cannot reach {host}: the host name does not resolve"
+        if isinstance(exc, TimeoutError):
+            return f"cannot reach {host}: no answer within {self._open_timeout:g} s"
+        if isinstance(exc, InvalidHandshake):
+            return f"cannot reach {host}: not a WebSocket server ({type(exc).__name__})"
+        assert isinstance(exc, OSError)
+        return f"cannot reach {host}: {exc.strerror or type(exc).__name__}"
 
     async def _close_socket(self) -> None:
         self._closing = True  # our own close is not a drop to resume from

@@ -395,7 +395,8 @@ async def test_cli_exit_codes(tmp_path: Path):
             3, "voxloop: error: no Voice Agent WebSocket at that URL: HTTP 404 (http_404)\n"
         )  # fmt: skip
     code, _, err = await cli(url, "--agent-id", "agent_1", "--input", str(clip))
-    assert code == 3 and err.startswith(f"voxloop: error: cannot reach 127.0.0.1:{peer.port}")
+    assert (code, err) == (3, f"voxloop: error: cannot reach 127.0.0.1:{peer.port} (connection "
+                              "refused); is the server running? (unreachable)\n")  # fmt: skip
     for args, message in [
         (["--agent-id", "a", "--greeting", "Hi"], "no inline session settings"),
         (["--output", "x.wav"], "need --input"),
