@@ -175,30 +175,31 @@ class Connection:
 
     async def _first(self, principal: Principal) -> LiveSession:
         """Wait for a valid ``session.update`` or ``session.resume``."""
-        async with asyncio.timeout(self.runner.limits.ready_timeout_s):
-            while True:
+        # The deadline is the client's: loading the speech engines for the worker's first
+        # session (seconds on a busy machine) does not count against it.
+        deadline = asyncio.get_running_loop().time() + self.runner.limits.ready_timeout_s
+        while True:
+            async with asyncio.timeout_at(deadline):
                 event = await self._receive()
-                if isinstance(event, ev.ProtocolError):
-                    await self._send_now(_error_event(event.code, event.message, event.param))
-                    continue
-                try:
-                    if isinstance(event, ev.SessionResume):
-                        return await self.runner.resume(event.session_id, principal, self.emit)
-                    if principal.kind == "resume":
-                        raise SessionRefused(
-                            "unauthorized", "a resume token only resumes its session"
-                        )
-                    if isinstance(event, ev.SessionUpdate):
-                        spec: SessionSpec = await self.runner.bind(event.session)
-                        await self._engines()
-                        return self.runner.start(spec, principal, self.emit)
-                    raise SessionRefused(
-                        "invalid_format", f"send session.update before {event.type}", param="type"
-                    )
-                except SessionRefused as exc:
-                    if exc.fatal:
-                        raise
-                    await self._send_now(_error_event(exc.code, exc.message, exc.param))
+            if isinstance(event, ev.ProtocolError):
+                await self._send_now(_error_event(event.code, event.message, event.param))
+                continue
+            try:
+                if isinstance(event, ev.SessionResume):
+                    return await self.runner.resume(event.session_id, principal, self.emit)
+                if principal.kind == "resume":
+                    raise SessionRefused("unauthorized", "a resume token only resumes its session")
+                if isinstance(event, ev.SessionUpdate):
+                    spec: SessionSpec = await self.runner.bind(event.session)
+                    await self._engines()
+                    return self.runner.start(spec, principal, self.emit)
+                raise SessionRefused(
+                    "invalid_format", f"send session.update before {event.type}", param="type"
+                )
+            except SessionRefused as exc:
+                if exc.fatal:
+                    raise
+                await self._send_now(_error_event(exc.code, exc.message, exc.param))
 
     async def _engines(self) -> None:
         try:
