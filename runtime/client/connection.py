@@ -157,7 +157,7 @@ class VoiceAgentClient:
         auth: Auth,
         resume_window_s: float = RESUME_WINDOW_S,
         open_timeout_s: float = 10.0,
-        ready_timeout_s: float = 15.0,
+        ready_timeout_s: float = 30.0,
     ) -> None:
         self.url = websocket_url(url)
         self.protocol = ClientProtocol(session)
@@ -187,11 +187,12 @@ class VoiceAgentClient:
             if await self._wait_ready():
                 self._stack = stack.pop_all()
                 return self
+            failure = self.protocol.error or SessionFailure(
+                "agent_timeout", f"no session.ready within {self._ready_timeout:g} s"
+            )
             await self._close_socket()
         # Raised outside the task group, so callers see the failure itself.
-        if self.protocol.error is not None:
-            raise self.protocol.error
-        raise SessionFailure("agent_timeout", f"no session.ready within {self._ready_timeout:g} s")
+        raise failure
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,

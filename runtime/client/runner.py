@@ -349,6 +349,7 @@ async def connect_live(
 
             async def send() -> None:
                 frames = aiter(mic)
+                origin: float | None = None  # loop time of the microphone's sample 0
                 while not stop.is_set() and not client.over:
                     nxt = asyncio.ensure_future(anext(frames))
                     halt = asyncio.ensure_future(stop.wait())
@@ -363,6 +364,13 @@ async def connect_live(
                         frame = nxt.result()
                     except StopAsyncIteration:
                         break
+                    # A device that delivers faster than real time (a virtual one) is held
+                    # back to it; a real microphone never runs ahead, so this never waits.
+                    now = loop.time()
+                    if origin is None:
+                        origin = now - frame.end_pts / RATE
+                    if (ahead := origin + frame.end_pts / RATE - now) > 0:
+                        await asyncio.sleep(ahead)
                     queued = speaker.statistics().buffered_samples
                     if queued:
                         gate.playing(frame.end_pts + queued)
