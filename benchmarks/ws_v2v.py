@@ -37,7 +37,7 @@ from typing import Any
 
 from audio.resample import resample_all
 from audio.wav import read_wav
-from benchmarks.v2v import CLIPS, REPLIES, audio_v2v_ms
+from benchmarks.v2v import CLIPS, SHAPES, audio_v2v_ms
 from runtime.bench.reference_thread import ReferenceThread
 from runtime.client.connection import Auth
 from runtime.client.protocol import SessionFailure
@@ -53,6 +53,7 @@ from runtime.speech.engines.whisper import WhisperSTT
 from runtime.talk import OUTPUT_RATE, talk_pcm
 
 API_KEY = "vk-bench-ws"
+REPLIES = SHAPES["short"]
 INLINE = SessionPatch(keys=frozenset({"system_prompt"}), system_prompt="You are brief.")
 
 
