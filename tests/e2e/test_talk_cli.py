@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from audio.wav import read_wav, write_wav
+from runtime.conversation.config import SessionConfig
 
 from ..helpers import missing
 
@@ -43,8 +44,14 @@ def test_talk_file_mode_writes_stereo_and_metrics(tmp_path: Path):
         "tts_first_audio_ms",
         "v2v_ms",
         "overhead_ms",
+        "endpointing_ms",
+        "speculative",
     }
     assert turn["agent_text"] and not turn["interrupted"] and turn["v2v_ms"] > 0
+    # Speculation is on by default: the reply spoken was started at the user's pause.
+    assert turn["speculative"] is True
+    # The turn ended after the end-of-turn silence, not before it.
+    assert turn["endpointing_ms"] >= SessionConfig().turn_detection.min_silence_ms - 20
 
 
 def test_talk_rejects_bad_arguments(tmp_path: Path):
