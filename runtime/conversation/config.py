@@ -66,7 +66,7 @@ class SessionConfig:
     # the endpoint client's retries, before the apology (None: the client's own
     # first_token_budget_s, 5 s).
     first_token_timeout_s: float | None = None
-    # At session start, ask the endpoint one tiny question after the system prompt, so
+    # At session start, ask the endpoint for a greeting after the system prompt, so
     # it caches the prompt's prefix (llama.cpp: the first reply's TTFT drops several
     # fold) and the client learns whether replies start inside a template-opened think
     # block (a first reply is otherwise held back until its end). Costs one short request.

@@ -806,7 +806,7 @@ class ConversationSession:
             await self._warm_prompt()
 
     async def _warm_prompt(self) -> None:
-        """Send the system prompt with a one-word question (``config.warm_prompt``).
+        """Send the system prompt with a greeting to answer (``config.warm_prompt``).
 
         The endpoint caches the prompt's prefix for the first real request. A reply
         that stops on its own without a think block shows the template opens none, so
@@ -816,8 +816,8 @@ class ConversationSession:
         known = llm.leading_reasoning
         request = ChatRequest(
             messages=[{"role": "system", "content": self._system_prompt()},
-                      {"role": "user", "content": "Reply with the single word OK."}],
-            temperature=0.0, max_tokens=16,
+                      {"role": "user", "content": "Say hello."}],
+            temperature=0.0, max_tokens=32,
         )  # fmt: skip
         finish = ""
         try:

@@ -179,14 +179,14 @@ async def warm_session(endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: 
 async def test_warm_prompt_sends_the_system_prompt_and_learns_the_first_reply_can_stream(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ):
-    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("OK.",))
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Hello!",))
     assert await warm_session(endpoint, whisper, piper) is False
     [request] = chats(endpoint)
     messages = request.body["messages"]
     assert messages[0]["role"] == "system"
     assert messages[0]["content"].startswith("You are Northwind's agent.")
-    assert messages[1] == {"role": "user", "content": "Reply with the single word OK."}
-    assert request.body["max_tokens"] == 16
+    assert messages[1] == {"role": "user", "content": "Say hello."}
+    assert request.body["max_tokens"] == 32
 
 
 async def test_warm_prompt_learns_nothing_from_a_reply_cut_short_or_inside_reasoning(
