@@ -112,7 +112,12 @@ def audio_v2v_ms(user: bytes, agent: bytes, rate: int, threshold_db: float = -40
 
 
 async def run_clip(
-    clip: Path, endpoint: Endpoint, stt: WhisperSTT, tts: PiperTTS, config: SessionConfig
+    clip: Path,
+    endpoint: Endpoint,
+    stt: WhisperSTT,
+    tts: PiperTTS,
+    config: SessionConfig,
+    leading_reasoning: bool | None = None,
 ) -> dict[str, Any]:
     audio = read_wav(clip)
     pcm16k = resample_all(audio.mono(), audio.sample_rate, 16000)
@@ -122,7 +127,9 @@ async def run_clip(
         if isinstance(event, AgentTranscriptDelta):
             first_segments.setdefault(event.reply_id, event.delta)
 
-    async with ChatClient(endpoint, policy=URLPolicy.operator()) as llm:
+    async with ChatClient(
+        endpoint, policy=URLPolicy.operator(), leading_reasoning=leading_reasoning
+    ) as llm:
         result = await talk_pcm(pcm16k, llm=llm, stt=stt, tts=tts, config=config, on_event=on_event)
     return {
         "audio_v2v_ms": audio_v2v_ms(result.user, result.agent, OUTPUT_RATE),
@@ -184,7 +191,10 @@ async def main_async(
     for _ in range(args.runs):
         for shape, endpoint in endpoints.items():
             for clip in clips:
-                result = await run_clip(clip, endpoint, stt, tts, config_for(args, shape))
+                result = await run_clip(
+                    clip, endpoint, stt, tts, config_for(args, shape),
+                    False if args.no_think_template else None,
+                )  # fmt: skip
                 runs.append({"clip": clip.name, "shape": shape or "as answered", **result})
     await stt.aclose()
     await tts.aclose()
@@ -233,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warm-prompt", action="store_true",
         help="warm the endpoint with the system prompt at session start (warm_prompt)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-think-template", action="store_true",
+        help="tell the endpoint client the chat template opens no think block, so the first "
+        "reply streams at once (ChatClient(leading_reasoning=False))",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/v2v.json"))
     args = parser.parse_args(argv)
