@@ -191,7 +191,8 @@ def _printer() -> Any:
                 console.print(f"[dim]tool call {name} ({call_id})[/]")
             case ev.ReplyError(code=code, message=message):
                 err.print(f"[red]reply error ({code}):[/] {message}")
-            case ev.SessionError(code=code, message=message):
+            case ev.SessionError(code=code, message=message) if code not in ev.FATAL_CODES:
+                # (A fatal one ends the session: the command's error line says it.)
                 err.print(f"[red]session error ({code}):[/] {message}")
             case conn.ConnectionDropped():
                 err.print("[yellow]connection lost; resuming the session...[/]")

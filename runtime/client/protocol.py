@@ -183,7 +183,8 @@ class ClientProtocol:
         session_id, resume_token, expires_at, ready_config: from
             ``session.ready`` (the latest one, after a resume); ``ready_config``
             is the effective session configuration the server reported.
-        error: why the session failed (set once the state is ``FAILED``).
+        error: why the session failed (set once the state is ``FAILED``, or with
+            ``ENDED`` when the server ended it for a reason such as ``session_expired``).
         ended: the ``session.ended`` event of a clean end.
     """
 
@@ -404,6 +405,10 @@ class ClientProtocol:
                 self._to(State.READY)
             case SessionEnded():
                 self.ended = event
+                if self._fatal is not None:
+                    # Ended by the server for a reason (session_expired): over, not clean.
+                    fatal = self._fatal
+                    self.error = SessionFailure(fatal.code, fatal.message or fatal.code)
                 if self.state is not State.ENDED:
                     self._to(State.ENDED)
             case SessionError() if event.code in FATAL_CODES:

@@ -67,6 +67,8 @@ def _rms(pcm: bytes) -> float:
 @dataclass
 class Peer:
     drop_after_audio: int | None = None  # abort TCP after this many input.audio (once)
+    forget_on_drop: bool = False  # the dropped session cannot be resumed
+    expire_after_audio: int | None = None  # session_expired after this many input.audio
     received: list[dict[str, Any]] = field(default_factory=list)
     auth_headers: list[str | None] = field(default_factory=list)
     sessions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -102,7 +104,7 @@ class Peer:
                 "Bearer rt_1",
             ):
                 await self.send(ws, {"type": "session.error", "code": "session_not_found",
-                                     "message": "Session not found"})  # fmt: skip
+                                     "message": "no resumable session"})  # fmt: skip
                 await ws.close(1008, "session_not_found")
                 return
             sid = first.session_id
@@ -136,7 +138,17 @@ class Peer:
                         self.audio_seen.set()
                         if self.drop_after_audio == audio_msgs and not self._dropped:
                             self._dropped = True
+                            if self.forget_on_drop:
+                                del self.sessions[sid]
                             ws.transport.abort()
+                            return
+                        if self.expire_after_audio == audio_msgs:
+                            await self.send(ws, {"type": "session.error", "code": "session_expired",
+                                                 "message": "the session reached its maximum duration"})  # fmt: skip
+                            await self.send(ws, {"type": "session.ended",
+                                                 "session_duration_seconds": 0.5,
+                                                 "audio_duration_seconds": 0.5})  # fmt: skip
+                            await ws.close(1008, "session expired")
                             return
                         if _rms(audio) > 300:
                             if voiced == 0:
@@ -394,6 +406,23 @@ async def test_cli_exit_codes(tmp_path: Path):
         assert (code, err) == (
             3, "voxloop: error: no Voice Agent WebSocket at that URL: HTTP 404 (http_404)\n"
         )  # fmt: skip
+    # A drop the server does not let us resume from: exit 6; an expired session: exit 7.
+    for peer_args, exit_code, message in [
+        (
+            {"drop_after_audio": 3, "forget_on_drop": True},
+            6,
+            "no resumable session (session_not_found)",
+        ),
+        (
+            {"expire_after_audio": 3},
+            7,
+            "the session reached its maximum duration (session_expired)",
+        ),
+    ]:
+        async with running(Peer(**peer_args)) as other:
+            code, _, err = await cli(other, "--agent-id", "agent_1", "--input", str(clip))
+        assert code == exit_code and err.splitlines()[-1] == f"voxloop: error: {message}", err
+        assert "Traceback" not in err
     code, _, err = await cli(url, "--agent-id", "agent_1", "--input", str(clip))
     assert (code, err) == (3, f"voxloop: error: cannot reach 127.0.0.1:{peer.port} (connection "
                               "refused); is the server running? (unreachable)\n")  # fmt: skip

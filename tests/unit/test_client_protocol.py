@@ -185,6 +185,14 @@ def test_clean_end_and_failures_before_ready():
     assert state_of(proto) is State.ENDED and proto.error is None
     assert proto.ended is not None and proto.ended.session_duration_seconds == 3.5
 
+    expired = ClientProtocol(BIND)
+    ready(expired)
+    feed(expired, {"type": "session.error", "code": "session_expired", "message": "cap reached"},
+         {"type": "session.ended", "session_duration_seconds": 60.0, "audio_duration_seconds": 59.5})  # fmt: skip
+    expired.connection_lost(1008)
+    assert state_of(expired) is State.ENDED
+    assert expired.error is not None and expired.error.code == "session_expired"
+
     unknown = ClientProtocol(BIND)
     unknown.connection_made()
     feed(
