@@ -94,7 +94,7 @@ from runtime.speech.stt import SpeechToText, STTTurn, Transcript
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import TextToSpeech, warm_up
 
-__all__ = ["FRAME_MS", "RATE", "ConversationSession", "EventHook", "is_backchannel"]
+__all__ = ["FRAME_MS", "RATE", "ConversationSession", "EventHook", "SpeechGate", "is_backchannel"]
 
 log = logging.getLogger("voxloop.session")
 
@@ -103,6 +103,31 @@ _KEEP_MS: Final = 60_000  # input audio kept for turns and bursts (bounded)
 _AUDIBLE_DBFS: Final = -55.0
 
 EventHook = Callable[[ConversationEvent], None]
+
+
+class SpeechGate:
+    """The per-frame speech decision the policy is fed.
+
+    A frame is speech when the VAD's probability reaches ``threshold`` (0.15
+    lower while speech goes on, so word endings hold) and the frame is audible
+    (at least -55 dBFS: a voice's decaying tail is not speech for turn-taking;
+    the VAD's own hangover would add ~60-80 ms to every turn).
+    """
+
+    __slots__ = ("_in_speech", "_threshold", "vad")
+
+    def __init__(self, vad: VAD, threshold: float) -> None:
+        self.vad = vad
+        self._threshold = threshold
+        self._in_speech = False
+
+    def is_speech(self, pcm: bytes) -> bool:
+        """Whether one 20 ms, 16 kHz PCM16 frame is speech."""
+        p = self.vad.speech_probability(pcm)
+        threshold = self._threshold - (0.15 if self._in_speech else 0.0)
+        audible = frame_level_db(pcm) >= _AUDIBLE_DBFS
+        self._in_speech = p >= threshold and p > 0.0 and audible
+        return self._in_speech
 
 
 @dataclass(slots=True)
@@ -179,6 +204,7 @@ class ConversationSession:
         self._vad = vad or default_vad(RATE, FRAME_MS, td.vad_threshold)
         if self._vad.frame_samples != RATE * FRAME_MS // 1000:
             raise ValueError("the session's VAD must take 20 ms frames at 16 kHz")
+        self._gate = SpeechGate(self._vad, td.vad_threshold)
         self._clock = clock or MonotonicClock()
         self._tools = ToolRunner(
             config.tools, on_client_call=self._client_tool_call, policy=tool_policy,
@@ -193,7 +219,6 @@ class ConversationSession:
         self._tg: asyncio.TaskGroup | None = None
         self._ids = itertools.count(1)
         self._audio: deque[AudioFrame] = deque(maxlen=_KEEP_MS // FRAME_MS)
-        self._in_speech = False
         self._stt_turn: STTTurn | None = None
         self._turn_deferred = False
         self._turn_seq = 0
@@ -272,14 +297,7 @@ class ConversationSession:
         if frame.sample_rate != RATE:
             raise ValueError(f"the session takes {RATE} Hz audio, got {frame.sample_rate} Hz")
         for f in self._reframer.process(frame.pcm):
-            p = self._vad.speech_probability(f.pcm)
-            td = self.config.turn_detection
-            threshold = td.vad_threshold - (0.15 if self._in_speech else 0.0)
-            # A voice's decaying tail below the audibility floor is not speech for
-            # turn-taking (the VAD's own hangover would add ~60-80 ms to every turn).
-            audible = frame_level_db(f.pcm) >= _AUDIBLE_DBFS
-            self._in_speech = p >= threshold and p > 0.0 and audible
-            self._on_frame(f, self._in_speech)
+            self._on_frame(f, self._gate.is_speech(f.pcm))
 
     def inject_user_text(self, text: str) -> None:
         """A user message without audio (``conversation.message`` + ``reply.create``)."""

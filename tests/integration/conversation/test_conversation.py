@@ -81,10 +81,14 @@ async def test_two_turn_conversation(
     first, second = utterance("shared-00-piper"), utterance("shared-01-piper")
     pcm = silence(0.4) + first + silence(3.0) + second + silence(0.5)
     events: list[ev.ConversationEvent] = []
+    # A long max_silence_ms: a finished sentence must still end at min_silence_ms (plus the
+    # decode), far from max_silence_ms.
+    td = TurnDetection(min_silence_ms=300, max_silence_ms=2500)
     async with llm_for(endpoint) as llm:
         result = await talk_pcm(
-            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
-        )
+            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(turn_detection=td),
+            on_event=events.append,
+        )  # fmt: skip
     agent = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert [a.text for a in agent] == ["It is sunny in Paris.", "Your table is booked."]
     assert not any(a.interrupted for a in agent)
@@ -93,7 +97,10 @@ async def test_two_turn_conversation(
     bodies = chat_bodies(endpoint)
     messages = bodies[-1]["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert normalise(messages[1]["content"]) == normalise("What's the weather like in Paris today?")
+    # (Whisper tiny hears "Paris" as "pairs" now and then.)
+    assert normalise(messages[1]["content"]).replace("pairs", "paris") == normalise(
+        "What's the weather like in Paris today?"
+    )
     assert messages[2]["content"] == "It is sunny in Paris."
     assert normalise(messages[3]["content"]).replace("7 30", "730") == normalise(
         "Book a table for two at seven thirty tonight."
@@ -107,10 +114,8 @@ async def test_two_turn_conversation(
         assert m.v2v_ms is not None and 0 < m.v2v_ms < 3000
         assert m.ttft_ms is not None and m.ttft_ms >= 50
         assert m.overhead_ms is not None and m.overhead_ms >= 0
-        assert (
-            m.endpointing_ms is not None
-            and m.endpointing_ms >= SessionConfig().turn_detection.min_silence_ms - 20
-        )
+        assert m.endpointing_ms is not None
+        assert td.min_silence_ms - 20 <= m.endpointing_ms < td.max_silence_ms - 1000
     # Every event carries a timestamp from the session clock.
     assert all(isinstance(e.t_ns, int) and e.t_ns > 0 for e in events)
 
@@ -125,7 +130,7 @@ async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
         utterance("shared-00-piper"),
         utterance("shared-11-piper"),
     )  # "Wait, stop, that's not what I asked."
-    pcm = silence(0.4) + first + silence(2.5) + stop + silence(0.5)
+    pcm = silence(0.4) + first + silence(4.0) + stop + silence(0.5)
     events: list[ev.ConversationEvent] = []
     async with llm_for(endpoint) as llm:
         result = await talk_pcm(
@@ -141,7 +146,7 @@ async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
     assert messages[2] == {"role": "assistant", "content": first_reply.text}
     assert "stop" in messages[3]["content"].lower()
     # The agent's audio stops soon after the user starts talking over it.
-    barge = 0.4 + len(first) / 32000 + 2.5
+    barge = 0.4 + len(first) / 32000 + 4.0
     assert active(result.agent, barge - 0.6, barge)
     assert not active(result.agent, barge + 0.8, barge + 1.3)
     assert result.metrics[0].interrupted

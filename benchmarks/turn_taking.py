@@ -1,0 +1,554 @@
+"""Turn-taking benchmark: end of turn, interruptions, back-channels, lost words; a labelled set.
+
+The labelled set is built at run time from the Piper voice and real recordings
+(tests/data): complete utterances, utterances with a pause of 300/600/900 ms
+inside the sentence, interruptions that start with fillers, back-channels said
+over a reply, numbers and spelled items, and noise. Each item is fed, frame by
+frame, through the same speech gate as the session and into the turn-taking
+policy on a virtual clock; every decode the policy asks for (the transcript at
+a pause, a burst heard over the reply) is a real Whisper decode, and its result
+reaches the policy as many frames later as the decode took (measured once per
+audio span and cached, so all variants see the same transcripts and timings).
+
+Reported per variant:
+- false end of turn: the turn ended before the user's last word (cut off mid-sentence);
+- missed interruptions: a real interruption said over the reply that did not stop it;
+- false interruptions: a back-channel or noise that stopped the reply;
+- words lost: words said over a reply that ended up in no turn;
+- end of speech -> transcript ready (p50/p90): the policy-dependent part of voice-to-voice
+  (the rest — TTFT, first TTS audio — does not depend on turn-taking; benchmarks/v2v.py measures
+  the whole);
+- speech start -> interruption (p50/p90).
+
+"before" replays the previous rules: one check of the first 200 ms of a burst, a back-channel
+word list matched on letters only, nothing said over a reply kept, and "ends with . ? !" as the
+end-of-turn test.
+
+Run:
+    nice -n 10 python -m benchmarks.turn_taking [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import math
+import re
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audio.resample import resample_all
+from audio.vad import default_vad, segment_pcm
+from audio.wav import read_wav
+from runtime.conversation.config import TurnDetection
+from runtime.conversation.policy import (
+    FRAME_MS,
+    BackChannel,
+    CheckBurst,
+    Decision,
+    EndTurn,
+    Interrupt,
+    Pause,
+    Resume,
+    StartTurn,
+    TurnTakingPolicy,
+    classify,
+    ends_with_punctuation,
+    reads_complete,
+)
+from runtime.conversation.session import RATE, SpeechGate
+from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import WhisperSTT
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+FRAME = RATE * FRAME_MS // 1000
+LEAD_S = 0.6
+TAIL_S = 2.5
+
+COMPLETE = [
+    "What's the weather like in Paris today?",
+    "Book a table for two at seven thirty tonight.",
+    "Can you remind me to call my sister tomorrow morning?",
+    "Please cancel my subscription.",
+    "Tell me a short joke about computers.",
+    "Yes, that's correct.",
+    "I need a taxi to the airport.",
+    "How much is it?",
+]
+PAUSED = [
+    ("I'd like to book", "a table for two at seven."),
+    ("My order number is", "four five seven two one."),
+    ("Can you remind me to", "call my sister tomorrow?"),
+    ("The meeting is on", "Tuesday at three."),
+    ("I want to fly from Boston to", "New York next week."),
+    ("Um, so", "what time do you close?"),
+    ("Could you send it to", "my office instead?"),
+    ("I think the problem is", "the battery."),
+]
+INTERRUPTIONS = [
+    "Um, wait, stop, that's not what I asked.",
+    "Okay, but I meant the other one.",
+    "Uh, no, I said Tuesday.",
+    "Hmm, actually, cancel that.",
+    "Yeah, but what about Friday?",
+    "Wait, stop.",
+    "Hold on a second.",
+    "Sorry, that's not right.",
+    "Mm, no, the other one.",
+    "Okay so how much does it cost?",
+]
+BACKCHANNELS = [
+    "Uh-huh.",
+    "Okay.",
+    "Mm-hmm.",
+    "Yeah.",
+    "Okay, okay.",
+    "Yeah, makes sense.",
+    "Right.",
+    "I see.",
+    "Got it.",
+    "Sure.",
+]
+NUMBERS_OVER_REPLY = ["One two three four.", "Four five seven two one.", "Seven thirty."]
+SPELLED_TURNS = [
+    (["My code is", "four", "five", "seven", "two."], 0.35),
+    (["My name is", "J,", "O,", "H,", "N."], 0.3),
+    (["The number is", "five five five,", "one two three four."], 0.45),
+]
+
+
+@dataclass
+class Item:
+    kind: str  # complete | paused | interrupt | backchannel | numbers | noise | spelled
+    name: str
+    pcm: bytes
+    words: int
+    over_reply: bool
+    pause_ms: int = 0
+    text: str = ""
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(seconds * RATE) * 2)
+
+
+def noise(seconds: float, dbfs: float, colour: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    x = rng.standard_normal(n)
+    if colour == "pink":
+        spectrum = np.fft.rfft(x) / np.sqrt(np.arange(1, n // 2 + 2))
+        x = np.fft.irfft(spectrum, n)
+    x = x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)
+    pcm: bytes = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+    return pcm
+
+
+def n_words(text: str) -> int:
+    return len(re.findall(r"[\w']+", text))
+
+
+async def build_items(piper: PiperTTS) -> list[Item]:
+    async def say(text: str) -> bytes:
+        return b"".join([c.pcm async for c in piper.synthesize(text, sample_rate=RATE)])
+
+    def wrap(pcm: bytes) -> bytes:
+        return silence(LEAD_S) + pcm + silence(TAIL_S)
+
+    texts = [*COMPLETE, *INTERRUPTIONS, *BACKCHANNELS, *NUMBERS_OVER_REPLY]
+    voice = {text: await say(text) for text in texts}
+    items = [
+        Item("complete", text, wrap(voice[text]), n_words(text), False, text=text)
+        for text in COMPLETE
+    ]
+    real = {
+        "hello-world.wav": "Hello world.",
+        "tt-weasels.wav": "Weasels have eaten our phone system.",
+        "all-circuits-busy-now.wav": "All circuits are busy now.",
+    }
+    for name, text in real.items():
+        audio = read_wav(DATA / "real" / name)
+        pcm = resample_all(audio.mono(), audio.sample_rate, RATE)
+        items.append(Item("complete", f"real:{name}", wrap(pcm), n_words(text), False, text=text))
+    harvard = read_wav(DATA / "real" / "speech_orig_16k.wav")
+    hpcm = resample_all(harvard.mono(), harvard.sample_rate, RATE)
+    for k, (s, e) in enumerate(segment_pcm(hpcm, RATE, default_vad())[:4]):
+        seg = hpcm[int((s - 0.1) * RATE) * 2 : int((e + 0.1) * RATE) * 2]
+        items.append(Item("complete", f"real:harvard-{k}", wrap(seg), 8, False))
+    for head, tail in PAUSED:
+        a, b = await say(head), await say(tail)
+        for pause in (300, 600, 900):
+            text = f"{head} {tail}"
+            pcm = wrap(a + silence(pause / 1000) + b)
+            items.append(Item("paused", text, pcm, n_words(text), False, pause, text))
+    for parts, gap in SPELLED_TURNS:
+        pcm = b""
+        for k, part in enumerate(parts):
+            pcm += (silence(gap) if k else b"") + await say(part)
+        text = " ".join(parts)
+        items.append(Item("spelled", text, wrap(pcm), n_words(text), False, int(gap * 1000), text))
+    items += [
+        Item("interrupt", text, wrap(voice[text]), n_words(text), True, text=text)
+        for text in INTERRUPTIONS
+    ]
+    case = read_wav(DATA / "speech" / "interrupt-starting-with-um.wav").mono()
+    burst = case[int(6.3 * RATE) * 2 : int(9.7 * RATE) * 2]
+    items.append(Item("interrupt", "case:interrupt-starting-with-um", wrap(burst), 9, True))
+    for name in ("hello-world.wav", "tt-weasels.wav"):
+        audio = read_wav(DATA / "real" / name)
+        pcm = resample_all(audio.mono(), audio.sample_rate, RATE)
+        items.append(Item("interrupt", f"real:{name}", wrap(pcm), 3, True))
+    items += [Item("backchannel", t, wrap(voice[t]), 0, True, text=t) for t in BACKCHANNELS]
+    items += [
+        Item("numbers", text, wrap(voice[text]), n_words(text), True, text=text)
+        for text in NUMBERS_OVER_REPLY
+    ]
+    for k, colour in enumerate(("white", "pink")):
+        for over in (False, True):
+            pcm = silence(LEAD_S) + noise(3.0, -30.0, colour, k) + silence(TAIL_S)
+            items.append(Item("noise", f"{colour} -30 dBFS", pcm, 0, over))
+    return items
+
+
+# -- decoding, cached --------------------------------------------------------------
+
+
+class Decoder:
+    """Real Whisper decodes of frame spans, cached: ``(text, frames the decode took)``."""
+
+    def __init__(self, whisper: WhisperSTT) -> None:
+        self.whisper = whisper
+        self.cache: dict[tuple[str, int, int], tuple[str, int]] = {}
+
+    def __call__(self, item: Item, first: int, end: int) -> tuple[str, int]:
+        key = (item.name + str(item.pause_ms) + item.kind + str(item.over_reply), first, end)
+        if key not in self.cache:
+            pcm = item.pcm[first * FRAME * 2 : end * FRAME * 2]
+            text, ms = self.whisper.decode(pcm)
+            self.cache[key] = (text, max(1, math.ceil(ms / FRAME_MS)))
+        return self.cache[key]
+
+
+# -- one item through a variant ---------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    ends: list[int] = field(default_factory=list)  # EndTurn frames
+    end_ready: list[int] = field(default_factory=list)  # frame the final transcript is ready
+    turns: list[tuple[int, int]] = field(default_factory=list)  # (first, end) frames of turns
+    interrupt_at: int | None = None
+    backchannel: bool = False
+    deferred: bool = False
+
+
+def speech_frames(item: Item, threshold: float) -> list[bool]:
+    gate = SpeechGate(default_vad(RATE, FRAME_MS, threshold), threshold)
+    pcm = item.pcm
+    return [
+        gate.is_speech(pcm[i : i + FRAME * 2])
+        for i in range(0, len(pcm) - FRAME * 2 + 1, FRAME * 2)
+    ]
+
+
+def run_policy(
+    item: Item,
+    speech: list[bool],
+    policy: TurnTakingPolicy,
+    decode: Decoder,
+    model: SmartTurn | None = None,
+    verdict: dict[str, bool] | None = None,
+) -> Outcome:
+    out = Outcome()
+    due: dict[int, list[Callable[[], list[Decision]]]] = {}
+    turn_first: int | None = None
+    spec_ready: int | None = None  # when the last pause's decode is ready (None after a resume)
+    if item.over_reply:
+        policy.reply_started()
+
+    def handle(i: int, decisions: list[Decision]) -> None:
+        nonlocal turn_first, spec_ready
+        for d in decisions:
+            if isinstance(d, StartTurn):
+                turn_first = d.first_frame
+                out.deferred = out.deferred or d.deferred
+            elif isinstance(d, Interrupt):
+                turn_first = d.first_frame
+                if out.interrupt_at is None:
+                    out.interrupt_at = i
+            elif isinstance(d, Pause):
+                assert turn_first is not None
+                text, lag = decode(item, turn_first, i + 1)
+                spec_ready = i + lag
+                due.setdefault(i + lag, []).append(functools.partial(policy.partial, text))
+                if model is not None and verdict is not None:
+                    verdict["complete"] = False
+                    prob, ms = model(item.pcm[turn_first * FRAME * 2 : (i + 1) * FRAME * 2])
+                    lag = max(1, math.ceil(ms / FRAME_MS))
+                    spec_ready = max(spec_ready, i + lag)
+
+                    def judged(p: float = prob) -> list[Decision]:
+                        assert verdict is not None
+                        verdict["complete"] = p > 0.5
+                        return []
+
+                    due.setdefault(i + lag, []).append(judged)
+            elif isinstance(d, Resume):
+                spec_ready = None
+            elif isinstance(d, EndTurn):
+                assert turn_first is not None
+                out.ends.append(i)
+                out.turns.append((turn_first, i + 1))
+                if spec_ready is not None:
+                    out.end_ready.append(max(i, spec_ready))
+                else:
+                    out.end_ready.append(i + decode(item, turn_first, i + 1)[1])
+                spec_ready = None
+            elif isinstance(d, CheckBurst):
+                text, lag = decode(item, d.first_frame, d.end_frame)
+                heard = functools.partial(policy.burst_heard, d.check_id, text)
+                due.setdefault(i + lag, []).append(heard)
+            elif isinstance(d, BackChannel):
+                out.backchannel = True
+
+    frames = len(speech)
+    i = 0
+    reply_end = frames  # the reply outlasts the item
+    extra = int(3.0 * 1000 / FRAME_MS)
+    while i < frames + extra:
+        for cb in due.pop(i, []):
+            handle(i, cb())
+        s = speech[i] if i < frames else False
+        handle(i, policy.frame(s, i * FRAME_MS * 1_000_000))
+        if item.over_reply and i == reply_end:
+            handle(i, policy.reply_ended())
+        # Stop once the turn (or the interruption's own turn) has ended.
+        if out.ends and (not item.over_reply or out.interrupt_at is not None):
+            break
+        i += 1
+    return out
+
+
+OLD_BACKCHANNELS = frozenset(
+    {
+        "uh huh", "uh-huh", "mm hmm", "mm-hmm", "mhm", "hmm", "okay", "ok", "yeah", "yes", "yep",
+        "right", "sure", "i see", "got it", "cool", "alright", "all right", "nice", "great",
+        "oh", "ah", "wow", "yeah yeah", "uh", "um",
+    }
+)  # fmt: skip
+
+
+def old_is_backchannel(text: str) -> bool:
+    words = " ".join(re.findall(r"[a-z']+", text.lower()))
+    return not words or words in OLD_BACKCHANNELS
+
+
+def run_before_over_reply(item: Item, speech: list[bool], decode: Decoder) -> Outcome:
+    """The previous barge-in rule: one check of the last 2 s once 200 ms of speech were heard."""
+    out = Outcome()
+    kept: deque[int] = deque(maxlen=100)
+    barge = quiet = 0
+    pending: tuple[int, str] | None = None
+    ignored = False
+    for i, s in enumerate(speech):
+        kept.append(i)
+        if pending is not None and pending[0] <= i:
+            text = pending[1]
+            pending = None
+            if old_is_backchannel(text):
+                ignored = True
+            else:
+                out.interrupt_at = i
+                return out
+        if s:
+            barge += FRAME_MS
+            quiet = 0
+        elif barge:
+            quiet += FRAME_MS
+            if quiet >= 600 and pending is None:
+                barge = quiet = 0
+                ignored = False
+        if barge >= 200 and pending is None and not ignored:
+            text, lag = decode(item, kept[0], i + 1)
+            pending = (i + lag, text)
+    out.backchannel = True
+    return out
+
+
+class SmartTurn:
+    """Smart Turn v3 (ONNX, BSD-2-Clause) through onnxruntime: P(the turn is complete).
+
+    Input: up to the last 8 s of 16 kHz audio, left-padded with zeros, normalised to zero mean
+    and unit variance, as 80 Whisper log-mel bins x 800 frames.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+        from faster_whisper.feature_extractor import FeatureExtractor
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), sess_options=options)
+        self.features = FeatureExtractor(feature_size=80, chunk_length=8)
+
+    def __call__(self, pcm: bytes) -> tuple[float, float]:
+        """``(probability, inference ms)`` for a turn's audio so far."""
+        t0 = time.perf_counter()
+        x = np.frombuffer(pcm, "<i2").astype(np.float32)[-8 * RATE :] / 32768.0
+        x = np.pad(x, (8 * RATE - x.size, 0))
+        x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+        feats = self.features(x, padding=0)[:, :800].astype(np.float32)
+        out = self.session.run(None, {"input_features": feats[None]})
+        return float(np.asarray(out[0]).reshape(-1)[0]), (time.perf_counter() - t0) * 1000
+
+
+def smart_turn_variant(model: SmartTurn, td: TurnDetection) -> Variant:
+    verdict = {"complete": False}
+    return Variant("Smart Turn v3.2 (audio)", td, lambda _t: verdict["complete"], model=model,
+                   verdict=verdict)  # fmt: skip
+
+
+# -- variants and the report ------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    name: str
+    td: TurnDetection
+    complete: Callable[[str], bool] = reads_complete
+    before: bool = False
+    model: SmartTurn | None = None
+    verdict: dict[str, bool] | None = None
+
+
+def pct(n: int, d: int) -> str:
+    return f"{100 * n / d:.1f} % ({n}/{d})" if d else "-"
+
+
+def quantiles(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.0f} / {values[0]:.0f}"
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return f"{statistics.median(values):.0f} / {q[8]:.0f}"
+
+
+def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, Any]:
+    td = variant.td
+    cut = turns_total = missed = interrupts_total = false_int = bc_total = lost = 0
+    false_turns = 0
+    eos: list[float] = []
+    to_interrupt: list[float] = []
+    for item in items:
+        speech = speech_frames(item, td.vad_threshold)
+        spoken = [k for k, s in enumerate(speech) if s]
+        last_speech = spoken[-1] if spoken else None
+        first_speech = spoken[0] if spoken else None
+        if item.over_reply and variant.before:
+            out = run_before_over_reply(item, speech, decode)
+        else:
+            policy = TurnTakingPolicy(td, complete=variant.complete)
+            out = run_policy(item, speech, policy, decode, variant.model, variant.verdict)
+        if item.kind in ("complete", "paused", "spelled"):
+            turns_total += 1
+            assert last_speech is not None
+            if out.ends and out.ends[0] < last_speech:
+                cut += 1
+            elif out.ends:
+                eos.append((out.end_ready[0] - last_speech) * FRAME_MS)
+        elif item.kind == "noise":
+            if item.over_reply:
+                bc_total += 1
+                false_int += out.interrupt_at is not None
+            else:
+                for first, end in out.turns:
+                    if classify(decode(item, first, end)[0]) != "nothing":
+                        false_turns += 1
+                        break
+        elif item.kind == "backchannel":
+            bc_total += 1
+            false_int += out.interrupt_at is not None
+        else:  # interrupt, numbers: words said over the reply
+            if not td.interrupt_response:
+                lost += 0 if out.deferred else item.words
+                continue
+            interrupts_total += 1
+            if out.interrupt_at is None:
+                missed += 1
+                if variant.before or not out.deferred:
+                    lost += item.words
+            elif first_speech is not None:
+                to_interrupt.append((out.interrupt_at - first_speech) * FRAME_MS)
+    return {
+        "variant": variant.name,
+        "false_end_of_turn": pct(cut, turns_total),
+        "missed_interruptions": pct(missed, interrupts_total),
+        "false_interruptions": pct(false_int, bc_total),
+        "noise_turns_with_words": false_turns,
+        "words_lost": lost,
+        "eos_to_transcript_ms_p50_p90": quantiles(eos),
+        "speech_to_interrupt_ms_p50_p90": quantiles(to_interrupt),
+    }
+
+
+def variants() -> list[Variant]:
+    td = TurnDetection()
+    return [
+        Variant("before", td, ends_with_punctuation, before=True),
+        Variant("default", td),
+        Variant("plain punctuation rule", td, ends_with_punctuation),
+        Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
+        Variant("silence only (max_silence_ms)", td, lambda _t: False),
+        Variant("interrupt_response off", TurnDetection(interrupt_response=False)),
+    ]
+
+
+async def amain(args: argparse.Namespace) -> None:
+    piper = PiperTTS(noise_scale=0.0, noise_w=0.0)
+    whisper = WhisperSTT()
+    try:
+        items = await build_items(piper)
+    finally:
+        piper._executor.shutdown(wait=True)
+    decode = Decoder(whisper)
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.kind] = counts.get(it.kind, 0) + 1
+    print(f"{len(items)} items: {counts}")
+    rows = []
+    extra = []
+    if args.smart_turn:
+        extra.append(smart_turn_variant(SmartTurn(Path(args.smart_turn)), TurnDetection()))
+    for variant in [*variants(), *extra]:
+        row = evaluate(items, variant, decode)
+        rows.append(row)
+        print(json.dumps(row))
+    whisper._executor.shutdown(wait=True)
+    if args.json:
+        doc = json.dumps({"items": counts, "rows": rows}, indent=2) + "\n"
+        await asyncio.to_thread(Path(args.json).write_text, doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the table as JSON here")
+    parser.add_argument(
+        "--smart-turn", metavar="ONNX", help="also evaluate Smart Turn v3 from this ONNX file"
+    )
+    asyncio.run(amain(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Turn-taking on real audio through the real engines: interruptions, back-channels, no lost words.
+
+Each conversation runs in real time against the reference endpoint, whose first
+reply lasts well over ten seconds, so the user always talks over it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from audio.frame import AudioFrame
+from audio.vad import NoiseGatedVAD, WebRtcVAD
+from audio.wav import read_wav
+from runtime.conversation import events as ev
+from runtime.conversation.config import SessionConfig, TurnDetection
+from runtime.conversation.policy import Decision, TurnTakingPolicy
+from runtime.conversation.session import ConversationSession, SpeechGate
+from runtime.conversation.sinks import ImmediateSink
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import WhisperSTT
+from runtime.talk import OUTPUT_RATE, FileResult, talk_pcm
+
+from ...helpers import SPEECH, noise
+from .test_conversation import LONG_REPLY, chat_bodies, llm_for, silence, utterance
+
+normalise = EnglishTextNormalizer()
+SECOND = "Sorry, what did you mean?"
+
+
+def said(text: str) -> str:
+    return str(normalise(text)).replace(",", "")
+
+
+def audible_until(agent24k: bytes, start_s: float, end_s: float) -> float | None:
+    """End (s) of the last 50 ms window in ``[start_s, end_s)`` where the agent is audible."""
+    x = np.frombuffer(agent24k, "<i2").astype(np.float64)
+    step = OUTPUT_RATE // 20
+    last = None
+    for i in range(int(start_s * OUTPUT_RATE), int(end_s * OUTPUT_RATE), step):
+        w = x[i : i + step]
+        if w.size and float(np.sqrt(np.mean(w * w))) > 100:
+            last = (i + step) / OUTPUT_RATE
+    return last
+
+
+async def converse(
+    pcm: bytes,
+    whisper: WhisperSTT,
+    piper: PiperTTS,
+    *,
+    config: SessionConfig | None = None,
+) -> tuple[FileResult, list[ev.ConversationEvent], list[list[dict[str, str]]]]:
+    events: list[ev.ConversationEvent] = []
+    plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY, SECOND))
+    async with ReferenceEndpoint(plan) as server, llm_for(server) as llm:
+        result = await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=config or SessionConfig(),
+            on_event=events.append,
+        )  # fmt: skip
+        requests = [body["messages"] for body in chat_bodies(server)]
+    return result, events, requests
+
+
+async def speak(piper: PiperTTS, text: str) -> bytes:
+    return b"".join([c.pcm async for c in piper.synthesize(text, sample_rate=16000)])
+
+
+def statuses(events: list[ev.ConversationEvent]) -> list[str]:
+    return [e.status for e in events if isinstance(e, ev.ReplyDone)]
+
+
+def check_interrupted(
+    events: list[ev.ConversationEvent],
+    requests: list[list[dict[str, str]]],
+    interruption: str,
+) -> None:
+    """The reply was cut, the history holds the heard prefix, then the user's whole interruption."""
+    assert statuses(events) == ["interrupted", "completed"]
+    cut = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    assert cut.interrupted and cut.text and LONG_REPLY.startswith(cut.text)
+    assert len(cut.text) < len(LONG_REPLY) / 2
+    assert len(requests) == 2
+    roles = [m["role"] for m in requests[1]]
+    assert roles == ["system", "user", "assistant", "user"]
+    assert said(requests[1][1]["content"]) in {
+        said("What's the weather like in Paris today?"),
+        said("What's the weather like in pairs today?"),
+    }
+    assert requests[1][2]["content"] == cut.text
+    assert said(requests[1][3]["content"]).endswith(said(interruption))
+
+
+async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
+    whisper: WhisperSTT, piper: PiperTTS
+):
+    # "Um" at 6.60-6.85 s, "wait" at 7.00-7.25 s, "stop, that's not what I asked." until 9.2 s.
+    pcm = read_wav(SPEECH / "interrupt-starting-with-um.wav").mono()
+    result, events, requests = await converse(pcm, whisper, piper)
+    check_interrupted(events, requests, "wait, stop, that's not what I asked.")
+    # The agent was talking when the user began, and stopped once "wait" was heard.
+    cut_at = audible_until(result.agent, 3.0, 9.5)
+    assert cut_at is not None and 7.0 < cut_at < 8.6
+    assert audible_until(result.agent, 6.0, 6.6) is not None
+
+
+async def test_an_interruption_starting_with_okay_is_not_a_backchannel(
+    whisper: WhisperSTT, piper: PiperTTS
+):
+    words = "Okay, but I meant the other one."
+    pcm = (
+        silence(0.4) + utterance("shared-00-piper") + silence(4.0) + await speak(piper, words)
+    ) + silence(0.5)
+    _, events, requests = await converse(pcm, whisper, piper)
+    check_interrupted(events, requests, "but I meant the other one.")
+    assert said(requests[1][3]["content"]).startswith("okay")
+
+
+async def test_digits_interrupt(whisper: WhisperSTT, piper: PiperTTS):
+    pcm = (
+        silence(0.4) + utterance("shared-00-piper") + silence(4.0)
+        + await speak(piper, "One, two, three, four.") + silence(0.5)
+    )  # fmt: skip
+    _, events, requests = await converse(pcm, whisper, piper)
+    assert statuses(events) == ["interrupted", "completed"]
+    digits = said(requests[1][3]["content"]).replace("one", "1")
+    assert digits == "1 2 3 4"
+
+
+async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS):
+    pcm = (
+        silence(0.4) + utterance("shared-00-piper") + silence(4.0)
+        + await speak(piper, "Okay, okay.") + silence(0.5)
+    )  # fmt: skip
+    _, events, requests = await converse(pcm, whisper, piper)
+    assert statuses(events) == ["completed"]
+    replies = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert len(replies) == 1 and replies[0].text == LONG_REPLY and not replies[0].interrupted
+    assert len(requests) == 1  # the acknowledgement claims no turn
+
+
+async def test_speech_over_a_reply_that_cannot_be_interrupted_is_the_next_turn(
+    whisper: WhisperSTT, piper: PiperTTS
+):
+    pcm = (
+        silence(0.4) + utterance("shared-00-piper") + silence(4.0)
+        + utterance("shared-10-piper") + silence(0.5)
+    )  # fmt: skip  # "No, I meant next Friday, not this one."
+    config = SessionConfig(turn_detection=TurnDetection(interrupt_response=False))
+    result, events, requests = await converse(pcm, whisper, piper, config=config)
+    assert statuses(events) == ["completed", "completed"]
+    first = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    assert first.text == LONG_REPLY and not first.interrupted
+    assert [m["role"] for m in requests[1]] == ["system", "user", "assistant", "user"]
+    assert requests[1][2]["content"] == LONG_REPLY
+    # (Whisper tiny hears "I meant" as "I am at" now and then.)
+    words = said(requests[1][3]["content"])
+    assert words.startswith("no i ") and words.endswith("next friday not this one")
+    # The agent finished first, then answered what was said meanwhile.
+    user_turns = [e for e in events if isinstance(e, ev.UserTranscript)]
+    done = [e for e in events if isinstance(e, ev.ReplyDone)]
+    assert user_turns[1].t_ns > done[0].t_ns
+    assert result.history[-1] == {"role": "assistant", "content": SECOND}
+
+
+@pytest.mark.parametrize("pause_ms", [300, 600, 900])
+async def test_a_pause_inside_a_sentence_does_not_end_the_turn(
+    whisper: WhisperSTT, piper: PiperTTS, pause_ms: int
+):
+    head = await speak(piper, "I'd like to book")
+    tail = await speak(piper, "a table for two at seven.")
+    pcm = silence(0.4) + head + silence(pause_ms / 1000) + tail + silence(0.5)
+    events: list[ev.ConversationEvent] = []
+    plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Done.",))
+    async with ReferenceEndpoint(plan) as server, llm_for(server) as llm:
+        await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
+        )
+    turns = [said(e.text) for e in events if isinstance(e, ev.UserTranscript)]
+    assert len(turns) == 1
+    assert turns[0].startswith("i would like to ") and turns[0].endswith("a table for 2 at 7")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_noise_at_minus_30_dbfs_transcribes_as_nothing(whisper: WhisperSTT, seed: int):
+    # Loud enough to pass the energy floor; without Whisper's own no-speech rule these decode
+    # as "I'm gonna go to the right side." / "I'm gonna go to the other side.".
+    pcm = noise(2.0, 16000, -30.0, "white", seed)
+    assert (await whisper.transcribe(pcm, 16000)).text == ""
+
+
+class SpeechLog(TurnTakingPolicy):
+    """The real policy, recording the speech decisions it is fed."""
+
+    def __init__(self, td: TurnDetection) -> None:
+        super().__init__(td)
+        self.speech: list[bool] = []
+
+    def frame(self, speech: bool, t_ns: int) -> list[Decision]:
+        self.speech.append(speech)
+        return []  # decisions are not carried out: only the input is under test
+
+
+async def test_vad_threshold_reaches_the_speech_decision(whisper: WhisperSTT, piper: PiperTTS):
+    quiet = (np.frombuffer(utterance("shared-00-piper"), "<i2") * 0.05).astype("<i2").tobytes()
+    counts = {}
+    for threshold in (0.1, 0.9):
+        td = TurnDetection(vad_threshold=threshold)
+        log = SpeechLog(td)
+        async with ReferenceEndpoint() as server, llm_for(server) as llm:
+            session = ConversationSession(
+                config=SessionConfig(turn_detection=td), llm=llm, stt=whisper, tts=piper,
+                sink=ImmediateSink(16000), on_event=lambda _e: None, policy=log,
+            )  # fmt: skip
+            session.push(AudioFrame(pcm=quiet, sample_rate=16000, pts=0))
+        # Independently: webrtcvad at the mode the threshold maps to (0.1 -> 0, 0.9 -> 3).
+        gate = SpeechGate(NoiseGatedVAD(WebRtcVAD(mode=int(threshold * 4))), threshold)
+        expected = [gate.is_speech(quiet[i : i + 640]) for i in range(0, len(quiet) - 639, 640)]
+        assert log.speech == expected
+        counts[threshold] = sum(log.speech)
+    assert counts[0.9] < counts[0.1] - 10
