@@ -224,10 +224,15 @@ async def build_items(piper: PiperTTS) -> list[Item]:
 
 
 class Decoder:
-    """Real Whisper decodes of frame spans, cached: ``(text, frames the decode took)``."""
+    """Real Whisper decodes of frame spans, cached: ``(text, frames the decode took)``.
 
-    def __init__(self, whisper: WhisperSTT) -> None:
+    ``decode_ms``: the latency each transcript reaches the policy with (a fixed figure keeps
+    the benchmark reproducible on a shared machine); ``None``: the decode's own measured time.
+    """
+
+    def __init__(self, whisper: WhisperSTT, decode_ms: float | None) -> None:
         self.whisper = whisper
+        self.decode_ms = decode_ms
         self.cache: dict[tuple[str, int, int], tuple[str, int]] = {}
 
     def __call__(self, item: Item, first: int, end: int) -> tuple[str, int]:
@@ -235,6 +240,7 @@ class Decoder:
         if key not in self.cache:
             pcm = item.pcm[first * FRAME * 2 : end * FRAME * 2]
             text, ms = self.whisper.decode(pcm)
+            ms = ms if self.decode_ms is None else self.decode_ms
             self.cache[key] = (text, max(1, math.ceil(ms / FRAME_MS)))
         return self.cache[key]
 
@@ -413,10 +419,15 @@ class SmartTurn:
         return float(np.asarray(out[0]).reshape(-1)[0]), (time.perf_counter() - t0) * 1000
 
 
-def smart_turn_variant(model: SmartTurn, td: TurnDetection) -> Variant:
-    verdict = {"complete": False}
-    return Variant("Smart Turn v3.2 (audio)", td, lambda _t: verdict["complete"], model=model,
-                   verdict=verdict)  # fmt: skip
+def smart_turn_variants(model: SmartTurn, td: TurnDetection) -> list[Variant]:
+    alone = {"complete": False}
+    both = {"complete": False}
+    return [
+        Variant("Smart Turn v3.2 (audio)", td, lambda _t: alone["complete"], model=model,
+                verdict=alone),
+        Variant("Smart Turn v3.2 and the transcript rule", td,
+                lambda t: both["complete"] and reads_complete(t), model=model, verdict=both),
+    ]  # fmt: skip
 
 
 # -- variants and the report ------------------------------------------------------
@@ -449,6 +460,8 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
     td = variant.td
     cut = turns_total = missed = interrupts_total = false_int = bc_total = lost = 0
     false_turns = 0
+    cut_items: list[str] = []
+    wrong: list[str] = []
     eos: list[float] = []
     to_interrupt: list[float] = []
     for item in items:
@@ -466,6 +479,7 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
             assert last_speech is not None
             if out.ends and out.ends[0] < last_speech:
                 cut += 1
+                cut_items.append(f"{item.name} ({item.pause_ms} ms)")
             elif out.ends:
                 eos.append((out.end_ready[0] - last_speech) * FRAME_MS)
         elif item.kind == "noise":
@@ -480,6 +494,8 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
         elif item.kind == "backchannel":
             bc_total += 1
             false_int += out.interrupt_at is not None
+            if out.interrupt_at is not None:
+                wrong.append(f"interrupted by {item.name}")
         else:  # interrupt, numbers: words said over the reply
             if not td.interrupt_response:
                 lost += 0 if out.deferred else item.words
@@ -487,6 +503,7 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
             interrupts_total += 1
             if out.interrupt_at is None:
                 missed += 1
+                wrong.append(f"not interrupted by {item.name}")
                 if variant.before or not out.deferred:
                     lost += item.words
             elif first_speech is not None:
@@ -500,6 +517,8 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
         "words_lost": lost,
         "eos_to_transcript_ms_p50_p90": quantiles(eos),
         "speech_to_interrupt_ms_p50_p90": quantiles(to_interrupt),
+        "cut_off": cut_items,
+        "wrong_interruption_decisions": wrong,
     }
 
 
@@ -522,7 +541,7 @@ async def amain(args: argparse.Namespace) -> None:
         items = await build_items(piper)
     finally:
         piper._executor.shutdown(wait=True)
-    decode = Decoder(whisper)
+    decode = Decoder(whisper, args.decode_ms or None)
     counts: dict[str, int] = {}
     for it in items:
         counts[it.kind] = counts.get(it.kind, 0) + 1
@@ -530,8 +549,9 @@ async def amain(args: argparse.Namespace) -> None:
     rows = []
     extra = []
     if args.smart_turn:
-        extra.append(smart_turn_variant(SmartTurn(Path(args.smart_turn)), TurnDetection()))
-    for variant in [*variants(), *extra]:
+        extra += smart_turn_variants(SmartTurn(Path(args.smart_turn)), TurnDetection())
+    chosen = [v for v in [*variants(), *extra] if not args.only or v.name in args.only]
+    for variant in chosen:
         row = evaluate(items, variant, decode)
         rows.append(row)
         print(json.dumps(row))
@@ -544,6 +564,14 @@ async def amain(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the table as JSON here")
+    parser.add_argument(
+        "--decode-ms",
+        type=float,
+        default=150.0,
+        help="latency of each transcript (default 150, the short-window decode of a few seconds"
+        " on an idle 2-core machine); 0: each decode's measured time",
+    )
+    parser.add_argument("--only", action="append", help="run only this variant (repeatable)")
     parser.add_argument(
         "--smart-turn", metavar="ONNX", help="also evaluate Smart Turn v3 from this ONNX file"
     )

@@ -32,10 +32,13 @@ Phases::
   ``barge_in_ms`` of speech is transcribed (:class:`CheckBurst`, from the
   burst's first frame with a short pre-roll), and again each time it has grown
   by ``recheck_ms`` after the previous answer: the decision follows the
-  speech. Words that are not a back-channel (:func:`classify`) interrupt at
-  once (:class:`Interrupt`); a burst is a back-channel only once it has ended
-  (``burst_end_ms`` of silence) and its whole transcript is one
-  (:class:`BackChannel`). Without ``interrupt_response`` nothing interrupts.
+  speech. Words that are not a back-channel interrupt at once
+  (:class:`Interrupt`; :func:`claims_the_floor_so_far`: a word cut by the end
+  of the audio, or one that may still grow into an acknowledgement, waits for
+  the next hearing). Once the burst has ended (``burst_end_ms`` of silence),
+  its whole transcript decides (:func:`classify`): words interrupt, an
+  acknowledgement is a :class:`BackChannel`. Without ``interrupt_response``
+  nothing interrupts.
 * Nothing said is lost: when the reply ends while a burst is still undecided,
   or (without ``interrupt_response``) after the user spoke during it, the
   speech becomes the next user turn (:class:`StartTurn` with
@@ -69,7 +72,7 @@ BACKCHANNEL_PHRASES: Final = frozenset(
         "right", "sure", "i see", "got it", "cool", "alright", "all right", "nice", "great",
         "oh", "ah", "aha", "wow", "true", "exactly", "indeed", "makes sense", "that makes sense",
         "sounds good", "fair enough", "of course", "perfect", "good", "oh okay", "i know",
-        "uh", "um", "er", "erm",
+        "make sense", "uh", "um", "er", "erm", "m",
     }
 )  # fmt: skip
 _LONGEST_PHRASE: Final = max(len(p.split()) for p in BACKCHANNEL_PHRASES)
@@ -80,11 +83,28 @@ _HYPHENATED = {"uh-huh": "uh huh", "mm-hmm": "mm hmm", "m-hm": "mm hmm", "uh-uh"
 Meaning = Literal["nothing", "backchannel", "words"]
 
 
+_STRETCHED = re.compile(r"(\w)\1{2,}")
+
+
 def _tokens(text: str) -> list[str]:
     lowered = text.lower()
     for spelled, spaced in _HYPHENATED.items():
         lowered = lowered.replace(spelled, spaced)
+    lowered = _STRETCHED.sub(r"\1\1", lowered)  # "mmm", "hmmm": a sound held longer
     return [t.replace(_APOSTROPHE, "'") for t in _TOKEN.findall(lowered)]
+
+
+def _backchannel_rest(tokens: list[str]) -> list[str]:
+    """What is left after reading acknowledgement phrases off the front of ``tokens``."""
+    i = 0
+    while i < len(tokens):
+        for n in range(min(_LONGEST_PHRASE, len(tokens) - i), 0, -1):
+            if " ".join(tokens[i : i + n]) in BACKCHANNEL_PHRASES:
+                i += n
+                break
+        else:
+            break
+    return tokens[i:]
 
 
 def classify(text: str) -> Meaning:
@@ -101,15 +121,27 @@ def classify(text: str) -> Meaning:
         return "nothing"
     if any(ch.isdigit() for t in tokens for ch in t):
         return "words"
-    i = 0
-    while i < len(tokens):
-        for n in range(min(_LONGEST_PHRASE, len(tokens) - i), 0, -1):
-            if " ".join(tokens[i : i + n]) in BACKCHANNEL_PHRASES:
-                i += n
-                break
-        else:
-            return "words"
-    return "backchannel"
+    return "words" if _backchannel_rest(tokens) else "backchannel"
+
+
+def claims_the_floor_so_far(text: str) -> bool:
+    """Whether the transcript of a burst that is *still going on* already claims the floor.
+
+    Like :func:`classify` giving ``"words"``, except for words that may still
+    grow into an acknowledgement: "I" ("I see"), "yeah, makes" ("yeah, makes
+    sense"), and a word cut by the end of the audio ("Ri..." of "right").
+    """
+    cut = text.rstrip().endswith(("...", "\u2026", "-"))
+    tokens = _tokens(text)
+    if any(ch.isdigit() for t in tokens for ch in t):
+        return True
+    rest = _backchannel_rest(tokens)
+    if not rest:
+        return False
+    # What may still be completed: the words after the last whole acknowledgement, and
+    # (when the transcript was cut mid-word) the last word's letters.
+    pending = " ".join(rest) + ("" if cut else " ")
+    return not any(p.startswith(pending) for p in BACKCHANNEL_PHRASES)
 
 
 def is_backchannel(text: str) -> bool:
@@ -139,13 +171,18 @@ def reads_complete(text: str) -> bool:
     It must end with ``.``, ``?`` or ``!`` — an ellipsis ("I'd like to book...")
     is a pause, not an end — and its last word must not leave the sentence
     hanging (an article, a preposition, a conjunction, a filler: "I'd like to
-    book a.").
+    book a.") nor be part of a value being dictated (a number: "my code is
+    4 5."; a spelled letter: "J, O."), which people say in groups.
     """
     stripped = text.rstrip().rstrip("\"')]\u00bb\u201d\u2019")
     if not stripped.endswith((".", "?", "!")) or stripped.endswith(("..", "…")):
         return False
     tokens = _tokens(stripped)
-    return bool(tokens) and tokens[-1] not in _DANGLING
+    if not tokens or tokens[-1] in _DANGLING:
+        return False
+    last = tokens[-1]
+    # A value being dictated goes on in groups: digits ("555, ...") or spelled letters ("J, O").
+    return not (any(ch.isdigit() for ch in last) or len(last) == 1)
 
 
 def ends_with_punctuation(text: str) -> bool:
@@ -336,19 +373,27 @@ class TurnTakingPolicy:
         burst.pending = None
         burst.checked_to = burst.pending_to
         burst.text = text
-        meaning = classify(text)
-        if meaning == "words" and word_count(text) >= self.td.barge_in_min_words:
-            self._burst = None
-            self._begin_turn(quiet_ms=burst.quiet_ms, t_speech_end=burst.t_last_speech)
-            return [Interrupt(burst.first_frame, self._t_ns, text)]
         ended_covered = (
             burst.quiet_ms >= self._burst_end_ms
             and burst.checked_to >= self._frame + 1 - burst.quiet_ms // FRAME_MS
         )
         if ended_covered:
-            self._burst = None
-            return [BackChannel(text)]
+            return self._conclude(burst)
+        if claims_the_floor_so_far(text) and word_count(text) >= self.td.barge_in_min_words:
+            return self._interrupt(burst)
         return self._maybe_check(burst)
+
+    def _conclude(self, burst: _Burst) -> list[Decision]:
+        """The burst has ended and its last transcript covers all of it."""
+        if classify(burst.text) == "words" and word_count(burst.text) >= self.td.barge_in_min_words:
+            return self._interrupt(burst)
+        self._burst = None
+        return [BackChannel(burst.text)]
+
+    def _interrupt(self, burst: _Burst) -> list[Decision]:
+        self._burst = None
+        self._begin_turn(quiet_ms=burst.quiet_ms, t_speech_end=burst.t_last_speech)
+        return [Interrupt(burst.first_frame, self._t_ns, burst.text)]
 
     # -- phases ------------------------------------------------------------------
 
@@ -442,11 +487,11 @@ class TurnTakingPolicy:
         if not (first_check or grown or (ended and burst.checked_to < end)):
             return []
         if burst.checked_to >= 0 and burst.quiet_ms // FRAME_MS >= end - burst.checked_to:
-            # Only silence since the last check: nothing new to hear until the burst ends.
+            # Only silence since the last check: nothing new to hear until the burst ends,
+            # then the last transcript is the whole burst.
             if not ended:
                 return []
-            self._burst = None
-            return [BackChannel(burst.text)]
+            return self._conclude(burst)
         self._checks += 1
         burst.pending = self._checks
         burst.pending_to = end

@@ -503,7 +503,7 @@ class ConversationSession:
                 self._carry.append(heard)
             return
         text = self._with_carry(heard)
-        if not heard:
+        if not text:
             if spec is not None:
                 spec[1].cancel()
             if self.turns.state is TurnState.THINKING and self._reply_task is None:

@@ -20,6 +20,7 @@ from runtime.conversation.policy import (
     Resume,
     StartTurn,
     TurnTakingPolicy,
+    claims_the_floor_so_far,
     classify,
     is_backchannel,
     reads_complete,
@@ -272,8 +273,67 @@ def test_what_a_burst_means(text: str, meaning: str):
         ("I'd like to book a.", False),
         ("My order number is", False),
         ("Can you remind me to call my sister and.", False),
+        ("My code is 4 5.", False),
+        ("The number is 555.", False),
+        ("My name is J, O.", False),
+        ("It costs twenty dollars.", True),
         ("", False),
     ],
 )
 def test_what_reads_complete(text: str, complete: bool):
     assert reads_complete(text) is complete
+
+
+@pytest.mark.parametrize(
+    ("text", "claims"),
+    [
+        ("I...", False),  # may still become "I see"
+        ("I", False),
+        ("Yeah, makes", False),  # may still become "yeah, makes sense"
+        ("Ri...", False),  # cut mid-word: may be "right"
+        ("Mm-", False),
+        ("MMM.", False),
+        ("Wait...", True),  # no acknowledgement starts so
+        ("Sorry...", True),
+        ("Yeah, but what about...", True),
+        ("Um, wait.", True),
+        ("1 2", True),
+        ("Okay, but", True),
+    ],
+)
+def test_what_a_burst_still_going_on_claims(text: str, claims: bool):
+    assert claims_the_floor_so_far(text) is claims
+
+
+def test_a_word_that_may_become_an_acknowledgement_waits_for_the_next_hearing():
+    td = TurnDetection()
+    drv = responding(td)
+    start = drv.policy.frames_seen
+    drv.hear = lambda first, end: "I..." if end <= start + 20 else "I mean, no."
+    drv.feed(True, 400)
+    drv.feed(False, 1000)
+    interrupts = [(f, d) for f, d in drv.log if isinstance(d, Interrupt)]
+    checks = [d.end_frame - start for _, d in drv.log if isinstance(d, CheckBurst)]
+    assert checks == [10, 25]  # at 200 ms of speech, then 300 ms later
+    assert interrupts == [
+        (
+            start + 24,
+            Interrupt(start - PRE_ROLL_MS // FRAME_MS, (start + 24) * 20 * MS, "I mean, no."),
+        )
+    ]
+
+
+def test_a_burst_that_ends_on_words_interrupts_when_it_ends():
+    td = TurnDetection()
+    drv = responding(td)
+    start = drv.policy.frames_seen
+    drv.hear = lambda first, end: "I."  # may have become "I see": decided at the end
+    drv.feed(True, 400)
+    drv.feed(False, 580)
+    assert not any(isinstance(d, Interrupt) for _, d in drv.log)
+    drv.feed(False, 20)
+    interrupts = [(f, d) for f, d in drv.log if isinstance(d, Interrupt)]
+    frame = start + (400 + 600) // FRAME_MS - 1
+    assert interrupts == [
+        (frame, Interrupt(start - PRE_ROLL_MS // FRAME_MS, frame * 20 * MS, "I."))
+    ]
