@@ -205,6 +205,7 @@ class ConversationSession:
         if self._vad.frame_samples != RATE * FRAME_MS // 1000:
             raise ValueError("the session's VAD must take 20 ms frames at 16 kHz")
         self._gate = SpeechGate(self._vad, td.vad_threshold)
+        self._own_vad = vad is None
         self._clock = clock or MonotonicClock()
         self._tools = ToolRunner(
             config.tools, on_client_call=self._client_tool_call, policy=tool_policy,
@@ -329,6 +330,9 @@ class ConversationSession:
         self._cancel_reply()
         if self.turns.state in (TurnState.THINKING, TurnState.SPEAKING):
             self.turns.to(TurnState.LISTENING)
+        # The floor is the user's again: what they said meanwhile becomes their turn.
+        for decision in self.policy.reply_ended():
+            self._act(decision)
         self._update_idle()
         return True
 
@@ -341,6 +345,11 @@ class ConversationSession:
         self.config = config
         self._tools.set_tools(config.tools)
         self._history.set_system(self._system_prompt())
+        td = config.turn_detection
+        self.policy.td = td
+        if self._own_vad:
+            self._vad = default_vad(RATE, FRAME_MS, td.vad_threshold)
+        self._gate = SpeechGate(self._vad, td.vad_threshold)
 
     def add_message(self, role: Literal["user", "system"], content: str) -> None:
         """Append a message without audio (``conversation.message``); it does not reply."""
