@@ -52,6 +52,7 @@ from audio.wav import read_wav
 from runtime.conversation.config import TurnDetection
 from runtime.conversation.policy import (
     FRAME_MS,
+    RECHECK_MS,
     BackChannel,
     CheckBurst,
     Decision,
@@ -441,6 +442,7 @@ class Variant:
     before: bool = False
     model: SmartTurn | None = None
     verdict: dict[str, bool] | None = None
+    recheck_ms: int = RECHECK_MS
 
 
 def pct(n: int, d: int) -> str:
@@ -472,7 +474,7 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
         if item.over_reply and variant.before:
             out = run_before_over_reply(item, speech, decode)
         else:
-            policy = TurnTakingPolicy(td, complete=variant.complete)
+            policy = TurnTakingPolicy(td, complete=variant.complete, recheck_ms=variant.recheck_ms)
             out = run_policy(item, speech, policy, decode, variant.model, variant.verdict)
         if item.kind in ("complete", "paused", "spelled"):
             turns_total += 1
@@ -531,6 +533,7 @@ def variants() -> list[Variant]:
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
         Variant("silence only (max_silence_ms)", td, lambda _t: False),
         Variant("interrupt_response off", TurnDetection(interrupt_response=False)),
+        Variant("bursts heard every 200 ms", td, recheck_ms=200),
     ]
 
 

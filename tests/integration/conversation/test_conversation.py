@@ -107,8 +107,8 @@ async def test_two_turn_conversation(
     )
     # Both replies are audible after their user turns, on one timeline, never over them.
     (s1, e1), (s2, e2) = segment_pcm(pcm, 16000, default_vad())
-    assert not active(result.agent, s1, e1) and active(result.agent, e1, e1 + 2.0)
-    assert not active(result.agent, s2, e2) and active(result.agent, e2, e2 + 2.0)
+    assert not active(result.agent, s1, e1) and active(result.agent, e1, e1 + 3.0)
+    assert not active(result.agent, s2, e2) and active(result.agent, e2, e2 + 3.0)
     assert len(result.metrics) == 2
     for m in result.metrics:
         assert m.v2v_ms is not None and 0 < m.v2v_ms < 3000

@@ -1,7 +1,10 @@
 """Turn-taking on real audio through the real engines: interruptions, back-channels, no lost words.
 
 Each conversation runs in real time against the reference endpoint, whose first
-reply lasts well over ten seconds, so the user always talks over it.
+reply lasts well over ten seconds, so the user always talks over it. The agent
+speaks with espeak-ng (first audio in well under a millisecond), so its reply is
+already playing when the user starts, however busy the machine; the user's
+speech is the Piper voice or a recording, heard by Whisper.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from runtime.conversation.policy import Decision, TurnTakingPolicy
 from runtime.conversation.session import ConversationSession, SpeechGate
 from runtime.conversation.sinks import ImmediateSink
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+from runtime.speech.engines.espeak import EspeakTTS
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
 from runtime.talk import OUTPUT_RATE, FileResult, talk_pcm
@@ -49,7 +53,7 @@ def audible_until(agent24k: bytes, start_s: float, end_s: float) -> float | None
 async def converse(
     pcm: bytes,
     whisper: WhisperSTT,
-    piper: PiperTTS,
+    espeak: EspeakTTS,
     *,
     config: SessionConfig | None = None,
 ) -> tuple[FileResult, list[ev.ConversationEvent], list[list[dict[str, str]]]]:
@@ -57,7 +61,7 @@ async def converse(
     plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY, SECOND))
     async with ReferenceEndpoint(plan) as server, llm_for(server) as llm:
         result = await talk_pcm(
-            pcm, llm=llm, stt=whisper, tts=piper, config=config or SessionConfig(),
+            pcm, llm=llm, stt=whisper, tts=espeak, config=config or SessionConfig(),
             on_event=events.append,
         )  # fmt: skip
         requests = [body["messages"] for body in chat_bodies(server)]
@@ -94,11 +98,11 @@ def check_interrupted(
 
 
 async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
-    whisper: WhisperSTT, piper: PiperTTS
+    whisper: WhisperSTT, espeak: EspeakTTS
 ):
     # "Um" at 6.60-6.85 s, "wait" at 7.00-7.25 s, "stop, that's not what I asked." until 9.2 s.
     pcm = read_wav(SPEECH / "interrupt-starting-with-um.wav").mono()
-    result, events, requests = await converse(pcm, whisper, piper)
+    result, events, requests = await converse(pcm, whisper, espeak)
     check_interrupted(events, requests, "wait, stop, that's not what I asked.")
     # The agent was talking when the user began, and stopped once "wait" was heard.
     cut_at = audible_until(result.agent, 3.0, 9.5)
@@ -107,34 +111,34 @@ async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
 
 
 async def test_an_interruption_starting_with_okay_is_not_a_backchannel(
-    whisper: WhisperSTT, piper: PiperTTS
+    whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS
 ):
     words = "Okay, but I meant the other one."
     pcm = (
         silence(0.4) + utterance("shared-00-piper") + silence(4.0) + await speak(piper, words)
     ) + silence(0.5)
-    _, events, requests = await converse(pcm, whisper, piper)
+    _, events, requests = await converse(pcm, whisper, espeak)
     check_interrupted(events, requests, "but I meant the other one.")
     assert said(requests[1][3]["content"]).startswith("okay")
 
 
-async def test_digits_interrupt(whisper: WhisperSTT, piper: PiperTTS):
+async def test_digits_interrupt(whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS):
     pcm = (
         silence(0.4) + utterance("shared-00-piper") + silence(4.0)
         + await speak(piper, "One, two, three, four.") + silence(0.5)
     )  # fmt: skip
-    _, events, requests = await converse(pcm, whisper, piper)
+    _, events, requests = await converse(pcm, whisper, espeak)
     assert statuses(events) == ["interrupted", "completed"]
     digits = said(requests[1][3]["content"]).replace("one", "1")
     assert digits == "1 2 3 4"
 
 
-async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS):
+async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS):
     pcm = (
         silence(0.4) + utterance("shared-00-piper") + silence(4.0)
         + await speak(piper, "Okay, okay.") + silence(0.5)
     )  # fmt: skip
-    _, events, requests = await converse(pcm, whisper, piper)
+    _, events, requests = await converse(pcm, whisper, espeak)
     assert statuses(events) == ["completed"]
     replies = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert len(replies) == 1 and replies[0].text == LONG_REPLY and not replies[0].interrupted
@@ -142,14 +146,14 @@ async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS):
 
 
 async def test_speech_over_a_reply_that_cannot_be_interrupted_is_the_next_turn(
-    whisper: WhisperSTT, piper: PiperTTS
+    whisper: WhisperSTT, espeak: EspeakTTS
 ):
     pcm = (
         silence(0.4) + utterance("shared-00-piper") + silence(4.0)
         + utterance("shared-10-piper") + silence(0.5)
     )  # fmt: skip  # "No, I meant next Friday, not this one."
     config = SessionConfig(turn_detection=TurnDetection(interrupt_response=False))
-    result, events, requests = await converse(pcm, whisper, piper, config=config)
+    result, events, requests = await converse(pcm, whisper, espeak, config=config)
     assert statuses(events) == ["completed", "completed"]
     first = next(e for e in events if isinstance(e, ev.AgentTranscript))
     assert first.text == LONG_REPLY and not first.interrupted
