@@ -194,7 +194,7 @@ async def test_greeting_is_spoken_verbatim_and_kept_in_history(
 ):
     endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Of course.",))
     greeting = "Hi, this is Northwind. How can I help?"
-    pcm = silence(3.5) + utterance("shared-04-piper") + silence(0.3)
+    pcm = silence(6.0) + utterance("shared-04-piper") + silence(0.3)
     events: list[ev.ConversationEvent] = []
     async with llm_for(endpoint) as llm:
         result = await talk_pcm(
@@ -207,7 +207,7 @@ async def test_greeting_is_spoken_verbatim_and_kept_in_history(
         )
     transcripts = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert transcripts[0].text == greeting
-    assert active(result.agent, 0.0, 1.5)
+    assert active(result.agent, 0.0, 3.0)
     messages = chat_bodies(endpoint)[0]["messages"]
     assert messages[1] == {"role": "assistant", "content": greeting}
     assert messages[2]["role"] == "user"
