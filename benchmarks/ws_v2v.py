@@ -17,8 +17,15 @@ user's speech → the agent's first sound, -40 dBFS in 10 ms blocks, as
 it sent → first ``reply.audio`` received). The difference of the medians is
 what the socket path adds.
 
+``--transport N`` measures the socket path alone, free of the speech stack:
+N round trips of a 50 ms ``input.audio`` chunk to a loopback peer (its own
+thread and event loop, the real ``websockets`` and the real codec on both
+sides) answered by a 40 ms ``reply.audio`` piece; half the round trip is what
+one hop of the socket path costs.
+
 Run:
     nice -n 10 python -m benchmarks.ws_v2v --rounds 3
+    python -m benchmarks.ws_v2v --transport 2000
 """
 
 from __future__ import annotations
@@ -138,13 +145,68 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def transport(n: int) -> list[float]:
+    """Round trips (ms) of input.audio → reply.audio through a loopback WebSocket peer."""
+    import threading
+    import time
+
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from runtime.protocol import events as ev
+
+    piece = ev.encode(ev.ReplyAudio(data=bytes(1920), reply_id="reply_1"))  # 40 ms at 24 kHz
+    started = threading.Event()
+    port: list[int] = []
+
+    async def peer(ws: ServerConnection) -> None:
+        async for text in ws:
+            event = ev.decode_client_event(text)
+            assert isinstance(event, ev.InputAudio)
+            await ws.send(piece)
+
+    async def server_main() -> None:
+        async with serve(peer, "127.0.0.1", 0, compression=None) as server:
+            port.append(server.sockets[0].getsockname()[1])
+            started.set()
+            await asyncio.get_running_loop().create_future()
+
+    thread = threading.Thread(target=lambda: asyncio.run(server_main()), daemon=True)
+    thread.start()
+    started.wait(10)
+
+    async def client_main() -> list[float]:
+        out: list[float] = []
+        chunk = ev.InputAudio(audio=bytes(2400))  # 50 ms at 24 kHz
+        async with connect(f"ws://127.0.0.1:{port[0]}", compression=None, proxy=None) as ws:
+            for _ in range(n):
+                t = time.perf_counter()
+                await ws.send(ev.encode(chunk))
+                reply = ev.decode_server_event(await ws.recv())
+                assert isinstance(reply, ev.ReplyAudio)
+                out.append((time.perf_counter() - t) * 1000)
+        return out
+
+    return asyncio.run(client_main())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="voice to voice: WebSocket vs in-process")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference-ttft-ms", type=float, default=200.0)
     parser.add_argument("--clip", type=Path, action="append", help="clip(s) to use instead")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ws_v2v.json"))
+    parser.add_argument("--transport", type=int, metavar="N", help="only the socket path, N times")
     args = parser.parse_args(argv)
+    if args.transport:
+        import numpy as np
+
+        rtts = transport(args.transport)
+        p50, p90, p99 = (float(np.percentile(rtts, q)) for q in (50, 90, 99))
+        print(f"input.audio (50 ms) -> reply.audio (40 ms) round trip over loopback, "
+              f"{len(rtts)} times: p50 {p50:.2f} ms, p90 {p90:.2f} ms, "
+              f"p99 {p99:.2f} ms")  # fmt: skip
+        return 0
     plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=REPLIES)
     with ReferenceThread(plan) as ref, tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(Path(tmp) / "data", ref.base_url)

@@ -407,19 +407,19 @@ async def test_cli_exit_codes(tmp_path: Path):
             3, "voxloop: error: no Voice Agent WebSocket at that URL: HTTP 404 (http_404)\n"
         )  # fmt: skip
     # A drop the server does not let us resume from: exit 6; an expired session: exit 7.
-    for peer_args, exit_code, message in [
+    for other_peer, exit_code, message in [
         (
-            {"drop_after_audio": 3, "forget_on_drop": True},
+            Peer(drop_after_audio=3, forget_on_drop=True),
             6,
             "no resumable session (session_not_found)",
         ),
         (
-            {"expire_after_audio": 3},
+            Peer(expire_after_audio=3),
             7,
             "the session reached its maximum duration (session_expired)",
         ),
     ]:
-        async with running(Peer(**peer_args)) as other:
+        async with running(other_peer) as other:
             code, _, err = await cli(other, "--agent-id", "agent_1", "--input", str(clip))
         assert code == exit_code and err.splitlines()[-1] == f"voxloop: error: {message}", err
         assert "Traceback" not in err
