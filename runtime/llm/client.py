@@ -41,7 +41,10 @@ retries and the timestamps.
 * Template-opened reasoning (see ``runtime.llm.stream``): until the client
   knows whether the endpoint's chat template opens a think block, the start
   of a reply's content is held back until the stream decides; the decision is
-  remembered in :attr:`ChatClient.leading_reasoning` for the next replies.
+  remembered in :attr:`ChatClient.leading_reasoning` for the next replies,
+  and in a :class:`ReasoningMemory` shared by every client of the process
+  (keyed by base URL and model), so a new session with a known endpoint
+  streams its first reply at once.
 * Cancellation: leaving the context (normally, by error, or by cancelling the
   consuming task) closes the HTTP response under a shielded, time-limited
   cleanup, so the endpoint sees the disconnect and the pool stays consistent;
@@ -288,6 +291,30 @@ def _error_detail(body: bytes, secret: Secret | None) -> str:
     return text
 
 
+class ReasoningMemory:
+    """Whether each endpoint's replies start inside a template-opened think block.
+
+    Keyed by ``(base_url, model)``; bounded (the least recently learned
+    entries are forgotten first).
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._known: dict[tuple[str, str], bool] = {}
+
+    def get(self, key: tuple[str, str]) -> bool | None:
+        return self._known.get(key)
+
+    def remember(self, key: tuple[str, str], leading_reasoning: bool) -> None:
+        self._known.pop(key, None)
+        self._known[key] = leading_reasoning
+        while len(self._known) > self._size:
+            del self._known[next(iter(self._known))]
+
+
+REASONING_MEMORY: Final = ReasoningMemory()
+
+
 class ChatClient:
     """Streams chat completions from one endpoint.
 
@@ -304,6 +331,8 @@ class ChatClient:
         leading_reasoning: whether the endpoint's chat template opens a think
             block before every reply (``None``: learn it from the first reply,
             holding that reply's text back until the stream decides).
+        reasoning_memory: where decisions about endpoints are remembered
+            (default: the process-wide :data:`REASONING_MEMORY`).
 
     Raises:
         URLPolicyError: the base URL is not allowed (raised here for syntax,
@@ -323,9 +352,16 @@ class ChatClient:
         http2: bool = False,
         limits: httpx.Limits | None = None,
         leading_reasoning: bool | None = None,
+        reasoning_memory: ReasoningMemory | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self.leading_reasoning = leading_reasoning
+        self._memory = REASONING_MEMORY if reasoning_memory is None else reasoning_memory
+        self._memory_key = (endpoint.base_url, endpoint.model)
+        self.leading_reasoning = (
+            leading_reasoning
+            if leading_reasoning is not None
+            else self._memory.get(self._memory_key)
+        )
         self._clock = clock or MonotonicClock()
         self._timeouts = timeouts or ClientTimeouts()
         self._retry = retry or RetryPolicy()
@@ -738,6 +774,7 @@ class ChatStream:
             decided = self._chunks.leading_reasoning
             if decided or (decided is False and self._spoke):
                 client.leading_reasoning = decided
+                client._memory.remember(client._memory_key, decided)
 
     def _describe_body(self) -> str:
         response = self._response

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import typing
 from collections.abc import AsyncIterator
@@ -252,6 +253,13 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
 
 
 def _connect_detail(exc: httpx.HTTPError) -> str:
-    """``ConnectError: [Errno 111] Connection refused`` — the OS reason, when there is one."""
+    """The OS reason (``Connection refused``) when the chain holds one, else httpx's text."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno:
+            return os.strerror(current.errno)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__

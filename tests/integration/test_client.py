@@ -354,6 +354,7 @@ async def test_connect_error_is_typed_and_retryable(make_client: ClientFactory):
     with pytest.raises(EndpointError) as info:
         await collect(client)
     assert info.value.kind == "connect" and info.value.retryable
+    assert str(info.value) == "could not connect to the endpoint: Connection refused"
 
 
 # -- cancellation -------------------------------------------------------------

@@ -14,7 +14,7 @@ from runtime.errors import (
     EndpointTimeout,
     MalformedStream,
 )
-from runtime.llm.client import ChatRequest, ClientTimeouts, RetryPolicy
+from runtime.llm.client import ChatRequest, ClientTimeouts, ReasoningMemory, RetryPolicy
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.llm.stream import ReasoningDelta, TextDelta, ToolCall
 
@@ -263,6 +263,25 @@ async def test_undecided_first_reply_is_released_at_its_end_then_streams(
     assert client.leading_reasoning is False
     _, events = await collect(client)
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["One", " two", " three."]
+    # A new client for the same endpoint and model (a new session) knows it too.
+    other = make_client(server.base_url, leading_reasoning=None)
+    assert other.leading_reasoning is False
+    _, events = await collect(other)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["One", " two", " three."]
+    memory = ReasoningMemory()
+    assert (
+        make_client(
+            server.base_url, leading_reasoning=None, reasoning_memory=memory
+        ).leading_reasoning
+        is None
+    )
+
+
+def test_reasoning_memory_is_bounded():
+    memory = ReasoningMemory(size=2)
+    for i in range(3):
+        memory.remember((f"http://h{i}/v1", "m"), i % 2 == 0)
+    assert [memory.get((f"http://h{i}/v1", "m")) for i in range(3)] == [None, False, True]
 
 
 async def test_two_tool_calls_under_one_index(
