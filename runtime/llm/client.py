@@ -736,6 +736,11 @@ class ChatStream:
         if len(self._head) < _BODY_HEAD_LIMIT:
             self._head += data[: _BODY_HEAD_LIMIT - len(self._head)]
         self._sse.receive_data(data)
+        pending = self._sse.pending_data
+        if pending is not None and pending.strip() == "[DONE]":
+            # "data: [DONE]" without the blank line that would dispatch it, on a
+            # connection the server keeps open: it is the end all the same.
+            self._sse.receive_eof()
         self._decode(self._sse.events_received())
 
     def _decode(self, events: list[SSEEvent]) -> None:

@@ -127,6 +127,11 @@ class SSEDecoder:
             self._buffer.clear()
         self._dispatch()
 
+    @property
+    def pending_data(self) -> str | None:
+        """The data of the event being built from complete lines, not yet dispatched."""
+        return "\n".join(self._data) if self._has_data and not self._error else None
+
     def events_received(self) -> list[SSEEvent]:
         """Return and forget the events decoded so far."""
         events, self._events = self._events, []

@@ -147,6 +147,20 @@ async def test_done_ends_a_stream_the_server_holds_open(
     assert record.disconnected_ns is not None  # the client hung up; the server never ended
 
 
+@pytest.mark.timeout(15)
+async def test_done_line_without_its_blank_line_on_a_held_connection(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    body = recorded("done-then-held-open.sse").rstrip(b"\n") + b"\n"  # no blank line after it
+    server.plan = ReplyPlan(body=body, hold_open=True, chunk_size=9)
+    client = make_client(
+        server.base_url,
+        timeouts=ClientTimeouts(first_token_s=60, first_token_budget_s=60, stall_s=60),
+    )
+    _, events = await collect(client)
+    assert text_of(events) == "Hi there."
+
+
 async def test_done_then_end_of_body_keeps_the_connection(
     server: ReferenceEndpoint, make_client: ClientFactory
 ):
