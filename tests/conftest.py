@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from runtime.endpoints import URLPolicy
-from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
+from runtime.llm.client import REASONING_MEMORY, ChatClient, ClientTimeouts, Endpoint, RetryPolicy
 from runtime.llm.reference import ReferenceEndpoint
 from runtime.secret import Secret
 
@@ -16,6 +16,13 @@ from .postgres import PostgresServer, postgres_server
 def postgres() -> Iterator[PostgresServer | None]:
     """One throwaway PostgreSQL server for the whole session (``None``: not installed)."""
     yield from postgres_server()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_reasoning_memory() -> None:
+    # Loopback ports are reused between tests: what one test's endpoint taught
+    # the process must not carry over to the next test's endpoint on that port.
+    REASONING_MEMORY.clear()
 
 
 @pytest.fixture

@@ -305,6 +305,12 @@ class ReasoningMemory:
     def get(self, key: tuple[str, str]) -> bool | None:
         return self._known.get(key)
 
+    def forget(self, key: tuple[str, str]) -> None:
+        self._known.pop(key, None)
+
+    def clear(self) -> None:
+        self._known.clear()
+
     def remember(self, key: tuple[str, str], leading_reasoning: bool) -> None:
         self._known.pop(key, None)
         self._known[key] = leading_reasoning
@@ -357,7 +363,8 @@ class ChatClient:
         self.endpoint = endpoint
         self._memory = REASONING_MEMORY if reasoning_memory is None else reasoning_memory
         self._memory_key = (endpoint.base_url, endpoint.model)
-        self.leading_reasoning = (
+        self._configured = leading_reasoning is not None
+        self._leading = (
             leading_reasoning
             if leading_reasoning is not None
             else self._memory.get(self._memory_key)
@@ -388,6 +395,25 @@ class ChatClient:
 
     def __repr__(self) -> str:
         return f"ChatClient(base_url={self._url.url!r}, model={self.endpoint.model!r})"
+
+    @property
+    def leading_reasoning(self) -> bool | None:
+        """Whether replies start inside a template-opened think block (``None``: not known).
+
+        Setting it (as the client does when a reply decides it) also updates the
+        process memory, unless the value was given to the constructor.
+        """
+        return self._leading
+
+    @leading_reasoning.setter
+    def leading_reasoning(self, value: bool | None) -> None:
+        self._leading = value
+        if self._configured:
+            return
+        if value is None:
+            self._memory.forget(self._memory_key)
+        else:
+            self._memory.remember(self._memory_key, value)
 
     @property
     def url(self) -> EndpointURL:
@@ -775,11 +801,18 @@ class ChatStream:
         self._eof = True
         self.timings.ended_ns = self._clock.now_ns()
         client = self._client
+        chunks = self._chunks
         if client.leading_reasoning is None:
-            decided = self._chunks.leading_reasoning
+            decided = chunks.leading_reasoning
             if decided or (decided is False and self._spoke):
                 client.leading_reasoning = decided
-                client._memory.remember(client._memory_key, decided)
+        elif not client._configured and (
+            (client.leading_reasoning and chunks.deltas and not chunks.think_closed)
+            or (client.leading_reasoning is False and chunks.stray_close)
+        ):
+            # The endpoint no longer behaves as learned (another model behind
+            # the same name?): learn again from the next reply.
+            client.leading_reasoning = None
 
     def _describe_body(self) -> str:
         response = self._response

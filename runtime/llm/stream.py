@@ -153,12 +153,14 @@ class _ThinkSplitter:
     pieces (joined).
     """
 
-    __slots__ = ("_head", "_held", "_inside", "_template_opened", "_undecided")
+    __slots__ = ("_head", "_held", "_inside", "_template_opened", "_undecided", "closed", "stray")
 
     def __init__(self, leading_reasoning: bool | None) -> None:
         self._inside = leading_reasoning is True
         self._template_opened = leading_reasoning is True
         self._undecided = leading_reasoning is None
+        self.closed = False  # a think block was closed in this reply
+        self.stray = False  # a closing tag came while the reply was known not to be inside one
         self._held = ""
         self._head: list[str] = []
 
@@ -201,6 +203,7 @@ class _ThinkSplitter:
                 buf = buf[at_open + len(_THINK_OPEN) :]
                 continue
             before = buf[:at_close]
+            self.closed = True
             if self._inside:
                 self._emit(out, before)
             elif self._undecided:
@@ -212,6 +215,7 @@ class _ThinkSplitter:
                 if head:
                     out.append((True, head))
             else:
+                self.stray = True
                 self._emit(out, before)  # a stray closing tag is never spoken
             self._inside = False
             buf = buf[at_close + len(_THINK_CLOSE) :]
@@ -305,6 +309,16 @@ class ChatChunkDecoder:
     def leading_reasoning(self) -> bool | None:
         """Whether this reply started inside a template-opened think block, once decided."""
         return self._think.leading_reasoning
+
+    @property
+    def think_closed(self) -> bool:
+        """Whether a ``</think>`` closed a think block in this reply."""
+        return self._think.closed
+
+    @property
+    def stray_close(self) -> bool:
+        """Whether a ``</think>`` came outside any think block (dropped, never spoken)."""
+        return self._think.stray
 
     def receive_event(self, event: SSEEvent) -> list[ChatEvent]:
         """Decode one SSE event.

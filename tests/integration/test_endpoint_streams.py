@@ -393,3 +393,36 @@ async def test_text_before_an_error_in_the_same_read_is_delivered_first(
                     received.append(event.text)
     assert received == ["Half an", " answer"]
     assert info.value.retryable is False and len(server.requests) == 1
+
+
+async def test_what_was_learned_is_unlearned_when_the_endpoint_changes(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    client = make_client(server.base_url, leading_reasoning=None)
+    server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
+    _, events = await collect(client)
+    assert text_of(events) == "Hi." and client.leading_reasoning is True
+    # Another model behind the same name: no think block any more. That reply is
+    # taken as reasoning (never spoken), and the client learns again.
+    server.plan = ReplyPlan(replies=("Hello there.",))
+    _, events = await collect(client)
+    assert text_of(events) == "" and client.leading_reasoning is None
+    _, events = await collect(client)
+    assert text_of(events) == "Hello there." and client.leading_reasoning is False
+    assert make_client(server.base_url, leading_reasoning=None).leading_reasoning is False
+    # And back: a stray closing tag is dropped, and the client learns again.
+    server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
+    _, events = await collect(client)
+    assert text_of(events) == "Plan.Hi." and client.leading_reasoning is None
+    _, events = await collect(client)
+    assert text_of(events) == "Hi." and client.leading_reasoning is True
+
+
+async def test_a_configured_start_is_never_unlearned(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    client = make_client(server.base_url, leading_reasoning=False)
+    server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
+    _, events = await collect(client)
+    assert text_of(events) == "Plan.Hi." and client.leading_reasoning is False
+    assert make_client(server.base_url, leading_reasoning=None).leading_reasoning is None
