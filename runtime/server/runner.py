@@ -108,6 +108,8 @@ class RunnerLimits:
         max_duration_s: session length when the credential sets none.
         resume_grace_s: how long a dropped session stays resumable.
         output_lead_ms: how far ``reply.audio`` may run ahead of real time.
+        output_buffer_ms: how far synthesised audio may queue ahead of real time on
+            the server (unsent; dropped on an interruption).
         input_buffer_ms: client audio held ahead of real time before dropping.
         outbound_messages: server events queued for a client before it is dropped.
         ready_timeout_s: time for the first message after the upgrade.
@@ -117,6 +119,7 @@ class RunnerLimits:
     max_duration_s: int = 10_800
     resume_grace_s: float = RESUME_GRACE_S
     output_lead_ms: int = 300
+    output_buffer_ms: int = 300
     input_buffer_ms: int = 2000
     outbound_messages: int = 512
     ready_timeout_s: float = 10.0
@@ -124,7 +127,8 @@ class RunnerLimits:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerLimits:
         """Read ``VOXLOOP_MAX_SESSIONS``, ``VOXLOOP_MAX_SESSION_SECONDS``,
-        ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_INPUT_BUFFER_MS``, ``VOXLOOP_OUTBOUND_MESSAGES``.
+        ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_AUDIO_BUFFER_MS``, ``VOXLOOP_INPUT_BUFFER_MS``,
+        ``VOXLOOP_OUTBOUND_MESSAGES``.
 
         Raises:
             ValueError: a value is not a positive integer.
@@ -143,6 +147,7 @@ class RunnerLimits:
             max_sessions=number("VOXLOOP_MAX_SESSIONS", d.max_sessions),
             max_duration_s=number("VOXLOOP_MAX_SESSION_SECONDS", d.max_duration_s),
             output_lead_ms=number("VOXLOOP_AUDIO_LEAD_MS", d.output_lead_ms),
+            output_buffer_ms=number("VOXLOOP_AUDIO_BUFFER_MS", d.output_buffer_ms),
             input_buffer_ms=number("VOXLOOP_INPUT_BUFFER_MS", d.input_buffer_ms),
             outbound_messages=number("VOXLOOP_OUTBOUND_MESSAGES", d.outbound_messages),
         )
@@ -421,11 +426,12 @@ class Engines:
 class PacedSink:
     """The session's speaker: accepts audio like a device and sends it paced to real time.
 
-    :meth:`write` queues audio on a virtual playout timeline (waiting while
-    more than ``lead_ms`` is queued, like a device buffer). :meth:`run` sends
-    it in ``piece_ms`` pieces, each when its playout time is at most
+    :meth:`write` queues audio on a virtual playout timeline, waiting while
+    more than ``buffer_ms`` is queued (so the TTS can work ahead of playback
+    and a slow sentence does not leave the listener in silence). :meth:`run`
+    sends it in ``piece_ms`` pieces, each when its playout time is at most
     ``lead_ms`` away, so a listener never holds more than ``lead_ms`` of
-    unplayed audio and the playout position (``played_samples``, the loop
+    unplayed audio, and the playout position (``played_samples``, the loop
     clock against the timeline) is what was heard. :meth:`clear_buffer`
     drops what was not played; pieces not yet sent are never sent.
 
@@ -436,6 +442,7 @@ class PacedSink:
             that was current when it was written.
         tag: called at each :meth:`write` (which reply the audio belongs to).
         piece_ms: the size of the pieces sent.
+        buffer_ms: how far ahead of real time audio is accepted (>= ``lead_ms``).
     """
 
     def __init__(
@@ -445,9 +452,11 @@ class PacedSink:
         on_audio: Callable[[bytes, Any], None],
         tag: Callable[[], Any] = lambda: None,
         piece_ms: int = 40,
+        buffer_ms: int = 0,
     ) -> None:
         self._rate = check_rate(sample_rate)
         self._lead = sample_rate * lead_ms // 1000
+        self._buffer = sample_rate * max(buffer_ms, lead_ms) // 1000
         self._piece = sample_rate * piece_ms // 1000 * 2
         self._on_audio = on_audio
         self._tag = tag
@@ -455,7 +464,7 @@ class PacedSink:
         self._end = 0
         self._written = 0
         # (timeline position in samples, pcm, tag) not sent yet; bounded by the
-        # write-side wait (lead + one chunk).
+        # write-side wait (buffer + one chunk).
         self._pending: collections.deque[tuple[int, bytes, Any]] = collections.deque()
         self._wake = asyncio.Event()
 
@@ -476,9 +485,9 @@ class PacedSink:
         return self._written - self.queued_samples
 
     async def write(self, pcm: bytes) -> None:
-        # A timer, not polling: sleep exactly until the queue is back under the lead.
-        while (ahead := self._end - self._now()) > self._lead:  # noqa: ASYNC110
-            await asyncio.sleep((ahead - self._lead) / self._rate)
+        # A timer, not polling: sleep exactly until the queue is back under its bound.
+        while (ahead := self._end - self._now()) > self._buffer:  # noqa: ASYNC110
+            await asyncio.sleep((ahead - self._buffer) / self._rate)
         tag = self._tag()
         pos = max(self._end, self._now())
         for i in range(0, len(pcm), self._piece):
@@ -707,6 +716,7 @@ class LiveSession:
         sink = PacedSink(
             self.spec.output_format.sample_rate, self.runner.limits.output_lead_ms,
             self._on_audio, tag=lambda: self._speaking,
+            buffer_ms=self.runner.limits.output_buffer_ms,
         )  # fmt: skip
         self._sink = sink
         config = self.spec.core_config()

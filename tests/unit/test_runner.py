@@ -84,6 +84,11 @@ def test_public_config_has_no_secrets() -> None:
 def test_limits_and_default_endpoint_from_the_environment() -> None:
     limits = RunnerLimits.from_env({"VOXLOOP_MAX_SESSIONS": "3", "VOXLOOP_AUDIO_LEAD_MS": "120"})
     assert (limits.max_sessions, limits.output_lead_ms, limits.max_duration_s) == (3, 120, 10_800)
+    assert (limits.output_buffer_ms, limits.outbound_messages) == (300, 512)
+    tuned = RunnerLimits.from_env(
+        {"VOXLOOP_AUDIO_BUFFER_MS": "900", "VOXLOOP_OUTBOUND_MESSAGES": "64"}
+    )
+    assert (tuned.output_buffer_ms, tuned.outbound_messages) == (900, 64)
     for bad in ("0", "-1", "ten", "1.5"):
         with pytest.raises(ValueError, match="VOXLOOP_MAX_SESSIONS"):
             RunnerLimits.from_env({"VOXLOOP_MAX_SESSIONS": bad})
