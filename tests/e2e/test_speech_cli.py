@@ -10,6 +10,8 @@ import pytest
 
 from audio.wav import read_wav
 
+from ..helpers import DATA
+
 VOXLOOP = [sys.executable, "-m", "runtime.cli"]
 
 
@@ -47,6 +49,13 @@ def test_transcribe_real_telephone_audio():
     )
     assert heard.returncode == 0
     assert heard.stdout.strip().lower().rstrip(".") == "all circuits are busy now"
+
+
+def test_transcribe_a_wav_streamed_with_placeholder_sizes():
+    # RIFF and data sizes 0xFFFFFFFF, as a tool writing to a pipe leaves them.
+    heard = run("transcribe", str(DATA / "audio" / "streamed-header-sizes.wav"))
+    assert heard.returncode == 0, heard.stderr
+    assert heard.stdout.strip() == "Hello World."
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path):
