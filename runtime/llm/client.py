@@ -37,7 +37,9 @@ retries and the timestamps.
   once, even when the server keeps the connection open. A 2xx body that
   ends without a single server-sent event (an HTML page from a proxy, a body
   in an encoding the server did not declare) is a retryable
-  :class:`MalformedStream` quoting its first bytes, never an empty reply.
+  :class:`MalformedStream` quoting its first bytes, never an empty reply. A
+  2xx JSON answer (a server that ignored ``stream: true``) is read as one
+  event: a whole completion is the reply, an ``error`` object follows its code.
 * Template-opened reasoning (see ``runtime.llm.stream``): until the client
   knows whether the endpoint's chat template opens a think block, the start
   of a reply's content is held back until the stream decides; the decision is
@@ -111,6 +113,7 @@ _ERROR_BODY_LIMIT: Final = 4096
 _ERROR_TEXT_LIMIT: Final = 200
 _CLEANUP_TIMEOUT_S: Final = 2.0
 _BODY_HEAD_LIMIT: Final = 512
+_JSON_BODY_LIMIT: Final = 1 << 20
 # After [DONE]: how long, and how much, to read for the end of the body.
 _DRAIN_S: Final = 0.05
 _DRAIN_LIMIT: Final = 65536
@@ -501,8 +504,16 @@ class ChatClient:
 
     # -- used by ChatStream -------------------------------------------------
 
-    async def _open(self, request: ChatRequest, timings: StreamTimings) -> httpx.Response:
-        """Send the request and check the status; retry the include_usage fallback."""
+    async def _open(
+        self, request: ChatRequest, timings: StreamTimings
+    ) -> tuple[httpx.Response, bytes | None]:
+        """Send the request and check the status; retry the include_usage fallback.
+
+        Returns:
+            The response, and for a 2xx JSON answer (a server that ignored
+            ``stream: true``, or a proxy's error object) that answer re-framed
+            as one server-sent event.
+        """
         dropped_usage = False
         while True:
             body = self.build_body(request)
@@ -510,12 +521,7 @@ class ChatClient:
             if response.status_code < 300:
                 ctype = response.headers.get("content-type", "")
                 if ctype.startswith("application/json"):
-                    detail = await self._read_error_body(response)
-                    raise MalformedStream(
-                        "endpoint answered with a JSON body, not an event stream"
-                        + (f": {detail}" if detail else ""),
-                        retryable=False,
-                    )
+                    return response, await self._json_as_event(response)
                 unknown = [
                     coding
                     for coding in response.headers.get_list("content-encoding", split_commas=True)
@@ -528,7 +534,7 @@ class ChatClient:
                         "which voxloop does not decode (gzip, deflate and br are)",
                         retryable=False,
                     )
-                return response
+                return response, None
             detail = await self._read_error_body(response)
             status = response.status_code
             if status in (400, 422) and self.include_usage and not dropped_usage:
@@ -567,6 +573,35 @@ class ChatClient:
         if timings.sent_ns is None:
             timings.sent_ns = timings.started_ns
         return response
+
+    async def _json_as_event(self, response: httpx.Response) -> bytes:
+        """A whole JSON answer as one SSE event, if it is a completion or an error."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._timeouts.stall_s):
+                async for chunk in response.aiter_bytes():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > _JSON_BODY_LIMIT:
+                        break
+        except (httpx.HTTPError, TimeoutError):
+            pass
+        finally:
+            await response.aclose()
+        raw = b"".join(chunks)
+        try:
+            doc = json.loads(raw) if size <= _JSON_BODY_LIMIT else None
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and ("choices" in doc or doc.get("error")):
+            return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+        detail = _error_detail(raw[:_ERROR_BODY_LIMIT], self.endpoint.api_key)
+        raise MalformedStream(
+            "endpoint answered with a JSON body that is not a chat completion"
+            + (f": {detail}" if detail else ""),
+            retryable=False,
+        )
 
     async def _read_error_body(self, response: httpx.Response) -> str:
         chunks: list[bytes] = []
@@ -709,8 +744,8 @@ class ChatStream:
                     self.timings.attempts += 1
                     self._start_attempt()
                     deadline.reschedule(self._deadline)
-                    self._response = await self._client._open(self._request, self.timings)
-                    self._raw = self._response.aiter_bytes()
+                    self._response, whole = await self._client._open(self._request, self.timings)
+                    self._raw = _once(whole) if whole is not None else self._response.aiter_bytes()
                 assert self._raw is not None
                 while not self._pending:
                     try:
@@ -897,3 +932,7 @@ class ChatStream:
         """Consume the stream and return the speakable text."""
         parts = [event.text async for event in self if isinstance(event, TextDelta)]
         return "".join(parts)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

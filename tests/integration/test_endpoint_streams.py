@@ -426,3 +426,45 @@ async def test_a_configured_start_is_never_unlearned(
     _, events = await collect(client)
     assert text_of(events) == "Plan.Hi." and client.leading_reasoning is False
     assert make_client(server.base_url, leading_reasoning=None).leading_reasoning is None
+
+
+COMPLETION = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","model":"m","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"Hi there."},"finish_reason":"stop"}]}'
+)
+
+
+async def test_a_whole_completion_instead_of_a_stream_is_the_reply(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    # A server (or proxy) that ignores "stream": true and answers once, in JSON.
+    server.plan = ReplyPlan(
+        body=COMPLETION, content_type="application/json", content_encoding="gzip"
+    )
+    stream, events = await collect(make_client(server.base_url))
+    assert text_of(events) == "Hi there." and stream.finish_reason == "stop"
+
+
+async def test_an_error_object_with_status_200_follows_its_code(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    body = b'{"error": {"message": "model overloaded", "code": 503}}'
+    server.plan = ReplyPlan(body=body, content_type="application/json")
+    with pytest.raises(EndpointServerError) as info:
+        await collect(make_client(server.base_url))
+    assert (
+        str(info.value) == "endpoint reported an error in the stream (code 503): model overloaded"
+    )
+    assert info.value.retryable is True and len(server.requests) == 2
+
+
+async def test_json_that_is_not_a_completion_is_malformed(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(body=b'{"status": "ok"}', content_type="application/json")
+    with pytest.raises(MalformedStream) as info:
+        await collect(make_client(server.base_url))
+    assert str(info.value) == (
+        'endpoint answered with a JSON body that is not a chat completion: {"status": "ok"}'
+    )
+    assert info.value.retryable is False and len(server.requests) == 1
