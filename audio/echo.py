@@ -125,9 +125,9 @@ class ResidualEchoGate:
       ``min_warmup_ms`` and at most ``max_warmup_ms`` of far-end audio): echo;
     * the canceller removed less than ``double_talk_db`` *and* the microphone
       is about as loud as the echo usually is (within ``loudness_db`` of the
-      recent loud echo level): something it cannot cancel is there, the
-      user's voice (double talk): it passes, and so do the next ``hold_ms``
-      (word endings);
+      recent loud echo level) for ``confirm_ms`` in a row: something it cannot
+      cancel is there, the user's voice (double talk): it passes, and so do
+      the next ``hold_ms`` (word endings);
     * otherwise echo.
 
     An echo block is scaled down to the noise floor of the cleaned signal
@@ -142,6 +142,8 @@ class ResidualEchoGate:
         double_talk_db: at most this much removed suggests near-end speech.
         loudness_db: how far below the loud echo level near-end speech may be.
         hold_ms: blocks passed after near-end speech.
+        confirm_ms: how long the signs of double talk must last (what the
+            canceller leaves of the echo comes in shorter bursts).
         far_active_dbfs: far-end level that counts as audio.
     """
 
@@ -155,6 +157,7 @@ class ResidualEchoGate:
         double_talk_db: float = 10.0,
         loudness_db: float = 12.0,
         hold_ms: int = 200,
+        confirm_ms: int = 40,
         far_active_dbfs: float = -50.0,
     ) -> None:
         if min(window_ms, min_warmup_ms, max_warmup_ms, hold_ms) < 0:
@@ -168,6 +171,8 @@ class ResidualEchoGate:
         self._double_talk = double_talk_db
         self._loudness = loudness_db
         self._hold_s = hold_ms / 1000
+        self._confirm_s = confirm_ms / 1000
+        self._double_talk_s = 0.0
         self._far_active = far_active_dbfs
         self._since_far_s = float("inf")
         self._far_heard_s = 0.0
@@ -202,6 +207,9 @@ class ResidualEchoGate:
         self._echo_levels.append(near_db)
         loud_echo = float(np.percentile(self._echo_levels, 90))
         loud = near_db >= loud_echo - self._loudness
+        double_talk = loud and near_db - out_db < self._double_talk
+        if not double_talk:
+            self._double_talk_s = 0.0
         if not self._converged:
             if loud:
                 self._removed.append(near_db - out_db)
@@ -210,11 +218,14 @@ class ResidualEchoGate:
                 and len(self._removed) == self._removed.maxlen
                 and statistics.median(self._removed) >= self._converged_db
             )
-        elif near_db - out_db < self._double_talk and loud:
+        elif double_talk:
+            # Speech goes on; a leftover of the echo comes in short bursts.
+            self._double_talk_s += seconds
+        if self._converged and self._double_talk_s >= self._confirm_s:
             self._hold_left_s = self._hold_s
             self.double_talk_blocks += 1
             return cleaned
-        elif self._hold_left_s > 0:
+        if self._converged and self._hold_left_s > 0:
             self._hold_left_s -= seconds
             return cleaned
         self.echo_blocks += 1
@@ -229,6 +240,7 @@ class ResidualEchoGate:
         self._since_far_s = float("inf")
         self._far_heard_s = 0.0
         self._hold_left_s = 0.0
+        self._double_talk_s = 0.0
         self._converged = False
         self._removed.clear()
         self._echo_levels.clear()

@@ -103,10 +103,11 @@ async def test_the_user_interrupts_by_voice_over_the_echo(
     (_, _), (onset, _) = segment_pcm(user, 16000, default_vad())
     cut = next(t for t, e in result.events if isinstance(e, ev.ReplyDone))
     assert cut > onset
-    # What the user said over the agent reached the next turn.
+    # What the user said over the agent reached the next turn (its first word
+    # or two may be lost while the gate makes sure it is not the echo).
     texts = [normalise(u.text) for u in of(result, ev.UserTranscript)]
     assert texts[0] == normalise("What's the weather like in Paris today?")
-    assert texts[1].startswith("wait") and "not what i" in texts[1]
+    assert "not what i" in texts[1]
     assert len(texts) == 2
 
 

@@ -206,8 +206,10 @@ def test_the_residual_gate_passes_the_user_and_holds_back_the_echo():
     assert gate.echo_blocks == 31
     # Converged: a well-cancelled block is still echo...
     assert frame_level_db(gate.process(echo_in, echo_left, loud_far, 0.02)) < -55
-    # ...but the user over the agent (little removed, as loud as the echo) passes,
+    # ...but the user over the agent (little removed, as loud as the echo) passes
+    # once it goes on for 40 ms (a leftover of the echo comes in shorter bursts),
     user = noise(-18, seed=5)
+    assert gate.process(user, user, loud_far, 0.02) != user
     assert gate.process(user, user, loud_far, 0.02) == user
     # and so do the next hold_ms (word endings), then echo is held back again.
     assert gate.process(echo_in, echo_left, loud_far, 0.02) == echo_left
