@@ -30,7 +30,7 @@ from runtime.client.connection import (
     SessionResumed,
     VoiceAgentClient,
 )
-from runtime.client.runner import RATE, WireCodec
+from runtime.client.runner import RATE, WireCodec, connect_pcm
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
 from runtime.protocol import events as ev
 from runtime.secret import Secret
@@ -358,3 +358,42 @@ def test_the_readme_python_example_runs_as_written(served: Served, tmp_path: Pat
     assert lines[-1] == "session.ended"
     reply = read_wav(tmp_path / "reply.wav")
     assert reply.sample_rate == 24000 and loud_blocks(reply.pcm).size > 50
+
+
+LONG_REPLY = (
+    "The weather in Paris today is mild and mostly sunny, with a light breeze from the west, "
+    "a high of about twenty degrees in the afternoon, and a small chance of showers late in "
+    "the evening, so you may want to bring a light jacket if you plan to stay out after dark."
+)
+
+
+async def test_barge_in_cuts_the_playback_where_the_user_started_talking(
+    served: Served, endpoint: EndpointThread
+):
+    endpoint.answer(ReplyPlan(replies=(LONG_REPLY,), ttft_ms=30, itl_ms=5))
+    audio = read_wav(SPEECH / "conv-barge_in.wav")  # a question, then "Wait, stop, ..." at 6.6 s
+    pcm = resample_all(audio.mono(), audio.sample_rate, RATE)
+    loop = asyncio.get_running_loop()
+    timeline: list[tuple[float, object]] = []
+    session = ev.SessionPatch(keys=frozenset({"system_prompt"}), system_prompt="Be brief.")
+    result = await connect_pcm(
+        pcm, url=served.ws, auth=Auth(api_key=Secret(API_KEY)), session=session,
+        on_event=lambda e: timeline.append((loop.time(), e)),
+    )  # fmt: skip
+    t0 = next(t for t, e in timeline if isinstance(e, ev.SessionReady))
+    cut = [m for m in result.metrics if m.interrupted]
+    assert cut, result.metrics
+    first = cut[0]
+    assert first.agent_text and LONG_REPLY.startswith(first.agent_text.rstrip(".,"))
+    assert len(first.agent_text) < len(LONG_REPLY) / 2
+    # Nothing of the cut reply is heard after input.speech.started (the server stops
+    # sending, the client flushes what it holds) until the next reply.
+    began = next(t - t0 for t, e in timeline
+                 if isinstance(e, ev.ReplyStarted) and e.reply_id == first.reply_id)  # fmt: skip
+    started = [t - t0 for t, e in timeline if isinstance(e, ev.InputSpeechStarted)]
+    replies = [t - t0 for t, e in timeline if isinstance(e, ev.ReplyStarted)]
+    barge = next(t for t in started if t > began)
+    after = next((t for t in replies if t > barge), result.duration_s)
+    agent = loud_blocks(result.agent) / 100
+    assert any(began < t < barge for t in agent), "the agent did not speak"
+    assert not any(barge + 0.03 < t < after for t in agent), "audio played after the flush"
