@@ -36,7 +36,7 @@ user's transcripts, with AEC and on the clean microphone.
 
 Run:
     nice -n 10 python -m benchmarks.aec                     # part 1
-    nice -n 10 python -m benchmarks.aec --conversations 3   # and part 2
+    nice -n 10 python -m benchmarks.aec --conversations 1   # and part 2
 """
 
 from __future__ import annotations
