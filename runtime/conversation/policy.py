@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from runtime.conversation.config import TurnDetection
+from runtime.speech.text import reads_finished
 
 FRAME_MS: Final = 20
 PRE_ROLL_MS: Final = 240
@@ -168,16 +169,16 @@ _DANGLING: Final = frozenset(
 def reads_complete(text: str) -> bool:
     """Whether a transcript reads as a finished sentence.
 
-    It must end with ``.``, ``?`` or ``!`` — an ellipsis ("I'd like to book...")
-    is a pause, not an end — and its last word must not leave the sentence
-    hanging (an article, a preposition, a conjunction, a filler: "I'd like to
-    book a.") nor be part of a value being dictated (a number: "my code is
-    4 5."; a spelled letter: "J, O."), which people say in groups.
+    It must end like a finished sentence (:func:`runtime.speech.text.reads_finished`:
+    a sentence mark in any script; an ellipsis, "I'd like to book...", is a
+    pause, not an end), and its last word must not leave the sentence hanging
+    (an article, a preposition, a conjunction, a filler: "I'd like to book a.")
+    nor be part of a value being dictated (a number: "my code is 4 5."; a
+    spelled letter: "J, O."), which people say in groups.
     """
-    stripped = text.rstrip().rstrip("\"')]\u00bb\u201d\u2019")
-    if not stripped.endswith((".", "?", "!")) or stripped.endswith(("..", "…")):
+    if not reads_finished(text):
         return False
-    tokens = _tokens(stripped)
+    tokens = _tokens(text)
     if not tokens or tokens[-1] in _DANGLING:
         return False
     last = tokens[-1]
@@ -186,9 +187,8 @@ def reads_complete(text: str) -> bool:
 
 
 def ends_with_punctuation(text: str) -> bool:
-    """The plain rule: ends with ``.``, ``?`` or ``!`` (an ellipsis does not count)."""
-    stripped = text.rstrip()
-    return stripped.endswith((".", "?", "!")) and not stripped.endswith(("..", "…"))
+    """The plain rule: ends like a finished sentence (an ellipsis does not count)."""
+    return reads_finished(text)
 
 
 # -- decisions -------------------------------------------------------------------
