@@ -38,16 +38,22 @@ def said(text: str) -> str:
     return str(normalise(text)).replace(",", "")
 
 
-def audible_until(agent24k: bytes, start_s: float, end_s: float) -> float | None:
-    """End (s) of the last 50 ms window in ``[start_s, end_s)`` where the agent is audible."""
+def first_silence(agent24k: bytes, start_s: float, end_s: float, min_s: float) -> float | None:
+    """Start (s) of the first run of >= ``min_s`` without agent audio beginning in ``[start_s, end_s)``.
+
+    50 ms windows; a window is audible above an RMS of 100.
+    """
     x = np.frombuffer(agent24k, "<i2").astype(np.float64)
     step = OUTPUT_RATE // 20
-    last = None
-    for i in range(int(start_s * OUTPUT_RATE), int(end_s * OUTPUT_RATE), step):
+    need = round(min_s * 20)
+    quiet: list[bool] = []
+    for i in range(int(start_s * OUTPUT_RATE), int((end_s + min_s) * OUTPUT_RATE), step):
         w = x[i : i + step]
-        if w.size and float(np.sqrt(np.mean(w * w))) > 100:
-            last = (i + step) / OUTPUT_RATE
-    return last
+        quiet.append(not (w.size and float(np.sqrt(np.mean(w * w))) > 100))
+    for k in range(round((end_s - start_s) * 20)):
+        if all(quiet[k : k + need]) and len(quiet[k : k + need]) == need:
+            return start_s + k / 20
+    return None
 
 
 async def converse(
@@ -81,20 +87,27 @@ def check_interrupted(
     requests: list[list[dict[str, str]]],
     interruption: str,
 ) -> None:
-    """The reply was cut, the history holds the heard prefix, then the user's whole interruption."""
-    assert statuses(events) == ["interrupted", "completed"]
-    cut = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    """The reply was cut, the history holds the heard prefix, then the user's whole interruption.
+
+    A pause inside the interruption may end the user's turn early; a reply to that part is then
+    cut before a word of it is heard, and the rest of the user's words follow in order.
+    """
+    done = statuses(events)
+    assert done[0] == "interrupted" and done[-1] == "completed"
+    agent = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    cut = agent[0]
     assert cut.interrupted and cut.text and LONG_REPLY.startswith(cut.text)
     assert len(cut.text) < len(LONG_REPLY) / 2
-    assert len(requests) == 2
-    roles = [m["role"] for m in requests[1]]
-    assert roles == ["system", "user", "assistant", "user"]
-    assert said(requests[1][1]["content"]) in {
+    assert all(a.interrupted and a.text == "" for a in agent[1:-1])
+    last = requests[-1]
+    assert [m["role"] for m in last[:3]] == ["system", "user", "assistant"]
+    assert said(last[1]["content"]) in {
         said("What's the weather like in Paris today?"),
         said("What's the weather like in pairs today?"),
     }
-    assert requests[1][2]["content"] == cut.text
-    assert said(requests[1][3]["content"]).endswith(said(interruption))
+    assert last[2]["content"] == cut.text
+    assert {m["role"] for m in last[3:]} == {"user"}
+    assert said(" ".join(m["content"] for m in last[3:])).endswith(said(interruption))
 
 
 async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
@@ -104,10 +117,11 @@ async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
     pcm = read_wav(SPEECH / "interrupt-starting-with-um.wav").mono()
     result, events, requests = await converse(pcm, whisper, espeak)
     check_interrupted(events, requests, "wait, stop, that's not what I asked.")
-    # The agent was talking when the user began, and stopped once "wait" was heard.
-    cut_at = audible_until(result.agent, 3.0, 9.5)
-    assert cut_at is not None and 7.0 < cut_at < 8.6
-    assert audible_until(result.agent, 6.0, 6.6) is not None
+    # The agent was talking when the user began, and stopped once "wait" was heard: the first
+    # silence longer than any pause inside the reply (300 ms) starts after "wait" begins.
+    assert first_silence(result.agent, 6.0, 6.6, 0.35) is None
+    cut_at = first_silence(result.agent, 6.6, 9.5, 0.35)
+    assert cut_at is not None and 7.0 <= cut_at < 8.2
 
 
 async def test_an_interruption_starting_with_okay_is_not_a_backchannel(
@@ -119,7 +133,7 @@ async def test_an_interruption_starting_with_okay_is_not_a_backchannel(
     ) + silence(0.5)
     _, events, requests = await converse(pcm, whisper, espeak)
     check_interrupted(events, requests, "but I meant the other one.")
-    assert said(requests[1][3]["content"]).startswith("okay")
+    assert said(requests[-1][3]["content"]).startswith("okay")
 
 
 async def test_digits_interrupt(whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS):
