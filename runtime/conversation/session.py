@@ -628,12 +628,8 @@ class ConversationSession:
             if reply.fixed_text is not None:
                 for seg in segmenter.push(reply.fixed_text) + segmenter.flush():
                     await self._put_segment(reply, segments, seg)
-                return
-            for _ in range(self.config.max_tool_rounds + 1):
-                calls = await self._llm_round(reply, segmenter, segments)
-                if not calls:
-                    break
-                await self._run_tools(reply, calls)
+            else:
+                await self._generate_rounds(reply, segmenter, segments)
         except EndpointError as exc:
             reply.status = "failed"
             self._remit(
@@ -648,8 +644,18 @@ class ConversationSession:
             apology = SpeechSegmenter()
             for seg in apology.push(self.config.apology) + apology.flush():
                 await segments.put(seg)
-        finally:
-            await segments.put(None)
+        # Not in a `finally`: when the reply is cancelled, the speaker is cancelled with it, and
+        # waiting here on a full queue (a held speculative reply) would never end.
+        await segments.put(None)
+
+    async def _generate_rounds(
+        self, reply: _Reply, segmenter: SpeechSegmenter, segments: asyncio.Queue[str | None]
+    ) -> None:
+        for _ in range(self.config.max_tool_rounds + 1):
+            calls = await self._llm_round(reply, segmenter, segments)
+            if not calls:
+                break
+            await self._run_tools(reply, calls)
 
     async def _llm_round(
         self, reply: _Reply, segmenter: SpeechSegmenter, segments: asyncio.Queue[str | None]
