@@ -91,7 +91,8 @@ async def test_resuming_after_the_pause_cancels_the_speculative_reply_and_it_is_
         turn_detection=TurnDetection(pause_ms=160, min_silence_ms=2500, max_silence_ms=2500)
     )
     # The speculative reply streams for seconds: it is still streaming when the user resumes.
-    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=20, replies=(SPECULATIVE, "Done."))
+    # Later requests (the user may pause again inside the second sentence) all get "Done.".
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=20, replies=(SPECULATIVE, *["Done."] * 20))
     first, second = utterance("shared-04-piper"), utterance("shared-05-piper")
     pcm = silence(0.4) + first + silence(0.4) + second + silence(3.0)
     events: list[ev.ConversationEvent] = []
@@ -100,8 +101,8 @@ async def test_resuming_after_the_pause_cancels_the_speculative_reply_and_it_is_
             pcm, llm=llm, stt=whisper, tts=piper, config=config, on_event=events.append
         )
     requests = chats(endpoint)
-    assert len(requests) == 2
-    spec, final = requests
+    assert len(requests) >= 2
+    spec, final = requests[0], requests[-1]
     # The first request carried only what was said before the pause, and was abandoned
     # (the client hung up) once the user went on.
     assert normalise(spec.body["messages"][-1]["content"]) == normalise(CANCEL)
