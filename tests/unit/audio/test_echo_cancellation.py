@@ -190,7 +190,9 @@ def test_echo_path_validates_its_settings():
 
 
 def test_the_residual_gate_passes_the_user_and_holds_back_the_echo():
-    gate = ResidualEchoGate(min_warmup_ms=200, max_warmup_ms=1000, hold_ms=40, loudness_db=8)
+    gate = ResidualEchoGate(
+        min_warmup_ms=200, max_warmup_ms=1000, hold_ms=40, loudness_db=8, confirm_ms=40
+    )
     quiet = noise(-60)
     # No far end: everything passes as is.
     for _ in range(20):
