@@ -14,6 +14,9 @@ from typing import NoReturn
 import numpy as np
 import pytest
 
+from runtime.bench.reference_thread import ReferenceThread
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
+
 DATA = Path(__file__).parent / "data"
 SPEECH = DATA / "speech"
 REAL = DATA / "real"
@@ -98,3 +101,29 @@ async def serve_asgi(
         stop.set()
         await task
         listener.detach()  # hypercorn owns (and has closed) the descriptor
+
+
+class EndpointThread(ReferenceThread):
+    """A key-checking :class:`ReferenceEndpoint` on its own loop, shared by a test module.
+
+    ``answer`` queues plans for the next requests and then falls back to ``default``
+    (one reply text) or, without it, to the plan the thread was started with.
+    """
+
+    def __init__(self, plan: ReplyPlan, *, api_key: str) -> None:
+        super().__init__(plan, api_key=api_key)
+        self._initial = plan
+
+    def answer(self, *plans: ReplyPlan, default: str | None = None) -> None:
+        fallback = self._initial if default is None else ReplyPlan(replies=(default,))
+
+        def apply(server: ReferenceEndpoint) -> None:
+            server._queued.clear()
+            server.plan = fallback
+            server.queue(*plans)
+
+        self.call(apply)
+
+    def chats(self) -> list[RequestRecord]:
+        """The chat-completions requests received so far."""
+        return [r for r in self.records() if r.path.endswith("/chat/completions")]

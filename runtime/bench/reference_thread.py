@@ -10,19 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
 
+T = TypeVar("T")
+
 
 class ReferenceThread:
-    """``with ReferenceThread(plan) as ref: ref.base_url …``"""
+    """``with ReferenceThread(plan) as ref: ref.base_url …``
 
-    def __init__(self, plan: ReplyPlan, *, host: str = "127.0.0.1") -> None:
+    Args:
+        plan: how the server answers.
+        host: the address it listens on.
+        api_key: when set, the server requires ``Authorization: Bearer <api_key>``.
+    """
+
+    def __init__(
+        self, plan: ReplyPlan, *, host: str = "127.0.0.1", api_key: str | None = None
+    ) -> None:
         self._plan = plan
         self._host = host
+        self._api_key = api_key
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="voxloop-reference", daemon=True)
         self._server: ReferenceEndpoint | None = None
@@ -39,7 +51,7 @@ class ReferenceThread:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         try:
-            server = ReferenceEndpoint(self._plan, host=self._host)
+            server = ReferenceEndpoint(self._plan, host=self._host, api_key=self._api_key)
             await server.start()
         except BaseException as exc:
             self._started.set_exception(exc)
@@ -71,12 +83,21 @@ class ReferenceThread:
         assert self._server is not None
         return self._server.base_url
 
+    @property
+    def server(self) -> ReferenceEndpoint:
+        """The running server; touch its state only through :meth:`call`."""
+        assert self._server is not None
+        return self._server
+
+    def call(self, fn: Callable[[ReferenceEndpoint], T]) -> T:
+        """Run ``fn(server)`` on the server's loop and return its result."""
+        server = self.server
+
+        async def run() -> T:
+            return fn(server)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
     def records(self) -> list[RequestRecord]:
         """The server's request records (copy, taken on the server's loop)."""
-        assert self._server is not None
-        server = self._server
-
-        async def snapshot() -> list[RequestRecord]:
-            return list(server.requests)
-
-        return asyncio.run_coroutine_threadsafe(snapshot(), self._loop).result(timeout=10)
+        return self.call(lambda server: list(server.requests))

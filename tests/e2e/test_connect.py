@@ -11,9 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,11 @@ from runtime.client.connection import (
     VoiceAgentClient,
 )
 from runtime.client.runner import RATE, WireCodec, connect_pcm
-from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
+from runtime.llm.reference import ReplyPlan
 from runtime.protocol import events as ev
 from runtime.secret import Secret
 
-from ..helpers import REAL, SPEECH
+from ..helpers import REAL, SPEECH, EndpointThread
 
 # Real-time conversations, and the server's first session loads its speech engines.
 pytestmark = pytest.mark.timeout(240)
@@ -44,66 +42,6 @@ API_KEY = "vk-connect-operator"
 LLM_KEY = "sk-connect-llm-7f6e5d"
 ROOT = Path(__file__).resolve().parents[2]
 REPLIES = ("It's sunny in Paris today.", "Done, the table is booked.")
-
-
-class EndpointThread:
-    """A :class:`ReferenceEndpoint` that requires ``Bearer <key>``, on its own loop."""
-
-    def __init__(self, key: str) -> None:
-        self._key = key
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready: Future[ReferenceEndpoint] = Future()
-        self._stop: asyncio.Event | None = None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-        self._loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        server = ReferenceEndpoint(ReplyPlan(replies=REPLIES, ttft_ms=30, itl_ms=5),
-                                   api_key=self._key)  # fmt: skip
-        await server.start()
-        self._ready.set_result(server)
-        await self._stop.wait()
-        await server.aclose()
-
-    def __enter__(self) -> EndpointThread:
-        self._thread.start()
-        self.server = self._ready.result(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
-
-    def _call(self, fn: Any) -> Any:
-        async def run() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
-
-    def answer(self, *plans: ReplyPlan) -> None:
-        """Answer the next requests with ``plans``, then rotate through :data:`REPLIES`."""
-
-        def apply() -> None:
-            self.server._queued.clear()
-            self.server.queue(*plans)
-
-        self._call(apply)
-
-    def chats(self) -> list[RequestRecord]:
-        records: list[RequestRecord] = self._call(
-            lambda: [r for r in self.server.requests if r.path.endswith("/chat/completions")]
-        )
-        return records
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
 
 
 @dataclass
@@ -116,7 +54,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[EndpointThread]:
-    with EndpointThread(LLM_KEY) as thread:
+    with EndpointThread(
+        ReplyPlan(replies=REPLIES, ttft_ms=30, itl_ms=5), api_key=LLM_KEY
+    ) as thread:
         yield thread
 
 

@@ -12,9 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,10 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from audio.g711 import ulaw_decode, ulaw_encode
 from audio.resample import resample_all
 from audio.wav import read_wav
-from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
+from runtime.llm.reference import ReplyPlan
 from runtime.protocol import events as ev
 
-from ..helpers import SPEECH
+from ..helpers import SPEECH, EndpointThread
 
 API_KEY = "vk-realtime-operator"
 OTHER_KEY = "vk-second-operator"
@@ -44,66 +42,6 @@ LONG_REPLY = (
 
 
 # -- the loopback endpoint (its own thread and loop, shared by the module) -----------------
-
-
-class EndpointThread:
-    """A :class:`ReferenceEndpoint` requiring ``Bearer <api_key>``, on its own loop."""
-
-    def __init__(self, api_key: str) -> None:
-        self._api_key = api_key
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready: Future[ReferenceEndpoint] = Future()
-        self._stop: asyncio.Event | None = None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-        self._loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        server = ReferenceEndpoint(ReplyPlan(replies=("Okay.",)), api_key=self._api_key)
-        await server.start()
-        self._ready.set_result(server)
-        await self._stop.wait()
-        await server.aclose()
-
-    def __enter__(self) -> EndpointThread:
-        self._thread.start()
-        self.server = self._ready.result(timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
-
-    def _call(self, fn: Any) -> Any:
-        async def run() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
-
-    def answer(self, *plans: ReplyPlan, default: str = "Okay.") -> None:
-        """Answer the next requests with ``plans``, then ``default``."""
-
-        def apply() -> None:
-            self.server._queued.clear()
-            self.server.plan = ReplyPlan(replies=(default,))
-            self.server.queue(*plans)
-
-        self._call(apply)
-
-    def chats(self) -> list[RequestRecord]:
-        records: list[RequestRecord] = self._call(
-            lambda: [r for r in self.server.requests if r.path.endswith("/chat/completions")]
-        )
-        return records
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
 
 
 def plan(*replies: str, **kwargs: Any) -> ReplyPlan:
@@ -151,7 +89,7 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[EndpointThread]:
-    with EndpointThread(LLM_KEY) as thread:
+    with EndpointThread(ReplyPlan(replies=("Okay.",)), api_key=LLM_KEY) as thread:
         yield thread
 
 
@@ -949,7 +887,7 @@ async def test_a_stored_agent_that_cannot_run_is_refused(
 async def test_capacity_duration_and_the_default_endpoint(
     endpoint: EndpointThread, connect: Any, tmp_path: Path
 ) -> None:
-    with EndpointThread(DEFAULT_KEY) as default:
+    with EndpointThread(ReplyPlan(replies=("Okay.",)), api_key=DEFAULT_KEY) as default:
         default.answer(plan("From the default endpoint."))
         srv = start_server(tmp_path / "limits", {
             "VOXLOOP_MAX_SESSIONS": "1", "VOXLOOP_MAX_SESSION_SECONDS": "6",
