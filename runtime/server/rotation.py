@@ -76,32 +76,36 @@ def _reseal_row(
     row: AgentRow, box: SecretBox, kid: str, report: RotationReport
 ) -> tuple[list[dict[str, str]], dict[str, dict[str, dict[str, str]]], bool]:
     changed = False
-    llm = []
-    for i, entry in enumerate(row.llm):
-        sealed = entry["api_key"]
+
+    def reseal(sealed: str, context: str, where: str) -> str:
+        """``sealed`` under ``kid``; one that cannot be opened is kept and reported."""
+        nonlocal changed
         try:
-            new = box.reseal(sealed, context=f"{row.id}:llm.api_key", kid=kid)
+            new = box.reseal(sealed, context=f"{row.id}:{context}", kid=kid)
         except SecretError as exc:
-            report.failures.append(f"{row.id} llm[{i}].api_key: {exc}")
-            new = sealed
+            report.failures.append(f"{row.id} {where}: {exc}")
+            return sealed
         if new != sealed:
             report.resealed += 1
             changed = True
-        llm.append({**entry, "api_key": new})
-    tool_secrets: dict[str, dict[str, dict[str, str]]] = {}
-    for tool, headers in row.tool_secrets.items():
-        tool_secrets[tool] = {}
-        for name, meta in headers.items():
-            sealed = meta["sealed"]
-            try:
-                new = box.reseal(sealed, context=f"{row.id}:tool:{tool}:{name}", kid=kid)
-            except SecretError as exc:
-                report.failures.append(f"{row.id} tools.{tool}.http.headers.{name}: {exc}")
-                new = sealed
-            if new != sealed:
-                report.resealed += 1
-                changed = True
-            tool_secrets[tool][name] = {**meta, "sealed": new}
+        return new
+
+    llm = [
+        {**entry, "api_key": reseal(entry["api_key"], "llm.api_key", f"llm[{i}].api_key")}
+        for i, entry in enumerate(row.llm)
+    ]
+    tool_secrets = {
+        tool: {
+            name: {
+                **meta,
+                "sealed": reseal(
+                    meta["sealed"], f"tool:{tool}:{name}", f"tools.{tool}.http.headers.{name}"
+                ),
+            }
+            for name, meta in headers.items()
+        }
+        for tool, headers in row.tool_secrets.items()
+    }
     return llm, tool_secrets, changed
 
 
