@@ -576,22 +576,9 @@ class ChatClient:
 
     async def _json_as_event(self, response: httpx.Response) -> bytes:
         """A whole JSON answer as one SSE event, if it is a completion or an error."""
-        chunks: list[bytes] = []
-        size = 0
+        raw = await self._read_body(response, stop_at=_JSON_BODY_LIMIT + 1)
         try:
-            async with asyncio.timeout(self._timeouts.stall_s):
-                async for chunk in response.aiter_bytes():
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > _JSON_BODY_LIMIT:
-                        break
-        except (httpx.HTTPError, TimeoutError):
-            pass
-        finally:
-            await response.aclose()
-        raw = b"".join(chunks)
-        try:
-            doc = json.loads(raw) if size <= _JSON_BODY_LIMIT else None
+            doc = json.loads(raw) if len(raw) <= _JSON_BODY_LIMIT else None
         except ValueError:
             doc = None
         if isinstance(doc, dict) and ("choices" in doc or doc.get("error")):
@@ -604,6 +591,11 @@ class ChatClient:
         )
 
     async def _read_error_body(self, response: httpx.Response) -> str:
+        raw = await self._read_body(response, stop_at=_ERROR_BODY_LIMIT)
+        return _error_detail(raw[:_ERROR_BODY_LIMIT], self.endpoint.api_key)
+
+    async def _read_body(self, response: httpx.Response, *, stop_at: int) -> bytes:
+        """The body read until ``stop_at`` bytes have come (or it ends, stalls or fails); closed."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -611,14 +603,14 @@ class ChatClient:
                 async for chunk in response.aiter_bytes():
                     chunks.append(chunk)
                     size += len(chunk)
-                    if size >= _ERROR_BODY_LIMIT:
+                    if size >= stop_at:
                         break
         except (httpx.HTTPError, TimeoutError):
-            # Undecodable (DecodingError) or cut short: the status still says what failed.
+            # Undecodable (DecodingError) or cut short: what came is still worth reading.
             pass
         finally:
             await response.aclose()
-        return _error_detail(b"".join(chunks)[:_ERROR_BODY_LIMIT], self.endpoint.api_key)
+        return b"".join(chunks)
 
 
 class ChatStream:
