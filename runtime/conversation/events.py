@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SpeechStarted:
+    """The user started talking.
+
+    ``continued``: they went on with the turn whose transcript was just sent
+    (a mid-sentence pause had ended it, its reply unheard); the next
+    :class:`UserTranscript` carries the same ``item_id`` and replaces it.
+    """
+
     t_ns: int
+    continued: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,8 @@ Phases::
         ▲                                     ▲   ▲                  │
         └───── turn dropped / reply ended ────┼───┼──────────────────┘
                                               │   └── reply ended with words pending (deferred)
-                                              └────── interruption
+                                              └────── interruption, or speech before the
+                                                      reply is audible (the turn goes on)
 
 * USER_TURN: after ``pause_ms`` of silence, :class:`Pause` (decode now and
   speculate); speech again, :class:`Resume`. After ``min_silence_ms`` the
@@ -39,6 +40,12 @@ Phases::
   its whole transcript decides (:func:`classify`): words interrupt, an
   acknowledgement is a :class:`BackChannel`. Without ``interrupt_response``
   nothing interrupts.
+* A turn ended too soon is taken back: until the reply that answers it is
+  audible (:meth:`~TurnTakingPolicy.reply_audible`), speech of
+  ``min_speech_ms`` is the user going on, not a new turn — a mid-sentence
+  pause read as the end ("I'd like to book … a table for two"). The reply,
+  unheard, is withdrawn and the same turn goes on from its first frame
+  (:class:`ContinueTurn`): one user message, transcribed whole.
 * Nothing said is lost: when the reply ends while a burst is still undecided,
   or (without ``interrupt_response``) after the user spoke during it, the
   speech becomes the next user turn (:class:`StartTurn` with
@@ -233,6 +240,18 @@ class EndTurn:
 
 
 @dataclass(frozen=True, slots=True)
+class ContinueTurn:
+    """The user went on before the reply was heard: withdraw it; the turn goes on.
+
+    ``first_frame``: the first frame of the turn that had ended (its audio is
+    transcribed again, whole, with what follows).
+    """
+
+    first_frame: int
+    t_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class CheckBurst:
     """Transcribe frames ``[first_frame, end_frame)``, then call ``burst_heard(check_id, text)``."""
 
@@ -257,7 +276,9 @@ class BackChannel:
     text: str
 
 
-Decision = StartTurn | Pause | Resume | EndTurn | CheckBurst | Interrupt | BackChannel
+Decision = (
+    StartTurn | Pause | Resume | EndTurn | ContinueTurn | CheckBurst | Interrupt | BackChannel
+)
 
 
 class Phase(enum.Enum):
@@ -312,7 +333,9 @@ class TurnTakingPolicy:
         self._paused = False
         self._partial = ""
         self._t_speech_end = 0
+        self._turn_first = 0  # first frame of the user turn's audio
         # RESPONDING
+        self._answering: int | None = None  # first frame of the turn answered, until audible
         self._replying = False
         self._burst: _Burst | None = None
         self._deferred_from: int | None = None
@@ -347,7 +370,16 @@ class TurnTakingPolicy:
         if self.phase is Phase.LISTENING:
             self.phase = Phase.RESPONDING
             self._speech_run = 0
+            self._answering = None  # not an answer to a turn: nothing to take back
         self._replying = True
+
+    def reply_audible(self) -> None:
+        """The reply's first audio reached the speaker: the user may now hear it.
+
+        From here on, user speech is judged as speech over the agent (bursts),
+        no longer as the user going on with the turn that just ended.
+        """
+        self._answering = None
 
     def reply_ended(self) -> list[Decision]:
         """The agent's reply finished or failed (not interrupted by :class:`Interrupt`).
@@ -392,7 +424,8 @@ class TurnTakingPolicy:
 
     def _interrupt(self, burst: _Burst) -> list[Decision]:
         self._burst = None
-        self._begin_turn(quiet_ms=burst.quiet_ms, t_speech_end=burst.t_last_speech)
+        self._begin_turn(burst.first_frame, quiet_ms=burst.quiet_ms,
+                         t_speech_end=burst.t_last_speech)  # fmt: skip
         return [Interrupt(burst.first_frame, self._t_ns, burst.text)]
 
     # -- phases ------------------------------------------------------------------
@@ -402,12 +435,17 @@ class TurnTakingPolicy:
         if self._speech_run >= max(self.td.min_speech_ms, FRAME_MS):
             first = max(0, self._frame + 1 - self._pre_roll)
             self._speech_run = 0
-            self._begin_turn()
+            self._begin_turn(first)
             return [StartTurn(first, self._t_ns)]
         return []
 
-    def _begin_turn(self, *, quiet_ms: int = 0, t_speech_end: int | None = None) -> None:
+    def _begin_turn(
+        self, first_frame: int, *, quiet_ms: int = 0, t_speech_end: int | None = None
+    ) -> None:
         self.phase = Phase.USER_TURN
+        self._turn_first = first_frame
+        self._answering = None
+        self._replying = False  # a user turn: any reply was cut, withdrawn or is over
         self._silence_ms = quiet_ms
         self._paused = False
         self._partial = ""
@@ -440,10 +478,20 @@ class TurnTakingPolicy:
         self._speech_run = 0
         self._burst = None
         self._deferred_from = None
+        self._answering = self._turn_first
         return EndTurn(self._t_ns, self._t_speech_end)
 
     def _responding(self, speech: bool) -> list[Decision]:
         td = self.td
+        if self._answering is not None:
+            # Nothing of the reply was heard yet: speech is the user going on.
+            self._speech_run = self._speech_run + FRAME_MS if speech else 0
+            if self._speech_run < max(td.min_speech_ms, FRAME_MS):
+                return []
+            first = self._answering
+            self._speech_run = 0
+            self._begin_turn(first)
+            return [ContinueTurn(first, self._t_ns)]
         if not td.interrupt_response:
             # Nothing interrupts; whatever is said waits for the reply to end.
             self._speech_run = self._speech_run + FRAME_MS if speech else 0
@@ -503,11 +551,14 @@ class TurnTakingPolicy:
         burst = self._burst
         self._burst = None
         if burst is not None and burst.speech_ms >= max(self.td.min_speech_ms, FRAME_MS):
-            self._begin_turn(quiet_ms=burst.quiet_ms, t_speech_end=burst.t_last_speech)
+            self._begin_turn(burst.first_frame, quiet_ms=burst.quiet_ms,
+                             t_speech_end=burst.t_last_speech)  # fmt: skip
             return [StartTurn(burst.first_frame, self._t_ns, deferred=True)]
         if self._deferred_from is not None:
             first = self._deferred_from
-            self._begin_turn(quiet_ms=self._deferred_quiet_ms, t_speech_end=self._t_deferred_speech)
+            self._begin_turn(first, quiet_ms=self._deferred_quiet_ms,
+                             t_speech_end=self._t_deferred_speech)  # fmt: skip
             return [StartTurn(first, self._t_ns, deferred=True)]
         self.phase = Phase.LISTENING
+        self._answering = None
         return []

@@ -15,6 +15,10 @@ turns that into decisions the session carries out:
   back; if the user goes on, it is cancelled.
 * ``EndTurn``: the final transcript either confirms the speculative reply
   (its audio is released at once) or a new reply starts.
+* ``ContinueTurn``: the user went on before the reply was audible (a pause
+  mid-sentence ended the turn): the reply is withdrawn (nothing of it enters
+  the history) and the turn's audio, from its first frame, is transcribed
+  again with what follows, as one user message.
 * ``CheckBurst``: speech while the agent replies is transcribed (everything
   since the burst began) and the policy re-decides as it grows.
 * ``Interrupt``: the reply task is cancelled: the HTTP stream closes, TTS
@@ -73,6 +77,7 @@ from runtime.conversation.policy import (
     FRAME_MS,
     BackChannel,
     CheckBurst,
+    ContinueTurn,
     Decision,
     EndTurn,
     Interrupt,
@@ -139,6 +144,8 @@ class _Reply:
     fixed_text: str | None = None  # greeting / apology: spoken verbatim, no LLM
     instructions: str | None = None
     speculative: bool = False
+    withdrawn: bool = False  # the user went on before hearing it: no trace in the history
+    carried: tuple[str, ...] = ()  # earlier turns' words folded into user_text
     committed: asyncio.Event = field(default_factory=asyncio.Event)
     buffered: list[ConversationEvent] = field(default_factory=list)
     user_text: str = ""
@@ -224,6 +231,9 @@ class ConversationSession:
         self._turn_deferred = False
         self._turn_seq = 0
         self._carry: list[str] = []  # words of turns the user went on from before a reply
+        self._superseded: set[int] = set()  # turns continued after their end (ContinueTurn)
+        self._sent_item: tuple[int, str] | None = None  # (turn, item id) of the last transcript
+        self._continued_item: str | None = None  # the item the current turn's transcript replaces
         self._last_partial = ""
         self._reply: _Reply | None = None
         self._reply_task: asyncio.Task[None] | None = None
@@ -397,6 +407,8 @@ class ConversationSession:
                 self._cancel_speculation()
             case EndTurn():
                 self._end_of_turn(decision)
+            case ContinueTurn(first_frame=first):
+                self._continue_turn(first)
             case CheckBurst(check_id=check_id, first_frame=first, end_frame=end):
                 pcm = b"".join(f.pcm for f in self._frames_from(first, end))
                 task = self._spawn(self._check_burst(check_id, pcm))
@@ -411,7 +423,25 @@ class ConversationSession:
             case BackChannel(text=text):
                 log.debug("back-channel", extra={"heard": text})
 
-    def _begin_user_turn(self, frames: list[AudioFrame], *, deferred: bool) -> None:
+    def _continue_turn(self, first: int) -> None:
+        """The user went on before hearing the reply: withdraw it and reopen their turn."""
+        self._superseded.add(self._turn_seq)
+        reply = self._reply
+        if reply is not None and reply.text_source is not None:
+            reply.withdrawn = True
+            # Its user message is heard again, whole, with the rest of the turn.
+            self._carry[:0] = reply.carried
+        self._cancel_reply()
+        sent = self._sent_item
+        item = sent[1] if sent is not None and sent[0] == self._turn_seq else None
+        self._begin_user_turn(
+            self._frames_from(first), deferred=self._turn_deferred, continued=item is not None
+        )
+        self._continued_item = item
+
+    def _begin_user_turn(
+        self, frames: list[AudioFrame], *, deferred: bool, continued: bool = False
+    ) -> None:
         self.turns.to(TurnState.USER_SPEAKING)
         self._turn_seq += 1
         self._turn_deferred = deferred
@@ -422,7 +452,8 @@ class ConversationSession:
         for f in frames:
             self._stt_turn.push(f)
         self._update_idle()
-        self._emit_hook(SpeechStarted(t_ns=self._clock.now_ns()))
+        self._continued_item = None
+        self._emit_hook(SpeechStarted(t_ns=self._clock.now_ns(), continued=continued))
         if self._input_ended:
             # Speech taken up after the input ended: nothing more will come.
             self._act(self.policy.end_turn())
@@ -501,8 +532,16 @@ class ConversationSession:
         heard = final.text.strip()
         if deferred and classify(heard) != "words":
             heard = ""  # an acknowledgement said over the reply claims no turn
-        if heard:
-            self._emit_hook(UserTranscript(t_ns=t_stt, text=heard, item_id=self._new_id("item")))
+        if heard and seq not in self._superseded:
+            item = (self._continued_item if seq == self._turn_seq else None) or self._new_id("item")
+            self._sent_item = (seq, item)
+            self._emit_hook(UserTranscript(t_ns=t_stt, text=heard, item_id=item))
+        if seq in self._superseded:
+            # The user went on with this turn after its end: it is transcribed again, whole.
+            self._superseded.discard(seq)
+            if spec is not None:
+                spec[1].cancel()
+            return
         if seq != self._turn_seq:
             # The user went on talking (an interruption) before this turn was answered:
             # their words open the next turn.
@@ -511,6 +550,7 @@ class ConversationSession:
             if heard:
                 self._carry.append(heard)
             return
+        carried = tuple(self._carry)
         text = self._with_carry(heard)
         if not text:
             if spec is not None:
@@ -526,6 +566,7 @@ class ConversationSession:
             reply.t_eot, reply.t_stt = t_eot, t_stt
             reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
             reply.speculative = True
+            reply.carried = carried
             self._adopt(reply, task)
             return
         if spec is not None:
@@ -534,7 +575,7 @@ class ConversationSession:
         async def source() -> str:
             return text
 
-        reply = _Reply(id=self._new_id("reply"), text_source=source)
+        reply = _Reply(id=self._new_id("reply"), text_source=source, carried=carried)
         reply.t_end, reply.t_eot, reply.t_stt, reply.t_text = t_end, t_eot, t_stt, t_stt
         reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
         self._start_reply(reply, committed=True)
@@ -738,6 +779,8 @@ class ConversationSession:
                 if reply.t_out is None:
                     reply.base_played = self._sink.played_samples
                     reply.t_out = self._clock.now_ns()
+                    if reply is self._reply:
+                        self.policy.reply_audible()
                     if self.turns.state is TurnState.THINKING:
                         self.turns.to(TurnState.SPEAKING)
                 await self._sink.write(pcm)
@@ -770,11 +813,12 @@ class ConversationSession:
             assistant = ""  # the apology is not put in the model's mouth
         else:
             assistant = " ".join(t for t in reply.generated if t)
-        self._history.record(
-            user_text=reply.user_text if reply.text_source is not None else "",
-            tool_messages=reply.tool_messages,
-            assistant_text=assistant,
-        )
+        if not reply.withdrawn:
+            self._history.record(
+                user_text=reply.user_text if reply.text_source is not None else "",
+                tool_messages=reply.tool_messages,
+                assistant_text=assistant,
+            )
         self._emit_hook(
             AgentTranscript(t_ns=now, reply_id=reply.id, text=agent_text, interrupted=interrupted)
         )
@@ -784,7 +828,7 @@ class ConversationSession:
             else ("failed" if reply_status == "failed" else "completed")
         )
         self._emit_hook(ReplyDone(t_ns=now, reply_id=reply.id, status=status))  # type: ignore[arg-type]
-        if reply.text_source is not None and reply.t_end is not None:
+        if reply.text_source is not None and reply.t_end is not None and not reply.withdrawn:
             metrics = self._metrics(reply, agent_text, interrupted)
             self.metrics.append(metrics)
             self._emit_hook(metrics)

@@ -689,6 +689,7 @@ class LiveSession:
         self._replies: dict[str, _ProtoReply] = {}
         self._ids = itertools.count(1)
         self._user_item: str | None = None
+        self._last_user_item: str | None = None  # of the last transcript.user sent
         self._early_results: list[ev.ToolResult] = []
         self._pending_calls: dict[str, str] = {}  # call_id -> core reply id
         self._last_violation = -1.0
@@ -905,15 +906,18 @@ class LiveSession:
     def _on_core_event(self, event: core.ConversationEvent) -> None:
         emit = self._emit
         match event:
-            case core.SpeechStarted():
-                self._user_item = self._new_id("item")
+            case core.SpeechStarted(continued=continued):
+                # The user went on with the turn just transcribed: its item is replaced.
+                reuse = self._last_user_item if continued else None
+                self._user_item = reuse or self._new_id("item")
                 emit(ev.InputSpeechStarted())
             case core.SpeechStopped():
                 emit(ev.InputSpeechStopped())
             case core.UserTranscriptDelta(text=text):
                 emit(ev.TranscriptUserDelta(text=text, item_id=self._user_item))
             case core.UserTranscript(text=text, item_id=item_id):
-                emit(ev.TranscriptUser(text=text, item_id=self._user_item or item_id))
+                self._last_user_item = self._user_item or item_id
+                emit(ev.TranscriptUser(text=text, item_id=self._last_user_item))
                 self._user_item = None
             case core.ReplyStarted(reply_id=core_id):
                 reply = self._reply(core_id)

@@ -529,13 +529,17 @@ async def test_barge_in_keeps_the_heard_prefix(
     assert len(cut.text) < len(LONG_REPLY) / 2
     assert first[-1].status == "interrupted"
     assert types(first).index("input.speech.started") < types(first).index("transcript.agent")
-    # The history holds only the heard prefix, then the interruption (in one user message, or
-    # over several when a pause inside it ended the turn early).
+    # The history holds only the heard prefix, then the whole interruption in one user message
+    # (a pause inside it that ended the turn early is taken back before its reply is heard,
+    # and the transcript sent at the pause is replaced: the same item).
     messages = endpoint.chats()[-1].body["messages"]  # type: ignore[index]
     assert len(endpoint.chats()) > before + 1
     assert messages[2] == {"role": "assistant", "content": cut.text}
-    said = " ".join(m["content"] for m in messages[3:] if m["role"] == "user").lower()
-    assert messages[3]["role"] == "user" and "wait" in said and "stop" in said
+    assert [m["role"] for m in messages[3:]] == ["user"]
+    said = messages[3]["content"].lower()
+    assert "wait" in said and "stop" in said
+    users = [e for e in client.seen if isinstance(e, ev.TranscriptUser)]
+    assert len({u.item_id for u in users[1:]}) == 1 and users[-1].text == messages[3]["content"]
     final = next(e for e in later if isinstance(e, ev.TranscriptAgent))
     assert (final.text, final.interrupted) == ("Sorry, what did you ask?", False)
 

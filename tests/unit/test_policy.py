@@ -12,6 +12,7 @@ from runtime.conversation.policy import (
     PRE_ROLL_MS,
     BackChannel,
     CheckBurst,
+    ContinueTurn,
     Decision,
     EndTurn,
     Interrupt,
@@ -71,6 +72,7 @@ def responding(td: TurnDetection) -> Driver:
     drv.feed(False, td.max_silence_ms)
     assert drv.policy.phase is Phase.RESPONDING
     drv.policy.reply_started()
+    drv.policy.reply_audible()
     drv.log.clear()
     return drv
 
@@ -212,6 +214,71 @@ def test_without_interrupt_response_speech_waits_for_the_reply_to_end():
     # The silence since the user stopped already counts towards the end of that turn.
     drv.policy.partial("No, I meant next Friday.")
     assert [type(d) for d in drv.feed(False, 20)] == [Pause, EndTurn]
+
+
+def ended_mid_sentence(td: TurnDetection) -> tuple[Driver, int]:
+    """A turn whose transcript at a pause read as finished: it ended, its reply not yet heard."""
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(False, 400)
+    drv.feed(True, 800)
+    drv.policy.partial("I'd like to vote.")  # "I'd like to book", misheard at the pause
+    drv.feed(False, td.min_silence_ms)
+    _, start = drv.first(StartTurn)
+    assert isinstance(start, StartTurn)
+    assert drv.policy.phase is Phase.RESPONDING
+    drv.log.clear()
+    return drv, start.first_frame
+
+
+@pytest.mark.parametrize("interrupt_response", [True, False])
+@pytest.mark.parametrize("min_speech_ms", [20, 60, 100])
+def test_speech_before_the_reply_is_heard_continues_the_same_turn(
+    interrupt_response: bool, min_speech_ms: int
+):
+    td = TurnDetection(interrupt_response=interrupt_response, min_speech_ms=min_speech_ms)
+    drv, turn_first = ended_mid_sentence(td)
+    drv.policy.reply_started()  # the reply is being prepared, nothing of it played yet
+    drv.feed(False, 280)  # the rest of a 600 ms pause
+    drv.feed(True, min_speech_ms - 20)
+    assert drv.log == []
+    drv.feed(True, 20)
+    # Exactly min_speech_ms of speech: the turn goes on from its own first frame.
+    assert drv.log == [(drv.frame, ContinueTurn(turn_first, drv.frame * 20 * MS))]
+    assert drv.policy.phase is Phase.USER_TURN
+    drv.feed(True, 1000)
+    last_speech = drv.frame
+    drv.policy.partial("I'd like to book a table for two at seven.")
+    drv.feed(False, 2000)
+    end_frame, _ = drv.first(EndTurn)
+    assert end_frame - last_speech == td.min_silence_ms // FRAME_MS
+    # The withdrawn reply cannot hand a turn back: the continued turn is the only one.
+    assert drv.policy.turn_dropped() == []
+
+
+def test_speech_after_the_reply_is_heard_is_a_burst_not_a_continuation():
+    td = TurnDetection()
+    drv, _ = ended_mid_sentence(td)
+    drv.policy.reply_started()
+    drv.policy.reply_audible()
+    drv.feed(True, td.barge_in_ms)
+    assert [type(d) for _, d in drv.log] == [CheckBurst]
+
+
+def test_an_injected_reply_has_no_turn_to_continue():
+    td = TurnDetection()
+    drv = Driver(TurnTakingPolicy(td))
+    drv.policy.reply_started()  # a greeting, from listening
+    drv.feed(True, td.barge_in_ms)
+    assert [type(d) for _, d in drv.log] == [CheckBurst]
+
+
+def test_after_an_empty_turn_is_dropped_speech_starts_a_new_turn():
+    td = TurnDetection()
+    drv, _ = ended_mid_sentence(td)
+    assert drv.policy.turn_dropped() == []
+    assert drv.policy.phase is Phase.LISTENING
+    drv.feed(True, td.min_speech_ms)
+    assert [type(d) for _, d in drv.log] == [StartTurn]
 
 
 def test_silence_during_a_reply_hands_the_floor_back():

@@ -120,11 +120,6 @@ async def test_two_turn_conversation(
     assert all(isinstance(e.t_ns, int) and e.t_ns > 0 for e in events)
 
 
-@pytest.mark.xfail(
-    reason="a pause after 'Wait,' can end the interruption's turn early: the agent then answers "
-    "'Wait.' while the user goes on (turn-taking still splits such interruptions)",
-    strict=False,
-)
 async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ):

@@ -28,7 +28,7 @@ from runtime.speech.engines.whisper import WhisperSTT
 from runtime.talk import OUTPUT_RATE, FileResult, talk_pcm
 
 from ...helpers import SPEECH, noise
-from .test_conversation import LONG_REPLY, chat_bodies, llm_for, silence, utterance
+from .test_conversation import LONG_REPLY, active, chat_bodies, llm_for, silence, utterance
 
 normalise = EnglishTextNormalizer()
 SECOND = "Sorry, what did you mean?"
@@ -90,7 +90,7 @@ def check_interrupted(
     """The reply was cut, the history holds the heard prefix, then the user's whole interruption.
 
     A pause inside the interruption may end the user's turn early; a reply to that part is then
-    cut before a word of it is heard, and the rest of the user's words follow in order.
+    withdrawn before a word of it is heard, and the turn goes on: one user message.
     """
     done = statuses(events)
     assert done[0] == "interrupted" and done[-1] == "completed"
@@ -106,8 +106,8 @@ def check_interrupted(
         said("What's the weather like in pairs today?"),
     }
     assert last[2]["content"] == cut.text
-    assert {m["role"] for m in last[3:]} == {"user"}
-    assert said(" ".join(m["content"] for m in last[3:])).endswith(said(interruption))
+    assert [m["role"] for m in last[3:]] == ["user"]
+    assert said(last[3]["content"]).endswith(said(interruption))
 
 
 async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
@@ -252,3 +252,41 @@ async def test_vad_threshold_reaches_the_speech_decision(whisper: WhisperSTT, pi
         assert log.speech == expected
         counts[threshold] = sum(log.speech)
     assert counts[0.9] < counts[0.1] - 10
+
+
+async def test_going_on_before_the_reply_is_heard_keeps_one_user_turn(
+    whisper: WhisperSTT, piper: PiperTTS
+):
+    # At the pause Whisper hears "I'd like to vote." (a finished sentence), so the turn ends;
+    # the reply is slow to come, and the user goes on before a word of it is heard.
+    pcm = (
+        silence(0.4) + await speak(piper, "I'd like to book") + silence(0.9)
+        + await speak(piper, "a table for two at seven.") + silence(0.5)
+    )  # fmt: skip
+    events: list[ev.ConversationEvent] = []
+    plan = ReplyPlan(ttft_ms=3000, itl_ms=5, replies=("Which evening?",))
+    async with ReferenceEndpoint(plan) as server, llm_for(server) as llm:
+        result = await talk_pcm(
+            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
+        )
+        requests = [body["messages"] for body in chat_bodies(server)]
+    # The turn ended at the pause, and went on: its reply was withdrawn unheard.
+    assert statuses(events) == ["interrupted", "completed"]
+    agent = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert [(a.text, a.interrupted) for a in agent] == [("", True), ("Which evening?", False)]
+    starts = [e for e in events if isinstance(e, ev.SpeechStarted)]
+    assert [s.continued for s in starts] == [False, True]
+    # One user message, the whole sentence, transcribed again from its first word; the
+    # transcript at the pause is replaced (same item).
+    users = [e for e in events if isinstance(e, ev.UserTranscript)]
+    assert len({u.item_id for u in users}) == 1
+    whole = said(users[-1].text)  # (Whisper tiny hears "book" as "both" now and then)
+    assert whole.startswith(said("I'd like to b")) and whole.endswith(said("a table for 2 at 7"))
+    last = requests[-1]
+    assert [m["role"] for m in last] == ["system", "user"]
+    assert last[1]["content"] == users[-1].text
+    assert [m.user_text for m in result.metrics] == [users[-1].text]
+    # Nothing was said over the user: the agent is silent until they finish.
+    user_end = len(pcm) / 32000 - 0.5
+    assert not active(result.agent, 0.0, user_end)
+    assert active(result.agent, user_end, user_end + 4.0)
