@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.metadata
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ __all__ = [
     "SMART_TURN_SHA256",
     "ModelVerificationError",
     "SmartTurn",
+    "TurnModelBusy",
+    "TurnModelStatistics",
     "TurnPrediction",
     "smart_turn_path",
 ]
@@ -101,6 +104,26 @@ def smart_turn_path() -> Path:
     return Path(str(dist.locate_file(SMART_TURN_FILE)))
 
 
+class TurnModelBusy(RuntimeError):
+    """Too many end-of-turn judgements are already waiting for the model.
+
+    Decide without the model this time (the caller's fallback rule).
+    """
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnModelStatistics:
+    """Load of a :class:`SmartTurn`'s worker.
+
+    Attributes:
+        pending: :meth:`SmartTurn.apredict` calls queued or running now.
+        refused_busy: calls refused with :class:`TurnModelBusy` so far.
+    """
+
+    pending: int
+    refused_busy: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TurnPrediction:
     """One end-of-turn judgement.
@@ -130,12 +153,18 @@ class SmartTurn:
         ModelVerificationError: the extra or the wheel is not installed, or the file is
             missing or is not the pinned one. The message is one line naming the fix.
 
+        max_pending: how many :meth:`apredict` calls may be queued or running at once;
+            one more is refused with :class:`TurnModelBusy` at once (a judgement that
+            waits behind many others comes too late to be of use).
+
     Thread safety: :meth:`predict` may be called from several threads at once.
     :meth:`apredict` runs calls one at a time in this object's worker thread;
     :meth:`aclose` stops that thread.
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, max_pending: int = 4) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
         try:
             import onnxruntime
             from faster_whisper.feature_extractor import FeatureExtractor
@@ -159,6 +188,10 @@ class SmartTurn:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="voxloop-smart-turn"
         )
+        self._max_pending = max_pending
+        self._pending = 0
+        self._busy = 0
+        self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:
@@ -237,15 +270,36 @@ class SmartTurn:
     async def apredict(self, pcm: bytes, sample_rate: int = SAMPLE_RATE) -> TurnPrediction:
         """:meth:`predict_timed` in this object's worker thread (the event loop stays free).
 
-        Calls from several tasks run one after another. Cancelling the awaiting task
-        cancels the wait (a call already running finishes in the background).
+        Calls from several tasks run one after another, at most ``max_pending`` queued or
+        running. Cancelling the awaiting task drops a call that has not started (one already
+        running finishes in the background).
 
         Raises:
+            TurnModelBusy: ``max_pending`` calls are already queued or running.
             ValueError: an odd byte count or an unsupported rate.
             RuntimeError: after :meth:`aclose`.
         """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.predict_timed, pcm, sample_rate)
+        with self._lock:
+            if self._pending >= self._max_pending:
+                self._busy += 1
+                raise TurnModelBusy(f"{self._pending} end-of-turn judgements already pending")
+            self._pending += 1
+        try:
+            future = self._executor.submit(self.predict_timed, pcm, sample_rate)
+        except BaseException:
+            self._done()
+            raise
+        future.add_done_callback(lambda _: self._done())
+        return await asyncio.wrap_future(future)
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def statistics(self) -> TurnModelStatistics:
+        """A snapshot of the worker's load."""
+        with self._lock:
+            return TurnModelStatistics(pending=self._pending, refused_busy=self._busy)
 
     def warmup(self) -> None:
         """Run the model once on silence: the first call sets up the session's buffers."""

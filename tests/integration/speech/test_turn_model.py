@@ -28,6 +28,9 @@ from runtime.speech.turn_model import (
     SMART_TURN_SHA256,
     ModelVerificationError,
     SmartTurn,
+    TurnModelBusy,
+    TurnModelStatistics,
+    TurnPrediction,
     smart_turn_path,
 )
 
@@ -266,11 +269,43 @@ async def test_awaited_calls_run_in_the_worker_thread_one_at_a_time(
     assert active == [0, 1]
 
 
-async def test_closed_model_refuses_awaited_calls():
-    smart_turn = SmartTurn()
-    await smart_turn.aclose()
+async def test_pending_calls_are_bounded_and_a_queued_call_can_be_cancelled(
+    harvard: bytes, monkeypatch: pytest.MonkeyPatch
+):
+    smart_turn = SmartTurn(max_pending=2)
+    running, release = threading.Event(), threading.Event()
+    predict_timed = smart_turn.predict_timed
+
+    def held(pcm: bytes, sample_rate: int = RATE) -> TurnPrediction:
+        running.set()
+        release.wait(timeout=30)
+        return predict_timed(pcm, sample_rate)
+
+    monkeypatch.setattr(smart_turn, "predict_timed", held)
+    pcm = at(harvard, 2.670) + PAUSE
+    try:
+        async with asyncio.TaskGroup() as tg:
+            first = tg.create_task(smart_turn.apredict(pcm))
+            queued = tg.create_task(smart_turn.apredict(pcm))
+            assert await asyncio.to_thread(running.wait, 30)  # the first holds the worker
+            assert smart_turn.statistics() == TurnModelStatistics(pending=2, refused_busy=0)
+            with pytest.raises(TurnModelBusy):
+                await smart_turn.apredict(pcm)
+            queued.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+            assert smart_turn.statistics() == TurnModelStatistics(pending=1, refused_busy=1)
+            release.set()
+        assert first.result().probability == pytest.approx(0.99, abs=0.01)
+        assert smart_turn.statistics() == TurnModelStatistics(pending=0, refused_busy=1)
+    finally:
+        release.set()
+        await smart_turn.aclose()
     with pytest.raises(RuntimeError):
-        await smart_turn.apredict(b"\0\0" * 160)
+        await smart_turn.apredict(pcm)
+    assert smart_turn.statistics().pending == 0
+    with pytest.raises(ValueError, match="max_pending"):
+        SmartTurn(max_pending=0)
 
 
 # -- loading ------------------------------------------------------------------------------------
