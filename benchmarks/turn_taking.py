@@ -55,6 +55,7 @@ from runtime.conversation.policy import (
     RECHECK_MS,
     BackChannel,
     CheckBurst,
+    ContinueTurn,
     Decision,
     EndTurn,
     Interrupt,
@@ -159,7 +160,38 @@ def n_words(text: str) -> int:
     return len(re.findall(r"[\w']+", text))
 
 
-async def build_items(piper: PiperTTS) -> list[Item]:
+def word_boundary(whisper: WhisperSTT, pcm: bytes, head: str) -> int:
+    """Sample where ``head`` ends inside the whole sentence ``pcm`` (16 kHz PCM16).
+
+    Whisper's word timestamps give the region (they can be 100-200 ms off); the
+    cut goes at the quietest 10 ms there whose audio up to it is heard as
+    ``head`` ending on its last word, whole, and nothing of the next one.
+    """
+    audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+    segments, _ = whisper._model.transcribe(
+        audio, language="en", word_timestamps=True, vad_filter=False, beam_size=1
+    )
+    words = [w for seg in segments for w in (seg.words or [])]
+    last = re.sub(r"\W", "", head.split()[-1].lower())
+    heard = [re.sub(r"\W", "", w.word.lower()) for w in words]
+    # The head's last word, where it may be (Whisper can leave out a filler before it).
+    k = next(
+        (j for j in range(max(0, n_words(head) - 3), len(words) - 1) if heard[j] == last), None
+    )
+    if k is None:
+        raise ValueError(f"the end of {head!r} was not heard in {' '.join(heard)!r}")
+    lo = max(0, int((words[k].end - 0.25) * RATE) // 160)
+    hi = int((words[k + 1].start + 0.15) * RATE) // 160
+    energy = {j: float(np.sum(audio[j * 160 : (j + 1) * 160] ** 2)) for j in range(lo, hi + 1)}
+    for j in sorted(energy, key=energy.__getitem__):
+        text, _ = whisper.decode(pcm[: j * 320])
+        said = [re.sub(r"\W", "", w) for w in text.lower().split()]
+        if said and said[-1] == last and len(said) >= n_words(head) - 1:
+            return j * 160
+    raise ValueError(f"no cut in {head!r}'s sentence is heard as ending on {last!r}")
+
+
+async def build_items(piper: PiperTTS, whisper: WhisperSTT) -> list[Item]:
     async def say(text: str) -> bytes:
         return b"".join([c.pcm async for c in piper.synthesize(text, sample_rate=RATE)])
 
@@ -192,6 +224,15 @@ async def build_items(piper: PiperTTS) -> list[Item]:
             text = f"{head} {tail}"
             pcm = wrap(a + silence(pause / 1000) + b)
             items.append(Item("paused", text, pcm, n_words(text), False, pause, text))
+    for head, tail in PAUSED:
+        # One sentence said whole (its prosody runs on through the pause), cut open at the
+        # end of the head and a pause inserted: how a person pauses mid-sentence.
+        text = f"{head} {tail}"
+        whole = await say(text)
+        cut = 2 * word_boundary(whisper, whole, head)
+        for pause in (300, 600, 900):
+            pcm = wrap(whole[:cut] + silence(pause / 1000) + whole[cut:])
+            items.append(Item("paused-prosody", text, pcm, n_words(text), False, pause, text))
     for parts, gap in SPELLED_TURNS:
         pcm = b""
         for k, part in enumerate(parts):
@@ -257,6 +298,8 @@ class Outcome:
     interrupt_at: int | None = None
     backchannel: bool = False
     deferred: bool = False
+    audible: list[int] = field(default_factory=list)  # frame each answering reply is heard
+    taken_back: int = 0  # turns ended early and continued before their reply was heard
 
 
 def speech_frames(item: Item, threshold: float) -> list[bool]:
@@ -273,18 +316,33 @@ def run_policy(
     speech: list[bool],
     policy: TurnTakingPolicy,
     decode: Decoder,
+    reply_frames: int,
     model: SmartTurn | None = None,
     verdict: dict[str, bool] | None = None,
+    take_back: bool = True,
 ) -> Outcome:
+    """Feed one item through the policy; a reply is heard ``reply_frames`` after its transcript.
+
+    The reply to a turn starts on the transcript at the pause (speculation) or, failing that,
+    on the final one, and is heard ``reply_frames`` later (TTFT, the first segment, the first
+    TTS audio), never before the turn has ended; until then the user may go on with the turn.
+    """
     out = Outcome()
     due: dict[int, list[Callable[[], list[Decision]]]] = {}
     turn_first: int | None = None
     spec_ready: int | None = None  # when the last pause's decode is ready (None after a resume)
+    answering = 0  # which ended turn the scheduled "reply heard" belongs to
     if item.over_reply:
         policy.reply_started()
 
+    def heard(turn: int, frame: int) -> list[Decision]:
+        if turn == answering:
+            policy.reply_audible()
+            out.audible.append(frame)
+        return []
+
     def handle(i: int, decisions: list[Decision]) -> None:
-        nonlocal turn_first, spec_ready
+        nonlocal turn_first, spec_ready, answering
         for d in decisions:
             if isinstance(d, StartTurn):
                 turn_first = d.first_frame
@@ -293,6 +351,11 @@ def run_policy(
                 turn_first = d.first_frame
                 if out.interrupt_at is None:
                     out.interrupt_at = i
+            elif isinstance(d, ContinueTurn):
+                turn_first = d.first_frame
+                answering += 1  # the reply to the ended turn is withdrawn, never heard
+                out.taken_back += 1
+                spec_ready = None
             elif isinstance(d, Pause):
                 assert turn_first is not None
                 text, lag = decode(item, turn_first, i + 1)
@@ -317,14 +380,24 @@ def run_policy(
                 out.ends.append(i)
                 out.turns.append((turn_first, i + 1))
                 if spec_ready is not None:
-                    out.end_ready.append(max(i, spec_ready))
+                    ready = max(i, spec_ready)
+                    at = max(i, spec_ready + reply_frames)
                 else:
-                    out.end_ready.append(i + decode(item, turn_first, i + 1)[1])
+                    ready = i + decode(item, turn_first, i + 1)[1]
+                    at = ready + reply_frames
+                out.end_ready.append(ready)
                 spec_ready = None
+                answering += 1
+                policy.reply_started()
+                if not take_back:
+                    policy.reply_audible()  # the old rule: an ended turn is never taken back
+                due.setdefault(max(at, i + 1), []).append(
+                    functools.partial(heard, answering, max(at, i + 1))
+                )
             elif isinstance(d, CheckBurst):
                 text, lag = decode(item, d.first_frame, d.end_frame)
-                heard = functools.partial(policy.burst_heard, d.check_id, text)
-                due.setdefault(i + lag, []).append(heard)
+                check = functools.partial(policy.burst_heard, d.check_id, text)
+                due.setdefault(i + lag, []).append(check)
             elif isinstance(d, BackChannel):
                 out.backchannel = True
 
@@ -339,8 +412,8 @@ def run_policy(
         handle(i, policy.frame(s, i * FRAME_MS * 1_000_000))
         if item.over_reply and i == reply_end:
             handle(i, policy.reply_ended())
-        # Stop once the turn (or the interruption's own turn) has ended.
-        if out.ends and (not item.over_reply or out.interrupt_at is not None):
+        # Stop once the answer to the turn (or to the interruption's own turn) is heard.
+        if out.audible and (not item.over_reply or out.interrupt_at is not None):
             break
         i += 1
     return out
@@ -443,6 +516,8 @@ class Variant:
     model: SmartTurn | None = None
     verdict: dict[str, bool] | None = None
     recheck_ms: int = RECHECK_MS
+    take_back: bool = True
+    reply_ms: float | None = None  # None: the run's --reply-ms
 
 
 def pct(n: int, d: int) -> str:
@@ -458,13 +533,21 @@ def quantiles(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} / {q[8]:.0f}"
 
 
-def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, Any]:
+TURN_KINDS = ("complete", "paused", "paused-prosody", "spelled")
+
+
+def evaluate(
+    items: list[Item], variant: Variant, decode: Decoder, reply_ms: float
+) -> dict[str, Any]:
     td = variant.td
+    reply_ms = reply_ms if variant.reply_ms is None else variant.reply_ms
+    reply_frames = math.ceil(reply_ms / FRAME_MS)
     cut = turns_total = missed = interrupts_total = false_int = bc_total = lost = 0
-    false_turns = 0
+    early = taken_back = false_turns = 0
     cut_items: list[str] = []
     wrong: list[str] = []
     eos: list[float] = []
+    eos_audio: list[float] = []
     to_interrupt: list[float] = []
     for item in items:
         speech = speech_frames(item, td.vad_threshold)
@@ -475,15 +558,21 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
             out = run_before_over_reply(item, speech, decode)
         else:
             policy = TurnTakingPolicy(td, complete=variant.complete, recheck_ms=variant.recheck_ms)
-            out = run_policy(item, speech, policy, decode, variant.model, variant.verdict)
-        if item.kind in ("complete", "paused", "spelled"):
+            out = run_policy(
+                item, speech, policy, decode, reply_frames, variant.model, variant.verdict,
+                take_back=variant.take_back and not variant.before,
+            )  # fmt: skip
+        if item.kind in TURN_KINDS:
             turns_total += 1
             assert last_speech is not None
-            if out.ends and out.ends[0] < last_speech:
+            early += bool(out.ends and out.ends[0] < last_speech)
+            taken_back += out.taken_back
+            if out.audible and out.audible[0] <= last_speech:
                 cut += 1
-                cut_items.append(f"{item.name} ({item.pause_ms} ms)")
-            elif out.ends:
-                eos.append((out.end_ready[0] - last_speech) * FRAME_MS)
+                cut_items.append(f"{item.kind}: {item.name} ({item.pause_ms} ms)")
+            elif out.audible:
+                eos.append((out.end_ready[-1] - last_speech) * FRAME_MS)
+                eos_audio.append((out.audible[0] - last_speech) * FRAME_MS)
         elif item.kind == "noise":
             if item.over_reply:
                 bc_total += 1
@@ -512,14 +601,18 @@ def evaluate(items: list[Item], variant: Variant, decode: Decoder) -> dict[str, 
                 to_interrupt.append((out.interrupt_at - first_speech) * FRAME_MS)
     return {
         "variant": variant.name,
-        "false_end_of_turn": pct(cut, turns_total),
+        "reply_ms": reply_ms,
+        "cut_off": pct(cut, turns_total),
+        "ended_early": pct(early, turns_total),
+        "taken_back": taken_back,
         "missed_interruptions": pct(missed, interrupts_total),
         "false_interruptions": pct(false_int, bc_total),
         "noise_turns_with_words": false_turns,
         "words_lost": lost,
         "eos_to_transcript_ms_p50_p90": quantiles(eos),
+        "eos_to_agent_audio_ms_p50_p90": quantiles(eos_audio),
         "speech_to_interrupt_ms_p50_p90": quantiles(to_interrupt),
-        "cut_off": cut_items,
+        "cut_off_items": cut_items,
         "wrong_interruption_decisions": wrong,
     }
 
@@ -529,6 +622,8 @@ def variants() -> list[Variant]:
     return [
         Variant("before", td, ends_with_punctuation, before=True),
         Variant("default", td),
+        Variant("default, reply heard at once (0 ms)", td, reply_ms=0),
+        Variant("default, ended turns never taken back", td, take_back=False),
         Variant("plain punctuation rule", td, ends_with_punctuation),
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
         Variant("silence only (max_silence_ms)", td, lambda _t: False),
@@ -541,7 +636,7 @@ async def amain(args: argparse.Namespace) -> None:
     piper = PiperTTS(noise_scale=0.0, noise_w=0.0)
     whisper = WhisperSTT()
     try:
-        items = await build_items(piper)
+        items = await build_items(piper, whisper)
     finally:
         piper._executor.shutdown(wait=True)
     decode = Decoder(whisper, args.decode_ms or None)
@@ -555,7 +650,7 @@ async def amain(args: argparse.Namespace) -> None:
         extra += smart_turn_variants(SmartTurn(Path(args.smart_turn)), TurnDetection())
     chosen = [v for v in [*variants(), *extra] if not args.only or v.name in args.only]
     for variant in chosen:
-        row = evaluate(items, variant, decode)
+        row = evaluate(items, variant, decode, args.reply_ms)
         rows.append(row)
         print(json.dumps(row))
     whisper._executor.shutdown(wait=True)
@@ -573,6 +668,13 @@ def main() -> None:
         default=150.0,
         help="latency of each transcript (default 150, the short-window decode of a few seconds"
         " on an idle 2-core machine); 0: each decode's measured time",
+    )
+    parser.add_argument(
+        "--reply-ms",
+        type=float,
+        default=400.0,
+        help="transcript -> the reply's first audio heard (TTFT + first segment + first TTS"
+        " audio; default 400); the user may go on with an ended turn until then",
     )
     parser.add_argument("--only", action="append", help="run only this variant (repeatable)")
     parser.add_argument(
