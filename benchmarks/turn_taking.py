@@ -51,6 +51,7 @@ from audio.vad import default_vad, segment_pcm
 from audio.wav import read_wav
 from runtime.conversation.config import TurnDetection
 from runtime.conversation.policy import (
+    CONFIDENT_END,
     FRAME_MS,
     RECHECK_MS,
     BackChannel,
@@ -275,15 +276,20 @@ class Decoder:
     def __init__(self, whisper: WhisperSTT, decode_ms: float | None) -> None:
         self.whisper = whisper
         self.decode_ms = decode_ms
-        self.cache: dict[tuple[str, int, int], tuple[str, int]] = {}
+        self.cache: dict[tuple[str, int, int], tuple[str, int, float | None]] = {}
 
     def __call__(self, item: Item, first: int, end: int) -> tuple[str, int]:
+        text, lag, _ = self.scored(item, first, end)
+        return text, lag
+
+    def scored(self, item: Item, first: int, end: int) -> tuple[str, int, float | None]:
+        """``(text, frames the decode took, end confidence)``."""
         key = (item.name + str(item.pause_ms) + item.kind + str(item.over_reply), first, end)
         if key not in self.cache:
             pcm = item.pcm[first * FRAME * 2 : end * FRAME * 2]
-            text, ms = self.whisper.decode(pcm)
+            text, ms, confidence = self.whisper.decode_scored(pcm)
             ms = ms if self.decode_ms is None else self.decode_ms
-            self.cache[key] = (text, max(1, math.ceil(ms / FRAME_MS)))
+            self.cache[key] = (text, max(1, math.ceil(ms / FRAME_MS)), confidence)
         return self.cache[key]
 
 
@@ -358,9 +364,10 @@ def run_policy(
                 spec_ready = None
             elif isinstance(d, Pause):
                 assert turn_first is not None
-                text, lag = decode(item, turn_first, i + 1)
+                text, lag, confidence = decode.scored(item, turn_first, i + 1)
                 spec_ready = i + lag
-                due.setdefault(i + lag, []).append(functools.partial(policy.partial, text))
+                partial = functools.partial(policy.partial, text, confidence)
+                due.setdefault(i + lag, []).append(partial)
                 if model is not None and verdict is not None:
                     verdict["complete"] = False
                     prob, ms = model(item.pcm[turn_first * FRAME * 2 : (i + 1) * FRAME * 2])
@@ -518,6 +525,7 @@ class Variant:
     recheck_ms: int = RECHECK_MS
     take_back: bool = True
     reply_ms: float | None = None  # None: the run's --reply-ms
+    confident_end: float = CONFIDENT_END
 
 
 def pct(n: int, d: int) -> str:
@@ -557,7 +565,10 @@ def evaluate(
         if item.over_reply and variant.before:
             out = run_before_over_reply(item, speech, decode)
         else:
-            policy = TurnTakingPolicy(td, complete=variant.complete, recheck_ms=variant.recheck_ms)
+            policy = TurnTakingPolicy(
+                td, complete=variant.complete, recheck_ms=variant.recheck_ms,
+                confident_end=variant.confident_end,
+            )  # fmt: skip
             out = run_policy(
                 item, speech, policy, decode, reply_frames, variant.model, variant.verdict,
                 take_back=variant.take_back and not variant.before,
@@ -620,10 +631,17 @@ def evaluate(
 def variants() -> list[Variant]:
     td = TurnDetection()
     return [
-        Variant("before", td, ends_with_punctuation, before=True),
+        Variant("before", td, ends_with_punctuation, before=True, confident_end=0.0),
         Variant("default", td),
         Variant("default, reply heard at once (0 ms)", td, reply_ms=0),
         Variant("default, ended turns never taken back", td, take_back=False),
+        Variant("default, end confidence ignored", td, confident_end=0.0),
+        Variant(
+            "transcript rule as before (no end confidence, never taken back)",
+            td,
+            take_back=False,
+            confident_end=0.0,
+        ),
         Variant("plain punctuation rule", td, ends_with_punctuation),
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
         Variant("silence only (max_silence_ms)", td, lambda _t: False),

@@ -26,7 +26,9 @@ Phases::
 * USER_TURN: after ``pause_ms`` of silence, :class:`Pause` (decode now and
   speculate); speech again, :class:`Resume`. After ``min_silence_ms`` the
   turn ends if the latest transcript reads as a finished sentence
-  (:func:`reads_complete`), after ``max_silence_ms`` in any case
+  (:func:`reads_complete`) and the recognizer is sure of its end (the
+  transcript's ``end_confidence``, when the engine gives one, at least
+  ``confident_end``), after ``max_silence_ms`` in any case
   (:class:`EndTurn`).
 * RESPONDING (the turn was handed over, a reply is being prepared or spoken):
   user speech is a *burst*. With ``interrupt_response``, a burst of
@@ -69,6 +71,11 @@ FRAME_MS: Final = 20
 PRE_ROLL_MS: Final = 240
 RECHECK_MS: Final = 300
 BURST_END_MS: Final = 600
+# The recognizer's own belief that the sentence ended (its probability for the last word and
+# for the full stop / question mark): below this, a transcript that reads finished is not
+# trusted to end the turn early. Whisper's marks follow the voice: a sentence cut open by a
+# pause ("I'd like to book." with the voice still rising) gets a doubtful full stop.
+CONFIDENT_END: Final = 0.6
 
 # -- what was said ------------------------------------------------------------------
 
@@ -308,6 +315,8 @@ class TurnTakingPolicy:
         recheck_ms: burst growth (ms) after which an undecided burst is transcribed again.
         burst_end_ms: silence (ms) that ends a burst heard while the agent replies.
         pre_roll_ms: audio (ms) kept before the first speech frame of a turn or burst.
+        confident_end: the end confidence (0-1) below which a transcript does not end
+            the turn before ``max_silence_ms``.
     """
 
     def __init__(
@@ -318,9 +327,11 @@ class TurnTakingPolicy:
         recheck_ms: int = RECHECK_MS,
         burst_end_ms: int = BURST_END_MS,
         pre_roll_ms: int = PRE_ROLL_MS,
+        confident_end: float = CONFIDENT_END,
     ) -> None:
         self.td = turn_detection
         self._complete = complete
+        self._confident_end = confident_end
         self._recheck = max(FRAME_MS, recheck_ms) // FRAME_MS
         self._burst_end_ms = burst_end_ms
         self._pre_roll = pre_roll_ms // FRAME_MS
@@ -332,6 +343,7 @@ class TurnTakingPolicy:
         self._silence_ms = 0
         self._paused = False
         self._partial = ""
+        self._doubtful = False
         self._t_speech_end = 0
         self._turn_first = 0  # first frame of the user turn's audio
         # RESPONDING
@@ -359,10 +371,15 @@ class TurnTakingPolicy:
             return self._user_turn(speech)
         return self._responding(speech)
 
-    def partial(self, text: str) -> list[Decision]:
-        """The latest transcript of the current user turn (used for end of turn)."""
+    def partial(self, text: str, end_confidence: float | None = None) -> list[Decision]:
+        """The latest transcript of the current user turn (used for end of turn).
+
+        ``end_confidence``: the recognizer's confidence (0-1) that the text ends a
+        sentence, when it gives one (:attr:`runtime.speech.stt.Transcript.end_confidence`).
+        """
         if self.phase is Phase.USER_TURN:
             self._partial = text
+            self._doubtful = end_confidence is not None and end_confidence < self._confident_end
         return []
 
     def reply_started(self) -> None:
@@ -449,6 +466,7 @@ class TurnTakingPolicy:
         self._silence_ms = quiet_ms
         self._paused = False
         self._partial = ""
+        self._doubtful = False
         self._t_speech_end = self._t_ns if t_speech_end is None else t_speech_end
         self._deferred_from = None
 
@@ -467,7 +485,8 @@ class TurnTakingPolicy:
             self._paused = True
             out.append(Pause(self._t_ns, self._t_speech_end))
         if self._silence_ms >= td.min_silence_ms and (
-            self._silence_ms >= td.max_silence_ms or self._complete(self._partial)
+            self._silence_ms >= td.max_silence_ms
+            or (self._complete(self._partial) and not self._doubtful)
         ):
             out.append(self.end_turn())
         return out

@@ -379,7 +379,7 @@ class ConversationSession:
             partial = turn.partial
             if partial is not None and partial.text and partial.text != self._last_partial:
                 self._last_partial = partial.text
-                self.policy.partial(partial.text)
+                self.policy.partial(partial.text, partial.end_confidence)
                 self._emit_hook(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
         for decision in self.policy.frame(speech, self._clock.now_ns()):
             self._act(decision)

@@ -26,6 +26,9 @@ class Transcript:
         audio_ms: duration of the audio it covers.
         decode_ms: time spent producing it (engine-side work, not waiting).
         speculative: the final text came from work started at a pause.
+        end_confidence: how sure the recognizer is that the text ends a sentence
+            (0-1: the lower of its probabilities for the last word and the final
+            mark); ``None`` when the engine does not say.
     """
 
     text: str
@@ -33,6 +36,7 @@ class Transcript:
     audio_ms: float = 0.0
     decode_ms: float = 0.0
     speculative: bool = False
+    end_confidence: float | None = None
 
 
 class STTTurn(Protocol):

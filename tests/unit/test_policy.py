@@ -8,6 +8,7 @@ import pytest
 
 from runtime.conversation.config import TurnDetection
 from runtime.conversation.policy import (
+    CONFIDENT_END,
     FRAME_MS,
     PRE_ROLL_MS,
     BackChannel,
@@ -113,6 +114,37 @@ def test_an_unfinished_sentence_waits_for_max_silence(partial: str):
     drv.feed(False, 3000)
     end_frame, _ = drv.first(EndTurn)
     assert end_frame - last_speech == 1100 // FRAME_MS
+
+
+@pytest.mark.parametrize(
+    ("confidence", "waits_ms"),
+    [(None, 300), (0.95, 300), (CONFIDENT_END, 300), (CONFIDENT_END - 0.01, 1100), (0.2, 1100)],
+)
+def test_a_finished_sentence_the_recognizer_doubts_waits_for_max_silence(
+    confidence: float | None, waits_ms: int
+):
+    td = TurnDetection(min_silence_ms=300, max_silence_ms=1100)
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(True, 800)
+    last_speech = drv.frame
+    drv.policy.partial("I want to fly from Boston.", confidence)
+    drv.feed(False, 3000)
+    end_frame, _ = drv.first(EndTurn)
+    assert end_frame - last_speech == waits_ms // FRAME_MS
+
+
+def test_the_doubt_is_the_latest_transcripts_own():
+    td = TurnDetection(min_silence_ms=300, max_silence_ms=1100)
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(True, 800)
+    drv.policy.partial("I want to fly from Boston.", 0.2)
+    drv.feed(False, 200)
+    drv.feed(True, 600)
+    last_speech = drv.frame
+    drv.policy.partial("I want to fly from Boston to New York.", 0.9)
+    drv.feed(False, 3000)
+    end_frame, _ = drv.first(EndTurn)
+    assert end_frame - last_speech == 300 // FRAME_MS
 
 
 def test_a_pause_then_more_speech_resumes_the_same_turn():

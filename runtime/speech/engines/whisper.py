@@ -50,6 +50,8 @@ TINY_EN_SHA256: Final = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e45
 SAMPLE_RATE: Final = 16000
 _SILENCE_DBFS: Final = -55.0
 _MIN_AUDIO_S: Final = 0.1
+_SENTENCE_MARKS: Final = frozenset({".", "?", "!"})
+_Decoded = tuple[str, float, float | None]  # text, decode_ms, end_confidence
 
 
 def tiny_en_path() -> Path:
@@ -137,16 +139,28 @@ class WhisperSTT:
 
     def decode(self, pcm: bytes, previous_text: str = "") -> tuple[str, float]:
         """Transcribe 16 kHz mono PCM16 (blocking). Returns ``(text, decode_ms)``."""
+        text, ms, _ = self.decode_scored(pcm, previous_text)
+        return text, ms
+
+    def decode_scored(self, pcm: bytes, previous_text: str = "") -> tuple[str, float, float | None]:
+        """Like :meth:`decode`, plus how sure the model is that the text ends a sentence.
+
+        Returns ``(text, decode_ms, end_confidence)``: the lower of the model's
+        probabilities for the text's last word and for the mark that ends it
+        (``.``, ``?``, ``!``), 0-1; ``None`` when the text ends on no such mark
+        or came from the 30 s-window fallback.
+        """
         t0 = time.perf_counter()
         samples = len(pcm) // 2
         if samples < _MIN_AUDIO_S * SAMPLE_RATE or frame_level_db(pcm) < _SILENCE_DBFS:
-            return "", (time.perf_counter() - t0) * 1000
+            return "", (time.perf_counter() - t0) * 1000, None
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+        confidence: float | None = None
         if samples > 30 * SAMPLE_RATE or not self.config.short_window:
             text = self._decode_long(audio, previous_text)
         else:
-            text = self._decode_short(audio, previous_text)
-        return text, (time.perf_counter() - t0) * 1000
+            text, confidence = self._decode_short(audio, previous_text)
+        return text, (time.perf_counter() - t0) * 1000, confidence
 
     def _prompt(self, previous_text: str) -> list[int]:
         tk = self._tokenizer
@@ -155,7 +169,23 @@ class WhisperSTT:
             prompt = [tk.sot_prev, *tk.encode(" " + previous_text.strip())[-200:]]
         return [*prompt, *tk.sot_sequence, tk.no_timestamps]
 
-    def _decode_short(self, audio: np.ndarray, previous_text: str) -> str:
+    def _end_confidence(self, ids: list[int], log_probs: list[Any]) -> float | None:
+        """min(P(last word), P(final mark)) from the decoder's per-step log probabilities."""
+        tk = self._tokenizer
+        pieces = [str(tk.decode([t])) for t in ids]
+        if not pieces or pieces[-1].strip() not in _SENTENCE_MARKS:
+            return None
+
+        def p(i: int) -> float:
+            row = np.asarray(log_probs[i], dtype=np.float64).reshape(-1)
+            return float(np.exp(row[ids[i]] - np.logaddexp.reduce(row)))
+
+        starts = [i for i, piece in enumerate(pieces[:-1]) if piece.startswith(" ")]
+        first = starts[-1] if starts else 0
+        word = min((p(i) for i in range(first, len(ids) - 1)), default=1.0)
+        return min(word, p(len(ids) - 1))
+
+    def _decode_short(self, audio: np.ndarray, previous_text: str) -> tuple[str, float | None]:
         import ctranslate2
 
         feats = self._model.feature_extractor(audio)
@@ -175,19 +205,21 @@ class WhisperSTT:
             beam_size=self.config.beam_size,
             max_length=224,
             return_scores=True,
+            return_logits_vocab=True,
             return_no_speech_prob=True,
             suppress_blank=True,
         )[0]
         if result.no_speech_prob > 0.6 and result.scores[0] < -1.0:
-            return ""
-        text = str(self._tokenizer.decode(result.sequences_ids[0])).strip()
+            return "", None
+        ids = result.sequences_ids[0]
+        text = str(self._tokenizer.decode(ids)).strip()
         seconds = len(audio) / SAMPLE_RATE
         if _compression_ratio(text) > 2.4 or (seconds >= 1.5 and len(text.split()) < seconds / 2):
             # A repetition loop (faster-whisper's own threshold), or far fewer
             # words than the audio can hold (the decoder stopped early): decode
             # again the standard way, with its temperature fallback.
-            return self._decode_long(audio, previous_text)
-        return text
+            return self._decode_long(audio, previous_text), None
+        return text, self._end_confidence(ids, result.logits[0])
 
     def _decode_long(self, audio: np.ndarray, previous_text: str) -> str:
         segments, _ = self._model.transcribe(
@@ -219,16 +251,16 @@ class WhisperSTT:
     def start_turn(self, sample_rate: int = SAMPLE_RATE) -> WhisperTurn:
         return WhisperTurn(self, sample_rate)
 
-    def _submit(self, pcm: bytes, previous_text: str) -> asyncio.Future[tuple[str, float]]:
+    def _submit(self, pcm: bytes, previous_text: str) -> asyncio.Future[_Decoded]:
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, self.decode, pcm, previous_text)
+        return loop.run_in_executor(self._executor, self.decode_scored, pcm, previous_text)
 
 
 @dataclass(slots=True)
 class _Speculation:
     start: int  # byte offsets into the turn's 16 kHz PCM
     end: int
-    future: asyncio.Future[tuple[str, float]]
+    future: asyncio.Future[_Decoded]
 
 
 class WhisperTurn:
@@ -252,11 +284,12 @@ class WhisperTurn:
     def partial(self) -> Transcript | None:
         spec = self._spec
         if spec is not None and spec.future.done() and not spec.future.cancelled():
-            text, decode_ms = spec.future.result()
+            text, decode_ms, confidence = spec.future.result()
             joined = " ".join([*self._committed, text]).strip()
             self._partial = Transcript(
-                text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms
-            )
+                text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms,
+                end_confidence=confidence,
+            )  # fmt: skip
         return self._partial
 
     async def speculative(self) -> Transcript | None:
@@ -266,9 +299,12 @@ class WhisperTurn:
             return None
         # Shielded: abandoning a speculative reply must not cancel the decode
         # that finalize() may still use.
-        text, decode_ms = await asyncio.shield(spec.future)
+        text, decode_ms, confidence = await asyncio.shield(spec.future)
         joined = " ".join(t for t in [*self._committed, text] if t).strip()
-        return Transcript(text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms)
+        return Transcript(
+            text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms,
+            end_confidence=confidence,
+        )  # fmt: skip
 
     def push(self, frame: AudioFrame) -> None:
         if self._closed:
@@ -298,7 +334,7 @@ class WhisperTurn:
             and not spec.future.cancelled()
             and end - self._committed_end > limit
         ):
-            text, _ = spec.future.result()
+            text, _, _ = spec.future.result()
             if text:
                 self._committed.append(text)
             self._committed_end = spec.end
@@ -321,16 +357,16 @@ class WhisperTurn:
         speculative = spec is not None and not self._resumed and spec.start == self._committed_end
         if speculative:
             assert spec is not None
-            text, decode_ms = await spec.future
+            text, decode_ms, confidence = await spec.future
         else:
             start = self._committed_end
-            text, decode_ms = await self._engine._submit(
+            text, decode_ms, confidence = await self._engine._submit(
                 bytes(self._pcm[start:]), " ".join(self._committed)
             )
         joined = " ".join(t for t in [*self._committed, text] if t).strip()
         return Transcript(
             text=joined, final=True, audio_ms=len(self._pcm) / 32, decode_ms=decode_ms,
-            speculative=speculative,
+            speculative=speculative, end_confidence=confidence,
         )  # fmt: skip
 
     async def aclose(self) -> None:

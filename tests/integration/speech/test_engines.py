@@ -129,6 +129,30 @@ async def test_pause_trick_returns_the_speculative_result(whisper: WhisperSTT):
     )
 
 
+async def test_end_confidence_tells_a_sentence_cut_open_by_a_pause(whisper: WhisperSTT):
+    lead, pause = bytes(int(0.24 * 16000) * 2), bytes(int(0.16 * 16000) * 2)
+    # "I want to fly from Boston to | New York next week.", said whole and cut at the pause:
+    # Whisper writes a full stop it is unsure of (the voice was still going on).
+    cut = lead + read_wav(SPEECH / "cut-boston.wav").mono() + pause
+    text, _, confidence = whisper.decode_scored(cut)
+    assert text.endswith("Boston.")
+    assert confidence is not None and confidence < 0.45
+    # Finished sentences: a sure full stop or question mark.
+    for name in ("shared-00-piper", "shared-05-piper"):
+        text, _, confidence = whisper.decode_scored(read_wav(SPEECH / f"{name}.wav").mono())
+        assert text.endswith((".", "?")), text
+        assert confidence is not None and confidence > 0.85, (name, confidence)
+    # No mark at the end, nothing to be sure of; and the turn's partial carries the figure.
+    assert whisper.decode_scored(read_wav(SPEECH / "cut-boston.wav").mono())[2] is None
+    turn = whisper.start_turn()
+    for frame in turn_frames(cut):
+        turn.push(frame)
+    turn.pause()
+    final = await turn.finalize()
+    assert final.end_confidence is not None and final.end_confidence < 0.45
+    assert turn.partial is not None and turn.partial.end_confidence == final.end_confidence
+
+
 async def test_resume_after_a_pause_decodes_the_whole_turn(whisper: WhisperSTT):
     first = read_wav(SPEECH / "shared-09-piper.wav").mono()  # "Yes, that's correct."
     second = read_wav(SPEECH / "shared-04-piper.wav").mono()  # "Please cancel my subscription."
