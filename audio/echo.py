@@ -43,18 +43,21 @@ hold (before the first speaker block, or already forgotten) are silence.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from audio.frame import AudioFrame, check_pcm, check_rate
 from audio.resample import Quality, Resampler
 from audio.vad import frame_level_db
+
+Floats = npt.NDArray[np.float64]
 
 
 class EchoCanceller(Protocol):
@@ -113,74 +116,159 @@ class ResidualEchoGate:
     """Keeps what the canceller left of the agent's voice away from the VAD.
 
     A canceller removes most of the echo but not all of it: while it learns
-    the room, and in short bursts after (a syllable the speaker distorted, the
-    room's reverberation), some echo remains, which a VAD calls speech. This
-    gate decides, per block, whether the cleaned block is near-end speech
-    (the user) or what is left of the echo:
+    the room, and in bursts after (what a loudspeaker driven into distortion
+    adds, the room's reverberation), some echo remains, which a VAD calls
+    speech. This gate decides, per block, whether there is near-end speech (the
+    user) in it, from what the far end (the reference) can explain:
 
-    * no far-end audio in the last ``window_ms`` (the echo path's delay and
-      reverberation): it passes;
-    * until the canceller has converged (the median of what it removed from
-      the last 25 loud blocks reaches ``converged_db``, after at least
-      ``min_warmup_ms`` and at most ``max_warmup_ms`` of far-end audio): echo;
-    * the canceller removed less than ``double_talk_db`` *and* the microphone
-      is about as loud as the echo usually is (within ``loudness_db`` of the
-      recent loud echo level) for ``confirm_ms`` in a row: something it cannot
-      cancel is there, the user's voice (double talk): it passes, and so do
-      the next ``hold_ms`` (word endings);
-    * otherwise echo.
+    * Per band (``bands`` mel-spaced bands up to 7.6 kHz), the echo the far end
+      can cause now is predicted from the reference: its band powers at the
+      echo path's delay (estimated by correlating the microphone's band
+      envelopes with the reference's at every lag up to ``max_delay_ms``;
+      the whole range until it is known), with a reverberation tail
+      decaying at ``rt60_ms``.
+    * What the echo path does to that, per band, is learned from the
+      far-end-only blocks of the last ``learn_ms``: a high percentile
+      (``percentile``) of microphone / predicted (the room's gain) and of
+      cleaned / predicted (what the canceller leaves; high while it learns,
+      low once it has converged). Until enough has been seen both are taken
+      as large (nothing is explained away).
+    * A block has near-end speech when energy the far end cannot explain
+      (more than ``margin_db`` above the learned bound, in the microphone's
+      signal or in the canceller's output) makes up at least ``share`` of
+      the block's energy and is ``audible_db`` above the noise floor.
 
-    An echo block is scaled down to the noise floor of the cleaned signal
-    (its recent quiet level), never below it, so the VAD's own noise-floor
-    tracking is not disturbed. The price: a user much quieter at the
-    microphone than the echo cannot interrupt by voice.
+    A block with near-end speech for ``confirm_ms`` in a row passes (the
+    canceller's output), and so do the next ``hold_ms`` (word endings); so
+    does everything while no far-end audio was heard for ``window_ms``.
+    Everything else is echo: scaled down to the noise floor of the cleaned
+    signal (never below it, so the VAD's own noise-floor tracking is not
+    disturbed). The price: a user much quieter at the microphone than the echo
+    cannot interrupt by voice until the canceller has converged.
 
     Args:
         window_ms: how long far-end audio counts as possibly audible.
-        min_warmup_ms, max_warmup_ms: bounds of the learning phase (far-end audio).
-        converged_db: median removal that ends the learning phase.
-        double_talk_db: at most this much removed suggests near-end speech.
-        loudness_db: how far below the loud echo level near-end speech may be.
+        max_delay_ms: the longest echo path delay looked for (beyond what
+            the devices report).
+        rt60_ms: the reverberation assumed in the prediction (longer is safer).
+        learn_ms: how much far-end audio the gains are learned from.
+        min_learn_ms: far-end audio needed before the room's gain is used.
+        converge_ms: far-end audio needed before what the canceller leaves is
+            used (it is learned from the second half of that on).
+        percentile: the gains' percentile over that audio (100: the largest).
+        margin_db: how far above the learned bound energy counts as unexplained.
+        share: the unexplained share of a block's energy that makes it speech.
+        audible_db: how far above the noise floor the unexplained energy must be.
         hold_ms: blocks passed after near-end speech.
-        confirm_ms: how long the signs of double talk must last (what the
-            canceller leaves of the echo comes in shorter bursts).
+        confirm_ms: how long near-end speech must last before the block passes.
         far_active_dbfs: far-end level that counts as audio.
+        bands: number of bands.
+
+    Raises:
+        ValueError: a negative duration or an out-of-range setting.
+
+    Blocks must keep one length (a reset starts over when it changes).
+    About 0.2-0.3 ms per 20 ms block (numpy; ``benchmarks/aec.py``).
     """
 
     def __init__(
         self,
         *,
         window_ms: int = 1000,
-        min_warmup_ms: int = 2000,
-        max_warmup_ms: int = 4000,
-        converged_db: float = 15.0,
-        double_talk_db: float = 10.0,
-        loudness_db: float = 12.0,
+        max_delay_ms: int = 500,
+        rt60_ms: int = 600,
+        learn_ms: int = 5000,
+        min_learn_ms: int = 500,
+        converge_ms: int = 2000,
+        percentile: float = 100.0,
+        margin_db: float = 3.0,
+        early_margin_db: float = 3.0,
+        early_left_margin_db: float = 6.0,
+        share: float = 0.2,
+        audible_db: float = 10.0,
         hold_ms: int = 200,
         confirm_ms: int = 40,
         far_active_dbfs: float = -50.0,
+        bands: int = 18,
     ) -> None:
-        if min(window_ms, min_warmup_ms, max_warmup_ms, hold_ms) < 0:
+        if min(window_ms, max_delay_ms, rt60_ms, learn_ms, min_learn_ms, hold_ms, confirm_ms) < 0:
             raise ValueError("durations must not be negative")
+        if not 0 < percentile <= 100 or not 0 < share <= 1 or bands < 2:
+            raise ValueError("percentile must be in (0, 100], share in (0, 1], bands >= 2")
         self._window_s = window_ms / 1000
-        self._min_warmup_s = min_warmup_ms / 1000
-        self._max_warmup_s = max_warmup_ms / 1000
-        self._converged_db = converged_db
-        self._converged = False
-        self._removed: deque[float] = deque(maxlen=25)
-        self._double_talk = double_talk_db
-        self._loudness = loudness_db
+        self._max_delay_s = max_delay_ms / 1000
+        self._rt60_s = rt60_ms / 1000
+        self._learn_s = learn_ms / 1000
+        self._min_learn_s = min_learn_ms / 1000
+        self._converge_s = converge_ms / 1000
+        self._percentile = percentile
+        self._margin = 10 ** (margin_db / 10)
+        self._early = 10 ** (early_margin_db / 10)
+        self._early_left = 10 ** (early_left_margin_db / 10)
+        self._share = share
+        self._audible = 10 ** (audible_db / 10)
         self._hold_s = hold_ms / 1000
         self._confirm_s = confirm_ms / 1000
-        self._double_talk_s = 0.0
         self._far_active = far_active_dbfs
-        self._since_far_s = float("inf")
-        self._far_heard_s = 0.0
-        self._hold_left_s = 0.0
-        self._echo_levels: deque[float] = deque(maxlen=150)  # mic levels while the far end plays
-        self._quiet_levels: deque[float] = deque(maxlen=150)  # cleaned levels
+        self._bands = bands
+        self._block = 0  # samples per block the state was built for
         self.echo_blocks = 0
         self.double_talk_blocks = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learned (a new device or a new conversation)."""
+        self._block = 0
+        self._since_far_s = float("inf")
+        self._hold_left_s = 0.0
+        self._evidence_s = 0.0
+        self._levels: deque[float] = deque(maxlen=500)  # cleaned block levels (dBFS)
+
+    def _setup(self, samples: int, seconds: float) -> None:
+        rate = samples / seconds
+        self._block = samples
+        self._window = np.hanning(samples)
+        freqs = np.fft.rfftfreq(samples, 1 / rate)
+        mel = np.linspace(_mel(125.0), _mel(min(7600.0, rate / 2 * 0.95)), self._bands + 1)
+        edges = 700 * (10 ** (mel / 2595) - 1)
+        index = np.searchsorted(edges, freqs, side="right") - 1
+        index[(freqs < edges[0]) | (freqs >= edges[-1])] = -1
+        self._band_of = index
+        self._lags = max(1, int(np.ceil(self._max_delay_s / seconds))) + 2
+        self._far_history: deque[Floats] = deque(
+            [np.zeros(self._bands)] * self._lags, maxlen=self._lags
+        )
+        self._log_far: deque[Floats] = deque(
+            [np.zeros(self._bands)] * self._lags, maxlen=self._lags
+        )
+        self._xcorr = np.zeros(self._lags)
+        self._mean_near = np.zeros(self._bands)
+        self._mean_far = np.zeros(self._bands)
+        self._delay_updates = 0
+        self._decay = 10 ** (-6.0 * seconds / self._rt60_s) if self._rt60_s > 0 else 0.0
+        self._predicted = np.zeros(self._bands)
+        learn = max(1, round(self._learn_s / seconds))
+        self._room: deque[Floats] = deque(maxlen=learn)
+        self._left: deque[Floats] = deque(maxlen=learn)
+        self._trusted_left = learn // 2
+        self._min_learned = max(1, round(self._min_learn_s / seconds))
+        self._converged_after = max(1, round(self._converge_s / seconds))
+        self._learned = 0
+        self._gain_room = np.full(self._bands, np.inf)
+        self._gain_left = np.full(self._bands, np.inf)
+        quiet = max(1, round(5.0 / seconds))
+        self._quiet_near: deque[Floats] = deque(maxlen=quiet)
+        self._quiet_clean: deque[Floats] = deque(maxlen=quiet)
+        self._floor_near = np.zeros(self._bands)
+        self._floor_clean = np.zeros(self._bands)
+        self._count = 0
+
+    def _powers(self, pcm: bytes) -> Floats:
+        x = np.frombuffer(pcm, "<i2").astype(np.float64) / 32768
+        spectrum = np.abs(np.fft.rfft(x * self._window)) ** 2
+        keep = self._band_of >= 0
+        powers = np.bincount(self._band_of[keep], spectrum[keep], minlength=self._bands)
+        return np.asarray(powers, dtype=np.float64)
 
     def process(self, near: bytes, cleaned: bytes, far: bytes | None, seconds: float) -> bytes:
         """Gate one block.
@@ -194,57 +282,123 @@ class ResidualEchoGate:
         Returns:
             ``cleaned``, or ``cleaned`` scaled down to the noise floor when it is echo.
         """
-        near_db, out_db = frame_level_db(near), frame_level_db(cleaned)
-        self._quiet_levels.append(out_db)
-        if far is not None and frame_level_db(far) >= self._far_active:
-            self._since_far_s = 0.0
-        else:
-            self._since_far_s += seconds
+        samples = len(near) // 2
+        if samples != self._block:
+            self.reset()
+            self._setup(samples, seconds)
+        out_db = frame_level_db(cleaned)
+        self._levels.append(out_db)
+        n, e = self._powers(near), self._powers(cleaned)
+        active = far is not None and frame_level_db(far) >= self._far_active
+        f = self._powers(far) if active and far is not None else np.zeros(self._bands)
+        self._far_history.appendleft(f)
+        self._log_far.appendleft(np.log(f + 1e-12))
+        self._count += 1
+        if self._count % 10 == 1:
+            self._update_noise_floor()
+            self._floor_db = float(np.percentile(self._levels, 10))
+        self._since_far_s = 0.0 if active else self._since_far_s + seconds
         if self._since_far_s > self._window_s:
-            self._hold_left_s = 0.0
+            self._quiet_near.append(n)
+            self._quiet_clean.append(e)
+            self._hold_left_s = self._evidence_s = 0.0
             return cleaned
-        self._far_heard_s += seconds
-        self._echo_levels.append(near_db)
-        loud_echo = float(np.percentile(self._echo_levels, 90))
-        loud = near_db >= loud_echo - self._loudness
-        double_talk = loud and near_db - out_db < self._double_talk
-        if not double_talk:
-            self._double_talk_s = 0.0
-        if not self._converged:
-            if loud:
-                self._removed.append(near_db - out_db)
-            self._converged = self._far_heard_s >= self._max_warmup_s or (
-                self._far_heard_s >= self._min_warmup_s
-                and len(self._removed) == self._removed.maxlen
-                and statistics.median(self._removed) >= self._converged_db
-            )
-        elif double_talk:
-            # Speech goes on; a leftover of the echo comes in short bursts.
-            self._double_talk_s += seconds
-        if self._converged and self._double_talk_s >= self._confirm_s:
+        predicted = self._predict(n, active)
+        # The room's gain is trusted fully once ``converge_ms`` went into it, and
+        # what the canceller leaves once half of ``learn_ms`` did.
+        early = self._early if self._learned < self._converged_after else 1.0
+        late = self._early_left if len(self._left) < self._trusted_left else 1.0
+        evidence = self._unexplained(
+            n, predicted, early * self._gain_room, self._floor_near
+        ) or self._unexplained(e, predicted, late * self._gain_left, self._floor_clean)
+        self._evidence_s = self._evidence_s + seconds if evidence else 0.0
+        if self._evidence_s >= self._confirm_s:
             self._hold_left_s = self._hold_s
             self.double_talk_blocks += 1
             return cleaned
-        if self._converged and self._hold_left_s > 0:
+        if self._hold_left_s > 0:
             self._hold_left_s -= seconds
             return cleaned
+        if not evidence:
+            self._learn(n, e, predicted)
         self.echo_blocks += 1
-        floor = float(np.percentile(self._quiet_levels, 10))
+        floor = self._floor_db
         if out_db <= floor:
             return cleaned
         gain = 10 ** ((floor - out_db) / 20)
         x = np.frombuffer(cleaned, "<i2").astype(np.float64) * gain
         return x.astype("<i2").tobytes()
 
-    def reset(self) -> None:
-        self._since_far_s = float("inf")
-        self._far_heard_s = 0.0
-        self._hold_left_s = 0.0
-        self._double_talk_s = 0.0
-        self._converged = False
-        self._removed.clear()
-        self._echo_levels.clear()
-        self._quiet_levels.clear()
+    def _predict(self, n: Floats, active: bool) -> Floats:
+        history = np.array(self._far_history)  # (lags, bands), newest first
+        if active:
+            # The lag at which the microphone's band envelopes follow the reference's.
+            log_near = np.log(n + 1e-12)
+            self._mean_near += 0.02 * (log_near - self._mean_near)
+            self._mean_far += 0.02 * (self._log_far[0] - self._mean_far)
+            logs = np.array(self._log_far) - self._mean_far
+            score = logs @ (log_near - self._mean_near)
+            self._xcorr += 0.02 * (score - self._xcorr)
+            self._delay_updates += 1
+        if self._delay_updates >= 50:
+            lag = int(np.argmax(self._xcorr))
+            now = history[max(0, lag - 1) : lag + 2].max(axis=0)
+        else:
+            now = history.max(axis=0)
+        self._predicted = np.maximum(now, self._decay * self._predicted)
+        return self._predicted
+
+    def _unexplained(
+        self,
+        x: Floats,
+        predicted: Floats,
+        gain: Floats,
+        floor: Floats,
+    ) -> bool:
+        bound = np.where(np.isfinite(gain), self._margin * gain * predicted, np.inf)
+        excess = np.maximum(x - bound - floor, 0.0)
+        total = float(excess.sum())
+        return total >= self._share * float(x.sum()) and total >= self._audible * max(
+            float(floor.sum()), 1e-9
+        )
+
+    def _learn(self, n: Floats, e: Floats, predicted: Floats) -> None:
+        # Bands where the reference is well above the microphone's noise.
+        significant = predicted > 10 * self._floor_near + 1e-12
+        if not significant.any():
+            return
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.maximum(n - self._floor_near, 0.0) / predicted
+            left = np.maximum(e - self._floor_clean, 0.0) / predicted
+            self._room.append(np.where(significant, room, np.nan))
+            if self._learned >= self._converged_after // 2:
+                # What the canceller leaves while it is still learning is no
+                # measure of what it leaves once it has.
+                self._left.append(np.where(significant, left, np.nan))
+        self._learned += 1
+        if len(self._room) >= self._min_learned and self._count % 5 == 0:
+            self._gain_room = self._bound(self._room)
+            if self._learned >= self._converged_after and self._left:
+                self._gain_left = self._bound(self._left)
+
+    def _bound(self, ratios: deque[Floats]) -> Floats:
+        x = np.array(ratios)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # bands never significant
+            if self._percentile >= 100:
+                bound = np.nanmax(x, axis=0)
+            else:
+                bound = np.nanpercentile(x, self._percentile, axis=0)
+        return np.where(np.isnan(bound), np.inf, bound)
+
+    def _update_noise_floor(self) -> None:
+        if self._quiet_near:
+            self._floor_near = np.percentile(np.array(self._quiet_near), 10, axis=0)
+            self._floor_clean = np.percentile(np.array(self._quiet_clean), 10, axis=0)
+
+
+def _mel(hz: float) -> float:
+    return float(2595 * np.log10(1 + hz / 700))
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,8 +158,8 @@ def _longest_run_ms(flags: list[bool]) -> int:
 def signal_row(name: str, room: RoomConfig, seconds: float) -> SignalRow:
     far = agent_voice(seconds)
     silence = bytes(int(seconds * RATE) * 2)
-    mic, raw, cost = _simulate(room, far, silence, gate=False)
-    _, gated, _ = _simulate(room, far, silence, gate=True)
+    mic, raw, _ = _simulate(room, far, silence, gate=False)
+    _, gated, cost = _simulate(room, far, silence, gate=True)  # the whole live path
     skip = RATE * 2  # the first second
     m = np.frombuffer(mic, "<i2").astype(np.float64)[skip // 2 :]
     o = np.frombuffer(raw, "<i2").astype(np.float64)[skip // 2 :]
@@ -195,7 +195,7 @@ def signal_row(name: str, room: RoomConfig, seconds: float) -> SignalRow:
     )
 
 
-# -- part 2: conversations ---------------------------------------------------------
+# -- part 2: many replies, offline ---------------------------------------------------
 
 REPLY = (
     "Paris will be mild this week. Monday starts cloudy with a light breeze. "
@@ -204,6 +204,191 @@ REPLY = (
 )
 QUESTIONS = ("shared-00-piper", "shared-03-piper", "shared-06-piper")
 INTERRUPTIONS = ("shared-11-piper", "shared-10-piper", "shared-04-piper")
+SCENARIOS = ("listen", "interrupt", "early interrupt", "double talk")
+
+
+@dataclass
+class RepliesRow:
+    condition: str
+    replies: int
+    self_interruptions: int  # bursts the session would transcribe, none of them the user's
+    interruptions_heard: str  # interruptions that became a burst, of all
+    heard_after_s: float | None  # median: from the user's first speech to the burst's 200 ms
+    double_talk_kept_pct: float  # user speech frames over the agent the VAD still finds
+    onset_kept_pct: float  # of an interruption's first 400 ms (early: in the first 1.2 s)
+    early_onset_kept_pct: float
+    double_talk_wer_pct: float | None  # Whisper on what the session heard, interruptions
+    clean_wer_pct: float | None  # the same utterances, clean
+
+
+def _agent_reply() -> bytes:
+    """The reply in the agent's voice (Piper), at the speaker's rate."""
+    from runtime.speech.engines.piper import PiperTTS
+
+    async def speak() -> bytes:
+        tts = PiperTTS(noise_scale=0.0, noise_w=0.0)
+        try:
+            return b"".join([c.pcm async for c in tts.synthesize(REPLY, sample_rate=SPEAKER_RATE)])
+        finally:
+            await tts.aclose()
+
+    return asyncio.run(speak())
+
+
+def _session_speech(pcm: bytes) -> list[bool]:
+    """Per 20 ms, whether the session's speech gate calls it speech."""
+    from runtime.conversation.session import SpeechGate
+
+    gate = SpeechGate(default_vad(RATE, 20), 0.5)
+    return [gate.is_speech(pcm[i : i + 640]) for i in range(0, len(pcm) - 639, 640)]
+
+
+def _bursts(flags: list[bool]) -> list[tuple[int, int]]:
+    """The session's barge-in bursts that reach ``barge_in_ms`` of speech: (first frame,
+    frame at which they reach it). A burst ends after ``BURST_END_MS`` of quiet."""
+    from runtime.conversation.config import TurnDetection
+    from runtime.conversation.policy import BURST_END_MS
+
+    need = TurnDetection().barge_in_ms
+    found: list[tuple[int, int]] = []
+    first, speech_ms, quiet_ms, reached = -1, 0, 0, -1
+    for i, speech in enumerate(flags):
+        if first < 0:
+            if not speech:
+                continue
+            first, speech_ms, quiet_ms, reached = i, 0, 0, -1
+        if speech:
+            speech_ms, quiet_ms = speech_ms + 20, 0
+        else:
+            quiet_ms += 20
+            if quiet_ms >= BURST_END_MS:
+                if reached >= 0:
+                    found.append((first, reached))
+                first = -1
+                continue
+        if speech_ms >= need and reached < 0:
+            reached = i
+    if first >= 0 and reached >= 0:
+        found.append((first, reached))
+    return found
+
+
+def _through_room(room: RoomConfig, user: bytes, timeline: bytes) -> bytes:
+    """What the session hears: ``user`` (16 kHz) and the speaker's ``timeline`` (24 kHz)
+    through the room and live mode's echo path, 20 ms at a time."""
+    acoustic = EchoRoom(
+        RoomConfig(**{**asdict(room), "delay_ms": room.delay_ms + LATENCY_S * 1000}),
+        speaker_rate=SPEAKER_RATE,
+    )
+    path = echo_path(RATE)
+    heard = bytearray()
+    far_step = SPEAKER_RATE // 50
+    for k in range(len(user) // 640):
+        start = round(k * far_step * (1 + room.drift))
+        end = round((k + 1) * far_step * (1 + room.drift))
+        far = timeline[start * 2 : end * 2]
+        far += bytes((end - start) * 2 - len(far))
+        acoustic.play(far)
+        near = acoustic.capture(user[k * 640 : (k + 1) * 640])
+        path.played(far, SPEAKER_RATE, k * 0.02 + LATENCY_S)
+        heard += path.captured(near, k * 0.02)
+    return bytes(heard)
+
+
+def replies_row(name: str, room: RoomConfig, n: int, reply: bytes, stt: Any) -> RepliesRow:
+    """``n`` replies in ``room``: the user asks, the agent replies, and the user listens,
+    interrupts 2-5 s in, interrupts in the canceller's first 1.2 s, or talks over it
+    (8 s of recorded speech) in turn. Seeded: the same numbers every run."""
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalise = EnglishTextNormalizer()
+    texts = _manifest()
+    harvard = user_voice()
+    rng = np.random.default_rng(0)
+    reply_s = len(reply) / 2 / SPEAKER_RATE
+    selfs = heard = interruptions = 0
+    after: list[float] = []
+    counts = {"kept": [0, 0], "onset": [0, 0], "early": [0, 0]}
+    refs: list[str] = []
+    hyps: list[str] = []
+    clean: list[str] = []
+    for i in range(n):
+        scenario = SCENARIOS[i % len(SCENARIOS)]
+        user = (
+            bytes(int(0.4 * RATE) * 2)
+            + read_wav(DATA / "speech" / f"{QUESTIONS[i % len(QUESTIONS)]}.wav").mono()
+        )
+        reply_at = len(user) / 2 / RATE + float(rng.uniform(0.8, 1.8))
+        into = {"interrupt": rng.uniform(2.0, 5.0), "early interrupt": rng.uniform(0.2, 1.2)}
+        piece, words = b"", ""
+        start = reply_at + float(into.get(scenario, 3.0))
+        if scenario in ("interrupt", "early interrupt"):
+            stop = INTERRUPTIONS[i % len(INTERRUPTIONS)]
+            piece, words = read_wav(DATA / "speech" / f"{stop}.wav").mono(), texts[stop]
+        elif scenario == "double talk":
+            at = int(rng.integers(0, len(harvard) // 2 - 8 * RATE)) * 2
+            piece = harvard[at : at + 8 * RATE * 2]
+        if not piece:
+            start = reply_at + reply_s
+        user += bytes(int((start - len(user) / 2 / RATE) * RATE) * 2) + piece + bytes(RATE * 2)
+        timeline = bytes(int(reply_at * SPEAKER_RATE) * 2) + reply
+        seed = room.seed * 1000 + int(rng.integers(0, 1000))
+        out = _through_room(RoomConfig(**{**asdict(room), "seed": seed}), user, timeline)
+        flags, truth = _session_speech(out), _session_speech(user)
+        first = int(start / 0.02)
+        onset = next((j for j in range(first, len(truth)) if truth[j]), len(truth))
+        end = int((start + len(piece) / 2 / RATE) / 0.02)
+        found = False
+        for b0, reached in _bursts(flags):
+            if b0 * 0.02 < reply_at - 0.1:
+                continue  # the question
+            if piece and reached >= onset - 5 and b0 <= end + 15:
+                # The user's (it reaches barge-in after the user began).
+                if scenario != "double talk" and not found:
+                    found = True
+                    heard += 1
+                    after.append((reached - onset) * 0.02)
+            elif b0 * 0.02 < reply_at + reply_s + 1.0:
+                selfs += 1
+        if not piece:
+            continue
+        over = [
+            j
+            for j in range(onset, min(end, len(truth)))
+            if truth[j] and j * 0.02 < reply_at + reply_s
+        ]
+        counts["kept"][0] += sum(flags[j] for j in over)
+        counts["kept"][1] += len(over)
+        if scenario != "double talk":
+            interruptions += 1
+            key = "early" if scenario == "early interrupt" else "onset"
+            first20 = [j for j in over if j < onset + 20]
+            counts[key][0] += sum(flags[j] for j in first20)
+            counts[key][1] += len(first20)
+            lo, hi = (
+                max(0, int((start - 0.3) * RATE)) * 2,
+                int((start + len(piece) / 2 / RATE + 0.3) * RATE) * 2,
+            )
+            refs.append(normalise(words))
+            hyps.append(normalise(asyncio.run(stt.transcribe(out[lo:hi], RATE)).text))
+            clean.append(normalise(asyncio.run(stt.transcribe(user[lo:hi], RATE)).text))
+    pct = {k: round(100 * a / b, 1) if b else 0.0 for k, (a, b) in counts.items()}
+    return RepliesRow(
+        condition=name,
+        replies=n,
+        self_interruptions=selfs,
+        interruptions_heard=f"{min(heard, interruptions)}/{interruptions}",
+        heard_after_s=round(statistics.median(after), 2) if after else None,
+        double_talk_kept_pct=pct["kept"],
+        onset_kept_pct=pct["onset"],
+        early_onset_kept_pct=pct["early"],
+        double_talk_wer_pct=round(100 * jiwer.wer(refs, hyps), 1) if refs else None,
+        clean_wer_pct=round(100 * jiwer.wer(refs, clean), 1) if refs else None,
+    )
+
+
+# -- part 3: conversations ---------------------------------------------------------
 
 
 def _manifest() -> dict[str, str]:
@@ -319,6 +504,7 @@ async def conversations(n: int, names: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="echo cancellation on a simulated laptop")
     parser.add_argument("--seconds", type=float, default=20.0, help="agent speech per condition")
+    parser.add_argument("--replies", type=int, default=24, help="offline replies per condition")
     parser.add_argument("--conversations", type=int, default=0, help="per condition and scenario")
     parser.add_argument("--conditions", nargs="*", default=list(CONDITIONS))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/aec.json"))
@@ -341,6 +527,28 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r.double_talk_level_db} | {r.cpu_us_per_frame} ({r.cpu_us_p99}) |"
         )
     doc: dict[str, Any] = {"signals": [asdict(r) for r in rows]}
+    if args.replies:
+        from runtime.speech.engines.whisper import WhisperSTT
+
+        reply = _agent_reply()
+        stt = WhisperSTT()
+        many = [
+            replies_row(name, CONDITIONS[name], args.replies, reply, stt)
+            for name in args.conditions
+        ]
+        asyncio.run(stt.aclose())
+        doc["replies"] = [asdict(r) for r in many]
+        print()
+        print("| condition | replies | self-interruptions | interruptions heard | after s "
+              "| double talk kept | onset kept (early) | WER in double talk (clean) |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for m in many:
+            print(
+                f"| {m.condition} | {m.replies} | {m.self_interruptions} "
+                f"| {m.interruptions_heard} | {m.heard_after_s} | {m.double_talk_kept_pct} % "
+                f"| {m.onset_kept_pct} % ({m.early_onset_kept_pct} %) "
+                f"| {m.double_talk_wer_pct} % ({m.clean_wer_pct} %) |"
+            )
     if args.conversations:
         doc["conversations"] = asyncio.run(conversations(args.conversations, args.conditions))
         print()

@@ -3,9 +3,9 @@
 Real speech, real Whisper and Piper, the reference endpoint over a socket,
 and the agent's audio fed back through :class:`audio.room.EchoRoom` (a
 synthetic room, an unreported delay, loudspeaker distortion, noise and
-clock drift). The many-replies sweep is ``benchmarks/aec.py`` (whether the
-agent ever interrupts itself, back-channels, WER); these are the few cases
-that pin the behaviour.
+clock drift). The many-replies sweep is ``benchmarks/aec.py`` (self-interruptions
+over many replies, double talk, WER); these are the cases that pin the behaviour,
+among them the conversations in which the agent used to interrupt itself.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ REPLY = (
 # 0.1 % fast. (Louder, distorting speakers: see benchmarks/aec.py.)
 HARD_ROOM = RoomConfig(
     delay_ms=150, rt60_s=0.3, echo_db=-6.0, drive=0.5, noise_dbfs=-55.0, drift=0.001, seed=7
+)
+# A speaker driven loud into distortion: the echo as loud as what is played.
+LOUD_DISTORTING = RoomConfig(
+    delay_ms=80, rt60_s=0.3, echo_db=0.0, drive=1.5, noise_dbfs=-60.0, drift=0.001, seed=3
 )
 # Without cancellation the same room makes the agent interrupt itself.
 LOUD_ROOM = RoomConfig(
@@ -83,6 +87,22 @@ async def test_without_it_the_same_room_makes_the_agent_interrupt_itself(
         endpoint, whisper, piper, user, room=LOUD_ROOM, echo="off", max_wait_s=8.0
     )
     assert of(result, ev.ReplyDone)[0].status == "interrupted"
+
+
+@pytest.mark.parametrize("room", [HARD_ROOM, LOUD_DISTORTING], ids=["moderate", "loud"])
+async def test_the_agent_never_interrupts_itself_while_the_user_listens(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS, room: RoomConfig
+):
+    # The conversations in which the agent used to take its own voice for the user's
+    # (what the canceller leaves of a distorting speaker, and of its first seconds).
+    user = silence(0.4) + utterance("shared-00-piper") + silence(0.5)
+    result = await converse(endpoint, whisper, piper, user, room=room, echo="aec")
+    assert [d.status for d in of(result, ev.ReplyDone)] == ["completed"]
+    texts = [normalise(u.text) for u in of(result, ev.UserTranscript)]
+    assert texts == [normalise("What's the weather like in Paris today?")]
+    # The whole reply was played.
+    [spoken] = of(result, ev.AgentTranscript)
+    assert not spoken.interrupted and normalise(spoken.text) == normalise(REPLY)
 
 
 async def test_the_user_interrupts_by_voice_over_the_echo(

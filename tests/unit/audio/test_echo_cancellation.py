@@ -189,44 +189,84 @@ def test_echo_path_validates_its_settings():
 # -- the residual-echo gate ----------------------------------------------------------
 
 
-def test_the_residual_gate_passes_the_user_and_holds_back_the_echo():
-    gate = ResidualEchoGate(
-        min_warmup_ms=200, max_warmup_ms=1000, hold_ms=40, loudness_db=8, confirm_ms=40
-    )
-    quiet = noise(-60)
-    # No far end: everything passes as is.
+def scaled(pcm: bytes, gain: float) -> bytes:
+    x = np.frombuffer(pcm, "<i2").astype(np.float64) * gain
+    return bytes(x.astype("<i2").tobytes())
+
+
+def mixed(a: bytes, b: bytes) -> bytes:
+    x = np.frombuffer(a, "<i2").astype(np.int32) + np.frombuffer(b, "<i2")
+    return bytes(np.clip(x, -32768, 32767).astype("<i2").tobytes())
+
+
+def test_the_residual_gate_passes_what_the_far_end_cannot_explain():
+    gate = ResidualEchoGate(hold_ms=40, confirm_ms=40, min_learn_ms=200, converge_ms=400)
+    quiet = noise(-70)
+    # No far end: everything passes as is (and the noise floor is learned).
     for _ in range(20):
         assert gate.process(quiet, quiet, None, 0.02) == quiet
-    loud_far = noise(-20, seed=1)
-    echo_in, echo_left = noise(-20, seed=2), noise(-50, seed=3)
-    # While the canceller learns, what it leaves is echo: scaled to the noise floor.
-    out = gate.process(echo_in, echo_left, loud_far, 0.02)
-    assert out != echo_left
-    assert frame_level_db(out) == pytest.approx(frame_level_db(quiet), abs=1.0)
-    for _ in range(30):  # 25 loud blocks, 40 dB removed: it has converged
-        gate.process(echo_in, noise(-60, seed=4), loud_far, 0.02)
+    block = iter(range(100, 10_000))
+
+    def echo(cancelled_db: float) -> tuple[bytes, bytes, bytes]:
+        """(microphone, canceller's output, far end): the far end's echo at -6 dB."""
+        far = noise(-20, seed=next(block))
+        mic = mixed(scaled(far, 0.5), noise(-70, seed=next(block)))
+        left = mixed(scaled(far, 0.5 * 10 ** (-cancelled_db / 20)), noise(-70, seed=next(block)))
+        return mic, left, far
+
+    # Before anything is learned all of it is held back: scaled to the noise floor.
+    mic, left, far = echo(0.0)
+    out = gate.process(mic, left, far, 0.02)
+    assert frame_level_db(out) == pytest.approx(frame_level_db(quiet), abs=1.5)
+    # The room's gain is learned (200 ms), then what the canceller leaves (400 ms).
+    for _ in range(30):
+        gate.process(*echo(30.0), 0.02)
     assert gate.echo_blocks == 31
-    # Converged: a well-cancelled block is still echo...
-    assert frame_level_db(gate.process(echo_in, echo_left, loud_far, 0.02)) < -55
-    # ...but the user over the agent (little removed, as loud as the echo) passes
-    # once it goes on for 40 ms (a leftover of the echo comes in shorter bursts),
-    user = noise(-18, seed=5)
-    assert gate.process(user, user, loud_far, 0.02) != user
-    assert gate.process(user, user, loud_far, 0.02) == user
-    # and so do the next hold_ms (word endings), then echo is held back again.
-    assert gate.process(echo_in, echo_left, loud_far, 0.02) == echo_left
-    assert gate.process(echo_in, echo_left, loud_far, 0.02) == echo_left
-    assert gate.process(echo_in, echo_left, loud_far, 0.02) != echo_left
-    # A quiet leftover that was barely cancelled is not the user.
-    faint = noise(-45, seed=6)
-    assert gate.process(faint, faint, loud_far, 0.02) != faint
+    # A well-cancelled block is echo, and so is a burst the canceller left
+    # (as loud as what it left before: the far end explains it).
+    for cancelled in (40.0, 30.0):
+        mic, left, far = echo(cancelled)
+        assert frame_level_db(gate.process(mic, left, far, 0.02)) < -65
+    # The user over the agent: energy the far end cannot explain, for 40 ms: it passes,
+    mic, left, far = echo(30.0)
+    user = noise(-30, seed=7)
+    assert gate.process(mixed(mic, user), mixed(left, user), far, 0.02) != mixed(left, user)
+    mic, left, far = echo(30.0)
+    assert gate.process(mixed(mic, user), mixed(left, user), far, 0.02) == mixed(left, user)
     assert gate.double_talk_blocks == 1
+    # and so do the next hold_ms (word endings); then echo is held back again.
+    for passes in (True, True, False):
+        mic, left, far = echo(30.0)
+        assert (gate.process(mic, left, far, 0.02) == left) is passes
     # A second after the far end stopped (the room's tail), everything passes again.
     for _ in range(51):
         gate.process(quiet, quiet, None, 0.02)
-    assert gate.process(echo_in, echo_left, None, 0.02) == echo_left
+    mic, left, _ = echo(0.0)
+    assert gate.process(mic, left, None, 0.02) == left
     with pytest.raises(ValueError, match="negative"):
         ResidualEchoGate(hold_ms=-1)
+    with pytest.raises(ValueError, match="share"):
+        ResidualEchoGate(share=0.0)
+
+
+def test_the_residual_gate_hears_the_user_before_the_canceller_has_converged():
+    """The room's gain is learned in the first half second; from then on a user clearly
+    louder than the echo is heard, while what the canceller leaves is not yet trusted."""
+    gate = ResidualEchoGate(confirm_ms=40, min_learn_ms=200, converge_ms=60_000)
+    quiet = noise(-70)
+    for _ in range(20):
+        gate.process(quiet, quiet, None, 0.02)
+    for i in range(15):
+        far = noise(-20, seed=200 + i)
+        mic = scaled(far, 0.5)
+        gate.process(mic, mic, far, 0.02)  # nothing cancelled yet
+    user = noise(-14, seed=8)  # the echo is at -26 dBFS
+    kept = []
+    for i in range(3):
+        far = noise(-20, seed=300 + i)
+        mic = mixed(scaled(far, 0.5), user)
+        kept.append(gate.process(mic, mic, far, 0.02) == mic)
+    assert kept == [False, True, True]
 
 
 # -- the simulated room --------------------------------------------------------------
