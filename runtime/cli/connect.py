@@ -23,6 +23,7 @@ from runtime.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     CommandError,
+    Unavailable,
     UsageError,
     env_value,
     fmt,
@@ -88,6 +89,13 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--input-device", help="microphone (index or name)")
     p.add_argument("--output-device", help="speaker (index or name)")
+    p.add_argument(
+        "--echo",
+        choices=("aec", "half-duplex", "off"),
+        help="live mode on open speakers: aec (echo cancellation, interrupt by voice; the "
+        "default when voxloop[aec] is installed), half-duplex (microphone muted while the agent "
+        "speaks; the default otherwise) or off (headphones)",
+    )
     p.set_defaults(handler=_cmd_connect)
 
 
@@ -228,6 +236,18 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         websocket_url(args.url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from runtime.cli.talk import ECHO_LINES
+
+    echo = args.echo
+    if args.input is None:
+        from runtime.talk import default_echo_mode
+
+        echo = echo or default_echo_mode()
+        if echo == "aec":
+            from audio import aec
+
+            if not aec.available():
+                raise Unavailable(aec.INSTALL_HINT)
     session = _session(args)
     auth = _auth(args)
     tools = _tool_handler(args.tool_result)
@@ -260,9 +280,11 @@ def _cmd_connect(args: argparse.Namespace) -> int:
                 await connect_live(
                     url=args.url, auth=auth, session=session, stop=stop, on_event=printer,
                     input_device=args.input_device, output_device=args.output_device,
-                    tool_handler=tools,
+                    tool_handler=tools, echo=echo,
                     on_ready=lambda: rich_console().print(
-                        "[dim]connected; listening... (Ctrl-C to end the session)[/]"
+                        f"[dim]connected; listening, echo: {ECHO_LINES[echo]} "
+                        "(Ctrl-C to end the session)[/]",
+                        soft_wrap=True,
                     ),
                 )  # fmt: skip
         finally:

@@ -24,7 +24,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from audio.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from audio.resample import Resampler, resample_all
@@ -46,6 +46,7 @@ from runtime.protocol.events import (
 )
 
 RATE: Final = 24000
+AEC_RATE: Final = 16000  # the microphone's rate with echo cancellation (the APM has no 24 kHz)
 CHUNK_MS: Final = 50
 TAIL_S: Final = 1.0
 MAX_WAIT_S: Final = 60.0
@@ -315,26 +316,49 @@ async def connect_live(
     on_event: Callable[[Event], None] | None = None,
     on_ready: Callable[[], None] | None = None,
     tool_handler: ToolHandler | None = None,
+    echo: Literal["aec", "half-duplex", "off"] = "half-duplex",
     echo_tail_ms: int = 200,
 ) -> list[ClientTurnMetrics]:
     """Talk through the microphone and speaker until ``stop`` is set, then end cleanly.
 
-    The microphone is silenced while the agent is audible (half-duplex, as
-    ``voxloop talk``), so the agent never hears itself on open speakers.
+    ``echo`` keeps the agent from hearing itself on open speakers, as in
+    ``voxloop talk``:
+
+    * ``"aec"``: WebRTC echo cancellation (:func:`audio.aec.echo_path`) on the
+      microphone's thread, with exactly what the speaker plays as the
+      reference; the microphone runs at 16 kHz (the canceller's rate) and is
+      resampled to the wire's 24 kHz (full duplex: interrupt by voice);
+    * ``"half-duplex"``: the microphone is silenced while the agent is audible
+      and ``echo_tail_ms`` after;
+    * ``"off"``: nothing (headphones).
 
     Raises:
         DeviceUnavailable: PortAudio or a device is missing.
+        EchoCancellerUnavailable: ``"aec"`` without the ``aec`` extra.
         ServerUnreachable, HandshakeRejected, SessionFailure: see :class:`VoiceAgentClient`.
     """
     from audio.devices import Microphone, Speaker
-    from audio.echo import HalfDuplexGate
+    from audio.echo import EchoPath, HalfDuplexGate
+    from audio.frame import AudioFrame
 
     loop = asyncio.get_running_loop()
-    gate = HalfDuplexGate(tail_ms=echo_tail_ms)
-    speaker = Speaker(output_device, sample_rate=RATE)
+    path: EchoPath | None = None
+    mic_rate = RATE
+    if echo == "aec":
+        from audio.aec import echo_path
+
+        mic_rate = AEC_RATE
+        path = echo_path(AEC_RATE)
+    gate = HalfDuplexGate(tail_ms=echo_tail_ms) if echo == "half-duplex" else None
+    up = Resampler(mic_rate, RATE) if mic_rate != RATE else None
+    speaker = Speaker(output_device, sample_rate=RATE, on_played=path.played if path else None)
+    microphone = Microphone(
+        input_device, sample_rate=mic_rate, frame_ms=CHUNK_MS,
+        process=path.captured if path else None,
+    )  # fmt: skip
     async with (
         speaker,
-        Microphone(input_device, sample_rate=RATE, frame_ms=CHUNK_MS) as mic,
+        microphone as mic,
         VoiceAgentClient(url, session=session, auth=auth) as client,
     ):
         inp, out = ready_encodings(client.protocol.ready_config, session_encodings(session))
@@ -350,6 +374,7 @@ async def connect_live(
             async def send() -> None:
                 frames = aiter(mic)
                 origin: float | None = None  # loop time of the microphone's sample 0
+                sent = 0  # samples at RATE, with echo cancellation (the microphone is at 16 kHz)
                 while not stop.is_set() and not client.over:
                     nxt = asyncio.ensure_future(anext(frames))
                     halt = asyncio.ensure_future(stop.wait())
@@ -368,13 +393,17 @@ async def connect_live(
                     # back to it; a real microphone never runs ahead, so this never waits.
                     now = loop.time()
                     if origin is None:
-                        origin = now - frame.end_pts / RATE
-                    if (ahead := origin + frame.end_pts / RATE - now) > 0:
+                        origin = now - frame.end_pts / mic_rate
+                    if (ahead := origin + frame.end_pts / mic_rate - now) > 0:
                         await asyncio.sleep(ahead)
-                    queued = speaker.statistics().buffered_samples
-                    if queued:
-                        gate.playing(frame.end_pts + queued)
-                    frame = gate.process(frame)
+                    if up is not None:  # the cleaned 16 kHz block, at the wire's rate
+                        frame = AudioFrame(pcm=up.process(frame.pcm), sample_rate=RATE, pts=sent)
+                        sent += len(frame.pcm) // 2
+                    if gate is not None:
+                        queued = speaker.statistics().buffered_samples
+                        if queued:
+                            gate.playing(frame.end_pts + queued)
+                        frame = gate.process(frame)
                     conv.timer.audio_sent(frame.pcm, loop.time())
                     await client.send_audio(input_codec.encode(frame.pcm))
                 await client.end()

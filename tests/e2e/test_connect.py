@@ -33,7 +33,7 @@ from runtime.llm.reference import ReplyPlan
 from runtime.protocol import events as ev
 from runtime.secret import Secret
 
-from ..helpers import REAL, SPEECH, EndpointThread
+from ..helpers import REAL, SPEECH, EndpointThread, missing
 
 # Real-time conversations, and the server's first session loads its speech engines.
 pytestmark = pytest.mark.timeout(240)
@@ -337,3 +337,34 @@ async def test_barge_in_cuts_the_playback_where_the_user_started_talking(
     agent = loud_blocks(result.agent) / 100
     assert any(began < t < barge for t in agent), "the agent did not speak"
     assert not any(barge + 0.03 < t < after for t in agent), "audio played after the flush"
+
+
+def test_live_mode_on_real_devices_with_echo_cancellation(served: Served, tmp_path: Path):
+    # PortAudio through an ALSA null device (no sound card): the microphone delivers
+    # silence through the echo canceller (16 kHz, resampled to the wire's 24 kHz), the
+    # speaker plays the greeting as its reference; Ctrl-C ends the session cleanly.
+    (tmp_path / ".asoundrc").write_text(
+        "pcm.!default { type null }\npcm.voxloop_null { type null }\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "connect", served.ws, "--greeting", "Hello there.",
+         "--input-device", "voxloop_null", "--output-device", "voxloop_null"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HOME": str(tmp_path), "VOXLOOP_API_KEY": API_KEY},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        if "listening" not in first:
+            _, err = proc.communicate(timeout=60)
+            assert "PortAudio is not installed" in err and "Traceback" not in err
+            missing("PortAudio is not installed (apt-get install libportaudio2; .ci/run does)")
+        # With the aec extra installed (as in dev), echo cancellation is the default.
+        assert "connected; listening, echo: aec (speak over the agent to interrupt it)" in first
+        greeting = proc.stdout.readline()  # the server's greeting, played into the null speaker
+        assert "Hello there." in greeting
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
