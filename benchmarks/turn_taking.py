@@ -37,7 +37,6 @@ import json
 import math
 import re
 import statistics
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -323,7 +322,7 @@ def run_policy(
     policy: TurnTakingPolicy,
     decode: Decoder,
     reply_frames: int,
-    model: SmartTurn | None = None,
+    model: SmartTurnJudge | None = None,
     verdict: dict[str, bool] | None = None,
     take_back: bool = True,
 ) -> Outcome:
@@ -472,42 +471,31 @@ def run_before_over_reply(item: Item, speech: list[bool], decode: Decoder) -> Ou
     return out
 
 
-class SmartTurn:
-    """Smart Turn v3 (ONNX, BSD-2-Clause) through onnxruntime: P(the turn is complete).
+class SmartTurnJudge:
+    """Smart Turn v3.2 (:mod:`runtime.speech.turn_model`): ``(P(turn complete), inference ms)``."""
 
-    Input: up to the last 8 s of 16 kHz audio, left-padded with zeros, normalised to zero mean
-    and unit variance, as 80 Whisper log-mel bins x 800 frames.
-    """
+    def __init__(self) -> None:
+        from runtime.speech.turn_model import SmartTurn
 
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-        from faster_whisper.feature_extractor import FeatureExtractor
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), sess_options=options)
-        self.features = FeatureExtractor(feature_size=80, chunk_length=8)
+        self.model = SmartTurn()
 
     def __call__(self, pcm: bytes) -> tuple[float, float]:
-        """``(probability, inference ms)`` for a turn's audio so far."""
-        t0 = time.perf_counter()
-        x = np.frombuffer(pcm, "<i2").astype(np.float32)[-8 * RATE :] / 32768.0
-        x = np.pad(x, (8 * RATE - x.size, 0))
-        x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
-        feats = self.features(x, padding=0)[:, :800].astype(np.float32)
-        out = self.session.run(None, {"input_features": feats[None]})
-        return float(np.asarray(out[0]).reshape(-1)[0]), (time.perf_counter() - t0) * 1000
+        judged = self.model.predict_timed(pcm)
+        return judged.probability, judged.inference_ms
 
 
-def smart_turn_variants(model: SmartTurn, td: TurnDetection) -> list[Variant]:
+def smart_turn_variants(model: SmartTurnJudge, td: TurnDetection) -> list[Variant]:
     alone = {"complete": False}
     both = {"complete": False}
+    plain = {"complete": False}
     return [
         Variant("Smart Turn v3.2 (audio)", td, lambda _t: alone["complete"], model=model,
-                verdict=alone),
-        Variant("Smart Turn v3.2 and the transcript rule", td,
+                verdict=alone, confident_end=0.0),
+        Variant("Smart Turn v3.2 and the transcript rule (with end confidence)", td,
                 lambda t: both["complete"] and reads_complete(t), model=model, verdict=both),
+        Variant("Smart Turn v3.2 and the transcript rule, no end confidence", td,
+                lambda t: plain["complete"] and reads_complete(t), model=model, verdict=plain,
+                confident_end=0.0),
     ]  # fmt: skip
 
 
@@ -520,7 +508,7 @@ class Variant:
     td: TurnDetection
     complete: Callable[[str], bool] = reads_complete
     before: bool = False
-    model: SmartTurn | None = None
+    model: SmartTurnJudge | None = None
     verdict: dict[str, bool] | None = None
     recheck_ms: int = RECHECK_MS
     take_back: bool = True
@@ -665,7 +653,7 @@ async def amain(args: argparse.Namespace) -> None:
     rows = []
     extra = []
     if args.smart_turn:
-        extra += smart_turn_variants(SmartTurn(Path(args.smart_turn)), TurnDetection())
+        extra += smart_turn_variants(SmartTurnJudge(), TurnDetection())
     chosen = [v for v in [*variants(), *extra] if not args.only or v.name in args.only]
     for variant in chosen:
         row = evaluate(items, variant, decode, args.reply_ms)
@@ -696,7 +684,9 @@ def main() -> None:
     )
     parser.add_argument("--only", action="append", help="run only this variant (repeatable)")
     parser.add_argument(
-        "--smart-turn", metavar="ONNX", help="also evaluate Smart Turn v3 from this ONNX file"
+        "--smart-turn",
+        action="store_true",
+        help="also evaluate the Smart Turn v3.2 audio model (the smart-turn extra)",
     )
     asyncio.run(amain(parser.parse_args()))
 
