@@ -544,6 +544,40 @@ async def test_barge_in_keeps_the_heard_prefix(
     assert (final.text, final.interrupted) == ("Sorry, what did you ask?", False)
 
 
+async def test_a_turn_taken_back_replaces_its_transcript(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    # "I want to fly from Boston to" [900 ms] "New York next week.": at the pause the head reads
+    # as a finished sentence, the turn ends, and the user goes on before the (slow) reply is heard.
+    slow = ReplyPlan(replies=("Which day?",), ttft_ms=3000, itl_ms=5)
+    endpoint.answer(slow, slow)
+    before = len(endpoint.chats())
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    audio = silence(0.4, 24000) + speech("paused-boston", 24000) + silence(1.0, 24000)
+    streaming = asyncio.get_running_loop().create_task(client.stream(audio, 48000, 2400))
+    withdrawn = await client.until("reply.done", within=40)
+    answered = await client.until("reply.done", within=40)
+    await streaming
+    assert withdrawn[-1].status == "interrupted"  # type: ignore[union-attr]
+    assert not any(isinstance(e, ev.ReplyAudio) for e in withdrawn)
+    cut = next(e for e in withdrawn if isinstance(e, ev.TranscriptAgent))
+    assert (cut.text, cut.interrupted) == ("", True)
+    # The turn goes on: input.speech.started again, and the whole sentence is sent as the same
+    # item, replacing the transcript sent at the pause.
+    assert types(withdrawn).count("input.speech.started") == 2
+    users = [e for e in client.seen if isinstance(e, ev.TranscriptUser)]
+    assert len(users) == 2 and users[0].item_id == users[1].item_id
+    assert spoken(users[1].text).endswith(spoken("fly from Boston to New York next week."))
+    final = next(e for e in answered if isinstance(e, ev.TranscriptAgent))
+    assert (final.text, final.interrupted) == ("Which day?", False)
+    messages = endpoint.chats()[-1].body["messages"]  # type: ignore[index]
+    assert len(endpoint.chats()) == before + 2
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] == users[1].text
+
+
 async def test_mulaw_in_and_mulaw_out(
     server: Server, endpoint: EndpointThread, connect: Any
 ) -> None:
