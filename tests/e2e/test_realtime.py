@@ -560,7 +560,7 @@ async def test_a_turn_taken_back_replaces_its_transcript(
     withdrawn = await client.until("reply.done", within=40)
     answered = await client.until("reply.done", within=40)
     await streaming
-    assert withdrawn[-1].status == "interrupted"  # type: ignore[union-attr]
+    assert withdrawn[-1].status == "interrupted"
     assert not any(isinstance(e, ev.ReplyAudio) for e in withdrawn)
     cut = next(e for e in withdrawn if isinstance(e, ev.TranscriptAgent))
     assert (cut.text, cut.interrupted) == ("", True)
