@@ -48,23 +48,16 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
-from audio.vad import VAD, default_vad, frame_level_db, trim_leading_silence
+from audio.vad import VAD, default_vad, frame_level_db
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
 from runtime.conversation.config import SPOKEN_GUIDANCE, SessionConfig
 from runtime.conversation.events import (
-    AgentTranscript,
-    AgentTranscriptDelta,
     ConversationEvent,
-    ReplyAudio,
-    ReplyDone,
-    ReplyError,
-    ReplyStarted,
     SpeechStarted,
     SpeechStopped,
     ToolCallRequested,
@@ -72,7 +65,7 @@ from runtime.conversation.events import (
     UserTranscript,
     UserTranscriptDelta,
 )
-from runtime.conversation.history import History, SpokenLog, heard_prefix
+from runtime.conversation.history import History
 from runtime.conversation.policy import (
     FRAME_MS,
     BackChannel,
@@ -88,15 +81,15 @@ from runtime.conversation.policy import (
     classify,
     is_backchannel,
 )
+from runtime.conversation.reply import Reply, ReplyRunner
 from runtime.conversation.sinks import AudioSink
-from runtime.conversation.tools import ToolRunner, openai_tool
+from runtime.conversation.tools import ToolRunner
 from runtime.conversation.turns import TurnState, TurnStateMachine
 from runtime.endpoints import Resolver, URLPolicy
 from runtime.errors import EndpointError
 from runtime.llm.client import ChatClient, ChatRequest
-from runtime.llm.stream import Finish, TextDelta, ToolCall
+from runtime.llm.stream import Finish
 from runtime.speech.stt import SpeechToText, STTTurn, Transcript
-from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import TextToSpeech, warm_up
 
 __all__ = ["FRAME_MS", "RATE", "ConversationSession", "EventHook", "SpeechGate", "is_backchannel"]
@@ -133,39 +126,6 @@ class SpeechGate:
         audible = frame_level_db(pcm) >= _AUDIBLE_DBFS
         self._in_speech = p >= threshold and p > 0.0 and audible
         return self._in_speech
-
-
-@dataclass(slots=True)
-class _Reply:
-    """One assistant reply and its timings (ns, session clock)."""
-
-    id: str
-    text_source: Callable[[], Awaitable[str]] | None  # None: no new user message
-    fixed_text: str | None = None  # greeting / apology: spoken verbatim, no LLM
-    instructions: str | None = None
-    speculative: bool = False
-    withdrawn: bool = False  # the user went on before hearing it: no trace in the history
-    carried: tuple[str, ...] = ()  # earlier turns' words folded into user_text
-    committed: asyncio.Event = field(default_factory=asyncio.Event)
-    buffered: list[ConversationEvent] = field(default_factory=list)
-    user_text: str = ""
-    spoken: SpokenLog = field(default_factory=SpokenLog)
-    written: int = 0
-    base_played: int | None = None
-    generated: list[str] = field(default_factory=list)
-    tool_messages: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "completed"
-    t_end: int | None = None  # the user actually stopped speaking
-    t_eot: int | None = None  # end of turn confirmed
-    t_stt: int | None = None  # final transcript available
-    t_text: int | None = None  # transcript used for the request available
-    t_sent: int | None = None
-    ttft_ms: float | None = None
-    t_seg: int | None = None
-    t_tts_start: int | None = None
-    t_chunk: int | None = None
-    t_out: int | None = None
-    stt_final_ms: float | None = None
 
 
 class ConversationSession:
@@ -235,9 +195,9 @@ class ConversationSession:
         self._sent_item: tuple[int, str] | None = None  # (turn, item id) of the last transcript
         self._continued_item: str | None = None  # the item the current turn's transcript replaces
         self._last_partial = ""
-        self._reply: _Reply | None = None
+        self._reply: Reply | None = None
         self._reply_task: asyncio.Task[None] | None = None
-        self._spec: tuple[_Reply, asyncio.Task[None]] | None = None
+        self._spec: tuple[Reply, asyncio.Task[None]] | None = None
         self._checks: set[asyncio.Task[None]] = set()
         self._input_ended = False
         self._pending_turns = 0
@@ -245,6 +205,11 @@ class ConversationSession:
         self._idle.set()
         self._prewarmed = asyncio.Event()
         self.metrics: list[TurnMetrics] = []
+        self._replies = ReplyRunner(
+            llm=llm, tts=tts, sink=sink, history=self._history, tools=self._tools,
+            config=lambda: self.config, clock=self._clock, emit=self._emit,
+            prewarmed=self._prewarmed, on_first_audio=self._first_audio, metrics=self.metrics,
+        )  # fmt: skip
 
     # -- public API ------------------------------------------------------------------
 
@@ -285,7 +250,7 @@ class ConversationSession:
                 tg.create_task(warm_up(self._tts))
             if self.config.greeting:
                 self._start_reply(
-                    _Reply(id=self._new_id("reply"), text_source=None,
+                    Reply(id=self._new_id("reply"), text_source=None,
                            fixed_text=self.config.greeting),
                     committed=True,
                 )  # fmt: skip
@@ -317,7 +282,7 @@ class ConversationSession:
             return text
 
         self._cancel_reply()
-        reply = _Reply(id=self._new_id("reply"), text_source=source)
+        reply = Reply(id=self._new_id("reply"), text_source=source)
         reply.t_text = self._clock.now_ns()
         self._start_reply(reply, committed=True)
 
@@ -325,7 +290,7 @@ class ConversationSession:
         """Generate a reply now, optionally steered by one-shot instructions."""
         self._cancel_reply()
         self._start_reply(
-            _Reply(id=self._new_id("reply"), text_source=None, instructions=instructions),
+            Reply(id=self._new_id("reply"), text_source=None, instructions=instructions),
             committed=True,
         )
 
@@ -468,9 +433,9 @@ class ConversationSession:
             result: Transcript | None = await speculative()
             return self._with_carry(result.text if result is not None else "")
 
-        reply = _Reply(id=self._new_id("reply"), text_source=source, speculative=True)
+        reply = Reply(id=self._new_id("reply"), text_source=source, speculative=True)
         reply.t_end = t_end
-        task = self._spawn(self._run_reply(reply))
+        task = self._spawn(self._replies.run(reply))
         self._spec = (reply, task)
 
     def _cancel_speculation(self) -> None:
@@ -502,7 +467,7 @@ class ConversationSession:
     async def _finish_turn(
         self,
         turn: STTTurn,
-        spec: tuple[_Reply, asyncio.Task[None]] | None,
+        spec: tuple[Reply, asyncio.Task[None]] | None,
         seq: int,
         deferred: bool,
         t_end: int,
@@ -517,7 +482,7 @@ class ConversationSession:
     async def _finish_turn_inner(
         self,
         turn: STTTurn,
-        spec: tuple[_Reply, asyncio.Task[None]] | None,
+        spec: tuple[Reply, asyncio.Task[None]] | None,
         seq: int,
         deferred: bool,
         t_end: int,
@@ -575,7 +540,7 @@ class ConversationSession:
         async def source() -> str:
             return text
 
-        reply = _Reply(id=self._new_id("reply"), text_source=source, carried=carried)
+        reply = Reply(id=self._new_id("reply"), text_source=source, carried=carried)
         reply.t_end, reply.t_eot, reply.t_stt, reply.t_text = t_end, t_eot, t_stt, t_stt
         reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
         self._start_reply(reply, committed=True)
@@ -594,13 +559,13 @@ class ConversationSession:
         assert self._tg is not None, "the session is not running"
         return self._tg.create_task(coro)
 
-    def _start_reply(self, reply: _Reply, *, committed: bool) -> None:
+    def _start_reply(self, reply: Reply, *, committed: bool) -> None:
         if committed:
             reply.committed.set()
-        task = self._spawn(self._run_reply(reply))
+        task = self._spawn(self._replies.run(reply))
         self._adopt(reply, task)
 
-    def _adopt(self, reply: _Reply, task: asyncio.Task[None]) -> None:
+    def _adopt(self, reply: Reply, task: asyncio.Task[None]) -> None:
         self._reply = reply
         self._reply_task = task
         if self.turns.state is TurnState.LISTENING:
@@ -633,114 +598,15 @@ class ConversationSession:
             self._reply = None
             self._update_idle()
 
-    def _remit(self, reply: _Reply, event: ConversationEvent) -> None:
-        if reply.committed.is_set():
-            self._emit_hook(event)
-        else:
-            reply.buffered.append(event)
+    def _emit(self, event: ConversationEvent) -> None:
+        self._emit_hook(event)
 
-    async def _run_reply(self, reply: _Reply) -> None:
-        segments: asyncio.Queue[str | None] = asyncio.Queue(maxsize=8)
-        try:
-            if reply.text_source is not None:
-                reply.user_text = (await reply.text_source()).strip()
-                if reply.t_text is None:
-                    reply.t_text = self._clock.now_ns()
-                if not reply.user_text:
-                    return
-            self._remit(reply, ReplyStarted(t_ns=self._clock.now_ns(), reply_id=reply.id))
-            async with asyncio.TaskGroup() as rtg:
-                rtg.create_task(self._speak(reply, segments))
-                await self._generate(reply, segments)
-            if not reply.committed.is_set():
-                await reply.committed.wait()
-            await self._sink.wait_for_playout()
-            self._finish(reply, interrupted=False)
-        except asyncio.CancelledError:
-            if reply.committed.is_set() and reply.status != "done":
-                dropped = self._sink.clear_buffer()
-                log.debug("reply interrupted", extra={"dropped_samples": dropped})
-                self._finish(reply, interrupted=True)
-            raise
-
-    async def _generate(self, reply: _Reply, segments: asyncio.Queue[str | None]) -> None:
-        segmenter = SpeechSegmenter()
-        try:
-            if reply.fixed_text is not None:
-                for seg in segmenter.push(reply.fixed_text) + segmenter.flush():
-                    await self._put_segment(reply, segments, seg)
-            else:
-                await self._generate_rounds(reply, segmenter, segments)
-        except EndpointError as exc:
-            reply.status = "failed"
-            self._remit(
-                reply,
-                ReplyError(
-                    t_ns=self._clock.now_ns(), reply_id=reply.id, code=exc.kind,
-                    message=str(exc), retryable=exc.retryable, status_code=exc.status_code,
-                ),
-            )  # fmt: skip
-            for seg in segmenter.flush():
-                await self._put_segment(reply, segments, seg)
-            apology = SpeechSegmenter()
-            for seg in apology.push(self.config.apology) + apology.flush():
-                await segments.put(seg)
-        # Not in a `finally`: when the reply is cancelled, the speaker is cancelled with it, and
-        # waiting here on a full queue (a held speculative reply) would never end.
-        await segments.put(None)
-
-    async def _generate_rounds(
-        self, reply: _Reply, segmenter: SpeechSegmenter, segments: asyncio.Queue[str | None]
-    ) -> None:
-        for _ in range(self.config.max_tool_rounds + 1):
-            calls = await self._llm_round(reply, segmenter, segments)
-            if not calls:
-                break
-            await self._run_tools(reply, calls)
-
-    async def _llm_round(
-        self, reply: _Reply, segmenter: SpeechSegmenter, segments: asyncio.Queue[str | None]
-    ) -> list[ToolCall]:
-        request = ChatRequest(
-            messages=self._messages(reply),
-            tools=[openai_tool(t) for t in self.config.tools],
-            temperature=self.config.temperature,
-            max_tokens=self.config.max_tokens,
-            first_token_timeout_s=self.config.first_token_timeout_s,
-        )
-        calls: list[ToolCall] = []
-        text_parts: list[str] = []
-        # A reply right at the start reuses the connection being opened, not a second one.
-        await self._prewarmed.wait()
-        async with self._llm.stream(request) as stream:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    text_parts.append(event.text)
-                    for seg in segmenter.push(event.text, ns_to_ms(self._clock.now_ns())):
-                        await self._put_segment(reply, segments, seg)
-                elif isinstance(event, ToolCall):
-                    calls.append(event)
-            if reply.t_sent is None:
-                reply.t_sent = stream.timings.sent_ns
-                reply.ttft_ms = stream.timings.ttft_ms
-        for seg in segmenter.flush():
-            await self._put_segment(reply, segments, seg)
-        text = "".join(text_parts).strip()
-        reply.generated.append(text)
-        if calls:
-            reply.tool_messages.append(
-                {
-                    "role": "assistant",
-                    "content": text or None,
-                    "tool_calls": [c.to_message() for c in calls],
-                }
-            )
-        return calls
-
-    async def _run_tools(self, reply: _Reply, calls: list[ToolCall]) -> None:
-        for call in calls:
-            result = await self._tools.run(call)
-            reply.tool_messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    def _first_audio(self, reply: Reply) -> None:
+        """A reply's first audio goes to the speaker: the user hears the agent from now on."""
+        if reply is self._reply:
+            self.policy.reply_audible()
+        if self.turns.state is TurnState.THINKING:
+            self.turns.to(TurnState.SPEAKING)
 
     def _client_tool_call(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
         reply = self._reply
@@ -750,113 +616,9 @@ class ConversationSession:
             arguments=arguments,
         )  # fmt: skip
         if reply is not None:
-            self._remit(reply, event)
+            self._replies.remit(reply, event)
         else:
             self._emit_hook(event)
-
-    async def _put_segment(
-        self, reply: _Reply, segments: asyncio.Queue[str | None], seg: str
-    ) -> None:
-        if reply.t_seg is None:
-            reply.t_seg = self._clock.now_ns()
-        await segments.put(seg)
-
-    async def _speak(self, reply: _Reply, segments: asyncio.Queue[str | None]) -> None:
-        rate = self._sink.sample_rate
-        while (seg := await segments.get()) is not None:
-            if reply.t_tts_start is None:
-                reply.t_tts_start = self._clock.now_ns()
-            start = reply.written
-            run = self._tts.synthesize(seg, voice=self.config.voice, sample_rate=rate)
-            async for chunk in run:
-                pcm = chunk.pcm
-                if reply.t_chunk is None:
-                    # The voice's leading silence would only add to the latency.
-                    pcm = trim_leading_silence(pcm, rate)
-                    reply.t_chunk = self._clock.now_ns()
-                if not reply.committed.is_set():
-                    await reply.committed.wait()
-                if reply.t_out is None:
-                    reply.base_played = self._sink.played_samples
-                    reply.t_out = self._clock.now_ns()
-                    if reply is self._reply:
-                        self.policy.reply_audible()
-                    if self.turns.state is TurnState.THINKING:
-                        self.turns.to(TurnState.SPEAKING)
-                await self._sink.write(pcm)
-                reply.written += len(pcm) // 2
-                self._emit_hook(
-                    ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=pcm,
-                               sample_rate=rate)
-                )  # fmt: skip
-            if reply.written > start:
-                reply.spoken.add(seg, start, reply.written)
-                self._emit_hook(
-                    AgentTranscriptDelta(t_ns=self._clock.now_ns(), reply_id=reply.id, delta=seg)
-                )
-
-    def _heard_text(self, reply: _Reply) -> str:
-        if reply.base_played is None:
-            return ""
-        return heard_prefix(reply.spoken.segments, self._sink.played_samples - reply.base_played)
-
-    def _finish(self, reply: _Reply, *, interrupted: bool) -> None:
-        reply_status = reply.status
-        reply.status = "done"
-        now = self._clock.now_ns()
-        agent_text = self._heard_text(reply) if interrupted else reply.spoken.text
-        if interrupted:
-            assistant = agent_text  # only what the user heard
-        elif reply.fixed_text is not None:
-            assistant = reply.fixed_text
-        elif reply_status == "failed":
-            assistant = ""  # the apology is not put in the model's mouth
-        else:
-            assistant = " ".join(t for t in reply.generated if t)
-        if not reply.withdrawn:
-            self._history.record(
-                user_text=reply.user_text if reply.text_source is not None else "",
-                tool_messages=reply.tool_messages,
-                assistant_text=assistant,
-            )
-        self._emit_hook(
-            AgentTranscript(t_ns=now, reply_id=reply.id, text=agent_text, interrupted=interrupted)
-        )
-        status = (
-            "interrupted"
-            if interrupted
-            else ("failed" if reply_status == "failed" else "completed")
-        )
-        self._emit_hook(ReplyDone(t_ns=now, reply_id=reply.id, status=status))  # type: ignore[arg-type]
-        if reply.text_source is not None and reply.t_end is not None and not reply.withdrawn:
-            metrics = self._metrics(reply, agent_text, interrupted)
-            self.metrics.append(metrics)
-            self._emit_hook(metrics)
-
-    def _metrics(self, reply: _Reply, agent_text: str, interrupted: bool) -> TurnMetrics:
-        def ms(a: int | None, b: int | None) -> float | None:
-            return None if a is None or b is None else ns_to_ms(b - a)
-
-        first_sentence = ms(reply.t_sent, reply.t_seg)
-        tts_first = ms(reply.t_tts_start, reply.t_chunk)
-        v2v = ms(reply.t_end, reply.t_out)
-        endpointing = ms(reply.t_end, reply.t_eot)
-        overhead: float | None = None
-        t = (reply.t_text, reply.t_sent, reply.t_seg, reply.t_tts_start, reply.t_chunk,
-             reply.t_out, reply.t_eot)  # fmt: skip
-        if all(x is not None for x in t):
-            t_text, t_sent, t_seg, t_tts, t_chunk, t_out, t_eot = (int(x or 0) for x in t)
-            # The runtime's own cost on the critical path: handing the transcript to
-            # the request, the first segment to the TTS, and the first audio to the sink.
-            glue = (t_sent - t_text) + (t_tts - t_seg) + (t_out - max(t_chunk, t_eot))
-            overhead = ns_to_ms(max(0, glue))
-        return TurnMetrics(
-            t_ns=self._clock.now_ns(), reply_id=reply.id, user_text=reply.user_text,
-            agent_text=agent_text, interrupted=interrupted, stt_final_ms=reply.stt_final_ms,
-            ttft_ms=reply.ttft_ms, first_sentence_ms=first_sentence, tts_first_audio_ms=tts_first,
-            v2v_ms=v2v, overhead_ms=overhead, endpointing_ms=endpointing,
-            speculative=reply.speculative,
-        )  # fmt: skip
 
     # -- helpers -------------------------------------------------------------------
 
@@ -865,13 +627,6 @@ class ConversationSession:
         if self.config.spoken_guidance:
             prompt = f"{prompt}\n\n{SPOKEN_GUIDANCE}".strip()
         return prompt
-
-    def _messages(self, reply: _Reply) -> list[dict[str, Any]]:
-        return self._history.request(
-            user_text=reply.user_text if reply.text_source is not None else "",
-            tool_messages=reply.tool_messages,
-            instructions=reply.instructions,
-        )
 
     async def _prewarm(self) -> None:
         try:
