@@ -392,7 +392,7 @@ class ConversationSession:
         """The user went on before hearing the reply: withdraw it and reopen their turn."""
         self._superseded.add(self._turn_seq)
         reply = self._reply
-        if reply is not None and reply.text_source is not None:
+        if reply is not None and reply.turn == self._turn_seq:
             reply.withdrawn = True
             # Its user message is heard again, whole, with the rest of the turn.
             self._carry[:0] = reply.carried
@@ -433,7 +433,9 @@ class ConversationSession:
             result: Transcript | None = await speculative()
             return self._with_carry(result.text if result is not None else "")
 
-        reply = Reply(id=self._new_id("reply"), text_source=source, speculative=True)
+        reply = Reply(
+            id=self._new_id("reply"), text_source=source, speculative=True, turn=self._turn_seq
+        )
         reply.t_end = t_end
         task = self._spawn(self._replies.run(reply))
         self._spec = (reply, task)
@@ -540,7 +542,7 @@ class ConversationSession:
         async def source() -> str:
             return text
 
-        reply = Reply(id=self._new_id("reply"), text_source=source, carried=carried)
+        reply = Reply(id=self._new_id("reply"), text_source=source, carried=carried, turn=seq)
         reply.t_end, reply.t_eot, reply.t_stt, reply.t_text = t_end, t_eot, t_stt, t_stt
         reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
         self._start_reply(reply, committed=True)
