@@ -179,7 +179,7 @@ class ResidualEchoGate:
         rt60_ms: int = 600,
         learn_ms: int = 5000,
         min_learn_ms: int = 500,
-        converge_ms: int = 2000,
+        converge_ms: int = 3000,
         percentile: float = 100.0,
         margin_db: float = 3.0,
         early_margin_db: float = 3.0,

@@ -219,6 +219,7 @@ class RepliesRow:
     early_onset_kept_pct: float
     double_talk_wer_pct: float | None  # Whisper on what the session heard, interruptions
     clean_wer_pct: float | None  # the same utterances, clean
+    self_interruptions_at: list[str]  # reply, scenario, seconds into the reply
 
 
 def _agent_reply() -> bytes:
@@ -313,6 +314,7 @@ def replies_row(name: str, room: RoomConfig, n: int, reply: bytes, stt: Any) -> 
     refs: list[str] = []
     hyps: list[str] = []
     clean: list[str] = []
+    where: list[str] = []
     for i in range(n):
         scenario = SCENARIOS[i % len(SCENARIOS)]
         user = (
@@ -351,6 +353,7 @@ def replies_row(name: str, room: RoomConfig, n: int, reply: bytes, stt: Any) -> 
                     after.append((reached - onset) * 0.02)
             elif b0 * 0.02 < reply_at + reply_s + 1.0:
                 selfs += 1
+                where.append(f"{i} {scenario} {b0 * 0.02 - reply_at:.2f}")
         if not piece:
             continue
         over = [
@@ -385,6 +388,7 @@ def replies_row(name: str, room: RoomConfig, n: int, reply: bytes, stt: Any) -> 
         early_onset_kept_pct=pct["early"],
         double_talk_wer_pct=round(100 * jiwer.wer(refs, hyps), 1) if refs else None,
         clean_wer_pct=round(100 * jiwer.wer(refs, clean), 1) if refs else None,
+        self_interruptions_at=where,
     )
 
 
