@@ -134,9 +134,15 @@ class ResidualEchoGate:
       low once it has converged). Until enough has been seen both are taken
       as large (nothing is explained away).
     * A block has near-end speech when energy the far end cannot explain
-      (more than ``margin_db`` above the learned bound, in the microphone's
-      signal or in the canceller's output) makes up at least ``share`` of
-      the block's energy and is ``audible_db`` above the noise floor.
+      (more than ``margin_db`` above the learned bound) makes up at least
+      ``share`` of the block's energy and is ``audible_db`` above the noise
+      floor: in the microphone's signal; or in the canceller's output, when
+      the microphone too holds audible energy (at least ``mic_share`` of it)
+      above what the room's gain explains (what a distorting speaker leaves
+      can exceed what the canceller usually leaves, not what the room makes).
+      Until ``converge_ms`` of far-end audio the room's bound is
+      ``early_margin_db`` wider, and until ``learn_ms / 2`` of the canceller's
+      output was learned its bound is ``early_left_margin_db`` wider.
 
     A block with near-end speech for ``confirm_ms`` in a row passes (the
     canceller's output), and so do the next ``hold_ms`` (word endings); so
@@ -157,7 +163,10 @@ class ResidualEchoGate:
             used (it is learned from the second half of that on).
         percentile: the gains' percentile over that audio (100: the largest).
         margin_db: how far above the learned bound energy counts as unexplained.
+        early_margin_db, early_left_margin_db: the wider margins while learning.
         share: the unexplained share of a block's energy that makes it speech.
+        mic_share: the share the microphone must hold too, for the canceller's
+            output to count.
         audible_db: how far above the noise floor the unexplained energy must be.
         hold_ms: blocks passed after near-end speech.
         confirm_ms: how long near-end speech must last before the block passes.
@@ -185,6 +194,7 @@ class ResidualEchoGate:
         early_margin_db: float = 3.0,
         early_left_margin_db: float = 6.0,
         share: float = 0.2,
+        mic_share: float = 0.0,
         audible_db: float = 10.0,
         hold_ms: int = 200,
         confirm_ms: int = 40,
@@ -193,8 +203,10 @@ class ResidualEchoGate:
     ) -> None:
         if min(window_ms, max_delay_ms, rt60_ms, learn_ms, min_learn_ms, hold_ms, confirm_ms) < 0:
             raise ValueError("durations must not be negative")
-        if not 0 < percentile <= 100 or not 0 < share <= 1 or bands < 2:
-            raise ValueError("percentile must be in (0, 100], share in (0, 1], bands >= 2")
+        if not 0 < percentile <= 100 or not 0 < share <= 1 or not 0 <= mic_share <= 1 or bands < 2:
+            raise ValueError(
+                "percentile must be in (0, 100], share in (0, 1], mic_share in [0, 1], bands >= 2"
+            )
         self._window_s = window_ms / 1000
         self._max_delay_s = max_delay_ms / 1000
         self._rt60_s = rt60_ms / 1000
@@ -206,6 +218,7 @@ class ResidualEchoGate:
         self._early = 10 ** (early_margin_db / 10)
         self._early_left = 10 ** (early_left_margin_db / 10)
         self._share = share
+        self._mic_share = mic_share
         self._audible = 10 ** (audible_db / 10)
         self._hold_s = hold_ms / 1000
         self._confirm_s = confirm_ms / 1000
@@ -259,6 +272,7 @@ class ResidualEchoGate:
         quiet = max(1, round(5.0 / seconds))
         self._quiet_near: deque[Floats] = deque(maxlen=quiet)
         self._quiet_clean: deque[Floats] = deque(maxlen=quiet)
+        self._heard_quiet = False  # a block without far-end audio (else the floors are guessed)
         self._floor_near = np.zeros(self._bands)
         self._floor_clean = np.zeros(self._bands)
         self._count = 0
@@ -299,18 +313,33 @@ class ResidualEchoGate:
             self._floor_db = float(np.percentile(self._levels, 10))
         self._since_far_s = 0.0 if active else self._since_far_s + seconds
         if self._since_far_s > self._window_s:
+            if not self._heard_quiet:
+                self._quiet_near.clear()
+                self._quiet_clean.clear()
+                self._heard_quiet = True
             self._quiet_near.append(n)
             self._quiet_clean.append(e)
             self._hold_left_s = self._evidence_s = 0.0
             return cleaned
+        if not self._heard_quiet:
+            # The agent spoke first (a greeting): until a quiet moment, the floors are
+            # taken from everything heard, the gaps between its words (too high: safe).
+            self._quiet_near.append(n)
+            self._quiet_clean.append(e)
         predicted = self._predict(n, active)
         # The room's gain is trusted fully once ``converge_ms`` went into it, and
         # what the canceller leaves once half of ``learn_ms`` did.
         early = self._early if self._learned < self._converged_after else 1.0
         late = self._early_left if len(self._left) < self._trusted_left else 1.0
-        evidence = self._unexplained(
-            n, predicted, early * self._gain_room, self._floor_near
-        ) or self._unexplained(e, predicted, late * self._gain_left, self._floor_clean)
+        # The microphone alone, or what the canceller left when the microphone also
+        # holds a little the room cannot explain (a leftover of a distorting speaker
+        # is more than the canceller usually leaves, but no more than the room makes).
+        evidence = self._unexplained(n, predicted, early * self._gain_room, self._floor_near) or (
+            self._unexplained(e, predicted, late * self._gain_left, self._floor_clean)
+            and self._unexplained(
+                n, predicted, self._gain_room / self._margin, self._floor_near, self._mic_share
+            )
+        )
         self._evidence_s = self._evidence_s + seconds if evidence else 0.0
         if self._evidence_s >= self._confirm_s:
             self._hold_left_s = self._hold_s
@@ -354,11 +383,13 @@ class ResidualEchoGate:
         predicted: Floats,
         gain: Floats,
         floor: Floats,
+        share: float | None = None,
     ) -> bool:
         bound = np.where(np.isfinite(gain), self._margin * gain * predicted, np.inf)
         excess = np.maximum(x - bound - floor, 0.0)
         total = float(excess.sum())
-        return total >= self._share * float(x.sum()) and total >= self._audible * max(
+        share = self._share if share is None else share
+        return total >= share * float(x.sum()) and total >= self._audible * max(
             float(floor.sum()), 1e-9
         )
 

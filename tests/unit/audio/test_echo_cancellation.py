@@ -15,7 +15,7 @@ from audio.devices import Microphone, Speaker
 from audio.echo import EchoPath, NoEchoCancellation, ResidualEchoGate
 from audio.frame import AudioFrame
 from audio.room import EchoRoom, RoomConfig, synthetic_rir
-from audio.vad import frame_level_db
+from audio.vad import default_vad, frame_level_db
 from audio.wav import read_wav
 
 from ...helpers import SPEECH
@@ -227,9 +227,10 @@ def test_the_residual_gate_passes_what_the_far_end_cannot_explain():
     for cancelled in (40.0, 30.0):
         mic, left, far = echo(cancelled)
         assert frame_level_db(gate.process(mic, left, far, 0.02)) < -65
-    # The user over the agent: energy the far end cannot explain, for 40 ms: it passes,
+    # The user over the agent, about as loud as the echo: energy the far end cannot
+    # explain, in what the canceller left and in the microphone, for 40 ms: it passes,
     mic, left, far = echo(30.0)
-    user = noise(-30, seed=7)
+    user = noise(-24, seed=7)
     assert gate.process(mixed(mic, user), mixed(left, user), far, 0.02) != mixed(left, user)
     mic, left, far = echo(30.0)
     assert gate.process(mixed(mic, user), mixed(left, user), far, 0.02) == mixed(left, user)
@@ -267,6 +268,28 @@ def test_the_residual_gate_hears_the_user_before_the_canceller_has_converged():
         mic = mixed(scaled(far, 0.5), user)
         kept.append(gate.process(mic, mic, far, 0.02) == mic)
     assert kept == [False, True, True]
+
+
+def test_when_the_agent_speaks_first_none_of_its_echo_reaches_the_vad():
+    # A greeting: the far end plays from the first block, before any quiet moment the
+    # noise floor could be learned from; a loud, distorting speaker, real speech.
+    far = speech16k(6)
+    room = EchoRoom(
+        RoomConfig(delay_ms=120, rt60_s=0.4, echo_db=0, drive=1.5, noise_dbfs=-60, seed=5),
+        speaker_rate=16000,
+    )
+    path = echo_path(16000)
+    vad = default_vad(16000, 20)
+    speech = []
+    for k in range(len(far) // 640):
+        block = far[k * 640 : (k + 1) * 640]
+        room.play(block)
+        path.played(block, 16000, k * 0.02)
+        out = path.captured(room.capture(bytes(640)), k * 0.02)
+        speech.append(vad.speech_probability(out) >= 0.5 and frame_level_db(out) >= -55)
+    assert sum(speech) == 0
+    stats = path.statistics()
+    assert stats.double_talk_blocks == 0 and stats.echo_blocks > 0
 
 
 # -- the simulated room --------------------------------------------------------------
