@@ -50,6 +50,7 @@ from audio.vad import default_vad, segment_pcm
 from audio.wav import read_wav
 from runtime.conversation.config import TurnDetection
 from runtime.conversation.policy import (
+    CLEAR_WORDS,
     CONFIDENT_END,
     FRAME_MS,
     RECHECK_MS,
@@ -160,6 +161,11 @@ def n_words(text: str) -> int:
     return len(re.findall(r"[\w']+", text))
 
 
+def via_24k(pcm: bytes) -> bytes:
+    """16 kHz audio after a round trip through 24 kHz (the realtime WebSocket's input rate)."""
+    return resample_all(resample_all(pcm, RATE, 24000), 24000, RATE)
+
+
 def word_boundary(whisper: WhisperSTT, pcm: bytes, head: str) -> int:
     """Sample where ``head`` ends inside the whole sentence ``pcm`` (16 kHz PCM16).
 
@@ -251,6 +257,14 @@ async def build_items(piper: PiperTTS, whisper: WhisperSTT) -> list[Item]:
         pcm = resample_all(audio.mono(), audio.sample_rate, RATE)
         items.append(Item("interrupt", f"real:{name}", wrap(pcm), 3, True))
     items += [Item("backchannel", t, wrap(voice[t]), 0, True, text=t) for t in BACKCHANNELS]
+    # The same voice as the realtime WebSocket hears it: 24 kHz on the wire, 16 kHz inside.
+    items += [
+        Item(kind, f"{text} (via 24 kHz)", wrap(via_24k(voice[text])), words, True, text=text)
+        for kind, texts, count in (("interrupt", INTERRUPTIONS, n_words),
+                                   ("backchannel", BACKCHANNELS, lambda _t: 0))
+        for text in texts
+        for words in [count(text)]
+    ]  # fmt: skip
     items += [
         Item("numbers", text, wrap(voice[text]), n_words(text), True, text=text)
         for text in NUMBERS_OVER_REPLY
@@ -275,20 +289,22 @@ class Decoder:
     def __init__(self, whisper: WhisperSTT, decode_ms: float | None) -> None:
         self.whisper = whisper
         self.decode_ms = decode_ms
-        self.cache: dict[tuple[str, int, int], tuple[str, int, float | None]] = {}
+        self.cache: dict[tuple[str, int, int], tuple[str, int, float | None, float | None]] = {}
 
     def __call__(self, item: Item, first: int, end: int) -> tuple[str, int]:
-        text, lag, _ = self.scored(item, first, end)
+        text, lag, _, _ = self.scored(item, first, end)
         return text, lag
 
-    def scored(self, item: Item, first: int, end: int) -> tuple[str, int, float | None]:
-        """``(text, frames the decode took, end confidence)``."""
+    def scored(
+        self, item: Item, first: int, end: int
+    ) -> tuple[str, int, float | None, float | None]:
+        """``(text, frames the decode took, end confidence, word confidence)``."""
         key = (item.name + str(item.pause_ms) + item.kind + str(item.over_reply), first, end)
         if key not in self.cache:
             pcm = item.pcm[first * FRAME * 2 : end * FRAME * 2]
-            text, ms, confidence = self.whisper.decode_scored(pcm)
+            text, ms, end_confidence, confidence = self.whisper.decode_confident(pcm)
             ms = ms if self.decode_ms is None else self.decode_ms
-            self.cache[key] = (text, max(1, math.ceil(ms / FRAME_MS)), confidence)
+            self.cache[key] = (text, max(1, math.ceil(ms / FRAME_MS)), end_confidence, confidence)
         return self.cache[key]
 
 
@@ -363,7 +379,7 @@ def run_policy(
                 spec_ready = None
             elif isinstance(d, Pause):
                 assert turn_first is not None
-                text, lag, confidence = decode.scored(item, turn_first, i + 1)
+                text, lag, confidence, _ = decode.scored(item, turn_first, i + 1)
                 spec_ready = i + lag
                 partial = functools.partial(policy.partial, text, confidence)
                 due.setdefault(i + lag, []).append(partial)
@@ -401,8 +417,8 @@ def run_policy(
                     functools.partial(heard, answering, max(at, i + 1))
                 )
             elif isinstance(d, CheckBurst):
-                text, lag = decode(item, d.first_frame, d.end_frame)
-                check = functools.partial(policy.burst_heard, d.check_id, text)
+                text, lag, _, clear = decode.scored(item, d.first_frame, d.end_frame)
+                check = functools.partial(policy.burst_heard, d.check_id, text, clear)
                 due.setdefault(i + lag, []).append(check)
             elif isinstance(d, BackChannel):
                 out.backchannel = True
@@ -514,6 +530,7 @@ class Variant:
     take_back: bool = True
     reply_ms: float | None = None  # None: the run's --reply-ms
     confident_end: float = CONFIDENT_END
+    clear_words: float = CLEAR_WORDS
 
 
 def pct(n: int, d: int) -> str:
@@ -555,7 +572,7 @@ def evaluate(
         else:
             policy = TurnTakingPolicy(
                 td, complete=variant.complete, recheck_ms=variant.recheck_ms,
-                confident_end=variant.confident_end,
+                confident_end=variant.confident_end, clear_words=variant.clear_words,
             )  # fmt: skip
             out = run_policy(
                 item, speech, policy, decode, reply_frames, variant.model, variant.verdict,
@@ -619,22 +636,32 @@ def evaluate(
 def variants() -> list[Variant]:
     td = TurnDetection()
     return [
-        Variant("before", td, ends_with_punctuation, before=True, confident_end=0.0),
+        Variant(
+            "before", td, ends_with_punctuation, before=True, confident_end=0.0, clear_words=0.0
+        ),
         Variant("default", td),
         Variant("default, reply heard at once (0 ms)", td, reply_ms=0),
         Variant("default, ended turns never taken back", td, take_back=False),
         Variant("default, end confidence ignored", td, confident_end=0.0),
+        Variant("default, word confidence of bursts ignored", td, clear_words=0.0),
         Variant(
-            "transcript rule as before (no end confidence, never taken back)",
+            "previous release (no end or word confidence, never taken back)",
             td,
             take_back=False,
             confident_end=0.0,
+            clear_words=0.0,
         ),
         Variant("plain punctuation rule", td, ends_with_punctuation),
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
         Variant("silence only (max_silence_ms)", td, lambda _t: False),
         Variant("interrupt_response off", TurnDetection(interrupt_response=False)),
         Variant("bursts heard every 200 ms", td, recheck_ms=200),
+        Variant(
+            "bursts heard every 200 ms, word confidence ignored",
+            td,
+            recheck_ms=200,
+            clear_words=0.0,
+        ),
     ]
 
 

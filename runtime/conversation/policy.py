@@ -76,6 +76,10 @@ BURST_END_MS: Final = 600
 # trusted to end the turn early. Whisper's marks follow the voice: a sentence cut open by a
 # pause ("I'd like to book." with the voice still rising) gets a doubtful full stop.
 CONFIDENT_END: Final = 0.6
+# A hearing of a burst over the reply claims the floor at once only when the recognizer made
+# its words out (mean token probability): a hum it cannot ("Mm-hmm" heard as "Imam.", "And
+# I'm...") waits for the next hearing or for the burst's end, where its whole transcript decides.
+CLEAR_WORDS: Final = 0.45
 
 # -- what was said ------------------------------------------------------------------
 
@@ -317,6 +321,8 @@ class TurnTakingPolicy:
         pre_roll_ms: audio (ms) kept before the first speech frame of a turn or burst.
         confident_end: the end confidence (0-1) below which a transcript does not end
             the turn before ``max_silence_ms``.
+        clear_words: the word confidence (0-1) below which a hearing of a burst still
+            going on does not interrupt.
     """
 
     def __init__(
@@ -328,10 +334,12 @@ class TurnTakingPolicy:
         burst_end_ms: int = BURST_END_MS,
         pre_roll_ms: int = PRE_ROLL_MS,
         confident_end: float = CONFIDENT_END,
+        clear_words: float = CLEAR_WORDS,
     ) -> None:
         self.td = turn_detection
         self._complete = complete
         self._confident_end = confident_end
+        self._clear_words = clear_words
         self._recheck = max(FRAME_MS, recheck_ms) // FRAME_MS
         self._burst_end_ms = burst_end_ms
         self._pre_roll = pre_roll_ms // FRAME_MS
@@ -414,8 +422,14 @@ class TurnTakingPolicy:
             return []
         return self._hand_back()
 
-    def burst_heard(self, check_id: int, text: str) -> list[Decision]:
-        """The transcript of a :class:`CheckBurst` (everything said since the burst began)."""
+    def burst_heard(
+        self, check_id: int, text: str, confidence: float | None = None
+    ) -> list[Decision]:
+        """The transcript of a :class:`CheckBurst` (everything said since the burst began).
+
+        ``confidence``: how well the recognizer made the words out (0-1), when it
+        says; below ``CLEAR_WORDS`` a burst still going on does not interrupt yet.
+        """
         burst = self._burst
         if burst is None or burst.pending != check_id or self.phase is not Phase.RESPONDING:
             return []
@@ -428,7 +442,12 @@ class TurnTakingPolicy:
         )
         if ended_covered:
             return self._conclude(burst)
-        if claims_the_floor_so_far(text) and word_count(text) >= self.td.barge_in_min_words:
+        clear = confidence is None or confidence >= self._clear_words
+        if (
+            clear
+            and claims_the_floor_so_far(text)
+            and word_count(text) >= self.td.barge_in_min_words
+        ):
             return self._interrupt(burst)
         return self._maybe_check(burst)
 

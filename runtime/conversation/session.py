@@ -552,7 +552,7 @@ class ConversationSession:
             heard = await self._stt.transcribe(pcm, RATE)
         except EndpointError:
             heard = Transcript(text="")
-        for decision in self.policy.burst_heard(check_id, heard.text):
+        for decision in self.policy.burst_heard(check_id, heard.text, heard.confidence):
             self._act(decision)
 
     # -- replies ---------------------------------------------------------------------

@@ -29,6 +29,8 @@ class Transcript:
         end_confidence: how sure the recognizer is that the text ends a sentence
             (0-1: the lower of its probabilities for the last word and the final
             mark); ``None`` when the engine does not say.
+        confidence: how well the recognizer made the words out (0-1: the mean
+            probability of its tokens); ``None`` when the engine does not say.
     """
 
     text: str
@@ -37,6 +39,7 @@ class Transcript:
     decode_ms: float = 0.0
     speculative: bool = False
     end_confidence: float | None = None
+    confidence: float | None = None
 
 
 class STTTurn(Protocol):

@@ -8,6 +8,7 @@ import pytest
 
 from runtime.conversation.config import TurnDetection
 from runtime.conversation.policy import (
+    CLEAR_WORDS,
     CONFIDENT_END,
     FRAME_MS,
     PRE_ROLL_MS,
@@ -188,6 +189,41 @@ def test_an_interruption_that_starts_with_a_filler_is_re_decided_as_it_grows():
     decisions = drv.policy.burst_heard(again.check_id, "Um, wait, stop")
     assert decisions == [Interrupt(check.first_frame, drv.frame * 20 * MS, "Um, wait, stop")]
     assert drv.policy.phase is Phase.USER_TURN
+
+
+@pytest.mark.parametrize(
+    ("confidence", "interrupts"),
+    [(None, True), (0.9, True), (CLEAR_WORDS, True), (CLEAR_WORDS - 0.01, False), (0.12, False)],
+)
+def test_words_the_recognizer_could_not_make_out_do_not_interrupt_yet(
+    confidence: float | None, interrupts: bool
+):
+    # "Mm-hmm" heard as "Imam." on one window: not clear enough to stop the agent on.
+    td = TurnDetection()
+    drv = responding(td)
+    drv.feed(True, td.barge_in_ms)
+    _, check = drv.first(CheckBurst)
+    assert isinstance(check, CheckBurst)
+    decisions = drv.policy.burst_heard(check.check_id, "Imam.", confidence)
+    assert [type(d) for d in decisions] == ([Interrupt] if interrupts else [])
+
+
+def test_an_unclear_hearing_waits_for_the_next_one_and_the_burst_end_decides():
+    td = TurnDetection()
+    drv = responding(td)
+    drv.feed(True, td.barge_in_ms)
+    _, check = drv.first(CheckBurst)
+    assert isinstance(check, CheckBurst)
+    assert drv.policy.burst_heard(check.check_id, "And I'm...", 0.25) == []
+    drv.log.clear()
+    drv.feed(True, 300)
+    (_, again), *_ = drv.log
+    assert isinstance(again, CheckBurst)
+    # The whole burst, heard again, is an acknowledgement.
+    assert drv.policy.burst_heard(again.check_id, "Mm-hmm.", 0.5) == []
+    drv.log.clear()
+    drv.feed(False, 600)
+    assert [type(d) for _, d in drv.log] == [BackChannel]
 
 
 def test_a_backchannel_is_decided_only_once_the_burst_has_ended():

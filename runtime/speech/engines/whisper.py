@@ -143,24 +143,34 @@ class WhisperSTT:
         return text, ms
 
     def decode_scored(self, pcm: bytes, previous_text: str = "") -> tuple[str, float, float | None]:
+        text, ms, end_confidence, _ = self.decode_confident(pcm, previous_text)
+        return text, ms, end_confidence
+
+    def decode_confident(
+        self, pcm: bytes, previous_text: str = ""
+    ) -> tuple[str, float, float | None, float | None]:
         """Like :meth:`decode`, plus how sure the model is that the text ends a sentence.
 
-        Returns ``(text, decode_ms, end_confidence)``: the lower of the model's
-        probabilities for the text's last word and for the mark that ends it
-        (``.``, ``?``, ``!``), 0-1; ``None`` when the text ends on no such mark
-        or came from the 30 s-window fallback.
+        Returns ``(text, decode_ms, end_confidence, confidence)``:
+        ``end_confidence`` is the lower of the model's probabilities for the
+        text's last word and for the mark that ends it (``.``, ``?``, ``!``), 0-1,
+        ``None`` when the text ends on no such mark; ``confidence`` is the mean
+        probability of the text's tokens (how well the model made the words
+        out), 0-1, ``None`` for no text. Both are ``None`` from the 30 s-window
+        fallback. (:meth:`decode_scored` returns the first three.)
         """
         t0 = time.perf_counter()
         samples = len(pcm) // 2
         if samples < _MIN_AUDIO_S * SAMPLE_RATE or frame_level_db(pcm) < _SILENCE_DBFS:
-            return "", (time.perf_counter() - t0) * 1000, None
+            return "", (time.perf_counter() - t0) * 1000, None, None
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-        confidence: float | None = None
+        end: float | None = None
+        mean: float | None = None
         if samples > 30 * SAMPLE_RATE or not self.config.short_window:
             text = self._decode_long(audio, previous_text)
         else:
-            text, confidence = self._decode_short(audio, previous_text)
-        return text, (time.perf_counter() - t0) * 1000, confidence
+            text, end, mean = self._decode_short(audio, previous_text)
+        return text, (time.perf_counter() - t0) * 1000, end, mean
 
     def _prompt(self, previous_text: str) -> list[int]:
         tk = self._tokenizer
@@ -169,23 +179,28 @@ class WhisperSTT:
             prompt = [tk.sot_prev, *tk.encode(" " + previous_text.strip())[-200:]]
         return [*prompt, *tk.sot_sequence, tk.no_timestamps]
 
-    def _end_confidence(self, ids: list[int], log_probs: list[Any]) -> float | None:
-        """min(P(last word), P(final mark)) from the decoder's per-step log probabilities."""
-        tk = self._tokenizer
-        pieces = [str(tk.decode([t])) for t in ids]
-        if not pieces or pieces[-1].strip() not in _SENTENCE_MARKS:
-            return None
-
-        def p(i: int) -> float:
+    def _confidences(
+        self, ids: list[int], log_probs: list[Any]
+    ) -> tuple[float | None, float | None]:
+        """``(min(P(last word), P(final mark)), mean token P)`` from the per-step log probs."""
+        if not ids:
+            return None, None
+        probs = []
+        for i, token in enumerate(ids):
             row = np.asarray(log_probs[i], dtype=np.float64).reshape(-1)
-            return float(np.exp(row[ids[i]] - np.logaddexp.reduce(row)))
-
+            probs.append(float(np.exp(row[token] - np.logaddexp.reduce(row))))
+        mean = float(np.mean(probs))
+        pieces = [str(self._tokenizer.decode([t])) for t in ids]
+        if pieces[-1].strip() not in _SENTENCE_MARKS:
+            return None, mean
         starts = [i for i, piece in enumerate(pieces[:-1]) if piece.startswith(" ")]
         first = starts[-1] if starts else 0
-        word = min((p(i) for i in range(first, len(ids) - 1)), default=1.0)
-        return min(word, p(len(ids) - 1))
+        word = min(probs[first:-1], default=1.0)
+        return min(word, probs[-1]), mean
 
-    def _decode_short(self, audio: np.ndarray, previous_text: str) -> tuple[str, float | None]:
+    def _decode_short(
+        self, audio: np.ndarray, previous_text: str
+    ) -> tuple[str, float | None, float | None]:
         import ctranslate2
 
         feats = self._model.feature_extractor(audio)
@@ -210,7 +225,7 @@ class WhisperSTT:
             suppress_blank=True,
         )[0]
         if result.no_speech_prob > 0.6 and result.scores[0] < -1.0:
-            return "", None
+            return "", None, None
         ids = result.sequences_ids[0]
         text = str(self._tokenizer.decode(ids)).strip()
         seconds = len(audio) / SAMPLE_RATE
@@ -218,8 +233,8 @@ class WhisperSTT:
             # A repetition loop (faster-whisper's own threshold), or far fewer
             # words than the audio can hold (the decoder stopped early): decode
             # again the standard way, with its temperature fallback.
-            return self._decode_long(audio, previous_text), None
-        return text, self._end_confidence(ids, result.logits[0])
+            return self._decode_long(audio, previous_text), None, None
+        return (text, *self._confidences(ids, result.logits[0]))
 
     def _decode_long(self, audio: np.ndarray, previous_text: str) -> str:
         segments, _ = self._model.transcribe(
@@ -245,8 +260,13 @@ class WhisperSTT:
         if sample_rate != SAMPLE_RATE:
             pcm = resample_all(pcm, sample_rate, SAMPLE_RATE)
         loop = asyncio.get_running_loop()
-        text, decode_ms = await loop.run_in_executor(self._executor, self.decode, pcm, "")
-        return Transcript(text=text, audio_ms=len(pcm) / 32, decode_ms=decode_ms)
+        text, decode_ms, end, mean = await loop.run_in_executor(
+            self._executor, self.decode_confident, pcm, ""
+        )
+        return Transcript(
+            text=text, audio_ms=len(pcm) / 32, decode_ms=decode_ms, end_confidence=end,
+            confidence=mean,
+        )  # fmt: skip
 
     def start_turn(self, sample_rate: int = SAMPLE_RATE) -> WhisperTurn:
         return WhisperTurn(self, sample_rate)

@@ -142,6 +142,10 @@ async def test_end_confidence_tells_a_sentence_cut_open_by_a_pause(whisper: Whis
         text, _, confidence = whisper.decode_scored(read_wav(SPEECH / f"{name}.wav").mono())
         assert text.endswith((".", "?")), text
         assert confidence is not None and confidence > 0.85, (name, confidence)
+    # How well the words were made out (mean token probability) comes with a transcription.
+    clear = await whisper.transcribe(read_wav(SPEECH / "shared-05-piper.wav").mono(), 16000)
+    assert clear.confidence is not None and clear.confidence > 0.7, clear.confidence
+    assert (await whisper.transcribe(bytes(32000), 16000)).confidence is None  # no words
     # No mark at the end, nothing to be sure of; and the turn's partial carries the figure.
     assert whisper.decode_scored(read_wav(SPEECH / "cut-boston.wav").mono())[2] is None
     turn = whisper.start_turn()
