@@ -218,7 +218,9 @@ class WhisperSTT:
             encoded,
             [self._prompt(previous_text)],
             beam_size=self.config.beam_size,
-            max_length=224,
+            # A few tokens a second is what speech holds: a decoder running on into the
+            # padding stops here, not at 224.
+            max_length=min(224, 16 + int(12 * len(audio) / SAMPLE_RATE)),
             return_scores=True,
             return_logits_vocab=True,
             return_no_speech_prob=True,
@@ -229,12 +231,35 @@ class WhisperSTT:
         ids = result.sequences_ids[0]
         text = str(self._tokenizer.decode(ids)).strip()
         seconds = len(audio) / SAMPLE_RATE
+        if _compression_ratio(text) > 2.4 or len(text.split()) > 4 * seconds + 2:
+            # More than the audio can hold (people say up to about 4 words a second): the
+            # decoder ran on into the padding, saying the utterance again ("What time is
+            # it? What time is it? ..."). Keep its first saying, if that is what it is.
+            ids = self._first_saying(ids)
+            text = str(self._tokenizer.decode(ids)).strip()
         if _compression_ratio(text) > 2.4 or (seconds >= 1.5 and len(text.split()) < seconds / 2):
             # A repetition loop (faster-whisper's own threshold), or far fewer
             # words than the audio can hold (the decoder stopped early): decode
             # again the standard way, with its temperature fallback.
             return self._decode_long(audio, previous_text), None, None
         return (text, *self._confidences(ids, result.logits[0]))
+
+    def _first_saying(self, ids: list[int]) -> list[int]:
+        """``ids`` up to the end of its first sentence when what follows says it again.
+
+        Only for a text longer than its audio can hold (the caller checks): "What
+        time is it? What time is it? What time"; anything else is returned as is.
+        """
+        tk = self._tokenizer
+        for k, token in enumerate(ids[:-1]):
+            if str(tk.decode([token])).strip() not in _SENTENCE_MARKS:
+                continue
+            unit = str(tk.decode(ids[: k + 1])).strip()
+            rest = str(tk.decode(ids[k + 1 :])).strip()
+            repeats = " ".join([unit] * (len(rest) // max(1, len(unit)) + 2))
+            said_again = rest.startswith(unit) or (bool(rest) and repeats.startswith(rest))
+            return ids[: k + 1] if said_again else ids
+        return ids
 
     def _decode_long(self, audio: np.ndarray, previous_text: str) -> str:
         segments, _ = self._model.transcribe(

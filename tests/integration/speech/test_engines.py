@@ -157,6 +157,17 @@ async def test_end_confidence_tells_a_sentence_cut_open_by_a_pause(whisper: Whis
     assert turn.partial is not None and turn.partial.end_confidence == final.end_confidence
 
 
+def test_a_decoder_running_on_into_the_padding_keeps_the_first_saying(whisper: WhisperSTT):
+    # "What time is it?" up to the pause: the short-window decoder says it again and again
+    # into the padding. The first saying is kept, with its confidences (the slow 30 s
+    # fallback gives none, and the turn would then wait for max_silence_ms).
+    pcm = read_wav(SPEECH / "question-span.wav").mono()
+    text, _, end_confidence, confidence = whisper.decode_confident(pcm)
+    assert text == "What time is it?"
+    assert end_confidence is not None and end_confidence >= 0.6
+    assert confidence is not None and confidence > 0.8
+
+
 async def test_resume_after_a_pause_decodes_the_whole_turn(whisper: WhisperSTT):
     first = read_wav(SPEECH / "shared-09-piper.wav").mono()  # "Yes, that's correct."
     second = read_wav(SPEECH / "shared-04-piper.wav").mono()  # "Please cancel my subscription."
@@ -209,17 +220,23 @@ async def test_turn_misuse_is_refused(whisper: WhisperSTT):
 
 async def test_inference_runs_in_worker_threads(whisper: WhisperSTT, piper: PiperTTS):
     seen: set[str] = set()
-    original = whisper.decode
+    original = whisper.decode_confident
 
-    def recording(pcm: bytes, previous_text: str = "") -> tuple[str, float]:
+    def recording(
+        pcm: bytes, previous_text: str = ""
+    ) -> tuple[str, float, float | None, float | None]:
         seen.add(threading.current_thread().name)
         return original(pcm, previous_text)
 
-    whisper.decode = recording  # type: ignore[method-assign]
+    whisper.decode_confident = recording  # type: ignore[method-assign]
     try:
         await whisper.transcribe(read_wav(SPEECH / "shared-00-piper.wav").mono(), 16000)
+        turn = whisper.start_turn()
+        for frame in turn_frames(read_wav(SPEECH / "shared-01-piper.wav").mono()):
+            turn.push(frame)
+        await turn.finalize()
     finally:
-        del whisper.decode
+        del whisper.decode_confident
     assert seen and all(name.startswith("voxloop-stt") for name in seen)
     assert threading.current_thread().name not in seen
 
