@@ -156,15 +156,25 @@ def _talk_printer(*, live: bool = False) -> Any:
     console = rich_console()
     interactive = live and console.is_terminal
 
+    went_on = False  # the user went on with a turn already transcribed (taken back)
+
     def on_event(event: Any) -> None:
+        nonlocal went_on
         match event:
-            case ev.SpeechStarted() if interactive:
-                console.print("[dim]you   …[/]", end="\r")
+            case ev.SpeechStarted(continued=continued):
+                went_on = continued
+                if interactive:
+                    console.print("[dim]you   …[/]", end="\r")
             case ev.UserTranscriptDelta(text=text) if interactive:
                 # The partial transcript, rewritten in place while the user talks.
                 console.print(f"[cyan]you[/]   {text} …", end="\r", soft_wrap=True)
             case ev.UserTranscript(text=text):
-                console.print(f"[bold cyan]you[/]   {text}")
+                # A turn taken back is printed again whole: it replaces the line before.
+                note = " [dim](went on: replaces the line above)[/]" if went_on else ""
+                went_on = False
+                console.print(f"[bold cyan]you[/]   {text}{note}")
+            case ev.AgentTranscript(text=""):
+                pass  # cut (or withdrawn) before a word of it was heard
             case ev.AgentTranscript(text=text, interrupted=interrupted):
                 suffix = " [yellow](interrupted)[/]" if interrupted else ""
                 console.print(f"[bold green]agent[/] {text}{suffix}")

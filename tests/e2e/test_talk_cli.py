@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,28 @@ def test_talk_file_mode_writes_stereo_and_metrics(tmp_path: Path):
     assert turn["speculative"] is True
     # The turn ended after the end-of-turn silence, not before it.
     assert turn["endpointing_ms"] >= SessionConfig().turn_detection.min_silence_ms - 20
+
+
+def test_a_turn_taken_back_prints_as_one_sentence(tmp_path: Path):
+    # "I want to fly from Boston to" [900 ms] "New York next week.": the turn ends at the pause
+    # and is taken back before the slow reply is heard.
+    clip = tmp_path / "in.wav"
+    write_wav(clip, bytes(8000) + read_wav(SPEECH / "paused-boston.wav").pcm + bytes(32000), 16000)
+    metrics = tmp_path / "m.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "talk", "--input", str(clip), "--output",
+         str(tmp_path / "out.wav"), "--metrics-json", str(metrics), "--reference-ttft-ms", "3000"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    you = [line for line in result.stdout.splitlines() if line.startswith("you ")]
+    assert len(you) == 2 and "(went on: replaces the line above)" in you[1], result.stdout
+    assert "new york next week" in you[1].lower()
+    agent = [line for line in result.stdout.splitlines() if line.startswith("agent")]
+    assert len(agent) == 1 and "(interrupted)" not in agent[0], result.stdout
+    [turn] = json.loads(metrics.read_text())["turns"]
+    assert "new york next week" in turn["user_text"].lower() and not turn["interrupted"]
 
 
 def test_talk_rejects_bad_arguments(tmp_path: Path):
