@@ -173,12 +173,22 @@ def check_voice(tts: Any, voice: str | None, engine: str) -> None:
         )
 
 
+SPEECH_RATES: Final = (4000, 384000)  # Hz: below, no speech band is left; above, no device
+
+
 def to_supported_rate(pcm: bytes, rate: int) -> tuple[bytes, int]:
-    """Mono PCM16 at any rate as PCM16 at a rate the speech engines take (16 kHz if needed)."""
+    """Mono PCM16 at a speech rate as PCM16 at a rate the speech engines take (16 kHz if needed).
+
+    Raises:
+        UsageError: a rate outside 4 kHz-384 kHz (a header that cannot describe speech).
+    """
     from audio.frame import SUPPORTED_RATES
 
     if rate in SUPPORTED_RATES:
         return pcm, rate
+    low, high = SPEECH_RATES
+    if not low <= rate <= high:
+        raise UsageError(f"unsupported sample rate {rate} Hz: speech audio is {low}-{high} Hz")
     import numpy as np
     import soxr
 

@@ -282,6 +282,23 @@ def test_transcribe_resamples_rates_the_engines_do_not_take(tmp_path: Path):
         assert result.stdout.strip().lower().rstrip(".") == "please cancel my subscription"
 
 
+@pytest.mark.parametrize("rate", [1, 3999, 384001, 4_000_000])
+def test_transcribe_refuses_a_rate_no_speech_has(tmp_path: Path, rate: int):
+    import wave
+
+    clip = tmp_path / "odd.wav"
+    with wave.open(str(clip), "wb") as w:  # a header any writer may produce
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(read_wav(SPEECH / "shared-04-piper.wav").mono())
+    result = voxloop("transcribe", str(clip))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"voxloop: error: unsupported sample rate {rate} Hz: speech audio is 4000-384000 Hz\n"
+    )
+
+
 def test_say_reads_standard_input(tmp_path: Path):
     out = tmp_path / "stdin.wav"
     said = voxloop("say", "-", "-o", str(out), stdin="Please cancel my subscription.\n")
