@@ -79,7 +79,7 @@ CONFIDENT_END: Final = 0.6
 # A hearing of a burst over the reply claims the floor at once only when the recognizer made
 # its words out (mean token probability): a hum it cannot ("Mm-hmm" heard as "Imam.", "And
 # I'm...") waits for the next hearing or for the burst's end, where its whole transcript decides.
-CLEAR_WORDS: Final = 0.45
+CLEAR_WORDS: Final = 0.4
 
 # -- what was said ------------------------------------------------------------------
 
