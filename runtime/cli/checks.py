@@ -14,9 +14,12 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from runtime.cli.common import Unavailable, UsageError, require
+
+if TYPE_CHECKING:
+    from runtime.talk import EchoMode
 
 # The optional modules each embedded engine needs (all from the 'embedded' extra).
 ENGINE_MODULES: Final = {
@@ -171,6 +174,41 @@ def check_voice(tts: Any, voice: str | None, engine: str) -> None:
             f"unknown voice {voice!r} for the {engine} engine; installed voices: {ids} "
             f"(voxloop say --engine {engine} --list-voices shows their aliases)"
         )
+
+
+ECHO_LINES: Final = {
+    "aec": "aec (speak over the agent to interrupt it)",
+    "half-duplex": "half-duplex (microphone muted while the agent speaks)",
+    "off": "off (use headphones)",
+}
+
+
+def add_echo_option(p: argparse.ArgumentParser) -> None:
+    """``--echo`` for a command with a live (microphone and speaker) mode."""
+    p.add_argument(
+        "--echo",
+        choices=tuple(ECHO_LINES),
+        help="live mode on open speakers: aec (echo cancellation, interrupt by voice; the "
+        "default when voxloop[aec] is installed), half-duplex (microphone muted while the agent "
+        "speaks; the default otherwise) or off (headphones)",
+    )
+
+
+def echo_mode(chosen: EchoMode | None) -> EchoMode:
+    """The live mode's echo handling: ``chosen``, else the default for this install.
+
+    Raises:
+        Unavailable: ``aec`` without the echo canceller installed.
+    """
+    from runtime.talk import default_echo_mode
+
+    mode = chosen or default_echo_mode()
+    if mode == "aec":
+        from audio import aec
+
+        if not aec.available():
+            raise Unavailable(aec.INSTALL_HINT)
+    return mode
 
 
 SPEECH_RATES: Final = (4000, 384000)  # Hz: below, no speech band is left; above, no device

@@ -19,11 +19,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from runtime.cli.checks import ECHO_LINES, add_echo_option, echo_mode
 from runtime.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     CommandError,
-    Unavailable,
     UsageError,
     env_value,
     fmt,
@@ -89,13 +89,7 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--input-device", help="microphone (index or name)")
     p.add_argument("--output-device", help="speaker (index or name)")
-    p.add_argument(
-        "--echo",
-        choices=("aec", "half-duplex", "off"),
-        help="live mode on open speakers: aec (echo cancellation, interrupt by voice; the "
-        "default when voxloop[aec] is installed), half-duplex (microphone muted while the agent "
-        "speaks; the default otherwise) or off (headphones)",
-    )
+    add_echo_option(p)
     p.set_defaults(handler=_cmd_connect)
 
 
@@ -236,18 +230,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         websocket_url(args.url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    from runtime.cli.talk import ECHO_LINES
-
-    echo = args.echo
-    if args.input is None:
-        from runtime.talk import default_echo_mode
-
-        echo = echo or default_echo_mode()
-        if echo == "aec":
-            from audio import aec
-
-            if not aec.available():
-                raise Unavailable(aec.INSTALL_HINT)
+    echo = echo_mode(args.echo) if args.input is None else args.echo
     session = _session(args)
     auth = _auth(args)
     tools = _tool_handler(args.tool_result)

@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from runtime.cli.checks import (
+    ECHO_LINES,
     add_ca_bundle_flag,
+    add_echo_option,
     check_devices,
     check_endpoint,
     check_engine,
     check_voice,
+    echo_mode,
     use_ca_bundle,
     with_scheme,
 )
 from runtime.cli.common import (
     EXIT_OK,
-    Unavailable,
     UsageError,
     check_output,
     env_value,
@@ -37,13 +39,6 @@ DEMO_REPLIES = (
     "It's sunny and mild in Paris today, around eighteen degrees.",
     "Done. I've booked a table for two at seven thirty tonight.",
 )
-
-
-ECHO_LINES = {
-    "aec": "aec (speak over the agent to interrupt it)",
-    "half-duplex": "half-duplex (microphone muted while the agent speaks)",
-    "off": "off (use headphones)",
-}
 
 
 def register(sub: Any) -> None:
@@ -113,13 +108,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-speculative", action="store_true", help="start replies at end of turn")
     p.add_argument("--input-device", help="microphone (index or name) for live mode")
     p.add_argument("--output-device", help="speaker (index or name) for live mode")
-    p.add_argument(
-        "--echo",
-        choices=("aec", "half-duplex", "off"),
-        help="live mode on open speakers: aec (echo cancellation, interrupt by voice; the "
-        "default when voxloop[aec] is installed), half-duplex (microphone muted while the agent "
-        "speaks; the default otherwise) or off (headphones)",
-    )
+    add_echo_option(p)
     p.set_defaults(handler=_cmd_talk)
 
 
@@ -234,11 +223,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     use_ca_bundle(args.ca_bundle)
     if source is None:
         check_devices(args.input_device, args.output_device, mic=True)
-        if args.echo == "aec":
-            from audio import aec
-
-            if not aec.available():
-                raise Unavailable(aec.INSTALL_HINT)
+        echo = echo_mode(args.echo)
     config = SessionConfig(
         system_prompt=args.system_prompt,
         greeting=args.greeting,
@@ -256,7 +241,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     asyncio.run(preflight())
 
     async def run(base_url: str) -> int:
-        from runtime.talk import default_echo_mode, talk_file, talk_live
+        from runtime.talk import talk_file, talk_live
 
         with status("loading the speech engines"):
             stt = await load_stt(args.stt, stt_remote)
@@ -273,7 +258,6 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                 )  # fmt: skip
                 _print_talk_summary(result.metrics)
             else:
-                echo = args.echo or default_echo_mode()
                 await talk_live(
                     llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
                     input_device=args.input_device, output_device=args.output_device, echo=echo,
