@@ -51,7 +51,7 @@ SAMPLE_RATE: Final = 16000
 _SILENCE_DBFS: Final = -55.0
 _MIN_AUDIO_S: Final = 0.1
 _SENTENCE_MARKS: Final = frozenset({".", "?", "!"})
-_Decoded = tuple[str, float, float | None]  # text, decode_ms, end_confidence
+_Decoded = tuple[str, float, float | None, float | None]  # text, ms, end and word confidence
 
 
 def tiny_en_path() -> Path:
@@ -139,17 +139,11 @@ class WhisperSTT:
 
     def decode(self, pcm: bytes, previous_text: str = "") -> tuple[str, float]:
         """Transcribe 16 kHz mono PCM16 (blocking). Returns ``(text, decode_ms)``."""
-        text, ms, _ = self.decode_scored(pcm, previous_text)
+        text, ms, _, _ = self.decode_confident(pcm, previous_text)
         return text, ms
 
-    def decode_scored(self, pcm: bytes, previous_text: str = "") -> tuple[str, float, float | None]:
-        text, ms, end_confidence, _ = self.decode_confident(pcm, previous_text)
-        return text, ms, end_confidence
-
-    def decode_confident(
-        self, pcm: bytes, previous_text: str = ""
-    ) -> tuple[str, float, float | None, float | None]:
-        """Like :meth:`decode`, plus how sure the model is that the text ends a sentence.
+    def decode_confident(self, pcm: bytes, previous_text: str = "") -> _Decoded:
+        """Like :meth:`decode`, plus how sure the model is of the text and of its end.
 
         Returns ``(text, decode_ms, end_confidence, confidence)``:
         ``end_confidence`` is the lower of the model's probabilities for the
@@ -157,7 +151,7 @@ class WhisperSTT:
         ``None`` when the text ends on no such mark; ``confidence`` is the mean
         probability of the text's tokens (how well the model made the words
         out), 0-1, ``None`` for no text. Both are ``None`` from the 30 s-window
-        fallback. (:meth:`decode_scored` returns the first three.)
+        fallback.
         """
         t0 = time.perf_counter()
         samples = len(pcm) // 2
@@ -298,7 +292,7 @@ class WhisperSTT:
 
     def _submit(self, pcm: bytes, previous_text: str) -> asyncio.Future[_Decoded]:
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, self.decode_scored, pcm, previous_text)
+        return loop.run_in_executor(self._executor, self.decode_confident, pcm, previous_text)
 
 
 @dataclass(slots=True)
@@ -329,11 +323,11 @@ class WhisperTurn:
     def partial(self) -> Transcript | None:
         spec = self._spec
         if spec is not None and spec.future.done() and not spec.future.cancelled():
-            text, decode_ms, confidence = spec.future.result()
+            text, decode_ms, end, mean = spec.future.result()
             joined = " ".join([*self._committed, text]).strip()
             self._partial = Transcript(
                 text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms,
-                end_confidence=confidence,
+                end_confidence=end, confidence=mean,
             )  # fmt: skip
         return self._partial
 
@@ -344,11 +338,11 @@ class WhisperTurn:
             return None
         # Shielded: abandoning a speculative reply must not cancel the decode
         # that finalize() may still use.
-        text, decode_ms, confidence = await asyncio.shield(spec.future)
+        text, decode_ms, end, mean = await asyncio.shield(spec.future)
         joined = " ".join(t for t in [*self._committed, text] if t).strip()
         return Transcript(
             text=joined, final=False, audio_ms=spec.end / 32, decode_ms=decode_ms,
-            end_confidence=confidence,
+            end_confidence=end, confidence=mean,
         )  # fmt: skip
 
     def push(self, frame: AudioFrame) -> None:
@@ -379,7 +373,7 @@ class WhisperTurn:
             and not spec.future.cancelled()
             and end - self._committed_end > limit
         ):
-            text, _, _ = spec.future.result()
+            text, _, _, _ = spec.future.result()
             if text:
                 self._committed.append(text)
             self._committed_end = spec.end
@@ -402,16 +396,16 @@ class WhisperTurn:
         speculative = spec is not None and not self._resumed and spec.start == self._committed_end
         if speculative:
             assert spec is not None
-            text, decode_ms, confidence = await spec.future
+            text, decode_ms, end, mean = await spec.future
         else:
             start = self._committed_end
-            text, decode_ms, confidence = await self._engine._submit(
+            text, decode_ms, end, mean = await self._engine._submit(
                 bytes(self._pcm[start:]), " ".join(self._committed)
             )
         joined = " ".join(t for t in [*self._committed, text] if t).strip()
         return Transcript(
             text=joined, final=True, audio_ms=len(self._pcm) / 32, decode_ms=decode_ms,
-            speculative=speculative, end_confidence=confidence,
+            speculative=speculative, end_confidence=end, confidence=mean,
         )  # fmt: skip
 
     async def aclose(self) -> None:

@@ -134,12 +134,12 @@ async def test_end_confidence_tells_a_sentence_cut_open_by_a_pause(whisper: Whis
     # "I want to fly from Boston to | New York next week.", said whole and cut at the pause:
     # Whisper writes a full stop it is unsure of (the voice was still going on).
     cut = lead + read_wav(SPEECH / "cut-boston.wav").mono() + pause
-    text, _, confidence = whisper.decode_scored(cut)
+    text, _, confidence, _ = whisper.decode_confident(cut)
     assert text.endswith("Boston.")
     assert confidence is not None and confidence < 0.45
     # Finished sentences: a sure full stop or question mark.
     for name in ("shared-00-piper", "shared-05-piper"):
-        text, _, confidence = whisper.decode_scored(read_wav(SPEECH / f"{name}.wav").mono())
+        text, _, confidence, _ = whisper.decode_confident(read_wav(SPEECH / f"{name}.wav").mono())
         assert text.endswith((".", "?")), text
         assert confidence is not None and confidence > 0.85, (name, confidence)
     # How well the words were made out (mean token probability) comes with a transcription.
@@ -147,7 +147,7 @@ async def test_end_confidence_tells_a_sentence_cut_open_by_a_pause(whisper: Whis
     assert clear.confidence is not None and clear.confidence > 0.7, clear.confidence
     assert (await whisper.transcribe(bytes(32000), 16000)).confidence is None  # no words
     # No mark at the end, nothing to be sure of; and the turn's partial carries the figure.
-    assert whisper.decode_scored(read_wav(SPEECH / "cut-boston.wav").mono())[2] is None
+    assert whisper.decode_confident(read_wav(SPEECH / "cut-boston.wav").mono())[2] is None
     turn = whisper.start_turn()
     for frame in turn_frames(cut):
         turn.push(frame)
