@@ -83,9 +83,9 @@ def _server_settings(args: argparse.Namespace) -> Any:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from runtime.agents.secrets import SecretError
+    from runtime.agents.store import StoreError
     from runtime.server.app import check_database, create_app
-    from runtime.server.secrets import SecretError
-    from runtime.server.store import StoreError
 
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
@@ -175,7 +175,7 @@ def _server(config: Any) -> Any:
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:
-    from runtime.server.rotation import RotationError, rotate_command
+    from runtime.agents.rotation import RotationError, rotate_command
 
     try:
         return asyncio.run(

@@ -2,7 +2,7 @@
 
 Every route but ``/``, ``/health``, ``/docs`` and ``/openapi.json`` needs an
 API key (``Authorization: <key>`` or ``Bearer <key>``). Bodies are limited in
-size and time, parsed and validated completely (``runtime.server.agents``)
+size and time, parsed and validated completely (``runtime.agents.schema``)
 before anything is written, and each request is one database transaction;
 secrets (endpoint ``api_key`` s, HTTP-tool header values) are sealed before
 they are stored and never appear in a response, a log line or an error. No
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import html
 import json
@@ -42,10 +41,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime import __version__
-from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolicy
-from runtime.protocol.events import LLMSpec
-from runtime.secret import Secret
-from runtime.server.agents import (
+from runtime.agents.schema import (
     AgentInput,
     FieldError,
     check_urls,
@@ -54,23 +50,13 @@ from runtime.server.agents import (
     shorten,
     validate_agent,
 )
-from runtime.server.logs import AccessLog
-from runtime.server.realtime import realtime_endpoint
-from runtime.server.runner import (
-    Engines,
-    RunnerLimits,
-    SessionRunner,
-    default_llm_from_env,
-)
-from runtime.server.secrets import (
+from runtime.agents.secrets import (
     KeyRing,
     KeyUnavailable,
     SecretBox,
     SecretError,
-    b64url_decode,
-    b64url_encode,
 )
-from runtime.server.store import (
+from runtime.agents.store import (
     AgentRow,
     Store,
     StoreError,
@@ -79,6 +65,18 @@ from runtime.server.store import (
     decode_cursor,
     now,
     sqlite_url,
+)
+from runtime.agents.tokens import Tokens
+from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolicy
+from runtime.protocol.events import LLMSpec
+from runtime.secret import Secret
+from runtime.server.logs import AccessLog
+from runtime.server.realtime import realtime_endpoint
+from runtime.sessions import (
+    Engines,
+    RunnerLimits,
+    SessionRunner,
+    default_llm_from_env,
 )
 
 log = logging.getLogger("voxloop.server")
@@ -262,6 +260,7 @@ class Api:
         self.settings = settings
         self.store = store
         self.box = SecretBox(settings.ring, key_file=settings.key_file)
+        self.tokens = Tokens(self.box, store)
         self._api_keys = tuple(k.encode("utf-8") for k in settings.api_keys)
 
     # -- plumbing ---------------------------------------------------------------
@@ -521,7 +520,7 @@ class Api:
             "exp": int(time.time()) + (ttl or 0),
             "msd": session or SESSION_MAX,
         }
-        return JSONResponse({"token": self.mint(claims), "expires_in_seconds": ttl})
+        return JSONResponse({"token": self.tokens.mint(claims), "expires_in_seconds": ttl})
 
     async def voices(self, request: Request) -> Response:
         if (denied := self.authorized(request)) is not None:
@@ -587,45 +586,6 @@ class Api:
 
     async def docs(self, request: Request) -> Response:
         return HTMLResponse(DOCS_HTML)
-
-    # -- tokens -------------------------------------------------------------------
-
-    def _token_key(self, kid: str) -> bytes:
-        return hashlib.sha256(b"voxloop-token-v1" + self.box.ring.keys[kid]).digest()
-
-    def mint(self, claims: dict[str, Any]) -> str:
-        """Sign ``claims`` (``jti``, ``exp`` in Unix seconds, ``msd``) into a token string."""
-        claims = {**claims, "kid": self.box.ring.primary}
-        body = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
-        mac = hmac.new(self._token_key(claims["kid"]), body.encode(), hashlib.sha256).digest()
-        return f"{body}.{b64url_encode(mac)}"
-
-    async def redeem(self, token: str) -> dict[str, Any] | None:
-        """The token's claims if it is genuine, unexpired and not used before; marks it used.
-
-        The use is recorded with one insert into ``token_uses``, so of any number of
-        concurrent redemptions (on any worker sharing the database) exactly one wins.
-        """
-        body, _, mac = token.partition(".")
-        try:
-            given = b64url_decode(mac)
-            claims = json.loads(b64url_decode(body))
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(claims, dict):
-            return None
-        kid = claims.get("kid", self.box.ring.primary)
-        if not isinstance(kid, str) or not self.box.has_key(kid):
-            return None
-        expected = hmac.new(self._token_key(kid), body.encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(given, expected):
-            return None
-        exp = claims.get("exp")
-        if not isinstance(exp, int) or exp < time.time():
-            return None
-        if not await self.store.use_token(str(claims.get("jti"))):
-            return None
-        return claims
 
 
 def _int_param(
@@ -696,6 +656,7 @@ def create_app(settings: Settings) -> Starlette:
             await engines.aclose()
             await store.aclose()
 
+    socket = realtime_endpoint(settings.api_keys, api.tokens, runner)
     app = Starlette(
         routes=[
             Route("/v1/agents", api.create_agent, methods=["POST"]),
@@ -709,8 +670,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/", api.index, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/docs", api.docs, methods=["GET"]),
-            WebSocketRoute("/v1/ws", realtime_endpoint(api, runner)),
-            WebSocketRoute("/v1/realtime", realtime_endpoint(api, runner)),
+            WebSocketRoute("/v1/ws", socket),
+            WebSocketRoute("/v1/realtime", socket),
         ],
         middleware=[Middleware(AccessLog)],
         lifespan=lifespan,

@@ -27,13 +27,15 @@ import contextlib
 import hmac
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Collection
+from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from runtime.agents.tokens import Tokens
 from runtime.protocol import events as ev
 from runtime.secret import Secret
-from runtime.server.runner import (
+from runtime.sessions import (
     LiveSession,
     Principal,
     SessionRefused,
@@ -41,9 +43,6 @@ from runtime.server.runner import (
     SessionSpec,
     key_owner,
 )
-
-if TYPE_CHECKING:
-    from runtime.server.app import Api
 
 log = logging.getLogger("voxloop.realtime")
 
@@ -61,9 +60,16 @@ class _Closed(Exception):
 class Connection:
     """One ``/v1/ws`` connection."""
 
-    def __init__(self, websocket: WebSocket, api: Api, runner: SessionRunner) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        api_keys: Collection[str],
+        tokens: Tokens,
+        runner: SessionRunner,
+    ) -> None:
         self.ws = websocket
-        self.api = api
+        self.api_keys = api_keys
+        self.tokens = tokens
         self.runner = runner
         self.queue: asyncio.Queue[ev.ServerEvent | None] = asyncio.Queue(
             maxsize=runner.limits.outbound_messages
@@ -121,7 +127,7 @@ class Connection:
         token = self.ws.query_params.get("token")
         if header:
             key = header[7:].strip() if header.lower().startswith("bearer ") else header
-            if any(hmac.compare_digest(key, k) for k in self.api.settings.api_keys):
+            if any(hmac.compare_digest(key, k) for k in self.api_keys):
                 return Principal(kind="key", owner=key_owner(key))
             if key.startswith(RESUME_PREFIX):
                 return Principal(kind="resume", owner="", resume_token=Secret(key))
@@ -129,7 +135,7 @@ class Connection:
         if token:
             if token.startswith(RESUME_PREFIX):
                 return Principal(kind="resume", owner="", resume_token=Secret(token))
-            claims = await self.api.redeem(token)
+            claims = await self.tokens.redeem(token)
             if claims is None:
                 return SessionRefused("unauthorized", "invalid, expired or already used token")
             return Principal(
@@ -307,10 +313,18 @@ def _error_event(code: str, message: str, param: str | None = None) -> ev.Sessio
     return ev.SessionError(code=code, message=message, param=param, timestamp=time.time())
 
 
-def realtime_endpoint(api: Any, runner: SessionRunner) -> Any:
-    """The Starlette WebSocket endpoint for ``/v1/ws``."""
+def realtime_endpoint(
+    api_keys: Collection[str], tokens: Tokens, runner: SessionRunner
+) -> Callable[[WebSocket], Awaitable[None]]:
+    """The Starlette WebSocket endpoint for ``/v1/ws``.
+
+    Args:
+        api_keys: the server's API keys (``Authorization``).
+        tokens: redeems single-use ``?token=`` credentials.
+        runner: binds and runs the sessions.
+    """
 
     async def endpoint(websocket: WebSocket) -> None:
-        await Connection(websocket, api, runner).serve()
+        await Connection(websocket, api_keys, tokens, runner).serve()
 
     return endpoint

@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
+from runtime.agents.secrets import KeyRing, SecretBox
+from runtime.agents.store import AgentRow, Store, now, sqlite_url
 from runtime.server.app import Api, Settings
-from runtime.server.secrets import KeyRing, SecretBox
-from runtime.server.store import AgentRow, Store, now, sqlite_url
 
 from .test_server import AGENT, API_KEY, Server
 from .test_server import server as server

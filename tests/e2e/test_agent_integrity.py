@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from runtime.server.store import database_url
+from runtime.agents.store import database_url
 
 from ..postgres import PostgresServer
 from .test_server import (

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.agents.secrets import KeyRing
+from runtime.agents.store import Store, sqlite_url
 from runtime.server.app import Api, Settings
-from runtime.server.secrets import KeyRing
-from runtime.server.store import Store, sqlite_url
 
 from ..helpers import missing
 from ..postgres import PostgresServer
@@ -41,42 +41,46 @@ async def workers(
 
 async def test_a_token_works_once_across_workers(workers: tuple[Api, Api]):
     a, b = workers
-    token = a.mint({"jti": "t1", "exp": int(time.time()) + 60, "msd": 600})
-    claims = await b.redeem(token)
+    token = a.tokens.mint({"jti": "t1", "exp": int(time.time()) + 60, "msd": 600})
+    claims = await b.tokens.redeem(token)
     assert claims is not None and claims["msd"] == 600
-    assert await a.redeem(token) is None
-    assert await b.redeem(token) is None
+    assert await a.tokens.redeem(token) is None
+    assert await b.tokens.redeem(token) is None
 
 
 async def test_expired_forged_and_garbage_tokens_are_refused(workers: tuple[Api, Api]):
     a, b = workers
-    expired = a.mint({"jti": "t2", "exp": int(time.time()) - 1, "msd": 600})
-    assert await b.redeem(expired) is None
-    genuine = a.mint({"jti": "t3", "exp": int(time.time()) + 60, "msd": 600})
+    expired = a.tokens.mint({"jti": "t2", "exp": int(time.time()) - 1, "msd": 600})
+    assert await b.tokens.redeem(expired) is None
+    genuine = a.tokens.mint({"jti": "t3", "exp": int(time.time()) + 60, "msd": 600})
     _, _, mac = genuine.partition(".")
     forged = (
-        a.mint({"jti": "t3", "exp": int(time.time()) + 9999, "msd": 600}).split(".")[0] + "." + mac
+        a.tokens.mint({"jti": "t3", "exp": int(time.time()) + 9999, "msd": 600}).split(".")[0]
+        + "."
+        + mac
     )
-    assert await b.redeem(forged) is None
+    assert await b.tokens.redeem(forged) is None
     for garbage in ("", "abc", "abc.def", "..."):
-        assert await b.redeem(garbage) is None
-    assert await b.redeem(genuine) is not None
+        assert await b.tokens.redeem(garbage) is None
+    assert await b.tokens.redeem(genuine) is not None
 
 
 async def test_concurrent_redemptions_of_one_token_succeed_exactly_once(workers: tuple[Api, Api]):
     a, b = workers
     for n in range(3):
-        token = a.mint({"jti": f"race-{n}", "exp": int(time.time()) + 60, "msd": 600})
-        results = await asyncio.gather(*(w.redeem(token) for w in (a, b) * 10))
+        token = a.tokens.mint({"jti": f"race-{n}", "exp": int(time.time()) + 60, "msd": 600})
+        results = await asyncio.gather(*(w.tokens.redeem(token) for w in (a, b) * 10))
         winners = [r for r in results if r is not None]
         assert len(winners) == 1 and winners[0]["jti"] == f"race-{n}"
 
 
 async def test_tokens_survive_a_key_rotation_on_another_worker(workers: tuple[Api, Api]):
     a, b = workers
-    token = a.mint({"jti": "rot", "exp": int(time.time()) + 60, "msd": 600})
+    token = a.tokens.mint({"jti": "rot", "exp": int(time.time()) + 60, "msd": 600})
     b.box.ring = b.box.ring.rotated()  # b now signs with a new primary key, keeps the old one
-    newer = b.mint({"jti": "rot2", "exp": int(time.time()) + 60, "msd": 600})
-    assert await b.redeem(token) is not None
-    assert await a.redeem(newer) is None  # a does not hold b's new key (no key file to re-read)
-    assert await b.redeem(newer) is not None
+    newer = b.tokens.mint({"jti": "rot2", "exp": int(time.time()) + 60, "msd": 600})
+    assert await b.tokens.redeem(token) is not None
+    assert (
+        await a.tokens.redeem(newer) is None
+    )  # a does not hold b's new key (no key file to re-read)
+    assert await b.tokens.redeem(newer) is not None

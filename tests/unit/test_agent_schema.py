@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from runtime.server.agents import (
+from runtime.agents.schema import (
     MAX_DEPTH,
     MAX_MESSAGE,
     FieldError,

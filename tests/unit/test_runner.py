@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from audio.g711 import alaw_encode, ulaw_encode
+from runtime.agents.secrets import KeyRing, SecretBox
 from runtime.conversation.config import TurnDetection
 from runtime.endpoints import StaticResolver, URLPolicy
 from runtime.protocol import events as ev
 from runtime.secret import Secret
-from runtime.server.runner import (
+from runtime.sessions import (
     AudioIngress,
     Engines,
     LiveSession,
@@ -27,7 +28,6 @@ from runtime.server.runner import (
     default_llm_from_env,
     key_owner,
 )
-from runtime.server.secrets import KeyRing, SecretBox
 
 from ..helpers import tone
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.agents.secrets import KeyRing, SecretBox, SecretError
 from runtime.secret import Secret
-from runtime.server.secrets import KeyRing, SecretBox, SecretError
 
 KEY = "sk-live-0123456789abcdef"
 

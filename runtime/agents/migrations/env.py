@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from runtime.server.store import metadata
+from runtime.agents.store import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata)

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
-from runtime.server.secrets import KeyRing, SecretBox, SecretError
-from runtime.server.store import (
+from runtime.agents.secrets import KeyRing, SecretBox, SecretError
+from runtime.agents.store import (
     AgentRow,
     Store,
     StoreError,

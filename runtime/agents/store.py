@@ -2,8 +2,8 @@
 
 SQLite (a file in the data directory) by default; PostgreSQL by URL for
 several workers. The schema is created and upgraded by Alembic migrations
-(``runtime/server/migrations``) at start. Secrets are stored only sealed
-(``runtime.server.secrets``); the public agent document never holds them.
+(``runtime/agents/migrations``) at start. Secrets are stored only sealed
+(``runtime.agents.secrets``); the public agent document never holds them.
 
 Concurrency guarantee
 ---------------------

@@ -1,0 +1,63 @@
+"""Per-worker limits: sessions, durations, buffers, queues (``VOXLOOP_*`` settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+RESUME_GRACE_S: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerLimits:
+    """Per-worker limits (environment: ``VOXLOOP_MAX_SESSIONS`` …; see the README).
+
+    Attributes:
+        max_sessions: live sessions per worker process.
+        max_duration_s: session length when the credential sets none.
+        resume_grace_s: how long a dropped session stays resumable.
+        output_lead_ms: how far ``reply.audio`` may run ahead of real time.
+        output_buffer_ms: how far synthesised audio may queue ahead of real time on
+            the server (unsent; dropped on an interruption).
+        input_buffer_ms: client audio held ahead of real time before dropping.
+        outbound_messages: server events queued for a client before it is dropped.
+        ready_timeout_s: time for the first message after the upgrade.
+    """
+
+    max_sessions: int = 16
+    max_duration_s: int = 10_800
+    resume_grace_s: float = RESUME_GRACE_S
+    output_lead_ms: int = 300
+    output_buffer_ms: int = 300
+    input_buffer_ms: int = 2000
+    outbound_messages: int = 512
+    ready_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RunnerLimits:
+        """Read ``VOXLOOP_MAX_SESSIONS``, ``VOXLOOP_MAX_SESSION_SECONDS``,
+        ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_AUDIO_BUFFER_MS``, ``VOXLOOP_INPUT_BUFFER_MS``,
+        ``VOXLOOP_OUTBOUND_MESSAGES``.
+
+        Raises:
+            ValueError: a value is not a positive integer.
+        """
+
+        def number(name: str, default: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or int(raw) <= 0:
+                raise ValueError(f"{name} must be a positive integer")
+            return int(raw)
+
+        d = cls()
+        return cls(
+            max_sessions=number("VOXLOOP_MAX_SESSIONS", d.max_sessions),
+            max_duration_s=number("VOXLOOP_MAX_SESSION_SECONDS", d.max_duration_s),
+            output_lead_ms=number("VOXLOOP_AUDIO_LEAD_MS", d.output_lead_ms),
+            output_buffer_ms=number("VOXLOOP_AUDIO_BUFFER_MS", d.output_buffer_ms),
+            input_buffer_ms=number("VOXLOOP_INPUT_BUFFER_MS", d.input_buffer_ms),
+            outbound_messages=number("VOXLOOP_OUTBOUND_MESSAGES", d.outbound_messages),
+        )

@@ -1,0 +1,426 @@
+"""A live session: one conversation core, its tasks, and core events rendered as
+Voice Agent protocol events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import secrets as pysecrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from audio.frame import AudioFrame
+from runtime.conversation import events as core
+from runtime.conversation.session import ConversationSession
+from runtime.llm.client import ChatClient
+from runtime.protocol import events as ev
+from runtime.sessions.errors import SessionRefused
+from runtime.sessions.ingress import AudioIngress
+from runtime.sessions.playout import PacedSink, wire_encoder
+from runtime.sessions.resume import ResumableState
+from runtime.sessions.spec import SessionSpec
+
+if TYPE_CHECKING:
+    from runtime.sessions.runner import SessionRunner
+
+Emit = Callable[[ev.ServerEvent], None]
+EndReason = Literal["ended", "expired", "dropped"]
+
+
+@dataclass(slots=True)
+class _ProtoReply:
+    """The protocol's view of one core reply (split in two around a client tool call)."""
+
+    core_id: str
+    reply_id: str
+    item_id: str
+    samples: int = 0  # written to the sink (the timeline of the deltas)
+    sent: int = 0  # sent to the client
+    delta_end_ms: int = 0
+    texts: list[str] = field(default_factory=list)
+    closed: bool = False  # reply.done sent for this part (a tool call is pending)
+    spoken_before: list[str] = field(default_factory=list)
+
+
+class LiveSession:
+    """One running conversation. Create with :meth:`SessionRunner.start`.
+
+    Call :meth:`run` in a task; feed client events with :meth:`handle`;
+    end it with :meth:`end` (``session.end``) or by cancelling :meth:`run`
+    (a dropped socket: the state is kept for a resume).
+    """
+
+    def __init__(
+        self,
+        runner: SessionRunner,
+        *,
+        session_id: str,
+        spec: SessionSpec,
+        owner: str,
+        started_at: float,
+        expires_at: float,
+        history: list[dict[str, Any]] | None,
+        audio_seconds: float,
+        emit: Emit,
+    ) -> None:
+        self.runner = runner
+        self.session_id = session_id
+        self.spec = spec
+        self.owner = owner
+        self.started_at = started_at
+        self.expires_at = expires_at
+        self._prior_history = history
+        self._audio_before = audio_seconds
+        self._emit = emit
+        self.resume_token = "rt_" + pysecrets.token_urlsafe(24)
+        self._ingress = AudioIngress(spec.input_format, runner.limits.input_buffer_ms)
+        self._encode = wire_encoder(spec.output_format, spec.volume)
+        self._session: ConversationSession | None = None
+        self._llm: ChatClient | None = None
+        self._ended = asyncio.Event()
+        self._started = asyncio.Event()
+        self._end_reason: EndReason = "dropped"
+        self._replies: dict[str, _ProtoReply] = {}
+        self._ids = itertools.count(1)
+        self._user_item: str | None = None
+        self._last_user_item: str | None = None  # of the last transcript.user sent
+        self._early_results: list[ev.ToolResult] = []
+        self._pending_calls: dict[str, str] = {}  # call_id -> core reply id
+        self._last_violation = -1.0
+        self._tg: asyncio.TaskGroup | None = None
+        self._sink: PacedSink | None = None
+        self._speaking: _ProtoReply | None = None
+        self._item_ids = itertools.count(1)
+        self._cancelled: set[str] = set()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def audio_seconds(self) -> float:
+        return self._audio_before + self._ingress.received_seconds
+
+    async def run(self) -> EndReason:
+        """Run until the session ends, expires, or is cancelled (dropped).
+
+        Returns:
+            Why it stopped: ``ended`` (``session.end``), ``expired``.
+        """
+        stt, tts = await self.runner.engines.get()
+        assert self.spec.llm is not None
+        self._llm = self.runner.chat_client(self.spec.llm)
+        sink = PacedSink(
+            self.spec.output_format.sample_rate, self.runner.limits.output_lead_ms,
+            self._on_audio, tag=lambda: self._speaking,
+            buffer_ms=self.runner.limits.output_buffer_ms,
+        )  # fmt: skip
+        self._sink = sink
+        config = self.spec.core_config()
+        if self._prior_history is not None:
+            config = dataclasses.replace(config, greeting=None)  # already spoken
+        session = ConversationSession(
+            config=config, llm=self._llm, stt=stt, tts=tts, sink=sink,
+            on_event=self._on_core_event, tool_policy=self.runner.policy,
+            tool_resolver=self.runner.resolver, prior_history=self._prior_history or (),
+        )  # fmt: skip
+        self._session = session
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                conversation = tg.create_task(session.run(self._frames()))
+                pacer = tg.create_task(sink.run())
+                remaining = self.expires_at - time.time()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, remaining)):
+                        await self._ended.wait()
+                if not self._ended.is_set():
+                    self._end_reason = "expired"
+                conversation.cancel()
+                pacer.cancel()
+        finally:
+            self._tg = None
+            await self._llm.aclose()
+        return self._end_reason
+
+    async def wait_started(self) -> None:
+        """Wait until the conversation runs (client events may be handled from then on)."""
+        await self._started.wait()
+
+    async def _frames(self) -> AsyncIterator[AudioFrame]:
+        # The core asks for the first frame once it runs (history begun, greeting started).
+        self._started.set()
+        async for frame in self._ingress.frames():
+            yield frame
+
+    def end(self) -> None:
+        """``session.end``: stop now; the state is not kept."""
+        self._end_reason = "ended"
+        self._ended.set()
+
+    def history(self) -> list[dict[str, Any]]:
+        if self._session is not None:
+            return [dict(m) for m in self._session.history]
+        return list(self._prior_history or [])
+
+    def snapshot(self) -> ResumableState:
+        """The state to keep for a resume (secrets sealed)."""
+        return self.runner.seal_state(self)
+
+    # -- client events ----------------------------------------------------------------
+
+    def handle(self, event: ev.ClientEvent) -> None:
+        """Apply one client event (after ``session.ready``).
+
+        Raises:
+            SessionRefused: a rule of the session was broken (``agent_id_not_first``,
+                ``immutable_field``, ``invalid_config`` …); the session goes on.
+        """
+        session = self._session
+        match event:
+            case ev.InputAudio(audio=audio):
+                if self._ingress.feed(audio):
+                    now = time.monotonic()
+                    if now - self._last_violation >= 1.0:
+                        self._last_violation = now
+                        raise SessionRefused(
+                            "audio_rate_violation",
+                            "audio is arriving faster than real time; the oldest was dropped",
+                            param="audio",
+                        )
+            case ev.SessionUpdate(session=patch):
+                self._update(patch)
+            case ev.ReplyCreate(instructions=instructions):
+                if session is not None:
+                    session.create_reply(instructions)
+            case ev.ConversationMessage(role=role, content=content):
+                if session is not None:
+                    session.add_message(role, content)
+            case ev.ToolResult() as result:
+                self._tool_result(result)
+            case ev.ReplyCancel(reply_id=reply_id):
+                self._cancel_reply(reply_id)
+            case ev.SessionEnd():
+                self.end()
+            case ev.SessionResume():
+                raise SessionRefused(
+                    "invalid_format", "session.resume must be the first message", param="type"
+                )
+
+    def _cancel_reply(self, reply_id: str | None) -> None:
+        current = [r for r in self._replies.values() if not r.closed]
+        if reply_id is not None and all(r.reply_id != reply_id for r in current):
+            raise SessionRefused(
+                "invalid_value", f"reply {reply_id[:64]!r} is not in progress", param="reply_id"
+            )
+        if self._session is not None and self._session.cancel_reply():
+            self._cancelled.update(r.core_id for r in current)
+
+    def _update(self, patch: ev.SessionPatch) -> None:
+        if patch.agent_id is not None:
+            raise SessionRefused(
+                "agent_id_not_first", "agent_id may only be sent in the first session.update",
+                param="session.agent_id",
+            )  # fmt: skip
+        if (name := self.spec.immutable_change(patch)) is not None:
+            raise SessionRefused(
+                "immutable_field", f"{name} cannot change after session.ready", param=name
+            )
+        if patch.llm is not None:
+            raise SessionRefused(
+                "immutable_field", "session.llm cannot change after session.ready",
+                param="session.llm",
+            )  # fmt: skip
+        spec = self.spec.apply(patch)
+        if spec.voice is not None and not self.runner.voice_known(spec.voice):
+            raise SessionRefused(
+                "invalid_value", f"unknown voice {spec.voice!r}", param="session.output.voice"
+            )
+        self.spec = spec
+        if patch.input is not None and patch.input.format is not None:
+            self._ingress.set_format(spec.input_format)
+        self._encode = wire_encoder(spec.output_format, spec.volume)
+        if self._session is not None:
+            config = spec.core_config()
+            self._session.reconfigure(
+                dataclasses.replace(config, greeting=self._session.config.greeting)
+            )
+        self._emit(ev.SessionUpdated(config=spec.public()))
+
+    def _tool_result(self, result: ev.ToolResult) -> None:
+        core_id = self._pending_calls.get(result.call_id)
+        if core_id is None:
+            raise SessionRefused(
+                "invalid_value", f"no tool call {result.call_id!r} is waiting for a result",
+                param="call_id",
+            )  # fmt: skip
+        reply = self._replies.get(core_id)
+        if reply is not None and not reply.closed:
+            # Sent before reply.done: held until the reply's part is over.
+            self._early_results.append(result)
+            return
+        self._submit(result)
+
+    def _submit(self, result: ev.ToolResult) -> None:
+        self._pending_calls.pop(result.call_id, None)
+        if self._session is not None:
+            self._session.submit_tool_result(
+                result.call_id, result.result, is_error=result.is_error
+            )
+
+    # -- core events -> protocol events ---------------------------------------------
+
+    def _new_id(self, prefix: str) -> str:
+        counter = self._item_ids if prefix == "item" else self._ids
+        return f"{prefix}_{self.session_id[-6:]}_{next(counter)}"
+
+    def _reply(self, core_id: str) -> _ProtoReply:
+        reply = self._replies.get(core_id)
+        if reply is None:
+            reply = _ProtoReply(core_id, self._new_id("reply"), self._new_id("item"))
+            self._replies[core_id] = reply
+        return reply
+
+    def _reopen(self, reply: _ProtoReply) -> None:
+        # The answer continues after a tool result: a new protocol reply.
+        reply.spoken_before += reply.texts
+        reply.texts = []
+        reply.reply_id = self._new_id("reply")
+        reply.item_id = self._new_id("item")
+        reply.samples = 0
+        reply.sent = 0
+        reply.delta_end_ms = 0
+        reply.closed = False
+        self._emit(ev.ReplyStarted(reply_id=reply.reply_id, item_id=reply.item_id))
+
+    def _on_audio(self, pcm: bytes, reply: _ProtoReply | None) -> None:
+        if reply is None:
+            return
+        reply.sent += len(pcm) // 2
+        self._emit(ev.ReplyAudio(data=self._encode(pcm), reply_id=reply.reply_id))
+
+    def _on_core_event(self, event: core.ConversationEvent) -> None:
+        emit = self._emit
+        match event:
+            case core.SpeechStarted(continued=continued):
+                # The user went on with the turn just transcribed: its item is replaced.
+                reuse = self._last_user_item if continued else None
+                self._user_item = reuse or self._new_id("item")
+                emit(ev.InputSpeechStarted())
+            case core.SpeechStopped():
+                emit(ev.InputSpeechStopped())
+            case core.UserTranscriptDelta(text=text):
+                emit(ev.TranscriptUserDelta(text=text, item_id=self._user_item))
+            case core.UserTranscript(text=text, item_id=item_id):
+                self._last_user_item = self._user_item or item_id
+                emit(ev.TranscriptUser(text=text, item_id=self._last_user_item))
+                self._user_item = None
+            case core.ReplyStarted(reply_id=core_id):
+                reply = self._reply(core_id)
+                self._speaking = reply
+                emit(ev.ReplyStarted(reply_id=reply.reply_id, item_id=reply.item_id))
+            case core.ReplyAudio(reply_id=core_id, pcm=pcm):
+                # Written to the sink, which sends it paced (_on_audio).
+                reply = self._reply(core_id)
+                if reply.closed:
+                    self._reopen(reply)
+                reply.samples += len(pcm) // 2
+            case core.AgentTranscriptDelta(reply_id=core_id, delta=delta):
+                reply = self._reply(core_id)
+                if reply.closed:
+                    self._reopen(reply)
+                rate = self.spec.output_format.sample_rate
+                end_ms = reply.samples * 1000 // rate
+                reply.texts.append(delta)
+                emit(ev.TranscriptAgentDelta(
+                    delta=delta, reply_id=reply.reply_id, item_id=reply.item_id,
+                    start_ms=reply.delta_end_ms, end_ms=end_ms,
+                ))  # fmt: skip
+                reply.delta_end_ms = end_ms
+            case core.ToolCallRequested(reply_id=core_id, call_id=call_id, name=name,
+                                        arguments=arguments):  # fmt: skip
+                self._pending_calls[call_id] = core_id
+                if self._tg is not None:
+                    self._tg.create_task(self._close_for_tool(core_id, call_id, name, arguments))
+            case core.AgentTranscript(reply_id=core_id, text=text, interrupted=interrupted):
+                reply = self._reply(core_id)
+                if reply.closed:
+                    if not interrupted:
+                        return  # nothing was said after the tool result
+                    self._reopen(reply)
+                before = " ".join(reply.spoken_before)
+                if before and text.startswith(before):
+                    text = text[len(before) :].strip()
+                emit(ev.TranscriptAgent(
+                    text=text, reply_id=reply.reply_id, item_id=reply.item_id,
+                    interrupted=interrupted,
+                ))  # fmt: skip
+            case core.ReplyDone(reply_id=core_id, status=status):
+                done = self._replies.pop(core_id, None) or self._reply(core_id)
+                self._replies.pop(core_id, None)
+                if done.closed and status == "completed":
+                    return
+                if status == "interrupted" and core_id in self._cancelled:
+                    self._cancelled.discard(core_id)
+                    emit(ev.ReplyDone(reply_id=done.reply_id, status="cancelled"))
+                else:
+                    emit(ev.ReplyDone(reply_id=done.reply_id, status=status))
+                if status == "interrupted":
+                    # Results for an interrupted reply are dropped (the call is over).
+                    for call_id, owner in list(self._pending_calls.items()):
+                        if owner == core_id:
+                            del self._pending_calls[call_id]
+                    self._early_results = [
+                        r for r in self._early_results if r.call_id in self._pending_calls
+                    ]
+            case core.ReplyError(reply_id=core_id, code=code, message=message,
+                                 retryable=retryable, status_code=status_code):  # fmt: skip
+                reply = self._reply(core_id)
+                emit(ev.ReplyError(
+                    reply_id=reply.reply_id, code=code, message=message, retryable=retryable,
+                    status_code=status_code,
+                ))  # fmt: skip
+            case core.TurnMetrics():
+                pass
+
+    async def _close_for_tool(
+        self, core_id: str, call_id: str, name: str, arguments: dict[str, Any]
+    ) -> None:
+        """Finish the reply's first part once its transition phrase has been played.
+
+        The core asks for the tool as soon as the model's round ends, while
+        the phrase before the call may still be in the TTS. Once no audio has
+        arrived for a moment and the sink has played what it admitted, the
+        part ends: ``transcript.agent`` → ``tool.call`` → ``reply.done``.
+        """
+        reply = self._replies.get(core_id)
+        if reply is None:
+            return
+        sink = self._sink
+        quiet = 0
+        last = reply.samples
+        while quiet < 3:
+            await asyncio.sleep(0.05)
+            if core_id not in self._replies:
+                return  # interrupted meanwhile
+            queued = sink.queued_samples if sink is not None else 0
+            if reply.samples == last and queued == 0:
+                quiet += 1
+            else:
+                quiet = 0
+                last = reply.samples
+        self._emit(ev.TranscriptAgent(
+            text=" ".join(reply.texts), reply_id=reply.reply_id, item_id=reply.item_id,
+            interrupted=False,
+        ))  # fmt: skip
+        self._emit(ev.ToolCall(
+            call_id=call_id, name=name, arguments=arguments, reply_id=reply.reply_id
+        ))  # fmt: skip
+        self._emit(ev.ReplyDone(reply_id=reply.reply_id, status="completed"))
+        reply.closed = True
+        early = [r for r in self._early_results if r.call_id == call_id]
+        self._early_results = [r for r in self._early_results if r.call_id != call_id]
+        for result in early:
+            self._submit(result)

@@ -1,0 +1,135 @@
+"""Audio out at the edge: the wire encoding, and the paced sink whose position is the
+playout truth for what the listener heard."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from audio.frame import check_rate
+from audio.g711 import alaw_encode, ulaw_encode
+from runtime.protocol import events as ev
+
+
+def wire_encoder(fmt: ev.AudioFormat, volume: float) -> Callable[[bytes], bytes]:
+    import numpy as np
+
+    gain = max(0.0, min(100.0, volume)) / 100.0
+
+    def scale(pcm: bytes) -> bytes:
+        if gain >= 1.0:
+            return pcm
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) * gain
+        return bytes(samples.round().astype("<i2").tobytes())
+
+    if fmt.encoding == "audio/pcmu":
+        return lambda pcm: ulaw_encode(scale(pcm))
+    if fmt.encoding == "audio/pcma":
+        return lambda pcm: alaw_encode(scale(pcm))
+    return scale
+
+
+class PacedSink:
+    """The session's speaker: accepts audio like a device and sends it paced to real time.
+
+    :meth:`write` queues audio on a virtual playout timeline, waiting while
+    more than ``buffer_ms`` is queued (so the TTS can work ahead of playback
+    and a slow sentence does not leave the listener in silence). :meth:`run`
+    sends it in ``piece_ms`` pieces, each when its playout time is at most
+    ``lead_ms`` away, so a listener never holds more than ``lead_ms`` of
+    unplayed audio, and the playout position (``played_samples``, the loop
+    clock against the timeline) is what was heard. :meth:`clear_buffer`
+    drops what was not played; pieces not yet sent are never sent.
+
+    Args:
+        sample_rate: the output encoding's rate (audio is produced at it).
+        lead_ms: how far ahead of real time audio is sent.
+        on_audio: receives each piece (PCM16 at ``sample_rate``) and the tag
+            that was current when it was written.
+        tag: called at each :meth:`write` (which reply the audio belongs to).
+        piece_ms: the size of the pieces sent.
+        buffer_ms: how far ahead of real time audio is accepted (>= ``lead_ms``).
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        lead_ms: int,
+        on_audio: Callable[[bytes, Any], None],
+        tag: Callable[[], Any] = lambda: None,
+        piece_ms: int = 40,
+        buffer_ms: int = 0,
+    ) -> None:
+        self._rate = check_rate(sample_rate)
+        self._lead = sample_rate * lead_ms // 1000
+        self._buffer = sample_rate * max(buffer_ms, lead_ms) // 1000
+        self._piece = sample_rate * piece_ms // 1000 * 2
+        self._on_audio = on_audio
+        self._tag = tag
+        self._t0 = asyncio.get_running_loop().time()
+        self._end = 0
+        self._written = 0
+        # (timeline position in samples, pcm, tag) not sent yet; bounded by the
+        # write-side wait (buffer + one chunk).
+        self._pending: collections.deque[tuple[int, bytes, Any]] = collections.deque()
+        self._wake = asyncio.Event()
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    def _now(self) -> int:
+        return int((asyncio.get_running_loop().time() - self._t0) * self._rate)
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples written that the listener has not heard yet."""
+        return max(0, self._end - self._now())
+
+    @property
+    def played_samples(self) -> int:
+        return self._written - self.queued_samples
+
+    async def write(self, pcm: bytes) -> None:
+        # A timer, not polling: sleep exactly until the queue is back under its bound.
+        while (ahead := self._end - self._now()) > self._buffer:  # noqa: ASYNC110
+            await asyncio.sleep((ahead - self._buffer) / self._rate)
+        tag = self._tag()
+        pos = max(self._end, self._now())
+        for i in range(0, len(pcm), self._piece):
+            piece = pcm[i : i + self._piece]
+            self._pending.append((pos, piece, tag))
+            pos += len(piece) // 2
+        self._end = pos
+        self._written += len(pcm) // 2
+        self._wake.set()
+
+    def clear_buffer(self) -> int:
+        dropped = self.queued_samples
+        self._written -= dropped
+        if dropped:
+            self._end = self._now()
+        self._pending.clear()
+        return dropped
+
+    async def wait_for_playout(self) -> None:
+        while (remaining := self._end - self._now()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(remaining / self._rate)
+
+    async def run(self) -> None:
+        """Send the queued audio in real time, forever (cancel to stop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            pos, piece, tag = self._pending[0]
+            send_at = self._t0 + (pos - self._lead) / self._rate
+            if send_at > loop.time():
+                await asyncio.sleep(send_at - loop.time())
+                continue  # cleared meanwhile?
+            self._pending.popleft()
+            self._on_audio(piece, tag)

@@ -1,0 +1,70 @@
+"""Resumable session state: what a dropped session keeps for the grace period, and where."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ResumableState:
+    """What a dropped session needs to continue (JSON-serialisable; secrets sealed).
+
+    Attributes:
+        spec: :meth:`SessionSpec.public` plus sealed secrets (``llm_key``, ``tool_headers``).
+        history: the messages of the conversation so far.
+        started_at, expires_at: wall-clock seconds.
+    """
+
+    session_id: str
+    owner: str
+    resume_token_hash: str
+    spec: dict[str, Any]
+    history: list[dict[str, Any]]
+    started_at: float
+    expires_at: float
+    audio_seconds: float
+
+
+class SessionStateStore(Protocol):
+    """Where dropped sessions wait for a resume (memory here; Redis for several workers)."""
+
+    async def save(self, state: ResumableState, ttl_s: float) -> None:
+        """Keep ``state`` for ``ttl_s`` seconds."""
+
+    async def take(self, session_id: str) -> ResumableState | None:
+        """Remove and return the state, or ``None`` if unknown or expired (atomic)."""
+
+    async def discard(self, session_id: str) -> None:
+        """Forget a session (ended for good)."""
+
+
+class MemorySessionStore:
+    """:class:`SessionStateStore` in this process's memory (one worker)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._states: dict[str, tuple[float, ResumableState]] = {}
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for sid in [s for s, (deadline, _) in self._states.items() if deadline <= now]:
+            del self._states[sid]
+
+    async def save(self, state: ResumableState, ttl_s: float) -> None:
+        self._expire()
+        self._states[state.session_id] = (self._clock() + ttl_s, state)
+
+    async def take(self, session_id: str) -> ResumableState | None:
+        self._expire()
+        entry = self._states.pop(session_id, None)
+        return None if entry is None else entry[1]
+
+    async def discard(self, session_id: str) -> None:
+        self._states.pop(session_id, None)
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._states)

@@ -1,0 +1,321 @@
+"""The session runner: binds, starts, limits and resumes the sessions of one worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import secrets as pysecrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
+from runtime.errors import URLPolicyError
+from runtime.llm.client import ChatClient, Endpoint
+from runtime.protocol import events as ev
+from runtime.sessions.engines import Engines
+from runtime.sessions.errors import SessionRefused
+from runtime.sessions.limits import RunnerLimits
+from runtime.sessions.live import Emit, LiveSession
+from runtime.sessions.principals import Principal, token_hash
+from runtime.sessions.resume import MemorySessionStore, ResumableState, SessionStateStore
+from runtime.sessions.spec import SessionSpec
+
+log = logging.getLogger("voxloop.session")
+
+
+class SessionRunner:
+    """Binds, starts, limits and resumes the sessions of one worker.
+
+    Args:
+        load_agent: a stored agent by id, its secrets opened in memory (``None``: absent).
+        box: seals the secrets of resumable state.
+        policy, resolver: the URL policy for endpoints and HTTP tools.
+        default_llm: the server's endpoint for sessions without ``llm``.
+        voices: installed voice ids (and aliases).
+        engines: the shared speech engines.
+        limits: see :class:`RunnerLimits`.
+        states: where dropped sessions wait for a resume.
+    """
+
+    def __init__(
+        self,
+        *,
+        load_agent: Callable[[str], Awaitable[Any]],
+        box: Any,
+        policy: URLPolicy,
+        resolver: Resolver,
+        default_llm: ev.LLMSpec | None,
+        voices: frozenset[str],
+        engines: Engines,
+        limits: RunnerLimits | None = None,
+        states: SessionStateStore | None = None,
+    ) -> None:
+        self.load_agent = load_agent
+        self.box = box
+        self.policy = policy
+        self.resolver = resolver
+        self.default_llm = default_llm
+        self.voices = voices
+        self.engines = engines
+        self.limits = limits or RunnerLimits()
+        self.states: SessionStateStore = states or MemorySessionStore()
+        self.active = 0
+        # Sessions running on this worker; the event is set once a session's
+        # state has been kept (or discarded) after its socket went away.
+        self._running: dict[str, asyncio.Event] = {}
+
+    def voice_known(self, voice: str) -> bool:
+        return not self.voices or voice in self.voices
+
+    def chat_client(self, llm: ev.LLMSpec) -> ChatClient:
+        return ChatClient(
+            Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy,
+            resolver=self.resolver,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the worker's session slots.
+
+        Raises:
+            SessionRefused: ``at_capacity``.
+        """
+        if self.active >= self.limits.max_sessions:
+            raise SessionRefused("at_capacity", "this server is at capacity; try again shortly")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    # -- binding ----------------------------------------------------------------------
+
+    async def bind(self, patch: ev.SessionPatch) -> SessionSpec:
+        """The effective configuration for a first ``session.update``.
+
+        Raises:
+            SessionRefused: ``agent_not_found``, ``agent_init_failed`` (a stored
+                agent that cannot run), ``invalid_value``/``invalid_config`` (an
+                inline configuration that cannot run; the client may send another).
+        """
+        if patch.agent_id is not None:
+            spec = await self._stored(patch.agent_id)
+            fatal: ev.ErrorCode = "agent_init_failed"
+        else:
+            spec = SessionSpec().apply(patch)
+            fatal = "invalid_config"
+        if spec.voice is not None and not self.voice_known(spec.voice):
+            raise SessionRefused(
+                "invalid_value" if fatal == "invalid_config" else fatal,
+                f"unknown voice {spec.voice!r}", param="session.output.voice",
+            )  # fmt: skip
+        if spec.llm is None:
+            if self.default_llm is None:
+                raise SessionRefused(
+                    fatal,
+                    "no llm is configured: give the agent or session an llm entry, or set "
+                    "VOXLOOP_LLM_BASE_URL and VOXLOOP_LLM_MODEL on the server",
+                    param="session.llm",
+                )
+            spec = dataclasses.replace(spec, llm=self.default_llm)
+        await self.check_endpoint(spec, fatal)
+        return spec
+
+    async def check_endpoint(self, spec: SessionSpec, code: ev.ErrorCode) -> None:
+        """Resolve and check the endpoint URL again (a name may now point elsewhere).
+
+        Raises:
+            SessionRefused: ``code``, saying why the URL is not allowed.
+        """
+        assert spec.llm is not None
+        try:
+            await check_endpoint_url(spec.llm.base_url, self.policy, self.resolver)
+        except URLPolicyError as exc:
+            raise SessionRefused(
+                code, f"the llm endpoint is not allowed: {exc}", param="llm[0].base_url"
+            ) from None
+
+    async def _stored(self, agent_id: str) -> SessionSpec:
+        try:
+            agent = await self.load_agent(agent_id)
+        except Exception as exc:  # a sealed secret that does not open, the store failing
+            log.warning("stored agent cannot be loaded", extra={"error": type(exc).__name__})
+            raise SessionRefused(
+                "agent_init_failed", "the stored agent cannot be loaded (see the server log)",
+                param="session.agent_id",
+            ) from None  # fmt: skip
+        if agent is None:
+            raise SessionRefused(
+                "agent_not_found", f"no agent with id {agent_id[:80]!r}", param="session.agent_id"
+            )
+        doc = agent.doc
+        tools = []
+        for tool in doc.get("tools", []):
+            tool = dict(tool)
+            if "http" in tool:
+                opened = agent.tool_headers.get(tool["name"], {})
+                tool["http"] = {
+                    **tool["http"],
+                    "headers": [{"name": k, "value": v.reveal()} for k, v in opened.items()],
+                }
+            tools.append(tool)
+        output = dict(doc.get("output") or {})
+        if doc.get("voice") is not None and "voice" not in output:
+            output["voice"] = doc["voice"]
+        session = {
+            "system_prompt": doc.get("system_prompt", ""),
+            "greeting": doc.get("greeting"),
+            "tools": tools,
+            "input": doc.get("input") or {},
+            "output": output,
+        }
+        try:
+            patch = ev.parse_session(session)
+        except ev.ProtocolError as exc:
+            raise SessionRefused(
+                "agent_init_failed", f"the stored agent cannot run: {exc.message}",
+                param=exc.param,
+            ) from None  # fmt: skip
+        spec = dataclasses.replace(SessionSpec().apply(patch), agent_id=str(doc["id"]))
+        if agent.llm:
+            entry = agent.llm[0]
+            spec = dataclasses.replace(
+                spec,
+                llm=ev.LLMSpec(base_url=entry.base_url, model=entry.model, api_key=entry.api_key),
+            )
+        return spec
+
+    # -- starting and resuming ------------------------------------------------------
+
+    def start(
+        self, spec: SessionSpec, principal: Principal, emit: Emit, *, now: float | None = None
+    ) -> LiveSession:
+        """A new session (run it with :meth:`LiveSession.run`)."""
+        started = time.time() if now is None else now
+        duration = min(
+            principal.max_duration_s or self.limits.max_duration_s, self.limits.max_duration_s
+        )
+        return LiveSession(
+            self, session_id="sess_" + pysecrets.token_hex(12), spec=spec,
+            owner=principal.owner, started_at=started, expires_at=started + duration,
+            history=None, audio_seconds=0.0, emit=emit,
+        )  # fmt: skip
+
+    async def resume(self, session_id: str, principal: Principal, emit: Emit) -> LiveSession:
+        """Continue a dropped session.
+
+        Raises:
+            SessionRefused: ``session_not_found`` (unknown, ended, or past the
+                grace period), ``session_forbidden`` (another credential's
+                session), ``session_expired``.
+        """
+        running = self._running.get(session_id)
+        if running is not None:
+            # The old socket is still being torn down here: wait for its state.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await running.wait()
+        state = await self.states.take(session_id)
+        if state is None:
+            raise SessionRefused(
+                "session_not_found", "no resumable session with that id", param="session_id"
+            )
+        allowed = (principal.kind == "key" and principal.owner == state.owner) or (
+            principal.kind == "resume"
+            and principal.resume_token is not None
+            and hmac.compare_digest(
+                token_hash(principal.resume_token.reveal()), state.resume_token_hash
+            )
+        )
+        if not allowed:
+            await self.states.save(state, self.limits.resume_grace_s)
+            raise SessionRefused(
+                "session_forbidden", "that session belongs to another credential",
+                param="session_id",
+            )  # fmt: skip
+        if state.expires_at <= time.time():
+            raise SessionRefused("session_expired", "the session reached its maximum duration")
+        spec = self._unseal(state)
+        return LiveSession(
+            self, session_id=state.session_id, spec=spec, owner=state.owner,
+            started_at=state.started_at, expires_at=state.expires_at, history=state.history,
+            audio_seconds=state.audio_seconds, emit=emit,
+        )  # fmt: skip
+
+    def attach(self, live: LiveSession) -> None:
+        """Note that ``live`` runs on this worker (until :meth:`release`)."""
+        self._running[live.session_id] = asyncio.Event()
+
+    async def release(self, live: LiveSession, *, keep: bool) -> None:
+        """The session's socket is gone: keep its state for a resume, or forget it."""
+        try:
+            if keep:
+                await self.states.save(live.snapshot(), self.limits.resume_grace_s)
+            else:
+                await self.states.discard(live.session_id)
+        finally:
+            done = self._running.pop(live.session_id, None)
+            if done is not None:
+                done.set()
+
+    def seal_state(self, live: LiveSession) -> ResumableState:
+        spec = live.spec
+        context = f"session:{live.session_id}"
+        doc = spec.public()
+        doc["tools"] = []
+        for tool in spec.tools:
+            t = tool.to_json()
+            if tool.http is not None:
+                t["http"]["headers"] = [
+                    {"name": k, "sealed": self.box.seal(v, context=f"{context}:tool:{k}")}
+                    for k, v in tool.http.headers.items()
+                ]
+            doc["tools"].append(t)
+        if spec.llm is not None and spec.llm.api_key is not None:
+            doc["llm_key"] = self.box.seal(spec.llm.api_key, context=f"{context}:llm")
+        return ResumableState(
+            session_id=live.session_id, owner=live.owner,
+            resume_token_hash=token_hash(live.resume_token), spec=doc,
+            history=live.history(), started_at=live.started_at, expires_at=live.expires_at,
+            audio_seconds=live.audio_seconds,
+        )  # fmt: skip
+
+    def _unseal(self, state: ResumableState) -> SessionSpec:
+        doc = json.loads(json.dumps(state.spec))
+        context = f"session:{state.session_id}"
+        for tool in doc["tools"]:
+            if "http" in tool:
+                tool["http"]["headers"] = [
+                    {"name": h["name"],
+                     "value": self.box.open(h["sealed"],
+                                            context=f"{context}:tool:{h['name']}").reveal()}
+                    for h in tool["http"]["headers"]
+                ]  # fmt: skip
+        llm = doc.pop("llm", [])
+        key = doc.pop("llm_key", None)
+        agent_id = doc.pop("agent_id", None)
+        patch = ev.parse_session(doc)
+        spec = SessionSpec().apply(patch)
+        td = doc["input"]["turn_detection"]
+        spec = dataclasses.replace(
+            spec,
+            agent_id=agent_id,
+            turn_detection=dataclasses.replace(
+                spec.turn_detection, min_silence_ms=td["min_silence"],
+                max_silence_ms=td["max_silence"],
+                pause_ms=min(spec.turn_detection.pause_ms, td["min_silence"]),
+            ),
+        )  # fmt: skip
+        if llm:
+            api_key = self.box.open(key, context=f"{context}:llm") if key else None
+            spec = dataclasses.replace(
+                spec,
+                llm=ev.LLMSpec(base_url=llm[0]["base_url"], model=llm[0]["model"],
+                               api_key=api_key),
+            )  # fmt: skip
+        return spec

@@ -1,0 +1,169 @@
+"""A session's effective configuration: a stored agent or inline ``session.update``
+merged into one :class:`SessionSpec`, and the server's default endpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.conversation.config import SessionConfig, TurnDetection
+from runtime.conversation.tools import ClientTool, HttpTool, Tool
+from runtime.protocol import events as ev
+from runtime.secret import Secret
+from runtime.sessions.errors import SessionRefused
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """A bound session's effective configuration (secrets held as :class:`Secret`)."""
+
+    system_prompt: str = ""
+    greeting: str | None = None
+    voice: str | None = None
+    tools: tuple[ev.ToolSpec, ...] = ()
+    input_format: ev.AudioFormat = field(default_factory=ev.AudioFormat)
+    output_format: ev.AudioFormat = field(default_factory=ev.AudioFormat)
+    volume: float = 100.0
+    keyterms: tuple[str, ...] = ()
+    turn_detection: TurnDetection = field(default_factory=TurnDetection)
+    llm: ev.LLMSpec | None = None
+    agent_id: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The configuration as ``session.ready``/``session.updated`` report it (no secrets)."""
+        td = self.turn_detection
+        return {
+            **({"agent_id": self.agent_id} if self.agent_id else {}),
+            "system_prompt": self.system_prompt,
+            "greeting": self.greeting,
+            "tools": [t.to_json() for t in self.tools],
+            "input": {
+                "format": self.input_format.to_json(),
+                "keyterms": list(self.keyterms),
+                "turn_detection": {
+                    "vad_threshold": td.vad_threshold,
+                    "min_silence": td.min_silence_ms,
+                    "max_silence": td.max_silence_ms,
+                    "interrupt_response": td.interrupt_response,
+                },
+            },
+            "output": {
+                "voice": self.voice,
+                "format": self.output_format.to_json(),
+                "volume": self.volume,
+            },
+            "llm": [{"base_url": self.llm.base_url, "model": self.llm.model}] if self.llm else [],
+        }
+
+    def core_config(self) -> SessionConfig:
+        return SessionConfig(
+            system_prompt=self.system_prompt,
+            greeting=self.greeting,
+            voice=self.voice,
+            tools=tuple(_core_tool(t) for t in self.tools),
+            turn_detection=self.turn_detection,
+        )
+
+    def apply(self, patch: ev.SessionPatch) -> SessionSpec:
+        """This configuration with a ``session.update`` applied.
+
+        Raises:
+            SessionRefused: ``invalid_config`` for turn-detection values that
+                do not fit together.
+        """
+        spec = self
+        if patch.system_prompt is not None:
+            spec = dataclasses.replace(spec, system_prompt=patch.system_prompt)
+        if "greeting" in patch.keys:
+            spec = dataclasses.replace(spec, greeting=patch.greeting or None)
+        if patch.tools is not None:
+            spec = dataclasses.replace(spec, tools=patch.tools)
+        if patch.llm is not None:
+            spec = dataclasses.replace(spec, llm=patch.llm[0] if patch.llm else None)
+        if patch.input is not None:
+            if patch.input.format is not None:
+                spec = dataclasses.replace(spec, input_format=patch.input.format)
+            if patch.input.keyterms is not None:
+                spec = dataclasses.replace(spec, keyterms=patch.input.keyterms)
+            if patch.input.turn_detection is not None:
+                spec = dataclasses.replace(
+                    spec, turn_detection=_turn_detection(spec.turn_detection,
+                                                         patch.input.turn_detection)
+                )  # fmt: skip
+        if patch.output is not None:
+            out = patch.output
+            if out.voice is not None:
+                spec = dataclasses.replace(spec, voice=out.voice)
+            if out.format is not None:
+                spec = dataclasses.replace(spec, output_format=out.format)
+            if out.volume is not None:
+                spec = dataclasses.replace(spec, volume=out.volume)
+        return spec
+
+    def immutable_change(self, patch: ev.SessionPatch) -> str | None:
+        """The first field a later update may not change, if it changes one."""
+        if "greeting" in patch.keys and (patch.greeting or None) != self.greeting:
+            return "session.greeting"
+        if patch.output is not None:
+            if patch.output.voice is not None and patch.output.voice != self.voice:
+                return "session.output.voice"
+            if patch.output.format is not None and patch.output.format != self.output_format:
+                return "session.output.format"
+        return None
+
+
+def _turn_detection(base: TurnDetection, patch: ev.TurnDetectionPatch) -> TurnDetection:
+    min_silence = patch.min_silence if patch.min_silence is not None else base.min_silence_ms
+    max_silence = patch.max_silence if patch.max_silence is not None else base.max_silence_ms
+    if patch.min_silence is not None and patch.max_silence is None:
+        max_silence = max(max_silence, min_silence)
+    if min_silence > max_silence:
+        raise SessionRefused(
+            "invalid_config", "min_silence must not exceed max_silence",
+            param="session.input.turn_detection.min_silence",
+        )  # fmt: skip
+    return dataclasses.replace(
+        base,
+        vad_threshold=(
+            patch.vad_threshold if patch.vad_threshold is not None else base.vad_threshold
+        ),
+        min_silence_ms=min_silence,
+        max_silence_ms=max_silence,
+        pause_ms=min(base.pause_ms, min_silence),
+        interrupt_response=(
+            patch.interrupt_response
+            if patch.interrupt_response is not None
+            else base.interrupt_response
+        ),
+    )
+
+
+def _core_tool(tool: ev.ToolSpec) -> Tool:
+    if tool.http is None:
+        return ClientTool(
+            name=tool.name, description=tool.description, parameters=tool.parameters,
+            timeout_s=tool.timeout_seconds,
+        )  # fmt: skip
+    return HttpTool(
+        name=tool.name, url=tool.http.url, description=tool.description,
+        parameters=tool.parameters, method=tool.http.method, headers=tool.http.headers,
+        timeout_s=tool.timeout_seconds,
+    )  # fmt: skip
+
+
+def default_llm_from_env(env: Mapping[str, str]) -> ev.LLMSpec | None:
+    """The server's default endpoint (``VOXLOOP_LLM_BASE_URL``, ``_MODEL``, ``_API_KEY``).
+
+    Raises:
+        ValueError: a base URL without a model.
+    """
+    base_url = env.get("VOXLOOP_LLM_BASE_URL", "").strip()
+    if not base_url:
+        return None
+    model = env.get("VOXLOOP_LLM_MODEL", "").strip()
+    if not model:
+        raise ValueError("VOXLOOP_LLM_BASE_URL is set: set VOXLOOP_LLM_MODEL too")
+    key = env.get("VOXLOOP_LLM_API_KEY", "")
+    return ev.LLMSpec(base_url=base_url, model=model, api_key=Secret(key) if key else None)
