@@ -277,9 +277,9 @@ async def test_a_dropped_socket_is_resumed_and_the_conversation_goes_on(
     assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user"]
 
 
-def test_the_readme_python_example_runs_as_written(served: Served, tmp_path: Path):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### A client in plain Python (`websockets`)", 1)[1]
+def test_the_documented_python_example_runs_as_written(served: Served, tmp_path: Path):
+    page = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = page.split("## A client in plain Python (`websockets`)", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "client.py").write_text(code, encoding="utf-8")
     audio = read_wav(SPEECH / "shared-04-piper.wav")  # "Please cancel my subscription."

@@ -1,4 +1,4 @@
-"""The README's Python example runs as written against a local endpoint."""
+"""The endpoint client's Python example (docs/endpoint-client.md) runs as written."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "endpoint-client.md"
 
 
 def snippet() -> str:
-    text = README.read_text(encoding="utf-8")
-    section = text.split("## Using the endpoint client from Python", 1)[1]
+    text = PAGE.read_text(encoding="utf-8")
+    section = text.split("# Using the endpoint client from Python", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match is not None
     return match.group(1)
@@ -31,7 +31,7 @@ def test_the_python_example_runs_against_a_local_http_endpoint():
         line = server.stdout.readline()
         assert line.startswith("reference endpoint listening: "), line
         port = line.rsplit(":", 1)[1].split("/")[0]
-        # Only the port differs from the README (tests use OS-assigned ports).
+        # Only the port differs from the page (tests use OS-assigned ports).
         run = subprocess.run([sys.executable, "-c", code.replace(":8089/", f":{port}/")],
                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     finally:

@@ -67,9 +67,9 @@ def test_the_table_is_the_golden_one():
     assert ("listening", "speaking") not in table
 
 
-def test_the_readme_diagram_is_the_table():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    block = readme.split("```mermaid\n", 1)[1].split("```", 1)[0].strip()
+def test_the_documented_diagram_is_the_table():
+    page = (Path(__file__).parents[2] / "docs" / "conversation.md").read_text()
+    block = page.split("```mermaid\n", 1)[1].split("```", 1)[0].strip()
     assert block == diagram()
     edges = {tuple(line.split(" --> ")) for line in block.splitlines()[1:]}
     assert {(a.strip(), b.strip()) for a, b in edges} == GOLDEN
