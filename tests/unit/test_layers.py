@@ -28,9 +28,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def imports_of(package: str) -> dict[str, set[str]]:
     base = ROOT / package.replace(".", "/")
-    return {
-        str(p.relative_to(ROOT)): imported_modules(p) for p in sorted(base.rglob("*.py"))
-    }
+    return {str(p.relative_to(ROOT)): imported_modules(p) for p in sorted(base.rglob("*.py"))}
 
 
 def offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
