@@ -75,6 +75,15 @@ class PostgresServer:
         )  # fmt: skip
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
 
+    def dump(self, url: str) -> bytes:
+        """Everything stored in the database ``url`` names (``pg_dump``'s plain SQL text)."""
+        name = url.rsplit("/", 1)[1]
+        out = subprocess.run(
+            [str(self.bindir / "pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        return out.stdout
+
 
 def postgres_server() -> Iterator[PostgresServer | None]:
     bindir = _binaries()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from runtime.cli.checks import (
     with_scheme,
 )
 from runtime.cli.common import (
+    EXIT_INTERRUPTED,
     EXIT_OK,
     UsageError,
     check_output,
@@ -241,6 +244,36 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     asyncio.run(preflight())
 
     async def run(base_url: str) -> int:
+        """The conversation; a SIGINT (Ctrl-C) ends it with :data:`EXIT_INTERRUPTED`.
+
+        The handler is the loop's own, as in ``connect``: a process started with SIGINT
+        ignored (a script's background job inherits that) still stops on ``kill -INT``.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        interrupted = False
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()  # again on a second Ctrl-C: that one cuts the clean-up short
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await converse(base_url)
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            while task.uncancel():
+                pass
+            return EXIT_INTERRUPTED
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+
+    async def converse(base_url: str) -> int:
         from runtime.talk import talk_file, talk_live
 
         with status("loading the speech engines"):
@@ -274,23 +307,26 @@ def _cmd_talk(args: argparse.Namespace) -> int:
 
     try:
         if base_url:
-            return asyncio.run(run(base_url))
-        from runtime.bench.reference_thread import ReferenceThread
-        from runtime.llm.reference import ReplyPlan
+            code = asyncio.run(run(base_url))
+        else:
+            from runtime.bench.reference_thread import ReferenceThread
+            from runtime.llm.reference import ReplyPlan
 
-        plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
-        with ReferenceThread(plan) as reference:
-            rich_console(stderr=True).print(
-                "[dim]no --base-url: using the built-in reference endpoint at "
-                f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
-            )
-            return asyncio.run(run(reference.base_url))
-    except KeyboardInterrupt:
+            plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
+            with ReferenceThread(plan) as reference:
+                rich_console(stderr=True).print(
+                    "[dim]no --base-url: using the built-in reference endpoint at "
+                    f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
+                )
+                code = asyncio.run(run(reference.base_url))
+    except KeyboardInterrupt:  # Ctrl-C before or after the conversation
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
         kept = [str(p) for p in (args.output, args.metrics_json) if p is not None and p.exists()]
         if kept:
             print(f"voxloop: interrupted; the conversation so far is in {', '.join(kept)}",
                   file=sys.stderr)  # fmt: skip
-        raise
+    return code
 
 
 async def _talk_file_with_progress(talk_file: Any, source: Path, **kwargs: Any) -> Any:

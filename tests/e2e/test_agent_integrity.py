@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from runtime.agents.store import database_url
 
+from ..helpers import missing
 from ..postgres import PostgresServer
 from .test_server import (
     AGENT,
@@ -226,7 +227,7 @@ def test_stored_rows_hold_sealed_secrets_only(request: pytest.FixtureRequest, se
 
 def test_database_urls_people_write(tmp_path: Path, postgres: PostgresServer | None):
     if postgres is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+        missing("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
     plain = postgres.new_database().replace("postgresql+asyncpg://", "postgres://")
     sqlite_path = tmp_path / "elsewhere.db"
     for url in (plain, f"sqlite:///{sqlite_path}"):
@@ -276,7 +277,7 @@ def test_unreachable_database_is_one_line_before_listening(tmp_path: Path):
 
 def test_wrong_postgres_password_is_one_line(tmp_path: Path, postgres: PostgresServer | None):
     if postgres is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+        missing("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
     env = {**os.environ, "VOXLOOP_API_KEYS": API_KEY}
     url = f"postgresql://nobody:pw@127.0.0.1:{postgres.port}/missing_db"
     out = subprocess.run([*VOXLOOP, "serve", "--port", "0", "--data-dir", str(tmp_path), "--database-url", url],

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ..helpers import missing
 from ..postgres import PostgresServer
 from .test_server import API_KEY, Server, start_server, stop
 
@@ -151,7 +152,7 @@ def prop_server(
     url = None
     if request.param == "postgresql":
         if postgres is None:
-            pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+            missing("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
         url = postgres.new_database()
     srv = start_server(Path(tmp_path_factory.mktemp("prop")) / "data", database_url=url)
     try:

@@ -119,11 +119,18 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
     assert all("%s" not in r["msg"] for r in lines)
 
 
+def ignore_sigint() -> None:
+    """As a script's background job starts (``voxloop talk … &``): SIGINT ignored, inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_interrupted_talk_keeps_the_conversation_so_far(tmp_path: Path):
     out, metrics = tmp_path / "out.wav", tmp_path / "m.json"
+    # Started with SIGINT ignored, as a test run in the background starts everything: talk
+    # still stops on SIGINT (as connect does), not only when the terminal's Ctrl-C reaches it.
     proc = subprocess.Popen(
         [*VOXLOOP, "talk", "--demo", "--output", str(out), "--metrics-json", str(metrics)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint,
     )  # fmt: skip
     assert proc.stdout is not None
     first = proc.stdout.readline()  # the first user turn has been heard

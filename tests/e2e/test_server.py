@@ -269,16 +269,23 @@ def test_hostile_endpoint_urls_are_all_rejected(server: Server):
     assert c.get("/v1/agents").json() == []
 
 
-def test_secrets_never_leave_in_responses_database_or_logs(server: Server):
+def test_secrets_never_leave_in_responses_database_or_logs(
+    server: Server, postgres: PostgresServer | None
+):
     c = server.client()
     agent = c.post("/v1/agents", json=AGENT).json()
     texts = [json.dumps(agent), c.get(f"/v1/agents/{agent['id']}").text, c.get("/v1/agents").text]
     for text in texts:
         assert LLM_KEY not in text and HEADER_SECRET not in text and "tool-secret" not in text
     stop(server)
-    if (server.data_dir / "voxloop.db").exists():
+    # Every byte the database holds: the SQLite file, or a dump of the PostgreSQL database.
+    if server.database_url is None:
         db = (server.data_dir / "voxloop.db").read_bytes()
-        assert LLM_KEY.encode() not in db and b"tool-secret" not in db
+    else:
+        assert postgres is not None
+        db = postgres.dump(server.database_url)
+    assert agent["id"].encode() in db and b"gpt-test" in db  # the agent is there, readable
+    assert LLM_KEY.encode() not in db and b"tool-secret" not in db
     log = server.log.read_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line["msg"] == "agent created" and line["agent_id"] == agent["id"] for line in lines)

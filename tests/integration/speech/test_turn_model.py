@@ -45,19 +45,24 @@ UNAVAILABLE = (
 
 # Harvard sentences (real speech, 16 kHz): "The birch canoe slid on the smooth planks. Glue the
 # sheet to the dark blue background. It's easy to tell the depth of a well. Four hours of steady
-# work faced us." Cuts sit in the middle of a quiet gap (below -45 dBFS for 30 ms or more); the
-# probabilities are the model's, to two decimals. They move with the cut (a mid-sentence cut
-# 5 ms either side gives 0.03-0.11): the model hears the last syllables' shape.
+# work faced us." Cuts sit in the middle of a quiet gap (below -45 dBFS for 30 ms or more).
+# The model's probabilities move with the cut (a mid-sentence cut 5 ms either side gives
+# 0.03-0.11) and between onnxruntime builds and CPUs (0.98 here is 0.97 elsewhere), so what is
+# asserted is the decision the policy takes from them, with a margin on each side of 0.5.
 HARVARD_COMPLETE = [
-    (2.670, "The birch canoe slid on the smooth planks.", 0.99),
-    (5.640, "... Glue the sheet to the dark blue background.", 0.98),
-    (7.830, "... It's easy to tell the depth of a well.", 0.98),
+    (2.670, "The birch canoe slid on the smooth planks."),
+    (5.640, "... Glue the sheet to the dark blue background."),
+    (7.830, "... It's easy to tell the depth of a well."),
 ]
 HARVARD_CUT = [
-    (3.610, "... Glue the sheet |to the dark blue background.", 0.03),
-    (4.220, "... Glue the sheet to the dark |blue background.", 0.02),
-    (9.880, "... Four hours of steady work |faced us.", 0.01),
+    (3.610, "... Glue the sheet |to the dark blue background."),
+    (4.220, "... Glue the sheet to the dark |blue background."),
+    (9.880, "... Four hours of steady work |faced us."),
 ]
+# A finished sentence scores at least this, a sentence cut after a word at most the other
+# (measured here: 0.96-0.99 and 0.01-0.11; the decision is at 0.5).
+SURELY_COMPLETE = 0.8
+SURELY_CUT = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +93,20 @@ def at(pcm: bytes, seconds: float) -> bytes:
     return pcm[: round(seconds * RATE) * 2]
 
 
-@pytest.mark.parametrize(("cut_s", "text", "expected"), HARVARD_COMPLETE)
+@pytest.mark.parametrize(("cut_s", "text"), HARVARD_COMPLETE)
 def test_a_finished_sentence_in_real_speech_is_complete(
-    model: SmartTurn, harvard: bytes, cut_s: float, text: str, expected: float
+    model: SmartTurn, harvard: bytes, cut_s: float, text: str
 ):
     probability = model.predict(at(harvard, cut_s) + PAUSE)
-    assert probability == pytest.approx(expected, abs=0.01)
-    assert probability > 0.5
+    assert probability >= SURELY_COMPLETE
 
 
-@pytest.mark.parametrize(("cut_s", "text", "expected"), HARVARD_CUT)
+@pytest.mark.parametrize(("cut_s", "text"), HARVARD_CUT)
 def test_real_speech_cut_mid_sentence_is_not_complete(
-    model: SmartTurn, harvard: bytes, cut_s: float, text: str, expected: float
+    model: SmartTurn, harvard: bytes, cut_s: float, text: str
 ):
     probability = model.predict(at(harvard, cut_s) + PAUSE)
-    assert probability == pytest.approx(expected, abs=0.01)
-    assert probability < 0.5
+    assert probability <= SURELY_CUT
 
 
 def quiet_gap(pcm: bytes, start_s: float, end_s: float, floor_dbfs: float = -50.0) -> float:
@@ -136,8 +139,8 @@ async def test_synthetic_sentence_whole_and_cut_after_a_word(
 
     complete = await model.apredict(pcm + PAUSE)
     cut_off = await model.apredict(cut + PAUSE)
-    assert complete.probability > 0.9
-    assert cut_off.probability < 0.1
+    assert complete.probability >= SURELY_COMPLETE
+    assert cut_off.probability <= SURELY_CUT
     assert complete.complete and not cut_off.complete
     assert complete.inference_ms > 0 and cut_off.inference_ms > 0
 
@@ -146,7 +149,7 @@ def test_telephone_audio_is_resampled(model: SmartTurn):
     audio = read_wav(REAL / "tt-weasels.wav")  # "Weasels have eaten our phone system." (8 kHz)
     assert audio.sample_rate == 8000
     pcm = audio.mono() + b"\0\0" * 1600
-    assert model.predict(pcm, 8000) == pytest.approx(0.98, abs=0.01)
+    assert model.predict(pcm, 8000) >= SURELY_COMPLETE
 
 
 # -- preprocessing ------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ async def test_pending_calls_are_bounded_and_a_queued_call_can_be_cancelled(
                 await queued
             assert smart_turn.statistics() == TurnModelStatistics(pending=1, refused_busy=1)
             release.set()
-        assert first.result().probability == pytest.approx(0.99, abs=0.01)
+        assert first.result().probability == smart_turn.predict(pcm)
         assert smart_turn.statistics() == TurnModelStatistics(pending=0, refused_busy=1)
     finally:
         release.set()
