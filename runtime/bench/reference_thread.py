@@ -27,12 +27,19 @@ class ReferenceThread:
         plan: how the server answers.
         host: the address it listens on.
         api_key: when set, the server requires ``Authorization: Bearer <api_key>``.
+        capacity: streams the server decodes at once (its capacity model; ``None``: unlimited).
     """
 
     def __init__(
-        self, plan: ReplyPlan, *, host: str = "127.0.0.1", api_key: str | None = None
+        self,
+        plan: ReplyPlan,
+        *,
+        host: str = "127.0.0.1",
+        api_key: str | None = None,
+        capacity: int | None = None,
     ) -> None:
         self._plan = plan
+        self._capacity = capacity
         self._host = host
         self._api_key = api_key
         self._loop = asyncio.new_event_loop()
@@ -51,7 +58,9 @@ class ReferenceThread:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         try:
-            server = ReferenceEndpoint(self._plan, host=self._host, api_key=self._api_key)
+            server = ReferenceEndpoint(
+                self._plan, host=self._host, api_key=self._api_key, capacity=self._capacity
+            )
             await server.start()
         except BaseException as exc:
             self._started.set_exception(exc)

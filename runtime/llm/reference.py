@@ -29,6 +29,13 @@ was given: the presented ``Authorization`` value appears in the error message
 and in an ``x-presented-authorization`` header, so a client that does not
 redact what it quotes leaks the key in its errors.
 
+Capacity model: with ``capacity=N`` the server decodes at most N streams at
+once, as a real inference server has a fixed number of slots (llama.cpp's
+``--parallel``, a batch size): a request that finds every slot busy waits in
+a first-come-first-served queue before its time to first token starts, so
+TTFT grows with the load once it exceeds the capacity (an M/D/N queue under
+Poisson arrivals). Each record keeps when it was admitted to a slot and when it gave the slot back.
+
 While a response streams, the server watches the socket, so a client
 disconnect is seen at once and recorded (tests assert on it). Every request
 is recorded with the server's own timestamps (``time.perf_counter_ns``), so
@@ -46,6 +53,7 @@ import ssl
 import time
 import zlib
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -145,7 +153,16 @@ class RequestRecord:
     disconnected_ns: int | None = None
     status: int = 0
     tokens_sent: int = 0
+    admitted_ns: int | None = None
+    released_ns: int | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def queued_ms(self) -> float | None:
+        """Time spent waiting for a free slot (capacity model), ms."""
+        if self.admitted_ns is None:
+            return None
+        return (self.admitted_ns - self.received_ns) / 1e6
 
     @property
     def ttft_ms(self) -> float | None:
@@ -169,6 +186,7 @@ class ReferenceEndpoint:
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>``.
         ssl_context: serve HTTPS with this context.
         model: the model id reported in chunks and ``/models``.
+        capacity: streams decoded at once (``None``: unlimited); more wait in a FIFO queue.
     """
 
     def __init__(
@@ -180,7 +198,12 @@ class ReferenceEndpoint:
         api_key: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         model: str = "voxloop-reference",
+        capacity: int | None = None,
     ) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._slots = _Slots(capacity)
         self.plan = plan or ReplyPlan()
         self._host = host
         self._port = port
@@ -422,7 +445,9 @@ class ReferenceEndpoint:
 
         watcher = asyncio.ensure_future(_watch_eof(reader))
         try:
-            streaming = asyncio.ensure_future(self._stream(conn, writer, record, plan, body))
+            streaming = asyncio.ensure_future(
+                self._slots.run(record, self._stream(conn, writer, record, plan, body))
+            )
             done, _ = await asyncio.wait({watcher, streaming}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
                 record.disconnected_ns = time.perf_counter_ns()
@@ -611,6 +636,52 @@ class ReferenceEndpoint:
 
 
 _SSE_TYPE: Final = "text/event-stream; charset=utf-8"
+
+
+class _Slots:
+    """The capacity model: at most ``capacity`` coroutines run at once, the rest queue FIFO."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self._free = capacity
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def run(self, record: RequestRecord, work: Coroutine[Any, Any, None]) -> None:
+        if self._free is None:
+            record.admitted_ns = time.perf_counter_ns()
+            await work
+            return
+        try:
+            if self._free > 0 and not self._waiting:
+                self._free -= 1
+            else:
+                turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiting.append(turn)
+                try:
+                    await turn  # the slot is handed over by the one that releases it
+                except asyncio.CancelledError:
+                    if turn.done() and not turn.cancelled():
+                        self._release()  # handed a slot just as the client left
+                    else:
+                        self._waiting.remove(turn)
+                    raise
+        except BaseException:
+            work.close()
+            raise
+        record.admitted_ns = time.perf_counter_ns()
+        try:
+            await work
+        finally:
+            record.released_ns = time.perf_counter_ns()
+            self._release()
+
+    def _release(self) -> None:
+        assert self._free is not None
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes straight to the next in line
+                return
+        self._free += 1
 
 
 class _Encoder:
