@@ -55,6 +55,7 @@ METRICS: Final = (
     "ttft_ms",
     "first_answer_ms",
     "first_sentence_ms",
+    "ttst_ms",
     "itl_ms",
     "tpot_ms",
     "e2e_ms",
@@ -151,11 +152,14 @@ class RequestResult:
     ttft_ms: float | None = None
     first_answer_ms: float | None = None
     first_sentence_ms: float | None = None
+    ttst_ms: float | None = None
     tpot_ms: float | None = None
     e2e_ms: float | None = None
     output_tokens: int = 0
     tokens_per_s: float | None = None
     itl_ms: list[float] = field(default_factory=list)
+    started_ns: int | None = None
+    reply: str = ""
 
 
 @dataclass(slots=True)
@@ -189,9 +193,17 @@ class EndpointReport:
         values = (getattr(r, metric) for r in ok)
         return [v for v in values if v is not None]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, passes: Callable[[RequestResult], bool] | None = None) -> dict[str, Any]:
+        """The summary; with ``passes`` (an SLO check) also ``slo``: passed/total/pass_rate."""
         cold = self.cold
+        slo: dict[str, Any] = {}
+        if passes is not None:
+            warm = self.warm
+            passed = sum(passes(r) for r in warm)
+            rate = passed / len(warm) if warm else None
+            slo = {"slo": {"passed": passed, "total": len(warm), "pass_rate": rate}}
         return {
+            **slo,
             "name": self.target.name,
             "base_url": self.target.base_url,
             "model": self.target.model,
@@ -357,7 +369,7 @@ class TTFTBenchmark:
         try:
             client = self._client(target)
         except (URLPolicyError, ValueError) as exc:
-            kind, message = _config_kind(exc), str(exc)
+            kind, message = config_kind(exc), str(exc)
             report.results.extend(
                 RequestResult(target.name, i, "warm", ok=False, error=kind, message=message)
                 for i in range(self.settings.requests)
@@ -403,33 +415,63 @@ class TTFTBenchmark:
         if self._on_result is not None:
             self._on_result(target.name, result)
 
-    async def _one(
-        self, client: ChatClient, target: BenchTarget, index: int, phase: str
-    ) -> RequestResult:
+    def next_messages(self) -> list[dict[str, Any]]:
+        """The next prompt in turn (``--prompts`` or the default voice conversation)."""
         self._sent += 1
         if self.prompts:
-            messages = self.prompts[(self._sent - 1) % len(self.prompts)]
-        else:
-            messages = voice_messages(turn=self._sent)
-        request = ChatRequest(messages=messages, max_tokens=self.settings.max_tokens)
+            return self.prompts[(self._sent - 1) % len(self.prompts)]
+        return voice_messages(turn=self._sent)
+
+    async def request(
+        self,
+        client: ChatClient,
+        target: BenchTarget,
+        index: int,
+        phase: str,
+        messages: Sequence[dict[str, Any]] | None = None,
+    ) -> RequestResult:
+        """Send one streamed request and measure it (failures are recorded, never raised)."""
+        return await self._one(client, target, index, phase, messages)
+
+    def client_for(self, target: BenchTarget) -> ChatClient:
+        """A new client for ``target`` (closed by the caller: ``async with``).
+
+        Raises:
+            ValueError: the key's environment variable is not set.
+            URLPolicyError: the URL is not allowed.
+        """
+        return self._client(target)
+
+    async def _one(
+        self,
+        client: ChatClient,
+        target: BenchTarget,
+        index: int,
+        phase: str,
+        messages: Sequence[dict[str, Any]] | None = None,
+    ) -> RequestResult:
+        if messages is None:
+            messages = self.next_messages()
+        request = ChatRequest(messages=list(messages), max_tokens=self.settings.max_tokens)
         result = RequestResult(target.name, index, phase, ok=False)
+        result.started_ns = self._clock.now_ns()
         segmenter = SpeechSegmenter()
         first_segment_ns: int | None = None
         stream: ChatStream | None = None
+        reply: list[str] = []
         try:
             async with client.stream(request) as stream:
                 async for event in stream:
-                    if (
-                        isinstance(event, TextDelta)
-                        and first_segment_ns is None
-                        and segmenter.push(event.text)
-                    ):
+                    if not isinstance(event, TextDelta):
+                        continue
+                    reply.append(event.text)
+                    if first_segment_ns is None and segmenter.push(event.text):
                         first_segment_ns = self._clock.now_ns()
                 if first_segment_ns is None and segmenter.flush():
                     first_segment_ns = self._clock.now_ns()
             result.ok = True
         except URLPolicyError as exc:
-            result.error = _config_kind(exc)
+            result.error = config_kind(exc)
             result.message = self._redacted(client, str(exc))
             return result
         except EndpointError as exc:
@@ -446,6 +488,9 @@ class TTFTBenchmark:
         if first_segment_ns is not None and t.sent_ns is not None:
             result.first_sentence_ms = ns_to_ms(first_segment_ns - t.sent_ns)
         result.itl_ms = t.itl_ms
+        if result.itl_ms:
+            result.ttst_ms = result.itl_ms[0]
+        result.reply = "".join(reply)
         result.tpot_ms = t.tpot_ms
         result.e2e_ms = t.e2e_ms
         result.output_tokens = t.output_tokens
@@ -454,16 +499,21 @@ class TTFTBenchmark:
         return result
 
 
-def _config_kind(exc: Exception) -> str:
+def config_kind(exc: Exception) -> str:
+    """The error kind of a client that cannot be made: ``dns``, ``url_policy`` or ``config``."""
     if isinstance(exc, URLPolicyError):
         return "dns" if exc.reason == "unresolvable" else "url_policy"
     return "config"
 
 
 def write_json(
-    reports: Sequence[EndpointReport], path: Path, extra: dict[str, Any] | None = None
+    reports: Sequence[EndpointReport],
+    path: Path,
+    extra: dict[str, Any] | None = None,
+    *,
+    passes: Callable[[RequestResult], bool] | None = None,
 ) -> None:
-    doc: dict[str, Any] = {"endpoints": [r.to_json() for r in reports]}
+    doc: dict[str, Any] = {"endpoints": [r.to_json(passes) for r in reports]}
     if extra:
         doc.update(extra)
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -471,7 +521,7 @@ def write_json(
 
 CSV_FIELDS: Final = (
     "endpoint", "index", "phase", "ok", "error", "message", "new_connection", "headers_ms",
-    "first_event_ms", "ttft_ms", "first_answer_ms", "first_sentence_ms", "tpot_ms",
+    "first_event_ms", "ttft_ms", "first_answer_ms", "first_sentence_ms", "ttst_ms", "tpot_ms",
     "e2e_ms", "output_tokens", "tokens_per_s", "itl_ms_mean",
 )  # fmt: skip
 
@@ -483,6 +533,8 @@ def write_csv(reports: Sequence[EndpointReport], path: Path) -> None:
         for report in reports:
             for r in report.results:
                 row = asdict(r)
+                row.pop("started_ns")
+                row.pop("reply")
                 gaps = row.pop("itl_ms")
                 row["itl_ms_mean"] = sum(gaps) / len(gaps) if gaps else None
                 writer.writerow(row)

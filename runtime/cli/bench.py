@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -84,6 +85,80 @@ def register(sub: Any) -> None:
         dest="plot_path",
         help="write distributions (.png/.svg/.html; needs the plot extra: matplotlib)",
     )
+    p.add_argument(
+        "--reference-capacity",
+        type=int,
+        default=None,
+        help="streams the reference endpoint decodes at once; more wait in a queue "
+        "(default: unlimited)",
+    )
+    load = p.add_argument_group("load sweeps (see docs/benchmarking.md)")
+    load.add_argument(
+        "--sweep",
+        metavar="concurrency=N,… | rate=R,…",
+        help="one step per value: N callers in a closed loop, or Poisson arrivals of R per second",
+    )
+    load.add_argument(
+        "--step-seconds", type=float, default=20.0, help="measured window of each step, seconds"
+    )
+    load.add_argument(
+        "--step-warmup", type=float, default=3.0, help="unmeasured start of each step, seconds"
+    )
+    load.add_argument(
+        "--step-min-requests",
+        type=int,
+        default=20,
+        help="a step's window goes on until this many measured requests were sent",
+    )
+    load.add_argument(
+        "--step-extensions",
+        type=int,
+        default=1,
+        help="times an unsteady step is run again with a window twice as long",
+    )
+    load.add_argument(
+        "--stop-below",
+        type=float,
+        default=50.0,
+        help="stop the sweep after a step whose SLO pass rate is below this percentage "
+        "(0 runs every step)",
+    )
+    load.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    load.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="METRIC=MS",
+        help="latency budget a turn must meet (repeatable; default first_sentence_ms=800)",
+    )
+    load.add_argument(
+        "--conversations",
+        metavar="FILE.jsonl|builtin",
+        help="replay multi-turn conversations (JSON Lines, a talk --metrics-json file, or "
+        "'builtin')",
+    )
+    load.add_argument(
+        "--think-scale",
+        type=float,
+        default=1.0,
+        help="multiply the think time between conversation turns (0: none)",
+    )
+    load.add_argument(
+        "--report", type=Path, dest="report_path", help="write the sweep as one HTML page"
+    )
+    load.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("A.json", "B.json"),
+        help="show two --json results side by side with the changes marked (runs nothing)",
+    )
+    load.add_argument(
+        "--threshold",
+        type=float,
+        default=10.0,
+        help="--compare marks changes of at least this many percent",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_bench_ttft)
 
@@ -118,6 +193,10 @@ def _targets_from_flags(args: argparse.Namespace) -> list[Any]:
     for url, model, name, key in zip(urls, models, names, keys, strict=True):
         assert model is not None
         url = with_scheme(url)
+        # A key named on the command line must be there; one named in a --config
+        # file is counted as a `config` error of that endpoint (the others still run).
+        if key and key not in os.environ:
+            raise ValueError(f"environment variable {key} is not set")
         targets.append(BenchTarget(name=name or url, base_url=url, model=model, api_key_env=key))
     return targets
 
@@ -127,8 +206,16 @@ def _numbered(name: str, n: int) -> list[str | None]:
 
 
 def _cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from runtime.bench.sweep import SLO
     from runtime.bench.ttft import BenchSettings, BenchTarget, load_prompts
 
+    if args.compare is not None:
+        return _cmd_compare(args.compare[0], args.compare[1], args.threshold)
+    sweep = _sweep_options(args)
+    try:
+        slo = SLO.parse(args.slo)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     try:
         settings = BenchSettings(
             requests=args.requests,
@@ -160,11 +247,12 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
                        ("--plot", args.plot_path)):  # fmt: skip
         if path is not None:
             check_output(path, flag)
-    for target in targets:
-        if target.api_key_env and target.api_key_env not in os.environ:
-            raise UsageError(f"environment variable {target.api_key_env} is not set")
     if args.reference_ttft_ms < 0 or args.reference_itl_ms < 0:
         raise UsageError("reference delays must not be negative")
+    if args.reference_capacity is not None and args.reference_capacity < 1:
+        raise UsageError("--reference-capacity must be at least 1")
+    if args.report_path is not None:
+        check_output(args.report_path, "--report")
 
     with contextlib.ExitStack() as stack:
         reference = None
@@ -174,7 +262,8 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
 
             reference = stack.enter_context(
                 ReferenceThread(
-                    ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=args.reference_itl_ms)
+                    ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=args.reference_itl_ms),
+                    capacity=args.reference_capacity,
                 )
             )
             targets.append(
@@ -182,6 +271,8 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
                     name="reference", base_url=reference.base_url, model="voxloop-reference"
                 )
             )
+        if sweep is not None:
+            return _run_sweep(args, targets, settings, prompts, slo, sweep)
         reports = _run_bench(targets, settings, prompts, quiet=args.quiet)
         extra: dict[str, Any] = {}
         if reference is not None:
@@ -199,7 +290,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
     # Files first: the tables below may go to a pipe that closes early.
     try:
         if args.json_path is not None:
-            write_json(reports, args.json_path, extra)
+            write_json(reports, args.json_path, extra, passes=slo.passes)
         if args.csv_path is not None:
             write_csv(reports, args.csv_path)
         if args.plot_path is not None:
@@ -208,6 +299,251 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         _print_reports(reports, extra)
         raise CommandError(f"cannot write results: {exc}") from None
     _print_reports(reports, extra)
+    return EXIT_OK
+
+
+def _sweep_options(args: argparse.Namespace) -> Any:
+    """The sweep to run (``None`` for a plain run); --conversations/--report without
+    --sweep make a one-step sweep at --concurrency."""
+    from runtime.bench.sweep import StepSettings, SweepSpec
+
+    try:
+        if args.sweep is not None:
+            spec = SweepSpec.parse(args.sweep)
+        elif args.conversations is not None or args.report_path is not None:
+            if args.concurrency < 1:
+                raise ValueError("--concurrency must be at least 1")
+            spec = SweepSpec("concurrency", (float(args.concurrency),))
+        else:
+            return None
+        settings = StepSettings(
+            duration_s=args.step_seconds,
+            warmup_s=args.step_warmup,
+            min_requests=args.step_min_requests,
+            extensions=args.step_extensions,
+            stop_below=args.stop_below / 100,
+            seed=args.seed,
+            think_scale=args.think_scale,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return spec, settings
+
+
+def _run_sweep(
+    args: argparse.Namespace,
+    targets: list[Any],
+    settings: Any,
+    prompts: list[Any] | None,
+    slo: Any,
+    sweep: tuple[Any, Any],
+) -> int:
+    from runtime.bench.conversations import BUILTIN, load_conversations
+    from runtime.bench.report import sweep_document, write_html
+    from runtime.bench.sweep import StepResult, Workload, sweep_targets
+    from runtime.bench.ttft import TTFTBenchmark
+
+    spec, step_settings = sweep
+    conversations = None
+    workload_doc: dict[str, Any] = {"kind": "prompts"}
+    if args.conversations is not None:
+        try:
+            conversations = (
+                list(BUILTIN)
+                if args.conversations == "builtin"
+                else load_conversations(Path(args.conversations))
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        workload_doc = {
+            "kind": "conversations",
+            "source": args.conversations,
+            "conversations": len(conversations),
+            "turns": sum(len(c.turns) for c in conversations),
+            "think_scale": step_settings.think_scale,
+        }
+    else:
+        workload_doc["source"] = str(args.prompts) if args.prompts else "voice (default)"
+    err = rich_console(stderr=True)
+
+    def on_step(target: Any, step: StepResult, steady: bool) -> None:
+        if args.quiet:
+            return
+        doc = step.to_json(slo, step_settings.steady_tolerance)
+        fs = doc["metrics"].get(slo.gate_metric) or {}
+        rate = doc["slo"]["pass_rate"]
+        err.print(
+            f"{target.name} {spec.mode}={spec.label(step.load)}: {doc['requests']} requests, "
+            f"{slo.gate_metric} p50 {fmt(fs.get('p50'))} ms, "
+            f"pass {'-' if rate is None else f'{rate:.1%}'}" + ("" if steady else " (not steady)"),
+            highlight=False,
+        )
+
+    bench = TTFTBenchmark(targets, settings, prompts=prompts)
+    results = asyncio.run(
+        sweep_targets(bench, spec, step_settings, slo, Workload(conversations), on_step=on_step)
+    )
+    doc = sweep_document(
+        results,
+        spec,
+        slo,
+        settings={
+            "step_seconds": step_settings.duration_s,
+            "step_warmup_s": step_settings.warmup_s,
+            "step_min_requests": step_settings.min_requests,
+            "step_extensions": step_settings.extensions,
+            "steady_tolerance": step_settings.steady_tolerance,
+            "stop_below": step_settings.stop_below,
+            "seed": step_settings.seed,
+            "warmup": settings.warmup,
+            "timeout_s": settings.timeout_s,
+            "max_tokens": settings.max_tokens,
+            "http2": settings.http2,
+            "reference_capacity": args.reference_capacity if args.reference else None,
+        },
+        workload=workload_doc,
+        steady_tolerance=step_settings.steady_tolerance,
+    )
+    try:
+        if args.json_path is not None:
+            args.json_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        if args.report_path is not None:
+            write_html(doc, args.report_path)
+        if args.csv_path is not None:
+            _write_sweep_csv(results, args.csv_path)
+    except OSError as exc:
+        _print_sweep(doc)
+        raise CommandError(f"cannot write results: {exc}") from None
+    _print_sweep(doc)
+    return EXIT_OK
+
+
+def _write_sweep_csv(sweeps: list[Any], path: Path) -> None:
+    import csv
+    from dataclasses import asdict
+
+    from runtime.bench.ttft import CSV_FIELDS
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=("load", *CSV_FIELDS))
+        writer.writeheader()
+        for sweep in sweeps:
+            for step in sweep.steps:
+                for r in step.results:
+                    row = asdict(r)
+                    row.pop("started_ns")
+                    row.pop("reply")
+                    gaps = row.pop("itl_ms")
+                    row["itl_ms_mean"] = sum(gaps) / len(gaps) if gaps else None
+                    writer.writerow({"load": step.load, **row})
+
+
+def _print_sweep(doc: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    console = rich_console()
+    mode = doc["sweep"]["mode"]
+    target = doc["slo"]["target_pass_rate"]
+    budgets = ", ".join(f"{m} <= {v:g} ms" for m, v in doc["slo"]["budgets_ms"].items())
+    for ep in doc["endpoints"]:
+        if ep["error"]:
+            console.print(f"{ep['name']}: not run ({ep['error']}): {ep['message']}")
+            continue
+        load = Table(
+            title=f"{ep['name']} - {ep['model']} @ {ep['base_url']}",
+            caption="* not steady; client: its CPU ms per request",
+            box=box.SIMPLE_HEAD,
+        )
+        for column in (mode, "ok", "errors", "req/s", "out tok/s", "SLO pass", "client"):
+            load.add_column(column, justify="left" if column == "errors" else "right")
+        latency = Table(title=f"{ep['name']}: latency, ms", box=box.SIMPLE_HEAD)
+        for column in (mode, "ttft p50", "ttft p95", "ttst p50", "1st sentence p50", "p95",
+                       "p99", "e2e p50"):  # fmt: skip
+            latency.add_column(column, justify="right")
+        for s in ep["steps"]:
+            m = s["metrics"]
+
+            def st(metric: str, which: str, m: dict[str, Any] = m) -> str:
+                return fmt((m.get(metric) or {}).get(which))
+
+            rate = s["slo"]["pass_rate"]
+            load.add_row(
+                f"{s['load']:g}",
+                f"{s['ok']}/{s['requests']}",
+                ", ".join(f"{k}={v}" for k, v in sorted(s["errors"].items())) or "-",
+                f"{s['throughput']['requests_per_s']:.2f}",
+                f"{s['throughput']['output_tokens_per_s']:.0f}",
+                ("-" if rate is None else f"{rate:.1%}") + ("" if s["steady"]["steady"] else "*"),
+                "BOUND" if s["client"]["bound"] else fmt(s["client"]["cpu_ms_per_request"]),
+            )
+            latency.add_row(
+                f"{s['load']:g}",
+                st("ttft_ms", "p50"),
+                st("ttft_ms", "p95"),
+                st("ttst_ms", "p50"),
+                st("first_sentence_ms", "p50"),
+                st("first_sentence_ms", "p95"),
+                st("first_sentence_ms", "p99"),
+                st("e2e_ms", "p50"),
+            )
+        console.print(load)
+        console.print(latency)
+        best = ep["knee"]["max_load_passing"]
+        unit = "concurrent callers" if mode == "concurrency" else "arrivals/s"
+        console.print(
+            f"{ep['name']}: largest {mode} with >= {target:.0%} of turns within {budgets}: "
+            + ("none of the steps" if best is None else f"{best:g} {unit}")
+            + (" (sweep stopped early)" if ep["stopped_early"] else ""),
+            highlight=False,
+        )
+        for s in ep["steps"]:
+            if s["client"]["bound"]:
+                console.print(
+                    f"{ep['name']} {mode}={s['load']:g}: the client was the bottleneck "
+                    f"({s['client']['reason']}); its latencies measure this machine",
+                    highlight=False,
+                )
+
+
+def _cmd_compare(a: Path, b: Path, threshold: float) -> int:
+    from rich.table import Table
+
+    from runtime.bench.report import compare, load_document
+
+    if not threshold > 0:
+        raise UsageError("--threshold must be positive")
+    try:
+        doc_a, doc_b = load_document(a), load_document(b)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    changes = compare(doc_a, doc_b, threshold / 100)
+    console = rich_console()
+    table = Table(title=f"{a.name} -> {b.name} (changes of {threshold:g} % or more marked)")
+    for column in ("endpoint", "load", "", "A", "B", "change", ""):
+        table.add_column(column, justify="left" if column in ("endpoint", "") else "right")
+    for c in changes:
+        rel = c.relative
+        if c.label == "pass rate" and c.a is not None and c.b is not None:
+            change = f"{(c.b - c.a) * 100:+.1f} pts"
+        else:
+            change = "-" if rel is None else f"{rel:+.1%}"
+        value = (lambda v: "-" if v is None else f"{v:.1%}") if c.label == "pass rate" else fmt
+        table.add_row(
+            c.endpoint,
+            "-" if c.load is None else f"{c.load:g}",
+            c.label,
+            value(c.a),
+            value(c.b),
+            change,
+            {"worse": "WORSE", "better": "better"}.get(c.mark, c.mark),
+        )
+    console.print(table)
+    worse = sum(c.mark == "worse" for c in changes)
+    better = sum(c.mark == "better" for c in changes)
+    console.print(
+        f"{worse} worse, {better} better, {len(changes) - worse - better} unchanged or new"
+    )
     return EXIT_OK
 
 
