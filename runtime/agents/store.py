@@ -28,6 +28,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import secrets as pysecrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -227,6 +228,8 @@ class Store:
             StoreError: the database cannot be reached or opened (one line).
         """
         try:
+            if self.sqlite:
+                _private_file(self.url)
             await migrate(self.engine)
         except Exception as exc:
             await self.engine.dispose()
@@ -372,6 +375,22 @@ class Store:
                 conn = await conn.execution_options(voxloop_immediate=True)
             async with conn.begin():
                 yield conn
+
+
+def _private_file(url: str) -> None:
+    """Create the SQLite database file readable by its owner only (0600, like the key
+    file); SQLite gives its ``-wal`` and ``-shm`` files the database file's mode."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path + suffix, 0o600)
 
 
 def _sqlite_transactions(engine: AsyncEngine) -> None:

@@ -45,6 +45,7 @@ from runtime.conversation.tools import ToolRunner, openai_tool
 from runtime.errors import EndpointError
 from runtime.llm.client import ChatClient, ChatRequest
 from runtime.llm.stream import TextDelta, ToolCall
+from runtime.safetext import safe_text
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import TextToSpeech
 
@@ -251,7 +252,8 @@ class ReplyRunner:
             if reply.t_tts_start is None:
                 reply.t_tts_start = self._clock.now_ns()
             start = reply.written
-            run = self._tts.synthesize(seg, voice=self._config().voice, sample_rate=rate)
+            # Whatever the text's source, a speech engine never sees a NUL or a lone surrogate.
+            run = self._tts.synthesize(safe_text(seg), voice=self._config().voice, sample_rate=rate)
             async for chunk in run:
                 pcm = chunk.pcm
                 if reply.t_chunk is None:

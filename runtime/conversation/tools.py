@@ -23,6 +23,7 @@ from runtime.endpoints import Resolver, SystemResolver, URLPolicy
 from runtime.errors import URLPolicyError
 from runtime.llm.stream import ToolCall
 from runtime.llm.transport import PinnedHTTP
+from runtime.safetext import safe_json
 from runtime.secret import Secret
 
 RESPONSE_CAP: Final = 8 * 1024
@@ -108,7 +109,7 @@ class ToolRunner:
         if tool is None:
             return f"Error: no tool named {call.name!r}."
         try:
-            arguments = json.loads(call.arguments or "{}")
+            arguments = safe_json(json.loads(call.arguments or "{}"))
         except ValueError:
             return "Error: the arguments were not valid JSON."
         if not isinstance(arguments, dict):

@@ -72,6 +72,7 @@ from runtime.errors import (
     MalformedStream,
 )
 from runtime.llm.sse import SSEEvent
+from runtime.safetext import safe_json
 
 _THINK_OPEN: Final = "<think>"
 _THINK_CLOSE: Final = "</think>"
@@ -337,7 +338,8 @@ class ChatChunkDecoder:
             self._done = True
             return self._finish_text() + self._emit_calls()
         try:
-            chunk = json.loads(data)
+            # Every string an endpoint sends is made safe before anything reads it.
+            chunk = safe_json(json.loads(data))
         except ValueError:
             raise MalformedStream(
                 f"stream event is not JSON: {_shown(data)!r}", retryable=True

@@ -42,10 +42,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
 from runtime.errors import VoiceAgentError
+from runtime.safetext import unsafe_char
 from runtime.secret import Secret
 
 MAX_MESSAGE_CHARS: Final = 512 * 1024
 """The largest client message accepted (characters of JSON text)."""
+MAX_DEPTH: Final = 32
+"""The deepest nesting of objects and lists a client message may have (as on the REST API)."""
 
 Encoding = Literal["audio/pcm", "audio/pcmu", "audio/pcma"]
 ENCODINGS: Final[dict[str, int]] = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
@@ -653,6 +656,28 @@ def _audio(value: Any, param: str) -> bytes:
         raise ProtocolError("invalid_audio", f"{param} is not valid base64", param=param) from None
 
 
+def _check_values(value: Any, path: str, depth: int) -> None:
+    """Refuse what the REST API refuses: NUL, unpaired surrogates, ``NaN``/``Infinity``
+    (and numbers that overflow to them), nesting deeper than :data:`MAX_DEPTH`."""
+    if isinstance(value, str):
+        if (problem := unsafe_char(value)) is not None:
+            raise _fail(path or "message", problem)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail(path or "message", "must be a finite number (not NaN or Infinity)")
+    elif isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            raise _fail(path or "message", f"is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if (problem := unsafe_char(key)) is not None:
+                    raise _fail(path or "message", f"has a key that {problem}")
+                _check_values(item, f"{path}.{key}" if path else key, depth + 1)
+        else:
+            for i, item in enumerate(value):
+                _check_values(item, f"{path}[{i}]", depth + 1)
+
+
 def _load(text: str | bytes, *, limit: int | None) -> dict[str, Any]:
     if isinstance(text, bytes):
         try:
@@ -690,10 +715,12 @@ def decode_client_event(
     Raises:
         ProtocolError: ``invalid_format`` (not JSON, no/unknown ``type``, a
             missing field), ``invalid_value`` (a field of the wrong type or out
-            of range), ``invalid_config`` (a session rule), ``invalid_audio``
-            (audio that is not base64).
+            of range; a NUL character, an unpaired surrogate, ``NaN``/``Infinity``
+            or nesting deeper than :data:`MAX_DEPTH` anywhere), ``invalid_config``
+            (a session rule), ``invalid_audio`` (audio that is not base64).
     """
     doc = _load(text, limit=max_chars)
+    _check_values(doc, "", 0)
     kind = doc["type"]
     match kind:
         case "session.update":

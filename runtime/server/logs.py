@@ -26,7 +26,13 @@ import uuid
 from typing import Any, Final
 
 FIELDS: Final = (
+    "session_id",
     "agent_id",
+    "reason",
+    "duration_s",
+    "code",
+    "queued",
+    "buffered",
     "kind",
     "endpoint",
     "status",
@@ -71,15 +77,27 @@ def _message(record: logging.LogRecord) -> str:
 
 
 def exception_fields(exc: BaseException | None) -> dict[str, object]:
-    """``{"type", "message", "frames": ["file:line in function", …]}`` (innermost last)."""
+    """``{"type", "message", "frames": ["file:line in function", …]}`` (innermost last).
+
+    An exception group (a task group's failure) is reported by the first
+    exception inside it, with ``others`` counting the rest: the line names the
+    real error, not ``ExceptionGroup … (1 sub-exception)``.
+    """
     if exc is None:
         return {}
+    others = 0
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        others += len(exc.exceptions) - 1
+        exc = exc.exceptions[0]
     frames = traceback.extract_tb(exc.__traceback__)[-MAX_FRAMES:]
-    return {
+    doc: dict[str, object] = {
         "type": type(exc).__name__,
         "message": str(exc).splitlines()[0][:500] if str(exc) else "",
         "frames": [f"{f.filename}:{f.lineno} in {f.name}" for f in frames],
     }
+    if others:
+        doc["others"] = others
+    return doc
 
 
 def configure(level: int) -> None:

@@ -67,6 +67,7 @@ from typing import Final
 
 import regex
 
+from runtime.safetext import safe_text
 from runtime.tags import TagSplitter
 
 _CLOSERS: Final = "\"')]}\u201d\u2019\u00bb\u300d\u300f\u3011\uff09\u300b\u3009"
@@ -237,7 +238,7 @@ def clean_for_speech(text: str) -> str:
 
     Returns one line with single spaces; ``""`` when nothing speakable is left.
     """
-    return _clean(_html_to_text(text))
+    return _clean(safe_text(_html_to_text(text)))
 
 
 def reads_finished(text: str) -> bool:
