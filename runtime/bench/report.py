@@ -427,9 +427,11 @@ def _svg_chart(
         return _T + ph - ph * min(v, top) / top
 
     e = html.escape
+    height = _H + 14 * ((len(series) + 1) // 2) + 4
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
-        f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{e(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{height}" '
+        f'viewBox="0 0 {_W} {height}" role="img" aria-label="{e(title)}">',
+        f'<rect width="{_W}" height="{height}" fill="#fff"/>',
         f'<text x="{_W / 2}" y="16" text-anchor="middle" font-size="13" '
         f'font-weight="bold">{e(title)}</text>',
         f'<rect x="{_L}" y="{_T}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
@@ -464,12 +466,13 @@ def _svg_chart(
                    f"{dash}><title>{e(label)}</title></polyline>")  # fmt: skip
         for x, y in points:
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
-    # legend
+    # legend: rows under the x-axis label, two entries a row
     for k, (label, color, dashed, _) in enumerate(series):
-        y = _T + 12 + 13 * k
+        x = _L + (k % 2) * (pw / 2)
+        y = _H + 14 * (k // 2) + 4
         dash = ' stroke-dasharray="6,4"' if dashed else ""
-        out.append(f'<line x1="{_L + 8}" x2="{_L + 28}" y1="{y - 4}" y2="{y - 4}" '
-                   f'stroke="{color}" stroke-width="2"{dash}/><text x="{_L + 32}" y="{y}" '
+        out.append(f'<line x1="{x:.1f}" x2="{x + 20:.1f}" y1="{y - 4}" y2="{y - 4}" '
+                   f'stroke="{color}" stroke-width="2"{dash}/><text x="{x + 24:.1f}" y="{y}" '
                    f'font-size="10">{e(label)}</text>')  # fmt: skip
     out.append("</svg>")
     return "".join(out)

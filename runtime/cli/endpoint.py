@@ -30,6 +30,13 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8089, help="port to listen on (0: any free port)")
     p.add_argument("--ttft-ms", type=float, default=200.0, help="delay before the first token")
     p.add_argument("--itl-ms", type=float, default=20.0, help="delay between tokens")
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="streams decoded at once; more wait in a first-come-first-served queue "
+        "(default: unlimited)",
+    )
     p.add_argument("--reply", action="append", default=[], help="reply text (repeat to rotate)")
     p.add_argument("--no-role-chunk", action="store_true", help="skip the role-only first chunk")
     p.add_argument(
@@ -84,6 +91,8 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
+    if args.capacity is not None and args.capacity < 1:
+        raise UsageError("--capacity must be at least 1")
     try:
         plan = ReplyPlan(
             replies=tuple(args.reply) or ReplyPlan().replies,
@@ -123,7 +132,13 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         server = ReferenceEndpoint(
-            plan, host=args.host, port=args.port, api_key=api_key, ssl_context=ctx, model=args.model
+            plan,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            ssl_context=ctx,
+            model=args.model,
+            capacity=args.capacity,
         )
         try:
             await server.start()

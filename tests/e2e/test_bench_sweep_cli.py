@@ -81,6 +81,8 @@ def test_compare_and_sweep_arguments_are_checked(tmp_path: Path):
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr
         assert "Traceback" not in result.stderr
+    served = run("endpoint", "serve", "--capacity", "0")
+    assert served.returncode == 2 and "--capacity must be at least 1" in served.stderr
 
 
 def test_config_endpoint_with_an_unset_key_is_a_config_error_not_fatal(tmp_path: Path):
