@@ -44,14 +44,15 @@ async def make_client() -> AsyncIterator[ClientFactory]:
         api_key: str | None = None,
         timeouts: ClientTimeouts | None = None,
         retry: RetryPolicy | None = None,
+        model: str = "test-model",
         **kwargs: object,
     ) -> ChatClient:
         kwargs.setdefault("policy", URLPolicy.operator())
         # The reference endpoint never opens think blocks in a template: text is
-        # released as it streams (the tests of the undecided start pass None).
+        # released as it streams (the tests of the automatic choice pass None).
         kwargs.setdefault("leading_reasoning", False)
         client = ChatClient(
-            Endpoint(base_url, "test-model", Secret(api_key) if api_key else None),
+            Endpoint(base_url, model, Secret(api_key) if api_key else None),
             timeouts=timeouts or ClientTimeouts(connect_s=5, first_token_s=5, stall_s=5),
             retry=retry or RetryPolicy(max_attempts=2, backoff_s=0),
             **kwargs,  # type: ignore[arg-type]

@@ -66,8 +66,10 @@ class SessionConfig:
     # the endpoint client's retries, before the apology (None: the client's own
     # first_token_budget_s, 5 s).
     first_token_timeout_s: float | None = None
-    # At session start, ask the endpoint for a greeting after the system prompt, so
-    # it caches the prompt's prefix (llama.cpp: the first reply's TTFT drops several
-    # fold) and the client learns whether replies start inside a template-opened think
-    # block (a first reply is otherwise held back until its end). Costs one short request.
+    # At session start, while the greeting plays (or the first turn is spoken), send one
+    # short request: the system prompt and "Say hello.", 32 tokens at most
+    # (ChatClient.warm_up). The endpoint caches the prompt's prefix (llama.cpp: the
+    # first reply's TTFT drops several fold) and the client learns whether replies start
+    # inside a template-opened think block. The first reply's request cancels it if it
+    # is still running. Off in the core; talk, serve and the benchmarks turn it on.
     warm_prompt: bool = False

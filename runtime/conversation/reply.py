@@ -101,6 +101,7 @@ class ReplyRunner:
         prewarmed: set once the endpoint connection is open (the first request waits).
         on_first_audio: called when a reply's first audio goes to the sink.
         metrics: where each answered turn's :class:`TurnMetrics` is appended.
+        before_request: called just before each request to the endpoint.
     """
 
     def __init__(
@@ -117,7 +118,9 @@ class ReplyRunner:
         prewarmed: asyncio.Event,
         on_first_audio: Callable[[Reply], None],
         metrics: list[TurnMetrics],
+        before_request: Callable[[], None] = lambda: None,
     ) -> None:
+        self._before_request = before_request
         self._llm = llm
         self._tts = tts
         self._sink = sink
@@ -209,6 +212,7 @@ class ReplyRunner:
         text_parts: list[str] = []
         # A reply right at the start reuses the connection being opened, not a second one.
         await self._prewarmed.wait()
+        self._before_request()
         async with self._llm.stream(request) as stream:
             async for event in stream:
                 if isinstance(event, TextDelta):

@@ -87,8 +87,7 @@ from runtime.conversation.tools import ToolRunner
 from runtime.conversation.turns import TurnState, TurnStateMachine
 from runtime.endpoints import Resolver, URLPolicy
 from runtime.errors import EndpointError
-from runtime.llm.client import ChatClient, ChatRequest
-from runtime.llm.stream import Finish
+from runtime.llm.client import ChatClient
 from runtime.speech.stt import SpeechToText, STTTurn, Transcript
 from runtime.speech.tts import TextToSpeech, warm_up
 
@@ -204,11 +203,14 @@ class ConversationSession:
         self._idle = asyncio.Event()
         self._idle.set()
         self._prewarmed = asyncio.Event()
+        self._warm_task: asyncio.Task[None] | None = None
+        self._requested = False
         self.metrics: list[TurnMetrics] = []
         self._replies = ReplyRunner(
             llm=llm, tts=tts, sink=sink, history=self._history, tools=self._tools,
             config=lambda: self.config, clock=self._clock, emit=self._emit,
             prewarmed=self._prewarmed, on_first_audio=self._first_audio, metrics=self.metrics,
+            before_request=self._before_request,
         )  # fmt: skip
 
     # -- public API ------------------------------------------------------------------
@@ -636,34 +638,21 @@ class ConversationSession:
                 await self._llm.prewarm()
         finally:
             self._prewarmed.set()
-        if self.config.warm_prompt:
-            await self._warm_prompt()
+        if self.config.warm_prompt and not self._requested and self._tg is not None:
+            self._warm_task = self._tg.create_task(self._warm_prompt())
 
     async def _warm_prompt(self) -> None:
-        """Send the system prompt with a greeting to answer (``config.warm_prompt``).
+        """The endpoint warm-up (``config.warm_prompt``, :meth:`ChatClient.warm_up`)."""
+        with contextlib.suppress(EndpointError, OSError, ValueError):
+            await self._llm.warm_up(self._system_prompt())
 
-        The endpoint caches the prompt's prefix for the first real request. A reply
-        that stops on its own without a think block shows the template opens none, so
-        the client streams the first reply at once; anything else teaches nothing.
-        """
-        llm = self._llm
-        known = llm.leading_reasoning
-        request = ChatRequest(
-            messages=[{"role": "system", "content": self._system_prompt()},
-                      {"role": "user", "content": "Say hello."}],
-            temperature=0.0, max_tokens=32,
-        )  # fmt: skip
-        finish = ""
-        try:
-            async with llm.stream(request) as stream:
-                async for event in stream:
-                    if isinstance(event, Finish):
-                        finish = event.reason
-        except (EndpointError, OSError, ValueError) as exc:
-            log.info("prompt warm-up failed", extra={"kind": type(exc).__name__})
-        finally:
-            if known is None and llm.leading_reasoning is False and finish != "stop":
-                llm.leading_reasoning = None
+    def _before_request(self) -> None:
+        """A reply is about to be requested: a warm-up still running gives way to it
+        (an endpoint serving one request at a time would queue the reply behind it)."""
+        self._requested = True
+        task, self._warm_task = self._warm_task, None
+        if task is not None and not task.done():
+            task.cancel()
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids)}"

@@ -40,13 +40,15 @@ retries and the timestamps.
   :class:`MalformedStream` quoting its first bytes, never an empty reply. A
   2xx JSON answer (a server that ignored ``stream: true``) is read as one
   event: a whole completion is the reply, an ``error`` object follows its code.
-* Template-opened reasoning (see ``runtime.llm.stream``): until the client
-  knows whether the endpoint's chat template opens a think block, the start
-  of a reply's content is held back until the stream decides; the decision is
-  remembered in :attr:`ChatClient.leading_reasoning` for the next replies,
-  and in a :class:`ReasoningMemory` shared by every client of the process
-  (keyed by base URL and model), so a new session with a known endpoint
-  streams its first reply at once.
+* Template-opened reasoning (see ``runtime.llm.think``): a reply's first
+  words are never held on the default path. The client reads them as the
+  setting says (``leading_reasoning``), else as earlier replies of the same
+  base URL and model showed (a :class:`ReasoningMemory` shared by every client
+  of the process), else — for a model named in the template-opened families —
+  held until the stream decides, else as the answer, at once. A reply that
+  shows the guess was wrong (a lone ``</think>``) is remembered, and one
+  warning per endpoint names the setting that avoids it. :meth:`ChatClient.warm_up`
+  sends one short request that teaches this before the first turn.
 * Cancellation: leaving the context (normally, by error, or by cancelling the
   consuming task) closes the HTTP response under a shielded, time-limited
   cleanup, so the endpoint sees the disconnect and the pool stays consistent;
@@ -104,6 +106,7 @@ from runtime.llm.stream import (
     Usage,
     status_error,
 )
+from runtime.llm.think import template_family
 from runtime.llm.transport import PinnedHTTP, map_http_errors
 from runtime.secret import Secret
 
@@ -121,6 +124,9 @@ _DRAIN_LIMIT: Final = 65536
 # advertises exactly these in Accept-Encoding.
 _DECODED_ENCODINGS: Final = frozenset({"identity", "gzip", "deflate", "br"})
 USER_AGENT: Final = "voxloop/0.1"
+WARM_UP_PROMPT: Final = "Say hello."
+"""The user message of :meth:`ChatClient.warm_up` (after the session's system prompt)."""
+WARM_UP_MAX_TOKENS: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +310,7 @@ class ReasoningMemory:
     def __init__(self, size: int = 256) -> None:
         self._size = size
         self._known: dict[tuple[str, str], bool] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     def get(self, key: tuple[str, str]) -> bool | None:
         return self._known.get(key)
@@ -313,6 +320,14 @@ class ReasoningMemory:
 
     def clear(self) -> None:
         self._known.clear()
+        self._warned.clear()
+
+    def warn_once(self, key: tuple[str, str]) -> bool:
+        """Whether a wrong guess about ``key`` is to be logged (``True`` the first time)."""
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        return True
 
     def remember(self, key: tuple[str, str], leading_reasoning: bool) -> None:
         self._known.pop(key, None)
@@ -338,8 +353,9 @@ class ChatClient:
         verify: TLS verification (``True``, or an ``ssl.SSLContext``).
         http2: offer HTTP/2 (needs the ``http2`` extra).
         leading_reasoning: whether the endpoint's chat template opens a think
-            block before every reply (``None``: learn it from the first reply,
-            holding that reply's text back until the stream decides).
+            block before every reply — the ``think_block`` setting (``None``:
+            auto, see ``runtime.llm.think``: what this endpoint's replies showed,
+            else the model name, else the reply streams at once).
         reasoning_memory: where decisions about endpoints are remembered
             (default: the process-wide :data:`REASONING_MEMORY`).
 
@@ -367,11 +383,14 @@ class ChatClient:
         self._memory = REASONING_MEMORY if reasoning_memory is None else reasoning_memory
         self._memory_key = (endpoint.base_url, endpoint.model)
         self._configured = leading_reasoning is not None
+        self._family = template_family(endpoint.model)
         self._leading = (
             leading_reasoning
             if leading_reasoning is not None
             else self._memory.get(self._memory_key)
         )
+        if self._leading is None and self._family is None:
+            self._leading = False
         self._clock = clock or MonotonicClock()
         self._timeouts = timeouts or ClientTimeouts()
         self._retry = retry or RetryPolicy()
@@ -401,22 +420,40 @@ class ChatClient:
 
     @property
     def leading_reasoning(self) -> bool | None:
-        """Whether replies start inside a template-opened think block (``None``: not known).
-
-        Setting it (as the client does when a reply decides it) also updates the
-        process memory, unless the value was given to the constructor.
+        """How the next reply's first words are read: ``True`` — reasoning until
+        ``</think>``; ``False`` — the answer, streamed at once; ``None`` — held
+        until the stream decides (a model of a template-opened family not seen yet).
         """
         return self._leading
 
-    @leading_reasoning.setter
-    def leading_reasoning(self, value: bool | None) -> None:
-        self._leading = value
+    @property
+    def reasoning_source(self) -> str:
+        """Why :attr:`leading_reasoning` is what it is: ``"setting"``, ``"learned"``
+        (earlier replies of this base URL and model), ``"model name"`` or ``"default"``."""
+        if self._configured:
+            return "setting"
+        if self._memory.get(self._memory_key) is not None:
+            return "learned"
+        return "model name" if self._family is not None else "default"
+
+    def learn_reasoning(self, leading_reasoning: bool | None) -> None:
+        """Remember what a reply showed (``None``: forget it). A setting given to the
+        constructor is never overridden."""
         if self._configured:
             return
-        if value is None:
+        if leading_reasoning is None:
             self._memory.forget(self._memory_key)
+            self._leading = None if self._family is not None else False
         else:
-            self._memory.remember(self._memory_key, value)
+            self._memory.remember(self._memory_key, leading_reasoning)
+            self._leading = leading_reasoning
+
+    def _refresh_reasoning(self) -> None:
+        """Pick up what another client of the same endpoint learned meanwhile."""
+        if not self._configured:
+            known = self._memory.get(self._memory_key)
+            if known is not None:
+                self._leading = known
 
     @property
     def url(self) -> EndpointURL:
@@ -465,6 +502,42 @@ class ChatClient:
         except httpx.HTTPError:
             log.info("endpoint prewarm failed", extra={"endpoint": self._url.url})
 
+    async def warm_up(self, system_prompt: str) -> str | None:
+        """Send one short request before the first turn; never raises an endpoint error.
+
+        The request is the system prompt and :data:`WARM_UP_PROMPT`, at
+        temperature 0 and :data:`WARM_UP_MAX_TOKENS` tokens. The endpoint
+        caches the prompt's prefix for the first real request (llama.cpp's
+        time to first token drops several fold), and the reply teaches the
+        client whether replies start inside a template-opened think block:
+        a ``</think>`` says they do; reasoning in a field, a ``<think>`` or a
+        reply that stops on its own without either says they do not; a reply
+        cut at the token limit teaches nothing. Cancelling it (a reply is
+        about to be requested) closes the request at once.
+
+        Returns:
+            The finish reason, or ``None`` if the request failed.
+
+        Raises:
+            URLPolicyError: the endpoint's addresses are not allowed.
+        """
+        request = ChatRequest(
+            messages=[
+                {"role": "system", "content": system_prompt},
+                {"role": "user", "content": WARM_UP_PROMPT},
+            ],
+            temperature=0.0,
+            max_tokens=WARM_UP_MAX_TOKENS,
+        )
+        try:
+            async with self.stream(request, decide=True) as stream:
+                async for _ in stream:
+                    pass
+                return stream.finish_reason or ""
+        except (EndpointError, OSError) as exc:
+            log.info("endpoint warm-up failed", extra={"kind": type(exc).__name__})
+            return None
+
     def build_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body sent for ``request``."""
         body: dict[str, Any] = {
@@ -485,8 +558,17 @@ class ChatClient:
         return body
 
     @contextlib.asynccontextmanager
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatStream]:
+    async def stream(
+        self, request: ChatRequest, *, decide: bool = False
+    ) -> AsyncIterator[ChatStream]:
         """Open a streamed completion.
+
+        Args:
+            request: what to send.
+            decide: hold the reply's first words until the stream shows whether
+                the template opened a think block, whatever is known (a
+                request no one listens to, such as :meth:`warm_up`, learns
+                more this way). A setting given to the constructor still wins.
 
         Yields:
             A :class:`ChatStream`; iterate it for events, read ``timings``.
@@ -496,7 +578,9 @@ class ChatClient:
             URLPolicyError: the endpoint's addresses are not allowed.
         """
         await self._ensure_pinned()
-        chat = ChatStream(self, request, self._clock.now_ns())
+        self._refresh_reasoning()
+        leading = self._leading if self._configured or not decide else None
+        chat = ChatStream(self, request, self._clock.now_ns(), leading_reasoning=leading)
         try:
             yield chat
         finally:
@@ -622,8 +706,16 @@ class ChatStream:
         finish_reason: the finish reason, if one was received.
     """
 
-    def __init__(self, client: ChatClient, request: ChatRequest, started_ns: int) -> None:
+    def __init__(
+        self,
+        client: ChatClient,
+        request: ChatRequest,
+        started_ns: int,
+        *,
+        leading_reasoning: bool | None = None,
+    ) -> None:
         self._client = client
+        self._leading = leading_reasoning
         self._request = request
         self._clock = client._clock
         self.timings = StreamTimings(started_ns=started_ns)
@@ -632,7 +724,7 @@ class ChatStream:
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
         self._sse = SSEDecoder()
-        self._chunks = ChatChunkDecoder(leading_reasoning=client.leading_reasoning)
+        self._chunks = ChatChunkDecoder(leading_reasoning=leading_reasoning)
         self._pending: list[ChatEvent] = []
         self._generated = False  # output reached the consumer: no retry from here on
         self._deferred: EndpointError | None = None
@@ -710,7 +802,7 @@ class ChatStream:
         await self._close_response()
         await asyncio.sleep(wait)
         self._sse = SSEDecoder()
-        self._chunks = ChatChunkDecoder(leading_reasoning=self._client.leading_reasoning)
+        self._chunks = ChatChunkDecoder(leading_reasoning=self._leading)
         self._pending.clear()
         self._eof = False
         self._sse_events = 0
@@ -827,19 +919,42 @@ class ChatStream:
         self._accept(self._chunks.receive_eof())
         self._eof = True
         self.timings.ended_ns = self._clock.now_ns()
+        self._learn()
+
+    def _learn(self) -> None:
+        """What this reply showed about the endpoint's template (see the module docstring)."""
         client = self._client
         chunks = self._chunks
-        if client.leading_reasoning is None:
+        if client._configured:
+            return
+        if self._leading is None:
             decided = chunks.leading_reasoning
-            if decided or (decided is False and self._spoke):
-                client.leading_reasoning = decided
-        elif not client._configured and (
-            (client.leading_reasoning and chunks.deltas and not chunks.think_closed)
-            or (client.leading_reasoning is False and chunks.stray_close)
-        ):
+            if decided is True:
+                client.learn_reasoning(True)
+            elif decided is False and not chunks.decided_by_end:
+                client.learn_reasoning(False)  # reasoning in a field, or a <think>
+            elif decided is False and self._spoke and self.finish_reason == "stop":
+                client.learn_reasoning(False)  # a whole answer with no think block
+        elif self._leading is False and chunks.stray_close:
+            # The guess was wrong: the template opened the block and what came
+            # before the lone </think> was taken as the answer.
+            known = client.reasoning_source == "learned"
+            client.learn_reasoning(True)
+            key = client._memory_key
+            if client._memory.warn_once(key):
+                log.warning(
+                    "endpoint %s model %s opens a think block in its chat template; the "
+                    "reasoning before the first </think> was taken as the answer once. "
+                    "Set think_block to 'template' (--think-block template, or the "
+                    "agent's llm think_block) to read it as reasoning from the start",
+                    key[0],
+                    key[1],
+                    extra={"endpoint": key[0], "model": key[1], "was_learned": known},
+                )
+        elif self._leading is True and chunks.deltas and not chunks.think_closed:
             # The endpoint no longer behaves as learned (another model behind
             # the same name?): learn again from the next reply.
-            client.leading_reasoning = None
+            client.learn_reasoning(None)
 
     def _describe_body(self) -> str:
         response = self._response

@@ -60,6 +60,8 @@ from typing import Any, Final, Literal, Self
 
 import h11
 
+from runtime.llm.client import WARM_UP_PROMPT
+
 FaultKind = Literal[
     "none", "status", "redirect", "hang_headers", "hang", "drop", "malformed", "empty"
 ]
@@ -80,6 +82,10 @@ class ReplyPlan:
 
     Attributes:
         replies: reply texts, used in turn by successive requests.
+        warm_up_reply: the text that answers a warm-up request (the system
+            prompt and ``WARM_UP_PROMPT``, as ``ChatClient.warm_up`` sends),
+            without taking a turn from ``replies`` (``None``: a warm-up takes
+            the next reply like any request).
         ttft_ms: delay from the request to the first content token.
         itl_ms: delay between tokens.
         role_chunk: send a role-only chunk at once (before the TTFT delay).
@@ -107,6 +113,7 @@ class ReplyPlan:
     """
 
     replies: tuple[str, ...] = (DEFAULT_REPLY,)
+    warm_up_reply: str | None = "Hello!"
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
     role_chunk: bool = True
@@ -569,8 +576,11 @@ class ReferenceEndpoint:
                             {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
                         )
         elif plan.fault != "empty":
-            text = plan.replies[self._reply_index % len(plan.replies)]
-            self._reply_index += 1
+            if plan.warm_up_reply is not None and _is_warm_up(messages):
+                text = plan.warm_up_reply
+            else:
+                text = plan.replies[self._reply_index % len(plan.replies)]
+                self._reply_index += 1
             tokens += [{"content": t} for t in _TOKEN.findall(text)]
 
         for i, delta in enumerate(tokens):
@@ -707,6 +717,15 @@ class _Encoder:
         if self._brotli is not None:
             return bytes(self._brotli.finish())
         return bytes(self._zlib.flush(zlib.Z_FINISH))
+
+
+def _is_warm_up(messages: list[Any]) -> bool:
+    return (
+        len(messages) == 2
+        and isinstance(messages[1], dict)
+        and messages[1].get("role") == "user"
+        and messages[1].get("content") == WARM_UP_PROMPT
+    )
 
 
 def _presented(record: RequestRecord) -> str:

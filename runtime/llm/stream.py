@@ -154,7 +154,16 @@ class _ThinkSplitter:
     pieces (joined).
     """
 
-    __slots__ = ("_head", "_held", "_inside", "_template_opened", "_undecided", "closed", "stray")
+    __slots__ = (
+        "_head",
+        "_held",
+        "_inside",
+        "_template_opened",
+        "_undecided",
+        "closed",
+        "ended_undecided",
+        "stray",
+    )
 
     def __init__(self, leading_reasoning: bool | None) -> None:
         self._inside = leading_reasoning is True
@@ -162,6 +171,7 @@ class _ThinkSplitter:
         self._undecided = leading_reasoning is None
         self.closed = False  # a think block was closed in this reply
         self.stray = False  # a closing tag came while the reply was known not to be inside one
+        self.ended_undecided = False  # the content ended before anything decided its start
         self._held = ""
         self._head: list[str] = []
 
@@ -227,6 +237,8 @@ class _ThinkSplitter:
         held, self._held = self._held, ""
         out: list[tuple[bool, str]] = []
         self._emit(out, held)
+        if self._undecided:
+            self.ended_undecided = True
         out.extend(self.decide_plain())
         return out
 
@@ -315,6 +327,12 @@ class ChatChunkDecoder:
     def think_closed(self) -> bool:
         """Whether a ``</think>`` closed a think block in this reply."""
         return self._think.closed
+
+    @property
+    def decided_by_end(self) -> bool:
+        """Whether the start was undecided until the content ended (nothing showed the
+        template's behaviour: a reply cut at ``max_tokens`` may still be inside reasoning)."""
+        return self._think.ended_undecided
 
     @property
     def stray_close(self) -> bool:

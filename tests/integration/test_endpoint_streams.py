@@ -245,17 +245,21 @@ async def test_key_echoed_by_a_refusing_endpoint_never_shows(
     assert "receive_response_headers.complete (header values not logged)" in caplog.text
 
 
-async def test_closing_think_only_is_reasoning_and_the_client_remembers(
+R1 = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+
+
+async def test_closing_think_only_from_a_known_family_is_reasoning_and_remembered(
     server: ReferenceEndpoint, make_client: ClientFactory
 ):
     server.plan = ReplyPlan(body=recorded("closing-think-only.sse"), chunk_size=5)
-    client = make_client(server.base_url, leading_reasoning=None)
+    client = make_client(server.base_url, leading_reasoning=None, model=R1)
+    assert client.leading_reasoning is None and client.reasoning_source == "model name"
     _, events = await collect(client)
     assert text_of(events) == "Hi there."
     assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == (
         "Plan a short reply."
     )
-    assert client.leading_reasoning is True
+    assert client.leading_reasoning is True and client.reasoning_source == "learned"
     # The next reply streams its reasoning at once, as the template opens it.
     server.plan = ReplyPlan(replies=("Think more.</think>Hello again.",))
     _, events = await collect(client)
@@ -263,11 +267,41 @@ async def test_closing_think_only_is_reasoning_and_the_client_remembers(
     assert isinstance(events[1], ReasoningDelta) and events[1].text == "Think"
 
 
-async def test_undecided_first_reply_is_released_at_its_end_then_streams(
+async def test_an_unknown_model_streams_at_once_and_a_wrong_guess_is_learned_and_logged_once(
+    server: ReferenceEndpoint, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.WARNING, logger="voxloop.llm")
+    server.plan = ReplyPlan(replies=("Plan a reply.</think>Hi there.",))
+    client = make_client(server.base_url, leading_reasoning=None)
+    assert client.leading_reasoning is False and client.reasoning_source == "default"
+    _, events = await collect(client)
+    # Streamed as it came: the reasoning before the lone </think> was taken as the answer.
+    assert [e.text for e in events if isinstance(e, TextDelta)][:3] == ["Plan", " a", " reply."]
+    assert text_of(events) == "Plan a reply.Hi there."
+    assert client.leading_reasoning is True and client.reasoning_source == "learned"
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        f"endpoint {server.base_url} model test-model opens a think block in its chat "
+        "template; the reasoning before the first </think> was taken as the answer once. "
+        "Set think_block to 'template' (--think-block template, or the agent's llm "
+        "think_block) to read it as reasoning from the start"
+    )
+    # From the next reply on, and for every new client of that endpoint and model.
+    _, events = await collect(client)
+    assert text_of(events) == "Hi there."
+    other = make_client(server.base_url, leading_reasoning=None)
+    assert other.leading_reasoning is True
+    _, events = await collect(other)
+    assert text_of(events) == "Hi there."
+    # The same model behind another URL is another endpoint.
+    assert make_client("http://127.0.0.1:9/v1", leading_reasoning=None).leading_reasoning is False
+
+
+async def test_a_family_reply_without_a_block_is_released_at_its_end_then_streams(
     server: ReferenceEndpoint, make_client: ClientFactory
 ):
     server.plan = ReplyPlan(replies=("One two three.",))
-    client = make_client(server.base_url, leading_reasoning=None)
+    client = make_client(server.base_url, leading_reasoning=None, model="QwQ-32B")
     stream, events = await collect(client)
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["One two three."]
     t = stream.timings
@@ -278,17 +312,38 @@ async def test_undecided_first_reply_is_released_at_its_end_then_streams(
     _, events = await collect(client)
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["One", " two", " three."]
     # A new client for the same endpoint and model (a new session) knows it too.
-    other = make_client(server.base_url, leading_reasoning=None)
+    other = make_client(server.base_url, leading_reasoning=None, model="QwQ-32B")
     assert other.leading_reasoning is False
     _, events = await collect(other)
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["One", " two", " three."]
     memory = ReasoningMemory()
-    assert (
-        make_client(
-            server.base_url, leading_reasoning=None, reasoning_memory=memory
-        ).leading_reasoning
-        is None
+    fresh = make_client(
+        server.base_url, leading_reasoning=None, reasoning_memory=memory, model="QwQ-32B"
     )
+    assert fresh.leading_reasoning is None
+
+
+async def test_a_family_reply_cut_at_the_token_limit_teaches_nothing(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(replies=("Okay so the user",), finish_chunk=False)
+    client = make_client(server.base_url, leading_reasoning=None, model=R1)
+    _, events = await collect(client)
+    assert text_of(events) == "Okay so the user" and client.leading_reasoning is None
+
+
+async def test_reasoning_in_a_field_decides_a_family_reply_at_once(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    # A server that parses the reasoning itself (vLLM's reasoning parser, llama.cpp's
+    # reasoning_format): the answer streams as soon as the field shows it.
+    server.plan = ReplyPlan(replies=("One two three.",), reasoning="Let me see.")
+    client = make_client(
+        server.base_url, leading_reasoning=None, model="Qwen3-30B-A3B-Thinking-2507"
+    )
+    _, events = await collect(client)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["One", " two", " three."]
+    assert client.leading_reasoning is False
 
 
 def test_reasoning_memory_is_bounded():
@@ -398,7 +453,7 @@ async def test_text_before_an_error_in_the_same_read_is_delivered_first(
 async def test_what_was_learned_is_unlearned_when_the_endpoint_changes(
     server: ReferenceEndpoint, make_client: ClientFactory
 ):
-    client = make_client(server.base_url, leading_reasoning=None)
+    client = make_client(server.base_url, leading_reasoning=None, model=R1)
     server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
     _, events = await collect(client)
     assert text_of(events) == "Hi." and client.leading_reasoning is True
@@ -409,11 +464,11 @@ async def test_what_was_learned_is_unlearned_when_the_endpoint_changes(
     assert text_of(events) == "" and client.leading_reasoning is None
     _, events = await collect(client)
     assert text_of(events) == "Hello there." and client.leading_reasoning is False
-    assert make_client(server.base_url, leading_reasoning=None).leading_reasoning is False
-    # And back: a stray closing tag is dropped, and the client learns again.
+    assert make_client(server.base_url, leading_reasoning=None, model=R1).leading_reasoning is False
+    # And back: the stray closing tag shows the template opens the block again.
     server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
     _, events = await collect(client)
-    assert text_of(events) == "Plan.Hi." and client.leading_reasoning is None
+    assert text_of(events) == "Plan.Hi." and client.leading_reasoning is True
     _, events = await collect(client)
     assert text_of(events) == "Hi." and client.leading_reasoning is True
 
@@ -422,10 +477,18 @@ async def test_a_configured_start_is_never_unlearned(
     server: ReferenceEndpoint, make_client: ClientFactory
 ):
     client = make_client(server.base_url, leading_reasoning=False)
+    assert client.reasoning_source == "setting"
     server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
     _, events = await collect(client)
     assert text_of(events) == "Plan.Hi." and client.leading_reasoning is False
-    assert make_client(server.base_url, leading_reasoning=None).leading_reasoning is None
+    auto = make_client(server.base_url, leading_reasoning=None)
+    assert auto.reasoning_source == "default"
+    # And the setting wins over what the endpoint's replies showed.
+    server.plan = ReplyPlan(replies=("Plan.</think>Hi.",))
+    await collect(auto)
+    assert auto.leading_reasoning is True
+    _, events = await collect(make_client(server.base_url, leading_reasoning=False))
+    assert text_of(events) == "Plan.Hi."
 
 
 COMPLETION = (

@@ -174,14 +174,14 @@ async def warm_session(endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: 
             silence(1.0), llm=llm, stt=whisper, tts=piper,
             config=SessionConfig(system_prompt="You are Northwind's agent.", warm_prompt=True),
         )  # fmt: skip
-        return llm.leading_reasoning
+        return llm.leading_reasoning, llm.reasoning_source
 
 
 async def test_warm_prompt_sends_the_system_prompt_and_learns_the_first_reply_can_stream(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ):
-    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Hello!",))
-    assert await warm_session(endpoint, whisper, piper) is False
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Not a warm-up answer.",))
+    assert await warm_session(endpoint, whisper, piper) == (False, "learned")
     [request] = chats(endpoint)
     messages = request.body["messages"]
     assert messages[0]["role"] == "system"
@@ -195,12 +195,12 @@ async def test_warm_prompt_learns_nothing_from_a_reply_cut_short_or_inside_reaso
 ):
     # Cut at max_tokens (no "stop"): a template-opened think block may still be open.
     endpoint.plan = ReplyPlan(
-        ttft_ms=50, itl_ms=5, replies=("Okay so the user",), finish_chunk=False
+        ttft_ms=50, itl_ms=5, warm_up_reply="Okay so the user", finish_chunk=False
     )
-    assert await warm_session(endpoint, whisper, piper) is None
+    assert await warm_session(endpoint, whisper, piper) == (False, "default")
     # A closing think tag: the template opens one, and the client keeps that.
-    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("They greet me.</think>OK.",))
-    assert await warm_session(endpoint, whisper, piper) is True
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, warm_up_reply="They greet me.</think>OK.")
+    assert await warm_session(endpoint, whisper, piper) == (True, "learned")
 
 
 async def test_no_warm_prompt_by_default(
@@ -208,5 +208,5 @@ async def test_no_warm_prompt_by_default(
 ):
     async with llm_for(endpoint, leading_reasoning=None) as llm:
         await talk_pcm(silence(1.0), llm=llm, stt=whisper, tts=piper, config=SessionConfig())
-        assert llm.leading_reasoning is None
+        assert llm.reasoning_source == "default"
     assert chats(endpoint) == []
