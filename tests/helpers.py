@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.bench.reference_thread import ReferenceThread
+from runtime.llm.client import WARM_UP_PROMPT
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan, RequestRecord
 
 DATA = Path(__file__).parent / "data"
@@ -125,5 +126,18 @@ class EndpointThread(ReferenceThread):
         self.call(apply)
 
     def chats(self) -> list[RequestRecord]:
-        """The chat-completions requests received so far."""
+        """The chat-completions requests received so far, warm-ups left out."""
+        return [r for r in self.all_chats() if not is_warm_up(r)]
+
+    def warm_ups(self) -> list[RequestRecord]:
+        """The warm-up requests (``ChatClient.warm_up``) received so far."""
+        return [r for r in self.all_chats() if is_warm_up(r)]
+
+    def all_chats(self) -> list[RequestRecord]:
         return [r for r in self.records() if r.path.endswith("/chat/completions")]
+
+
+def is_warm_up(record: RequestRecord) -> bool:
+    """Whether a recorded request is the session warm-up (system prompt + WARM_UP_PROMPT)."""
+    messages = (record.body or {}).get("messages") or []
+    return len(messages) == 2 and messages[1] == {"role": "user", "content": WARM_UP_PROMPT}

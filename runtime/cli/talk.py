@@ -35,6 +35,7 @@ from runtime.cli.common import (
 )
 from runtime.cli.speech import STT_NAMES, TTS_NAMES, check_remote, remote_options
 from runtime.conversation.config import TurnDetection
+from runtime.llm.think import THINK_BLOCK_CHOICES, leading_from_setting
 
 TURN_DEFAULTS = TurnDetection()
 
@@ -63,6 +64,19 @@ def register(sub: Any) -> None:
         "(default: the built-in reference endpoint)",
     )
     p.add_argument("--model", default="default", help="model name sent to --base-url")
+    p.add_argument(
+        "--think-block",
+        choices=THINK_BLOCK_CHOICES,
+        default="auto",
+        help="whether the endpoint's chat template opens a think block before every reply "
+        "(template: the text up to the first </think> is reasoning, never spoken; none: "
+        "never; auto: from reasoning fields and tags, the model name and earlier replies)",
+    )
+    p.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="send no warm-up request (system prompt + 'Say hello.', 32 tokens) at the start",
+    )
     add_ca_bundle_flag(p)
     p.add_argument("--api-key-env", help="environment variable holding the endpoint key")
     p.add_argument(
@@ -233,6 +247,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         voice=args.voice,
         turn_detection=turn_detection,
         speculative=not args.no_speculative,
+        warm_prompt=not args.no_warm_up,
     )
 
     async def preflight() -> None:
@@ -281,7 +296,10 @@ def _cmd_talk(args: argparse.Namespace) -> int:
             tts = await load_tts(args.tts, tts_remote)
         printer = _talk_printer(live=source is None)
         # The machine's owner runs this: local endpoints are allowed.
-        llm = ChatClient(Endpoint(base_url, args.model, key), policy=URLPolicy.operator())
+        llm = ChatClient(
+            Endpoint(base_url, args.model, key), policy=URLPolicy.operator(),
+            leading_reasoning=leading_from_setting(args.think_block),
+        )  # fmt: skip
         try:
             check_voice(tts, args.voice, args.tts)
             if source is not None:

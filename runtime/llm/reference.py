@@ -84,8 +84,8 @@ class ReplyPlan:
         replies: reply texts, used in turn by successive requests.
         warm_up_reply: the text that answers a warm-up request (the system
             prompt and ``WARM_UP_PROMPT``, as ``ChatClient.warm_up`` sends),
-            without taking a turn from ``replies`` (``None``: a warm-up takes
-            the next reply like any request).
+            without taking a turn from ``replies`` or a queued plan (``None``:
+            a warm-up is answered like any request).
         ttft_ms: delay from the request to the first content token.
         itl_ms: delay between tokens.
         role_chunk: send a role-only chunk at once (before the TTFT delay).
@@ -378,7 +378,10 @@ class ReferenceEndpoint:
                     conn, writer, record, 400, _error("'messages' is required", "invalid_request")
                 )
                 return
-            plan = self._queued.popleft() if self._queued else self.plan
+            if self.plan.warm_up_reply is not None and _is_warm_up(body["messages"]):
+                plan = self.plan  # a warm-up takes no queued plan
+            else:
+                plan = self._queued.popleft() if self._queued else self.plan
             await self._chat(conn, reader, writer, record, plan, body)
         finally:
             record.ended_ns = time.perf_counter_ns()

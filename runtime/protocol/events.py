@@ -179,6 +179,9 @@ class LLMSpec:
     base_url: str
     model: str
     api_key: Secret | None = None
+    # Whether the model's chat template opens a think block before every reply
+    # ("auto", "template" or "none"; see runtime.llm.think).
+    think_block: Literal["auto", "template", "none"] = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -596,9 +599,17 @@ def _llm(value: Any) -> tuple[LLMSpec, ...]:
         base_url = _str(doc, "base_url", param, required=True)
         model = _str(doc, "model", param, required=True)
         key = _str(doc, "api_key", param)
+        think = _str(doc, "think_block", param) or "auto"
+        if think not in ("auto", "template", "none"):
+            raise _fail(f"{param}think_block", "must be 'auto', 'template' or 'none'")
         assert base_url is not None
         assert model is not None
-        out.append(LLMSpec(base_url=base_url, model=model, api_key=Secret(key) if key else None))
+        out.append(
+            LLMSpec(
+                base_url=base_url, model=model, api_key=Secret(key) if key else None,
+                think_block=cast("Literal['auto', 'template', 'none']", think),
+            )
+        )  # fmt: skip
     return tuple(out)
 
 

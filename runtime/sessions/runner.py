@@ -16,6 +16,7 @@ from typing import Any
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
 from runtime.llm.client import ChatClient, Endpoint
+from runtime.llm.think import leading_from_setting
 from runtime.protocol import events as ev
 from runtime.sessions.engines import Engines
 from runtime.sessions.errors import SessionRefused
@@ -75,7 +76,7 @@ class SessionRunner:
     def chat_client(self, llm: ev.LLMSpec) -> ChatClient:
         return ChatClient(
             Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy,
-            resolver=self.resolver,
+            resolver=self.resolver, leading_reasoning=leading_from_setting(llm.think_block),
         )  # fmt: skip
 
     @contextlib.contextmanager

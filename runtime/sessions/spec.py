@@ -64,6 +64,7 @@ class SessionSpec:
             voice=self.voice,
             tools=tuple(_core_tool(t) for t in self.tools),
             turn_detection=self.turn_detection,
+            warm_prompt=True,
         )
 
     def apply(self, patch: ev.SessionPatch) -> SessionSpec:

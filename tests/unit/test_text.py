@@ -48,6 +48,30 @@ def test_eager_first_clause_at_a_comma():
     assert out[0] == "Your order shipped this morning,"
 
 
+def released_at(words: list[str], config: SegmenterConfig | None = None) -> list[list[str]]:
+    """What each push releases, pushing ``words`` one at a time (as an endpoint streams)."""
+    seg = SpeechSegmenter(config)
+    return [seg.push(w) for w in words] + [seg.flush()]
+
+
+def test_eager_first_clause_is_released_with_the_word_after_its_comma():
+    words = ["Your", " order", " shipped", " today,", " and", " it", " should", " arrive", "."]
+    # "Your order shipped today," is 25 characters: out as soon as the next word shows
+    # the comma ends a clause, before the first_words (7) fallback.
+    assert released_at(words) == [
+        [], [], [], [], ["Your order shipped today,"], [], [], [], [], ["and it should arrive."]
+    ]  # fmt: skip
+
+
+def test_a_first_clause_under_eager_chars_waits_for_the_word_count():
+    words = ["My", " order", " shipped", " today,", " and", " it", " should", " arrive", " soon."]
+    # "My order shipped today," is 23 characters: not eager; out once the 7th word is
+    # whole (the next one shows it ended), cut at its clause mark.
+    assert released_at(words) == [
+        [], [], [], [], [], [], [], ["My order shipped today,"], [], ["and it should arrive soon."]
+    ]  # fmt: skip
+
+
 def test_short_first_clause_is_not_released_alone():
     assert segments("Sure, I can help with that.")[0] == "Sure, I can help with that."
 
