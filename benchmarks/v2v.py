@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--min-silence-ms", type=int, default=None, help="end-of-turn silence")
     parser.add_argument(
-        "--warm-prompt", action="store_true",
-        help="warm the endpoint with the system prompt at session start (warm_prompt)",
+        "--no-warm-prompt", dest="warm_prompt", action="store_false",
+        help="no warm-up request at session start (warm_prompt, on as in talk and serve)",
     )  # fmt: skip
     parser.add_argument(
         "--no-think-template", action="store_true",

@@ -85,7 +85,9 @@ async def run_talk(clip: Path, base_url: str, stt: WhisperSTT, tts: PiperTTS) ->
     audio = read_wav(clip)
     pcm16k = resample_all(audio.mono(), audio.sample_rate, 16000)
     async with ChatClient(Endpoint(base_url, "default"), policy=URLPolicy.operator()) as llm:
-        result = await talk_pcm(pcm16k, llm=llm, stt=stt, tts=tts, config=SessionConfig())
+        result = await talk_pcm(
+            pcm16k, llm=llm, stt=stt, tts=tts, config=SessionConfig(warm_prompt=True)
+        )
     return {
         "audio_v2v_ms": audio_v2v_ms(result.user, result.agent, OUTPUT_RATE),
         "v2v_ms": [m.v2v_ms for m in result.metrics if m.v2v_ms is not None],
