@@ -102,6 +102,8 @@ class ReplyPlan:
         tool_name: answer with a call to this tool (when the request has tools
             and its last message is not a tool result).
         tool_arguments: the call's JSON arguments (``None`` sends ``null``).
+        tool_after_text: with ``tool_name``, stream the reply text first and then
+            the call (a model that says goodbye and hangs up in one round).
         reject_stream_options: answer 400 when ``stream_options`` is sent.
         body: serve these bytes as the whole response body instead of a reply.
         content_type: the response's content type with ``body``.
@@ -127,6 +129,7 @@ class ReplyPlan:
     reasoning: str = ""
     think_tags: bool = False
     tool_name: str | None = None
+    tool_after_text: bool = False
     tool_arguments: str | None = '{"city": "Paris"}'
     reject_stream_options: bool = False
     body: bytes | None = None
@@ -554,6 +557,10 @@ class ReferenceEndpoint:
         finish = "stop"
         if plan.tool_name and tools and last_role != "tool":
             finish = "tool_calls"
+            if plan.tool_after_text:
+                text = plan.replies[self._reply_index % len(plan.replies)]
+                self._reply_index += 1
+                tokens += [{"content": t} for t in _TOKEN.findall(text)]
             call_id = f"call_ref{len(self.requests)}"
             tokens.append(
                 {

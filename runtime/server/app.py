@@ -72,6 +72,7 @@ from runtime.protocol.events import LLMSpec
 from runtime.secret import Secret
 from runtime.server.logs import AccessLog
 from runtime.server.realtime import realtime_endpoint
+from runtime.server.telephony import MEDIA_PATH, VOICE_PATH, Telephony, TwilioSettings
 from runtime.sessions import (
     Engines,
     RunnerLimits,
@@ -113,6 +114,7 @@ class Settings:
     default_llm: LLMSpec | None = None
     stt_engine: str = "whisper"
     tts_engine: str = "piper"
+    twilio: TwilioSettings = field(default_factory=TwilioSettings)
 
 
 def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
@@ -176,6 +178,7 @@ def settings_from_env(
         installed_voice_ids(), key_file=key_file,
         limits=RunnerLimits.from_env(env), default_llm=default_llm_from_env(env),
         stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=env.get("VOXLOOP_TTS", "piper"),
+        twilio=TwilioSettings.from_env(env),
     )  # fmt: skip
 
 
@@ -657,6 +660,14 @@ def create_app(settings: Settings) -> Starlette:
             await store.aclose()
 
     socket = realtime_endpoint(settings.api_keys, api.tokens, runner)
+
+    async def agent_exists(agent_id: str) -> bool:
+        try:
+            return await api.load_agent(agent_id) is not None
+        except Exception:  # a sealed secret that does not open: the call is refused later
+            return True
+
+    phone = Telephony(runner, settings.twilio, agent_exists)
     app = Starlette(
         routes=[
             Route("/v1/agents", api.create_agent, methods=["POST"]),
@@ -672,6 +683,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/docs", api.docs, methods=["GET"]),
             WebSocketRoute("/v1/ws", socket),
             WebSocketRoute("/v1/realtime", socket),
+            Route(VOICE_PATH, phone.voice, methods=["POST"]),
+            WebSocketRoute(MEDIA_PATH, phone.media),
         ],
         middleware=[Middleware(AccessLog)],
         lifespan=lifespan,

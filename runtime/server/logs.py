@@ -43,6 +43,31 @@ FIELDS: Final = (
     "url",
     "signal",
     "error",
+    # sessions and phone calls
+    "session_id",
+    "call_sid",
+    "stream_sid",
+    "reason",
+    "code",
+    "event",
+    "turn",
+    "turns",
+    "rejected_messages",
+    "dtmf_messages",
+    "marks_sent",
+    "marks_acknowledged",
+    "clears",
+    "played_ms",
+    # per-turn metrics (runtime.conversation.events.TurnMetrics, in ms)
+    "interrupted",
+    "speculative",
+    "stt_final_ms",
+    "ttft_ms",
+    "first_sentence_ms",
+    "tts_first_audio_ms",
+    "v2v_ms",
+    "overhead_ms",
+    "endpointing_ms",
 )
 MAX_FRAMES: Final = 20
 

@@ -11,11 +11,12 @@ import secrets as pysecrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from audio.frame import AudioFrame
 from runtime.conversation import events as core
 from runtime.conversation.session import ConversationSession
+from runtime.conversation.sinks import AudioSink
 from runtime.llm.client import ChatClient
 from runtime.protocol import events as ev
 from runtime.sessions.errors import SessionRefused
@@ -29,6 +30,22 @@ if TYPE_CHECKING:
 
 Emit = Callable[[ev.ServerEvent], None]
 EndReason = Literal["ended", "expired", "dropped"]
+
+
+class Playout(AudioSink, Protocol):
+    """A sink the session runs (:meth:`run` sends its audio) and asks how much is unplayed."""
+
+    @property
+    def queued_samples(self) -> int: ...
+
+    async def run(self) -> None: ...
+
+
+#: Makes the session's playout instead of the paced ``reply.audio`` sink (the phone's
+#: mark-acknowledged playout); gets the output rate.
+PlayoutFactory = Callable[[int], Playout]
+#: Sees every core event (metrics, logs), after the session has rendered it.
+Observer = Callable[[core.ConversationEvent], None]
 
 
 @dataclass(slots=True)
@@ -66,6 +83,8 @@ class LiveSession:
         history: list[dict[str, Any]] | None,
         audio_seconds: float,
         emit: Emit,
+        playout: PlayoutFactory | None = None,
+        observe: Observer | None = None,
     ) -> None:
         self.runner = runner
         self.session_id = session_id
@@ -76,6 +95,8 @@ class LiveSession:
         self._prior_history = history
         self._audio_before = audio_seconds
         self._emit = emit
+        self._make_playout = playout
+        self._observe = observe
         self.resume_token = "rt_" + pysecrets.token_urlsafe(24)
         self._ingress = AudioIngress(spec.input_format, runner.limits.input_buffer_ms)
         self._encode = wire_encoder(spec.output_format, spec.volume)
@@ -92,7 +113,7 @@ class LiveSession:
         self._pending_calls: dict[str, str] = {}  # call_id -> core reply id
         self._last_violation = -1.0
         self._tg: asyncio.TaskGroup | None = None
-        self._sink: PacedSink | None = None
+        self._sink: Playout | None = None
         self._speaking: _ProtoReply | None = None
         self._item_ids = itertools.count(1)
         self._cancelled: set[str] = set()
@@ -112,11 +133,15 @@ class LiveSession:
         stt, tts = await self.runner.engines.get()
         assert self.spec.llm is not None
         self._llm = self.runner.chat_client(self.spec.llm)
-        sink = PacedSink(
-            self.spec.output_format.sample_rate, self.runner.limits.output_lead_ms,
-            self._on_audio, tag=lambda: self._speaking,
-            buffer_ms=self.runner.limits.output_buffer_ms,
-        )  # fmt: skip
+        sink: Playout
+        if self._make_playout is not None:
+            sink = self._make_playout(self.spec.output_format.sample_rate)
+        else:
+            sink = PacedSink(
+                self.spec.output_format.sample_rate, self.runner.limits.output_lead_ms,
+                self._on_audio, tag=lambda: self._speaking,
+                buffer_ms=self.runner.limits.output_buffer_ms,
+            )  # fmt: skip
         self._sink = sink
         config = self.spec.core_config()
         if self._prior_history is not None:
@@ -302,6 +327,11 @@ class LiveSession:
         self._emit(ev.ReplyAudio(data=self._encode(pcm), reply_id=reply.reply_id))
 
     def _on_core_event(self, event: core.ConversationEvent) -> None:
+        self._render(event)
+        if self._observe is not None:
+            self._observe(event)
+
+    def _render(self, event: core.ConversationEvent) -> None:
         emit = self._emit
         match event:
             case core.SpeechStarted(continued=continued):

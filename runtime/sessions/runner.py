@@ -21,7 +21,7 @@ from runtime.protocol import events as ev
 from runtime.sessions.engines import Engines
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.limits import RunnerLimits
-from runtime.sessions.live import Emit, LiveSession
+from runtime.sessions.live import Emit, LiveSession, Observer, PlayoutFactory
 from runtime.sessions.principals import Principal, token_hash
 from runtime.sessions.resume import MemorySessionStore, ResumableState, SessionStateStore
 from runtime.sessions.spec import SessionSpec
@@ -194,9 +194,22 @@ class SessionRunner:
     # -- starting and resuming ------------------------------------------------------
 
     def start(
-        self, spec: SessionSpec, principal: Principal, emit: Emit, *, now: float | None = None
+        self,
+        spec: SessionSpec,
+        principal: Principal,
+        emit: Emit,
+        *,
+        now: float | None = None,
+        playout: PlayoutFactory | None = None,
+        observe: Observer | None = None,
     ) -> LiveSession:
-        """A new session (run it with :meth:`LiveSession.run`)."""
+        """A new session (run it with :meth:`LiveSession.run`).
+
+        Args:
+            playout: makes the session's speaker (default: ``reply.audio`` paced by
+                :class:`PacedSink` and rendered through ``emit``).
+            observe: sees every core event (metrics, logs).
+        """
         started = time.time() if now is None else now
         duration = min(
             principal.max_duration_s or self.limits.max_duration_s, self.limits.max_duration_s
@@ -204,7 +217,7 @@ class SessionRunner:
         return LiveSession(
             self, session_id="sess_" + pysecrets.token_hex(12), spec=spec,
             owner=principal.owner, started_at=started, expires_at=started + duration,
-            history=None, audio_seconds=0.0, emit=emit,
+            history=None, audio_seconds=0.0, emit=emit, playout=playout, observe=observe,
         )  # fmt: skip
 
     async def resume(self, session_id: str, principal: Principal, emit: Emit) -> LiveSession:
