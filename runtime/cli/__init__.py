@@ -10,6 +10,7 @@ Commands, and the module each lives in:
     voxloop serve                the agent service: REST API for agents, tokens and voices (serve)
     voxloop secrets rotate-key   re-encrypt stored secrets under a new key (serve)
     voxloop agents ...           create, list, get, update and delete stored agents (agents)
+    voxloop call                 place a phone call through Twilio to a stored agent (call)
 
 Adding a command group: write ``runtime/cli/<group>.py`` with a
 ``register(sub)`` function that adds its sub-parser(s) to ``sub`` (the
@@ -27,7 +28,7 @@ import logging
 from collections.abc import Sequence
 
 from runtime import __version__
-from runtime.cli import agents, bench, connect, endpoint, serve, speech, talk
+from runtime.cli import agents, bench, call, connect, endpoint, serve, speech, talk
 from runtime.cli.common import EXIT_INTERRUPTED, CommandError, Parser, describe, report
 
 # Each module's ``register(sub)`` adds its commands, in this order, to ``voxloop --help``.
@@ -39,6 +40,7 @@ GROUPS = (
     connect,
     serve,
     agents,
+    call,
 )
 
 

@@ -96,6 +96,7 @@ EXTRAS: Final = {
     "espeakng_loader": ("embedded", "the espeak text-to-speech engine"),
     "matplotlib": ("plot", "--plot"),
     "h2": ("http2", "--http2"),
+    "twilio": ("phone", "voxloop call"),
 }
 
 
