@@ -20,6 +20,7 @@ from runtime.speech.engines.whisper import WhisperSTT
 from runtime.speech.tts import warm_up
 from runtime.talk import talk_pcm
 
+from .script import Step, Until, run_script
 from .test_conversation import active, chat_bodies, llm_for, normalise, silence, utterance
 
 
@@ -85,21 +86,20 @@ async def test_no_speculation_when_disabled(
 async def test_resuming_after_the_pause_cancels_the_speculative_reply_and_it_is_never_spoken(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ):
-    # A long end-of-turn silence, so the ~1.5 s between the two sentences is a pause, long
-    # enough for the speculative request to leave before the user goes on.
+    # A long end-of-turn silence, so the silence between the two sentences is a pause; the
+    # user goes on once the speculative request has left (however long the decode takes).
     config = SessionConfig(
-        turn_detection=TurnDetection(pause_ms=160, min_silence_ms=2500, max_silence_ms=2500)
+        turn_detection=TurnDetection(pause_ms=160, min_silence_ms=5000, max_silence_ms=5000)
     )
     # The speculative reply streams for seconds: it is still streaming when the user resumes.
     # Later requests (the user may pause again inside the second sentence) all get "Done.".
     endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=20, replies=(SPECULATIVE, *["Done."] * 20))
     first, second = utterance("shared-04-piper"), utterance("shared-05-piper")
-    pcm = silence(0.4) + first + silence(0.4) + second + silence(3.0)
-    events: list[ev.ConversationEvent] = []
+    asked = Until("the speculative request", lambda _p: bool(chats(endpoint)), limit_s=4.0)
+    steps: list[Step] = [silence(0.4), first, asked, second, silence(0.5)]
     async with llm_for(endpoint) as llm:
-        result = await talk_pcm(
-            pcm, llm=llm, stt=whisper, tts=piper, config=config, on_event=events.append
-        )
+        result = await run_script(steps, llm=llm, stt=whisper, tts=piper, config=config)
+    events = result.events
     requests = chats(endpoint)
     assert len(requests) >= 2
     spec, final = requests[0], requests[-1]
@@ -107,9 +107,8 @@ async def test_resuming_after_the_pause_cancels_the_speculative_reply_and_it_is_
     # (the client hung up) once the user went on.
     assert normalise(spec.body["messages"][-1]["content"]) == normalise(CANCEL)
     assert spec.disconnected_ns is not None and spec.disconnected_ns < final.received_ns
-    resumed_s = 0.4 + len(first) / 32000 + 0.4
     # Its reply was never heard: nothing plays before the user's second sentence ends.
-    assert not active(result.agent, 0.0, resumed_s + len(second) / 32000)
+    assert not active(result.agent, 0.0, result.starts[4])
     heard = normalise(final.body["messages"][-1]["content"])
     assert heard == normalise(f"{CANCEL} {ADDRESS}")
     # Only the reply to the whole turn was spoken, and its audio came from the second pause's

@@ -2,9 +2,9 @@
 
 Each conversation runs in real time against the reference endpoint, whose first
 reply lasts well over ten seconds, so the user always talks over it. The agent
-speaks with espeak-ng (first audio in well under a millisecond), so its reply is
-already playing when the user starts, however busy the machine; the user's
-speech is the Piper voice or a recording, heard by Whisper.
+speaks with espeak-ng; the user's speech is the Piper voice or a recording, heard
+by Whisper. The user talks over the reply once it has been heard for a second
+(:mod:`.script`), however late a busy machine brings it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.speech.engines.espeak import EspeakTTS
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
-from runtime.talk import OUTPUT_RATE, FileResult, talk_pcm
+from runtime.talk import OUTPUT_RATE, talk_pcm
 
 from ...helpers import SPEECH, noise
+from .script import Scripted, Step, Until, agent_heard_for, last_heard, run_script
 from .test_conversation import LONG_REPLY, active, chat_bodies, llm_for, silence, utterance
 
 normalise = EnglishTextNormalizer()
@@ -38,40 +39,23 @@ def said(text: str) -> str:
     return str(normalise(text)).replace(",", "")
 
 
-def first_silence(agent24k: bytes, start_s: float, end_s: float, min_s: float) -> float | None:
-    """Start (s) of the first run of >= ``min_s`` without agent audio beginning in ``[start_s, end_s)``.
-
-    50 ms windows; a window is audible above an RMS of 100.
-    """
-    x = np.frombuffer(agent24k, "<i2").astype(np.float64)
-    step = OUTPUT_RATE // 20
-    need = round(min_s * 20)
-    quiet: list[bool] = []
-    for i in range(int(start_s * OUTPUT_RATE), int((end_s + min_s) * OUTPUT_RATE), step):
-        w = x[i : i + step]
-        quiet.append(not (w.size and float(np.sqrt(np.mean(w * w))) > 100))
-    for k in range(round((end_s - start_s) * 20)):
-        if all(quiet[k : k + need]) and len(quiet[k : k + need]) == need:
-            return start_s + k / 20
-    return None
-
-
 async def converse(
-    pcm: bytes,
+    steps: list[Step],
     whisper: WhisperSTT,
     espeak: EspeakTTS,
     *,
     config: SessionConfig | None = None,
-) -> tuple[FileResult, list[ev.ConversationEvent], list[list[dict[str, str]]]]:
-    events: list[ev.ConversationEvent] = []
+) -> tuple[Scripted, list[ev.ConversationEvent], list[list[dict[str, str]]]]:
     plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY, SECOND))
     async with ReferenceEndpoint(plan) as server, llm_for(server) as llm:
-        result = await talk_pcm(
-            pcm, llm=llm, stt=whisper, tts=espeak, config=config or SessionConfig(),
-            on_event=events.append,
-        )  # fmt: skip
+        result = await run_script(steps, llm=llm, stt=whisper, tts=espeak, config=config)
         requests = [body["messages"] for body in chat_bodies(server)]
-    return result, events, requests
+    return result, result.events, requests
+
+
+def over_the_reply(question: bytes, words: bytes) -> list[Step]:
+    """A question, then ``words`` said once its (long) answer has been heard for a second."""
+    return [silence(0.4), question, agent_heard_for(1.0), words, silence(0.5)]
 
 
 async def speak(piper: PiperTTS, text: str) -> bytes:
@@ -113,46 +97,47 @@ def check_interrupted(
 async def test_an_interruption_starting_with_um_stops_the_agent_at_wait(
     whisper: WhisperSTT, espeak: EspeakTTS
 ):
-    # "Um" at 6.60-6.85 s, "wait" at 7.00-7.25 s, "stop, that's not what I asked." until 9.2 s.
+    # The question until 2.5 s; "Um" at 6.60-6.85 s, "wait" at 7.00-7.25 s, "stop, that's not
+    # what I asked." until 9.5 s. The recording goes on from 6.0 s once the reply is heard.
     pcm = read_wav(SPEECH / "interrupt-starting-with-um.wav").mono()
-    result, events, requests = await converse(pcm, whisper, espeak)
+    split = 6 * 16000 * 2
+    result, events, requests = await converse(
+        [pcm[:split], agent_heard_for(1.0), pcm[split:]], whisper, espeak
+    )
     check_interrupted(events, requests, "wait, stop, that's not what I asked.")
-    # The agent was talking when the user began, and stopped once "wait" was heard: the first
-    # silence longer than any pause inside the reply (300 ms) starts after "wait" begins.
-    assert first_silence(result.agent, 6.0, 6.6, 0.35) is None
-    cut_at = first_silence(result.agent, 6.6, 9.5, 0.35)
-    assert cut_at is not None and 7.0 <= cut_at < 8.2
+    # The agent was talking when the user began; "Um" did not stop it, the words after it did,
+    # before the user had finished.
+    um, wait, end = (result.starts[2] + s - 6.0 for s in (6.6, 7.0, 9.5))
+    assert active(result.agent, um - 0.6, um)
+    cut_at = last_heard(result.agent, um, end)
+    assert cut_at is not None and wait <= cut_at < end - 0.3
 
 
 async def test_an_interruption_starting_with_okay_is_not_a_backchannel(
     whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS
 ):
-    words = "Okay, but I meant the other one."
-    pcm = (
-        silence(0.4) + utterance("shared-00-piper") + silence(4.0) + await speak(piper, words)
-    ) + silence(0.5)
-    _, events, requests = await converse(pcm, whisper, espeak)
+    words = await speak(piper, "Okay, but I meant the other one.")
+    _, events, requests = await converse(
+        over_the_reply(utterance("shared-00-piper"), words), whisper, espeak
+    )
     check_interrupted(events, requests, "but I meant the other one.")
     assert said(requests[-1][3]["content"]).startswith("okay")
 
 
 async def test_digits_interrupt(whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS):
-    pcm = (
-        silence(0.4) + utterance("shared-00-piper") + silence(4.0)
-        + await speak(piper, "One, two, three, four.") + silence(0.5)
-    )  # fmt: skip
-    _, events, requests = await converse(pcm, whisper, espeak)
+    digits = await speak(piper, "One, two, three, four.")
+    _, events, requests = await converse(
+        over_the_reply(utterance("shared-00-piper"), digits), whisper, espeak
+    )
     assert statuses(events) == ["interrupted", "completed"]
-    digits = said(requests[1][3]["content"]).replace("one", "1")
-    assert digits == "1 2 3 4"
+    assert said(requests[1][3]["content"]).replace("one", "1") == "1 2 3 4"
 
 
 async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS):
-    pcm = (
-        silence(0.4) + utterance("shared-00-piper") + silence(4.0)
-        + await speak(piper, "Okay, okay.") + silence(0.5)
-    )  # fmt: skip
-    _, events, requests = await converse(pcm, whisper, espeak)
+    okay = await speak(piper, "Okay, okay.")
+    _, events, requests = await converse(
+        over_the_reply(utterance("shared-00-piper"), okay), whisper, espeak
+    )
     assert statuses(events) == ["completed"]
     replies = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert len(replies) == 1 and replies[0].text == LONG_REPLY and not replies[0].interrupted
@@ -162,12 +147,10 @@ async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS, 
 async def test_speech_over_a_reply_that_cannot_be_interrupted_is_the_next_turn(
     whisper: WhisperSTT, espeak: EspeakTTS
 ):
-    pcm = (
-        silence(0.4) + utterance("shared-00-piper") + silence(4.0)
-        + utterance("shared-10-piper") + silence(0.5)
-    )  # fmt: skip  # "No, I meant next Friday, not this one."
+    # "No, I meant next Friday, not this one."
+    steps = over_the_reply(utterance("shared-00-piper"), utterance("shared-10-piper"))
     config = SessionConfig(turn_detection=TurnDetection(interrupt_response=False))
-    result, events, requests = await converse(pcm, whisper, espeak, config=config)
+    result, events, requests = await converse(steps, whisper, espeak, config=config)
     assert statuses(events) == ["completed", "completed"]
     first = next(e for e in events if isinstance(e, ev.AgentTranscript))
     assert first.text == LONG_REPLY and not first.interrupted
@@ -258,19 +241,24 @@ async def test_going_on_before_the_reply_is_heard_keeps_one_user_turn(
     whisper: WhisperSTT, piper: PiperTTS
 ):
     # The head said as a sentence of its own: at the pause Whisper hears "I want to fly from
-    # Boston, too." with a sure full stop, so the turn ends; the reply is slow to come, and the
-    # user goes on before a word of it is heard.
-    pcm = (
-        silence(0.4) + await speak(piper, "I want to fly from Boston to") + silence(0.9)
-        + await speak(piper, "New York next week.") + silence(0.5)
-    )  # fmt: skip
-    events: list[ev.ConversationEvent] = []
+    # Boston, too." with a sure full stop, so the turn ends (the silence that ends any turn is
+    # never reached); the reply is slow to come, and the user goes on before a word of it is
+    # heard, as soon as the turn's transcript is out.
+    ended = Until(
+        "the turn ended on its words",
+        lambda p: any(isinstance(e, ev.UserTranscript) for e in p.events),
+        limit_s=15.0,
+    )
+    steps: list[Step] = [
+        silence(0.4), await speak(piper, "I want to fly from Boston to"), ended,
+        await speak(piper, "New York next week."), silence(0.5),
+    ]  # fmt: skip
+    config = SessionConfig(turn_detection=TurnDetection(max_silence_ms=20_000))
     plan = ReplyPlan(ttft_ms=3000, itl_ms=5, replies=("Which evening?",))
     async with ReferenceEndpoint(plan) as server, llm_for(server) as llm:
-        result = await talk_pcm(
-            pcm, llm=llm, stt=whisper, tts=piper, config=SessionConfig(), on_event=events.append
-        )
+        result = await run_script(steps, llm=llm, stt=whisper, tts=piper, config=config)
         requests = [body["messages"] for body in chat_bodies(server)]
+    events = result.events
     # The turn ended at the pause, and went on: its reply was withdrawn unheard.
     assert statuses(events) == ["interrupted", "completed"]
     agent = [e for e in events if isinstance(e, ev.AgentTranscript)]
@@ -288,6 +276,6 @@ async def test_going_on_before_the_reply_is_heard_keeps_one_user_turn(
     assert last[1]["content"] == users[-1].text
     assert [m.user_text for m in result.metrics] == [users[-1].text]
     # Nothing was said over the user: the agent is silent until they finish.
-    user_end = len(pcm) / 32000 - 0.5
+    user_end = result.starts[4]
     assert not active(result.agent, 0.0, user_end)
     assert active(result.agent, user_end, len(result.agent) / (2 * OUTPUT_RATE))
