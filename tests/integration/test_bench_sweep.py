@@ -44,8 +44,8 @@ async def test_capacity_model_queues_requests_first_come_first_served():
     assert records[2].admitted_ns >= released[0]
     assert records[3].admitted_ns >= released[1]
     assert records[2].admitted_ns <= records[3].admitted_ns
-    # the first two never waited; the others waited for a whole stream (24 gaps of 30 ms)
-    assert [r.queued_ms is not None and r.queued_ms < 200 for r in records[:2]] == [True, True]
+    # the first two never waited: admitted before either stream ended
+    assert all(r.admitted_ns is not None and r.admitted_ns < released[0] for r in records[:2])
     assert all(r.tokens_sent == 25 for r in records)
     with pytest.raises(ValueError, match="capacity"):
         ReferenceEndpoint(capacity=0)

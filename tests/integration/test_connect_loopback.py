@@ -331,8 +331,9 @@ async def test_headless_run_records_both_sides_and_times_the_turn(tmp_path: Path
         "Hi! How can I help?",
         False,
     )
-    # The voice ends 0.7 s in; the peer answers after 6 silent chunks (300 ms), at once.
-    assert turn.v2v_ms is not None and 300 <= turn.v2v_ms < 1000
+    # The voice ends 0.7 s in; the peer answers after 6 silent chunks (300 ms), at once (how
+    # soon after that is the machine's business, not this test's).
+    assert turn.v2v_ms is not None and turn.v2v_ms >= 300
     assert turn.endpointing_ms is not None and turn.endpointing_ms <= turn.v2v_ms
     stereo = read_wav(out)
     assert stereo.channels == 2 and stereo.sample_rate == 24000
@@ -342,6 +343,8 @@ async def test_headless_run_records_both_sides_and_times_the_turn(tmp_path: Path
     loud = np.nonzero(np.abs(np.frombuffer(right, dtype="<i2")) > 1000)[0]
     assert loud.size and loud[0] / 24000 > 0.7
     assert 0.29 < (loud[-1] - loud[0]) / 24000 < 0.31
+    # v2v is the silence heard between the voice and the reply in the recording (to a message).
+    assert abs((loud[0] / 24000 - 0.7) * 1000 - turn.v2v_ms) < 50
     doc = json.loads(metrics.read_text())
     assert doc["session_id"] == "sess_1"
     assert doc["turns"][0]["v2v_ms"] == turn.v2v_ms and doc["turns"][0]["ttft_ms"] is None
