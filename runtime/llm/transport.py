@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -112,6 +113,16 @@ class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def system_tls_context() -> ssl.SSLContext:
+    """One verifying TLS context with the system roots, shared by the process's clients.
+
+    Loading the roots costs tens of milliseconds of CPU; done for every client (each
+    session opens one), it stalled the event loop every time a session started.
+    """
+    return httpx.create_ssl_context(verify=True, trust_env=False)
+
+
 class PinnedTransport(httpx.AsyncHTTPTransport):
     """``httpx.AsyncHTTPTransport`` whose connection pool uses a :class:`PinnedNetworkBackend`.
 
@@ -131,6 +142,8 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
         limits = limits or httpx.Limits(max_connections=20, max_keepalive_connections=10)
         if verify is True:
             verify = tls_verify()  # the system roots, plus VOXLOOP_CA_BUNDLE if set
+        if verify is True:
+            verify = system_tls_context()
         super().__init__(verify=verify, http2=http2, trust_env=False, limits=limits)
         ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(

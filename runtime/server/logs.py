@@ -58,6 +58,10 @@ FIELDS: Final = (
     "marks_acknowledged",
     "clears",
     "played_ms",
+    "pieces_sent",
+    "pacing_p50_ms",
+    "pacing_p99_ms",
+    "pacing_max_ms",
     # per-turn metrics (runtime.conversation.events.TurnMetrics, in ms)
     "interrupted",
     "speculative",

@@ -16,6 +16,13 @@ class Engines:
         self._lock = asyncio.Lock()
         self._loaded: tuple[SpeechToText, TextToSpeech] | None = None
 
+    @classmethod
+    def preloaded(cls, stt: SpeechToText, tts: TextToSpeech) -> Engines:
+        """Engines already made (remote engines with their own settings, benchmarks)."""
+        engines = cls(stt.name, tts.name)
+        engines._loaded = (stt, tts)
+        return engines
+
     async def get(self) -> tuple[SpeechToText, TextToSpeech]:
         """The (STT, TTS) pair.
 

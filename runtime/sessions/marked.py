@@ -104,11 +104,12 @@ class MarkedPlayout:
         self._piece = max(1, piece_frames)
         self._silence = bytes([silence])
         self._grace = echo_grace_s
-        # Frames not sent yet: (written position at the frame's end, pcm).
-        self._unsent: collections.deque[tuple[int, bytes]] = collections.deque()
+        # Frames not sent yet: (written position at the frame's end, pcm, loop time written).
+        self._unsent: collections.deque[tuple[int, bytes, float]] = collections.deque()
         # Frames sent, not acknowledged (kept for a resume after a pause).
-        self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._unacked: collections.deque[tuple[int, bytes, float]] = collections.deque()
         self._tail = b""  # less than a frame, waiting for more
+        self._tail_at = 0.0
         self._written = 0
         self._acked = 0
         self._epoch = 0
@@ -146,7 +147,7 @@ class MarkedPlayout:
         return self._paused
 
     def _ahead_s(self, now: float) -> float:
-        unsent = sum(len(f) // 2 for _, f in self._unsent) + len(self._tail) // 2
+        unsent = sum(len(f) // 2 for _, f, _ in self._unsent) + len(self._tail) // 2
         return max(0.0, self._play_end - now) + unsent / self._rate
 
     async def write(self, pcm: bytes) -> None:
@@ -158,9 +159,12 @@ class MarkedPlayout:
         data = self._tail + pcm
         whole = len(data) // (self._frame * 2) * self._frame * 2
         base = self._written - len(self._tail) // 2
+        now = loop.time()
         for i in range(0, whole, self._frame * 2):
-            self._unsent.append((base + (i + self._frame * 2) // 2, data[i : i + self._frame * 2]))
+            end = base + (i + self._frame * 2) // 2
+            self._unsent.append((end, data[i : i + self._frame * 2], now))
         self._tail = data[whole:]
+        self._tail_at = now
         self._written += len(pcm) // 2
         self._wake.set()
 
@@ -268,19 +272,22 @@ class MarkedPlayout:
                     async with asyncio.timeout(due - now):
                         await self._wake.wait()  # more audio, a clear or a pause
                 continue
-            self._send_piece(now, max(0.0, now - due) if self._play_end > now else 0.0)
+            # How late the piece leaves against its schedule, or against the moment its
+            # audio arrived when the audio came after its schedule (the TTS was behind).
+            ready = self._unsent[0][2] if self._unsent else self._tail_at
+            self._send_piece(now, max(0.0, now - max(due, ready)))
 
     def _send_piece(self, now: float, late_s: float) -> None:
-        frames: list[tuple[int, bytes]] = []
+        frames: list[tuple[int, bytes, float]] = []
         while self._unsent and len(frames) < self._piece:
             frames.append(self._unsent.popleft())
-        payload = b"".join(self._encode(pcm) for _, pcm in frames)
+        payload = b"".join(self._encode(pcm) for _, pcm, _ in frames)
         if not frames:
             # The tail's turn came and nothing followed it: pad it to a whole frame.
             end = self._written
             samples = len(self._tail) // 2
             payload = self._encode(self._tail) + self._silence * (self._frame - samples)
-            frames.append((end, self._tail))
+            frames.append((end, self._tail, now))
             self._tail = b""
             self._padded += 1
         self._pieces += 1
