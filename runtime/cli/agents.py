@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,14 @@ def register(sub: Any) -> None:
     add("list", "list agents, newest first")
     for name, text in (("get", "show an agent"), ("delete", "delete an agent")):
         add(name, text).add_argument("agent_id", help="the agent's id (agent_…)")
+    k = add("link", "print a single-use browser link to talk to an agent on the page")
+    k.add_argument("agent_id", help="the agent's id (agent_…)")
+    k.add_argument(
+        "--expires-in", type=int, default=300, metavar="S",
+        help="seconds the link may wait before it is opened, 1-600 (default: 300); "
+        "the conversation itself may then last up to 3 hours",
+    )  # fmt: skip
+    k.add_argument("--open", action="store_true", help="open the link in this machine's browser")
     u = add("update", "update fields from a JSON file (present fields replace)")
     u.add_argument("agent_id", help="the agent's id (agent_…)")
     u.add_argument("--file", type=Path, required=True, help="the fields as JSON")
@@ -140,9 +149,12 @@ def _cmd_agents(args: argparse.Namespace) -> int:
         body = _agent_body(args) if args.agents_command in ("create", "update") else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.agents_command == "link" and not 1 <= args.expires_in <= 600:
+        raise UsageError("--expires-in must be from 1 to 600 seconds")
     method, path = {
         "create": ("POST", "/v1/agents"),
         "list": ("GET", "/v1/agents"),
+        "link": ("GET", "/v1/agents/{id}"),
         "get": ("GET", "/v1/agents/{id}"),
         "update": ("PUT", "/v1/agents/{id}"),
         "delete": ("DELETE", "/v1/agents/{id}"),
@@ -153,6 +165,10 @@ def _cmd_agents(args: argparse.Namespace) -> int:
             base_url=url, headers={"Authorization": key}, timeout=30, verify=tls_verify()
         ) as client:
             response = client.request(method, path, json=body)
+            if args.agents_command == "link" and response.status_code == 200:
+                # The agent exists: mint its single-use token.
+                method, path = "GET", f"/v1/token?expires_in_seconds={args.expires_in}"
+                response = client.request(method, path)
     except httpx.InvalidURL as exc:
         raise UsageError(f"--url {url}: {exc}") from None
     except httpx.HTTPError as exc:
@@ -178,6 +194,22 @@ def _cmd_agents(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{method} {url}{path}: HTTP {response.status_code}{where}: {detail}{hint}"
         )
+    if args.agents_command == "link":
+        return _print_link(url, args.agent_id, response.json()["token"], opening=args.open)
     if response.status_code != 204:
         print(json.dumps(response.json(), indent=2))
+    return EXIT_OK
+
+
+def _print_link(url: str, agent_id: str, token: str, *, opening: bool) -> int:
+    """Print (and maybe open) ``URL/#agent=ID&token=TOKEN``: the fragment never reaches a server."""
+    from urllib.parse import urlencode
+
+    link = f"{url}/#{urlencode({'agent': agent_id, 'token': token})}"
+    print(link)
+    if opening:
+        import webbrowser
+
+        if not webbrowser.open(link):
+            print("voxloop: no browser found here; open the link above by hand", file=sys.stderr)
     return EXIT_OK

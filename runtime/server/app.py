@@ -71,6 +71,7 @@ from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolic
 from runtime.protocol.events import LLMSpec
 from runtime.secret import Secret
 from runtime.server.logs import AccessLog
+from runtime.server.page import PageSettings, page_response, page_routes, wants_page
 from runtime.server.realtime import realtime_endpoint
 from runtime.server.telephony import MEDIA_PATH, VOICE_PATH, Telephony, TwilioSettings
 from runtime.sessions import (
@@ -115,6 +116,7 @@ class Settings:
     stt_engine: str = "whisper"
     tts_engine: str = "piper"
     twilio: TwilioSettings = field(default_factory=TwilioSettings)
+    page: PageSettings = field(default_factory=PageSettings)
 
 
 def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
@@ -179,6 +181,7 @@ def settings_from_env(
         limits=RunnerLimits.from_env(env), default_llm=default_llm_from_env(env),
         stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=env.get("VOXLOOP_TTS", "piper"),
         twilio=TwilioSettings.from_env(env),
+        page=PageSettings.from_env(env),
     )  # fmt: skip
 
 
@@ -574,9 +577,12 @@ class Api:
     # -- public pages (no API key): what this is, whether it is up, its API ---------
 
     async def index(self, request: Request) -> Response:
+        if wants_page(request):
+            return page_response()
         return JSONResponse({
             "service": "voxloop agent service", "version": __version__,
             "health": "/health", "docs": "/docs", "openapi": "/openapi.json",
+            "page": "/ (in a browser)",
         })  # fmt: skip
 
     async def health(self, request: Request) -> Response:
@@ -681,6 +687,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/", api.index, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/docs", api.docs, methods=["GET"]),
+            *page_routes(settings.page, api.tokens),
             WebSocketRoute("/v1/ws", socket),
             WebSocketRoute("/v1/realtime", socket),
             Route(VOICE_PATH, phone.voice, methods=["POST"]),

@@ -80,7 +80,8 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
                 )
             assert index.json() == {"service": "voxloop agent service", "version": "0.1.0",
                                     "health": "/health", "docs": "/docs",
-                                    "openapi": "/openapi.json"}  # fmt: skip
+                                    "openapi": "/openapi.json",
+                                    "page": "/ (in a browser)"}  # fmt: skip
             assert health.status_code == 200 and health.json() == {
                 "status": "ok",
                 "version": "0.1.0",
