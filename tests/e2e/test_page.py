@@ -10,13 +10,16 @@ transcribes with the embedded recognizer: what a person would hear.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,7 @@ def start_server(data: Path, endpoint: EndpointThread, **env: str) -> Served:
             stdout=subprocess.PIPE, stderr=handle, text=True,
             env={**os.environ, "VOXLOOP_API_KEYS": API_KEY,
                  "VOXLOOP_LLM_BASE_URL": endpoint.base_url, "VOXLOOP_LLM_MODEL": "page-test",
-                 "VOXLOOP_LLM_API_KEY": LLM_KEY,
+                 "VOXLOOP_LLM_API_KEY": LLM_KEY, "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
                  **env},
         )  # fmt: skip
     assert proc.stdout is not None
@@ -319,3 +322,110 @@ def test_an_interruption_empties_the_playback_buffer(chromium: str, tmp_path: Pa
     assert (
         heard and heard == words(LONG_REPLY)[: len(heard)] and len(heard) < len(words(LONG_REPLY))
     )
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, str]]:
+    """A server publishing a page for one agent, 2 tokens a minute per address."""
+    data = tmp_path_factory.mktemp("page-only") / "data"
+    with EndpointThread(ReplyPlan(replies=REPLIES), api_key=LLM_KEY) as endpoint:
+        served = start_server(data, endpoint, VOXLOOP_PAGE_AGENT="agent_published",
+                              VOXLOOP_PAGE_TOKENS_PER_MINUTE="2",
+                              VOXLOOP_PAGE_SESSION_SECONDS="120")  # fmt: skip
+        try:
+            yield served, create_agent(served)
+        finally:
+            stop_server(served)
+
+
+def test_the_page_and_its_files_are_served(page_server: tuple[Served, str]) -> None:
+    served, _ = page_server
+    with httpx.Client(base_url=served.http, timeout=30) as client:
+        page = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+        index = client.get("/", headers={"Accept": "application/json"})
+        script = client.get("/page/page.js")
+        worklet = client.get("/page/capture.js")
+        unknown = client.get("/page/secret.key")
+        escape = client.get("/page/..%2Fapp.py")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<script type="module" src="/page/page.js">' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert index.json()["page"] == "/ (in a browser)"
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert 'registerProcessor("vx-capture"' in worklet.text
+    assert (unknown.status_code, escape.status_code) == (404, 404)
+
+
+def test_page_only_mode_mints_rate_limited_tokens(page_server: tuple[Served, str]) -> None:
+    served, _ = page_server
+    with httpx.Client(base_url=served.http, timeout=30) as client:
+        answers = [client.post("/page/token") for _ in range(3)]
+        # A page token is a real single-use credential for the published agent.
+        token = answers[0].json()["token"]
+        used = client.get(f"/v1/agents?token={token}")
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].json()["agent_id"] == "agent_published"
+    assert answers[0].json()["expires_in_seconds"] == 60
+    assert answers[0].json()["token"] != answers[1].json()["token"]
+    assert answers[2].headers["retry-after"] == "60"
+    assert answers[2].json()["code"] == "rate_limited"
+    assert used.status_code == 401  # a token opens a socket, never the REST API
+
+    async def redeem() -> list[str]:
+        import websockets
+
+        seen = []
+        for _ in range(2):
+            async with websockets.connect("ws" + served.http[4:] + f"/v1/ws?token={token}") as ws:
+                # A refused token is answered at the upgrade: the send may find it closed.
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send('{"type": "session.update", "session": {"system_prompt": "x"}}')
+                event = json.loads(await ws.recv())
+                seen.append(event["type"] + ":" + event.get("code", ""))
+                if event["type"] == "session.ready":
+                    await ws.send('{"type": "session.end"}')
+        return seen
+
+    assert asyncio.run(redeem()) == ["session.ready:", "session.error:unauthorized"]
+
+
+def test_without_page_mode_page_tokens_are_not_minted(tmp_path: Path) -> None:
+    with EndpointThread(ReplyPlan(replies=REPLIES), api_key=LLM_KEY) as endpoint:
+        served = start_server(tmp_path / "data", endpoint)
+        try:
+            answer = httpx.post(f"{served.http}/page/token", timeout=30)
+        finally:
+            stop_server(served)
+    assert answer.status_code == 404
+    assert "VOXLOOP_PAGE_AGENT" in answer.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "line", "code"),
+    [
+        (["agent_nosuch"], "HTTP 404", 1),
+        (
+            ["{agent}", "--expires-in", "0"],
+            "voxloop: error: --expires-in must be from 1 to 600 seconds",
+            2,
+        ),
+        (
+            ["{agent}", "--expires-in", "601"],
+            "voxloop: error: --expires-in must be from 1 to 600 seconds",
+            2,
+        ),
+    ],
+)
+def test_agents_link_mistakes(
+    page_server: tuple[Served, str], args: list[str], line: str, code: int
+) -> None:
+    served, agent = page_server
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "agents", "link",
+         *[a.replace("{agent}", agent) for a in args], "--url", served.http],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "VOXLOOP_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert done.returncode == code, done.stderr
+    assert line in done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
