@@ -54,6 +54,7 @@ from runtime.conversation.policy import (
     CONFIDENT_END,
     FRAME_MS,
     RECHECK_MS,
+    TRAILING_END,
     BackChannel,
     CheckBurst,
     ContinueTurn,
@@ -87,6 +88,22 @@ COMPLETE = [
     "Yes, that's correct.",
     "I need a taxi to the airport.",
     "How much is it?",
+]
+# Short finished turns: greetings, names, yes/no answers, numbers (a turn whose transcript
+# may come out "Hello world..." at the pause and still be over).
+SHORT = [
+    "Hello.",
+    "Hi there.",
+    "Hello world!",
+    "Yes.",
+    "No.",
+    "Yes, please.",
+    "No, thanks.",
+    "My name is Diane.",
+    "It's Diane.",
+    "Forty two.",
+    "Thank you.",
+    "Good morning.",
 ]
 PAUSED = [
     ("I'd like to book", "a table for two at seven."),
@@ -204,12 +221,21 @@ async def build_items(piper: PiperTTS, whisper: WhisperSTT) -> list[Item]:
     def wrap(pcm: bytes) -> bytes:
         return silence(LEAD_S) + pcm + silence(TAIL_S)
 
-    texts = [*COMPLETE, *INTERRUPTIONS, *BACKCHANNELS, *NUMBERS_OVER_REPLY]
+    texts = [*COMPLETE, *SHORT, *INTERRUPTIONS, *BACKCHANNELS, *NUMBERS_OVER_REPLY]
     voice = {text: await say(text) for text in texts}
     items = [
         Item("complete", text, wrap(voice[text]), n_words(text), False, text=text)
         for text in COMPLETE
     ]
+    items += [
+        Item("short", text, wrap(voice[text]), n_words(text), False, text=text) for text in SHORT
+    ]
+    # The same recording as benchmarks/data/user_hello.wav, 8 kHz, through the phone path.
+    hello = read_wav(DATA / "real" / "hello-world.wav")
+    items.append(
+        Item("short", "real:hello-world.wav (8 kHz)", wrap(resample_all(hello.mono(),
+             hello.sample_rate, RATE)), 2, False, text="Hello world!")
+    )  # fmt: skip
     real = {
         "hello-world.wav": "Hello world.",
         "tt-weasels.wav": "Weasels have eaten our phone system.",
@@ -531,6 +557,7 @@ class Variant:
     reply_ms: float | None = None  # None: the run's --reply-ms
     confident_end: float = CONFIDENT_END
     clear_words: float = CLEAR_WORDS
+    trailing_end: float = TRAILING_END
 
 
 def pct(n: int, d: int) -> str:
@@ -546,7 +573,7 @@ def quantiles(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} / {q[8]:.0f}"
 
 
-TURN_KINDS = ("complete", "paused", "paused-prosody", "spelled")
+TURN_KINDS = ("complete", "short", "paused", "paused-prosody", "spelled")
 
 
 def evaluate(
@@ -561,6 +588,8 @@ def evaluate(
     wrong: list[str] = []
     eos: list[float] = []
     eos_audio: list[float] = []
+    eos_short: list[float] = []
+    short_items: list[Item] = []
     to_interrupt: list[float] = []
     for item in items:
         speech = speech_frames(item, td.vad_threshold)
@@ -573,6 +602,7 @@ def evaluate(
             policy = TurnTakingPolicy(
                 td, complete=variant.complete, recheck_ms=variant.recheck_ms,
                 confident_end=variant.confident_end, clear_words=variant.clear_words,
+                trailing_end=variant.trailing_end,
             )  # fmt: skip
             out = run_policy(
                 item, speech, policy, decode, reply_frames, variant.model, variant.verdict,
@@ -588,6 +618,9 @@ def evaluate(
                 cut_items.append(f"{item.kind}: {item.name} ({item.pause_ms} ms)")
             elif out.audible:
                 eos.append((out.end_ready[-1] - last_speech) * FRAME_MS)
+                if item.kind == "short":
+                    short_items.append(item)
+                    eos_short.append((out.end_ready[-1] - last_speech) * FRAME_MS)
                 eos_audio.append((out.audible[0] - last_speech) * FRAME_MS)
         elif item.kind == "noise":
             if item.over_reply:
@@ -626,9 +659,15 @@ def evaluate(
         "noise_turns_with_words": false_turns,
         "words_lost": lost,
         "eos_to_transcript_ms_p50_p90": quantiles(eos),
+        "short_turns_eos_to_transcript_ms_p50_p90": quantiles(eos_short),
         "eos_to_agent_audio_ms_p50_p90": quantiles(eos_audio),
         "speech_to_interrupt_ms_p50_p90": quantiles(to_interrupt),
         "cut_off_items": cut_items,
+        "short_turns_at_max_silence": [
+            item.name
+            for item, ms in zip(short_items, eos_short, strict=True)
+            if ms >= td.max_silence_ms
+        ],
         "wrong_interruption_decisions": wrong,
     }
 
@@ -640,6 +679,11 @@ def variants() -> list[Variant]:
             "before", td, ends_with_punctuation, before=True, confident_end=0.0, clear_words=0.0
         ),
         Variant("default", td),
+        Variant("default, a trailing ellipsis never ends a turn early", td, trailing_end=1.01),
+        Variant("default, trailing ellipsis from end confidence 0.25", td, trailing_end=0.25),
+        Variant("default, trailing ellipsis from end confidence 0.4", td, trailing_end=0.4),
+        Variant("default, end confidence from 0.5", td, confident_end=0.5),
+        Variant("default, end confidence from 0.45", td, confident_end=0.45),
         Variant("default, reply heard at once (0 ms)", td, reply_ms=0),
         Variant("default, ended turns never taken back", td, take_back=False),
         Variant("default, end confidence ignored", td, confident_end=0.0),

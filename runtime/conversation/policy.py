@@ -28,8 +28,10 @@ Phases::
   turn ends if the latest transcript reads as a finished sentence
   (:func:`reads_complete`) and the recognizer is sure of its end (the
   transcript's ``end_confidence``, when the engine gives one, at least
-  ``confident_end``), after ``max_silence_ms`` in any case
-  (:class:`EndTurn`).
+  ``confident_end``), or if it trails off in an ellipsis after words that
+  read finished and the recognizer's end confidence is at least
+  ``trailing_end`` (:func:`trails_off`); after ``max_silence_ms`` in any
+  case (:class:`EndTurn`).
 * RESPONDING (the turn was handed over, a reply is being prepared or spoken):
   user speech is a *burst*. With ``interrupt_response``, a burst of
   ``barge_in_ms`` of speech is transcribed (:class:`CheckBurst`, from the
@@ -76,6 +78,12 @@ BURST_END_MS: Final = 600
 # trusted to end the turn early. Whisper's marks follow the voice: a sentence cut open by a
 # pause ("I'd like to book." with the voice still rising) gets a doubtful full stop.
 CONFIDENT_END: Final = 0.6
+# A transcript that trails off ("Hello world...": Whisper writes an ellipsis where a voice
+# stops, finished or not) ends the turn at min_silence_ms when the words before the ellipsis
+# read finished and the recognizer's end confidence (its probability for a sentence mark at the
+# ellipsis, and for the last word) is at least this; below it, it waits for max_silence_ms.
+# Chosen on the turn-taking benchmark (docs/benchmarks.md).
+TRAILING_END: Final = 0.3
 # A hearing of a burst over the reply claims the floor at once only when the recognizer made
 # its words out (mean token probability): a hum it cannot ("Mm-hmm" heard as "Imam.", "And
 # I'm...") waits for the next hearing or for the burst's end, where its whole transcript decides.
@@ -204,6 +212,19 @@ def reads_complete(text: str) -> bool:
     return not (any(ch.isdigit() for ch in last) or len(last) == 1)
 
 
+def trails_off(text: str) -> str | None:
+    """The sentence a transcript ending in an ellipsis would be with a full stop, else ``None``.
+
+    ``"Hello world..."`` gives ``"Hello world."``; the caller decides from the
+    recognizer's end confidence whether the speaker stopped or paused.
+    """
+    stripped = text.rstrip()
+    if not stripped.endswith(("...", "\u2026", "..")):
+        return None
+    head = stripped.rstrip(".\u2026").rstrip()
+    return f"{head}." if head else None
+
+
 def ends_with_punctuation(text: str) -> bool:
     """The plain rule: ends like a finished sentence (an ellipsis does not count)."""
     return reads_finished(text)
@@ -321,6 +342,9 @@ class TurnTakingPolicy:
         pre_roll_ms: audio (ms) kept before the first speech frame of a turn or burst.
         confident_end: the end confidence (0-1) below which a transcript does not end
             the turn before ``max_silence_ms``.
+        trailing_end: the end confidence (0-1) from which a transcript ending in an
+            ellipsis, whose words read finished, ends the turn at ``min_silence_ms``
+            (above 1: never).
         clear_words: the word confidence (0-1) below which a hearing of a burst still
             going on does not interrupt.
     """
@@ -335,7 +359,9 @@ class TurnTakingPolicy:
         pre_roll_ms: int = PRE_ROLL_MS,
         confident_end: float = CONFIDENT_END,
         clear_words: float = CLEAR_WORDS,
+        trailing_end: float = TRAILING_END,
     ) -> None:
+        self._trailing_end = trailing_end
         self.td = turn_detection
         self._complete = complete
         self._confident_end = confident_end
@@ -352,6 +378,7 @@ class TurnTakingPolicy:
         self._paused = False
         self._partial = ""
         self._doubtful = False
+        self._trailed_off = False  # an ellipsis the recognizer is sure enough ends the turn
         self._t_speech_end = 0
         self._turn_first = 0  # first frame of the user turn's audio
         # RESPONDING
@@ -388,6 +415,13 @@ class TurnTakingPolicy:
         if self.phase is Phase.USER_TURN:
             self._partial = text
             self._doubtful = end_confidence is not None and end_confidence < self._confident_end
+            closed = trails_off(text)
+            self._trailed_off = (
+                closed is not None
+                and end_confidence is not None
+                and end_confidence >= self._trailing_end
+                and self._complete(closed)
+            )
         return []
 
     def reply_started(self) -> None:
@@ -486,6 +520,7 @@ class TurnTakingPolicy:
         self._paused = False
         self._partial = ""
         self._doubtful = False
+        self._trailed_off = False
         self._t_speech_end = self._t_ns if t_speech_end is None else t_speech_end
         self._deferred_from = None
 
@@ -506,6 +541,7 @@ class TurnTakingPolicy:
         if self._silence_ms >= td.min_silence_ms and (
             self._silence_ms >= td.max_silence_ms
             or (self._complete(self._partial) and not self._doubtful)
+            or self._trailed_off
         ):
             out.append(self.end_turn())
         return out

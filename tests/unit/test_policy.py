@@ -12,6 +12,7 @@ from runtime.conversation.policy import (
     CONFIDENT_END,
     FRAME_MS,
     PRE_ROLL_MS,
+    TRAILING_END,
     BackChannel,
     CheckBurst,
     ContinueTurn,
@@ -133,6 +134,35 @@ def test_a_finished_sentence_the_recognizer_doubts_waits_for_max_silence(
     drv.feed(True, 800)
     last_speech = drv.frame
     drv.policy.partial("I want to fly from Boston.", confidence)
+    drv.feed(False, 3000)
+    end_frame, _ = drv.first(EndTurn)
+    assert end_frame - last_speech == waits_ms // FRAME_MS
+
+
+@pytest.mark.parametrize(
+    ("partial", "confidence", "waits_ms"),
+    [
+        # Whisper's "Hello world!" decoded at the pause (the real 8 kHz recording: 0.346).
+        ("Hello World...", 0.346, 300), ("Hello World...", 0.31, 300),
+        ("Hello World…", 0.5, 300), ("No...", 0.408, 300),
+        ("Hello World...", 0.29, 1100), ("Hello World...", 0.25, 1100),
+        ("Hello World...", 0.1, 1100), ("Hello World...", None, 1100),
+        # Words before the ellipsis that leave the sentence hanging, or a value dictated.
+        ("Can you remind me to...", 0.9, 1100), ("The meeting is on...", 0.9, 1100),
+        ("Um...", 0.9, 1100), ("My code is 4 5...", 0.9, 1100),
+        # No mark at all: nothing says the speaker stopped.
+        ("Hello World", None, 1100),
+    ],
+)  # fmt: skip
+def test_a_transcript_that_trails_off_ends_the_turn_only_on_the_recognizers_word(
+    partial: str, confidence: float | None, waits_ms: int
+):
+    assert TRAILING_END == 0.3  # the cases are fixed on both sides of it
+    td = TurnDetection(min_silence_ms=300, max_silence_ms=1100)
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(True, 800)
+    last_speech = drv.frame
+    drv.policy.partial(partial, confidence)
     drv.feed(False, 3000)
     end_frame, _ = drv.first(EndTurn)
     assert end_frame - last_speech == waits_ms // FRAME_MS

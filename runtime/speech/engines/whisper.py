@@ -51,6 +51,7 @@ SAMPLE_RATE: Final = 16000
 _SILENCE_DBFS: Final = -55.0
 _MIN_AUDIO_S: Final = 0.1
 _SENTENCE_MARKS: Final = frozenset({".", "?", "!"})
+_TRAILING_MARKS: Final = frozenset({"...", "\u2026", ".."})
 _Decoded = tuple[str, float, float | None, float | None]  # text, ms, end and word confidence
 
 
@@ -117,6 +118,8 @@ class WhisperSTT:
         self._tokenizer: Any = Tokenizer(
             self._model.hf_tokenizer, multilingual=False, task="transcribe", language="en"
         )
+        # The tokens of the marks that end a sentence (each a single token).
+        self._mark_ids = [int(self._tokenizer.encode(m)[0]) for m in sorted(_SENTENCE_MARKS)]
         fe = self._model.feature_extractor
         self._silence = np.ascontiguousarray(
             fe(np.zeros(SAMPLE_RATE * 30, dtype=np.float32))[:, : fe.nb_max_frames]
@@ -176,7 +179,15 @@ class WhisperSTT:
     def _confidences(
         self, ids: list[int], log_probs: list[Any]
     ) -> tuple[float | None, float | None]:
-        """``(min(P(last word), P(final mark)), mean token P)`` from the per-step log probs."""
+        """``(end confidence, mean token P)`` from the per-step log probs.
+
+        The end confidence is the lower of P(last word) and the probability the
+        model gave, at the text's last step, to any sentence mark (``.``, ``?``,
+        ``!`` together: a "Yes" the model ends with "." or "!" is sure to end,
+        whichever it wrote). It is computed for a text that ends on a sentence
+        mark or on an ellipsis (the mark the model weighed against ending), and
+        is ``None`` for a text that ends on neither.
+        """
         if not ids:
             return None, None
         probs = []
@@ -185,12 +196,32 @@ class WhisperSTT:
             probs.append(float(np.exp(row[token] - np.logaddexp.reduce(row))))
         mean = float(np.mean(probs))
         pieces = [str(self._tokenizer.decode([t])) for t in ids]
-        if pieces[-1].strip() not in _SENTENCE_MARKS:
+        last = pieces[-1].strip()
+        if last not in _SENTENCE_MARKS and last not in _TRAILING_MARKS:
             return None, mean
         starts = [i for i, piece in enumerate(pieces[:-1]) if piece.startswith(" ")]
         first = starts[-1] if starts else 0
-        word = min(probs[first:-1], default=1.0)
-        return min(word, probs[-1]), mean
+        word_probs = probs[first:-1]
+        if word_probs:
+            # "World" or "world" is the same word: the casing the model hesitated over is
+            # no doubt about what was said.
+            word_probs[0] = self._any_case(ids[first], log_probs[first])
+        word = min(word_probs, default=1.0)
+        row = np.asarray(log_probs[len(ids) - 1], dtype=np.float64).reshape(-1)
+        marks = float(np.exp(row[self._mark_ids] - np.logaddexp.reduce(row)).sum())
+        return min(word, marks), mean
+
+    def _any_case(self, token: int, log_probs: Any) -> float:
+        """P(token) plus P(the same piece capitalised or lower-cased, when one token)."""
+        row = np.asarray(log_probs, dtype=np.float64).reshape(-1)
+        row = row - np.logaddexp.reduce(row)
+        piece = str(self._tokenizer.decode([token]))
+        variants = {token}
+        for other in (piece.lower(), piece[:1] + piece[1:2].upper() + piece[2:], piece.upper()):
+            encoded = self._tokenizer.encode(other)
+            if len(encoded) == 1:
+                variants.add(int(encoded[0]))
+        return float(min(1.0, np.exp(row[sorted(variants)]).sum()))
 
     def _decode_short(
         self, audio: np.ndarray, previous_text: str

@@ -157,6 +157,21 @@ async def test_end_confidence_tells_a_sentence_cut_open_by_a_pause(whisper: Whis
     assert turn.partial is not None and turn.partial.end_confidence == final.end_confidence
 
 
+def test_a_finished_greeting_that_trails_off_is_read_as_ending(whisper: WhisperSTT):
+    # The real 8 kHz "Hello world!" decoded as at the user's pause: Whisper writes an
+    # ellipsis, hesitating between "World" and "world" (the same word) and between the
+    # ellipsis and a full stop or "!". The end confidence counts the word whatever its
+    # case and every sentence mark: 0.41, where the chosen pieces alone give 0.28.
+    audio = read_wav(REAL / "hello-world.wav")
+    pcm = resample_all(audio.mono(), audio.sample_rate, 16000)
+    turn = bytes(int(0.6 * 16000) * 2) + pcm + bytes(32000)
+    text, _, end_confidence, _ = whisper.decode_confident(
+        turn[int(0.42 * 16000) * 2 : int(2.18 * 16000) * 2]
+    )
+    assert text == "Hello World..."
+    assert end_confidence is not None and 0.38 < end_confidence < 0.45
+
+
 def test_a_decoder_running_on_into_the_padding_keeps_the_first_saying(whisper: WhisperSTT):
     # "What time is it?" up to the pause: the short-window decoder says it again and again
     # into the padding. The first saying is kept, with its confidences (the slow 30 s
