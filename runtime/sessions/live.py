@@ -33,10 +33,23 @@ EndReason = Literal["ended", "expired", "dropped"]
 
 
 class Playout(AudioSink, Protocol):
-    """A sink the session runs (:meth:`run` sends its audio) and asks how much is unplayed."""
+    """A sink the session runs (:meth:`run` sends its audio) and asks how much is unplayed.
+
+    The same interface for the WebSocket's paced sink and the phone's
+    mark-acknowledged playout: :meth:`pause` stops the audio where the listener
+    is (what was heard stays in ``played_samples``), :meth:`resume` plays the
+    rest from there, :meth:`~AudioSink.clear_buffer` drops it.
+    """
 
     @property
     def queued_samples(self) -> int: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
     async def run(self) -> None: ...
 

@@ -43,6 +43,12 @@ class PacedSink:
     clock against the timeline) is what was heard. :meth:`clear_buffer`
     drops what was not played; pieces not yet sent are never sent.
 
+    :meth:`pause` stops sending: the listener plays out what it was already
+    sent (at most ``lead_ms``) and the timeline stops at the end of it, which
+    is where the played position stays. :meth:`resume` sends the rest from
+    there, on a timeline moved on by the pause: nothing is lost or sent twice.
+    :meth:`clear_buffer` while paused drops what was held.
+
     Args:
         sample_rate: the output encoding's rate (audio is produced at it).
         lead_ms: how far ahead of real time audio is sent.
@@ -51,6 +57,8 @@ class PacedSink:
         tag: called at each :meth:`write` (which reply the audio belongs to).
         piece_ms: the size of the pieces sent.
         buffer_ms: how far ahead of real time audio is accepted (>= ``lead_ms``).
+        clock: the monotonic time in seconds (default: the loop's clock, which
+            :meth:`run`'s timers follow).
     """
 
     def __init__(
@@ -61,6 +69,7 @@ class PacedSink:
         tag: Callable[[], Any] = lambda: None,
         piece_ms: int = 40,
         buffer_ms: int = 0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._rate = check_rate(sample_rate)
         self._lead = sample_rate * lead_ms // 1000
@@ -68,9 +77,15 @@ class PacedSink:
         self._piece = sample_rate * piece_ms // 1000 * 2
         self._on_audio = on_audio
         self._tag = tag
-        self._t0 = asyncio.get_running_loop().time()
+        self._time = clock or asyncio.get_running_loop().time
+        self._t0 = self._time()
         self._end = 0
         self._written = 0
+        self._shift = 0  # samples the timeline was held back by pauses
+        self._paused_at: int | None = None  # timeline position the pause holds
+        self._sent_end = 0  # timeline position at the end of the last piece sent
+        self._resumed = asyncio.Event()
+        self._resumed.set()
         # (timeline position in samples, pcm, tag) not sent yet; bounded by the
         # write-side wait (buffer + one chunk).
         self._pending: collections.deque[tuple[int, bytes, Any]] = collections.deque()
@@ -81,7 +96,31 @@ class PacedSink:
         return self._rate
 
     def _now(self) -> int:
-        return int((asyncio.get_running_loop().time() - self._t0) * self._rate)
+        """The timeline position being played (held while paused)."""
+        if self._paused_at is not None:
+            return self._paused_at
+        return int((self._time() - self._t0) * self._rate) - self._shift
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_at is not None
+
+    def pause(self) -> None:
+        """Stop sending; what was sent plays out and is counted as played."""
+        if self._paused_at is not None:
+            return
+        self._paused_at = min(self._end, max(self._now(), self._sent_end))
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        """Send the held audio from where the pause stopped, on a moved-on timeline."""
+        if self._paused_at is None:
+            return
+        raw = int((self._time() - self._t0) * self._rate)
+        self._shift = raw - self._paused_at
+        self._paused_at = None
+        self._resumed.set()
+        self._wake.set()
 
     @property
     def queued_samples(self) -> int:
@@ -94,7 +133,10 @@ class PacedSink:
 
     async def write(self, pcm: bytes) -> None:
         # A timer, not polling: sleep exactly until the queue is back under its bound.
-        while (ahead := self._end - self._now()) > self._buffer:  # noqa: ASYNC110
+        while (ahead := self._end - self._now()) > self._buffer:
+            if self._paused_at is not None:
+                await self._resumed.wait()
+                continue
             await asyncio.sleep((ahead - self._buffer) / self._rate)
         tag = self._tag()
         pos = max(self._end, self._now())
@@ -112,24 +154,31 @@ class PacedSink:
         if dropped:
             self._end = self._now()
         self._pending.clear()
+        self._sent_end = min(self._sent_end, self._end)
+        if self._paused_at is not None:
+            self.resume()  # nothing is held any more
         return dropped
 
     async def wait_for_playout(self) -> None:
-        while (remaining := self._end - self._now()) > 0:  # noqa: ASYNC110
+        while (remaining := self._end - self._now()) > 0:
+            if self._paused_at is not None:
+                await self._resumed.wait()
+                continue
             await asyncio.sleep(remaining / self._rate)
 
     async def run(self) -> None:
         """Send the queued audio in real time, forever (cancel to stop)."""
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending:
+            if not self._pending or self._paused_at is not None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             pos, piece, tag = self._pending[0]
-            send_at = self._t0 + (pos - self._lead) / self._rate
+            send_at = self._t0 + (pos + self._shift - self._lead) / self._rate
             if send_at > loop.time():
                 await asyncio.sleep(send_at - loop.time())
-                continue  # cleared meanwhile?
+                continue  # cleared or paused meanwhile?
             self._pending.popleft()
+            self._sent_end = pos + len(piece) // 2
             self._on_audio(piece, tag)
