@@ -42,7 +42,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             "%(default)" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False  # a flag; a default of 0 is shown
+            or default == argparse.SUPPRESS
             or default == []
             or not action.option_strings
         ):
