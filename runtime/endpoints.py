@@ -63,10 +63,10 @@ _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 _ASCII_DIGITS = re.compile(r"[0-9]+")
-_NAT64 = (
-    ipaddress.IPv6Network("64:ff9b::/96"),
-    ipaddress.IPv6Network("64:ff9b:1::/48"),
-)
+# Only the well-known prefix embeds the IPv4 address in its last 32 bits. The local-use
+# prefix 64:ff9b:1::/48 (RFC 8215) may place it anywhere (RFC 6052 formats) and is not
+# globally reachable: it is refused as a block, whatever it seems to embed.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"),)
 ALLOWLIST_SETTING: Final = "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS"
 CA_BUNDLE_SETTING: Final = "VOXLOOP_CA_BUNDLE"
 

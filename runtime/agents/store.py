@@ -41,6 +41,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from runtime.safetext import unsafe_char
+
 metadata = sa.MetaData()
 
 agents = sa.Table(
@@ -194,11 +196,17 @@ def decode_cursor(text: str) -> tuple[dt.datetime, str]:
         doc = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         stamp, agent_id = doc
         when = dt.datetime.fromisoformat(stamp)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: deeply nested JSON
         raise ValueError("is not a cursor from a previous page") from None
-    if not isinstance(agent_id, str) or when.tzinfo is None:
+    if not isinstance(agent_id, str) or when.tzinfo is None or not storable(agent_id):
         raise ValueError("is not a cursor from a previous page")
     return when, agent_id
+
+
+def storable(text: str) -> bool:
+    """Whether a database text column can hold ``text`` (PostgreSQL refuses NUL and
+    unpaired surrogates; an agent id with them names no agent)."""
+    return unsafe_char(text) is None
 
 
 def _iso(value: dt.datetime) -> str:
@@ -311,6 +319,8 @@ class Store:
             yield WriteTx(conn, row, None if kid is None else str(kid))
 
     async def get_agent(self, agent_id: str) -> AgentRow | None:
+        if not storable(agent_id):
+            return None
         async with self.engine.connect() as conn:
             result = await conn.execute(sa.select(agents).where(agents.c.id == agent_id))
             row = result.mappings().first()
@@ -349,6 +359,8 @@ class Store:
             ]
 
     async def delete_agent(self, agent_id: str) -> bool:
+        if not storable(agent_id):
+            return False
         async with self._begin(write=True) as conn:
             result = await conn.execute(agents.delete().where(agents.c.id == agent_id))
             return bool(result.rowcount)

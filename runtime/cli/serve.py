@@ -111,11 +111,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("alembic").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.no_access_log:
         logging.getLogger("voxloop.access").setLevel(logging.WARNING)
-    from runtime.server.http import GuardedH11Protocol
+    from runtime.server.http import GuardedH11Protocol, TransportWebSocketProtocol
 
     config = uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, log_level="warning",
         access_log=False, lifespan="on", log_config=None, http=GuardedH11Protocol,
+        ws=TransportWebSocketProtocol,
     )  # fmt: skip
     server = _server(config)
 

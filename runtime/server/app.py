@@ -209,6 +209,16 @@ async def check_database(settings: Settings) -> None:
         )
 
 
+class BodyRefused(FieldError):
+    """A body refused before its end (too large, too slow): the answer closes the
+    connection, so the rest of the body is never read."""
+
+
+def _field_error(status: int, exc: FieldError, code: str) -> JSONResponse:
+    closing = {"connection": "close"} if isinstance(exc, BodyRefused) else None
+    return _error(status, exc.message, param=exc.param, code=code, headers=closing)
+
+
 def _error(
     status: int,
     message: str,
@@ -291,16 +301,16 @@ class Api:
         """
         length = request.headers.get("content-length")
         if length is not None and (not _ASCII_INT.fullmatch(length) or int(length) > MAX_BODY):
-            raise FieldError("body", f"is larger than {MAX_BODY} bytes")
+            raise BodyRefused("body", f"is larger than {MAX_BODY} bytes")
         data = bytearray()
         try:
             async with asyncio.timeout(BODY_TIMEOUT_S):
                 async for chunk in request.stream():
                     data += chunk
                     if len(data) > MAX_BODY:
-                        raise FieldError("body", f"is larger than {MAX_BODY} bytes")
+                        raise BodyRefused("body", f"is larger than {MAX_BODY} bytes")
         except TimeoutError:
-            raise FieldError("body", f"was not received within {BODY_TIMEOUT_S:.0f} s") from None
+            raise BodyRefused("body", f"was not received within {BODY_TIMEOUT_S:.0f} s") from None
         return parse_json(bytes(data))
 
     def public(self, row: AgentRow) -> dict[str, Any]:
@@ -428,7 +438,7 @@ class Api:
                 )
                 await tx.insert(row)
         except FieldError as exc:
-            return _error(422, exc.message, param=exc.param, code="validation_error")
+            return _field_error(422, exc, "validation_error")
         except (Unavailable, KeyUnavailable) as exc:
             return _error(503, str(exc), code="key_unavailable")
         log.info("agent created", extra={"agent_id": row_id})
@@ -448,7 +458,7 @@ class Api:
                 except ValueError as exc:
                     raise FieldError("cursor", str(exc)) from None
         except FieldError as exc:
-            return _error(400, exc.message, param=exc.param, code="invalid_request")
+            return _field_error(400, exc, "invalid_request")
         rows, next_cursor = await self.store.list_agents(limit, after)
         items = [
             {
@@ -500,7 +510,7 @@ class Api:
                 row = AgentRow(old.id, name, old.created_at, now(), config, llm, secrets)
                 await tx.replace(row)
         except FieldError as exc:
-            return _error(422, exc.message, param=exc.param, code="validation_error")
+            return _field_error(422, exc, "validation_error")
         except (Unavailable, KeyUnavailable) as exc:
             return _error(503, str(exc), code="key_unavailable")
         log.info("agent updated", extra={"agent_id": agent_id})
@@ -520,7 +530,7 @@ class Api:
             ttl = _int_param(request, "expires_in_seconds", 1, TOKEN_TTL_MAX, required=True)
             session = _int_param(request, "max_session_duration_seconds", 60, SESSION_MAX)
         except FieldError as exc:
-            return _error(400, exc.message, param=exc.param, code="invalid_request")
+            return _field_error(400, exc, "invalid_request")
         claims = {
             "jti": os.urandom(16).hex(),
             "exp": int(time.time()) + (ttl or 0),

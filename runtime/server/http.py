@@ -11,16 +11,29 @@ previous response ended. Bodies have their own deadline in the handlers
 Use it as ``uvicorn.Config(app, http=GuardedH11Protocol, …)``. After a WebSocket
 upgrade the connection belongs to the WebSocket protocol and the deadline no
 longer applies.
+
+:class:`TransportWebSocketProtocol` is uvicorn's WebSocket protocol that hands
+the connection's transport to the application (the scope extension
+``voxloop.transport``): the WebSocket adapter reads how much waits in its write
+buffer (a client that stops reading) and aborts it when a close cannot leave.
+Use it as ``uvicorn.Config(…, ws=TransportWebSocketProtocol)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Final
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 HEAD_TIMEOUT_S: Final = 10.0
+WS_SEND_BUFFER: Final = 128 * 1024
+"""The kernel send buffer of a WebSocket connection (bytes; Linux doubles it): about four
+seconds of 24 kHz ``reply.audio`` as base64."""
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -69,3 +82,22 @@ class GuardedH11Protocol(H11Protocol):
         waiting = self.cycle is None or self.cycle.response_complete
         if waiting and not self._upgraded() and not self.transport.is_closing():
             self.transport.close()
+
+
+class TransportWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol with the transport in the scope (see the module).
+
+    The socket's kernel send buffer is fixed at :data:`WS_SEND_BUFFER` bytes (Linux
+    grows it to megabytes otherwise): what a client does not take shows in the
+    transport's write buffer within seconds, not after a minute of audio.
+    """
+
+    def handle_connect(self, event: Request) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WS_SEND_BUFFER)
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the application task has not run yet
+            scope.setdefault("extensions", {})["voxloop.transport"] = {"transport": self.transport}

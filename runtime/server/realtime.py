@@ -9,7 +9,11 @@ One connection, one socket, three owned tasks (one ``TaskGroup``):
   a bad frame gets a ``session.error`` with its code and nothing else happens;
 * the **session** (:meth:`LiveSession.run`) runs the conversation;
 * the **sender** writes server events from a bounded queue; a client that
-  stops reading fills it and is dropped (its session stays resumable).
+  stops reading is dropped (its session stays resumable) when the queue is
+  full or when nothing it was sent has left the socket for
+  :attr:`RunnerLimits.client_stall_s` (what waits in the transport's write
+  buffer counts, not only the queue);
+* a **watchdog** measures that stall.
 
 Before that, the upgrade is authenticated (``Authorization: <key>`` or
 ``Bearer <key>``, ``?token=`` single-use tokens, or a resume token); a bad
@@ -18,6 +22,17 @@ message must be ``session.update`` (bind) or ``session.resume``; the server
 answers ``session.ready``. Teardown: ``session.end`` → ``session.ended`` →
 close 1000; the duration cap → ``session_expired`` → ``session.ended`` →
 close 1008; a dropped socket keeps the session for the resume grace period.
+
+Slots: a socket takes a session slot only once it binds (or resumes) a
+session; until then it counts against its credential's small bound of
+unbound connections. A ``session.resume`` by the session's owner while the
+old socket is still open here (half-open after a network change) takes the
+session over at once: the old socket is closed with 1008.
+
+Every close is bounded: the close frame has
+:attr:`RunnerLimits.close_timeout_s` to leave, else the transport is
+aborted and its descriptor released (a client that does not read would
+otherwise pin the socket and its buffers until it left).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Final
+from typing import Final, Literal
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -50,7 +65,21 @@ CLOSE_NORMAL: Final = 1000
 CLOSE_POLICY: Final = 1008
 CLOSE_INTERNAL: Final = 1011
 _FLUSH_S: Final = 2.0
+_WATCH_S: Final = 0.25
 RESUME_PREFIX: Final = "rt_"
+TRANSPORT_EXTENSION: Final = "voxloop.transport"
+"""The ASGI scope extension through which the server hands the socket's transport over
+(``{"transport": asyncio.Transport}``; see ``runtime.server.http``)."""
+
+EndReason = Literal["ended", "expired", "dropped", "not reading", "taken over", "failed"]
+_CLOSES: Final[dict[str, tuple[int, str]]] = {
+    "ended": (CLOSE_NORMAL, ""),
+    "expired": (CLOSE_POLICY, "session expired"),
+    "not reading": (CLOSE_POLICY, "client not reading"),
+    "taken over": (CLOSE_POLICY, "session resumed on another connection"),
+    "failed": (CLOSE_INTERNAL, ""),
+    "dropped": (CLOSE_POLICY, "connection lost"),
+}
 
 
 class _Closed(Exception):
@@ -75,12 +104,18 @@ class Connection:
             maxsize=runner.limits.outbound_messages
         )
         self.slow = asyncio.Event()
+        self.slow_reason = ""
+        self.taken_over = asyncio.Event()
         self.accepting = True
         # Reading pauses while the client is slow to take our answers (backpressure).
         self._low_water = runner.limits.outbound_messages // 4
         self._high_water = runner.limits.outbound_messages // 2
         self._drained = asyncio.Event()
         self._drained.set()
+        extension = websocket.scope.get("extensions", {}).get(TRANSPORT_EXTENSION) or {}
+        self.transport: asyncio.Transport | None = extension.get("transport")
+        self._written = 0  # bytes of text frames handed to the transport
+        self._fields: dict[str, str] = {}
 
     # -- outgoing -----------------------------------------------------------------
 
@@ -91,9 +126,26 @@ class Connection:
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.accepting = False
-            self.slow.set()
-            log.warning("client dropped: not reading", extra={"queued": self.queue.qsize()})
+            self._not_reading("queue full")
+
+    def _not_reading(self, why: str) -> None:
+        if self.slow.is_set():
+            return
+        self.accepting = False
+        self.slow_reason = why
+        self.slow.set()
+        log.warning(
+            "client dropped: not reading",
+            extra={**self._fields, "reason": why, "queued": self.queue.qsize(),
+                   "buffered": self._buffered()},
+        )  # fmt: skip
+
+    def _buffered(self) -> int:
+        """Bytes waiting in the transport's write buffer (the kernel would take no more)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return 0
+        return transport.get_write_buffer_size()
 
     def error(self, code: str, message: str, param: str | None = None) -> None:
         self.emit(ev.SessionError(code=code, message=message, param=param, timestamp=time.time()))
@@ -102,10 +154,29 @@ class Connection:
         while (event := await self.queue.get()) is not None:
             if self.queue.qsize() <= self._low_water:
                 self._drained.set()
+            text = ev.encode(event)
             try:
-                await self.ws.send_text(ev.encode(event))
+                await self.ws.send_text(text)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 self.accepting = False
+                return
+            self._written += len(text)
+
+    async def watch(self) -> None:
+        """Drop the client once nothing waiting for it has left for ``client_stall_s``."""
+        loop = asyncio.get_running_loop()
+        delivered = -1
+        since = loop.time()
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            buffered = self._buffered()
+            now_delivered = self._written - buffered
+            waiting = buffered > 0 or not self.queue.empty()
+            if not waiting or now_delivered != delivered:
+                delivered = now_delivered
+                since = loop.time()
+            elif loop.time() - since >= self.runner.limits.client_stall_s:
+                self._not_reading("stalled")
                 return
 
     async def _send_now(self, event: ev.ServerEvent) -> None:
@@ -115,10 +186,38 @@ class Connection:
                 await self.ws.send_text(ev.encode(event))
 
     async def _close(self, code: int, reason: str = "") -> None:
-        if self.ws.application_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
-                async with asyncio.timeout(_FLUSH_S):
-                    await self.ws.close(code, reason)
+        """Close with ``code``; abort the transport when the close cannot leave in time."""
+        if self.ws.application_state is not WebSocketState.CONNECTED:
+            self._abort_if_stuck()
+            return
+        try:
+            async with asyncio.timeout(self.runner.limits.close_timeout_s):
+                await self.ws.close(code, reason)
+                # The close frame may wait behind unread data; the transport has no
+                # event for an empty buffer, so it is polled.
+                while self._buffered() > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(_WATCH_S / 5)
+        except TimeoutError:  # before OSError, of which it is a subclass
+            self._abort()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+
+    def _abort_if_stuck(self) -> None:
+        if self._buffered() > 0:
+            self._abort()
+
+    def _abort(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            log.info(
+                "connection aborted: the close did not complete",
+                extra={**self._fields, "buffered": self._buffered()},
+            )
+            transport.abort()
+
+    def take_over(self) -> None:
+        """The session's owner resumed it from another connection: drop this one."""
+        self.taken_over.set()
 
     # -- authentication -------------------------------------------------------------
 
@@ -127,12 +226,16 @@ class Connection:
         token = self.ws.query_params.get("token")
         if header:
             key = header[7:].strip() if header.lower().startswith("bearer ") else header
+            if not key.isascii():  # no key has such characters (and compare_digest refuses them)
+                return SessionRefused("unauthorized", "invalid API key")
             if any(hmac.compare_digest(key, k) for k in self.api_keys):
                 return Principal(kind="key", owner=key_owner(key))
             if key.startswith(RESUME_PREFIX):
                 return Principal(kind="resume", owner="", resume_token=Secret(key))
             return SessionRefused("unauthorized", "invalid API key")
         if token:
+            if not token.isascii():
+                return SessionRefused("unauthorized", "invalid, expired or already used token")
             if token.startswith(RESUME_PREFIX):
                 return Principal(kind="resume", owner="", resume_token=Secret(token))
             claims = await self.tokens.redeem(token)
@@ -152,11 +255,22 @@ class Connection:
         if isinstance(principal, SessionRefused):
             await self._refuse(principal)
             return
+        credential = principal.owner or "resume"
         try:
-            with self.runner.slot():
-                await self._serve(principal)
+            with self.runner.unbound(credential):
+                live = await self._first(principal)
+        except _Closed:
+            self._abort_if_stuck()
+            return
+        except TimeoutError:
+            await self._refuse(SessionRefused(
+                "agent_timeout", "no session.update arrived in time after the upgrade"
+            ))  # fmt: skip
+            return
         except SessionRefused as exc:
             await self._refuse(exc)
+            return
+        await self._serve(live)
 
     async def _refuse(self, exc: SessionRefused) -> None:
         await self._send_now(
@@ -180,7 +294,8 @@ class Connection:
             return exc
 
     async def _first(self, principal: Principal) -> LiveSession:
-        """Wait for a valid ``session.update`` or ``session.resume``."""
+        """Wait for a valid ``session.update`` or ``session.resume``; the session it
+        binds holds a slot (give it back with :meth:`SessionRunner.free_slot`)."""
         # The deadline is the client's: loading the speech engines for the worker's first
         # session (seconds on a busy machine) does not count against it.
         deadline = asyncio.get_running_loop().time() + self.runner.limits.ready_timeout_s
@@ -192,12 +307,19 @@ class Connection:
                 continue
             try:
                 if isinstance(event, ev.SessionResume):
-                    return await self.runner.resume(event.session_id, principal, self.emit)
+                    live = await self.runner.resume(event.session_id, principal, self.emit)
+                    try:
+                        self.runner.take_slot()
+                    except SessionRefused:
+                        await self.runner.release(live, keep=True)  # it stays resumable
+                        raise
+                    return live
                 if principal.kind == "resume":
                     raise SessionRefused("unauthorized", "a resume token only resumes its session")
                 if isinstance(event, ev.SessionUpdate):
                     spec: SessionSpec = await self.runner.bind(event.session)
                     await self._engines()
+                    self.runner.take_slot()
                     return self.runner.start(spec, principal, self.emit)
                 raise SessionRefused(
                     "invalid_format", f"send session.update before {event.type}", param="type"
@@ -216,34 +338,44 @@ class Connection:
                 "agent_init_failed", f"the speech engines cannot start ({type(exc).__name__})"
             ) from None
 
-    async def _serve(self, principal: Principal) -> None:
+    async def _serve(self, live: LiveSession) -> None:
+        """Run a bound session (holding its slot) until it ends; then close the socket."""
+        self._fields = {"session_id": live.session_id, "agent_id": live.spec.agent_id or "inline"}
+        reason: EndReason = "failed"
+        attached = False
+        refused: SessionRefused | None = None
         try:
-            live = await self._first(principal)
-        except _Closed:
-            return
-        except TimeoutError:
-            raise SessionRefused(
-                "agent_timeout", "no session.update arrived in time after the upgrade"
-            ) from None
-        if live.spec.llm is not None:
-            await self.runner.check_endpoint(live.spec, "agent_init_failed")
-        await self._engines()
-        self.emit(ev.SessionReady(
-            session_id=live.session_id, config=live.spec.public(),
-            expires_at=int(live.expires_at), resume_token=live.resume_token,
-            timestamp=time.time(),
-        ))  # fmt: skip
-        log.info("session ready", extra={"session_id": live.session_id})
-        self.runner.attach(live)
-        reason = "failed"
-        try:
+            if live.spec.llm is not None:
+                await self.runner.check_endpoint(live.spec, "agent_init_failed")
+            await self._engines()
+            self.emit(ev.SessionReady(
+                session_id=live.session_id, config=live.spec.public(),
+                expires_at=int(live.expires_at), resume_token=live.resume_token,
+                timestamp=time.time(),
+            ))  # fmt: skip
+            log.info("session ready", extra=self._fields)
+            self.runner.attach(live, self.take_over)
+            attached = True
             reason = await self._run(live)
+        except SessionRefused as exc:
+            refused = exc
         finally:
-            await self.runner.release(live, keep=reason == "dropped")
-        log.info("session over", extra={"session_id": live.session_id, "reason": reason})
+            keep = attached and reason in ("dropped", "not reading", "taken over")
+            await self.runner.release(live, keep=keep)
+            self.runner.free_slot()
+        if refused is not None:
+            await self._refuse(refused)
+            return
+        log.info("session over", extra={
+            **self._fields, "reason": reason,
+            "duration_s": round(time.time() - live.started_at, 3),
+        })  # fmt: skip
+        if reason == "failed":
+            await self._send_now(_error_event("internal_error", "the session failed"))
+        await self._close(*_CLOSES[reason])
 
-    async def _run(self, live: LiveSession) -> str:
-        reason = "dropped"
+    async def _run(self, live: LiveSession) -> EndReason:
+        reason: EndReason = "dropped"
         failed = False
         try:
             async with asyncio.TaskGroup() as tg:
@@ -251,12 +383,18 @@ class Connection:
                 session = tg.create_task(live.run())
                 receiver = tg.create_task(self._receive_loop(live))
                 slow = tg.create_task(self.slow.wait())
+                taken = tg.create_task(self.taken_over.wait())
+                watchdog = tg.create_task(self.watch())
                 done, _ = await asyncio.wait(
-                    {session, receiver, slow, sender}, return_when=asyncio.FIRST_COMPLETED
+                    {session, receiver, slow, sender, taken}, return_when=asyncio.FIRST_COMPLETED
                 )
                 if session in done:
                     reason = session.result()
-                for task in (receiver, slow, session):
+                elif taken in done:
+                    reason = "taken over"
+                elif slow in done:
+                    reason = "not reading"
+                for task in (receiver, slow, session, taken, watchdog):
                     task.cancel()
                 if reason in ("ended", "expired"):
                     if reason == "expired":
@@ -275,19 +413,9 @@ class Connection:
                             await asyncio.shield(sender)
                 sender.cancel()
         except* Exception:
-            log.exception("session failed", extra={"session_id": live.session_id})
+            log.exception("session failed", extra=self._fields)
             failed = True
-        if failed:
-            await self._send_now(_error_event("internal_error", "the session failed"))
-            await self._close(CLOSE_INTERNAL)
-            return "failed"
-        if reason == "ended":
-            await self._close(CLOSE_NORMAL)
-        elif reason == "expired":
-            await self._close(CLOSE_POLICY, "session expired")
-        else:
-            await self._close(CLOSE_POLICY, "client not reading")
-        return reason
+        return "failed" if failed else reason
 
     async def _receive_loop(self, live: LiveSession) -> None:
         # Messages sent right after session.ready wait in the socket until the core runs.

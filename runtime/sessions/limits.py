@@ -23,6 +23,13 @@ class RunnerLimits:
         input_buffer_ms: client audio held ahead of real time before dropping.
         outbound_messages: server events queued for a client before it is dropped.
         ready_timeout_s: time for the first message after the upgrade.
+        unbound_per_credential: connections of one credential that may wait at
+            once for their first message (they take no session slot).
+        client_stall_s: a client that takes none of the events waiting for it
+            (in the event queue or the socket's write buffer) for this long is
+            dropped with close 1008.
+        close_timeout_s: time for a close frame to leave; the connection is then
+            aborted (its descriptor released).
     """
 
     max_sessions: int = 16
@@ -33,12 +40,16 @@ class RunnerLimits:
     input_buffer_ms: int = 2000
     outbound_messages: int = 512
     ready_timeout_s: float = 10.0
+    unbound_per_credential: int = 4
+    client_stall_s: float = 10.0
+    close_timeout_s: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerLimits:
         """Read ``VOXLOOP_MAX_SESSIONS``, ``VOXLOOP_MAX_SESSION_SECONDS``,
         ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_AUDIO_BUFFER_MS``, ``VOXLOOP_INPUT_BUFFER_MS``,
-        ``VOXLOOP_OUTBOUND_MESSAGES``.
+        ``VOXLOOP_OUTBOUND_MESSAGES``, ``VOXLOOP_UNBOUND_PER_CREDENTIAL``,
+        ``VOXLOOP_CLIENT_STALL_SECONDS``.
 
         Raises:
             ValueError: a value is not a positive integer.
@@ -60,4 +71,8 @@ class RunnerLimits:
             output_buffer_ms=number("VOXLOOP_AUDIO_BUFFER_MS", d.output_buffer_ms),
             input_buffer_ms=number("VOXLOOP_INPUT_BUFFER_MS", d.input_buffer_ms),
             outbound_messages=number("VOXLOOP_OUTBOUND_MESSAGES", d.outbound_messages),
+            unbound_per_credential=number(
+                "VOXLOOP_UNBOUND_PER_CREDENTIAL", d.unbound_per_credential
+            ),
+            client_stall_s=float(number("VOXLOOP_CLIENT_STALL_SECONDS", int(d.client_stall_s))),
         )

@@ -34,6 +34,9 @@ class SessionStateStore(Protocol):
     async def save(self, state: ResumableState, ttl_s: float) -> None:
         """Keep ``state`` for ``ttl_s`` seconds."""
 
+    async def peek(self, session_id: str) -> ResumableState | None:
+        """The state, or ``None`` if unknown or expired (kept, its deadline unchanged)."""
+
     async def take(self, session_id: str) -> ResumableState | None:
         """Remove and return the state, or ``None`` if unknown or expired (atomic)."""
 
@@ -56,6 +59,11 @@ class MemorySessionStore:
     async def save(self, state: ResumableState, ttl_s: float) -> None:
         self._expire()
         self._states[state.session_id] = (self._clock() + ttl_s, state)
+
+    async def peek(self, session_id: str) -> ResumableState | None:
+        self._expire()
+        entry = self._states.get(session_id)
+        return None if entry is None else entry[1]
 
     async def take(self, session_id: str) -> ResumableState | None:
         self._expire()

@@ -29,6 +29,41 @@ from runtime.sessions.spec import SessionSpec
 log = logging.getLogger("voxloop.session")
 
 
+TAKEOVER_TIMEOUT_S = 10.0
+"""How long a resume waits for the old socket of a session it takes over to let go."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Running:
+    """A session attached to a socket of this worker.
+
+    Attributes:
+        take_over: drops the socket, keeping the session for a resume.
+        released: set once the session's state has been kept or discarded.
+    """
+
+    live: LiveSession
+    take_over: Callable[[], None]
+    released: asyncio.Event
+
+
+def _allowed(principal: Principal, owner: str, resume_token_hash: str) -> bool:
+    """Whether ``principal`` owns a session (its API key, or the session's resume token)."""
+    if principal.kind == "key":
+        return hmac.compare_digest(principal.owner, owner)
+    return (
+        principal.kind == "resume"
+        and principal.resume_token is not None
+        and hmac.compare_digest(token_hash(principal.resume_token.reveal()), resume_token_hash)
+    )
+
+
+def _forbidden() -> SessionRefused:
+    return SessionRefused(
+        "session_forbidden", "that session belongs to another credential", param="session_id"
+    )
+
+
 class SessionRunner:
     """Binds, starts, limits and resumes the sessions of one worker.
 
@@ -64,11 +99,12 @@ class SessionRunner:
         self.voices = voices
         self.engines = engines
         self.limits = limits or RunnerLimits()
-        self.states: SessionStateStore = states or MemorySessionStore()
+        self.states: SessionStateStore = states if states is not None else MemorySessionStore()
         self.active = 0
-        # Sessions running on this worker; the event is set once a session's
-        # state has been kept (or discarded) after its socket went away.
-        self._running: dict[str, asyncio.Event] = {}
+        # Connections per credential that have not bound a session yet.
+        self._unbound: dict[str, int] = {}
+        # Sessions running on this worker (see :class:`_Running`).
+        self._running: dict[str, _Running] = {}
 
     def voice_known(self, voice: str) -> bool:
         return not self.voices or voice in self.voices
@@ -79,9 +115,9 @@ class SessionRunner:
             resolver=self.resolver, leading_reasoning=leading_from_setting(llm.think_block),
         )  # fmt: skip
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the worker's session slots.
+    def take_slot(self) -> None:
+        """Take one of the worker's session slots for a session being bound or resumed
+        (give it back with :meth:`free_slot`). An open socket takes none.
 
         Raises:
             SessionRefused: ``at_capacity``.
@@ -89,10 +125,33 @@ class SessionRunner:
         if self.active >= self.limits.max_sessions:
             raise SessionRefused("at_capacity", "this server is at capacity; try again shortly")
         self.active += 1
+
+    def free_slot(self) -> None:
+        self.active -= 1
+
+    @contextlib.contextmanager
+    def unbound(self, credential: str) -> Iterator[None]:
+        """Count a connection of ``credential`` that has not bound a session yet.
+
+        Raises:
+            SessionRefused: ``at_capacity``: the credential already has
+                :attr:`RunnerLimits.unbound_per_credential` such connections.
+        """
+        count = self._unbound.get(credential, 0)
+        if count >= self.limits.unbound_per_credential:
+            raise SessionRefused(
+                "at_capacity",
+                "too many connections of this credential are waiting to bind a session",
+            )
+        self._unbound[credential] = count + 1
         try:
             yield
         finally:
-            self.active -= 1
+            left = self._unbound[credential] - 1
+            if left:
+                self._unbound[credential] = left
+            else:
+                del self._unbound[credential]
 
     # -- binding ----------------------------------------------------------------------
 
@@ -221,7 +280,13 @@ class SessionRunner:
         )  # fmt: skip
 
     async def resume(self, session_id: str, principal: Principal, emit: Emit) -> LiveSession:
-        """Continue a dropped session.
+        """Continue a session: a dropped one, or one whose socket is still open here.
+
+        A session still attached to a socket on this worker (the client changed
+        networks and the old socket is half-open) is taken over at once: the old
+        socket is closed and the session continues on the new one. Only the
+        session's owner may do either; a refused attempt changes nothing (the
+        grace period of the session it named runs on).
 
         Raises:
             SessionRefused: ``session_not_found`` (unknown, ended, or past the
@@ -230,28 +295,20 @@ class SessionRunner:
         """
         running = self._running.get(session_id)
         if running is not None:
-            # The old socket is still being torn down here: wait for its state.
+            if not _allowed(principal, running.live.owner, token_hash(running.live.resume_token)):
+                raise _forbidden()
+            running.take_over()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await running.wait()
-        state = await self.states.take(session_id)
+                async with asyncio.timeout(TAKEOVER_TIMEOUT_S):
+                    await running.released.wait()
+        found = await self.states.peek(session_id)
+        if found is not None and not _allowed(principal, found.owner, found.resume_token_hash):
+            raise _forbidden()
+        state = await self.states.take(session_id) if found is not None else None
         if state is None:
             raise SessionRefused(
                 "session_not_found", "no resumable session with that id", param="session_id"
             )
-        allowed = (principal.kind == "key" and principal.owner == state.owner) or (
-            principal.kind == "resume"
-            and principal.resume_token is not None
-            and hmac.compare_digest(
-                token_hash(principal.resume_token.reveal()), state.resume_token_hash
-            )
-        )
-        if not allowed:
-            await self.states.save(state, self.limits.resume_grace_s)
-            raise SessionRefused(
-                "session_forbidden", "that session belongs to another credential",
-                param="session_id",
-            )  # fmt: skip
         if state.expires_at <= time.time():
             raise SessionRefused("session_expired", "the session reached its maximum duration")
         spec = self._unseal(state)
@@ -261,9 +318,14 @@ class SessionRunner:
             audio_seconds=state.audio_seconds, emit=emit,
         )  # fmt: skip
 
-    def attach(self, live: LiveSession) -> None:
-        """Note that ``live`` runs on this worker (until :meth:`release`)."""
-        self._running[live.session_id] = asyncio.Event()
+    def attach(self, live: LiveSession, take_over: Callable[[], None]) -> None:
+        """Note that ``live`` runs on this worker (until :meth:`release`).
+
+        Args:
+            take_over: drops the session's socket (keeping the session) when its
+                owner resumes it from another connection.
+        """
+        self._running[live.session_id] = _Running(live, take_over, asyncio.Event())
 
     async def release(self, live: LiveSession, *, keep: bool) -> None:
         """The session's socket is gone: keep its state for a resume, or forget it."""
@@ -273,9 +335,9 @@ class SessionRunner:
             else:
                 await self.states.discard(live.session_id)
         finally:
-            done = self._running.pop(live.session_id, None)
-            if done is not None:
-                done.set()
+            running = self._running.pop(live.session_id, None)
+            if running is not None:
+                running.released.set()
 
     def seal_state(self, live: LiveSession) -> ResumableState:
         spec = live.spec

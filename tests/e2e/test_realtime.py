@@ -941,8 +941,9 @@ async def test_capacity_duration_and_the_default_endpoint(
             assert ready.config["llm"] == [{"base_url": default.base_url, "model": "default-model"}]
             assert ready.expires_at is not None and ready.timestamp is not None
             assert 5 <= ready.expires_at - ready.timestamp <= 6
-            # One session per worker: the second is refused at once.
+            # One session per worker: the second bind is refused at once.
             second = await connect(srv.ws)
+            await second.send({"type": "session.update", "session": {}})
             events, code = await second.closed()
             assert [getattr(e, "code", None) for e in events] == ["at_capacity"] and code == 1008
             await first.send({"type": "reply.create"})

@@ -276,6 +276,10 @@ def test_reasons_name_the_kind_of_address():
         ("::ffff:8.8.8.8", False),
         ("::8.8.8.8", False),
         ("64:ff9b::a00:1", False),
+        # Local-use NAT64: refused whatever it embeds (private 10.0.0.1 at /48, /96, or public).
+        ("64:ff9b:1:a00:1::", False),
+        ("64:ff9b:1::a00:1", False),
+        ("64:ff9b:1::5db8:d822", False),
         ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),  # Teredo, embedded 10.0.0.1
         ("100.64.0.1", False),
         ("233.252.0.1", False),

@@ -188,7 +188,7 @@ async def test_state_is_sealed_and_resumed_only_by_its_owner() -> None:
     )  # fmt: skip
     owner = Principal(kind="key", owner=key_owner("operator-key"))
     live = runner.start(spec, owner, lambda e: None, now=1000.0)
-    runner.attach(live)
+    runner.attach(live, lambda: None)
     await runner.release(live, keep=True)
     stored = await runner.states.take(live.session_id)
     assert stored is not None
@@ -210,7 +210,7 @@ async def test_state_is_sealed_and_resumed_only_by_its_owner() -> None:
     assert info.value.code == "session_expired"
 
     fresh = runner.start(spec, owner, lambda e: None)
-    runner.attach(fresh)
+    runner.attach(fresh, lambda: None)
     await runner.release(fresh, keep=True)
     resumed = await runner.resume(fresh.session_id, owner, lambda e: None)
     assert resumed.session_id == fresh.session_id
@@ -223,6 +223,53 @@ async def test_state_is_sealed_and_resumed_only_by_its_owner() -> None:
         await runner.resume(fresh.session_id, owner, lambda e: None)
     assert info.value.code == "session_not_found"
     assert isinstance(resumed, LiveSession)
+
+
+async def test_a_refused_resume_leaves_the_grace_period_as_it_was() -> None:
+    now = [0.0]
+    states = MemorySessionStore(clock=lambda: now[0])
+    runner = SessionRunner(
+        load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+        resolver=StaticResolver({}), default_llm=None, voices=frozenset(), engines=Engines(),
+        states=states,
+    )  # fmt: skip
+    owner = Principal(kind="key", owner=key_owner("operator-key"))
+    other = Principal(kind="key", owner=key_owner("other-key"))
+    live = runner.start(SessionSpec(), owner, lambda e: None)
+    runner.attach(live, lambda: None)
+    await runner.release(live, keep=True)  # kept for 30 s from t=0
+    for t in (10.0, 20.0, 29.0):
+        now[0] = t
+        with pytest.raises(SessionRefused) as info:
+            await runner.resume(live.session_id, other, lambda e: None)
+        assert info.value.code == "session_forbidden"
+    now[0] = 30.5  # past the grace the drop began, whatever was attempted since
+    with pytest.raises(SessionRefused) as info:
+        await runner.resume(live.session_id, owner, lambda e: None)
+    assert info.value.code == "session_not_found"
+
+
+async def test_the_owner_takes_a_session_over_from_its_open_socket() -> None:
+    runner = SessionRunner(
+        load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+        resolver=StaticResolver({}), default_llm=None, voices=frozenset(), engines=Engines(),
+    )  # fmt: skip
+    owner = Principal(kind="key", owner=key_owner("operator-key"))
+    other = Principal(kind="key", owner=key_owner("other-key"))
+    live = runner.start(SessionSpec(), owner, lambda e: None)
+    dropped: list[str] = []
+
+    def take_over() -> None:  # what the old socket's handler does: let go, keep the state
+        dropped.append(live.session_id)
+        asyncio.get_running_loop().create_task(runner.release(live, keep=True))
+
+    runner.attach(live, take_over)
+    with pytest.raises(SessionRefused) as info:
+        await runner.resume(live.session_id, other, lambda e: None)
+    assert info.value.code == "session_forbidden" and dropped == []
+    resumed = await runner.resume(live.session_id, owner, lambda e: None)
+    assert dropped == [live.session_id]
+    assert resumed.session_id == live.session_id
 
 
 async def _no_agent(agent_id: str) -> None:
