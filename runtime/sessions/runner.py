@@ -130,6 +130,19 @@ class SessionRunner:
         self.active -= 1
 
     @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold a session slot for the block (:meth:`take_slot` … :meth:`free_slot`).
+
+        Raises:
+            SessionRefused: ``at_capacity``.
+        """
+        self.take_slot()
+        try:
+            yield
+        finally:
+            self.free_slot()
+
+    @contextlib.contextmanager
     def unbound(self, credential: str) -> Iterator[None]:
         """Count a connection of ``credential`` that has not bound a session yet.
 
@@ -318,12 +331,13 @@ class SessionRunner:
             audio_seconds=state.audio_seconds, emit=emit,
         )  # fmt: skip
 
-    def attach(self, live: LiveSession, take_over: Callable[[], None]) -> None:
+    def attach(self, live: LiveSession, take_over: Callable[[], None] = lambda: None) -> None:
         """Note that ``live`` runs on this worker (until :meth:`release`).
 
         Args:
             take_over: drops the session's socket (keeping the session) when its
-                owner resumes it from another connection.
+                owner resumes it from another connection (the default does nothing:
+                a session that is never kept for a resume).
         """
         self._running[live.session_id] = _Running(live, take_over, asyncio.Event())
 
