@@ -35,7 +35,7 @@ below ``stop_below`` (heavier loads would only be worse).
 
 **Client overhead.** During each step the client's own event-loop thread
 is measured: CPU time per request (``time.thread_time``), the share of the
-step it was busy, and how late a 20 ms timer on the loop fires (loop lag,
+step it was busy, and how late a 50 ms timer on the loop fires (loop lag,
 p99: the error that waiting for the loop adds to a timestamp). The step is
 flagged **client-bound** when the loop was busy ≥ :data:`CLIENT_BUSY_LIMIT`
 of the time or its lag p99 ≥ :data:`CLIENT_LAG_LIMIT_MS`: then the latencies
@@ -77,7 +77,7 @@ TARGET_PASS_RATE: Final = 0.95
 STEADY_FLOOR_MS: Final = 20.0
 CLIENT_BUSY_LIMIT: Final = 0.8
 CLIENT_LAG_LIMIT_MS: Final = 50.0
-LAG_PROBE_S: Final = 0.02
+LAG_PROBE_S: Final = 0.05
 SLO_METRICS: Final = (
     "headers_ms",
     "first_event_ms",
@@ -263,6 +263,24 @@ class StepResult:
     client: ClientLoad
     runs: int = 1
     sent: int = 0
+    completed: tuple[int, int] | None = None
+    """(successful requests, their output tokens) that ended inside the window, whenever sent;
+    ``None``: count the window's own requests."""
+
+    def throughput(self) -> tuple[float, float]:
+        """(successful requests, output tokens) per second of the window.
+
+        Counted as completions inside the window, so an open loop above the endpoint's
+        capacity shows the rate it was served at, not the rate requests arrived at.
+        """
+        if not self.window_s:
+            return 0.0, 0.0
+        if self.completed is None:
+            ok = [r for r in self.results if r.ok]
+            done, tokens = len(ok), sum(r.output_tokens for r in ok)
+        else:
+            done, tokens = self.completed
+        return done / self.window_s, tokens / self.window_s
 
     def errors(self) -> dict[str, int]:
         return dict(Counter(r.error for r in self.results if r.error))
@@ -296,6 +314,7 @@ class StepResult:
 
     def to_json(self, slo: SLO, tolerance: float) -> dict[str, Any]:
         ok = [r for r in self.results if r.ok]
+        rps, tps = self.throughput()
         rate = pass_rate(self.results, slo)
         first, second = self.halves(slo.gate_metric)
         first_messages: dict[str, str] = {}
@@ -310,12 +329,7 @@ class StepResult:
             "ok": len(ok),
             "errors": self.errors(),
             "error_messages": first_messages,
-            "throughput": {
-                "requests_per_s": len(ok) / self.window_s if self.window_s else 0.0,
-                "output_tokens_per_s": sum(r.output_tokens for r in ok) / self.window_s
-                if self.window_s
-                else 0.0,
-            },
+            "throughput": {"requests_per_s": rps, "output_tokens_per_s": tps},
             "metrics": {m: summarize(self.samples(m)) for m in METRICS},
             "slo": {"passed": rate.passed, "total": rate.total, "pass_rate": rate.rate},
             "steady": {
@@ -468,6 +482,7 @@ class StepRunner:
         soft_end = measure_from + duration_s
         hard_end = measure_from + 3 * duration_s
         measured: list[RequestResult] = []
+        ended: list[tuple[float, int]] = []  # (when, output tokens) of every successful request
         sent = 0
         in_window = 0
         stop_at: float | None = None
@@ -492,6 +507,8 @@ class StepRunner:
             )
             if counted:
                 measured.append(result)
+            if result.ok:
+                ended.append((timer.now(), result.output_tokens))
             return result
 
         async def session() -> None:
@@ -503,9 +520,10 @@ class StepRunner:
             reply = ""
             for i, turn in enumerate(conversation.turns):
                 if i:
-                    pause = conversation.think_s(i, reply) * s.think_scale
-                    if pause > 0:
-                        await timer.sleep(min(pause, max(0.0, hard_end - timer.now())))
+                    wake = timer.now() + conversation.think_s(i, reply) * s.think_scale
+                    # think in short slices, so a step that ends is not held up by a long pause
+                    while not stopped() and timer.now() < wake:
+                        await timer.sleep(min(0.25, wake - timer.now()))
                     if stopped():
                         return
                 history.append({"role": "user", "content": turn.user})
@@ -535,7 +553,10 @@ class StepRunner:
         stopped()
         assert stop_at is not None
         window_s = max(1e-9, stop_at - measure_from)
-        return StepResult(load, window_s, measured, client_load, sent=sent)
+        inside = [tokens for at, tokens in ended if measure_from <= at <= stop_at]
+        return StepResult(
+            load, window_s, measured, client_load, sent=sent, completed=(len(inside), sum(inside))
+        )
 
 
 class SweepController:

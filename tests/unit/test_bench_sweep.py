@@ -138,6 +138,10 @@ def test_step_json_throughput_percentiles_and_steadiness():
     assert doc["steady"]["second_half_p50_ms"] == 130.0
     assert doc["steady"]["steady"] is False  # 1.3 > 1.25
     assert s.steady("first_sentence_ms", 0.30) is True
+    # measured by a runner: the requests that ended inside the window, whenever sent
+    s.completed = (12, 300)
+    assert s.to_json(SLO(), 0.25)["throughput"] == {"requests_per_s": 1.5,
+                                                   "output_tokens_per_s": 37.5}  # fmt: skip
     assert doc["client"] == {"cpu_ms_per_request": 25.0, "busy": 0.05, "loop_lag_p99_ms": None,
                              "bound": False, "reason": None}  # fmt: skip
 
