@@ -25,13 +25,17 @@ word list matched on letters only, nothing said over a reply kept, and "ends wit
 end-of-turn test.
 
 Run:
-    nice -n 10 python -m benchmarks.turn_taking [--json out.json]
+    nice -n 10 python -m benchmarks.turn_taking [--json out.json] [--phone]
+
+``--phone`` passes every item through 8 kHz G.711 μ-law first (the audio the phone
+bridge hands the policy).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import math
@@ -45,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from audio.g711 import ulaw_decode, ulaw_encode
 from audio.resample import resample_all
 from audio.vad import default_vad, segment_pcm
 from audio.wav import read_wav
@@ -181,6 +186,12 @@ def n_words(text: str) -> int:
 def via_24k(pcm: bytes) -> bytes:
     """16 kHz audio after a round trip through 24 kHz (the realtime WebSocket's input rate)."""
     return resample_all(resample_all(pcm, RATE, 24000), 24000, RATE)
+
+
+def via_phone(pcm: bytes) -> bytes:
+    """16 kHz audio after the phone bridge's path: 8 kHz G.711 μ-law, back to 16 kHz."""
+    narrow = resample_all(pcm, RATE, 8000)
+    return resample_all(ulaw_decode(ulaw_encode(narrow)), 8000, RATE)
 
 
 def word_boundary(whisper: WhisperSTT, pcm: bytes, head: str) -> int:
@@ -716,6 +727,8 @@ async def amain(args: argparse.Namespace) -> None:
         items = await build_items(piper, whisper)
     finally:
         piper._executor.shutdown(wait=True)
+    if args.phone:
+        items = [dataclasses.replace(it, pcm=via_phone(it.pcm)) for it in items]
     decode = Decoder(whisper, args.decode_ms or None)
     counts: dict[str, int] = {}
     for it in items:
@@ -754,6 +767,11 @@ def main() -> None:
         " audio; default 400); the user may go on with an ended turn until then",
     )
     parser.add_argument("--only", action="append", help="run only this variant (repeatable)")
+    parser.add_argument(
+        "--phone",
+        action="store_true",
+        help="pass every item through 8 kHz G.711 μ-law first (what the phone bridge hears)",
+    )
     parser.add_argument(
         "--smart-turn",
         action="store_true",

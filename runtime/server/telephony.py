@@ -69,6 +69,7 @@ END_CALL: Final = "end_call"
 HANGUP_MARK: Final = "hangup"
 DTMF_PAUSE_S: Final = 1.0
 START_TIMEOUT_S: Final = 10.0
+MAX_WEBHOOK_BYTES: Final = 64 * 1024  # Twilio's voice webhook form is a few hundred bytes
 HANGUP_ECHO_TIMEOUT_S: Final = 5.0
 OUTBOUND_MESSAGES: Final = 1024  # ~20 s of 20 ms messages; a Twilio that stops reading is dropped
 PCMU: Final = ev.AudioFormat(encoding="audio/pcmu")
@@ -193,7 +194,14 @@ class Telephony:
 
     async def voice(self, request: Request) -> Response:
         """``POST /twilio/voice?agent_id=ID``: TwiML that connects the call to the media socket."""
-        body = (await request.body()).decode("utf-8", "replace")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_WEBHOOK_BYTES:
+                log.warning("twilio webhook body too large", extra={"path": VOICE_PATH})
+                return Response("request body too large\n", status_code=413,
+                                media_type="text/plain")  # fmt: skip
+        body = raw.decode("utf-8", "replace")
         params = dict(urllib.parse.parse_qsl(body, keep_blank_values=True))
         headers = {k.lower(): v for k, v in request.headers.items()}
         url = public_url(

@@ -346,6 +346,10 @@ def test_voice_webhook_signatures_behind_a_proxy(server: Server, endpoint: Endpo
     insecure = f"http://voice.example.com:8443{path}"
     r = httpx.post(local, data=form, headers={**proxy, "X-Twilio-Signature": sign(insecure, form)})
     assert r.status_code == 403
+    # A body no Twilio webhook sends is refused before it is read whole.
+    r = httpx.post(local, content=b"a=" + b"x" * 70_000,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert r.status_code == 413
     # An unknown agent: the caller is told, the call hangs up.
     gone = server.http + "/twilio/voice?agent_id=agent_nope"
     r = httpx.post(gone, data=form, headers={"X-Twilio-Signature": sign(gone, form)})
