@@ -42,6 +42,7 @@ from pydantic.json_schema import models_json_schema
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
+from runtime.protocol.events import ENCODINGS
 from runtime.secret import Secret
 
 MAX_TEXT: Final = 20_000
@@ -545,6 +546,7 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
         first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
         raise FieldError(_param(first["loc"]), _message(first)) from None
     given = parsed.model_fields_set
+    _check_runnable(parsed)
     out = AgentInput()
     for name in ("name", "system_prompt", "greeting"):
         if name in given:
@@ -568,6 +570,29 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
             LLMInput(e.base_url, e.model, Secret(e.api_key.get_secret_value())) for e in parsed.llm
         ]
     return out
+
+
+def _check_runnable(parsed: AgentCreate | AgentUpdate) -> None:
+    """Refuse what the WebSocket would refuse to run, with the same words
+    (``runtime.protocol.events`` reads a stored agent as a ``session.update``).
+
+    Raises:
+        FieldError: a format whose sample rate is not its encoding's, or a
+            ``min_silence`` above ``max_silence``.
+    """
+    for name in ("input", "output"):
+        config = getattr(parsed, name)
+        fmt = config.format if config is not None else None
+        if fmt is not None and fmt.sample_rate is not None:
+            encoding = fmt.encoding or "audio/pcm"
+            if fmt.sample_rate != ENCODINGS[encoding]:
+                raise FieldError(
+                    f"{name}.format.sample_rate", f"must be {ENCODINGS[encoding]} for {encoding}"
+                )
+    td = parsed.input.turn_detection if parsed.input is not None else None
+    low, high = (td.min_silence, td.max_silence) if td is not None else (None, None)
+    if low is not None and high is not None and low > high:
+        raise FieldError("input.turn_detection.min_silence", "must not exceed max_silence")
 
 
 def _tool(tool: ToolIn) -> ToolInput:

@@ -4,14 +4,17 @@ Voice Agent protocol events."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import itertools
+import logging
+import re
 import secrets as pysecrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from audio.frame import AudioFrame
 from runtime.conversation import events as core
@@ -28,7 +31,43 @@ from runtime.sessions.spec import SessionSpec
 if TYPE_CHECKING:
     from runtime.sessions.runner import SessionRunner
 
+log = logging.getLogger("voxloop.session")
+
 Emit = Callable[[ev.ServerEvent], None]
+
+ENDPOINT_MESSAGES: Final[dict[str, str]] = {
+    "connect": "the agent's endpoint cannot be reached",
+    "tls": "the agent's endpoint failed the TLS handshake",
+    "auth": "the agent's endpoint refused its credentials",
+    "rate_limit": "the agent's endpoint is rate limiting",
+    "rejected": "the agent's endpoint rejected the request",
+    "server": "the agent's endpoint failed",
+    "timeout": "the agent's endpoint did not answer in time",
+    "stall": "the agent's endpoint stopped streaming",
+    "malformed": "the agent's endpoint sent a stream that cannot be read",
+    "dropped": "the agent's endpoint dropped the connection",
+    "error": "the agent's endpoint failed",
+}
+"""What the client of a stored agent reads in ``reply.error.message``, by ``code``: never the
+endpoint's own words (see the server log for those)."""
+
+
+def redact(text: str, secret: str | None, limit: int = 300) -> str:
+    """``text`` without ``secret`` in the forms an echoing endpoint may give it: as is,
+    base64 (standard or URL-safe, with or without padding), reversed, or spaced out;
+    and cut to ``limit`` characters."""
+    if secret and len(secret) >= 4:
+        raw = secret.encode()
+        forms = {secret, secret[::-1], base64.b64encode(raw).decode(),
+                 base64.urlsafe_b64encode(raw).decode()}  # fmt: skip
+        forms |= {f.rstrip("=") for f in forms}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "[redacted]")
+        spaced = r"\W{0,3}".join(re.escape(c) for c in secret)
+        text = re.sub(spaced, "[redacted]", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 EndReason = Literal["ended", "expired", "dropped"]
 
 
@@ -421,6 +460,16 @@ class LiveSession:
             case core.ReplyError(reply_id=core_id, code=code, message=message,
                                  retryable=retryable, status_code=status_code):  # fmt: skip
                 reply = self._reply(core_id)
+                if self.spec.agent_id is not None:
+                    # A stored agent's endpoint is the operator's: its words (which may
+                    # echo its key) go to the operator's log, the client gets the kind.
+                    key = self.spec.llm.api_key if self.spec.llm is not None else None
+                    log.warning("endpoint error", extra={
+                        "session_id": self.session_id, "agent_id": self.spec.agent_id,
+                        "code": code, "status": status_code or 0,
+                        "error": redact(message, key.reveal() if key is not None else None),
+                    })  # fmt: skip
+                    message = ENDPOINT_MESSAGES.get(code, ENDPOINT_MESSAGES["error"])
                 emit(ev.ReplyError(
                     reply_id=reply.reply_id, code=code, message=message, retryable=retryable,
                     status_code=status_code,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 import websockets.sync.client
@@ -543,3 +544,37 @@ def test_fuzzed_client_events_get_typed_errors_and_the_session_still_answers_spe
     assert isinstance(received[-1], ev.SessionEnded), received[-3:]
     assert ready.session_id.startswith("sess_")
     assert server.proc.poll() is None
+
+
+# -- 7. what an endpoint can leak ---------------------------------------------------------------
+
+
+async def test_a_stored_agents_endpoint_errors_reach_its_client_as_a_code_only(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    async with httpx.AsyncClient(base_url=server.http, headers={"Authorization": API_KEY}) as c:
+        created = await c.post("/v1/agents", json={
+            "name": "Leaky", "system_prompt": "x", "voice": "ivy",
+            "llm": [{"base_url": endpoint.base_url, "model": "m", "api_key": LLM_KEY}]})  # fmt: skip
+    assert created.status_code == 201, created.text
+    agent_id = created.json()["id"]
+    # The endpoint answers 401 with a body that repeats the key it was given.
+    endpoint.answer(ReplyPlan(fault="status", status=401), plan("Back."))
+    client = await connect(server.ws)
+    await client.send({"type": "session.update", "session": {"agent_id": agent_id}})
+    await client.next("session.ready")
+    await client.send({"type": "reply.create"})
+    error = await client.next("reply.error")
+    assert isinstance(error, ev.ReplyError)
+    assert (error.code, error.message, error.status_code) == (
+        "auth", "the agent's endpoint refused its credentials", 401)  # fmt: skip
+    await client.until("reply.done")
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done")
+    assert [e.text for e in events if isinstance(e, ev.TranscriptAgent)] == ["Back."]
+    (line,) = [d for d in log_lines(server, "endpoint error") if d["agent_id"] == agent_id]
+    assert (line["code"], line["status"]) == ("auth", 401)
+    assert line["error"] == (
+        "endpoint refused the credentials (HTTP 401): simulated 401 for the key ********"
+    )
+    assert LLM_KEY not in server.log.read_text()

@@ -94,6 +94,11 @@ def test_nesting_up_to_the_limit_is_accepted():
         ({**BASE, "tools": [{"name": "a", "http": {"url": "https://t.example", "http_method": "TRACE"}}]}, "tools[0].http.http_method", "input should be 'GET', 'POST', 'PUT', 'PATCH' or 'DELETE'"),
         ({**BASE, "tools": [{"name": "a", "http": {"url": "https://t.example", "retries": 1}}]}, "tools[0].http.retries", "is not a known field"),
         ({**BASE, "voice": "nova"}, "voice", "unknown voice 'nova'; known voices: ivy"),
+        # What the WebSocket would refuse to run is refused here, in its words.
+        ({**BASE, "input": {"format": {"encoding": "audio/pcmu", "sample_rate": 24000}}}, "input.format.sample_rate", "must be 8000 for audio/pcmu"),
+        ({**BASE, "input": {"format": {"sample_rate": 16000}}}, "input.format.sample_rate", "must be 24000 for audio/pcm"),
+        ({**BASE, "output": {"format": {"encoding": "audio/pcm", "sample_rate": 8000}}}, "output.format.sample_rate", "must be 24000 for audio/pcm"),
+        ({**BASE, "input": {"turn_detection": {"min_silence": 900, "max_silence": 500}}}, "input.turn_detection.min_silence", "must not exceed max_silence"),
     ],
 )  # fmt: skip
 def test_invalid_bodies_name_the_field(body: dict[str, Any], param: str, message: str):

@@ -3,6 +3,7 @@ group's failure, and a database file only its owner can read."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from runtime.agents.store import Store, sqlite_url
 from runtime.server.logs import JsonFormatter
+from runtime.sessions.live import redact
 
 
 def _line(record: logging.LogRecord) -> dict[str, object]:
@@ -65,3 +67,17 @@ async def test_the_sqlite_database_is_created_0600(tmp_path: Path) -> None:
         assert modes == dict.fromkeys(modes, 0o600)
     finally:
         await store.aclose()
+
+
+def test_an_endpoints_echo_of_its_key_is_redacted_in_every_usual_form() -> None:
+    key = "sk-agent-llm-5e4d3c2b1a"
+    raw = key.encode()
+    echoes = [
+        f"bad key {key}", f"bad key {key[::-1]}", f"bad key {base64.b64encode(raw).decode()}",
+        f"bad key {base64.urlsafe_b64encode(raw).decode().rstrip('=')}", "bad key " + " ".join(key),
+        "bad key " + "-".join(key),
+    ]  # fmt: skip
+    for echo in echoes:
+        assert redact(echo, key) == "bad key [redacted]", echo
+    assert redact("x" * 400, key) == "x" * 299 + "…"
+    assert redact("no key here", None) == "no key here"
