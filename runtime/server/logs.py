@@ -33,6 +33,7 @@ FIELDS: Final = (
     "code",
     "queued",
     "buffered",
+    "tasks",
     "kind",
     "endpoint",
     "status",

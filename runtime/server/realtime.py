@@ -369,6 +369,7 @@ class Connection:
         log.info("session over", extra={
             **self._fields, "reason": reason,
             "duration_s": round(time.time() - live.started_at, 3),
+            "tasks": len(asyncio.all_tasks()),  # the worker's, for leak checks (benchmarks/soak.py)
         })  # fmt: skip
         if reason == "failed":
             await self._send_now(_error_event("internal_error", "the session failed"))
