@@ -14,18 +14,30 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from runtime.agents.secrets import SecretBox, b64url_decode, b64url_encode
 from runtime.agents.store import Store
 
 
-class Tokens:
-    """Mints and redeems temporary tokens with the service's key ring and store."""
+class TokenUses(Protocol):
+    """Where a token's single use is recorded (the database, or Redis for several workers)."""
 
-    def __init__(self, box: SecretBox, store: Store) -> None:
+    async def first_use(self, jti: str, ttl_s: int) -> bool:
+        """Record the use of token ``jti``; ``True`` only for the first use anywhere."""
+
+
+class Tokens:
+    """Mints and redeems temporary tokens with the service's key ring and store.
+
+    Args:
+        uses: records redemptions; default: the ``token_uses`` table of ``store``.
+    """
+
+    def __init__(self, box: SecretBox, store: Store, uses: TokenUses | None = None) -> None:
         self.box = box
         self.store = store
+        self.uses = uses
 
     def _key(self, kid: str) -> bytes:
         return hashlib.sha256(b"voxloop-token-v1" + self.box.ring.keys[kid]).digest()
@@ -59,6 +71,11 @@ class Tokens:
         exp = claims.get("exp")
         if not isinstance(exp, int) or exp < time.time():
             return None
-        if not await self.store.use_token(str(claims.get("jti"))):
+        jti = str(claims.get("jti"))
+        if self.uses is not None:
+            first = await self.uses.first_use(jti, max(1, exp - int(time.time()) + 60))
+        else:
+            first = await self.store.use_token(jti)
+        if not first:
             return None
         return claims

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from runtime.cli.common import (
@@ -60,6 +58,16 @@ def register(sub: Any) -> None:
         help="postgresql://user:pw@host/db or sqlite:///path (default: $VOXLOOP_DATABASE_URL)",
     )
     p.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="worker processes on the one port (default: 1); more than one needs "
+        "VOXLOOP_REDIS_URL so a session resumes and a token is redeemed on any of them",
+    )  # fmt: skip
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, metavar="S",
+        help="on SIGTERM, how long live sessions may finish their reply before they are "
+        "handed off to resume elsewhere (default: 30)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_serve)
 
     s = sub.add_parser("secrets", help="manage the encryption of stored secrets")
@@ -89,6 +97,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
+    if not 1 <= args.workers <= 64:
+        raise UsageError("--workers must be from 1 to 64")
+    if not 0 <= args.drain_timeout <= 3600:
+        raise UsageError("--drain-timeout must be from 0 to 3600 seconds")
+    if args.workers > 1 and not os.environ.get("VOXLOOP_REDIS_URL", "").strip():
+        raise UsageError(
+            f"--workers {args.workers} needs VOXLOOP_REDIS_URL (redis://host:6379/0): without "
+            "shared state a session dropped on one worker cannot resume on another"
+        )
     directory = args.data_dir or Path(os.environ.get("VOXLOOP_DATA_DIR") or "voxloop-data")
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -112,13 +129,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.no_access_log:
         logging.getLogger("voxloop.access").setLevel(logging.WARNING)
     from runtime.server.http import GuardedH11Protocol, TransportWebSocketProtocol
+    from runtime.server.worker import WorkerServer
 
-    config = uvicorn.Config(
-        create_app(settings), host=args.host, port=args.port, log_level="warning",
-        access_log=False, lifespan="on", log_config=None, http=GuardedH11Protocol,
-        ws=TransportWebSocketProtocol,
-    )  # fmt: skip
-    server = _server(config)
+    os.environ["VOXLOOP_DRAIN_TIMEOUT"] = str(args.drain_timeout)
+    settings = dataclasses.replace(settings, drain_timeout_s=args.drain_timeout)
+    if args.workers > 1:
+        # Each spawned worker builds its app from the environment, as this process did.
+        os.environ["VOXLOOP_DATA_DIR"] = str(settings.data_dir)
+        os.environ["VOXLOOP_DATABASE_URL"] = settings.database_url
+        if args.no_access_log:
+            os.environ["VOXLOOP_NO_ACCESS_LOG"] = "1"
+        config = uvicorn.Config(
+            "runtime.server.worker:app_from_env", factory=True, workers=args.workers,
+            host=args.host, port=args.port, log_level="warning", access_log=False,
+            lifespan="on", log_config=None, http=GuardedH11Protocol,
+            ws=TransportWebSocketProtocol,
+        )  # fmt: skip
+    else:
+        config = uvicorn.Config(
+            create_app(settings), host=args.host, port=args.port, log_level="warning",
+            access_log=False, lifespan="on", log_config=None, http=GuardedH11Protocol,
+            ws=TransportWebSocketProtocol,
+        )  # fmt: skip
+    server = WorkerServer(config)
 
     # Bind before serving: clients may connect as soon as the address is printed.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -137,7 +170,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{sock.getsockname()[1]}"
     print(f"voxloop serve listening on {url}", flush=True)
     log = logging.getLogger("voxloop.server")
-    log.info("started", extra={"url": url})
+    log.info("started", extra={"url": url, "workers": args.workers})
+    if args.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        with sock:
+            # uvicorn's supervisor: spawns the workers on the shared socket, restarts one
+            # that dies, and on SIGTERM stops them (each drains) and waits for them.
+            Multiprocess(config, sockets=[sock]).run()
+        log.info("shutdown", extra={"signal": "SIGTERM"})
+        return EXIT_OK
     with sock:
         asyncio.run(server.serve(sockets=[sock]))
     if not server.started:
@@ -145,34 +187,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = signal.Signals(server.stop_signal).name if server.stop_signal else "none"
     log.info("shutdown", extra={"signal": name})
     return EXIT_OK
-
-
-def _server(config: Any) -> Any:
-    """A uvicorn server for which a SIGTERM/SIGINT stop is a clean exit (0).
-
-    uvicorn re-raises the signal after a graceful shutdown (exit 143 for
-    SIGTERM); here the handler records it for the shutdown line instead.
-    """
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        stop_signal: int | None = None
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            handled = (signal.SIGINT, signal.SIGTERM)
-            originals = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in originals.items():
-                    signal.signal(sig, handler)
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            self.stop_signal = self.stop_signal or sig
-            super().handle_exit(sig, frame)
-
-    return Server(config)
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:

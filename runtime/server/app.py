@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -74,12 +74,26 @@ from runtime.server.logs import AccessLog
 from runtime.server.page import PageSettings, page_response, page_routes, wants_page
 from runtime.server.realtime import realtime_endpoint
 from runtime.server.telephony import MEDIA_PATH, VOICE_PATH, Telephony, TwilioSettings
+from runtime.server.worker import drain_on_signals
 from runtime.sessions import (
     Engines,
     RunnerLimits,
     SessionRunner,
     default_llm_from_env,
+    key_owner,
 )
+from runtime.sessions.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runtime.sessions.shared_state import (
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    RedisSessionStore,
+    RedisTokenUses,
+)
+from runtime.sessions.shared_state import connect as connect_redis
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("voxloop.server")
 
@@ -117,6 +131,16 @@ class Settings:
     tts_engine: str = "piper"
     twilio: TwilioSettings = field(default_factory=TwilioSettings)
     page: PageSettings = field(default_factory=PageSettings)
+    # Live state shared by several workers (resume, token uses, rate limits); None: memory.
+    redis_url: str | None = None
+    redis_prefix: str = "voxloop:"
+    # /metrics without a key (for a scraper on a private network).
+    metrics_public: bool = False
+    # Per credential owner a minute, counted across workers with Redis.
+    sessions_per_minute: int = 120
+    tokens_per_minute: int = 600
+    # SIGTERM: how long live sessions may finish their reply before they are handed off.
+    drain_timeout_s: float = 30.0
 
 
 def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
@@ -182,7 +206,42 @@ def settings_from_env(
         stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=env.get("VOXLOOP_TTS", "piper"),
         twilio=TwilioSettings.from_env(env),
         page=PageSettings.from_env(env),
+        redis_url=_redis_url(env.get("VOXLOOP_REDIS_URL", "").strip()) or None,
+        redis_prefix=env.get("VOXLOOP_REDIS_PREFIX", "voxloop:"),
+        metrics_public=env.get("VOXLOOP_METRICS_PUBLIC", "").strip().lower()
+        in ("1", "true", "yes"),
+        sessions_per_minute=_positive(env, "VOXLOOP_SESSIONS_PER_MINUTE", 120),
+        tokens_per_minute=_positive(env, "VOXLOOP_TOKENS_PER_MINUTE", 600),
+        drain_timeout_s=_seconds(env, "VOXLOOP_DRAIN_TIMEOUT", 30.0),
     )  # fmt: skip
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"{name} must be a positive integer")
+    return int(raw)
+
+
+def _redis_url(url: str) -> str:
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("VOXLOOP_REDIS_URL must be redis://host:port/db (or rediss://, unix://)")
+    return url
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise ValueError(f"{name} must be a number of seconds from 0 to 3600")
+    return value
 
 
 def _database_url(text: str) -> str:
@@ -190,7 +249,8 @@ def _database_url(text: str) -> str:
 
 
 async def check_database(settings: Settings) -> None:
-    """Connect to the database and migrate it, then close (before a server says "listening").
+    """Connect to the database and migrate it, then close (before a server says "listening");
+    with ``VOXLOOP_REDIS_URL``, check that Redis answers too.
 
     Raises:
         StoreError: the database cannot be reached or opened, or its secrets are
@@ -207,6 +267,17 @@ async def check_database(settings: Settings) -> None:
             f"the database's secrets are sealed under key {kid!r}, which this key ring does not "
             "hold; set VOXLOOP_SECRET_KEY to the ring the last `voxloop secrets rotate-key` printed"
         )
+    if settings.redis_url:
+        redis = connect_redis(settings.redis_url)
+        try:
+            await redis.ping()
+        except Exception as exc:
+            raise StoreError(
+                f"cannot reach Redis at VOXLOOP_REDIS_URL ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no answer'})"
+            ) from None
+        finally:
+            await redis.aclose()
 
 
 class BodyRefused(FieldError):
@@ -275,8 +346,17 @@ class Api:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.redis: Redis | None = connect_redis(settings.redis_url) if settings.redis_url else None
+        self.limiter: RateLimiter = (
+            RedisRateLimiter(self.redis, settings.redis_prefix) if self.redis is not None
+            else MemoryRateLimiter()
+        )  # fmt: skip
+        self.runner: SessionRunner | None = None
         self.box = SecretBox(settings.ring, key_file=settings.key_file)
-        self.tokens = Tokens(self.box, store)
+        self.tokens = Tokens(
+            self.box, store,
+            RedisTokenUses(self.redis, settings.redis_prefix) if self.redis is not None else None,
+        )  # fmt: skip
         self._api_keys = tuple(k.encode("utf-8") for k in settings.api_keys)
 
     # -- plumbing ---------------------------------------------------------------
@@ -526,6 +606,10 @@ class Api:
     async def token(self, request: Request) -> Response:
         if (denied := self.authorized(request)) is not None:
             return denied
+        owner = key_owner(_presented_key(request))
+        if not await self.limiter.allow("tokens", owner, self.settings.tokens_per_minute):
+            return _error(429, "too many tokens minted with this key; wait a minute",
+                          code="rate_limited", headers={"Retry-After": "60"})  # fmt: skip
         try:
             ttl = _int_param(request, "expires_in_seconds", 1, TOKEN_TTL_MAX, required=True)
             session = _int_param(request, "max_session_duration_seconds", 60, SESSION_MAX)
@@ -595,6 +679,40 @@ class Api:
             "page": "/ (in a browser)",
         })  # fmt: skip
 
+    async def healthz(self, request: Request) -> Response:
+        """Liveness: the process answers (no dependency is checked)."""
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: the database (and Redis) answer and the worker is not draining."""
+        checks: dict[str, str] = {}
+        try:
+            await self.store.ping()
+            checks["database"] = "ok"
+        except Exception:
+            checks["database"] = "unreachable"
+        if self.redis is not None:
+            try:
+                await self.redis.ping()
+                checks["redis"] = "ok"
+            except Exception:
+                checks["redis"] = "unreachable"
+        checks["sessions"] = (
+            "draining" if self.runner is not None and self.runner.draining else "ok"
+        )
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "unavailable", **checks, "worker": os.getpid()},
+            200 if ready else 503,
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text exposition of this worker's metrics."""
+        if not self.settings.metrics_public and (denied := self.authorized(request)) is not None:
+            return denied
+        assert self.runner is not None
+        return Response(self.runner.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     async def health(self, request: Request) -> Response:
         try:
             await self.store.ping()
@@ -605,6 +723,12 @@ class Api:
 
     async def docs(self, request: Request) -> Response:
         return HTMLResponse(DOCS_HTML)
+
+
+def _presented_key(request: Request) -> str:
+    """The API key of an authorized request (``Authorization: <key>`` or ``Bearer <key>``)."""
+    raw = request.headers.get("authorization", "")
+    return (raw[7:] if raw.lower().startswith("bearer ") else raw).strip()
 
 
 def _int_param(
@@ -658,22 +782,35 @@ def create_app(settings: Settings) -> Starlette:
     store = Store(settings.database_url)
     api = Api(settings, store)
     engines = Engines(settings.stt_engine, settings.tts_engine)
+    states = RedisSessionStore(api.redis, settings.redis_prefix) if api.redis is not None else None
     runner = SessionRunner(
         load_agent=api.load_agent, box=api.box, policy=settings.policy, resolver=settings.resolver,
         default_llm=settings.default_llm, voices=settings.installed_voices, engines=engines,
-        limits=settings.limits,
+        limits=settings.limits, states=states, limiter=api.limiter,
+        sessions_per_minute=settings.sessions_per_minute,
     )  # fmt: skip
+    api.runner = runner
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await store.start()
         await store.init_primary(settings.ring.primary)
+        if api.redis is not None:
+            await api.redis.ping()
         try:
-            yield
+            async with asyncio.TaskGroup() as tg:
+                lag = tg.create_task(runner.metrics.watch_loop_lag())
+                try:
+                    with drain_on_signals(runner, settings.drain_timeout_s):
+                        yield
+                finally:
+                    lag.cancel()
         finally:
             await engines.aclose()
             await store.aclose()
+            if api.redis is not None:
+                await api.redis.aclose()
 
     socket = realtime_endpoint(settings.api_keys, api.tokens, runner)
 
@@ -696,8 +833,11 @@ def create_app(settings: Settings) -> Starlette:
             Route("/openapi.json", api.openapi, methods=["GET"]),
             Route("/", api.index, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/readyz", api.readyz, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/docs", api.docs, methods=["GET"]),
-            *page_routes(settings.page, api.tokens),
+            *page_routes(settings.page, api.tokens, api.limiter),
             WebSocketRoute("/v1/ws", socket),
             WebSocketRoute("/v1/realtime", socket),
             Route(VOICE_PATH, phone.voice, methods=["POST"]),

@@ -11,15 +11,15 @@ Page-only mode (``VOXLOOP_PAGE_AGENT``, off by default): anyone who can open the
 page may talk to that one agent. Each visitor gets a token that expires in
 ``VOXLOOP_PAGE_TOKEN_SECONDS`` (default 60) for a session of at most
 ``VOXLOOP_PAGE_SESSION_SECONDS`` (default 600), and a client address may mint at
-most ``VOXLOOP_PAGE_TOKENS_PER_MINUTE`` (default 6) tokens a minute (429 beyond).
+most ``VOXLOOP_PAGE_TOKENS_PER_MINUTE`` (default 6) tokens a minute (429 beyond; counted
+across workers with Redis).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -29,6 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from runtime.agents.tokens import Tokens
+from runtime.sessions.shared_state import RateLimiter
 
 STATIC: Final = Path(__file__).parent / "page"
 # The page's files and their media types (nothing else under /page/ is served).
@@ -100,31 +101,6 @@ class PageSettings:
         return settings
 
 
-class RateLimit:
-    """At most ``limit`` events per ``window_s`` per key (a sliding window, in memory)."""
-
-    def __init__(
-        self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self._clock = clock
-        self._seen: dict[str, collections.deque[float]] = {}
-
-    def allow(self, key: str) -> bool:
-        """Count one event for ``key``; ``False`` (and not counted) when over the limit."""
-        now = self._clock()
-        for k in [k for k, q in self._seen.items() if q and q[-1] <= now - self.window_s]:
-            del self._seen[k]
-        seen = self._seen.setdefault(key, collections.deque())
-        while seen and seen[0] <= now - self.window_s:
-            seen.popleft()
-        if len(seen) >= self.limit:
-            return False
-        seen.append(now)
-        return True
-
-
 def wants_page(request: Request) -> bool:
     """A browser navigating to ``/`` (it asks for HTML); other clients get the JSON index."""
     return "text/html" in request.headers.get("accept", "")
@@ -135,9 +111,12 @@ def page_response() -> Response:
     return FileResponse(STATIC / "index.html", media_type=FILES["index.html"], headers=HEADERS)
 
 
-def page_routes(settings: PageSettings, tokens: Tokens) -> list[BaseRoute]:
-    """``GET /page/{name}`` (the page's files) and ``POST /page/token`` (page-only mode)."""
-    limit = RateLimit(settings.tokens_per_minute)
+def page_routes(settings: PageSettings, tokens: Tokens, limiter: RateLimiter) -> list[BaseRoute]:
+    """``GET /page/{name}`` (the page's files) and ``POST /page/token`` (page-only mode).
+
+    Args:
+        limiter: counts page tokens per client address (shared by the workers with Redis).
+    """
 
     async def asset(request: Request) -> Response:
         name = request.path_params["name"]
@@ -152,7 +131,7 @@ def page_routes(settings: PageSettings, tokens: Tokens) -> list[BaseRoute]:
                  "(VOXLOOP_PAGE_AGENT); open a link from `voxloop agents link`"}, 404,
             )  # fmt: skip
         client = request.client.host if request.client else "unknown"
-        if not limit.allow(client):
+        if not await limiter.allow("page", client, settings.tokens_per_minute):
             return JSONResponse(
                 {"code": "rate_limited", "message": "too many conversations from this address; "
                  "wait a minute"}, 429, headers={"Retry-After": "60"},

@@ -62,6 +62,7 @@ from runtime.sessions import (
 log = logging.getLogger("voxloop.realtime")
 
 CLOSE_NORMAL: Final = 1000
+CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_POLICY: Final = 1008
 CLOSE_INTERNAL: Final = 1011
 _FLUSH_S: Final = 2.0
@@ -71,7 +72,7 @@ TRANSPORT_EXTENSION: Final = "voxloop.transport"
 """The ASGI scope extension through which the server hands the socket's transport over
 (``{"transport": asyncio.Transport}``; see ``runtime.server.http``)."""
 
-EndReason = Literal["ended", "expired", "dropped", "not reading", "taken over", "failed"]
+EndReason = Literal["ended", "expired", "dropped", "not reading", "taken over", "failed", "handoff"]
 _CLOSES: Final[dict[str, tuple[int, str]]] = {
     "ended": (CLOSE_NORMAL, ""),
     "expired": (CLOSE_POLICY, "session expired"),
@@ -79,6 +80,8 @@ _CLOSES: Final[dict[str, tuple[int, str]]] = {
     "taken over": (CLOSE_POLICY, "session resumed on another connection"),
     "failed": (CLOSE_INTERNAL, ""),
     "dropped": (CLOSE_POLICY, "connection lost"),
+    # The worker is going away: the client resumes the session on another one.
+    "handoff": (CLOSE_SERVICE_RESTART, "server restarting; resume the session"),
 }
 
 
@@ -257,6 +260,7 @@ class Connection:
             return
         credential = principal.owner or "resume"
         try:
+            await self.runner.admit(principal)
             with self.runner.unbound(credential):
                 live = await self._first(principal)
         except _Closed:
@@ -360,8 +364,8 @@ class Connection:
         except SessionRefused as exc:
             refused = exc
         finally:
-            keep = attached and reason in ("dropped", "not reading", "taken over")
-            await self.runner.release(live, keep=keep)
+            keep = attached and reason in ("dropped", "not reading", "taken over", "handoff")
+            await self.runner.release(live, keep=keep, reason=reason)
             self.runner.free_slot()
         if refused is not None:
             await self._refuse(refused)

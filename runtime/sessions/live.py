@@ -68,7 +68,8 @@ def redact(text: str, secret: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-EndReason = Literal["ended", "expired", "dropped"]
+#: ``handoff``: a draining worker closed the socket; the state is kept for a resume.
+EndReason = Literal["ended", "expired", "dropped", "handoff"]
 
 
 class Playout(AudioSink, Protocol):
@@ -157,6 +158,7 @@ class LiveSession:
         self._ended = asyncio.Event()
         self._started = asyncio.Event()
         self._end_reason: EndReason = "dropped"
+        self._finish_after_reply = False
         self._replies: dict[str, _ProtoReply] = {}
         self._ids = itertools.count(1)
         self._user_item: str | None = None
@@ -182,6 +184,8 @@ class LiveSession:
         Returns:
             Why it stopped: ``ended`` (``session.end``), ``expired``.
         """
+        # A resume arriving at another worker waits for this session's release.
+        await self.runner.states.running(self.session_id, max(1.0, self.expires_at - time.time()))
         stt, tts = await self.runner.engines.get()
         assert self.spec.llm is not None
         self._llm = self.runner.chat_client(self.spec.llm)
@@ -233,9 +237,23 @@ class LiveSession:
             yield frame
 
     def end(self) -> None:
-        """``session.end``: stop now; the state is not kept."""
+        """``session.end``: stop now; the state is not kept (a no-op once stopping)."""
+        if self._ended.is_set():
+            return
         self._end_reason = "ended"
         self._ended.set()
+
+    def finish_after_reply(self) -> None:
+        """End (as :meth:`end`) once the reply being spoken is done, or now if none is."""
+        self._finish_after_reply = True
+        if self._speaking is None:
+            self.end()
+
+    def hand_off(self) -> None:
+        """Stop now and keep the state: the client resumes on another worker."""
+        if not self._ended.is_set():
+            self._end_reason = "handoff"
+            self._ended.set()
 
     def history(self) -> list[dict[str, Any]]:
         if self._session is not None:
@@ -380,8 +398,11 @@ class LiveSession:
 
     def _on_core_event(self, event: core.ConversationEvent) -> None:
         self._render(event)
+        self.runner.metrics.observe(self.spec.agent_id, event)
         if self._observe is not None:
             self._observe(event)
+        if self._finish_after_reply and isinstance(event, core.ReplyDone):
+            self.end()
 
     def _render(self, event: core.ConversationEvent) -> None:
         emit = self._emit

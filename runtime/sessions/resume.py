@@ -43,6 +43,15 @@ class SessionStateStore(Protocol):
     async def discard(self, session_id: str) -> None:
         """Forget a session (ended for good)."""
 
+    async def running(self, session_id: str, ttl_s: float) -> None:
+        """Note that the session runs on this worker (for resumes arriving elsewhere)."""
+
+    async def released(self, session_id: str) -> None:
+        """The session's state has been saved (or discarded) after its socket went away."""
+
+    async def wait_released(self, session_id: str, timeout_s: float) -> None:
+        """If the session runs on a worker, wait (at most ``timeout_s``) for its release."""
+
 
 class MemorySessionStore:
     """:class:`SessionStateStore` in this process's memory (one worker)."""
@@ -72,6 +81,16 @@ class MemorySessionStore:
 
     async def discard(self, session_id: str) -> None:
         self._states.pop(session_id, None)
+
+    # One worker: the runner itself knows which sessions it runs.
+    async def running(self, session_id: str, ttl_s: float) -> None:
+        return None
+
+    async def released(self, session_id: str) -> None:
+        return None
+
+    async def wait_released(self, session_id: str, timeout_s: float) -> None:
+        return None
 
     def __len__(self) -> int:
         self._expire()

@@ -22,8 +22,10 @@ from runtime.sessions.engines import Engines
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.limits import RunnerLimits
 from runtime.sessions.live import Emit, LiveSession, Observer, PlayoutFactory
+from runtime.sessions.metrics import SessionMetrics
 from runtime.sessions.principals import Principal, token_hash
 from runtime.sessions.resume import MemorySessionStore, ResumableState, SessionStateStore
+from runtime.sessions.shared_state import MemoryRateLimiter, RateLimiter
 from runtime.sessions.spec import SessionSpec
 
 log = logging.getLogger("voxloop.session")
@@ -90,6 +92,9 @@ class SessionRunner:
         engines: Engines,
         limits: RunnerLimits | None = None,
         states: SessionStateStore | None = None,
+        metrics: SessionMetrics | None = None,
+        limiter: RateLimiter | None = None,
+        sessions_per_minute: int = 120,
     ) -> None:
         self.load_agent = load_agent
         self.box = box
@@ -100,6 +105,11 @@ class SessionRunner:
         self.engines = engines
         self.limits = limits or RunnerLimits()
         self.states: SessionStateStore = states if states is not None else MemorySessionStore()
+        self.metrics = metrics or SessionMetrics()
+        self.limiter: RateLimiter = limiter or MemoryRateLimiter()
+        self.sessions_per_minute = sessions_per_minute
+        #: Set on SIGTERM: no new sessions; live ones finish their reply (see :meth:`drain`).
+        self.draining = False
         self.active = 0
         # Connections per credential that have not bound a session yet.
         self._unbound: dict[str, int] = {}
@@ -115,6 +125,20 @@ class SessionRunner:
             resolver=self.resolver, leading_reasoning=leading_from_setting(llm.think_block),
         )  # fmt: skip
 
+    async def admit(self, principal: Principal) -> None:
+        """Count a session start of ``principal``'s owner against the per-minute limit.
+
+        Raises:
+            SessionRefused: ``at_capacity`` past ``sessions_per_minute`` (shared by the
+                workers with Redis).
+        """
+        if principal.kind == "resume":
+            return  # resuming is not starting
+        if not await self.limiter.allow("sessions", principal.owner, self.sessions_per_minute):
+            raise SessionRefused(
+                "at_capacity", "too many sessions started with this credential; wait a minute"
+            )
+
     def take_slot(self) -> None:
         """Take one of the worker's session slots for a session being bound or resumed
         (give it back with :meth:`free_slot`). An open socket takes none.
@@ -122,6 +146,11 @@ class SessionRunner:
         Raises:
             SessionRefused: ``at_capacity``.
         """
+        if self.draining:
+            raise SessionRefused(
+                "server_error",
+                "this server is shutting down; connect again (another worker answers)",
+            )
         if self.active >= self.limits.max_sessions:
             raise SessionRefused("at_capacity", "this server is at capacity; try again shortly")
         self.active += 1
@@ -307,6 +336,9 @@ class SessionRunner:
                 session), ``session_expired``.
         """
         running = self._running.get(session_id)
+        if running is None:
+            # It may still run on another worker, whose socket is being torn down.
+            await self.states.wait_released(session_id, TAKEOVER_TIMEOUT_S)
         if running is not None:
             if not _allowed(principal, running.live.owner, token_hash(running.live.resume_token)):
                 raise _forbidden()
@@ -340,18 +372,63 @@ class SessionRunner:
                 a session that is never kept for a resume).
         """
         self._running[live.session_id] = _Running(live, take_over, asyncio.Event())
+        self.metrics.session_started()
 
-    async def release(self, live: LiveSession, *, keep: bool) -> None:
-        """The session's socket is gone: keep its state for a resume, or forget it."""
+    async def release(self, live: LiveSession, *, keep: bool, reason: str | None = None) -> None:
+        """The session's socket is gone: keep its state for a resume, or forget it.
+
+        Args:
+            reason: why it ended, for the metrics (default: ``dropped`` when kept,
+                else ``ended``).
+        """
+        if live.session_id in self._running:
+            self.metrics.session_ended(reason or ("dropped" if keep else "ended"))
         try:
             if keep:
                 await self.states.save(live.snapshot(), self.limits.resume_grace_s)
             else:
                 await self.states.discard(live.session_id)
+            await self.states.released(live.session_id)
         finally:
             running = self._running.pop(live.session_id, None)
             if running is not None:
                 running.released.set()
+
+    @property
+    def live_sessions(self) -> int:
+        """Sessions running on this worker now."""
+        return len(self._running)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking sessions and end the live ones gracefully (a worker going away).
+
+        Each live session finishes the reply it is speaking, then ends with
+        ``session.ended`` (close 1000). Those still running after ``timeout_s`` are
+        handed off: their state is kept for a resume (in Redis, on any worker) and
+        their socket closes 1012 (service restart) without ``session.ended``, which
+        clients treat as a drop and resume.
+
+        Returns:
+            How many sessions were handed off.
+        """
+        self.draining = True
+        for running in list(self._running.values()):
+            running.live.finish_after_reply()
+        if await self._settled(timeout_s):
+            return 0
+        handed = [running.live for running in self._running.values()]
+        for live in handed:
+            live.hand_off()
+        await self._settled(TAKEOVER_TIMEOUT_S)
+        return len(handed)
+
+    async def _settled(self, timeout_s: float) -> bool:
+        """Wait until every session of this worker has released its state."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._running:
+                    await next(iter(self._running.values())).released.wait()
+        return not self._running
 
     def seal_state(self, live: LiveSession) -> ResumableState:
         spec = live.spec

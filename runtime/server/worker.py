@@ -1,0 +1,120 @@
+"""One ``voxloop serve`` worker process: the uvicorn server with a graceful drain, and the
+app factory that ``--workers N`` spawns in each process.
+
+SIGTERM (or Ctrl-C) drains instead of cutting (:func:`drain_on_signals`, entered by the
+app's lifespan): readiness (``/readyz``) goes false and
+new sessions are refused at once; live sessions finish the reply they are speaking
+and end with ``session.ended`` (close 1000); when ``--drain-timeout`` passes, the
+rest are handed off (state kept, close 1012) so their clients resume on another
+worker; then the server stops. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from runtime.sessions import SessionRunner
+
+log = logging.getLogger("voxloop.server")
+
+DEFAULT_DRAIN_S = 30.0
+
+
+def find_runner(app: Any) -> SessionRunner | None:
+    """The session runner of a (possibly middleware-wrapped) voxloop app."""
+    for _ in range(8):
+        if isinstance(app, Starlette):
+            runner = getattr(app.state, "runner", None)
+            return runner if isinstance(runner, SessionRunner) else None
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+class WorkerServer(uvicorn.Server):
+    """A uvicorn server for which a SIGTERM/SIGINT stop is a clean exit (0).
+
+    uvicorn re-raises the signal after a graceful shutdown (exit 143 for SIGTERM);
+    here the handler records it for the shutdown line instead.
+    """
+
+    stop_signal: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stop_signal = self.stop_signal or sig
+        super().handle_exit(sig, frame)
+
+
+@contextlib.contextmanager
+def drain_on_signals(runner: SessionRunner, timeout_s: float) -> Iterator[None]:
+    """While in this block (the app's lifespan), SIGTERM/SIGINT drain before the server stops.
+
+    The server's own handlers (installed before the app starts) run once the drain is
+    over, so the server then shuts down as usual with no session left to cut.
+    Must be entered on the main thread, in the server's event loop.
+    """
+    loop = asyncio.get_running_loop()
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    draining: list[asyncio.Task[None]] = []
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        handler = previous[signal.Signals(sig)]
+        if callable(handler):
+            handler(sig, frame)
+
+    async def drain_then_stop(sig: int) -> None:
+        live = runner.live_sessions
+        log.info(f"draining {live} session(s) for up to {timeout_s:g} s")
+        handed = await runner.drain(timeout_s)
+        log.info(f"drained: {live - handed} session(s) ended, {handed} handed off to resume")
+        stop(sig, None)
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        if draining:  # a second signal: stop now
+            stop(sig, frame)
+            return
+        runner.draining = True  # readiness false, new sessions refused, from now on
+        draining.append(loop.create_task(drain_then_stop(sig)))
+
+    for sig in handled:
+        signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for task in draining:
+            task.cancel()
+
+
+def app_from_env() -> Starlette:
+    """The app of a spawned worker: settings from the environment the parent prepared."""
+    from runtime.server.app import create_app, settings_from_env
+    from runtime.server.logs import configure
+
+    configure(logging.INFO)
+    if os.environ.get("VOXLOOP_NO_ACCESS_LOG"):
+        logging.getLogger("voxloop.access").setLevel(logging.WARNING)
+    return create_app(settings_from_env(os.environ))

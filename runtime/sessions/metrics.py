@@ -1,0 +1,141 @@
+"""Prometheus metrics of one worker: sessions, turns, latencies, endpoint errors, queues.
+
+Served at ``GET /metrics`` (text exposition format) by ``voxloop serve``. Every
+series is per worker process; a scraper adds the ``instance`` label. Agent labels
+are bounded: the first :data:`MAX_AGENT_LABELS` stored agents seen get their own
+label value, later ones count as ``other`` and inline sessions as ``inline``, so a
+server with many agents cannot blow up the scraper's memory.
+
+Histograms are in seconds (Prometheus convention); the per-turn record of
+:class:`~runtime.conversation.events.TurnMetrics` is in milliseconds and is
+converted once here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from runtime.conversation import events as core
+
+MAX_AGENT_LABELS: Final = 50
+#: Latency buckets (seconds) that resolve the voice range: 50 ms … 10 s.
+BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+LAG_INTERVAL_S: Final = 0.25
+
+__all__ = ["CONTENT_TYPE", "SessionMetrics"]
+
+
+class SessionMetrics:
+    """The worker's metrics, in a registry of their own (tests create as many as they like)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.live_sessions = Gauge(
+            "voxloop_live_sessions", "Sessions running on this worker now.", registry=r
+        )
+        self.sessions = Counter(
+            "voxloop_sessions", "Sessions that ended on this worker, by end reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.turns = Counter(
+            "voxloop_turns", "Answered user turns, by agent.", ["agent"], registry=r
+        )
+        self.replies = Counter(
+            "voxloop_replies", "Replies finished, by status (completed, interrupted, failed).",
+            ["status"], registry=r,
+        )  # fmt: skip
+        self.interruptions = Counter(
+            "voxloop_interruptions", "Replies cut by the user speaking over them.", registry=r
+        )
+        self.endpoint_errors = Counter(
+            "voxloop_endpoint_errors", "Replies the endpoint failed, by error code.",
+            ["code"], registry=r,
+        )  # fmt: skip
+        self.dropped_audio_frames = Counter(
+            "voxloop_dropped_audio_frames",
+            "Client audio frames dropped because a client sent faster than real time.",
+            registry=r,
+        )
+        self.outbound_queue = Gauge(
+            "voxloop_outbound_queue_messages",
+            "Server events queued for clients, summed over this worker's sessions.", registry=r,
+        )  # fmt: skip
+        self.loop_lag = Histogram(
+            "voxloop_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 250 ms).",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r,
+        )  # fmt: skip
+        names = {
+            "v2v": "voice-to-voice: the user stopped speaking to the first reply audio",
+            "ttft": "the endpoint's time to first token",
+            "first_sentence": "the endpoint's time to the first speakable segment",
+            "tts_first_audio": "speech synthesis time to first audio",
+        }
+        self.latency = {
+            key: Histogram(
+                f"voxloop_{key}_seconds",
+                f"Per answered turn, {text}.",
+                ["agent"],
+                buckets=BUCKETS,
+                registry=r,
+            )
+            for key, text in names.items()
+        }
+        self._agents: set[str] = set()
+
+    def agent_label(self, agent_id: str | None) -> str:
+        """``agent_id``, ``other`` past the first :data:`MAX_AGENT_LABELS`, ``inline`` for none."""
+        if agent_id is None:
+            return "inline"
+        if agent_id in self._agents:
+            return agent_id
+        if len(self._agents) < MAX_AGENT_LABELS:
+            self._agents.add(agent_id)
+            return agent_id
+        return "other"
+
+    def observe(self, agent_id: str | None, event: core.ConversationEvent) -> None:
+        """Count one core event of a session of ``agent_id``."""
+        match event:
+            case core.TurnMetrics():
+                agent = self.agent_label(agent_id)
+                self.turns.labels(agent).inc()
+                for key, value in (
+                    ("v2v", event.v2v_ms), ("ttft", event.ttft_ms),
+                    ("first_sentence", event.first_sentence_ms),
+                    ("tts_first_audio", event.tts_first_audio_ms),
+                ):  # fmt: skip
+                    if value is not None:
+                        self.latency[key].labels(agent).observe(value / 1000)
+            case core.ReplyDone(status=status):
+                self.replies.labels(status).inc()
+                if status == "interrupted":
+                    self.interruptions.inc()
+            case core.ReplyError(code=code):
+                self.endpoint_errors.labels(code).inc()
+            case _:
+                pass
+
+    def session_started(self) -> None:
+        self.live_sessions.inc()
+
+    def session_ended(self, reason: str) -> None:
+        self.live_sessions.dec()
+        self.sessions.labels(reason).inc()
+
+    def exposition(self) -> bytes:
+        """The text exposition of every metric (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+    async def watch_loop_lag(self) -> None:
+        """Sample the event loop's lag until cancelled (run it in the server's lifespan)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_INTERVAL_S
+            await asyncio.sleep(LAG_INTERVAL_S)
+            self.loop_lag.observe(max(0.0, loop.time() - due))

@@ -1,0 +1,156 @@
+"""Live state that several workers share: resumable sessions, single-use token redemptions and
+per-key rate limits, in this process's memory (one worker) or in Redis (several).
+
+With ``VOXLOOP_REDIS_URL`` set, every worker reads and writes the same keys, so a
+session dropped on one worker resumes on another, a temporary token is redeemed
+once across all of them, and a rate limit counts a key's requests wherever they
+land. Redis is used through the ``redis`` package's asyncio client; each operation
+is one atomic command (``SET … PX``, ``GETDEL``, ``SET NX``, ``INCR``), so no
+locks are held and no clustering logic lives here.
+
+Keys (all under ``VOXLOOP_REDIS_PREFIX``, default ``voxloop:``):
+
+* ``session:<id>`` — a :class:`ResumableState` as JSON (secrets sealed), expiring
+  after the resume grace period;
+* ``live:<id>`` — the session runs on some worker (a resume arriving at another one
+  waits on ``released:<id>`` until that worker has saved the state, at most 5 s);
+* ``token:<jti>`` — a redeemed token, kept as long as the token could be valid;
+* ``rate:<scope>:<key>:<minute>`` — a request count, expiring after the minute.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol
+
+from runtime.sessions.resume import ResumableState
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+DEFAULT_PREFIX: Final = "voxloop:"
+
+
+class RateLimiter(Protocol):
+    """At most a number of events per minute for each key."""
+
+    async def allow(self, scope: str, key: str, limit: int) -> bool:
+        """Count one event of ``key`` in ``scope``; ``False`` when over ``limit`` a minute."""
+
+
+class MemoryRateLimiter:
+    """:class:`RateLimiter` in this process (a sliding 60 s window per key)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[tuple[str, str], collections.deque[float]] = {}
+
+    async def allow(self, scope: str, key: str, limit: int) -> bool:
+        now = self._clock()
+        for k in [k for k, q in self._seen.items() if q and q[-1] <= now - 60]:
+            del self._seen[k]
+        seen = self._seen.setdefault((scope, key), collections.deque())
+        while seen and seen[0] <= now - 60:
+            seen.popleft()
+        if len(seen) >= limit:
+            return False
+        seen.append(now)
+        return True
+
+
+class RedisSessionStore:
+    """:class:`~runtime.sessions.resume.SessionStateStore` in Redis, shared by every worker."""
+
+    def __init__(self, redis: Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self._redis = redis
+        self._prefix = prefix
+
+    def _key(self, session_id: str) -> str:
+        return f"{self._prefix}session:{session_id}"
+
+    async def save(self, state: ResumableState, ttl_s: float) -> None:
+        body = json.dumps(dataclasses.asdict(state), separators=(",", ":"))
+        await self._redis.set(self._key(state.session_id), body, px=max(1, round(ttl_s * 1000)))
+
+    async def peek(self, session_id: str) -> ResumableState | None:
+        raw = await self._redis.get(self._key(session_id))
+        return None if raw is None else ResumableState(**json.loads(raw))
+
+    async def take(self, session_id: str) -> ResumableState | None:
+        raw = await self._redis.getdel(self._key(session_id))
+        if raw is None:
+            return None
+        return ResumableState(**json.loads(raw))
+
+    async def discard(self, session_id: str) -> None:
+        await self._redis.delete(self._key(session_id))
+
+    async def running(self, session_id: str, ttl_s: float) -> None:
+        await self._redis.set(f"{self._prefix}live:{session_id}", b"1",
+                              px=max(1, round(ttl_s * 1000)))  # fmt: skip
+
+    async def released(self, session_id: str) -> None:
+        # The live mark goes, and a resume waiting on another worker is woken.
+        done = f"{self._prefix}released:{session_id}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{self._prefix}live:{session_id}")
+            pipe.rpush(done, b"1")
+            pipe.expire(done, 60)
+            await pipe.execute()
+
+    async def wait_released(self, session_id: str, timeout_s: float) -> None:
+        if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
+            return
+        await self._redis.blpop([f"{self._prefix}released:{session_id}"], timeout=timeout_s)
+
+
+class RedisTokenUses:
+    """Single-use token redemption in Redis: the first ``SET NX`` of a token id wins."""
+
+    def __init__(self, redis: Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self._redis = redis
+        self._prefix = prefix
+
+    async def first_use(self, jti: str, ttl_s: int) -> bool:
+        """Record the use of token ``jti``; ``True`` only for the first, on any worker."""
+        done = await self._redis.set(f"{self._prefix}token:{jti}", b"1", nx=True,
+                                     ex=max(1, ttl_s))  # fmt: skip
+        return bool(done)
+
+
+class RedisRateLimiter:
+    """:class:`RateLimiter` in Redis: a count per key and wall-clock minute (``INCR``)."""
+
+    def __init__(
+        self, redis: Redis, prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._clock = clock
+
+    async def allow(self, scope: str, key: str, limit: int) -> bool:
+        minute = int(self._clock() // 60)
+        name = f"{self._prefix}rate:{scope}:{key}:{minute}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(name)
+            pipe.expire(name, 120)
+            count, _ = await pipe.execute()
+        return int(count) <= limit
+
+
+def connect(url: str) -> Redis:
+    """A client for ``url`` (``redis://[:password@]host:port/db``, ``rediss://`` for TLS).
+
+    Raises:
+        ValueError: the URL is not a Redis URL.
+    """
+    from redis.asyncio import Redis
+
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("VOXLOOP_REDIS_URL must be redis://host:port/db (or rediss://, unix://)")
+    client: Redis = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    return client

@@ -1,0 +1,429 @@
+"""Several workers sharing PostgreSQL-or-SQLite and Redis, as operators run them: real
+``voxloop serve`` processes, a real ``redis-server``, real sockets.
+
+What must hold across workers: a session dropped on one resumes on another with its
+history; a temporary token is redeemed once however many workers race for it; a rate
+limit counts a key's requests wherever they land. And a worker going away drains: no
+session is cut mid-reply, and sessions it cannot wait for resume elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from runtime.llm.reference import ReplyPlan
+from runtime.sessions.resume import ResumableState
+from runtime.sessions.shared_state import (
+    RedisRateLimiter,
+    RedisSessionStore,
+    RedisTokenUses,
+    connect,
+)
+
+from ..helpers import EndpointThread
+from ..redis_server import redis_server
+
+pytestmark = pytest.mark.timeout(300)
+
+API_KEY = "vk-workers-operator"
+LLM_KEY = "sk-workers-llm-5e4d3c"
+LONG_REPLY = (
+    "Here is the whole forecast for the week ahead, day by day, with the wind and the rain "
+    "and the temperatures at dawn and at dusk, so that you can plan every walk."
+)
+
+
+@dataclass
+class Worker:
+    http: str
+    proc: subprocess.Popen[str]
+    log: Path
+
+    @property
+    def ws(self) -> str:
+        return "ws" + self.http[4:] + "/v1/ws"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[EndpointThread]:
+    with EndpointThread(ReplyPlan(replies=("Noted.",), ttft_ms=20, itl_ms=5),
+                        api_key=LLM_KEY) as thread:  # fmt: skip
+        yield thread
+
+
+def start_worker(
+    data: Path, endpoint: EndpointThread, redis_url: str | None, *args: str, **env: str
+) -> Worker:
+    log = data.parent / f"worker-{len(list(data.parent.glob('worker-*.log')))}.log"
+    with log.open("a") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir", str(data),
+             *args],
+            stdout=subprocess.PIPE, stderr=handle, text=True,
+            env={**os.environ, "VOXLOOP_API_KEYS": API_KEY,
+                 "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
+                 "VOXLOOP_LLM_BASE_URL": endpoint.base_url, "VOXLOOP_LLM_MODEL": "workers",
+                 "VOXLOOP_LLM_API_KEY": LLM_KEY, "VOXLOOP_TTS": "espeak",
+                 **({"VOXLOOP_REDIS_URL": redis_url} if redis_url else {}), **env},
+        )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("voxloop serve listening on "), log.read_text()
+    return Worker(line.rsplit(" ", 1)[1].strip(), proc, log)
+
+
+def stop(worker: Worker) -> int:
+    if worker.proc.poll() is None:
+        worker.proc.send_signal(signal.SIGTERM)
+    code = worker.proc.wait(timeout=60)
+    assert worker.proc.stdout is not None
+    worker.proc.stdout.close()
+    assert "Traceback" not in worker.log.read_text(), worker.log.read_text()
+    return code
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> Iterator[tuple[Worker, Worker]]:
+    """Two separate worker processes on one database and one Redis."""
+    data = tmp_path / "data"
+    a = start_worker(data, endpoint, redis_url)
+    b = start_worker(data, endpoint, redis_url)
+    try:
+        yield a, b
+    finally:
+        stop(a)
+        stop(b)
+
+
+async def until(ws: Any, kind: str) -> dict[str, Any]:
+    """Events up to and including the first of type ``kind``; returns that one."""
+    while True:
+        event = json.loads(await ws.recv())
+        if event["type"] == kind:
+            return dict(event)
+        assert event["type"] != "session.error", event
+
+
+async def open_session(url: str, **connect: Any) -> tuple[Any, dict[str, Any]]:
+    ws = await websockets.connect(url, **connect)
+    await ws.send(json.dumps({"type": "session.update",
+                              "session": {"system_prompt": "You are brief."}}))  # fmt: skip
+    return ws, await until(ws, "session.ready")
+
+
+def key() -> dict[str, Any]:
+    return {"additional_headers": {"Authorization": API_KEY}}
+
+
+# -- the shared state, against a real Redis -----------------------------------------
+
+
+async def test_redis_session_store_keeps_a_state_for_the_grace_and_gives_it_once(
+    redis_url: str,
+) -> None:
+    redis = connect(redis_url)
+    try:
+        store = RedisSessionStore(redis, prefix="t1:")
+        state = ResumableState(
+            session_id="sess_x", owner="key:o", resume_token_hash="h", spec={"a": [1]},
+            history=[{"role": "user", "content": "hi"}], started_at=1.5, expires_at=99.5,
+            audio_seconds=2.25,
+        )  # fmt: skip
+        await store.save(state, 30.0)
+        ttl_ms = await redis.pttl("t1:session:sess_x")
+        assert 29_000 < ttl_ms <= 30_000
+        taken = await asyncio.gather(*(store.take("sess_x") for _ in range(20)))
+        assert [t for t in taken if t is not None] == [state]
+        assert await store.take("sess_x") is None
+        await store.save(state, 30.0)
+        await store.discard("sess_x")
+        assert await store.take("sess_x") is None
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_token_uses_and_rate_limits_are_exact(redis_url: str) -> None:
+    redis = connect(redis_url)
+    try:
+        uses = RedisTokenUses(redis, prefix="t2:")
+        wins = await asyncio.gather(*(uses.first_use("jti-1", 60) for _ in range(50)))
+        assert wins.count(True) == 1
+        assert 0 < await redis.ttl("t2:token:jti-1") <= 60
+        limiter = RedisRateLimiter(redis, prefix="t2:", clock=lambda: 600.0)
+        first = [await limiter.allow("s", "key:a", 3) for _ in range(4)]
+        other = await limiter.allow("s", "key:b", 3)
+        later = RedisRateLimiter(redis, prefix="t2:", clock=lambda: 660.0)
+        assert (first, other, await later.allow("s", "key:a", 3)) == (
+            [True, True, True, False],
+            True,
+            True,
+        )
+    finally:
+        await redis.aclose()
+
+
+def test_a_wrong_redis_url_is_one_line(tmp_path: Path, endpoint: EndpointThread) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "d"), "--workers", "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "VOXLOOP_API_KEYS": API_KEY, "VOXLOOP_REDIS_URL": "http://x"},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "voxloop: error: VOXLOOP_REDIS_URL must be redis://host:port/db (or rediss://, unix://)"
+    ]
+
+
+def test_several_workers_without_redis_are_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "d"), "--workers", "3"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**{k: v for k, v in os.environ.items() if k != "VOXLOOP_REDIS_URL"},
+             "VOXLOOP_API_KEYS": API_KEY},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "voxloop: error: --workers 3 needs VOXLOOP_REDIS_URL (redis://host:6379/0): without "
+        "shared state a session dropped on one worker cannot resume on another"
+    ]
+    assert done.stdout == ""
+
+
+# -- across workers --------------------------------------------------------------------
+
+
+def test_a_token_is_redeemed_once_across_two_workers(pair: tuple[Worker, Worker]) -> None:
+    a, b = pair
+    token = httpx.get(f"{a.http}/v1/token?expires_in_seconds=60",
+                      headers={"Authorization": API_KEY}, timeout=30).json()["token"]  # fmt: skip
+
+    async def attempt(worker: Worker) -> str:
+        try:
+            ws, _ = await open_session(f"{worker.ws}?token={token}")
+        except (AssertionError, websockets.ConnectionClosed):
+            return "refused"
+        await ws.send('{"type": "session.end"}')
+        await until(ws, "session.ended")
+        await ws.close()
+        return "ready"
+
+    async def race() -> list[str]:
+        return await asyncio.gather(*(attempt(w) for w in (a, b) * 25))
+
+    outcomes = asyncio.run(race())
+    assert sorted(outcomes) == ["ready"] + ["refused"] * 49
+
+
+def test_a_dropped_session_resumes_on_another_worker_with_its_history(
+    pair: tuple[Worker, Worker], endpoint: EndpointThread
+) -> None:
+    a, b = pair
+
+    async def run() -> tuple[str, dict[str, Any]]:
+        ws, ready = await open_session(a.ws, **key())
+        await ws.send(json.dumps({"type": "conversation.message", "role": "user",
+                                  "content": "My name is Ada."}))  # fmt: skip
+        await ws.send('{"type": "reply.create"}')
+        await until(ws, "reply.done")
+        # A drop: the transport goes away without session.end.
+        ws.transport.abort()
+        await ws.wait_closed()
+        # The owner's resume token, on the other worker.
+        resumed = await websockets.connect(
+            b.ws, additional_headers={"Authorization": ready["resume_token"]}
+        )
+        await resumed.send(json.dumps({"type": "session.resume",
+                                       "session_id": ready["session_id"]}))  # fmt: skip
+        again = await until(resumed, "session.ready")
+        await resumed.send('{"type": "reply.create"}')
+        await until(resumed, "reply.done")
+        await resumed.send('{"type": "session.end"}')
+        await until(resumed, "session.ended")
+        await resumed.close()
+        return ready["session_id"], again
+
+    session_id, again = asyncio.run(run())
+    assert again["session_id"] == session_id
+    last = endpoint.chats()[-1].body
+    assert last is not None
+    contents = [(m["role"], m["content"]) for m in last["messages"] if m["role"] != "system"]
+    assert contents[:2] == [("user", "My name is Ada."), ("assistant", "Noted.")]
+
+
+def test_session_starts_are_rate_limited_across_workers(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    data = tmp_path / "data"
+    env = {"VOXLOOP_SESSIONS_PER_MINUTE": "3", "VOXLOOP_REDIS_PREFIX": "rl-test:"}
+    a = start_worker(data, endpoint, redis_url, **env)
+    b = start_worker(data, endpoint, redis_url, **env)
+    try:
+
+        async def attempt(worker: Worker) -> str:
+            ws = await websockets.connect(worker.ws, **key())
+            await ws.send('{"type": "session.update", "session": {"system_prompt": "x"}}')
+            event = json.loads(await ws.recv())
+            if event["type"] == "session.ready":
+                await ws.send('{"type": "session.end"}')
+                await until(ws, "session.ended")
+            await ws.close()
+            return str(event.get("code") or event["type"])
+
+        async def sequence() -> list[str]:
+            return [await attempt(w) for w in (a, b, a, b)]
+
+        outcomes = asyncio.run(sequence())
+    finally:
+        stop(a)
+        stop(b)
+    assert outcomes == ["session.ready", "session.ready", "session.ready", "at_capacity"]
+
+
+# -- one port, several processes; drain ---------------------------------------------------
+
+
+def test_serve_workers_on_one_port_and_a_clean_stop(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    worker = start_worker(tmp_path / "data", endpoint, redis_url, "--workers", "2")
+    try:
+        pids = set()
+        with httpx.Client(base_url=worker.http, timeout=30) as client:
+            for _ in range(40):  # new connections spread over the processes
+                ready = client.get("/readyz", headers={"Connection": "close"})
+                assert ready.status_code == 200, ready.text
+                body = ready.json()
+                pids.add(body.pop("worker"))
+                assert body == {"status": "ready", "database": "ok", "redis": "ok",
+                                "sessions": "ok"}  # fmt: skip
+    finally:
+        code = stop(worker)
+    assert code == 0
+    assert len(pids) == 2, pids
+
+
+def test_sigterm_drains_a_session_after_its_reply(tmp_path: Path, redis_url: str) -> None:
+    plan = ReplyPlan(replies=(LONG_REPLY,), ttft_ms=20, itl_ms=40)
+    with EndpointThread(plan, api_key=LLM_KEY) as slow:
+        worker = start_worker(tmp_path / "data", slow, redis_url, "--drain-timeout", "60")
+
+        async def run() -> tuple[list[str], int | None, str, int]:
+            ws, _ = await open_session(worker.ws, **key())
+            await ws.send('{"type": "reply.create"}')
+            await until(ws, "reply.started")
+            worker.proc.send_signal(signal.SIGTERM)
+            types: list[str] = []
+            text = ""
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    event = json.loads(await ws.recv())
+                    if event["type"] != "reply.audio":
+                        types.append(event["type"])
+                    if event["type"] == "transcript.agent":
+                        text = event["text"]
+            # The worker refuses new sessions while it drains, or is gone.
+            readiness = -1
+            with contextlib.suppress(httpx.HTTPError):
+                async with httpx.AsyncClient() as client:
+                    readiness = (await client.get(f"{worker.http}/readyz")).status_code
+            return types, ws.close_code, text, readiness
+
+        types, close_code, text, readiness = asyncio.run(run())
+        code = stop(worker)
+    # The reply was spoken to its end, then the session ended cleanly.
+    assert types[-2:] == ["reply.done", "session.ended"]
+    assert "session.error" not in types
+    assert text == LONG_REPLY
+    assert close_code == 1000
+    assert code == 0
+    assert readiness in (503, -1)
+    log = worker.log.read_text()
+    assert '"msg": "draining 1 session(s) for up to 60 s"' in log, log
+    assert '"msg": "drained: 1 session(s) ended, 0 handed off to resume"' in log, log
+
+
+def test_a_drain_timeout_hands_the_session_off_to_another_worker(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    plan = ReplyPlan(replies=(LONG_REPLY,), ttft_ms=20, itl_ms=200)
+    data = tmp_path / "data"
+    with EndpointThread(plan, api_key=LLM_KEY) as slow:
+        leaving = start_worker(data, slow, redis_url, "--drain-timeout", "0.5")
+        staying = start_worker(data, slow, redis_url)
+        try:
+
+            async def run() -> tuple[int | None, str, str]:
+                ws, ready = await open_session(leaving.ws, **key())
+                await ws.send('{"type": "reply.create"}')
+                await until(ws, "reply.started")
+                leaving.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    while True:
+                        await ws.recv()
+                resumed = await websockets.connect(
+                    staying.ws, additional_headers={"Authorization": ready["resume_token"]}
+                )
+                await resumed.send(json.dumps({"type": "session.resume",
+                                               "session_id": ready["session_id"]}))  # fmt: skip
+                again = await until(resumed, "session.ready")
+                await resumed.send('{"type": "session.end"}')
+                await until(resumed, "session.ended")
+                await resumed.close()
+                return ws.close_code, ready["session_id"], again["session_id"]
+
+            close_code, before, after = asyncio.run(run())
+            assert stop(leaving) == 0
+        finally:
+            stop(staying)
+    assert close_code == 1012
+    assert after == before
+
+
+def test_metrics_count_what_happened(tmp_path: Path, endpoint: EndpointThread) -> None:
+    worker = start_worker(tmp_path / "data", endpoint, None)
+    try:
+
+        async def run() -> None:
+            ws, _ = await open_session(worker.ws, **key())
+            await ws.send('{"type": "reply.create"}')
+            await until(ws, "reply.done")
+            await ws.send('{"type": "session.end"}')
+            await until(ws, "session.ended")
+            await ws.close()
+
+        asyncio.run(run())
+        with httpx.Client(base_url=worker.http, timeout=30) as client:
+            anonymous = client.get("/metrics")
+            scraped = client.get("/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    finally:
+        stop(worker)
+    assert anonymous.status_code == 401
+    assert scraped.headers["content-type"].startswith("text/plain; version=")
+    lines = set(scraped.text.splitlines())
+    assert 'voxloop_sessions_total{reason="ended"} 1.0' in lines
+    assert 'voxloop_replies_total{status="completed"} 1.0' in lines
+    assert "voxloop_live_sessions 0.0" in lines
