@@ -117,26 +117,32 @@ async def one_session(url: str, pcm: bytes, tally: Tally) -> None:
                         answered.set()
 
             reader = asyncio.create_task(read())
-            step = RATE // 10 * 2  # 100 ms
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            for i in range(0, len(pcm), step):
-                chunk = base64.b64encode(pcm[i : i + step]).decode()
-                await ws.send(json.dumps({"type": "input.audio", "audio": chunk}))
-                delay = t0 + (i + step) / (RATE * 2) - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # real-time pacing of a microphone
             waiter = asyncio.create_task(answered.wait())
-            async with asyncio.timeout(60):
-                await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if reader.done() and reader.exception() is not None:
-                raise reader.exception()  # type: ignore[misc]
-            waiter.cancel()
-            if answered.is_set():
-                tally.answered += 1
-            await ws.send(json.dumps({"type": "session.end"}))
-            async with asyncio.timeout(10):
-                await reader
+            try:
+                step = RATE // 10 * 2  # 100 ms
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                for i in range(0, len(pcm), step):
+                    if reader.done():
+                        break
+                    chunk = base64.b64encode(pcm[i : i + step]).decode()
+                    await ws.send(json.dumps({"type": "input.audio", "audio": chunk}))
+                    delay = t0 + (i + step) / (RATE * 2) - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)  # real-time pacing of a microphone
+                async with asyncio.timeout(60):
+                    await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises what the reader met
+                if answered.is_set():
+                    tally.answered += 1
+                await ws.send(json.dumps({"type": "session.end"}))
+                async with asyncio.timeout(10):
+                    await reader
+            finally:
+                for task in (reader, waiter):
+                    task.cancel()
+                await asyncio.gather(reader, waiter, return_exceptions=True)
     except (OSError, TimeoutError, RuntimeError, websockets.WebSocketException) as exc:
         tally.failed.append(f"{type(exc).__name__}: {exc}"[:200])
 

@@ -119,6 +119,7 @@ class Connection:
         self.transport: asyncio.Transport | None = extension.get("transport")
         self._written = 0  # bytes of text frames handed to the transport
         self._fields: dict[str, str] = {}
+        self._waiting = contextlib.ExitStack()
 
     # -- outgoing -----------------------------------------------------------------
 
@@ -258,10 +259,11 @@ class Connection:
         if isinstance(principal, SessionRefused):
             await self._refuse(principal)
             return
-        credential = principal.owner or "resume"
         try:
             await self.runner.admit(principal)
-            with self.runner.unbound(credential):
+            with contextlib.ExitStack() as self._waiting:
+                # Counted as unbound until its first message arrives (see _first).
+                self._waiting.enter_context(self.runner.unbound(principal.owner or "resume"))
                 live = await self._first(principal)
         except _Closed:
             self._abort_if_stuck()
@@ -309,6 +311,7 @@ class Connection:
             if isinstance(event, ev.ProtocolError):
                 await self._send_now(_error_event(event.code, event.message, event.param))
                 continue
+            self._waiting.close()  # it spoke: no longer a silent socket of its credential
             try:
                 if isinstance(event, ev.SessionResume):
                     live = await self.runner.resume(event.session_id, principal, self.emit)

@@ -24,7 +24,8 @@ class RunnerLimits:
         outbound_messages: server events queued for a client before it is dropped.
         ready_timeout_s: time for the first message after the upgrade.
         unbound_per_credential: connections of one credential that may wait at
-            once for their first message (they take no session slot).
+            once for their first message (they take no session slot; a connection
+            stops counting once its first valid message arrives).
         client_stall_s: a client that takes none of the events waiting for it
             (in the event queue or the socket's write buffer) for this long is
             dropped with close 1008.
@@ -40,7 +41,7 @@ class RunnerLimits:
     input_buffer_ms: int = 2000
     outbound_messages: int = 512
     ready_timeout_s: float = 10.0
-    unbound_per_credential: int = 4
+    unbound_per_credential: int = 16
     client_stall_s: float = 10.0
     close_timeout_s: float = 2.0
 

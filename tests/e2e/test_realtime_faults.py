@@ -390,6 +390,13 @@ async def test_odd_characters_from_the_client_are_typed_errors_naming_the_field(
         "invalid_value",
         "session.tools[0].parameters.properties.x.maximum",
     )
+    # The local-use NAT64 prefix is refused by the URL policy here as on the REST API.
+    await client.send({"type": "session.update", "session": {"llm": [
+        {"base_url": "https://[64:ff9b:1::a00:1]/v1", "model": "m", "api_key": "k"}]}})  # fmt: skip
+    error = await client.next("session.error")
+    assert isinstance(error, ev.SessionError)
+    assert (error.code, error.param) == ("invalid_config", "llm[0].base_url")
+    assert "local-use NAT64" in error.message
     await client.send(inline(endpoint, greeting="Hi\u202e there \U0001f469\u200d\U0001f52c."))
     ready = await client.next("session.ready")
     assert isinstance(ready, ev.SessionReady) and ready.config is not None

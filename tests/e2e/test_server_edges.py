@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,26 @@ def test_ids_and_cursors_no_database_can_hold_are_4xx(edge_server: Server) -> No
         assert r.status_code == 400, r.text
         assert (r.json()["code"], r.json()["param"]) == ("invalid_request", "cursor")
     assert c.get("/v1/agents", params={"limit": 2}).status_code == 200
+    if edge_server.database_url is None:  # SQLite: the database file is its owner's only
+        assert stat.S_IMODE((edge_server.data_dir / "voxloop.db").stat().st_mode) == 0o600
+
+
+def test_what_a_session_cannot_run_is_refused_at_write_time(edge_server: Server) -> None:
+    c = edge_server.client()
+    for extra, param, message in (
+        ({"input": {"format": {"encoding": "audio/pcmu", "sample_rate": 24000}}},
+         "input.format.sample_rate", "must be 8000 for audio/pcmu"),
+        ({"output": {"format": {"encoding": "audio/pcm", "sample_rate": 8000}}},
+         "output.format.sample_rate", "must be 24000 for audio/pcm"),
+        ({"input": {"turn_detection": {"min_silence": 900, "max_silence": 500}}},
+         "input.turn_detection.min_silence", "must not exceed max_silence"),
+    ):  # fmt: skip
+        r = c.post("/v1/agents", json={**AGENT, **extra})
+        assert r.status_code == 422, r.text
+        assert (r.json()["param"], r.json()["detail"]) == (param, message)
+        agent_id = c.post("/v1/agents", json=AGENT).json()["id"]
+        r = c.put(f"/v1/agents/{agent_id}", json=extra)
+        assert r.status_code == 422 and r.json()["param"] == param, r.text
 
 
 def test_a_local_use_nat64_endpoint_is_refused(edge_server: Server) -> None:
