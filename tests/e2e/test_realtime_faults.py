@@ -342,6 +342,8 @@ async def test_silent_sockets_take_no_slot_and_have_their_own_bound(
         await real.send({"type": "reply.create"})
         turn = await real.until("reply.done")
         assert [e.text for e in turn if isinstance(e, ev.TranscriptAgent)] == ["Here."]
+        await real.send({"type": "session.end"})
+        await real.closed()
     finally:
         stop_server(srv)
 
