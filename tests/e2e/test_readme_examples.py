@@ -64,9 +64,12 @@ def test_the_server_and_client_example(tmp_path: Path):
                 )  # fmt: skip
                 background.append(process)
                 assert process.stdout is not None
-                first = process.stdout.readline()
-                url = re.search(r"http://127\.0\.0\.1:(\d+)", first)
-                assert url is not None, first
+                # Start-up notes may come before the line that says where it listens.
+                for said in iter(process.stdout.readline, ""):
+                    if url := re.search(r"http://127\.0\.0\.1:(\d+)", said):
+                        break
+                else:
+                    raise AssertionError(f"{line}: ended before it said where it listens")
                 ports[readme_port] = url.group(1)
                 continue
             run = subprocess.run(
