@@ -787,7 +787,7 @@ def create_app(settings: Settings) -> Starlette:
         load_agent=api.load_agent, box=api.box, policy=settings.policy, resolver=settings.resolver,
         default_llm=settings.default_llm, voices=settings.installed_voices, engines=engines,
         limits=settings.limits, states=states, limiter=api.limiter,
-        sessions_per_minute=settings.sessions_per_minute,
+        sessions_per_minute=settings.sessions_per_minute, checkpoints=api.redis is not None,
     )  # fmt: skip
     api.runner = runner
 

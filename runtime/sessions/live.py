@@ -185,7 +185,7 @@ class LiveSession:
             Why it stopped: ``ended`` (``session.end``), ``expired``.
         """
         # A resume arriving at another worker waits for this session's release.
-        await self.runner.states.running(self.session_id, max(1.0, self.expires_at - time.time()))
+        await self.runner.states.running(self.session_id, self.runner.limits.resume_grace_s)
         stt, tts = await self.runner.engines.get()
         assert self.spec.llm is not None
         self._llm = self.runner.chat_client(self.spec.llm)
@@ -401,8 +401,13 @@ class LiveSession:
         self.runner.metrics.observe(self.spec.agent_id, event)
         if self._observe is not None:
             self._observe(event)
-        if self._finish_after_reply and isinstance(event, core.ReplyDone):
-            self.end()
+        if isinstance(event, core.ReplyDone):
+            if self._finish_after_reply:
+                self.end()
+            elif self._tg is not None and self.runner.checkpoints:
+                # After each reply the state is kept where other workers can read it, so
+                # a worker that dies (no release) leaves its sessions resumable elsewhere.
+                self._tg.create_task(self.runner.checkpoint(self))
 
     def _render(self, event: core.ConversationEvent) -> None:
         emit = self._emit

@@ -95,6 +95,7 @@ class SessionRunner:
         metrics: SessionMetrics | None = None,
         limiter: RateLimiter | None = None,
         sessions_per_minute: int = 120,
+        checkpoints: bool = False,
     ) -> None:
         self.load_agent = load_agent
         self.box = box
@@ -108,6 +109,9 @@ class SessionRunner:
         self.metrics = metrics or SessionMetrics()
         self.limiter: RateLimiter = limiter or MemoryRateLimiter()
         self.sessions_per_minute = sessions_per_minute
+        #: Save each session's state after every reply (shared stores: a dead worker's
+        #: sessions resume elsewhere). Off for the in-process store, which dies with it.
+        self.checkpoints = checkpoints
         #: Set on SIGTERM: no new sessions; live ones finish their reply (see :meth:`drain`).
         self.draining = False
         self.active = 0
@@ -393,6 +397,16 @@ class SessionRunner:
             running = self._running.pop(live.session_id, None)
             if running is not None:
                 running.released.set()
+
+    async def checkpoint(self, live: LiveSession) -> None:
+        """Keep ``live``'s state now, as a drop would (it still runs here)."""
+        try:
+            await self.states.save(live.snapshot(), self.limits.resume_grace_s)
+            await self.states.running(live.session_id, self.limits.resume_grace_s)
+        except Exception as exc:  # the shared store failing must not end the session
+            log.warning("checkpoint failed", extra={
+                "session_id": live.session_id, "error": type(exc).__name__,
+            })  # fmt: skip
 
     @property
     def live_sessions(self) -> int:

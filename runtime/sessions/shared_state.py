@@ -20,19 +20,28 @@ Keys (all under ``VOXLOOP_REDIS_PREFIX``, default ``voxloop:``):
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
+from redis.exceptions import RedisError
+
+from runtime.sessions.errors import SessionRefused
 from runtime.sessions.resume import ResumableState
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 DEFAULT_PREFIX: Final = "voxloop:"
+#: Longest single blocking wait (below the client's 5 s socket timeout).
+BLOCK_SLICE_S: Final = 2.0
+
+log = logging.getLogger("voxloop.session")
 
 
 class RateLimiter(Protocol):
@@ -63,7 +72,12 @@ class MemoryRateLimiter:
 
 
 class RedisSessionStore:
-    """:class:`~runtime.sessions.resume.SessionStateStore` in Redis, shared by every worker."""
+    """:class:`~runtime.sessions.resume.SessionStateStore` in Redis, shared by every worker.
+
+    Redis going away (a restart, a failover) ends no session: a state that cannot be
+    saved is logged and the session goes on (it is saved again after its next reply);
+    a resume that cannot read the state is refused with ``server_error`` (retryable).
+    """
 
     def __init__(self, redis: Redis, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
@@ -74,38 +88,65 @@ class RedisSessionStore:
 
     async def save(self, state: ResumableState, ttl_s: float) -> None:
         body = json.dumps(dataclasses.asdict(state), separators=(",", ":"))
-        await self._redis.set(self._key(state.session_id), body, px=max(1, round(ttl_s * 1000)))
+        try:
+            await self._redis.set(self._key(state.session_id), body, px=max(1, round(ttl_s * 1000)))
+        except RedisError as exc:
+            _unavailable("save", state.session_id, exc)
 
     async def peek(self, session_id: str) -> ResumableState | None:
-        raw = await self._redis.get(self._key(session_id))
+        try:
+            raw = await self._redis.get(self._key(session_id))
+        except RedisError as exc:
+            raise _refused(session_id, exc) from None
         return None if raw is None else ResumableState(**json.loads(raw))
 
     async def take(self, session_id: str) -> ResumableState | None:
-        raw = await self._redis.getdel(self._key(session_id))
-        if raw is None:
-            return None
-        return ResumableState(**json.loads(raw))
+        try:
+            raw = await self._redis.getdel(self._key(session_id))
+        except RedisError as exc:
+            raise _refused(session_id, exc) from None
+        return None if raw is None else ResumableState(**json.loads(raw))
 
     async def discard(self, session_id: str) -> None:
-        await self._redis.delete(self._key(session_id))
+        try:
+            await self._redis.delete(self._key(session_id))
+        except RedisError as exc:
+            _unavailable("discard", session_id, exc)
 
     async def running(self, session_id: str, ttl_s: float) -> None:
-        await self._redis.set(f"{self._prefix}live:{session_id}", b"1",
-                              px=max(1, round(ttl_s * 1000)))  # fmt: skip
+        try:
+            await self._redis.set(f"{self._prefix}live:{session_id}", b"1",
+                                  px=max(1, round(ttl_s * 1000)))  # fmt: skip
+        except RedisError as exc:
+            _unavailable("mark", session_id, exc)
 
     async def released(self, session_id: str) -> None:
         # The live mark goes, and a resume waiting on another worker is woken.
         done = f"{self._prefix}released:{session_id}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(f"{self._prefix}live:{session_id}")
-            pipe.rpush(done, b"1")
-            pipe.expire(done, 60)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(f"{self._prefix}live:{session_id}")
+                pipe.rpush(done, b"1")
+                pipe.expire(done, 60)
+                await pipe.execute()
+        except RedisError as exc:
+            _unavailable("release", session_id, exc)
 
     async def wait_released(self, session_id: str, timeout_s: float) -> None:
-        if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
-            return
-        await self._redis.blpop([f"{self._prefix}released:{session_id}"], timeout=timeout_s)
+        try:
+            if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
+                return
+            # In slices shorter than the client's socket timeout.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            while (left := deadline - loop.time()) > 0:
+                woken = await self._redis.blpop(
+                    [f"{self._prefix}released:{session_id}"], timeout=min(left, BLOCK_SLICE_S)
+                )
+                if woken is not None:
+                    return
+        except RedisError as exc:
+            _unavailable("wait", session_id, exc)
 
 
 class RedisTokenUses:
@@ -116,9 +157,17 @@ class RedisTokenUses:
         self._prefix = prefix
 
     async def first_use(self, jti: str, ttl_s: int) -> bool:
-        """Record the use of token ``jti``; ``True`` only for the first, on any worker."""
-        done = await self._redis.set(f"{self._prefix}token:{jti}", b"1", nx=True,
-                                     ex=max(1, ttl_s))  # fmt: skip
+        """Record the use of token ``jti``; ``True`` only for the first, on any worker.
+
+        With Redis unreachable the token is not redeemed (``False``: refused, and still
+        unused, so the client may try it again once Redis is back).
+        """
+        try:
+            done = await self._redis.set(f"{self._prefix}token:{jti}", b"1", nx=True,
+                                         ex=max(1, ttl_s))  # fmt: skip
+        except RedisError as exc:
+            _unavailable("redeem", jti[:8], exc)
+            return False
         return bool(done)
 
 
@@ -135,11 +184,25 @@ class RedisRateLimiter:
     async def allow(self, scope: str, key: str, limit: int) -> bool:
         minute = int(self._clock() // 60)
         name = f"{self._prefix}rate:{scope}:{key}:{minute}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(name)
-            pipe.expire(name, 120)
-            count, _ = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incr(name)
+                pipe.expire(name, 120)
+                count, _ = await pipe.execute()
+        except RedisError as exc:
+            # A limit that cannot be counted does not stop calls (it is not a security gate).
+            _unavailable("rate limit", scope, exc)
+            return True
         return int(count) <= limit
+
+
+def _unavailable(what: str, key: str, exc: Exception) -> None:
+    log.warning(f"redis unavailable ({what})", extra={"key": key, "error": type(exc).__name__})
+
+
+def _refused(session_id: str, exc: Exception) -> SessionRefused:
+    _unavailable("resume", session_id, exc)
+    return SessionRefused("server_error", "session state is unavailable right now; try again")
 
 
 def connect(url: str) -> Redis:

@@ -427,3 +427,51 @@ def test_metrics_count_what_happened(tmp_path: Path, endpoint: EndpointThread) -
     assert 'voxloop_sessions_total{reason="ended"} 1.0' in lines
     assert 'voxloop_replies_total{status="completed"} 1.0' in lines
     assert "voxloop_live_sessions 0.0" in lines
+
+
+def test_a_killed_workers_session_resumes_on_another_from_its_last_reply(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    data = tmp_path / "data"
+    doomed = start_worker(data, endpoint, redis_url)
+    other = start_worker(data, endpoint, redis_url)
+    try:
+
+        async def run() -> tuple[str, str]:
+            ws, ready = await open_session(doomed.ws, **key())
+            await ws.send(json.dumps({"type": "conversation.message", "role": "user",
+                                      "content": "Remember the number 42."}))  # fmt: skip
+            await ws.send('{"type": "reply.create"}')
+            await until(ws, "reply.done")
+            # A second reply: the state kept after the first one is surely written by now
+            # (a crash loses at most what happened since the last reply).
+            await ws.send('{"type": "reply.create"}')
+            await until(ws, "reply.done")
+            # The worker dies without a chance to save anything (no drain, no release).
+            doomed.proc.kill()
+            doomed.proc.wait(timeout=30)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.recv()
+            resumed = await websockets.connect(
+                other.ws, additional_headers={"Authorization": ready["resume_token"]}
+            )
+            await resumed.send(json.dumps({"type": "session.resume",
+                                           "session_id": ready["session_id"]}))  # fmt: skip
+            again = await until(resumed, "session.ready")
+            await resumed.send('{"type": "reply.create"}')
+            await until(resumed, "reply.done")
+            await resumed.send('{"type": "session.end"}')
+            await until(resumed, "session.ended")
+            await resumed.close()
+            return ready["session_id"], again["session_id"]
+
+        before, after = asyncio.run(run())
+    finally:
+        stop(other)
+        assert doomed.proc.stdout is not None
+        doomed.proc.stdout.close()
+    assert after == before
+    last = endpoint.chats()[-1].body
+    assert last is not None
+    said = [(m["role"], m["content"]) for m in last["messages"] if m["role"] != "system"]
+    assert said[:2] == [("user", "Remember the number 42."), ("assistant", "Noted.")]
