@@ -42,7 +42,7 @@ from pydantic.json_schema import models_json_schema
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
-from runtime.protocol.events import ENCODINGS
+from runtime.protocol.events import ENCODINGS, MAX_LLM_ENTRIES, SINGLE_ENTRY_MESSAGE
 from runtime.secret import Secret
 
 MAX_TEXT: Final = 20_000
@@ -316,7 +316,8 @@ class LLMIn(_Model):
     api_key: SecretLine
 
 
-LLMList = Annotated[list[LLMIn], Field(max_length=1)]
+LLMList = Annotated[list[LLMIn], Field(max_length=MAX_LLM_ENTRIES)]
+"""An endpoint and its fallbacks, in order (the first answers while it is healthy)."""
 
 
 class AgentCreate(_Model):
@@ -611,6 +612,16 @@ def _tool(tool: ToolIn) -> ToolInput:
         for h in tool.http.headers
     )
     return ToolInput(doc=doc, url=tool.http.url, headers=headers)
+
+
+def check_llm_count(agent: AgentInput, *, single_entry: bool) -> None:
+    """Refuse a second ``llm`` entry when the server keeps the one-entry rule.
+
+    Raises:
+        FieldError: ``llm[1]``, saying which setting refuses it.
+    """
+    if single_entry and agent.llm is not None and len(agent.llm) > 1:
+        raise FieldError("llm[1]", SINGLE_ENTRY_MESSAGE)
 
 
 async def check_urls(agent: AgentInput, policy: URLPolicy, resolver: Resolver) -> None:

@@ -113,6 +113,13 @@ class TurnMetrics:
     overhead_ms: float | None
     endpointing_ms: float | None
     speculative: bool
+    llm_entry: int | None = None
+    """The index of the ``llm`` entry that answered (0: the first)."""
+    llm_host: str | None = None
+    """That entry's host (never its key)."""
+    llm_skipped: tuple[tuple[int, str], ...] = ()
+    """Entries not used, ``(index, reason)``: an error kind, ``circuit_open``,
+    ``budget`` or ``hedged``."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,6 +134,9 @@ class TurnMetrics:
             "overhead_ms": self.overhead_ms,
             "endpointing_ms": self.endpointing_ms,
             "speculative": self.speculative,
+            "llm_entry": self.llm_entry,
+            "llm_host": self.llm_host,
+            "llm_skipped": [list(s) for s in self.llm_skipped],
         }
 
 

@@ -44,6 +44,7 @@ from runtime.conversation.sinks import AudioSink
 from runtime.conversation.tools import ToolRunner, openai_tool
 from runtime.errors import EndpointError
 from runtime.llm.client import ChatClient, ChatRequest
+from runtime.llm.fallback import FallbackChatClient
 from runtime.llm.stream import TextDelta, ToolCall
 from runtime.safetext import safe_text
 from runtime.speech.text import SpeechSegmenter
@@ -81,6 +82,9 @@ class Reply:
     t_text: int | None = None  # transcript used for the request available
     t_sent: int | None = None
     ttft_ms: float | None = None
+    llm_entry: int | None = None
+    llm_host: str | None = None
+    llm_skipped: list[tuple[int, str]] = field(default_factory=list)
     t_seg: int | None = None
     t_tts_start: int | None = None
     t_chunk: int | None = None
@@ -107,7 +111,7 @@ class ReplyRunner:
     def __init__(
         self,
         *,
-        llm: ChatClient,
+        llm: ChatClient | FallbackChatClient,
         tts: TextToSpeech,
         sink: AudioSink,
         history: History,
@@ -224,6 +228,9 @@ class ReplyRunner:
             if reply.t_sent is None:
                 reply.t_sent = stream.timings.sent_ns
                 reply.ttft_ms = stream.timings.ttft_ms
+                reply.llm_entry = stream.entry
+                reply.llm_host = stream.host
+                reply.llm_skipped = list(stream.skipped)
         for seg in segmenter.flush():
             await self._put_segment(reply, segments, seg)
         text = "".join(text_parts).strip()
@@ -342,7 +349,8 @@ class ReplyRunner:
             agent_text=agent_text, interrupted=interrupted, stt_final_ms=reply.stt_final_ms,
             ttft_ms=reply.ttft_ms, first_sentence_ms=first_sentence, tts_first_audio_ms=tts_first,
             v2v_ms=v2v, overhead_ms=overhead, endpointing_ms=endpointing,
-            speculative=reply.speculative,
+            speculative=reply.speculative, llm_entry=reply.llm_entry, llm_host=reply.llm_host,
+            llm_skipped=tuple(reply.llm_skipped),
         )  # fmt: skip
 
     def _messages(self, reply: Reply) -> list[dict[str, Any]]:

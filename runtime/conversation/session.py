@@ -88,6 +88,7 @@ from runtime.conversation.turns import TurnState, TurnStateMachine
 from runtime.endpoints import Resolver, URLPolicy
 from runtime.errors import EndpointError
 from runtime.llm.client import ChatClient
+from runtime.llm.fallback import FallbackChatClient
 from runtime.speech.stt import SpeechToText, STTTurn, Transcript
 from runtime.speech.tts import TextToSpeech, warm_up
 
@@ -148,7 +149,7 @@ class ConversationSession:
         self,
         *,
         config: SessionConfig,
-        llm: ChatClient,
+        llm: ChatClient | FallbackChatClient,
         stt: SpeechToText,
         tts: TextToSpeech,
         sink: AudioSink,

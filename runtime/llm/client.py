@@ -721,6 +721,9 @@ class ChatStream:
         self.timings = StreamTimings(started_ns=started_ns)
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
+        # As a FallbackStream reports them: one endpoint is entry 0, nothing skipped.
+        self.entry: int | None = 0
+        self.skipped: list[tuple[int, str]] = []
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
         self._sse = SSEDecoder()
@@ -740,6 +743,11 @@ class ChatStream:
         self._budget_s = budget
         self._budget_deadline = loop.time() + budget
         self._deadline = self._budget_deadline
+
+    @property
+    def host(self) -> str | None:
+        """The endpoint's host (for metrics and logs)."""
+        return self._client.url.host
 
     def __aiter__(self) -> Self:
         return self

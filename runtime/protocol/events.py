@@ -587,11 +587,22 @@ def _tool(value: Any, i: int) -> ToolSpec:
     )  # fmt: skip
 
 
+MAX_LLM_ENTRIES: Final = 8
+"""The most ``llm`` entries (an endpoint and its fallbacks, in order) a session may carry."""
+
+
+SINGLE_ENTRY_MESSAGE: Final = (
+    "this server accepts one llm entry (VOXLOOP_LLM_SINGLE_ENTRY is set): "
+    "fallback endpoints are turned off"
+)
+"""Why a second ``llm`` entry is refused on a server that keeps the one-entry rule."""
+
+
 def _llm(value: Any) -> tuple[LLMSpec, ...]:
     if not isinstance(value, list):
         raise _fail("session.llm", "must be a list")
-    if len(value) > 1:
-        raise _fail("session.llm", "accepts at most one entry", "invalid_config")
+    if len(value) > MAX_LLM_ENTRIES:
+        raise _fail("session.llm", f"accepts at most {MAX_LLM_ENTRIES} entries", "invalid_config")
     out = []
     for i, raw in enumerate(value):
         param = f"session.llm[{i}]."

@@ -44,6 +44,7 @@ from runtime import __version__
 from runtime.agents.schema import (
     AgentInput,
     FieldError,
+    check_llm_count,
     check_urls,
     openapi_document,
     parse_json,
@@ -508,6 +509,7 @@ class Api:
             agent = validate_agent(
                 await self.body(request), partial=False, voices=self.settings.voices
             )
+            check_llm_count(agent, single_entry=self.settings.limits.single_llm_entry)
             await check_urls(agent, self.settings.policy, self.settings.resolver)
             row_id = Store.new_agent_id()
             async with self.store.writing() as tx:
@@ -578,6 +580,7 @@ class Api:
             agent = validate_agent(
                 await self.body(request), partial=True, voices=self.settings.voices
             )
+            check_llm_count(agent, single_entry=self.settings.limits.single_llm_entry)
             await check_urls(agent, self.settings.policy, self.settings.resolver)
             # Read, merge and write in one transaction with the row locked: concurrent
             # PUTs of different fields both survive.

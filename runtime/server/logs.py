@@ -73,6 +73,9 @@ FIELDS: Final = (
     "v2v_ms",
     "overhead_ms",
     "endpointing_ms",
+    "llm_entry",
+    "llm_host",
+    "llm_skipped",
 )
 MAX_FRAMES: Final = 20
 

@@ -31,6 +31,8 @@ class RunnerLimits:
             dropped with close 1008.
         close_timeout_s: time for a close frame to leave; the connection is then
             aborted (its descriptor released).
+        single_llm_entry: accept one ``llm`` entry only, as the hosted API does
+            (``VOXLOOP_LLM_SINGLE_ENTRY=1``; off: an entry and its fallbacks).
     """
 
     max_sessions: int = 16
@@ -44,13 +46,14 @@ class RunnerLimits:
     unbound_per_credential: int = 16
     client_stall_s: float = 10.0
     close_timeout_s: float = 2.0
+    single_llm_entry: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerLimits:
         """Read ``VOXLOOP_MAX_SESSIONS``, ``VOXLOOP_MAX_SESSION_SECONDS``,
         ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_AUDIO_BUFFER_MS``, ``VOXLOOP_INPUT_BUFFER_MS``,
         ``VOXLOOP_OUTBOUND_MESSAGES``, ``VOXLOOP_UNBOUND_PER_CREDENTIAL``,
-        ``VOXLOOP_CLIENT_STALL_SECONDS``.
+        ``VOXLOOP_CLIENT_STALL_SECONDS``, ``VOXLOOP_LLM_SINGLE_ENTRY`` (``1``/``true``/``yes``).
 
         Raises:
             ValueError: a value is not a positive integer.
@@ -76,4 +79,6 @@ class RunnerLimits:
                 "VOXLOOP_UNBOUND_PER_CREDENTIAL", d.unbound_per_credential
             ),
             client_stall_s=float(number("VOXLOOP_CLIENT_STALL_SECONDS", int(d.client_stall_s))),
+            single_llm_entry=env.get("VOXLOOP_LLM_SINGLE_ENTRY", "").strip().lower()
+            in ("1", "true", "yes"),
         )

@@ -21,6 +21,7 @@ from runtime.conversation import events as core
 from runtime.conversation.session import ConversationSession
 from runtime.conversation.sinks import AudioSink
 from runtime.llm.client import ChatClient
+from runtime.llm.fallback import FallbackChatClient
 from runtime.protocol import events as ev
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.ingress import AudioIngress
@@ -154,7 +155,7 @@ class LiveSession:
         self._ingress = AudioIngress(spec.input_format, runner.limits.input_buffer_ms)
         self._encode = wire_encoder(spec.output_format, spec.volume)
         self._session: ConversationSession | None = None
-        self._llm: ChatClient | None = None
+        self._llm: ChatClient | FallbackChatClient | None = None
         self._ended = asyncio.Event()
         self._started = asyncio.Event()
         self._end_reason: EndReason = "dropped"
@@ -188,7 +189,7 @@ class LiveSession:
         await self.runner.states.running(self.session_id, self.runner.limits.resume_grace_s)
         stt, tts = await self.runner.engines.get()
         assert self.spec.llm is not None
-        self._llm = self.runner.chat_client(self.spec.llm)
+        self._llm = self.runner.chat_client(*self.spec.endpoints)
         sink: Playout
         if self._make_playout is not None:
             sink = self._make_playout(self.spec.output_format.sample_rate)
@@ -489,11 +490,13 @@ class LiveSession:
                 if self.spec.agent_id is not None:
                     # A stored agent's endpoint is the operator's: its words (which may
                     # echo its key) go to the operator's log, the client gets the kind.
-                    key = self.spec.llm.api_key if self.spec.llm is not None else None
+                    said = message
+                    for entry in self.spec.endpoints:
+                        if entry.api_key is not None:
+                            said = redact(said, entry.api_key.reveal())
                     log.warning("endpoint error", extra={
                         "session_id": self.session_id, "agent_id": self.spec.agent_id,
-                        "code": code, "status": status_code or 0,
-                        "error": redact(message, key.reveal() if key is not None else None),
+                        "code": code, "status": status_code or 0, "error": said,
                     })  # fmt: skip
                     message = ENDPOINT_MESSAGES.get(code, ENDPOINT_MESSAGES["error"])
                 emit(ev.ReplyError(

@@ -15,7 +15,8 @@ from typing import Any
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
-from runtime.llm.client import ChatClient, Endpoint
+from runtime.llm.client import ChatClient, Endpoint, RetryPolicy
+from runtime.llm.fallback import FallbackChatClient
 from runtime.llm.think import leading_from_setting
 from runtime.protocol import events as ev
 from runtime.sessions.engines import Engines
@@ -123,11 +124,19 @@ class SessionRunner:
     def voice_known(self, voice: str) -> bool:
         return not self.voices or voice in self.voices
 
-    def chat_client(self, llm: ev.LLMSpec) -> ChatClient:
-        return ChatClient(
-            Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy,
-            resolver=self.resolver, leading_reasoning=leading_from_setting(llm.think_block),
-        )  # fmt: skip
+    def chat_client(self, *entries: ev.LLMSpec) -> ChatClient | FallbackChatClient:
+        """The endpoint client of a session: one entry's :class:`ChatClient`, or a
+        :class:`FallbackChatClient` over several (an entry with a next one does not
+        retry itself: a failure moves to the next entry at once)."""
+        clients = [
+            ChatClient(
+                Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy,
+                resolver=self.resolver, leading_reasoning=leading_from_setting(llm.think_block),
+                retry=RetryPolicy(max_attempts=1) if i < len(entries) - 1 else None,
+            )
+            for i, llm in enumerate(entries)
+        ]  # fmt: skip
+        return clients[0] if len(clients) == 1 else FallbackChatClient(clients)
 
     async def admit(self, principal: Principal) -> None:
         """Count a session start of ``principal``'s owner against the per-minute limit.
@@ -229,6 +238,11 @@ class SessionRunner:
                     param="session.llm",
                 )
             spec = dataclasses.replace(spec, llm=self.default_llm)
+        if self.limits.single_llm_entry and spec.fallbacks:
+            raise SessionRefused(
+                "invalid_config" if fatal == "invalid_config" else fatal,
+                ev.SINGLE_ENTRY_MESSAGE, param="session.llm[1]",
+            )  # fmt: skip
         await self.check_endpoint(spec, fatal)
         return spec
 
@@ -239,12 +253,13 @@ class SessionRunner:
             SessionRefused: ``code``, saying why the URL is not allowed.
         """
         assert spec.llm is not None
-        try:
-            await check_endpoint_url(spec.llm.base_url, self.policy, self.resolver)
-        except URLPolicyError as exc:
-            raise SessionRefused(
-                code, f"the llm endpoint is not allowed: {exc}", param="llm[0].base_url"
-            ) from None
+        for i, entry in enumerate(spec.endpoints):
+            try:
+                await check_endpoint_url(entry.base_url, self.policy, self.resolver)
+            except URLPolicyError as exc:
+                raise SessionRefused(
+                    code, f"the llm endpoint is not allowed: {exc}", param=f"llm[{i}].base_url"
+                ) from None
 
     async def _stored(self, agent_id: str) -> SessionSpec:
         try:
@@ -288,12 +303,12 @@ class SessionRunner:
                 param=exc.param,
             ) from None  # fmt: skip
         spec = dataclasses.replace(SessionSpec().apply(patch), agent_id=str(doc["id"]))
-        if agent.llm:
-            entry = agent.llm[0]
-            spec = dataclasses.replace(
-                spec,
-                llm=ev.LLMSpec(base_url=entry.base_url, model=entry.model, api_key=entry.api_key),
-            )
+        entries = [
+            ev.LLMSpec(base_url=entry.base_url, model=entry.model, api_key=entry.api_key)
+            for entry in agent.llm
+        ]
+        if entries:
+            spec = dataclasses.replace(spec, llm=entries[0], fallbacks=tuple(entries[1:]))
         return spec
 
     # -- starting and resuming ------------------------------------------------------
@@ -459,6 +474,12 @@ class SessionRunner:
             doc["tools"].append(t)
         if spec.llm is not None and spec.llm.api_key is not None:
             doc["llm_key"] = self.box.seal(spec.llm.api_key, context=f"{context}:llm")
+        if spec.fallbacks:
+            doc["llm_fallback_keys"] = [
+                None if e.api_key is None
+                else self.box.seal(e.api_key, context=f"{context}:llm:{i}")
+                for i, e in enumerate(spec.fallbacks, start=1)
+            ]  # fmt: skip
         return ResumableState(
             session_id=live.session_id, owner=live.owner,
             resume_token_hash=token_hash(live.resume_token), spec=doc,
@@ -479,6 +500,7 @@ class SessionRunner:
                 ]  # fmt: skip
         llm = doc.pop("llm", [])
         key = doc.pop("llm_key", None)
+        fallback_keys = doc.pop("llm_fallback_keys", [])
         agent_id = doc.pop("agent_id", None)
         patch = ev.parse_session(doc)
         spec = SessionSpec().apply(patch)
@@ -494,9 +516,17 @@ class SessionRunner:
         )  # fmt: skip
         if llm:
             api_key = self.box.open(key, context=f"{context}:llm") if key else None
+            fallbacks = []
+            for i, entry in enumerate(llm[1:], start=1):
+                sealed = fallback_keys[i - 1] if i - 1 < len(fallback_keys) else None
+                fallbacks.append(ev.LLMSpec(
+                    base_url=entry["base_url"], model=entry["model"],
+                    api_key=self.box.open(sealed, context=f"{context}:llm:{i}") if sealed else None,
+                ))  # fmt: skip
             spec = dataclasses.replace(
                 spec,
                 llm=ev.LLMSpec(base_url=llm[0]["base_url"], model=llm[0]["model"],
                                api_key=api_key),
+                fallbacks=tuple(fallbacks),
             )  # fmt: skip
         return spec

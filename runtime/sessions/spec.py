@@ -29,6 +29,8 @@ class SessionSpec:
     keyterms: tuple[str, ...] = ()
     turn_detection: TurnDetection = field(default_factory=TurnDetection)
     llm: ev.LLMSpec | None = None
+    fallbacks: tuple[ev.LLMSpec, ...] = ()
+    """The ``llm`` entries after the first, in order (tried when those before fail)."""
     agent_id: str | None = None
 
     def public(self) -> dict[str, Any]:
@@ -54,8 +56,13 @@ class SessionSpec:
                 "format": self.output_format.to_json(),
                 "volume": self.volume,
             },
-            "llm": [{"base_url": self.llm.base_url, "model": self.llm.model}] if self.llm else [],
+            "llm": [{"base_url": e.base_url, "model": e.model} for e in self.endpoints],
         }
+
+    @property
+    def endpoints(self) -> tuple[ev.LLMSpec, ...]:
+        """Every ``llm`` entry, in order (empty when none is set)."""
+        return () if self.llm is None else (self.llm, *self.fallbacks)
 
     def core_config(self) -> SessionConfig:
         return SessionConfig(
@@ -82,7 +89,9 @@ class SessionSpec:
         if patch.tools is not None:
             spec = dataclasses.replace(spec, tools=patch.tools)
         if patch.llm is not None:
-            spec = dataclasses.replace(spec, llm=patch.llm[0] if patch.llm else None)
+            spec = dataclasses.replace(
+                spec, llm=patch.llm[0] if patch.llm else None, fallbacks=tuple(patch.llm[1:])
+            )
         if patch.input is not None:
             if patch.input.format is not None:
                 spec = dataclasses.replace(spec, input_format=patch.input.format)

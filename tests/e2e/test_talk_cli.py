@@ -47,6 +47,9 @@ def test_talk_file_mode_writes_stereo_and_metrics(tmp_path: Path):
         "overhead_ms",
         "endpointing_ms",
         "speculative",
+        "llm_entry",
+        "llm_host",
+        "llm_skipped",
     }
     assert turn["agent_text"] and not turn["interrupted"] and turn["v2v_ms"] > 0
     # Speculation is on by default: the reply spoken was started at the user's pause.

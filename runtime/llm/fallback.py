@@ -1,0 +1,441 @@
+"""Ordered fallback endpoints with a circuit breaker per entry.
+
+Theory of operation
+-------------------
+A :class:`FallbackChatClient` holds several :class:`~runtime.llm.client.ChatClient`
+(an agent's ``llm`` list, in order) and offers the same interface the
+conversation core uses: ``stream(request)``, ``prewarm()``, ``warm_up()``,
+``aclose()``.
+
+* **Failover before the first token.** ``stream`` opens the first entry whose
+  circuit lets a request through and reads until its first generated delta
+  (content, reasoning or a tool call). Any endpoint failure before that point
+  (connect error, TLS, 5xx, 429, 4xx, a timeout to the first token, a
+  malformed or dropped stream, a refused address) closes that request and
+  opens the next entry at once. Every entry shares one first-token budget:
+  the request's ``first_token_timeout_s``, else the first client's
+  ``first_token_budget_s``; each entry gets what is left, so the caller hears
+  the reply later, never after more than the budget. When every entry failed
+  (or the budget ran out) the last error is raised, as one endpoint would.
+* **After the first token nothing is retried**: the reply cannot be taken
+  back. An error then is raised as is (and counts against the entry).
+* **Circuit breaker** (:class:`CircuitBreaker`): ``failure_threshold``
+  consecutive failures open an entry's circuit for ``open_s``; while open the
+  entry is skipped without paying its timeout. After ``open_s`` one request
+  probes it (half-open); success closes the circuit, failure opens it again.
+  When every circuit is open, all entries are tried in order anyway (a call
+  is never refused without asking an endpoint). Time comes from an injected
+  :class:`~runtime.clock.Clock`.
+* **Prewarm and warm-up** go to the first entry whose circuit is closed.
+* **Hedging** (``hedge_after_s``, off by default): when the entry being
+  waited on has produced no token after that long, the next entry is asked
+  too and the first to produce a token answers; the other is closed. Its cost
+  is a duplicate request (tokens billed twice, a slot taken) on every slow turn.
+
+Each :class:`FallbackStream` says which entry answered (``entry``) and why the
+others were not used (``skipped``: ``(index, reason)`` pairs, the reason an
+error kind such as ``"timeout"`` or ``"circuit_open"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal, Self
+
+from runtime.clock import Clock, MonotonicClock
+from runtime.errors import EndpointError, URLPolicyError
+from runtime.llm.client import ChatClient, ChatRequest, ChatStream, Endpoint, StreamTimings
+from runtime.llm.stream import ChatEvent, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+
+log = logging.getLogger("voxloop.llm")
+
+CircuitState = Literal["closed", "open", "half_open"]
+_GENERATED: Final = (TextDelta, ReasoningDelta, ToolCallDelta)
+
+
+class CircuitBreaker:
+    """Health of one entry: ``closed`` → ``open`` → ``half_open`` → ``closed``.
+
+    Args:
+        clock: monotonic time (injectable; tests use a manual clock).
+        failure_threshold: consecutive failures that open the circuit.
+        open_s: how long an open circuit skips the entry before one probe.
+    """
+
+    def __init__(self, clock: Clock, *, failure_threshold: int = 2, open_s: float = 30.0) -> None:
+        if failure_threshold < 1 or open_s <= 0:
+            raise ValueError("failure_threshold must be >= 1 and open_s > 0")
+        self._clock = clock
+        self.failure_threshold = failure_threshold
+        self._open_ns = int(open_s * 1e9)
+        self._state: CircuitState = "closed"
+        self._failures = 0
+        self._opened_ns = 0
+        self._probing = False
+
+    @property
+    def state(self) -> CircuitState:
+        if self._state == "open" and self._clock.now_ns() - self._opened_ns >= self._open_ns:
+            return "half_open"
+        return self._state
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures so far."""
+        return self._failures
+
+    def allow(self) -> bool:
+        """Whether a request may go to the entry now (takes the half-open probe)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._state = "half_open"
+            self._probing = True
+            return True
+        return False
+
+    def release(self) -> None:
+        """A request ended without telling anything (cancelled): free the probe."""
+        self._probing = False
+
+    def success(self) -> None:
+        self._state = "closed"
+        self._failures = 0
+        self._probing = False
+
+    def failure(self) -> None:
+        self._failures += 1
+        probing, self._probing = self._probing, False
+        if probing or self._failures >= self.failure_threshold:
+            self._state = "open"
+            self._opened_ns = self._clock.now_ns()
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    """How the entries are used (see the module docstring).
+
+    Attributes:
+        failure_threshold: consecutive failures that open an entry's circuit.
+        open_s: seconds an open circuit skips its entry before one probe.
+        hedge_after_s: ask the next entry too when the current one has produced
+            no token after this many seconds (``None``: no hedging).
+    """
+
+    failure_threshold: int = 2
+    open_s: float = 30.0
+    hedge_after_s: float | None = None
+
+
+class _HedgeFailed(Exception):
+    """Both hedged entries failed (the second's failure is already recorded)."""
+
+    def __init__(self, first: EndpointError | URLPolicyError) -> None:
+        super().__init__()
+        self.first = first
+
+
+@dataclass(slots=True)
+class _Attempt:
+    index: int
+    stack: contextlib.AsyncExitStack
+    stream: ChatStream
+    buffered: list[ChatEvent] = field(default_factory=list)
+
+
+class FallbackChatClient:
+    """Streams chat completions from the first healthy entry of an ordered list.
+
+    Args:
+        clients: the entries, in order (at least one); closed by :meth:`aclose`.
+        policy: circuit and hedging settings.
+        clock: monotonic time for the circuits.
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[ChatClient],
+        *,
+        policy: FallbackPolicy | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not clients:
+            raise ValueError("at least one endpoint is required")
+        self.clients = tuple(clients)
+        self.policy = policy or FallbackPolicy()
+        clock = clock or MonotonicClock()
+        self.breakers = tuple(
+            CircuitBreaker(
+                clock,
+                failure_threshold=self.policy.failure_threshold,
+                open_s=self.policy.open_s,
+            )
+            for _ in self.clients
+        )
+
+    def __repr__(self) -> str:
+        return f"FallbackChatClient({', '.join(repr(c) for c in self.clients)})"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The first entry's endpoint."""
+        return self.clients[0].endpoint
+
+    def host(self, index: int) -> str:
+        """The host of entry ``index`` (for metrics and logs; never the key)."""
+        return self.clients[index].url.host
+
+    def preferred(self) -> int:
+        """The first entry whose circuit is closed (else the first)."""
+        for i, breaker in enumerate(self.breakers):
+            if breaker.state == "closed":
+                return i
+        return 0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+    async def prewarm(self) -> None:
+        """Prewarm the preferred entry (see :meth:`ChatClient.prewarm`)."""
+        await self.clients[self.preferred()].prewarm()
+
+    async def warm_up(self, system_prompt: str) -> str | None:
+        """Warm up the preferred entry (see :meth:`ChatClient.warm_up`)."""
+        return await self.clients[self.preferred()].warm_up(system_prompt)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[FallbackStream]:
+        """Open a streamed completion on the first entry that produces a token.
+
+        Yields:
+            A :class:`FallbackStream` (the events of the answering entry).
+
+        Raises:
+            EndpointError: every entry failed before its first token (the last
+                entry's error), or the answering entry failed after it.
+            URLPolicyError: every entry failed and the last one's address is refused.
+        """
+        chat = FallbackStream(self, request)
+        try:
+            yield chat
+        finally:
+            await chat.aclose()
+
+
+class FallbackStream:
+    """The events of one reply from the answering entry (async iterator).
+
+    Attributes:
+        entry: the index of the entry answering (``None`` before the first event).
+        skipped: ``(index, reason)`` of entries not used, in order.
+    """
+
+    def __init__(self, owner: FallbackChatClient, request: ChatRequest) -> None:
+        self._owner = owner
+        self._request = request
+        first = owner.clients[0]
+        self._budget_s = request.first_token_timeout_s or first._timeouts.first_token_budget_s
+        self._deadline = asyncio.get_running_loop().time() + self._budget_s
+        self.entry: int | None = None
+        self.skipped: list[tuple[int, str]] = []
+        self._current: _Attempt | None = None
+        self._opened = False
+        self._done = False
+
+    @property
+    def timings(self) -> StreamTimings:
+        if self._current is None:
+            return StreamTimings(started_ns=0)
+        return self._current.stream.timings
+
+    @property
+    def usage(self) -> Usage | None:
+        return None if self._current is None else self._current.stream.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self._current is None else self._current.stream.finish_reason
+
+    @property
+    def host(self) -> str | None:
+        return None if self.entry is None else self._owner.host(self.entry)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ChatEvent:
+        if not self._opened:
+            self._opened = True
+            self._current = await self._open()
+            self.entry = self._current.index
+        current = self._current
+        if current is None or self._done:
+            raise StopAsyncIteration
+        if current.buffered:
+            return current.buffered.pop(0)
+        try:
+            return await anext(current.stream)
+        except EndpointError:
+            self._owner.breakers[current.index].failure()
+            raise
+
+    async def _start(self, index: int) -> _Attempt:
+        left = self._deadline - asyncio.get_running_loop().time()
+        request = dataclasses.replace(self._request, first_token_timeout_s=max(left, 0.001))
+        stack = contextlib.AsyncExitStack()
+        stream = await stack.enter_async_context(self._owner.clients[index].stream(request))
+        return _Attempt(index, stack, stream)
+
+    async def _first_token(self, attempt: _Attempt) -> _Attempt:
+        """Read ``attempt`` until its first generated delta (or its end)."""
+        async for event in attempt.stream:
+            attempt.buffered.append(event)
+            if isinstance(event, _GENERATED):
+                break
+        return attempt
+
+    async def _try(self, index: int) -> _Attempt:
+        attempt = await self._start(index)
+        try:
+            return await self._first_token(attempt)
+        except BaseException:
+            await attempt.stack.aclose()
+            raise
+
+    async def _open(self) -> _Attempt:
+        owner = self._owner
+        n = len(owner.clients)
+        last: EndpointError | URLPolicyError | None = None
+        hedge = owner.policy.hedge_after_s
+        asked = False
+        for forced in (False, True):
+            if forced:
+                if asked:
+                    break
+                # Every circuit is open: ask them all in order rather than refuse the turn.
+                self.skipped.clear()
+            pos = 0
+            while pos < n:
+                index = pos
+                pos += 1
+                loop_time = asyncio.get_running_loop().time()
+                if loop_time >= self._deadline and last is not None:
+                    self.skipped.append((index, "budget"))
+                    continue
+                breaker = owner.breakers[index]
+                if not forced and not breaker.allow():
+                    self.skipped.append((index, "circuit_open"))
+                    continue
+                asked = True
+                try:
+                    if hedge is not None and pos < n:
+                        attempt, used_next = await self._hedged(index, pos, hedge, forced)
+                        if used_next:
+                            pos += 1
+                    else:
+                        attempt = await self._try(index)
+                except _HedgeFailed as both:
+                    pos += 1
+                    last = self._failed(index, both.first, pos < n)
+                    continue
+                except (EndpointError, URLPolicyError) as exc:
+                    last = self._failed(index, exc, pos < n)
+                    continue
+                except BaseException:
+                    breaker.release()
+                    raise
+                owner.breakers[attempt.index].success()
+                if self.skipped:
+                    log.info(
+                        "endpoint entry %d (%s) answered",
+                        attempt.index, owner.host(attempt.index),
+                        extra={"entry": attempt.index, "host": owner.host(attempt.index),
+                               "skipped": list(self.skipped)},
+                    )  # fmt: skip
+                return attempt
+        assert last is not None
+        raise last
+
+    def _failed(
+        self, index: int, exc: EndpointError | URLPolicyError, more: bool
+    ) -> EndpointError | URLPolicyError:
+        owner = self._owner
+        owner.breakers[index].failure()
+        reason = exc.kind if isinstance(exc, EndpointError) else "url_policy"
+        self.skipped.append((index, reason))
+        log.warning(
+            "endpoint entry %d (%s) failed before its first token (%s); %s",
+            index, owner.host(index), reason,
+            "trying the next entry" if more else "no entry left",
+            extra={"entry": index, "host": owner.host(index), "kind": reason},
+        )  # fmt: skip
+        return exc
+
+    async def _hedged(
+        self, first: int, second: int, after_s: float, forced: bool
+    ) -> tuple[_Attempt, bool]:
+        """Race ``first`` against ``second`` started ``after_s`` later, if ``first``
+        has not produced a token by then.
+
+        Returns the winner and whether ``second`` was asked (the caller moves past it).
+        ``second``'s failure is recorded here; ``first``'s error is raised if both fail.
+        """
+        a = asyncio.create_task(self._try(first))
+        b: asyncio.Task[_Attempt] | None = None
+        try:
+            done, _ = await asyncio.wait({a}, timeout=after_s)
+            if done:
+                return a.result(), False
+            breaker = self._owner.breakers[second]
+            if not forced and not breaker.allow():
+                return await a, False
+            b = asyncio.create_task(self._try(second))
+            pending: set[asyncio.Task[_Attempt]] = {a, b}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        for other in pending:
+                            other.cancel()
+                        for other in pending:
+                            with contextlib.suppress(BaseException):
+                                loser = await other
+                                await loser.stack.aclose()
+                        if task is b:
+                            self.skipped.append((first, "hedged"))
+                            self._owner.breakers[first].release()
+                        else:
+                            breaker.release()
+                        return task.result(), True
+                    if task is b:
+                        breaker.failure()
+                        self.skipped.append((second, getattr(exc, "kind", "url_policy")))
+            exc_a = a.exception()
+            assert isinstance(exc_a, EndpointError | URLPolicyError)
+            raise _HedgeFailed(exc_a)
+        finally:
+            for leftover in (a, b):
+                if leftover is not None and not leftover.done():
+                    leftover.cancel()
+
+    async def aclose(self) -> None:
+        self._done = True
+        current, self._current = self._current, None
+        if current is not None:
+            self._current = None
+            await current.stack.aclose()
+            self._current = current  # timings stay readable after close

@@ -1,0 +1,247 @@
+"""Ordered fallback endpoints: failover before the first token and the circuit of each
+entry, through real loopback endpoints (the reference endpoint's fault modes)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from runtime.clock import ManualClock
+from runtime.errors import EndpointServerError, StreamDropped
+from runtime.llm.client import ChatRequest, ClientTimeouts, RetryPolicy
+from runtime.llm.fallback import CircuitBreaker, FallbackChatClient, FallbackPolicy
+from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
+from runtime.llm.stream import TextDelta
+
+from ..conftest import ClientFactory
+
+REQ = ChatRequest(
+    messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+)
+TIMEOUTS = ClientTimeouts(connect_s=2, first_token_s=0.4, first_token_budget_s=5, stall_s=2)
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+@pytest.fixture
+async def backup() -> AsyncIterator[ReferenceEndpoint]:
+    async with ReferenceEndpoint(ReplyPlan(replies=("From the backup.",))) as srv:
+        yield srv
+
+
+def state(breaker: CircuitBreaker) -> str:
+    return breaker.state
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def pair(
+    make_client: ClientFactory,
+    primary_url: str,
+    backup_url: str,
+    *,
+    clock: ManualClock | None = None,
+    policy: FallbackPolicy | None = None,
+) -> FallbackChatClient:
+    return FallbackChatClient(
+        [
+            make_client(primary_url, api_key="sk-primary-1", timeouts=TIMEOUTS, retry=NO_RETRY),
+            make_client(backup_url, api_key="sk-backup-2", timeouts=TIMEOUTS),
+        ],
+        clock=clock or ManualClock(),
+        policy=policy,
+    )
+
+
+async def reply_text(client: FallbackChatClient) -> tuple[str, int | None, list[tuple[int, str]]]:
+    async with client.stream(REQ) as stream:
+        text = "".join([e.text async for e in stream if isinstance(e, TextDelta)])
+    return text, stream.entry, stream.skipped
+
+
+FAULTS = [
+    (ReplyPlan(fault="status", status=500), "server"),
+    (ReplyPlan(fault="status", status=503), "server"),
+    (ReplyPlan(fault="status", status=429, retry_after="1"), "rate_limit"),
+    (ReplyPlan(fault="hang_headers"), "timeout"),
+    (ReplyPlan(fault="hang", fault_after=0), "timeout"),
+    (ReplyPlan(fault="malformed", fault_after=0), "malformed"),
+    (ReplyPlan(fault="drop", fault_after=0), "dropped"),
+    (ReplyPlan(fault="status", status=401), "auth"),
+]
+
+
+@pytest.mark.parametrize(("plan", "kind"), FAULTS, ids=[f"{p.fault}-{p.status}" for p, _ in FAULTS])
+async def test_each_fault_before_the_first_token_fails_over(
+    server: ReferenceEndpoint,
+    backup: ReferenceEndpoint,
+    make_client: ClientFactory,
+    plan: ReplyPlan,
+    kind: str,
+):
+    server.plan = plan
+    client = pair(make_client, server.base_url, backup.base_url)
+    text, entry, skipped = await reply_text(client)
+    assert (text, entry, skipped) == ("From the backup.", 1, [(0, kind)])
+    # One request each: the primary was not retried, the backup answered.
+    assert [r.path for r in server.requests] == ["/v1/chat/completions"]
+    assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
+    assert client.breakers[0].failures == 1 and client.breakers[1].failures == 0
+
+
+async def test_a_connect_error_fails_over(backup: ReferenceEndpoint, make_client: ClientFactory):
+    client = pair(make_client, closed_port_url(), backup.base_url)
+    assert await reply_text(client) == ("From the backup.", 1, [(0, "connect")])
+
+
+async def test_a_healthy_primary_answers_and_the_backup_is_not_asked(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(replies=("From the primary.",))
+    client = pair(make_client, server.base_url, backup.base_url)
+    assert await reply_text(client) == ("From the primary.", 0, [])
+    assert backup.requests == []
+
+
+async def test_a_fault_after_the_first_token_is_not_retried(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(replies=("One two three four five.",), fault="drop", fault_after=2)
+    client = pair(make_client, server.base_url, backup.base_url)
+    got: list[str] = []
+    with pytest.raises(StreamDropped):
+        async with client.stream(REQ) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    got.append(event.text)
+    assert "".join(got) == "One two"
+    assert stream.entry == 0
+    assert backup.requests == []  # the reply was not asked again elsewhere
+    assert client.breakers[0].failures == 1
+
+
+async def test_when_every_entry_fails_the_last_error_is_raised(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(fault="status", status=500)
+    backup.plan = ReplyPlan(fault="status", status=502)
+    client = pair(make_client, server.base_url, backup.base_url)
+    with pytest.raises(EndpointServerError) as info:
+        await reply_text(client)
+    assert "502" in str(info.value) or info.value.status_code == 502
+    # Each entry's key is redacted from its own quoted error.
+    assert "sk-backup-2" not in str(info.value) and "sk-primary-1" not in str(info.value)
+
+
+async def test_the_circuit_opens_skips_half_opens_and_closes_on_a_virtual_clock(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    clock = ManualClock()
+    client = pair(
+        make_client, server.base_url, backup.base_url, clock=clock,
+        policy=FallbackPolicy(failure_threshold=2, open_s=30),
+    )  # fmt: skip
+    server.plan = ReplyPlan(fault="status", status=500)
+    assert (await reply_text(client))[1:] == (1, [(0, "server")])
+    assert state(client.breakers[0]) == "closed"
+    assert (await reply_text(client))[1:] == (1, [(0, "server")])
+    assert state(client.breakers[0]) == "open"
+    # Open: the primary is skipped without a request.
+    assert (await reply_text(client))[1:] == (1, [(0, "circuit_open")])
+    assert len(server.requests) == 2
+    clock.advance_ms(29_999)
+    assert (await reply_text(client))[1:] == (1, [(0, "circuit_open")])
+    assert len(server.requests) == 2
+    # After open_s: one probe. It fails: open again for another open_s.
+    clock.advance_ms(1)
+    assert state(client.breakers[0]) == "half_open"
+    assert (await reply_text(client))[1:] == (1, [(0, "server")])
+    assert len(server.requests) == 3 and state(client.breakers[0]) == "open"
+    assert (await reply_text(client))[1:] == (1, [(0, "circuit_open")])
+    # The primary recovers: the next probe closes the circuit.
+    server.plan = ReplyPlan(replies=("Back again.",))
+    clock.advance_ms(30_000)
+    assert await reply_text(client) == ("Back again.", 0, [])
+    assert state(client.breakers[0]) == "closed" and client.breakers[0].failures == 0
+    assert await reply_text(client) == ("Back again.", 0, [])
+
+
+async def test_when_every_circuit_is_open_the_entries_are_still_asked(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    client = pair(
+        make_client, server.base_url, backup.base_url,
+        policy=FallbackPolicy(failure_threshold=1, open_s=30),
+    )  # fmt: skip
+    server.plan = ReplyPlan(fault="status", status=500)
+    backup.plan = ReplyPlan(fault="status", status=500)
+    with pytest.raises(EndpointServerError):
+        await reply_text(client)
+    assert [b.state for b in client.breakers] == ["open", "open"]
+    backup.plan = ReplyPlan(replies=("Still here.",))
+    assert await reply_text(client) == ("Still here.", 1, [(0, "server")])
+    assert [b.state for b in client.breakers] == ["open", "closed"]
+
+
+async def test_prewarm_and_warm_up_go_to_the_first_entry_whose_circuit_is_closed(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    client = pair(
+        make_client, server.base_url, backup.base_url,
+        policy=FallbackPolicy(failure_threshold=1, open_s=30),
+    )  # fmt: skip
+    await client.prewarm()
+    assert await client.warm_up("Be brief.") == "stop"
+    assert [r.path for r in server.requests] == ["/v1/models", "/v1/chat/completions"]
+    assert backup.requests == []
+    server.plan = ReplyPlan(fault="status", status=500)
+    await reply_text(client)
+    assert state(client.breakers[0]) == "open"
+    await client.prewarm()
+    assert await client.warm_up("Be brief.") == "stop"
+    assert [r.path for r in backup.requests] == [
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/chat/completions",
+    ]
+
+
+async def test_hedging_asks_the_next_entry_when_the_first_is_slow(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    # The primary takes 3 s to its first token; the hedge asks the backup after 0.1 s.
+    server.plan = ReplyPlan(ttft_ms=3000)
+    client = FallbackChatClient(
+        [
+            make_client(server.base_url, timeouts=ClientTimeouts(first_token_s=5)),
+            make_client(backup.base_url),
+        ],
+        clock=ManualClock(),
+        policy=FallbackPolicy(hedge_after_s=0.1),
+    )
+    assert await reply_text(client) == ("From the backup.", 1, [(0, "hedged")])
+    assert len(server.requests) == 1 and len(backup.requests) == 1
+    await server.requests[0].finished.wait()
+    assert server.requests[0].disconnected_ns is not None  # the loser was closed
+    assert state(client.breakers[0]) == "closed" and client.breakers[0].failures == 0
+
+
+def test_a_breaker_frees_its_probe_when_the_request_is_cancelled():
+    clock = ManualClock()
+    breaker = CircuitBreaker(clock, failure_threshold=1, open_s=1)
+    breaker.failure()
+    assert state(breaker) == "open" and not breaker.allow()
+    clock.advance_ms(1000)
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    breaker.release()
+    assert breaker.allow()
+    breaker.success()
+    assert state(breaker) == "closed"
+    with pytest.raises(ValueError, match="failure_threshold must be >= 1"):
+        CircuitBreaker(clock, failure_threshold=0)
