@@ -24,6 +24,17 @@ an older client too::
     nice -n 10 python -m benchmarks.fault_silence --runs 3 --tree /tmp/before --json before.json
     python -m benchmarks.fault_silence --table before.json after.json
 
+With ``--fallback`` a second, healthy reference endpoint is the ``llm`` list's
+second entry (``FallbackChatClient``, the first entry without retries of its
+own, as the session runner builds it): ``silence_s`` is then the caller's
+silence on the first failure of the faulty primary, and ``open_silence_s`` the
+silence once the primary's circuit is open (the requests in between are not
+measured)::
+
+    nice -n 10 python -m benchmarks.fault_silence --runs 3 --json one.json
+    nice -n 10 python -m benchmarks.fault_silence --runs 3 --fallback --json fallback.json
+    python -m benchmarks.fault_silence --fallback-table one.json fallback.json
+
 The client is measured with its default deadlines and retries; a client that
 supports ``leading_reasoning`` is told the endpoint does not open think blocks
 (as it knows from an endpoint's second reply on).
@@ -126,7 +137,12 @@ def _refill(servers: list[Any]) -> None:
 
 
 async def _orchestrate(args: argparse.Namespace, tree: Path, script: str) -> dict[str, Any]:
+    from runtime.llm.reference import ReferenceEndpoint
+
     urls, servers = await _serve(args.runs)
+    backup = ReferenceEndpoint(_plan({}))
+    await backup.start()
+    extra = ["--fallback-url", backup.base_url] if args.fallback else []
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in MODES}
@@ -136,7 +152,7 @@ async def _orchestrate(args: argparse.Namespace, tree: Path, script: str) -> dic
                 _refill(servers)
                 # Run as a script from the measured tree, so its `runtime` is imported.
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, script, "--measure", urls[name],
+                    sys.executable, script, "--measure", urls[name], *extra,
                     cwd=str(tree), env=env, stdout=subprocess.PIPE,
                 )  # fmt: skip
                 out, _ = await proc.communicate()
@@ -145,6 +161,7 @@ async def _orchestrate(args: argparse.Namespace, tree: Path, script: str) -> dic
     finally:
         for server, _ in servers:
             await server.aclose()
+        await backup.aclose()
     summary = {}
     for name, runs in results.items():
         silences = [r["silence_s"] for r in runs]
@@ -157,40 +174,76 @@ async def _orchestrate(args: argparse.Namespace, tree: Path, script: str) -> dic
             "attempts": max(r["attempts"] for r in runs),
             "error": runs[-1]["error"],
         }
-    return {"tree": str(tree), "runs": args.runs, "modes": summary}
+        if args.fallback:
+            summary[name]["open_silence_s"] = statistics.median(r["open_silence_s"] for r in runs)
+            summary[name]["open_outcome"] = "/".join(sorted({r["open_outcome"] for r in runs}))
+            summary[name]["entry"] = runs[-1]["entry"]
+            summary[name]["skipped"] = runs[-1]["skipped"]
+    return {"tree": str(tree), "runs": args.runs, "fallback": args.fallback, "modes": summary}
 
 
-async def _measure(url: str) -> dict[str, Any]:
+async def _measure(url: str, fallback_url: str | None) -> dict[str, Any]:
     # Runs against whichever tree is first on PYTHONPATH: only APIs both old
-    # and new clients have are used.
+    # and new clients have are used (the fallback client only with --fallback).
     import inspect
 
     from runtime.endpoints import URLPolicy
-    from runtime.errors import EndpointError
-    from runtime.llm.client import ChatClient, ChatRequest, Endpoint
-    from runtime.llm.stream import TextDelta
+    from runtime.llm.client import ChatClient, Endpoint
 
     kwargs: dict[str, Any] = {"policy": URLPolicy.operator()}
     if "leading_reasoning" in inspect.signature(ChatClient).parameters:
         kwargs["leading_reasoning"] = False
+    if fallback_url is None:
+        async with ChatClient(Endpoint(url, "any"), **kwargs) as client:
+            return await _one(client)
+    from runtime.llm.client import RetryPolicy
+    from runtime.llm.fallback import FallbackChatClient
+
+    async with FallbackChatClient(
+        [
+            ChatClient(Endpoint(url, "any"), retry=RetryPolicy(max_attempts=1), **kwargs),
+            ChatClient(Endpoint(fallback_url, "any"), **kwargs),
+        ]
+    ) as fallback:
+        first = await _one(fallback)
+        # Open the primary's circuit (if it fails), then measure the next request.
+        for _ in range(fallback.policy.failure_threshold):
+            if fallback.breakers[0].state != "closed":
+                break
+            await _one(fallback)
+        opened = await _one(fallback)
+    first["open_silence_s"] = opened["silence_s"]
+    first["open_outcome"] = opened["outcome"]
+    first["circuit"] = fallback.breakers[0].state
+    return first
+
+
+async def _one(client: Any) -> dict[str, Any]:
+    from runtime.errors import EndpointError
+    from runtime.llm.client import ChatRequest
+    from runtime.llm.stream import TextDelta
+
     request = ChatRequest(messages=[{"role": "user", "content": "Can you help me?"}])
     marks: list[float] = []
     text = ""
     error = None
     attempts = 0
-    async with ChatClient(Endpoint(url, "any"), **kwargs) as client:
-        t0 = time.perf_counter()
-        try:
-            async with client.stream(request) as stream:
-                async for event in stream:
-                    if isinstance(event, TextDelta) and event.text.strip():
-                        marks.append(time.perf_counter() - t0)
-                        text += event.text
-                attempts = stream.timings.attempts
-        except EndpointError as exc:
-            error = f"{exc.kind}: {exc}"
-            attempts = -1
-        end = time.perf_counter() - t0
+    entry: int | None = None
+    skipped: list[Any] = []
+    t0 = time.perf_counter()
+    try:
+        async with client.stream(request) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta) and event.text.strip():
+                    marks.append(time.perf_counter() - t0)
+                    text += event.text
+            attempts = stream.timings.attempts
+            entry = getattr(stream, "entry", 0)
+            skipped = list(getattr(stream, "skipped", []))
+    except EndpointError as exc:
+        error = f"{exc.kind}: {exc}"
+        attempts = -1
+    end = time.perf_counter() - t0
     points = [0.0, *marks, end]
     silence = max(b - a for a, b in itertools.pairwise(points))
     if error is None:
@@ -206,6 +259,8 @@ async def _measure(url: str) -> dict[str, Any]:
         "text": text,
         "error": error,
         "attempts": attempts,
+        "entry": entry,
+        "skipped": skipped,
     }
 
 
@@ -230,6 +285,30 @@ def _table(before_path: str, after_path: str) -> str:
     return "\n".join(rows)
 
 
+def _fallback_table(one_path: str, fallback_path: str) -> str:
+    one = json.loads(Path(one_path).read_text())["modes"]
+    fb = json.loads(Path(fallback_path).read_text())["modes"]
+    healthy = fb["healthy"]["silence_s"]
+    rows = [
+        "| primary endpoint fault | one endpoint: silence (s), outcome "
+        "| with a fallback, first failure: silence (s), outcome "
+        "| circuit open: silence (s), outcome | circuit open minus healthy (ms) |",
+        "|---|---|---|---|---:|",
+    ]
+    for name, (desc, _) in MODES.items():
+        o, f = one[name], fb[name]
+        extra = (f["open_silence_s"] - healthy) * 1000
+        cells = [
+            desc,
+            f"{_silence(o)}, {o['outcome']}",
+            f"{_silence(f)}, {f['outcome']}",
+            f"{f['open_silence_s']:.2f}, {f['open_outcome']}",
+            f"{extra:.0f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -237,9 +316,17 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"))
+    parser.add_argument(
+        "--fallback", action="store_true", help="a healthy second endpoint behind the faulty one"
+    )
+    parser.add_argument("--fallback-url", help=argparse.SUPPRESS)
+    parser.add_argument("--fallback-table", nargs=2, metavar=("ONE", "FALLBACK"))
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(asyncio.run(_measure(args.measure))))
+        print(json.dumps(asyncio.run(_measure(args.measure, args.fallback_url))))
+        return
+    if args.fallback_table:
+        print(_fallback_table(*args.fallback_table))
         return
     if args.table:
         print(_table(*args.table))

@@ -24,6 +24,7 @@ from runtime.conversation.events import ConversationEvent, TurnMetrics
 from runtime.conversation.session import RATE, ConversationSession
 from runtime.conversation.sinks import AudioSink, TimelineSink
 from runtime.llm.client import ChatClient
+from runtime.llm.fallback import FallbackChatClient
 from runtime.speech.stt import SpeechToText
 from runtime.speech.tts import TextToSpeech
 
@@ -92,7 +93,7 @@ async def _file_frames(
 async def talk_file(
     input_wav: Path,
     *,
-    llm: ChatClient,
+    llm: ChatClient | FallbackChatClient,
     stt: SpeechToText,
     tts: TextToSpeech,
     config: SessionConfig,
@@ -125,7 +126,7 @@ async def talk_file(
 async def talk_pcm(
     pcm16k: bytes,
     *,
-    llm: ChatClient,
+    llm: ChatClient | FallbackChatClient,
     stt: SpeechToText,
     tts: TextToSpeech,
     config: SessionConfig,
@@ -195,7 +196,7 @@ def default_echo_mode() -> EchoMode:
 
 async def talk_live(
     *,
-    llm: ChatClient,
+    llm: ChatClient | FallbackChatClient,
     stt: SpeechToText,
     tts: TextToSpeech,
     config: SessionConfig,

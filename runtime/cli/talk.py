@@ -60,10 +60,17 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-json", type=Path, help="per-turn latency metrics as JSON")
     p.add_argument(
         "--base-url",
+        action="append",
+        default=[],
         help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 or host:port/v1 "
-        "(default: the built-in reference endpoint)",
+        "(default: the built-in reference endpoint); repeated: fallback endpoints, in order",
     )
-    p.add_argument("--model", default="default", help="model name sent to --base-url")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="model name sent to --base-url (default: 'default'); once, or once per --base-url",
+    )
     p.add_argument(
         "--think-block",
         choices=THINK_BLOCK_CHOICES,
@@ -78,7 +85,12 @@ def register(sub: Any) -> None:
         help="send no warm-up request (system prompt + 'Say hello.', 32 tokens) at the start",
     )
     add_ca_bundle_flag(p)
-    p.add_argument("--api-key-env", help="environment variable holding the endpoint key")
+    p.add_argument(
+        "--api-key-env",
+        action="append",
+        default=[],
+        help="environment variable holding the endpoint key; once, or once per --base-url",
+    )
     p.add_argument(
         "--reference-ttft-ms",
         type=float,
@@ -196,7 +208,14 @@ def _talk_printer(*, live: bool = False) -> Any:
                     f" | stt {f(m.stt_final_ms)} | ttft {f(m.ttft_ms)}"
                     f" | first sentence {f(m.first_sentence_ms)} | tts {f(m.tts_first_audio_ms)}"
                     f" | overhead {f(m.overhead_ms)}"
-                    f"{' (speculative)' if m.speculative else ''}[/]"
+                    f"{' (speculative)' if m.speculative else ''}"
+                    + (
+                        f" | answered by llm[{m.llm_entry}] {m.llm_host}"
+                        f" (skipped {', '.join(f'[{i}] {why}' for i, why in m.llm_skipped)})"
+                        if m.llm_skipped
+                        else ""
+                    )
+                    + "[/]"
                 )
             case _:
                 pass
@@ -207,7 +226,8 @@ def _talk_printer(*, live: bool = False) -> Any:
 def _cmd_talk(args: argparse.Namespace) -> int:
     from runtime.conversation.config import SessionConfig
     from runtime.endpoints import URLPolicy
-    from runtime.llm.client import ChatClient, Endpoint
+    from runtime.llm.client import ChatClient, Endpoint, RetryPolicy
+    from runtime.llm.fallback import FallbackChatClient
     from runtime.secret import Secret
     from runtime.speech.engines.registry import STT_ENGINES, TTS_ENGINES, load_stt, load_tts
 
@@ -230,13 +250,24 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     check_engine("TTS", args.tts, TTS_ENGINES)
     stt_remote = remote_options(args.stt_base_url, args.stt_model, args.stt_api_key_env)
     tts_remote = remote_options(args.tts_base_url, args.tts_model, args.tts_api_key_env)
-    key = None
-    if args.api_key_env:
+    urls: list[str] = [with_scheme(u) for u in args.base_url]
+    count = max(1, len(urls))
+
+    def per_url(values: list[str], flag: str) -> list[str | None]:
+        if len(values) > 1 and len(values) != count:
+            raise UsageError(f"give {flag} once, or once per --base-url ({count})")
+        if not values:
+            return [None] * count
+        return list(values) if len(values) == count else [values[0]] * count
+
+    models = [m or "default" for m in per_url(args.model, "--model")]
+    keys: list[Secret | None] = []
+    for env_name in per_url(args.api_key_env, "--api-key-env"):
         try:
-            key = Secret(env_value(args.api_key_env))
+            keys.append(Secret(env_value(env_name)) if env_name else None)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    base_url = with_scheme(args.base_url) if args.base_url else None
+    base_url = urls[0] if urls else None
     use_ca_bundle(args.ca_bundle)
     if source is None:
         check_devices(args.input_device, args.output_device, mic=True)
@@ -251,8 +282,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     )
 
     async def preflight() -> None:
-        if base_url:
-            await check_endpoint(base_url, "--base-url")
+        for url in urls:
+            await check_endpoint(url, "--base-url")
         await check_remote(args.stt, stt_remote, "--stt-base-url")
         await check_remote(args.tts, tts_remote, "--tts-base-url")
 
@@ -295,11 +326,20 @@ def _cmd_talk(args: argparse.Namespace) -> int:
             stt = await load_stt(args.stt, stt_remote)
             tts = await load_tts(args.tts, tts_remote)
         printer = _talk_printer(live=source is None)
-        # The machine's owner runs this: local endpoints are allowed.
-        llm = ChatClient(
-            Endpoint(base_url, args.model, key), policy=URLPolicy.operator(),
-            leading_reasoning=leading_from_setting(args.think_block),
-        )  # fmt: skip
+        # The machine's owner runs this: local endpoints are allowed. Repeated
+        # --base-url: fallbacks, an entry with a next one not retrying itself.
+        entries = urls if urls else [base_url]
+        clients = [
+            ChatClient(
+                Endpoint(url, models[i], keys[i]), policy=URLPolicy.operator(),
+                leading_reasoning=leading_from_setting(args.think_block),
+                retry=RetryPolicy(max_attempts=1) if i < len(entries) - 1 else None,
+            )
+            for i, url in enumerate(entries)
+        ]  # fmt: skip
+        llm: ChatClient | FallbackChatClient = (
+            clients[0] if len(clients) == 1 else FallbackChatClient(clients)
+        )
         try:
             check_voice(tts, args.voice, args.tts)
             if source is not None:

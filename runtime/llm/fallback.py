@@ -213,8 +213,13 @@ class FallbackChatClient:
         await self.clients[self.preferred()].prewarm()
 
     async def warm_up(self, system_prompt: str) -> str | None:
-        """Warm up the preferred entry (see :meth:`ChatClient.warm_up`)."""
-        return await self.clients[self.preferred()].warm_up(system_prompt)
+        """Warm up the preferred entry (see :meth:`ChatClient.warm_up`); a failed
+        warm-up counts against that entry's circuit."""
+        index = self.preferred()
+        finish = await self.clients[index].warm_up(system_prompt)
+        if finish is None:
+            self.breakers[index].failure()
+        return finish
 
     @contextlib.asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[FallbackStream]:

@@ -154,3 +154,41 @@ def test_echo_cancellation_without_the_extra_is_a_clear_error(tmp_path: Path):
     assert result.stderr.strip() == (
         "voxloop: error: echo cancellation needs the aec extra: pip install 'voxloop[aec]'"
     )
+
+
+def test_repeated_base_urls_are_fallbacks_and_the_metrics_name_the_entry(tmp_path: Path):
+    from runtime.bench.reference_thread import ReferenceThread
+    from runtime.llm.reference import ReplyPlan
+
+    user = read_wav(SPEECH / "shared-04-piper.wav")  # "Please cancel my subscription."
+    clip = tmp_path / "in.wav"
+    write_wav(clip, bytes(8000) + user.pcm + bytes(8000), 16000)
+    metrics = tmp_path / "m.json"
+    failing = ReplyPlan(fault="status", status=503)
+    healthy = ReplyPlan(replies=("Your subscription is cancelled.",), warm_up_reply="Hi.")
+    with ReferenceThread(failing) as primary, ReferenceThread(healthy) as backup:
+        result = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "talk", "--input", str(clip), "--metrics-json",
+             str(metrics), "--base-url", primary.base_url, "--base-url", backup.base_url,
+             "--model", "a", "--model", "b", "--no-speculative"],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "agent Your subscription is cancelled." in result.stdout
+    assert "endpoint error" not in result.stdout  # no apology: the backup answered
+    [turn] = json.loads(metrics.read_text())["turns"]
+    assert (turn["llm_entry"], turn["llm_host"]) == (1, "127.0.0.1")
+    assert turn["llm_skipped"] == [[0, "server"]]
+
+
+def test_talk_fallback_flags_must_match_the_base_urls():
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "talk", "--demo", "--base-url", "http://a.example/v1",
+         "--base-url", "http://b.example/v1", "--base-url", "http://c.example/v1",
+         "--model", "a", "--model", "b"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "give --model once, or once per --base-url (3)" in result.stderr
+    assert "Traceback" not in result.stderr
