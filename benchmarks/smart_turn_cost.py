@@ -7,7 +7,7 @@ The first call (session set-up) is not counted; the figure is the median and
 p90 over ``--calls`` calls, with the feature extraction timed on its own too.
 
 Run: ``nice -n 10 python -m benchmarks.smart_turn_cost [--calls 50]``
-(needs the smart-turn extra: see the README).
+(needs the smart-turn extra: see docs/speech.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ RESUME_GRACE_S: Final = 30.0
 
 @dataclass(frozen=True, slots=True)
 class RunnerLimits:
-    """Per-worker limits (environment: ``VOXLOOP_MAX_SESSIONS`` …; see the README).
+    """Per-worker limits (environment: ``VOXLOOP_MAX_SESSIONS`` …; see docs/deployment.md).
 
     Attributes:
         max_sessions: live sessions per worker process.

@@ -26,7 +26,7 @@ faster-whisper's :class:`~faster_whisper.feature_extractor.FeatureExtractor`
 computes exactly that for an 8 s chunk with no end padding.
 
 **Cost.** One intra-op and one inter-op thread: a call takes tens of
-milliseconds of one core (see the README for the measured number), and runs in
+milliseconds of one core (docs/speech.md gives the measured number), and runs in
 this object's single worker thread when awaited, so concurrent sessions queue
 instead of competing for the cores.
 """
