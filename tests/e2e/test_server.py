@@ -190,7 +190,7 @@ def test_crud_and_llm_rules(server: Server):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({**AGENT, "llm": [AGENT["llm"][0], AGENT["llm"][0]]}, "llm"),
+        ({**AGENT, "llm": [AGENT["llm"][0]] * 9}, "llm"),
         (
             {**AGENT, "llm": [{"base_url": "https://api.example.com/v1", "model": "m"}]},
             "llm[0].api_key",

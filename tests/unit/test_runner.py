@@ -12,6 +12,8 @@ from audio.g711 import alaw_encode, ulaw_encode
 from runtime.agents.secrets import KeyRing, SecretBox
 from runtime.conversation.config import TurnDetection
 from runtime.endpoints import StaticResolver, URLPolicy
+from runtime.llm.client import ChatClient
+from runtime.llm.fallback import FallbackChatClient
 from runtime.protocol import events as ev
 from runtime.secret import Secret
 from runtime.sessions import (
@@ -274,3 +276,69 @@ async def test_the_owner_takes_a_session_over_from_its_open_socket() -> None:
 
 async def _no_agent(agent_id: str) -> None:
     return None
+
+
+# -- fallback endpoints ---------------------------------------------------------------------
+
+LLMS: list[dict[str, str]] = [
+    {"base_url": "https://a.example/v1", "model": "ma", "api_key": "key-a-1"},
+    {"base_url": "https://b.example/v1", "model": "mb"},
+    {"base_url": "https://c.example/v1", "model": "mc", "api_key": "key-c-3"},
+]
+HOSTS = {"a.example": ["93.184.216.34"], "b.example": ["93.184.216.35"],
+         "c.example": ["93.184.216.36"]}  # fmt: skip
+
+
+def _runner(limits: RunnerLimits | None = None, hosts: dict[str, list[str]] = HOSTS):
+    return SessionRunner(
+        load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+        resolver=StaticResolver(hosts), default_llm=None, voices=frozenset(), engines=Engines(),
+        limits=limits,
+    )  # fmt: skip
+
+
+async def test_a_session_carries_every_llm_entry_in_order_and_resumes_with_their_keys() -> None:
+    runner = _runner()
+    spec = await runner.bind(patch({"llm": LLMS}))
+    assert [(e.base_url, e.model, e.api_key) for e in spec.endpoints] == [
+        ("https://a.example/v1", "ma", Secret("key-a-1")),
+        ("https://b.example/v1", "mb", None),
+        ("https://c.example/v1", "mc", Secret("key-c-3")),
+    ]
+    assert spec.public()["llm"] == [
+        {"base_url": "https://a.example/v1", "model": "ma"},
+        {"base_url": "https://b.example/v1", "model": "mb"},
+        {"base_url": "https://c.example/v1", "model": "mc"},
+    ]
+    client = runner.chat_client(*spec.endpoints)
+    assert isinstance(client, FallbackChatClient)
+    assert [c.endpoint.base_url for c in client.clients] == [e.base_url for e in spec.endpoints]
+    await client.aclose()
+    owner = Principal(kind="key", owner=key_owner("operator-key"))
+    live = runner.start(spec, owner, lambda e: None)
+    runner.attach(live, lambda: None)
+    await runner.release(live, keep=True)
+    stored = await runner.states.take(live.session_id)
+    assert stored is not None
+    assert "key-a-1" not in repr(stored) and "key-c-3" not in repr(stored)
+    await runner.states.save(stored, 30)
+    resumed = await runner.resume(live.session_id, owner, lambda e: None)
+    assert resumed.spec.endpoints == spec.endpoints
+
+
+async def test_each_entry_url_is_checked_and_the_single_entry_setting_refuses_a_second() -> None:
+    runner = _runner(hosts={**HOSTS, "b.example": ["10.0.0.5"]})
+    with pytest.raises(SessionRefused) as info:
+        await runner.bind(patch({"llm": LLMS}))
+    assert (info.value.code, info.value.param) == ("invalid_config", "llm[1].base_url")
+    strict = _runner(RunnerLimits.from_env({"VOXLOOP_LLM_SINGLE_ENTRY": "1"}))
+    assert strict.limits.single_llm_entry and not RunnerLimits.from_env({}).single_llm_entry
+    with pytest.raises(SessionRefused) as info:
+        await strict.bind(patch({"llm": LLMS}))
+    assert (info.value.code, info.value.param) == ("invalid_config", "session.llm[1]")
+    assert info.value.message == ev.SINGLE_ENTRY_MESSAGE
+    one = await strict.bind(patch({"llm": LLMS[:1]}))
+    assert len(one.endpoints) == 1
+    single = strict.chat_client(*one.endpoints)
+    assert isinstance(single, ChatClient)
+    await single.aclose()
