@@ -46,6 +46,16 @@ class WavAudio:
         mixed: bytes = arr.mean(axis=1).round().astype("<i2").tobytes()
         return mixed
 
+    def mono_at(self, rate: int) -> bytes:
+        """Mono PCM16 at ``rate`` Hz (resampled with soxr from any rate the file has)."""
+        mono = self.mono()
+        if rate == self.sample_rate or not mono:
+            return mono
+        import soxr
+
+        out = soxr.resample(np.frombuffer(mono, dtype="<i2"), self.sample_rate, rate, quality="HQ")
+        return np.asarray(out, dtype="<i2").tobytes()
+
     def channel(self, index: int) -> bytes:
         arr = np.frombuffer(self.pcm, dtype="<i2").reshape(-1, self.channels)
         return np.ascontiguousarray(arr[:, index]).tobytes()
@@ -145,6 +155,93 @@ def read_wav(source: str | Path | bytes, *, any_rate: bool = False) -> WavAudio:
         samples, rate = soundfile.read(io.BytesIO(raw), dtype="float64", always_2d=True)
     except soundfile.LibsndfileError as exc:
         raise ValueError(f"{name}: not a valid PCM WAV file ({exc.error_string})") from None
+    scaled = np.clip(np.round(samples * 32768.0), -32768, 32767)
+    pcm: bytes = np.ascontiguousarray(scaled).astype("<i2").tobytes()
+    return WavAudio(pcm=pcm, sample_rate=int(rate), channels=int(samples.shape[1]))
+
+
+SPEECH_RATES: Final = (4000, 384000)
+"""Sample rates (Hz) :func:`read_speech_file` accepts: below, no speech band is left; above,
+no recorder writes."""
+
+# Leading bytes of the audio files most often renamed ``.wav`` by mistake.
+_MAGIC: Final = (
+    (0, b"ID3", "an MP3 file"),
+    (0, b"\xff\xfb", "an MP3 file"),
+    (0, b"\xff\xf3", "an MP3 file"),
+    (0, b"OggS", "an Ogg file"),
+    (0, b"fLaC", "a FLAC file"),
+    (4, b"ftyp", "an MP4/M4A (AAC) file"),
+    (0, b"\x1aE\xdf\xa3", "a WebM/Matroska file"),
+)
+
+
+class NoAudioError(ValueError):
+    """A readable file that holds no samples (a header with an empty ``data`` chunk)."""
+
+
+def sniff_format(raw: bytes) -> str | None:
+    """What a non-WAV audio file is (``"an MP3 file"`` …), from its first bytes; None: unknown."""
+    for offset, magic, what in _MAGIC:
+        if raw[offset : offset + len(magic)] == magic:
+            return what
+    return None
+
+
+def read_speech_file(path: str | Path) -> WavAudio:
+    """Read a recording of speech for any command: the one reader and its rules.
+
+    * a WAV file (every variant :func:`read_wav` takes), at any rate from 4 kHz
+      to 384 kHz (the caller resamples: :data:`SPEECH_RATES`);
+    * another format libsndfile decodes (MP3, Ogg Vorbis/Opus, FLAC …), even when
+      named ``.wav``;
+    * mono or stereo.
+
+    Raises:
+        NoAudioError: the file is readable and holds no samples.
+        ValueError: one line naming the file and what is wrong: missing, a
+            directory, unreadable, a format that cannot be decoded (named when
+            recognised, e.g. "an MP4/M4A (AAC) file"), a rate outside
+            :data:`SPEECH_RATES`, or more than two channels.
+    """
+    name = str(path)
+    source = Path(path)
+    if source.is_dir():
+        raise ValueError(f"{name}: is a directory; give an audio file")
+    if not source.exists():
+        raise ValueError(f"{name}: no such file")
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot open: {exc.strerror}") from None
+    if raw[:4] in (b"RIFF", b"RF64"):
+        audio = read_wav(raw, any_rate=True)
+    else:
+        audio = _decode_other(raw, name)
+    low, high = SPEECH_RATES
+    if not low <= audio.sample_rate <= high:
+        raise ValueError(
+            f"{name}: unsupported sample rate {audio.sample_rate} Hz: speech audio is "
+            f"{low}-{high} Hz"
+        )
+    if not audio.pcm:
+        raise NoAudioError(f"{name}: holds no audio (the file declares no samples)")
+    return audio
+
+
+def _decode_other(raw: bytes, name: str) -> WavAudio:
+    """A non-WAV file through libsndfile, or a ValueError naming what it is."""
+    what = sniff_format(raw)
+    try:
+        samples, rate = soundfile.read(io.BytesIO(raw), dtype="float64", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError):
+        kind = f"{what}, which cannot be decoded here" if what else "not a WAV file"
+        raise ValueError(
+            f"{name}: {kind} (no RIFF/WAVE header); convert it, e.g. "
+            f"ffmpeg -i {name} -ac 1 -ar 16000 speech.wav"
+        ) from None
+    if samples.shape[1] not in (1, 2):
+        raise ValueError(f"{name}: expected mono or stereo, got {samples.shape[1]} channels")
     scaled = np.clip(np.round(samples * 32768.0), -32768, 32767)
     pcm: bytes = np.ascontiguousarray(scaled).astype("<i2").tobytes()
     return WavAudio(pcm=pcm, sample_rate=int(rate), channels=int(samples.shape[1]))

@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
 from audio.resample import resample_all
-from audio.wav import interleave, read_wav, write_wav
+from audio.wav import interleave, read_speech_file, write_wav
 from runtime.conversation.config import SessionConfig
 from runtime.conversation.events import ConversationEvent, TurnMetrics
 from runtime.conversation.session import RATE, ConversationSession
@@ -113,10 +113,9 @@ async def talk_file(
     cancellation propagates.
 
     Raises:
-        ValueError: the input file is not a usable WAV.
+        ValueError: the input file is not usable (see :func:`~audio.wav.read_speech_file`).
     """
-    audio = read_wav(input_wav)
-    pcm16k = resample_all(audio.mono(), audio.sample_rate, RATE)
+    pcm16k = read_speech_file(input_wav).mono_at(RATE)
     return await talk_pcm(
         pcm16k, llm=llm, stt=stt, tts=tts, config=config, output_wav=output_wav,
         metrics_json=metrics_json, on_event=on_event, on_input_second=on_input_second,

@@ -25,11 +25,20 @@ fix; :func:`main` prints it. Exit codes are listed in :mod:`runtime.cli.common`.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Sequence
 
 from runtime import __version__
 from runtime.cli import agents, bench, call, connect, endpoint, serve, speech, talk
-from runtime.cli.common import EXIT_INTERRUPTED, CommandError, Parser, describe, report
+from runtime.cli.common import (
+    EXIT_CLOSED_PIPE,
+    EXIT_INTERRUPTED,
+    CommandError,
+    Parser,
+    describe,
+    report,
+)
 
 # Each module's ``register(sub)`` adds its commands, in this order, to ``voxloop --help``.
 GROUPS = (
@@ -50,7 +59,8 @@ def build_parser() -> Parser:
         prog="voxloop",
         description="voxloop: a realtime voice-agent runtime",
         epilog="exit codes: 0 done, 1 failed while working, 2 bad arguments or settings,\n"
-        "3 something needed is missing or unreachable, 130 interrupted (connect adds 4-7)",
+        "3 something needed is missing or unreachable, 130 interrupted, 141 standard output\n"
+        "closed by its reader (| head); connect adds 4-7",
     )
     parser.add_argument("--version", action="version", version=f"voxloop {__version__}")
     parser.add_argument(
@@ -68,20 +78,41 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``voxloop`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # --help or --version into a closed pipe
+        return _quiet_exit()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except CommandError as exc:
         return report(exc)
     except Exception as exc:
+        if _closed_pipe(exc):
+            return _quiet_exit()
         # Anything no command anticipated: still one line; the traceback only with -v.
         if args.verbose:
             logging.getLogger("voxloop").error("unexpected error", exc_info=exc)
         return report(describe(exc))
     return code
+
+
+def _closed_pipe(exc: BaseException) -> bool:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return isinstance(exc, BrokenPipeError)
+
+
+def _quiet_exit() -> int:
+    """Standard output's reader has gone (``| head -1``): exit quietly, without the
+    interpreter's own flush failing again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_CLOSED_PIPE

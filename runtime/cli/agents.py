@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime.cli.checks import use_ca_bundle, with_scheme
+from runtime.cli.checks import plain_http_message, speaks_plain_http, use_ca_bundle, with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
@@ -105,6 +105,23 @@ def service_url(url: str | None) -> str:
     return with_scheme(url or os.environ.get("VOXLOOP_URL") or DEFAULT_URL).rstrip("/")
 
 
+def _plain_http(url: str, exc: Exception) -> bool:
+    """Whether an https ``url`` failed because its server speaks plain http."""
+    import asyncio
+    import ssl
+    from urllib.parse import urlsplit
+
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(cause, ssl.SSLCertVerificationError):
+        return False
+    parts = urlsplit(url)
+    if parts.scheme != "https" or parts.hostname is None:
+        return False
+    return asyncio.run(speaks_plain_http(parts.hostname, parts.port or 443))
+
+
 def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file is not None:
         try:
@@ -174,6 +191,8 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         # "[Errno 111] Connection refused" -> "connection refused"
         cause = re.sub(r"^\[Errno -?\d+\] ", "", str(exc)).lower() or type(exc).__name__
+        if _plain_http(url, exc):
+            raise Unavailable(plain_http_message(url)) from None
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             raise Unavailable(
                 f"the agent service at {url} has a certificate this machine does not trust; "

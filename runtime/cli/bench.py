@@ -22,6 +22,7 @@ from runtime.cli.common import (
     fmt,
     require,
     rich_console,
+    wrote,
 )
 
 
@@ -299,6 +300,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         _print_reports(reports, extra)
         raise CommandError(f"cannot write results: {exc}") from None
     _print_reports(reports, extra)
+    wrote(args.json_path, args.csv_path, args.plot_path)
     return EXIT_OK
 
 

@@ -131,14 +131,23 @@ async def check_endpoint(url: str, flag: str) -> None:
                 f"({exc.verify_message}); for a private CA or a self-signed certificate "
                 f"pass --ca-bundle FILE.pem (or set {CA_BUNDLE_SETTING})"
             ) from None
-        except ssl.SSLError as exc:
-            errors.append(f"TLS handshake failed: {exc.reason or exc}")
-            continue
-        except TimeoutError:
-            errors.append(f"no answer within {CONNECT_TIMEOUT_S:g} s")
-            continue
-        except OSError as exc:
-            errors.append(os.strerror(exc.errno).lower() if exc.errno else str(exc))
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            # A plain-http server answers a TLS hello with an error page or a reset,
+            # which OpenSSL reports in many ways: ask it in plain http.
+            if (
+                tls is not None
+                and not isinstance(exc, ConnectionRefusedError | TimeoutError)
+                and await speaks_plain_http(str(address), endpoint.port)
+            ):
+                raise Unavailable(plain_http_message(url, flag)) from None
+            if isinstance(exc, ssl.SSLError):
+                errors.append(f"TLS handshake failed: {exc.reason or exc}")
+            elif isinstance(exc, TimeoutError):
+                errors.append(f"no answer within {CONNECT_TIMEOUT_S:g} s")
+            elif exc.errno:
+                errors.append(os.strerror(exc.errno).lower())
+            else:
+                errors.append(str(exc) or type(exc).__name__)
             continue
         writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
@@ -149,6 +158,98 @@ async def check_endpoint(url: str, flag: str) -> None:
         f"{flag} {url}: cannot connect to {shown}:{endpoint.port} ({errors[0]}); "
         "is the server running?"
     )
+
+
+async def check_chat_endpoint(client: Any, url: str, api_key_env: str | None) -> None:
+    """Check that ``client``'s endpoint answers a chat-completions request with its key and
+    model (one streamed request, closed at the headers), before any conversation starts.
+
+    Args:
+        url: the base URL as shown to the user; ``api_key_env``: the variable holding
+            the key (None: no key was given), for the message.
+
+    Raises:
+        Unavailable: refused credentials, no chat-completions route there (a wrong
+            path, or voxloop's own agent service), or any other failure.
+    """
+    from runtime.errors import EndpointAuthError, EndpointError
+
+    head = f"--base-url {url}"
+    try:
+        await client.check()
+    except EndpointAuthError as exc:
+        status = f"HTTP {exc.status_code}" if exc.status_code else "refused"
+        fix = (
+            f"check the key in {api_key_env}"
+            if api_key_env
+            else "it needs a key: --api-key-env NAME (the variable holding it)"
+        )
+        message = f"{head}: the endpoint refused the credentials ({status}); {fix}"
+        raise Unavailable(message) from None
+    except EndpointError as exc:
+        if exc.status_code == 404:
+            if await _is_agent_service(client):
+                raise Unavailable(
+                    f"{head}: this is a voxloop agent service (voxloop serve), not a "
+                    "chat-completions endpoint; give your LLM's base URL, or talk to the "
+                    "service with voxloop connect"
+                ) from None
+            raise Unavailable(
+                f"{head}: no chat-completions endpoint at {url.rstrip('/')}/chat/completions "
+                "(HTTP 404); the base URL usually ends in /v1"
+            ) from None
+        raise Unavailable(f"{head}: the endpoint did not take a chat request: {exc}") from None
+    finally:
+        await client.aclose()
+
+
+async def _is_agent_service(client: Any) -> bool:
+    """Whether the server behind ``client`` is voxloop's agent service (its OpenAPI title)."""
+    import httpx
+
+    from runtime.endpoints import tls_verify
+
+    origin = client.url.url.split("/", 3)[:3]
+    try:
+        async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S, verify=tls_verify()) as http:
+            response = await http.get("/".join(origin) + "/openapi.json")
+            title = response.json().get("info", {}).get("title", "")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+    return isinstance(title, str) and title.startswith("voxloop agent service")
+
+
+async def speaks_plain_http(host: str, port: int) -> bool:
+    """Whether the server at ``host:port`` answers a plain-http request (no TLS).
+
+    Asked after a TLS handshake failed, to tell "this is an http server" from
+    other TLS failures (OpenSSL's own text for it differs between versions).
+    """
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"HEAD / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+                await writer.drain()
+                head = await reader.read(5)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return False
+    return head == b"HTTP/"
+
+
+def plain_http_message(url: str, flag: str = "") -> str:
+    """The one line for an https/wss URL whose server speaks plain http."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    plain = {"https": "http", "wss": "ws"}.get(parts.scheme.lower(), parts.scheme)
+    fixed = parts._replace(scheme=plain).geturl()
+    head = f"{flag} {url}" if flag else url
+    return f"{head}: the server at {parts.netloc} speaks plain http, not TLS; use {fixed}"
 
 
 def _is_v6(host: str) -> bool:
@@ -211,22 +312,29 @@ def echo_mode(chosen: EchoMode | None) -> EchoMode:
     return mode
 
 
-SPEECH_RATES: Final = (4000, 384000)  # Hz: below, no speech band is left; above, no device
+def read_input(path: Path) -> Any:
+    """The speech recording ``path`` for any command, read by the one reader and its rules
+    (:func:`audio.wav.read_speech_file`): a WAV at any rate from 4 kHz up, or another format
+    libsndfile decodes; returns its :class:`~audio.wav.WavAudio`.
+
+    Raises:
+        UsageError: missing, a directory, not decodable, no samples, a rate no speech has
+            or more than two channels (the same line and exit code in every command).
+    """
+    from audio.wav import read_speech_file
+
+    try:
+        return read_speech_file(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def to_supported_rate(pcm: bytes, rate: int) -> tuple[bytes, int]:
-    """Mono PCM16 at a speech rate as PCM16 at a rate the speech engines take (16 kHz if needed).
-
-    Raises:
-        UsageError: a rate outside 4 kHz-384 kHz (a header that cannot describe speech).
-    """
+    """Mono PCM16 at a speech rate as PCM16 at a rate the speech engines take (16 kHz if needed)."""
     from audio.frame import SUPPORTED_RATES
 
     if rate in SUPPORTED_RATES:
         return pcm, rate
-    low, high = SPEECH_RATES
-    if not low <= rate <= high:
-        raise UsageError(f"unsupported sample rate {rate} Hz: speech audio is {low}-{high} Hz")
     import numpy as np
     import soxr
 

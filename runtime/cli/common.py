@@ -15,6 +15,8 @@ Exit codes:
     3    something the command needs is missing or unreachable (nothing was
          started): an optional package, the endpoint, an audio device
     130  interrupted (Ctrl-C; ``talk`` still writes what it has)
+    141  standard output was closed by the reader (``voxloop … | head -1``): a
+         quiet exit, 128 + SIGPIPE as for other commands a closed pipe ends
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -58,6 +61,13 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # argparse drops write errors; a closed standard output must reach main() instead.
+        if message:
+            stream = file or sys.stderr
+            stream.write(message)
+            stream.flush()
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -193,26 +203,41 @@ def fmt(value: float | None) -> str:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, *, total: int, unit: str) -> Iterator[Callable[[], None]]:
-    """A progress bar on stderr (only when it is a terminal); yields ``advance()``.
+def progress_bar(
+    description: str, *, total: int, unit: str, console: Any = None
+) -> Iterator[Callable[[], None]]:
+    """A live progress bar (only on a terminal); yields ``advance()``.
 
     Args:
         total: the number of steps; ``unit``: what a step is, for the counter.
+        console: the rich console the command prints its lines on while the bar
+            runs (they appear above the bar, which stays at the bottom); default
+            a console on stderr for a command that prints nothing meanwhile.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = console or rich_console(stderr=True)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),
         TimeElapsedColumn(),
-        console=rich_console(stderr=True),
-        disable=not sys.stderr.isatty(),
+        console=console,
+        disable=not console.is_terminal,
         transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
+
+
+def wrote(*paths: Path | None) -> None:
+    """Say on stderr which files a command wrote (``wrote out.wav, m.json``)."""
+    written = [str(p) for p in paths if p is not None]
+    if written:
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -19,15 +19,25 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from runtime.cli.checks import ECHO_LINES, add_echo_option, echo_mode
+from runtime.cli.checks import (
+    ECHO_LINES,
+    add_echo_option,
+    check_devices,
+    echo_mode,
+    plain_http_message,
+    read_input,
+)
 from runtime.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     CommandError,
+    Unavailable,
     UsageError,
+    check_output,
     env_value,
     fmt,
     rich_console,
+    wrote,
 )
 from runtime.protocol.events import AudioFormat, Encoding
 
@@ -219,27 +229,44 @@ def _exit_code(code: str) -> int:
 
 
 def _cmd_connect(args: argparse.Namespace) -> int:
+    from audio.devices import DeviceUnavailable
     from runtime.client.connection import websocket_url
     from runtime.client.protocol import SessionFailure
+    from runtime.client.runner import RATE
 
+    # Everything that can be checked is checked before connecting.
     if (args.output or args.metrics_json) and args.input is None:
         raise UsageError("--output and --metrics-json need --input")
-    if args.input is not None and not args.input.is_file():
-        raise UsageError(f"{args.input}: no such file")
+    pcm = read_input(args.input).mono_at(RATE) if args.input is not None else b""
+    if args.output is not None:
+        check_output(args.output, "--output")
+    if args.metrics_json is not None:
+        check_output(args.metrics_json, "--metrics-json")
     try:
-        websocket_url(args.url)
+        ws_url = websocket_url(args.url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    echo = echo_mode(args.echo) if args.input is None else args.echo
     session = _session(args)
     auth = _auth(args)
     tools = _tool_handler(args.tool_result)
+    if args.input is None:
+        check_devices(args.input_device, args.output_device, mic=True)
+    echo = echo_mode(args.echo) if args.input is None else args.echo
     printer = _printer()
     interrupted = False
+    heard = 0
+
+    def on_event(event: Any) -> None:
+        nonlocal heard
+        from runtime.protocol import events as ev
+
+        if isinstance(event, ev.TranscriptUser):
+            heard += 1
+        printer(event)
 
     async def run() -> int:
         nonlocal interrupted
-        from runtime.client.runner import connect_file, connect_live
+        from runtime.client.runner import connect_live, connect_pcm
 
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -253,15 +280,16 @@ def _cmd_connect(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signal.SIGINT, on_sigint)
         try:
             if args.input is not None:
-                result = await connect_file(
-                    args.input, url=args.url, auth=auth, session=session,
-                    output_wav=args.output, metrics_json=args.metrics_json, on_event=printer,
+                result = await connect_pcm(
+                    pcm, url=args.url, auth=auth, session=session,
+                    output_wav=args.output, metrics_json=args.metrics_json, on_event=on_event,
                     tool_handler=tools, stop=stop,
                 )  # fmt: skip
                 _print_summary(result.metrics)
+                wrote(args.output, args.metrics_json)
             else:
                 await connect_live(
-                    url=args.url, auth=auth, session=session, stop=stop, on_event=printer,
+                    url=args.url, auth=auth, session=session, stop=stop, on_event=on_event,
                     input_device=args.input_device, output_device=args.output_device,
                     tool_handler=tools, echo=echo,
                     on_ready=lambda: rich_console().print(
@@ -273,16 +301,34 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGINT)
-        return EXIT_INTERRUPTED if interrupted else EXIT_OK
+        if interrupted:
+            return EXIT_INTERRUPTED
+        if args.input is not None and not heard:
+            raise CommandError(f"no speech was heard in {args.input}")
+        return EXIT_OK
 
     try:
         return asyncio.run(run())
     except SessionFailure as exc:
+        if exc.code == "unreachable" and _plain_http(ws_url):
+            raise ConnectError(plain_http_message(args.url), EXIT_UNREACHABLE) from None
         raise ConnectError(f"{exc.message} ({exc.code})", _exit_code(exc.code)) from None
-    except ValueError as exc:  # an unreadable WAV file
+    except DeviceUnavailable as exc:
+        raise Unavailable(str(exc)) from None
+    except RuntimeError as exc:
         raise CommandError(str(exc)) from None
-    except RuntimeError as exc:  # DeviceUnavailable and friends
-        raise CommandError(str(exc)) from None
+
+
+def _plain_http(ws_url: str) -> bool:
+    """Whether a wss:// URL failed because its server speaks plain http."""
+    from urllib.parse import urlsplit
+
+    from runtime.cli.checks import speaks_plain_http
+
+    parts = urlsplit(ws_url)
+    if parts.scheme != "wss" or parts.hostname is None:
+        return False
+    return asyncio.run(speaks_plain_http(parts.hostname, parts.port or 443))
 
 
 def _print_summary(metrics: list[Any]) -> None:

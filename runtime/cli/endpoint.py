@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
             ssl_context=ctx,
             model=args.model,
             capacity=args.capacity,
+            access_log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         try:
             await server.start()

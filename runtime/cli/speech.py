@@ -14,6 +14,7 @@ from runtime.cli.checks import (
     check_endpoint,
     check_engine,
     check_voice,
+    read_input,
     to_supported_rate,
     use_ca_bundle,
     with_scheme,
@@ -27,6 +28,7 @@ from runtime.cli.common import (
     env_value,
     progress_bar,
     status,
+    wrote,
 )
 
 
@@ -122,14 +124,10 @@ async def check_remote(engine: str, remote: Any, flag: str) -> None:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from audio.wav import read_wav
     from runtime.speech.engines.registry import STT_ENGINES, load_stt
 
     check_engine("STT", args.engine, STT_ENGINES)
-    try:
-        audio = read_wav(args.file, any_rate=True)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    audio = read_input(args.file)
     remote = remote_options(args.base_url, args.model, args.api_key_env)
     use_ca_bundle(args.ca_bundle)
     pcm, rate = to_supported_rate(audio.mono(), audio.sample_rate)
@@ -145,6 +143,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         return result.text
 
     text = asyncio.run(run())
+    if not text.strip():
+        raise CommandError(f"no speech was heard in {args.file}")
     print(text)
     return EXIT_OK
 
@@ -212,6 +212,7 @@ def _cmd_say(args: argparse.Namespace) -> int:
             write_wav(args.output, pcm, args.rate)
         except OSError as exc:
             raise CommandError(f"cannot write {args.output}: {exc.strerror}") from None
+        wrote(args.output)
     if args.play:
         return _play(pcm, args.rate)
     return EXIT_OK

@@ -14,17 +14,21 @@ from runtime.cli.checks import (
     ECHO_LINES,
     add_ca_bundle_flag,
     add_echo_option,
+    check_chat_endpoint,
     check_devices,
     check_endpoint,
     check_engine,
     check_voice,
     echo_mode,
+    read_input,
     use_ca_bundle,
     with_scheme,
 )
 from runtime.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    CommandError,
+    Unavailable,
     UsageError,
     check_output,
     env_value,
@@ -32,6 +36,7 @@ from runtime.cli.common import (
     progress_bar,
     rich_console,
     status,
+    wrote,
 )
 from runtime.cli.speech import STT_NAMES, TTS_NAMES, check_remote, remote_options
 from runtime.conversation.config import TurnDetection
@@ -168,28 +173,41 @@ def _turn_detection(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def _talk_printer(*, live: bool = False) -> Any:
-    from runtime.conversation import events as ev
+class TalkPrinter:
+    """Prints a conversation's events (transcript, errors, latency) and counts the turns.
 
-    console = rich_console()
-    interactive = live and console.is_terminal
+    Args:
+        console: where the lines go (a progress bar on the same console stays below them).
+        live: the partial transcript is rewritten in place (a terminal, live mode).
+    """
 
-    went_on = False  # the user went on with a turn already transcribed (taken back)
+    def __init__(self, console: Any, *, live: bool = False) -> None:
+        self.console = console
+        self.interactive = live and console.is_terminal
+        self.went_on = False  # the user went on with a turn already transcribed (taken back)
+        self.user_turns = 0
+        self.answered = 0
+        self.failed = 0
+        self.last_error = ""
 
-    def on_event(event: Any) -> None:
-        nonlocal went_on
+    def __call__(self, event: Any) -> None:
+        from runtime.conversation import events as ev
+
+        console = self.console
         match event:
             case ev.SpeechStarted(continued=continued):
-                went_on = continued
-                if interactive:
+                self.went_on = continued
+                if self.interactive:
                     console.print("[dim]you   …[/]", end="\r")
-            case ev.UserTranscriptDelta(text=text) if interactive:
+            case ev.UserTranscriptDelta(text=text) if self.interactive:
                 # The partial transcript, rewritten in place while the user talks.
                 console.print(f"[cyan]you[/]   {text} …", end="\r", soft_wrap=True)
             case ev.UserTranscript(text=text):
                 # A turn taken back is printed again whole: it replaces the line before.
-                note = " [dim](went on: replaces the line above)[/]" if went_on else ""
-                went_on = False
+                note = " [dim](went on: replaces the line above)[/]" if self.went_on else ""
+                if not self.went_on:
+                    self.user_turns += 1
+                self.went_on = False
                 console.print(f"[bold cyan]you[/]   {text}{note}")
             case ev.AgentTranscript(text=""):
                 pass  # cut (or withdrawn) before a word of it was heard
@@ -197,30 +215,38 @@ def _talk_printer(*, live: bool = False) -> Any:
                 suffix = " [yellow](interrupted)[/]" if interrupted else ""
                 console.print(f"[bold green]agent[/] {text}{suffix}")
             case ev.ReplyError(code=code, message=message):
+                self.failed += 1
+                self.last_error = f"{message} ({code})"
                 console.print(f"[red]endpoint error ({code}):[/] {message}")
             case ev.TurnMetrics() as m:
-
-                def f(v: float | None) -> str:
-                    return "-" if v is None else f"{v:.0f}"
-
-                console.print(
-                    f"[dim]latency v2v {f(m.v2v_ms)} ms = endpointing {f(m.endpointing_ms)}"
-                    f" | stt {f(m.stt_final_ms)} | ttft {f(m.ttft_ms)}"
-                    f" | first sentence {f(m.first_sentence_ms)} | tts {f(m.tts_first_audio_ms)}"
-                    f" | overhead {f(m.overhead_ms)}"
-                    f"{' (speculative)' if m.speculative else ''}"
-                    + (
-                        f" | answered by llm[{m.llm_entry}] {m.llm_host}"
-                        f" (skipped {', '.join(f'[{i}] {why}' for i, why in m.llm_skipped)})"
-                        if m.llm_skipped
-                        else ""
-                    )
-                    + "[/]"
-                )
+                if m.ttft_ms is not None:
+                    self.answered += 1
+                console.print(f"[dim]{latency_line(m)}[/]", soft_wrap=True)
             case _:
                 pass
 
-    return on_event
+
+def latency_line(m: Any) -> str:
+    """One turn's latency: the voice-to-voice total, then the stages, which overlap
+    (speculative replies start before the turn ends), so they are not a sum."""
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    return (
+        f"latency {f(m.v2v_ms)} ms from the end of speech to the agent's first audio"
+        f"{' (speculative)' if m.speculative else ''}; stages, which overlap (ms): "
+        f"end of turn decided after {f(m.endpointing_ms)}, final transcript "
+        f"{f(m.stt_final_ms)} after that, first token {f(m.ttft_ms)} and first sentence "
+        f"{f(m.first_sentence_ms)} after the request, first tts audio "
+        f"{f(m.tts_first_audio_ms)}, runtime overhead {f(m.overhead_ms)}"
+        + (
+            f"; answered by llm[{m.llm_entry}] {m.llm_host}"
+            f" (skipped {', '.join(f'[{i}] {why}' for i, why in m.llm_skipped)})"
+            if m.llm_skipped
+            else ""
+        )
+    )
 
 
 def _cmd_talk(args: argparse.Namespace) -> int:
@@ -239,8 +265,11 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         source = Path(__file__).parents[1] / "assets" / "demo_conversation.wav"
     if (args.output or args.metrics_json) and source is None:
         raise UsageError("--output and --metrics-json need --input or --demo")
-    if source is not None and not source.is_file():
-        raise UsageError(f"{source}: no such file")
+    pcm16k = b""
+    if source is not None:
+        from runtime.conversation.session import RATE
+
+        pcm16k = read_input(source).mono_at(RATE)
     if args.output is not None:
         check_output(args.output, "--output")
     if args.metrics_json is not None:
@@ -262,7 +291,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
 
     models = [m or "default" for m in per_url(args.model, "--model")]
     keys: list[Secret | None] = []
-    for env_name in per_url(args.api_key_env, "--api-key-env"):
+    api_key_envs = per_url(args.api_key_env, "--api-key-env")
+    for env_name in api_key_envs:
         try:
             keys.append(Secret(env_value(env_name)) if env_name else None)
         except ValueError as exc:
@@ -281,13 +311,31 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         warm_prompt=not args.no_warm_up,
     )
 
+    def chat_client(i: int, url: str, *, last: bool = True) -> Any:
+        # The machine's owner runs this: local endpoints are allowed.
+        return ChatClient(
+            Endpoint(url, models[i], keys[i]), policy=URLPolicy.operator(),
+            leading_reasoning=leading_from_setting(args.think_block),
+            retry=None if last else RetryPolicy(max_attempts=1),
+        )  # fmt: skip
+
     async def preflight() -> None:
-        for url in urls:
+        failures: list[Unavailable] = []
+        for i, url in enumerate(urls):
             await check_endpoint(url, "--base-url")
+            try:
+                await check_chat_endpoint(chat_client(i, url), url, api_key_envs[i])
+            except Unavailable as exc:
+                failures.append(exc)
+        # Fallbacks: the conversation can go on while one entry answers.
+        if urls and len(failures) == len(urls):
+            raise failures[0]
         await check_remote(args.stt, stt_remote, "--stt-base-url")
         await check_remote(args.tts, tts_remote, "--tts-base-url")
 
     asyncio.run(preflight())
+    console = rich_console()
+    printer = TalkPrinter(console, live=source is None)
 
     async def run(base_url: str) -> int:
         """The conversation; a SIGINT (Ctrl-C) ends it with :data:`EXIT_INTERRUPTED`.
@@ -320,39 +368,34 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(signal.SIGINT)
 
     async def converse(base_url: str) -> int:
-        from runtime.talk import talk_file, talk_live
+        from runtime.talk import talk_live, talk_pcm
 
         with status("loading the speech engines"):
             stt = await load_stt(args.stt, stt_remote)
             tts = await load_tts(args.tts, tts_remote)
-        printer = _talk_printer(live=source is None)
-        # The machine's owner runs this: local endpoints are allowed. Repeated
-        # --base-url: fallbacks, an entry with a next one not retrying itself.
+        # Repeated --base-url: fallbacks, an entry with a next one not retrying itself.
         entries = urls if urls else [base_url]
-        clients = [
-            ChatClient(
-                Endpoint(url, models[i], keys[i]), policy=URLPolicy.operator(),
-                leading_reasoning=leading_from_setting(args.think_block),
-                retry=RetryPolicy(max_attempts=1) if i < len(entries) - 1 else None,
-            )
-            for i, url in enumerate(entries)
-        ]  # fmt: skip
+        clients = [chat_client(i, url, last=i == len(entries) - 1) for i, url in enumerate(entries)]
         llm: ChatClient | FallbackChatClient = (
             clients[0] if len(clients) == 1 else FallbackChatClient(clients)
         )
         try:
             check_voice(tts, args.voice, args.tts)
             if source is not None:
-                result = await _talk_file_with_progress(
-                    talk_file, source, llm=llm, stt=stt, tts=tts, config=config,
-                    output_wav=args.output, metrics_json=args.metrics_json, on_event=printer,
-                )  # fmt: skip
-                _print_talk_summary(result.metrics)
+                seconds = int(len(pcm16k) / 2 / 16000 + 0.999)
+                with progress_bar("input", total=seconds, unit="s", console=console) as advance:
+                    result = await talk_pcm(
+                        pcm16k, llm=llm, stt=stt, tts=tts, config=config,
+                        output_wav=args.output, metrics_json=args.metrics_json,
+                        on_event=printer, on_input_second=lambda _s: advance(),
+                    )  # fmt: skip
+                _print_talk_summary(result.metrics, console)
+                wrote(args.output, args.metrics_json)
             else:
                 await talk_live(
                     llm=llm, stt=stt, tts=tts, config=config, on_event=printer,
                     input_device=args.input_device, output_device=args.output_device, echo=echo,
-                    on_ready=lambda: rich_console().print(
+                    on_ready=lambda: console.print(
                         f"[dim]listening, echo: {ECHO_LINES[echo]} (Ctrl-C to stop)[/]",
                         soft_wrap=True,
                     ),
@@ -361,7 +404,7 @@ def _cmd_talk(args: argparse.Namespace) -> int:
             await llm.aclose()
             await stt.aclose()
             await tts.aclose()
-        return EXIT_OK
+        return _outcome(printer, source)
 
     try:
         if base_url:
@@ -387,22 +430,26 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     return code
 
 
-async def _talk_file_with_progress(talk_file: Any, source: Path, **kwargs: Any) -> Any:
-    """``talk_file`` with a progress bar over the input's duration (on a terminal)."""
-    from audio.wav import read_wav
+def _outcome(printer: TalkPrinter, source: Path | None) -> int:
+    """The exit code of a conversation that ran to its end.
 
-    try:
-        seconds = int(read_wav(source).duration_s + 0.999)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    with progress_bar("input", total=seconds, unit="s") as advance:
-        return await talk_file(source, on_input_second=lambda _s: advance(), **kwargs)
+    Raises:
+        CommandError: no speech was heard in the input file, or turns were heard and
+            none was answered (every reply failed at the endpoint) — exit 1.
+    """
+    if source is not None and printer.user_turns == 0:
+        raise CommandError(f"no speech was heard in {source}")
+    if printer.user_turns and not printer.answered and printer.failed:
+        raise CommandError(
+            f"no turn was answered: every reply failed at the endpoint (last: {printer.last_error})"
+        )
+    return EXIT_OK
 
 
-def _print_talk_summary(metrics: list[Any]) -> None:
+def _print_talk_summary(metrics: list[Any], console: Any) -> None:
     from rich.table import Table
 
-    table = Table(title="Turns (ms)")
+    table = Table(title="Turns (ms; stages overlap, see the latency lines)")
     for col in ("turn", "v2v", "endpointing", "stt final", "ttft", "first sentence",
                 "tts first audio", "overhead"):  # fmt: skip
         table.add_column(col, justify="right")
@@ -411,4 +458,4 @@ def _print_talk_summary(metrics: list[Any]) -> None:
             str(i), fmt(m.v2v_ms), fmt(m.endpointing_ms), fmt(m.stt_final_ms), fmt(m.ttft_ms),
             fmt(m.first_sentence_ms), fmt(m.tts_first_audio_ms), fmt(m.overhead_ms),
         )  # fmt: skip
-    rich_console().print(table)
+    console.print(table)

@@ -68,10 +68,17 @@ class ServerUnreachable(SessionFailure):
 class HandshakeRejected(SessionFailure):
     """The server answered the upgrade with an HTTP error (401/403: bad credentials)."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, url: str = "") -> None:
         code = {401: "unauthorized", 403: "forbidden"}.get(status, f"http_{status}")
         if status in (401, 403):
             message = f"the server refused the credentials: HTTP {status}"
+        elif url:
+            parts = urlsplit(url)
+            socket_url = urlunsplit((parts.scheme, parts.netloc, "/v1/ws", "", ""))
+            message = (
+                f"no Voice Agent WebSocket at {parts.scheme}://{parts.netloc}{parts.path} "
+                f"(HTTP {status}); voxloop serves it at {socket_url}"
+            )
         else:
             message = f"no Voice Agent WebSocket at that URL: HTTP {status}"
         super().__init__(code, message)
@@ -299,7 +306,7 @@ class VoiceAgentClient:
         except InvalidURI as exc:
             raise ValueError(f"not a valid WebSocket URL: {self.url}") from exc
         except InvalidStatus as exc:
-            raise HandshakeRejected(exc.response.status_code) from None
+            raise HandshakeRejected(exc.response.status_code, self.url) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise ServerUnreachable(self._unreachable(exc)) from None
 

@@ -35,6 +35,8 @@ The rules, from the protocol's lifecycle section:
   turn event (no ``reply.started`` or ``input.speech.started`` after it):
   results submitted earlier wait and go out with that ``reply.done``; results
   for a reply that ended ``interrupted`` are discarded.
+* A ``session.error`` before ``session.ready`` fails the session at once with
+  that error (the client sent one configuration; the server refused it).
 * A socket closed after ``session.ended`` is the clean end; one closed
   without it (and without a fatal ``session.error`` or a 1008 policy close)
   is a network drop, resumable with ``session.resume`` while the server keeps
@@ -414,7 +416,11 @@ class ClientProtocol:
             case SessionError() if event.code in FATAL_CODES:
                 self._fatal = event
             case SessionError() if self.state is State.BINDING:
+                # Before session.ready an error is the answer to this client's update (or
+                # resume): the session cannot start, so it fails now with that error,
+                # not later with the server's timeout.
                 self._binding_error = event
+                self._fail(event.code, event.message or event.code)
             case InputSpeechStarted():
                 self._done_is_latest = False
                 self._events.append(event)

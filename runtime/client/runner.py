@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from audio.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
-from audio.resample import Resampler, resample_all
-from audio.wav import interleave, read_wav, write_wav
+from audio.resample import Resampler
+from audio.wav import interleave, read_speech_file, write_wav
 from runtime.client.connection import Auth, Event, VoiceAgentClient
 from runtime.client.metrics import ClientTurnMetrics, TurnTimer
 from runtime.client.protocol import PlaybackFlush
@@ -211,10 +211,9 @@ async def connect_file(input_wav: Path, **kwargs: Any) -> ConnectResult:
     """:func:`connect_pcm` on a WAV file (any rate, mixed down to mono).
 
     Raises:
-        ValueError: the file is not a usable WAV.
+        ValueError: the file is not usable (see :func:`~audio.wav.read_speech_file`).
     """
-    audio = read_wav(input_wav)
-    return await connect_pcm(resample_all(audio.mono(), audio.sample_rate, RATE), **kwargs)
+    return await connect_pcm(read_speech_file(input_wav).mono_at(RATE), **kwargs)
 
 
 async def connect_pcm(

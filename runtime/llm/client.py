@@ -538,6 +538,25 @@ class ChatClient:
             log.info("endpoint warm-up failed", extra={"kind": type(exc).__name__})
             return None
 
+    async def check(self) -> None:
+        """Check that the endpoint takes a chat-completions request from this client.
+
+        Sends one streamed request (a one-word user message, the configured model
+        and key) and checks the status; the answer is not read (the connection is
+        closed at the headers), so no more than a token or two is generated.
+
+        Raises:
+            EndpointError: the request failed (401/403 :class:`EndpointAuthError`,
+                404 and other 4xx :class:`EndpointRejected`, no connection
+                :class:`EndpointConnectError` …).
+            URLPolicyError: the endpoint's addresses are not allowed.
+        """
+        await self._ensure_pinned()
+        timings = StreamTimings(started_ns=self._clock.now_ns())
+        request = ChatRequest(messages=[{"role": "user", "content": "Hi"}])
+        response, _ = await self._open(request, timings)
+        await response.aclose()
+
     def build_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body sent for ``request``."""
         body: dict[str, Any] = {

@@ -53,7 +53,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -182,6 +182,11 @@ class RequestRecord:
         return (self.first_token_ns - self.received_ns) / 1e6
 
 
+BASE_PATH: Final = "/v1"
+CHAT_PATH: Final = f"{BASE_PATH}/chat/completions"
+MODELS_PATH: Final = f"{BASE_PATH}/models"
+
+
 class _Disconnected(Exception):
     pass
 
@@ -197,6 +202,12 @@ class ReferenceEndpoint:
         ssl_context: serve HTTPS with this context.
         model: the model id reported in chunks and ``/models``.
         capacity: streams decoded at once (``None``: unlimited); more wait in a FIFO queue.
+        access_log: called with one line per request when it is answered
+            (``POST /v1/chat/completions 200 412 ms``), e.g. ``print``.
+
+    Routes: exactly ``POST /v1/chat/completions`` and ``GET /v1/models`` (the
+    base URL is :attr:`base_url`); any other path is a 404 that names both, so a
+    base URL with a missing or doubled ``/v1`` fails here as on a real server.
     """
 
     def __init__(
@@ -209,12 +220,14 @@ class ReferenceEndpoint:
         ssl_context: ssl.SSLContext | None = None,
         model: str = "voxloop-reference",
         capacity: int | None = None,
+        access_log: Callable[[str], None] | None = None,
     ) -> None:
         if capacity is not None and capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._slots = _Slots(capacity)
         self.plan = plan or ReplyPlan()
+        self._access_log = access_log
         self._host = host
         self._port = port
         self._api_key = api_key
@@ -368,12 +381,16 @@ class ReferenceEndpoint:
                     _error(f"Incorrect API key provided: {_presented(record)}", "invalid_api_key"),
                 )  # fmt: skip
                 return
-            if record.method == "GET" and path.endswith("/models"):
+            if record.method == "GET" and path == MODELS_PATH:
                 doc = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
                 await self._json(conn, writer, record, 200, doc)
                 return
-            if record.method != "POST" or not path.endswith("/chat/completions"):
-                await self._json(conn, writer, record, 404, _error("Not found", "not_found"))
+            if record.method != "POST" or path != CHAT_PATH:
+                message = (
+                    f"no route {record.method} {path or '/'}: this endpoint serves POST "
+                    f"{CHAT_PATH} and GET {MODELS_PATH} (base URL {self.base_url})"
+                )
+                await self._json(conn, writer, record, 404, _error(message, "not_found"))
                 return
             body = record.body
             if body is None or not isinstance(body.get("messages"), list):
@@ -389,6 +406,10 @@ class ReferenceEndpoint:
         finally:
             record.ended_ns = time.perf_counter_ns()
             record.finished.set()
+            if self._access_log is not None:
+                ms = (record.ended_ns - record.received_ns) / 1e6
+                path = record.path.split("?", 1)[0]
+                self._access_log(f"{record.method} {path} {record.status or '-'} {ms:.0f} ms")
 
     async def _json(
         self,

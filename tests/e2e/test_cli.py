@@ -135,6 +135,40 @@ def test_endpoint_serve_and_bench_against_it(tmp_path: Path):
     assert "Traceback" not in err
 
 
+def test_endpoint_serve_answers_exactly_its_two_routes_with_an_access_line_each():
+    proc = subprocess.Popen(
+        [*VOXLOOP, "endpoint", "serve", "--port", "0", "--ttft-ms", "0", "--itl-ms", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().split(": ", 1)[1].strip()
+        root = base_url.removesuffix("/v1")
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        assert httpx.get(f"{base_url}/models").status_code == 200
+        assert httpx.post(f"{base_url}/chat/completions", json=chat).status_code == 200
+        for wrong in (f"{root}/chat/completions", f"{base_url}/v1/chat/completions",
+                      f"{root}/api/v1/chat/completions"):  # fmt: skip
+            answer = httpx.post(wrong, json=chat)
+            assert answer.status_code == 404, wrong
+            path = wrong[len(root) :]
+            assert answer.json()["error"]["message"] == (
+                f"no route POST {path}: this endpoint serves POST /v1/chat/completions and "
+                f"GET /v1/models (base URL {base_url})"
+            )
+        assert httpx.get(f"{root}/models").status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    access = [" ".join(line.split()[:3]) for line in err.splitlines()]
+    assert access == [
+        "GET /v1/models 200", "POST /v1/chat/completions 200",
+        "POST /chat/completions 404", "POST /v1/v1/chat/completions 404",
+        "POST /api/v1/chat/completions 404", "GET /models 404",
+    ]  # fmt: skip
+    assert all(line.endswith(" ms") for line in err.splitlines())
+
+
 def test_endpoint_serve_rejects_bad_arguments():
     result = run("endpoint", "serve", "--fault", "explode")
     assert result.returncode == 2 and "invalid choice" in result.stderr

@@ -292,11 +292,14 @@ def test_transcribe_refuses_a_rate_no_speech_has(tmp_path: Path, rate: int):
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(read_wav(SPEECH / "shared-04-piper.wav").mono())
-    result = voxloop("transcribe", str(clip))
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == (
-        f"voxloop: error: unsupported sample rate {rate} Hz: speech audio is 4000-384000 Hz\n"
-    )
+    for args in (("transcribe", str(clip)), ("talk", "--input", str(clip)),
+                 ("connect", "ws://127.0.0.1:9", "--input", str(clip))):  # fmt: skip
+        result = voxloop(*args)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"voxloop: error: {clip}: unsupported sample rate {rate} Hz: speech audio is "
+            "4000-384000 Hz\n"
+        )
 
 
 def test_say_reads_standard_input(tmp_path: Path):
@@ -305,3 +308,218 @@ def test_say_reads_standard_input(tmp_path: Path):
     assert said.returncode == 0, said.stderr
     heard = voxloop("transcribe", str(out))
     assert heard.stdout.strip().lower().rstrip(".") == "please cancel my subscription"
+
+
+# -- one reader and one set of rules for every command that reads speech -----------------
+
+READERS = (
+    ("transcribe", "{}"),
+    ("talk", "--input", "{}"),
+    ("connect", "ws://127.0.0.1:9", "--input", "{}"),
+)
+
+
+def _write_mono(path: Path, pcm: bytes, rate: int) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return path
+
+
+@pytest.mark.parametrize("command", READERS, ids=lambda c: c[0])
+def test_unusable_input_files_are_the_same_line_and_exit_2_in_every_command(
+    tmp_path: Path, command: tuple[str, ...]
+):
+    empty = _write_mono(tmp_path / "empty.wav", b"", 16000)
+    aac = tmp_path / "voice-memo.wav"
+    aac.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    cases = [
+        (tmp_path, f"{tmp_path}: is a directory; give an audio file"),
+        (tmp_path / "nope.wav", f"{tmp_path / 'nope.wav'}: no such file"),
+        (empty, f"{empty}: holds no audio (the file declares no samples)"),
+        (aac, f"{aac}: an MP4/M4A (AAC) file, which cannot be decoded here (no RIFF/WAVE "
+              f"header); convert it, e.g. ffmpeg -i {aac} -ac 1 -ar 16000 speech.wav"),
+    ]  # fmt: skip
+    for path, message in cases:
+        args = [a.replace("{}", str(path)) for a in command]
+        result = voxloop(*args, env={"VOXLOOP_API_KEY": "k"})
+        assert_one_line(result, 2, message)
+        assert result.stdout == ""
+
+
+@pytest.mark.parametrize("fmt", ["MP3", "OGG"])
+def test_mp3_and_ogg_named_wav_are_decoded(tmp_path: Path, fmt: str):
+    import numpy as np
+    import soundfile
+
+    source = read_wav(SPEECH / "shared-04-piper.wav")  # "Please cancel my subscription."
+    samples = np.frombuffer(source.mono(), dtype="<i2").astype(np.float32) / 32768
+    clip = tmp_path / "renamed.wav"
+    soundfile.write(str(clip), samples, source.sample_rate, format=fmt)
+    assert clip.read_bytes()[:4] != b"RIFF"
+    result = voxloop("transcribe", str(clip))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().lower().rstrip(".") == "please cancel my subscription"
+
+
+def test_silence_says_no_speech_was_heard(tmp_path: Path):
+    silence = _write_mono(tmp_path / "silence.wav", bytes(16000 * 2), 16000)
+    for args in (("transcribe", str(silence)), ("talk", "--input", str(silence))):
+        result = voxloop(*args)
+        assert_one_line(result, 1, f"no speech was heard in {silence}")
+        assert "you " not in result.stdout
+
+
+def test_talk_takes_the_rates_transcribe_takes(tmp_path: Path):
+    import numpy as np
+    import soxr
+
+    source = read_wav(SPEECH / "shared-04-piper.wav")
+    samples = np.frombuffer(source.mono(), dtype="<i2")
+    resampled = soxr.resample(samples, source.sample_rate, 11025)
+    clip = _write_mono(tmp_path / "11k.wav", np.asarray(resampled, dtype="<i2").tobytes(), 11025)
+    result = voxloop("talk", "--input", str(clip), "--reference-ttft-ms", "50")
+    assert result.returncode == 0, result.stderr
+    assert "you   Please cancel my subscription." in result.stdout.splitlines()
+
+
+def test_connect_checks_its_files_and_devices_as_talk_does(tmp_path: Path, refused_port: int):
+    clip = str(SPEECH / "shared-04-piper.wav")
+    target = tmp_path / "missing-dir" / "x.wav"
+    url = f"ws://127.0.0.1:{refused_port}"
+    for flag in ("--output", "--metrics-json"):
+        result = voxloop("connect", url, "--input", clip, flag, str(target),
+                         env={"VOXLOOP_API_KEY": "k"})  # fmt: skip
+        # (Checked before connecting: nothing listens at the URL, and that is not the error.)
+        assert_one_line(
+            result, 2, f"{flag} {target}: directory {target.parent} does not exist; create it first"
+        )
+    no_portaudio = subprocess.run(
+        [sys.executable, "-c", _NO_PORTAUDIO, "connect", url], capture_output=True, text=True,
+        timeout=TIMEOUT, check=False, env={**os.environ, "VOXLOOP_API_KEY": "k"},
+    )  # fmt: skip
+    assert_one_line(
+        no_portaudio, 3,
+        "PortAudio is not installed (Debian/Ubuntu: apt-get install libportaudio2; macOS: brew "
+        "install portaudio): PortAudio library not found",
+    )  # fmt: skip
+
+
+# -- talk checks that the endpoint answers with these credentials before listening --------
+
+
+@pytest.fixture(scope="module")
+def keyed_endpoint() -> Iterator[str]:
+    from runtime.bench.reference_thread import ReferenceThread
+    from runtime.llm.reference import ReplyPlan
+
+    with ReferenceThread(ReplyPlan(ttft_ms=20, itl_ms=5), api_key="sk-right") as ref:
+        yield ref.base_url
+
+
+def test_talk_refuses_an_endpoint_that_cannot_answer(keyed_endpoint: str):
+    base = keyed_endpoint
+    wrong = voxloop("talk", "--demo", "--base-url", base, "--api-key-env", "KEY",
+                    env={"KEY": "sk-wrong"})  # fmt: skip
+    assert_one_line(
+        wrong, 3,
+        f"--base-url {base}: the endpoint refused the credentials (HTTP 401); check the key in KEY",
+    )  # fmt: skip
+    assert "sk-wrong" not in wrong.stderr and wrong.stdout == ""
+    none = voxloop("talk", "--demo", "--base-url", base)
+    assert_one_line(
+        none, 3,
+        f"--base-url {base}: the endpoint refused the credentials (HTTP 401); it needs a key: "
+        "--api-key-env NAME (the variable holding it)",
+    )  # fmt: skip
+    root = base.removesuffix("/v1")
+    path = voxloop("talk", "--demo", "--base-url", root, "--api-key-env", "KEY",
+                   env={"KEY": "sk-right"})  # fmt: skip
+    assert_one_line(
+        path, 3,
+        f"--base-url {root}: no chat-completions endpoint at {root}/chat/completions (HTTP 404); "
+        "the base URL usually ends in /v1",
+    )  # fmt: skip
+
+
+def test_talk_to_the_agent_service_instead_of_an_llm(tmp_path: Path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "VOXLOOP_API_KEYS": "k"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        http = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        result = voxloop("talk", "--demo", "--base-url", f"{http}/v1")
+        assert_one_line(
+            result, 3,
+            f"--base-url {http}/v1: this is a voxloop agent service (voxloop serve), not a "
+            "chat-completions endpoint; give your LLM's base URL, or talk to the service with "
+            "voxloop connect",
+        )  # fmt: skip
+        https = "https" + http[4:]
+        agents = voxloop("agents", "list", "--url", https, env={"VOXLOOP_API_KEY": "k"})
+        assert_one_line(
+            agents, 3,
+            f"{https}: the server at {http[7:]} speaks plain http, not TLS; use {http}",
+        )  # fmt: skip
+        wss = "wss" + http[4:]
+        connect = voxloop("connect", wss, "--input", str(SPEECH / "shared-04-piper.wav"),
+                          env={"VOXLOOP_API_KEY": "k"})  # fmt: skip
+        assert_one_line(
+            connect,
+            3,
+            f"{wss}: the server at {http[7:]} speaks plain http, not TLS; use ws{http[4:]}",
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def test_https_to_a_plain_http_endpoint(keyed_endpoint: str):
+    https = "https" + keyed_endpoint[4:]
+    result = voxloop("talk", "--demo", "--base-url", https)
+    where = keyed_endpoint.split("/")[2]
+    assert_one_line(
+        result, 3,
+        f"--base-url {https}: the server at {where} speaks plain http, not TLS; use "
+        f"{keyed_endpoint}",
+    )  # fmt: skip
+
+
+def test_no_turn_answered_is_not_exit_0():
+    from runtime.bench.reference_thread import ReferenceThread
+    from runtime.llm.reference import ReplyPlan
+
+    failing = ReplyPlan(fault="status", status=503, ttft_ms=10)
+    with ReferenceThread(failing) as ref:
+        ref.call(lambda server: server.queue(ReplyPlan(ttft_ms=10)))  # the check before listening
+        result = voxloop("talk", "--demo", "--base-url", ref.base_url)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("voxloop: error:")]
+    assert result.returncode == 1, result.stderr
+    assert errors == [
+        "voxloop: error: no turn was answered: every reply failed at the endpoint (last: "
+        "endpoint failed (HTTP 503): simulated 503 for the key (none) (server))"
+    ], result.stderr
+
+
+# -- a closed standard output is a quiet exit ---------------------------------------------
+
+
+@pytest.mark.parametrize("args", [("say", "--list-voices", "x"), ("--help",)])
+def test_a_closed_stdout_is_a_quiet_exit(args: tuple[str, ...]):
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line (| head -0)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=TIMEOUT) == 141
+    assert stderr == ""
+    proc.stderr.close()

@@ -63,7 +63,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path):
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     for result, message in [
         (run("transcribe", str(corrupt)), "not a valid PCM WAV"),
-        (run("transcribe", str(tmp_path / "missing.wav")), "cannot open"),
+        (run("transcribe", str(tmp_path / "missing.wav")), "missing.wav: no such file"),
         (run("transcribe", str(corrupt), "--engine", "nope"), "invalid choice: 'nope'"),
         (
             run("say", "hi", "-o", str(tmp_path / "x.wav"), "--voice", "nope"),
@@ -86,7 +86,8 @@ def test_silence_transcribes_to_nothing(tmp_path: Path):
 
     write_wav(silent, bytes(32000 * 2), 16000)
     heard = run("transcribe", str(silent))
-    assert heard.returncode == 0 and heard.stdout.strip() == ""
+    assert (heard.returncode, heard.stdout) == (1, "")
+    assert heard.stderr == f"voxloop: error: no speech was heard in {silent}\n"
 
 
 def test_markup_only_text_writes_an_empty_file(tmp_path: Path):

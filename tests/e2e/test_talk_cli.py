@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,16 @@ def test_talk_file_mode_writes_stereo_and_metrics(tmp_path: Path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "cancel my subscription" in result.stdout.lower()
+    assert result.stderr.splitlines()[-1] == f"wrote {out}, {metrics}"
+    # The latency line says what each stage measures and that they overlap (not a sum).
+    [latency] = [line for line in result.stdout.splitlines() if line.startswith("latency ")]
+    assert re.fullmatch(
+        r"latency \d+ ms from the end of speech to the agent's first audio \(speculative\); "
+        r"stages, which overlap \(ms\): end of turn decided after \d+, final transcript \d+ "
+        r"after that, first token \d+ and first sentence \d+ after the request, first tts "
+        r"audio \d+, runtime overhead \d+",
+        latency,
+    ), latency
     stereo = read_wav(out)
     assert stereo.channels == 2 and stereo.sample_rate == 24000
     assert stereo.duration_s > user.duration_s
@@ -82,7 +93,7 @@ def test_a_turn_taken_back_prints_as_one_sentence(tmp_path: Path):
 
 def test_talk_rejects_bad_arguments(tmp_path: Path):
     for args, message in [
-        (["--input", str(tmp_path / "missing.wav")], "no such file"),
+        (["--input", str(tmp_path / "missing.wav")], "missing.wav: no such file"),
         (["--demo", "--input", "x.wav"], "not both"),
         (["--output", "x.wav"], "need --input or --demo"),
         (["--demo", "--min-silence-ms", "0"], "--min-silence-ms must be at least 160"),
@@ -192,3 +203,67 @@ def test_talk_fallback_flags_must_match_the_base_urls():
     assert result.returncode == 2, result.stderr
     assert "give --model once, or once per --base-url (3)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _screen(raw: str) -> list[str]:
+    """What a terminal shows after ``raw``: lines as overwritten by carriage returns, cursor-up
+    and erase-line sequences (colours and cursor visibility dropped; no wrapping)."""
+    lines = [""]
+    row = col = 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", raw):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+            if row == len(lines):
+                lines.append("")
+        elif token == "\x1b[2K":
+            lines[row] = ""
+        elif token.startswith("\x1b[") and token.endswith("A"):
+            row = max(0, row - int(token[2:-1] or 1))
+        elif token.startswith("\x1b["):
+            assert token[-1] in "mlh", f"unexpected terminal sequence {token!r}"
+        else:
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + token + line[col + len(token) :]
+            col += len(token)
+    return lines
+
+
+def test_file_mode_on_a_terminal_prints_lines_above_a_live_progress_bar():
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "talk", "--demo", "--reference-ttft-ms", "50"],
+        stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )  # fmt: skip
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    screen = _screen(b"".join(chunks).decode())
+    said = [line for line in screen if line.startswith(("you ", "agent "))]
+    # Each transcript line whole on its own line (the demo's words vary with the machine's
+    # timing: the first reply may be interrupted, Whisper may write numbers as digits).
+    assert [line.split()[0] for line in said] == ["you", "agent", "you", "agent"], screen
+    assert said[0] == "you   What's the weather like in Paris today?"
+    assert said[2].startswith("you   ") and "tonight" in said[2], screen
+    # The bar was live (it moved) and never shares a line with the transcript; it is
+    # gone when the conversation is over.
+    assert not [line for line in screen if "input " in line], screen
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    assert re.search(r"input \S+ +1/\d+ s", plain) and re.search(r"input \S+ +5/\d+ s", plain)

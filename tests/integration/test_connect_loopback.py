@@ -404,10 +404,12 @@ async def test_cli_exit_codes(tmp_path: Path):
         last = list(peer.sessions)[-1]
         assert peer.sessions[last][-1] == {"type": "session.end"}
         # An HTTP server without the WebSocket there: the upgrade is refused.
-        code, _, err = await cli(url.replace("/v1/ws", "/nothing-here"), "--agent-id", "agent_1",
-                                 "--input", str(clip), key="reject-http-404")  # fmt: skip
+        wrong = url.replace("/v1/ws", "/nothing-here")
+        code, _, err = await cli(wrong, "--agent-id", "agent_1", "--input", str(clip),
+                                 key="reject-http-404")  # fmt: skip
         assert (code, err) == (
-            3, "voxloop: error: no Voice Agent WebSocket at that URL: HTTP 404 (http_404)\n"
+            3, f"voxloop: error: no Voice Agent WebSocket at {wrong} (HTTP 404); voxloop serves "
+               f"it at {url} (http_404)\n"
         )  # fmt: skip
     # A drop the server does not let us resume from: exit 6; an expired session: exit 7.
     for other_peer, exit_code, message in [
