@@ -28,24 +28,36 @@ settings (environment variables; flags override the first three):
   VOXLOOP_DATABASE_URL    postgresql://user:pw@host/db or sqlite:///path
                           (default: SQLite in the data directory; --database-url)
   VOXLOOP_SECRET_KEY      key ring for stored secrets (default: DATA_DIR/secret.key)
+  VOXLOOP_LLM_BASE_URL    the OpenAI-compatible endpoint of sessions that name no llm
+  VOXLOOP_LLM_MODEL       its model (both are needed for such sessions; without them a
+                          session must bring its own llm, or it is refused: invalid_config)
+  VOXLOOP_LLM_API_KEY     its key (optional)
   VOXLOOP_ALLOW_PRIVATE_ENDPOINTS
                           1 (any private address) or comma-separated hosts/CIDRs that
-                          stored endpoints may use
+                          endpoints may use (a loopback VOXLOOP_LLM_BASE_URL needs it)
   VOXLOOP_STATIC_HOSTS    JSON {"host": ["address", …]} answered instead of DNS
+  (realtime limits and engines: VOXLOOP_MAX_SESSIONS, VOXLOOP_STT, VOXLOOP_TTS, … in
+  the deployment docs)
+
+realtime: the Voice Agent WebSocket is ws://HOST:PORT/v1/ws (voxloop connect
+ws://HOST:PORT); the speech engines load when the server starts ("speech engines
+ready" log line), and GET /readyz answers 503 until they are ready.
 
 logs: JSON lines on stderr: start, one "request" line per request (method, path,
 status, duration_ms, request_id), errors with a structured "exception", and a
 "shutdown" line. SIGTERM or Ctrl-C stops the server cleanly (exit 0).
 
-public routes (no key): / , /health , /docs , /openapi.json
+public routes (no key): / , /healthz (liveness), /readyz (readiness), /health,
+/docs , /openapi.json
 """
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the agent service (REST API)",
-        description="Run the agent service: a REST API for agents, temporary tokens and voices.",
+        help="run the agent service (REST API and realtime WebSocket)",
+        description="Run the agent service: a REST API for agents, temporary tokens and voices, "
+        "and the Voice Agent WebSocket at /v1/ws.",
         epilog=SERVE_SETTINGS,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -170,7 +182,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{sock.getsockname()[1]}"
     print(f"voxloop serve listening on {url}", flush=True)
     log = logging.getLogger("voxloop.server")
-    log.info("started", extra={"url": url, "workers": args.workers})
+    from runtime.speech.engines.registry import missing_engines
+
+    engines = (
+        "unavailable" if missing_engines(settings.stt_engine, settings.tts_engine) else ("loading")
+    )
+    log.info("started", extra={
+        "url": url, "workers": args.workers, "realtime": url.replace("http", "ws", 1) + "/v1/ws",
+        "speech_engines": engines, "readiness": "/readyz",
+    })  # fmt: skip
     if args.workers > 1:
         from uvicorn.supervisors import Multiprocess
 

@@ -1,12 +1,14 @@
 """The agent service's HTTP API (Starlette): agents, temporary tokens, voices.
 
-Every route but ``/``, ``/health``, ``/docs`` and ``/openapi.json`` needs an
-API key (``Authorization: <key>`` or ``Bearer <key>``). Bodies are limited in
-size and time, parsed and validated completely (``runtime.agents.schema``)
-before anything is written, and each request is one database transaction;
-secrets (endpoint ``api_key`` s, HTTP-tool header values) are sealed before
-they are stored and never appear in a response, a log line or an error. No
-input produces a 500; if a bug does, the response says ``Connection: close``.
+Every route but ``/``, ``/health``, ``/healthz`` (liveness), ``/readyz``
+(readiness: 503 until the speech engines, loaded at start-up, are ready),
+``/docs`` and ``/openapi.json`` needs an API key (``Authorization: <key>``
+or ``Bearer <key>``). Bodies are limited in size and time, parsed and
+validated completely (``runtime.agents.schema``) before anything is
+written, and each request is one database transaction; secrets (endpoint
+``api_key`` s, HTTP-tool header values) are sealed before they are stored
+and never appear in a response, a log line or an error. No input produces
+a 500; if a bug does, the response says ``Connection: close``.
 
 For the realtime server
 -----------------------
@@ -73,7 +75,7 @@ from runtime.protocol.events import LLMSpec
 from runtime.secret import Secret
 from runtime.server.logs import AccessLog
 from runtime.server.page import PageSettings, page_response, page_routes, wants_page
-from runtime.server.realtime import realtime_endpoint
+from runtime.server.realtime import realtime_endpoint, unknown_socket
 from runtime.server.telephony import MEDIA_PATH, VOICE_PATH, Telephony, TwilioSettings
 from runtime.server.worker import drain_on_signals
 from runtime.sessions import (
@@ -678,7 +680,8 @@ class Api:
             return page_response()
         return JSONResponse({
             "service": "voxloop agent service", "version": __version__,
-            "health": "/health", "docs": "/docs", "openapi": "/openapi.json",
+            "health": "/health", "healthz": "/healthz", "readyz": "/readyz",
+            "realtime": "/v1/ws", "docs": "/docs", "openapi": "/openapi.json",
             "page": "/ (in a browser)",
         })  # fmt: skip
 
@@ -687,7 +690,8 @@ class Api:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        """Readiness: the database (and Redis) answer and the worker is not draining."""
+        """Readiness: the database (and Redis) answer, the speech engines are loaded and the
+        worker is not draining."""
         checks: dict[str, str] = {}
         try:
             await self.store.ping()
@@ -703,6 +707,10 @@ class Api:
         checks["sessions"] = (
             "draining" if self.runner is not None and self.runner.draining else "ok"
         )
+        if self.runner is not None:
+            # Loaded at start-up; until then a session would wait for them.
+            engines = self.runner.engines
+            checks["speech_engines"] = "ok" if engines.ready else (engines.problem or "loading")
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "unavailable", **checks, "worker": os.getpid()},
@@ -801,6 +809,8 @@ def create_app(settings: Settings) -> Starlette:
         await store.init_primary(settings.ring.primary)
         if api.redis is not None:
             await api.redis.ping()
+        # The first session must not wait for the speech engines: load them now.
+        engines.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 lag = tg.create_task(runner.metrics.watch_loop_lag())
@@ -824,6 +834,7 @@ def create_app(settings: Settings) -> Starlette:
             return True
 
     phone = Telephony(runner, settings.twilio, agent_exists)
+
     app = Starlette(
         routes=[
             Route("/v1/agents", api.create_agent, methods=["POST"]),
@@ -845,6 +856,7 @@ def create_app(settings: Settings) -> Starlette:
             WebSocketRoute("/v1/realtime", socket),
             Route(VOICE_PATH, phone.voice, methods=["POST"]),
             WebSocketRoute(MEDIA_PATH, phone.media),
+            WebSocketRoute("/{path:path}", unknown_socket),
         ],
         middleware=[Middleware(AccessLog)],
         lifespan=lifespan,

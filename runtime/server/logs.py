@@ -76,6 +76,12 @@ FIELDS: Final = (
     "llm_entry",
     "llm_host",
     "llm_skipped",
+    "realtime",
+    "speech_engines",
+    "readiness",
+    "stt",
+    "tts",
+    "load_s",
 )
 MAX_FRAMES: Final = 20
 

@@ -51,6 +51,7 @@ from runtime.agents.tokens import Tokens
 from runtime.protocol import events as ev
 from runtime.secret import Secret
 from runtime.sessions import (
+    EnginesUnavailable,
     LiveSession,
     Principal,
     SessionRefused,
@@ -120,6 +121,9 @@ class Connection:
         self._written = 0  # bytes of text frames handed to the transport
         self._fields: dict[str, str] = {}
         self._waiting = contextlib.ExitStack()
+        # The last first message refused (a session.update that cannot run …): when no
+        # acceptable one follows in time, that refusal, not a timeout, closes the socket.
+        self._refused: SessionRefused | ev.ProtocolError | None = None
 
     # -- outgoing -----------------------------------------------------------------
 
@@ -269,6 +273,16 @@ class Connection:
             self._abort_if_stuck()
             return
         except TimeoutError:
+            refused = self._refused
+            if refused is not None:
+                # The client's update was refused and nothing acceptable followed: that
+                # refusal is the cause, said again as the closing error.
+                await self._refuse(SessionRefused(
+                    refused.code,
+                    f"{refused.message} (no acceptable session.update followed in time)",
+                    param=refused.param,
+                ))  # fmt: skip
+                return
             await self._refuse(SessionRefused(
                 "agent_timeout", "no session.update arrived in time after the upgrade"
             ))  # fmt: skip
@@ -309,6 +323,7 @@ class Connection:
             async with asyncio.timeout_at(deadline):
                 event = await self._receive()
             if isinstance(event, ev.ProtocolError):
+                self._refused = event
                 await self._send_now(_error_event(event.code, event.message, event.param))
                 continue
             self._waiting.close()  # it spoke: no longer a silent socket of its credential
@@ -334,11 +349,14 @@ class Connection:
             except SessionRefused as exc:
                 if exc.fatal:
                     raise
+                self._refused = exc
                 await self._send_now(_error_event(exc.code, exc.message, exc.param))
 
     async def _engines(self) -> None:
         try:
             await self.runner.engines.get()
+        except EnginesUnavailable as exc:
+            raise SessionRefused("agent_init_failed", str(exc)) from None
         except Exception as exc:
             log.exception("speech engines failed to load")
             raise SessionRefused(
@@ -464,3 +482,24 @@ def realtime_endpoint(
         await Connection(websocket, api_keys, tokens, runner).serve()
 
     return endpoint
+
+
+SOCKET_PATH: Final = "/v1/ws"
+
+
+async def unknown_socket(websocket: WebSocket) -> None:
+    """A WebSocket upgrade to a path with no socket: HTTP 404 naming :data:`SOCKET_PATH`.
+
+    (Refused by default with 403, which a client reads as refused credentials.) A server
+    without the WebSocket denial-response extension closes the handshake instead.
+    """
+    from starlette.responses import PlainTextResponse
+
+    path = websocket.url.path
+    response = PlainTextResponse(
+        f"no WebSocket at {path}: the Voice Agent WebSocket is {SOCKET_PATH}", status_code=404
+    )
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:
+        await websocket.close(CLOSE_POLICY)

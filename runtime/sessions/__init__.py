@@ -41,7 +41,7 @@ One module per part:
 * :mod:`~runtime.sessions.errors` — :class:`SessionRefused`, the typed refusal.
 """
 
-from runtime.sessions.engines import Engines
+from runtime.sessions.engines import Engines, EnginesUnavailable
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.ingress import FRAME_MS, AudioIngress
 from runtime.sessions.limits import RESUME_GRACE_S, RunnerLimits
@@ -59,6 +59,7 @@ __all__ = [
     "Emit",
     "EndReason",
     "Engines",
+    "EnginesUnavailable",
     "LiveSession",
     "MemorySessionStore",
     "PacedSink",

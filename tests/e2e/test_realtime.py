@@ -462,6 +462,90 @@ async def test_an_inline_session_without_llm_is_told_clearly(
     assert isinstance(await legacy.next("session.ready"), ev.SessionReady)
 
 
+async def test_a_refused_update_is_the_closing_error_not_a_timeout(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    client = await connect(server.ws)
+    await client.send(inline(endpoint, output={"voice": "nova"}))
+    # Nothing acceptable follows: when the first-message deadline (10 s) passes, the server
+    # closes with the refusal it already sent, not agent_timeout ("no session.update arrived").
+    events, code = await client.closed(within=60)
+    assert [(e.type, e.code, e.message) for e in events if isinstance(e, ev.SessionError)] == [
+        ("session.error", "invalid_value", "unknown voice 'nova'"),
+        ("session.error", "invalid_value",
+         "unknown voice 'nova' (no acceptable session.update followed in time)"),
+    ]  # fmt: skip
+    assert code == 1008
+    # With no message at all, the timeout is still the cause.
+    silent = await connect(server.ws)
+    events, code = await silent.closed(within=60)
+    assert [(e.type, e.code) for e in events] == [("session.error", "agent_timeout")]
+
+
+async def test_unknown_socket_paths_are_404_naming_the_socket(server: Server) -> None:
+    for path in ("/v1", "/v1/wss", "/ws"):
+        url = server.ws.replace("/v1/ws", path)
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(url, additional_headers={"Authorization": API_KEY})
+        response = refused.value.response
+        assert response.status_code == 404
+        assert response.body == (
+            f"no WebSocket at {path}: the Voice Agent WebSocket is /v1/ws".encode()
+        )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runtime.cli", "connect", server.ws.replace("/v1/ws", "/v1"),
+        "--input", str(SPEECH / "shared-04-piper.wav"), stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, env={**os.environ, "VOXLOOP_API_KEY": API_KEY},
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert (proc.returncode, err.decode()) == (
+        3, f"voxloop: error: no Voice Agent WebSocket at {server.ws[:-3]} (HTTP 404); voxloop "
+           f"serves it at {server.ws} (http_404)\n",
+    )  # fmt: skip
+
+
+def test_the_engines_load_at_start_up_and_readyz_says_when(tmp_path: Path) -> None:
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VOXLOOP_API_KEYS": API_KEY},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        http = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        started = json.loads(proc.stderr.readline())
+        assert (started["msg"], started["speech_engines"], started["readiness"]) == (
+            "started",
+            "loading",
+            "/readyz",
+        )
+        assert started["realtime"] == "ws" + http[4:] + "/v1/ws"
+        # Loading takes seconds: the first answer comes before it is done.
+        loading = httpx.get(f"{http}/readyz")
+        assert (loading.status_code, loading.json()) == (
+            503,
+            {"status": "loading", "speech_engines": "loading"},
+        )
+        assert httpx.get(f"{http}/healthz").json()["status"] == "ok"
+        while (line := json.loads(proc.stderr.readline()))["msg"] != "speech engines ready":
+            assert line["level"] == "info", line
+        assert (line["stt"], line["tts"]) == ("whisper", "piper") and line["load_s"] > 0
+        ready = httpx.get(f"{http}/readyz")
+        assert (ready.status_code, ready.json()) == (
+            200,
+            {"status": "ready", "speech_engines": "ready"},
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0
+
+
 # -- spoken turns ---------------------------------------------------------------------------------
 
 

