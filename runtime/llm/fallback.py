@@ -18,7 +18,9 @@ conversation core uses: ``stream(request)``, ``prewarm()``, ``warm_up()``,
   the reply later, never after more than the budget. When every entry failed
   (or the budget ran out) the last error is raised, as one endpoint would.
 * **After the first token nothing is retried**: the reply cannot be taken
-  back. An error then is raised as is (and counts against the entry).
+  back. An error then is raised as is and counts against the entry (an entry
+  counts as healthy when its reply ends, or is closed by the caller, without
+  an error), so an endpoint that always stalls mid-reply opens its circuit.
 * **Circuit breaker** (:class:`CircuitBreaker`): ``failure_threshold``
   consecutive failures open an entry's circuit for ``open_s``; while open the
   entry is skipped without paying its timeout. After ``open_s`` one request
@@ -259,6 +261,7 @@ class FallbackStream:
         self._current: _Attempt | None = None
         self._opened = False
         self._done = False
+        self._resolved = False
 
     @property
     def timings(self) -> StreamTimings:
@@ -293,9 +296,23 @@ class FallbackStream:
             return current.buffered.pop(0)
         try:
             return await anext(current.stream)
-        except EndpointError:
-            self._owner.breakers[current.index].failure()
+        except StopAsyncIteration:
+            self._resolve(failed=False)
             raise
+        except EndpointError:
+            self._resolve(failed=True)
+            raise
+
+    def _resolve(self, *, failed: bool) -> None:
+        """The answering entry's reply ended: its circuit learns how (once)."""
+        if self._resolved or self._current is None:
+            return
+        self._resolved = True
+        breaker = self._owner.breakers[self._current.index]
+        if failed:
+            breaker.failure()
+        else:
+            breaker.success()
 
     async def _start(self, index: int) -> _Attempt:
         left = self._deadline - asyncio.get_running_loop().time()
@@ -362,7 +379,8 @@ class FallbackStream:
                 except BaseException:
                     breaker.release()
                     raise
-                owner.breakers[attempt.index].success()
+                # The entry's circuit learns at the end of the reply (a stream that
+                # stalls after its first token is a failure too).
                 if self.skipped:
                     log.info(
                         "endpoint entry %d (%s) answered",
@@ -438,6 +456,8 @@ class FallbackStream:
                     leftover.cancel()
 
     async def aclose(self) -> None:
+        # Closed before its end (the caller interrupted): the entry was answering.
+        self._resolve(failed=False)
         self._done = True
         current, self._current = self._current, None
         if current is not None:

@@ -245,3 +245,15 @@ def test_a_breaker_frees_its_probe_when_the_request_is_cancelled():
     assert state(breaker) == "closed"
     with pytest.raises(ValueError, match="failure_threshold must be >= 1"):
         CircuitBreaker(clock, failure_threshold=0)
+
+
+async def test_an_entry_that_always_fails_after_its_first_token_opens_its_circuit(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(replies=("One two three four.",), fault="drop", fault_after=1)
+    client = pair(make_client, server.base_url, backup.base_url)
+    for _ in range(2):
+        with pytest.raises(StreamDropped):
+            await reply_text(client)
+    assert state(client.breakers[0]) == "open" and backup.requests == []
+    assert await reply_text(client) == ("From the backup.", 1, [(0, "circuit_open")])
