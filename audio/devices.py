@@ -331,6 +331,7 @@ class Speaker:
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._played = 0
+        self._paused = False
         self._underruns = 0
         self._stream: RawStream | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -383,12 +384,32 @@ class Speaker:
             await asyncio.sleep(self._block / self._rate)
 
     def clear_buffer(self) -> int:
-        """Drop everything not yet played (barge-in). Returns the samples dropped."""
+        """Drop everything not yet played (barge-in; ends a pause). Returns the samples dropped."""
         with self._lock:
             dropped = len(self._buf) // 2
             self._buf.clear()
+            self._paused = False
         self._drained.set()
         return dropped
+
+    @property
+    def paused(self) -> bool:
+        with self._lock:
+            return self._paused
+
+    def pause(self) -> None:
+        """Play silence from the next device block on; the queued audio is held.
+
+        What the device already took (one block and its own latency) plays out
+        and stays counted in :attr:`played_samples`.
+        """
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Play the held audio from where the pause stopped."""
+        with self._lock:
+            self._paused = False
 
     async def wait_for_playout(self) -> None:
         """Wait until everything written has been played."""
@@ -402,11 +423,11 @@ class Speaker:
     def _callback(self, outdata: Any, frames: int, time: Any, status: Any) -> None:
         need = frames * 2
         with self._lock:
-            take = min(need, len(self._buf))
+            take = 0 if self._paused else min(need, len(self._buf))
             chunk = bytes(self._buf[:take])
             del self._buf[:take]
             self._played += take // 2
-            if 0 < take < need:
+            if 0 < take < need and not self._paused:
                 # The buffer ran dry part-way through a block (a slow producer,
                 # or simply the end of an utterance): the rest is silence.
                 self._underruns += 1

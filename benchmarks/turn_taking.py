@@ -18,17 +18,27 @@ Reported per variant:
 - end of speech -> transcript ready (p50/p90): the policy-dependent part of voice-to-voice
   (the rest — TTFT, first TTS audio — does not depend on turn-taking; benchmarks/v2v.py measures
   the whole);
-- speech start -> interruption (p50/p90).
+- speech start -> interruption (p50/p90);
+- first sound -> agent silent (p50/p90) on the real interruptions: the reply pauses at the
+  burst's onset (``HoldReply``) or, when it is never paused, stops at the interruption; and the
+  same as a WebSocket client hears it (plus the audio the paced sink had already sent ahead,
+  ``--lead-ms``);
+- pauses that resumed: back-channels, coughs, laughter and noise over the reply that paused it
+  and let it go on (``ReleaseReply``), and replies left paused for good (must be 0).
+
+Every item also runs as a phone caller says it: 8 kHz, μ-law coded and decoded, back to 16 kHz
+(``(8 kHz μ-law)`` items, with ``--phone-too``).
 
 "before" replays the previous rules: one check of the first 200 ms of a burst, a back-channel
 word list matched on letters only, nothing said over a reply kept, and "ends with . ? !" as the
 end-of-turn test.
 
 Run:
-    nice -n 10 python -m benchmarks.turn_taking [--json out.json] [--phone]
+    nice -n 10 python -m benchmarks.turn_taking [--json out.json] [--phone | --phone-too]
+    nice -n 10 python -m benchmarks.turn_taking --over-reply-only --phone-too --only default ...
 
 ``--phone`` passes every item through 8 kHz G.711 μ-law first (the audio the phone
-bridge hands the policy).
+bridge hands the policy); ``--phone-too`` adds those versions beside the 16 kHz items.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from runtime.conversation.policy import (
     CLEAR_WORDS,
     CONFIDENT_END,
     FRAME_MS,
+    HOLD_MS,
     RECHECK_MS,
     TRAILING_END,
     BackChannel,
@@ -65,8 +76,10 @@ from runtime.conversation.policy import (
     ContinueTurn,
     Decision,
     EndTurn,
+    HoldReply,
     Interrupt,
     Pause,
+    ReleaseReply,
     Resume,
     StartTurn,
     TurnTakingPolicy,
@@ -310,7 +323,51 @@ async def build_items(piper: PiperTTS, whisper: WhisperSTT) -> list[Item]:
         for over in (False, True):
             pcm = silence(LEAD_S) + noise(3.0, -30.0, colour, k) + silence(TAIL_S)
             items.append(Item("noise", f"{colour} -30 dBFS", pcm, 0, over))
+    # "Mm-hmm" over the reply at several loudness levels (a caller near or far from the phone).
+    mm = await say("Mm-hmm.")
+    for db in (0, -12, -24):
+        items.append(Item("backchannel", f"Mm-hmm. ({db} dB)", wrap(gain(mm, db)), 0, True,
+                          text="Mm-hmm."))  # fmt: skip
+    # Laughter and coughs over the reply: sounds, not words.
+    for text in LAUGHTER:
+        for db in (0, -12):
+            items.append(Item("laugh", f"{text} ({db} dB)", wrap(gain(await say(text), db)), 0,
+                              True))  # fmt: skip
+    for k in range(3):
+        for db in (-6, -18):
+            items.append(Item("cough", f"cough {k} ({db} dBFS)", wrap(cough(k, db)), 0, True))
     return items
+
+
+LAUGHTER = ["Ha ha ha!", "Haha.", "Heh heh."]
+
+
+def gain(pcm: bytes, db: float) -> bytes:
+    x = np.frombuffer(pcm, "<i2").astype(np.float64) * 10 ** (db / 20)
+    return np.clip(np.round(x), -32768, 32767).astype("<i2").tobytes()
+
+
+def cough(seed: int, peak_dbfs: float) -> bytes:
+    """A cough: one or two bursts of shaped noise (a sharp onset, a ~150 ms decay)."""
+    rng = np.random.default_rng(100 + seed)
+    parts = []
+    for _ in range(1 + seed % 2):
+        n = int(0.25 * RATE)
+        t = np.arange(n) / RATE
+        env = (1 - np.exp(-t / 0.008)) * np.exp(-t / 0.07)
+        x = rng.standard_normal(n)
+        x = np.convolve(x, np.ones(4) / 4, mode="same")  # a little darker than white
+        burst = x * env / np.max(np.abs(x * env)) * 32767 * 10 ** (peak_dbfs / 20)
+        parts += [burst, np.zeros(int(0.12 * RATE))]
+    return np.concatenate(parts).round().astype("<i2").tobytes()
+
+
+def with_phone_versions(items: list[Item]) -> list[Item]:
+    return items + [
+        Item(it.kind, f"{it.name} (8 kHz μ-law)", via_phone(it.pcm), it.words, it.over_reply,
+             it.pause_ms, it.text)
+        for it in items
+    ]  # fmt: skip
 
 
 # -- decoding, cached --------------------------------------------------------------
@@ -358,6 +415,8 @@ class Outcome:
     deferred: bool = False
     audible: list[int] = field(default_factory=list)  # frame each answering reply is heard
     taken_back: int = 0  # turns ended early and continued before their reply was heard
+    holds: list[int] = field(default_factory=list)  # frames the reply was paused at
+    releases: list[int] = field(default_factory=list)  # frames it went on at
 
 
 def speech_frames(item: Item, threshold: float) -> list[bool]:
@@ -459,6 +518,10 @@ def run_policy(
                 due.setdefault(i + lag, []).append(check)
             elif isinstance(d, BackChannel):
                 out.backchannel = True
+            elif isinstance(d, HoldReply):
+                out.holds.append(i)
+            elif isinstance(d, ReleaseReply):
+                out.releases.append(i)
 
     frames = len(speech)
     i = 0
@@ -569,6 +632,7 @@ class Variant:
     confident_end: float = CONFIDENT_END
     clear_words: float = CLEAR_WORDS
     trailing_end: float = TRAILING_END
+    hold_ms: int | None = HOLD_MS
 
 
 def pct(n: int, d: int) -> str:
@@ -588,7 +652,7 @@ TURN_KINDS = ("complete", "short", "paused", "paused-prosody", "spelled")
 
 
 def evaluate(
-    items: list[Item], variant: Variant, decode: Decoder, reply_ms: float
+    items: list[Item], variant: Variant, decode: Decoder, reply_ms: float, lead_ms: float = 300.0
 ) -> dict[str, Any]:
     td = variant.td
     reply_ms = reply_ms if variant.reply_ms is None else variant.reply_ms
@@ -602,6 +666,8 @@ def evaluate(
     eos_short: list[float] = []
     short_items: list[Item] = []
     to_interrupt: list[float] = []
+    to_silent: list[float] = []
+    sounds_total = held = resumed = stuck = 0
     for item in items:
         speech = speech_frames(item, td.vad_threshold)
         spoken = [k for k, s in enumerate(speech) if s]
@@ -613,12 +679,21 @@ def evaluate(
             policy = TurnTakingPolicy(
                 td, complete=variant.complete, recheck_ms=variant.recheck_ms,
                 confident_end=variant.confident_end, clear_words=variant.clear_words,
-                trailing_end=variant.trailing_end,
+                trailing_end=variant.trailing_end, hold_ms=variant.hold_ms,
             )  # fmt: skip
             out = run_policy(
                 item, speech, policy, decode, reply_frames, variant.model, variant.verdict,
                 take_back=variant.take_back and not variant.before,
             )  # fmt: skip
+        if item.over_reply and item.kind in ("backchannel", "noise", "laugh", "cough"):
+            sounds_total += 1
+            if out.holds and out.interrupt_at is None:
+                held += 1
+                after = [r for r in out.releases if r >= out.holds[0]]
+                if after and after[0] < len(speech):
+                    resumed += 1
+                else:
+                    stuck += 1
         if item.kind in TURN_KINDS:
             turns_total += 1
             assert last_speech is not None
@@ -633,6 +708,11 @@ def evaluate(
                     short_items.append(item)
                     eos_short.append((out.end_ready[-1] - last_speech) * FRAME_MS)
                 eos_audio.append((out.audible[0] - last_speech) * FRAME_MS)
+        elif item.kind in ("laugh", "cough"):
+            bc_total += 1
+            false_int += out.interrupt_at is not None
+            if out.interrupt_at is not None:
+                wrong.append(f"interrupted by {item.name}")
         elif item.kind == "noise":
             if item.over_reply:
                 bc_total += 1
@@ -659,6 +739,8 @@ def evaluate(
                     lost += item.words
             elif first_speech is not None:
                 to_interrupt.append((out.interrupt_at - first_speech) * FRAME_MS)
+                silent_at = min([out.interrupt_at, *out.holds])
+                to_silent.append(max(0, silent_at - first_speech) * FRAME_MS)
     return {
         "variant": variant.name,
         "reply_ms": reply_ms,
@@ -673,6 +755,11 @@ def evaluate(
         "short_turns_eos_to_transcript_ms_p50_p90": quantiles(eos_short),
         "eos_to_agent_audio_ms_p50_p90": quantiles(eos_audio),
         "speech_to_interrupt_ms_p50_p90": quantiles(to_interrupt),
+        "first_sound_to_agent_silent_ms_p50_p90": quantiles(to_silent),
+        "as_websocket_client_hears_ms_p50_p90": quantiles([ms + lead_ms for ms in to_silent]),
+        "sounds_over_reply_paused": pct(held, sounds_total),
+        "pauses_resumed": pct(resumed, held),
+        "left_paused": stuck,
         "cut_off_items": cut_items,
         "short_turns_at_max_silence": [
             item.name
@@ -690,6 +777,10 @@ def variants() -> list[Variant]:
             "before", td, ends_with_punctuation, before=True, confident_end=0.0, clear_words=0.0
         ),
         Variant("default", td),
+        Variant("default, paused at VAD onset (20 ms)", td, hold_ms=20),
+        Variant("default, paused after 100 ms of speech", td, hold_ms=100),
+        Variant("default, paused after 200 ms of speech", td, hold_ms=200),
+        Variant("default, never paused (or ducked): silent at the decision", td, hold_ms=None),
         Variant("default, a trailing ellipsis never ends a turn early", td, trailing_end=1.01),
         Variant("default, trailing ellipsis from end confidence 0.25", td, trailing_end=0.25),
         Variant("default, trailing ellipsis from end confidence 0.4", td, trailing_end=0.4),
@@ -725,6 +816,10 @@ async def amain(args: argparse.Namespace) -> None:
     whisper = WhisperSTT()
     try:
         items = await build_items(piper, whisper)
+        if args.over_reply_only:
+            items = [it for it in items if it.over_reply]
+        if args.phone_too:
+            items = with_phone_versions(items)
     finally:
         piper._executor.shutdown(wait=True)
     if args.phone:
@@ -740,7 +835,7 @@ async def amain(args: argparse.Namespace) -> None:
         extra += smart_turn_variants(SmartTurnJudge(), TurnDetection())
     chosen = [v for v in [*variants(), *extra] if not args.only or v.name in args.only]
     for variant in chosen:
-        row = evaluate(items, variant, decode, args.reply_ms)
+        row = evaluate(items, variant, decode, args.reply_ms, args.lead_ms)
         rows.append(row)
         print(json.dumps(row))
     whisper._executor.shutdown(wait=True)
@@ -771,6 +866,23 @@ def main() -> None:
         "--phone",
         action="store_true",
         help="pass every item through 8 kHz G.711 μ-law first (what the phone bridge hears)",
+    )
+    parser.add_argument(
+        "--phone-too",
+        action="store_true",
+        help="add the 8 kHz μ-law version of every item beside it (side by side in one run)",
+    )
+    parser.add_argument(
+        "--lead-ms",
+        type=float,
+        default=300.0,
+        help="audio the WebSocket's paced sink sends ahead of real time (VOXLOOP_AUDIO_LEAD_MS,"
+        " default 300): what a client still plays after the reply pauses",
+    )
+    parser.add_argument(
+        "--over-reply-only",
+        action="store_true",
+        help="only the items said over a reply (interruptions, back-channels, sounds): a short run",
     )
     parser.add_argument(
         "--smart-turn",

@@ -41,9 +41,16 @@ Phases::
   (:class:`Interrupt`; :func:`claims_the_floor_so_far`: a word cut by the end
   of the audio, or one that may still grow into an acknowledgement, waits for
   the next hearing). Once the burst has ended (``burst_end_ms`` of silence),
-  its whole transcript decides (:func:`classify`): words interrupt, an
-  acknowledgement is a :class:`BackChannel`. Without ``interrupt_response``
+  its whole transcript decides (:func:`classify`): words the recognizer made
+  out interrupt; an acknowledgement, or words it could not make out (a hum
+  heard as "In a month."), are a :class:`BackChannel`. Without ``interrupt_response``
   nothing interrupts.
+* Pause, then decide: once a burst over the reply has ``hold_ms`` of speech,
+  :class:`HoldReply` pauses the agent's audio at once (the listener has heard
+  what was played; the rest is held). The decision then follows as above: an
+  :class:`Interrupt` cuts the held reply; a :class:`BackChannel`, or a burst
+  too short to be anything, is followed by :class:`ReleaseReply`: the reply
+  goes on from where it paused, nothing lost or repeated.
 * A turn ended too soon is taken back: until the reply that answers it is
   audible (:meth:`~TurnTakingPolicy.reply_audible`), speech of
   ``min_speech_ms`` is the user going on, not a new turn — a mid-sentence
@@ -88,6 +95,9 @@ TRAILING_END: Final = 0.3
 # its words out (mean token probability): a hum it cannot ("Mm-hmm" heard as "Imam.", "And
 # I'm...") waits for the next hearing or for the burst's end, where its whole transcript decides.
 CLEAR_WORDS: Final = 0.4
+# Speech over the reply (ms) after which the agent's audio is paused until the burst is decided.
+# Chosen on the turn-taking benchmark (docs/benchmarks.md): VAD onset plus one frame.
+HOLD_MS: Final = 40
 
 # -- what was said ------------------------------------------------------------------
 
@@ -100,6 +110,8 @@ BACKCHANNEL_PHRASES: Final = frozenset(
         "oh", "ah", "aha", "wow", "true", "exactly", "indeed", "makes sense", "that makes sense",
         "sounds good", "fair enough", "of course", "perfect", "good", "oh okay", "i know",
         "make sense", "uh", "um", "er", "erm", "m",
+        # Laughter, as the recognizer writes it: a sound, not a claim to the floor.
+        "ha", "haha", "hahaha", "hah", "heh", "hehe", "he he",
     }
 )  # fmt: skip
 _LONGEST_PHRASE: Final = max(len(p.split()) for p in BACKCHANNEL_PHRASES)
@@ -308,9 +320,24 @@ class BackChannel:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class HoldReply:
+    """The user started speaking over the reply: pause its audio where the listener is."""
+
+    t_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseReply:
+    """The speech over the reply did not claim the floor: play the held reply on."""
+
+    t_ns: int
+
+
 Decision = (
     StartTurn | Pause | Resume | EndTurn | ContinueTurn | CheckBurst | Interrupt | BackChannel
-)
+    | HoldReply | ReleaseReply
+)  # fmt: skip
 
 
 class Phase(enum.Enum):
@@ -328,6 +355,7 @@ class _Burst:
     pending: int | None = None  # check id in flight
     pending_to: int = -1
     text: str = ""
+    clear: bool = True  # the recognizer made the last hearing's words out (CLEAR_WORDS)
     t_last_speech: int = 0
 
 
@@ -347,6 +375,8 @@ class TurnTakingPolicy:
             (above 1: never).
         clear_words: the word confidence (0-1) below which a hearing of a burst still
             going on does not interrupt.
+        hold_ms: speech (ms) over the reply after which its audio is paused
+            (:class:`HoldReply`) until the burst is decided; ``None``: never paused.
     """
 
     def __init__(
@@ -360,8 +390,11 @@ class TurnTakingPolicy:
         confident_end: float = CONFIDENT_END,
         clear_words: float = CLEAR_WORDS,
         trailing_end: float = TRAILING_END,
+        hold_ms: int | None = HOLD_MS,
     ) -> None:
         self._trailing_end = trailing_end
+        self._hold_ms = None if hold_ms is None else max(FRAME_MS, hold_ms)
+        self._holding = False
         self.td = turn_detection
         self._complete = complete
         self._confident_end = confident_end
@@ -389,6 +422,11 @@ class TurnTakingPolicy:
         self._deferred_quiet_ms = 0
         self._t_deferred_speech = 0
         self._checks = 0
+
+    @property
+    def holding(self) -> bool:
+        """The reply's audio is paused by speech over it (:class:`HoldReply` given)."""
+        return self._holding
 
     @property
     def frames_seen(self) -> int:
@@ -470,13 +508,14 @@ class TurnTakingPolicy:
         burst.pending = None
         burst.checked_to = burst.pending_to
         burst.text = text
+        clear = confidence is None or confidence >= self._clear_words
+        burst.clear = clear
         ended_covered = (
             burst.quiet_ms >= self._burst_end_ms
             and burst.checked_to >= self._frame + 1 - burst.quiet_ms // FRAME_MS
         )
         if ended_covered:
             return self._conclude(burst)
-        clear = confidence is None or confidence >= self._clear_words
         if (
             clear
             and claims_the_floor_so_far(text)
@@ -487,10 +526,20 @@ class TurnTakingPolicy:
 
     def _conclude(self, burst: _Burst) -> list[Decision]:
         """The burst has ended and its last transcript covers all of it."""
-        if classify(burst.text) == "words" and word_count(burst.text) >= self.td.barge_in_min_words:
+        if (
+            classify(burst.text) == "words"
+            and word_count(burst.text) >= self.td.barge_in_min_words
+            and burst.clear
+        ):
             return self._interrupt(burst)
         self._burst = None
-        return [BackChannel(burst.text)]
+        return [BackChannel(burst.text), *self._release()]
+
+    def _release(self) -> list[Decision]:
+        if not self._holding:
+            return []
+        self._holding = False
+        return [ReleaseReply(self._t_ns)]
 
     def _interrupt(self, burst: _Burst) -> list[Decision]:
         self._burst = None
@@ -513,6 +562,7 @@ class TurnTakingPolicy:
         self, first_frame: int, *, quiet_ms: int = 0, t_speech_end: int | None = None
     ) -> None:
         self.phase = Phase.USER_TURN
+        self._holding = False  # an interruption cuts the held reply; a new turn has none
         self._turn_first = first_frame
         self._answering = None
         self._replying = False  # a user turn: any reply was cut, withdrawn or is over
@@ -585,19 +635,23 @@ class TurnTakingPolicy:
             if not speech:
                 return []
             burst = self._burst = _Burst(first_frame=max(0, self._frame - self._pre_roll))
+        held: list[Decision] = []
         if speech:
             burst.speech_ms += FRAME_MS
             burst.quiet_ms = 0
             burst.t_last_speech = self._t_ns
+            if not self._holding and self._hold_ms is not None and burst.speech_ms >= self._hold_ms:
+                self._holding = True
+                held.append(HoldReply(self._t_ns))
         else:
             burst.quiet_ms += FRAME_MS
             if burst.speech_ms < td.barge_in_ms and burst.quiet_ms >= self._burst_end_ms:
                 # Too short to be anything (a click, a breath).
                 self._burst = None
-                return []
+                return self._release()
         if burst.speech_ms < td.barge_in_ms:
-            return []
-        return self._maybe_check(burst)
+            return held
+        return [*held, *self._maybe_check(burst)]
 
     def _maybe_check(self, burst: _Burst) -> list[Decision]:
         if burst.pending is not None:
@@ -621,18 +675,19 @@ class TurnTakingPolicy:
 
     def _hand_back(self) -> list[Decision]:
         """The floor returns to the user: pending speech becomes their turn."""
+        released = self._release()  # nothing is left to hold; the sink must not stay paused
         self._speech_run = 0
         burst = self._burst
         self._burst = None
         if burst is not None and burst.speech_ms >= max(self.td.min_speech_ms, FRAME_MS):
             self._begin_turn(burst.first_frame, quiet_ms=burst.quiet_ms,
                              t_speech_end=burst.t_last_speech)  # fmt: skip
-            return [StartTurn(burst.first_frame, self._t_ns, deferred=True)]
+            return [*released, StartTurn(burst.first_frame, self._t_ns, deferred=True)]
         if self._deferred_from is not None:
             first = self._deferred_from
             self._begin_turn(first, quiet_ms=self._deferred_quiet_ms,
                              t_speech_end=self._t_deferred_speech)  # fmt: skip
-            return [StartTurn(first, self._t_ns, deferred=True)]
+            return [*released, StartTurn(first, self._t_ns, deferred=True)]
         self.phase = Phase.LISTENING
         self._answering = None
-        return []
+        return released

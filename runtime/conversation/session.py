@@ -21,6 +21,10 @@ turns that into decisions the session carries out:
   again with what follows, as one user message.
 * ``CheckBurst``: speech while the agent replies is transcribed (everything
   since the burst began) and the policy re-decides as it grows.
+* ``HoldReply``: the user started speaking over the reply: the sink pauses at
+  once (what was played stays heard, the rest is held) while the burst is
+  decided. ``ReleaseReply`` (a back-channel, a cough, noise): the sink plays
+  the held reply on from where it paused; the reply is the same reply.
 * ``Interrupt``: the reply task is cancelled: the HTTP stream closes, TTS
   stops, the sink's buffer is cleared, and the history keeps only the text
   that was actually played (from the sink's playout position). The burst's
@@ -73,8 +77,10 @@ from runtime.conversation.policy import (
     ContinueTurn,
     Decision,
     EndTurn,
+    HoldReply,
     Interrupt,
     Pause,
+    ReleaseReply,
     Resume,
     StartTurn,
     TurnTakingPolicy,
@@ -390,6 +396,10 @@ class ConversationSession:
                 self._begin_user_turn(self._frames_from(first), deferred=False)
             case BackChannel(text=text):
                 log.debug("back-channel", extra={"heard": text})
+            case HoldReply():
+                self._sink.pause()
+            case ReleaseReply():
+                self._sink.resume()
 
     def _continue_turn(self, first: int) -> None:
         """The user went on before hearing the reply: withdraw it and reopen their turn."""
@@ -571,6 +581,8 @@ class ConversationSession:
         self._adopt(reply, task)
 
     def _adopt(self, reply: Reply, task: asyncio.Task[None]) -> None:
+        if self._sink.paused and not self.policy.holding:
+            self._sink.resume()  # a new reply is never held by a pause it did not see
         self._reply = reply
         self._reply_task = task
         if self.turns.state is TurnState.LISTENING:

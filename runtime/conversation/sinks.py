@@ -30,7 +30,19 @@ class AudioSink(Protocol):
         """Drop what has not been played yet; returns the samples dropped."""
 
     async def wait_for_playout(self) -> None:
-        """Wait until everything written has been played."""
+        """Wait until everything written has been played (not while paused)."""
+
+    @property
+    def paused(self) -> bool: ...
+
+    def pause(self) -> None:
+        """Stop playing where the listener is; what was played stays counted, the rest is held."""
+
+    def resume(self) -> None:
+        """Play the held audio from where :meth:`pause` stopped: nothing lost or repeated.
+
+        :meth:`clear_buffer` while paused drops the held audio and ends the pause.
+        """
 
 
 class TimelineSink:
@@ -49,6 +61,9 @@ class TimelineSink:
         self.timeline = bytearray()
         self._end = 0  # timeline position (samples) where queued audio ends
         self._written = 0
+        self._held: bytearray | None = None  # audio held by a pause (not on the timeline)
+        self._resumed = asyncio.Event()
+        self._resumed.set()
 
     @property
     def sample_rate(self) -> int:
@@ -59,37 +74,82 @@ class TimelineSink:
 
     @property
     def played_samples(self) -> int:
-        return self._written - max(0, self._end - self._now_pos())
+        return self._written - self.queued_samples
 
     @property
     def queued_samples(self) -> int:
-        return max(0, self._end - self._now_pos())
+        held = len(self._held) // 2 if self._held is not None else 0
+        return max(0, self._end - self._now_pos()) + held
 
-    async def write(self, pcm: bytes) -> None:
-        pcm = check_pcm(pcm)
-        # A timer, not polling: each sleep lasts exactly until enough has played.
-        while self._end - self._now_pos() > self._high:  # noqa: ASYNC110
-            await asyncio.sleep((self._end - self._now_pos() - self._high) / self._rate)
+    @property
+    def paused(self) -> bool:
+        return self._held is not None
+
+    def pause(self) -> None:
+        if self._held is not None:
+            return
+        now = self._now_pos()
+        self._held = (
+            bytearray(self.timeline[now * 2 : self._end * 2]) if self._end > now else (bytearray())
+        )
+        if self._end > now:
+            del self.timeline[now * 2 :]
+            self._end = now
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self._resumed.set()
+        if held:
+            self._place(bytes(held))
+
+    def _place(self, pcm: bytes) -> None:
         start = max(self._end, self._now_pos())
         end = start + len(pcm) // 2
         if len(self.timeline) < end * 2:
             self.timeline += bytes(end * 2 - len(self.timeline))
         self.timeline[start * 2 : end * 2] = pcm
         self._end = end
+
+    async def write(self, pcm: bytes) -> None:
+        pcm = check_pcm(pcm)
+        while self._held is not None and len(self._held) > self._high * 2:
+            await self._resumed.wait()
+        if self._held is not None:
+            self._held += pcm
+            self._written += len(pcm) // 2
+            return
+        # A timer, not polling: each sleep lasts exactly until enough has played.
+        while self._end - self._now_pos() > self._high:  # noqa: ASYNC110
+            await asyncio.sleep((self._end - self._now_pos() - self._high) / self._rate)
+        if self._held is not None:  # paused meanwhile
+            self._held += pcm
+        else:
+            self._place(pcm)
         self._written += len(pcm) // 2
 
     def clear_buffer(self) -> int:
+        held, self._held = self._held, None
+        self._resumed.set()
+        dropped = len(held) // 2 if held is not None else 0
         now = self._now_pos()
-        if self._end <= now:
-            return 0
-        dropped = self._end - now
-        del self.timeline[now * 2 :]
+        if self._end > now:
+            dropped += self._end - now
+            del self.timeline[now * 2 :]
+            self._end = now
         self._written -= dropped
-        self._end = now
         return dropped
 
     async def wait_for_playout(self) -> None:
-        while (remaining := self._end - self._now_pos()) > 0:  # noqa: ASYNC110
+        while True:
+            if self._held is not None:
+                await self._resumed.wait()
+                continue
+            remaining = self._end - self._now_pos()
+            if remaining <= 0:
+                return
             await asyncio.sleep(remaining / self._rate)
 
     def audio(self, total_samples: int | None = None) -> bytes:
@@ -104,12 +164,23 @@ class ImmediateSink:
     """Plays everything the moment it is written (offline rendering, batch jobs).
 
     The playout position always equals what was written, so nothing is ever
-    "unheard" and :meth:`clear_buffer` drops nothing.
+    "unheard" and :meth:`clear_buffer` drops nothing; :meth:`pause` only marks it paused.
     """
 
     def __init__(self, sample_rate: int) -> None:
         self._rate = check_rate(sample_rate)
         self.audio = bytearray()
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
 
     @property
     def sample_rate(self) -> int:
@@ -124,6 +195,7 @@ class ImmediateSink:
         await asyncio.sleep(0)
 
     def clear_buffer(self) -> int:
+        self._paused = False
         return 0
 
     async def wait_for_playout(self) -> None:

@@ -8,9 +8,11 @@ import pytest
 
 from runtime.conversation.config import TurnDetection
 from runtime.conversation.policy import (
+    BURST_END_MS,
     CLEAR_WORDS,
     CONFIDENT_END,
     FRAME_MS,
+    HOLD_MS,
     PRE_ROLL_MS,
     TRAILING_END,
     BackChannel,
@@ -18,9 +20,11 @@ from runtime.conversation.policy import (
     ContinueTurn,
     Decision,
     EndTurn,
+    HoldReply,
     Interrupt,
     Pause,
     Phase,
+    ReleaseReply,
     Resume,
     StartTurn,
     TurnTakingPolicy,
@@ -257,7 +261,7 @@ def test_an_unclear_hearing_waits_for_the_next_one_and_the_burst_end_decides():
     assert drv.policy.burst_heard(again.check_id, "Mm-hmm.", 0.5) == []
     drv.log.clear()
     drv.feed(False, 600)
-    assert [type(d) for _, d in drv.log] == [BackChannel]
+    assert [type(d) for _, d in drv.log] == [BackChannel, ReleaseReply]
 
 
 def test_a_backchannel_is_decided_only_once_the_burst_has_ended():
@@ -276,7 +280,10 @@ def test_a_backchannel_is_decided_only_once_the_burst_has_ended():
     assert all(not isinstance(d, BackChannel | Interrupt) for _, d in drv.log)
     drv.log.clear()
     drv.feed(False, 20)  # 600 ms of silence end the burst; the last check heard all of it
-    assert [d for _, d in drv.log] == [BackChannel("Okay, okay.")]
+    t = drv.frame * FRAME_MS * MS
+    # The reply paused at the burst's onset plays on from there.
+    assert [d for _, d in drv.log] == [BackChannel("Okay, okay."), ReleaseReply(t)]
+    assert not drv.policy.holding
     assert drv.policy.phase is Phase.RESPONDING
 
 
@@ -289,7 +296,8 @@ def test_a_burst_still_undecided_when_the_reply_ends_becomes_the_next_turn():
     assert isinstance(check, CheckBurst)
     decisions = drv.policy.reply_ended()
     assert decisions == [
-        StartTurn(burst_start - PRE_ROLL_MS // FRAME_MS, drv.frame * 20 * MS, deferred=True)
+        ReleaseReply(drv.frame * 20 * MS),
+        StartTurn(burst_start - PRE_ROLL_MS // FRAME_MS, drv.frame * 20 * MS, deferred=True),
     ]
     # The late answer about the old burst changes nothing.
     assert drv.policy.burst_heard(check.check_id, "Okay, but") == []
@@ -363,7 +371,7 @@ def test_speech_after_the_reply_is_heard_is_a_burst_not_a_continuation():
     drv.policy.reply_started()
     drv.policy.reply_audible()
     drv.feed(True, td.barge_in_ms)
-    assert [type(d) for _, d in drv.log] == [CheckBurst]
+    assert [type(d) for _, d in drv.log] == [HoldReply, CheckBurst]
 
 
 def test_an_injected_reply_has_no_turn_to_continue():
@@ -371,7 +379,7 @@ def test_an_injected_reply_has_no_turn_to_continue():
     drv = Driver(TurnTakingPolicy(td))
     drv.policy.reply_started()  # a greeting, from listening
     drv.feed(True, td.barge_in_ms)
-    assert [type(d) for _, d in drv.log] == [CheckBurst]
+    assert [type(d) for _, d in drv.log] == [HoldReply, CheckBurst]
 
 
 def test_after_an_empty_turn_is_dropped_speech_starts_a_new_turn():
@@ -393,10 +401,52 @@ def test_silence_during_a_reply_hands_the_floor_back():
 def test_a_short_click_during_a_reply_is_nothing():
     td = TurnDetection()
     drv = responding(td)
+    start = drv.policy.frames_seen
     drv.feed(True, td.barge_in_ms - 20)
     drv.feed(False, 1000)
-    assert drv.log == []
+    # Paused at the onset (HOLD_MS of speech), played on once the burst ended as nothing.
+    hold = start + HOLD_MS // FRAME_MS - 1
+    release = start + (td.barge_in_ms - 20 + BURST_END_MS) // FRAME_MS - 1
+    assert drv.log == [
+        (hold, HoldReply(hold * FRAME_MS * MS)),
+        (release, ReleaseReply(release * FRAME_MS * MS)),
+    ]
     assert drv.policy.reply_ended() == []
+
+
+def test_the_reply_pauses_at_hold_ms_of_speech_and_an_interruption_cuts_it():
+    td = TurnDetection()
+    drv = Driver(TurnTakingPolicy(td, hold_ms=100), hear=lambda _f, _e: "Wait, stop.")
+    drv.policy.reply_started()
+    start = drv.policy.frames_seen
+    drv.feed(True, 80)
+    assert drv.log == []
+    drv.feed(True, 20)
+    assert drv.log == [(start + 4, HoldReply((start + 4) * FRAME_MS * MS))]
+    assert drv.policy.holding
+    drv.feed(True, td.barge_in_ms - 100)
+    assert [type(d) for _, d in drv.log] == [HoldReply, CheckBurst, Interrupt]
+    # The interruption cuts the held reply: nothing is released.
+    assert not drv.policy.holding
+    drv.feed(False, 2000)
+    assert not any(isinstance(d, ReleaseReply) for _, d in drv.log)
+
+
+def test_without_hold_ms_the_reply_is_never_paused():
+    td = TurnDetection()
+    drv = Driver(TurnTakingPolicy(td, hold_ms=None), hear=lambda _f, _e: "Mm-hmm.")
+    drv.policy.reply_started()
+    drv.feed(True, 400)
+    drv.feed(False, 1000)
+    assert [type(d) for _, d in drv.log] == [CheckBurst, CheckBurst, BackChannel]
+
+
+def test_without_interrupt_response_the_reply_is_never_paused():
+    drv = Driver(TurnTakingPolicy(TurnDetection(interrupt_response=False)))
+    drv.policy.reply_started()
+    drv.feed(True, 1000)
+    assert drv.log == []
+    assert not drv.policy.holding
 
 
 @pytest.mark.parametrize(
@@ -406,6 +456,10 @@ def test_a_short_click_during_a_reply_is_nothing():
         ("Uh-huh.", "backchannel"),
         ("Okay", "backchannel"),
         ("mm-hmm", "backchannel"),
+        ("Ha ha ha!", "backchannel"),
+        ("Hahaha.", "backchannel"),
+        ("Heh heh.", "backchannel"),
+        ("Ha, no, the other one.", "words"),
         ("Yeah, makes sense.", "backchannel"),
         ("Okay, okay.", "backchannel"),
         ("Yeah yeah yeah", "backchannel"),
@@ -506,3 +560,30 @@ def test_a_burst_that_ends_on_words_interrupts_when_it_ends():
     assert interrupts == [
         (frame, Interrupt(start - PRE_ROLL_MS // FRAME_MS, frame * 20 * MS, "I."))
     ]
+
+
+def test_words_the_recognizer_could_not_make_out_at_the_burst_end_do_not_interrupt():
+    # A hum heard, at its end, as "In a month." with a low word confidence: the reply goes on.
+    td = TurnDetection()
+    drv = responding(td)
+    drv.feed(True, 400)
+    checks = [d for _, d in drv.log if isinstance(d, CheckBurst)]
+    assert drv.policy.burst_heard(checks[-1].check_id, "Mm", 0.2) == []
+    drv.log.clear()
+    drv.feed(False, BURST_END_MS)
+    (_, last), *_ = drv.log
+    assert isinstance(last, CheckBurst)
+    t = drv.frame * FRAME_MS * MS
+    out = drv.policy.burst_heard(last.check_id, "In a month.", CLEAR_WORDS - 0.05)
+    assert out == [BackChannel("In a month."), ReleaseReply(t)]
+    # The same words made out clearly interrupt.
+    drv2 = responding(td)
+    drv2.feed(True, 400)
+    checks = [d for _, d in drv2.log if isinstance(d, CheckBurst)]
+    assert drv2.policy.burst_heard(checks[-1].check_id, "Mm", 0.2) == []
+    drv2.log.clear()
+    drv2.feed(False, BURST_END_MS)
+    (_, last), *_ = drv2.log
+    assert isinstance(last, CheckBurst)
+    out = drv2.policy.burst_heard(last.check_id, "In a month.", CLEAR_WORDS)
+    assert [type(d) for d in out] == [Interrupt]

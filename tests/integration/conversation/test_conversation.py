@@ -8,7 +8,9 @@ Where the user must hear the agent before going on, the input waits for it
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +27,7 @@ from audio.vad import default_vad, segment_pcm
 from audio.wav import read_wav
 from runtime.conversation import events as ev
 from runtime.conversation.config import SessionConfig, TurnDetection
+from runtime.conversation.history import SpokenSegment, heard_prefix
 from runtime.conversation.session import ConversationSession
 from runtime.conversation.sinks import ImmediateSink
 from runtime.conversation.tools import ClientTool, HttpTool
@@ -39,6 +42,12 @@ from ...helpers import SPEECH, serve_asgi
 from .script import Step, agent_heard_for, last_heard, replies_done, run_script
 
 normalise = EnglishTextNormalizer()
+
+
+def said(text: str) -> str:
+    return str(normalise(text)).replace(",", "")
+
+
 LONG_REPLY = (
     "Let me tell you about the weather in Paris this week. Monday starts cloudy with a light breeze. "
     "Tuesday brings scattered showers in the afternoon. Wednesday is sunny and warm. Thursday cools "
@@ -160,25 +169,123 @@ async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
     cut = last_heard(result.agent, barge, user_end)
     assert cut is not None and cut < user_end - 0.3
     assert result.metrics[0].interrupted
+    # The agent paused at the onset and the interruption cut it there: the history keeps
+    # exactly the words of the audio that was played (silences aside).
+    assert core_sequence(events)[:7] == [
+        "speech.started", "speech.stopped", "transcript.user", "reply.started",
+        "speech.started", "transcript.agent (interrupted)", "reply.done interrupted",
+    ]  # fmt: skip
+    first_id = next(e.reply_id for e in events if isinstance(e, ev.ReplyStarted))
+    segments: list[SpokenSegment] = []
+    written = bytearray()
+    for e in events:
+        if isinstance(e, ev.ReplyAudio) and e.reply_id == first_id:
+            written += e.pcm
+        elif isinstance(e, ev.AgentTranscriptDelta) and e.reply_id == first_id:
+            start = segments[-1].end if segments else 0
+            segments.append(SpokenSegment(e.delta, start, len(written) // 2))
+    # The answer to the interruption starts only after the user finished: up to then the
+    # timeline holds the first reply alone.
+    upto = result.agent[: int(user_end * OUTPUT_RATE) * 2]
+    played = int(np.count_nonzero(np.frombuffer(upto, "<i2")))
+    nonzero = np.cumsum(np.frombuffer(bytes(written), "<i2") != 0)
+    first_k = int(np.searchsorted(nonzero, played, side="left")) + 1
+    last_k = int(np.searchsorted(nonzero, played, side="right"))
+    assert 0 < first_k <= last_k < len(written) // 2
+    assert first_reply.text in {heard_prefix(segments, k) for k in range(first_k, last_k + 1)}
 
 
-async def test_a_backchannel_does_not_interrupt(
+def without_zeros(pcm: bytes) -> bytes:
+    """The samples that are not exact silence (what a pause or a gap of the sink adds is)."""
+    x = np.frombuffer(pcm, "<i2")
+    return bytes(x[x != 0].tobytes())
+
+
+def zero_runs(pcm24k: bytes, min_s: float) -> list[tuple[float, float]]:
+    """``(start, end)`` seconds of each run of exact silence at least ``min_s`` long."""
+    x = np.frombuffer(pcm24k, "<i2")
+    edges = np.diff(np.concatenate(([0], (x == 0).astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [
+        (a / OUTPUT_RATE, b / OUTPUT_RATE)
+        for a, b in zip(starts, ends, strict=True)
+        if b - a >= min_s * OUTPUT_RATE
+    ]
+
+
+def core_sequence(events: list[ev.ConversationEvent]) -> list[str]:
+    """The turn and reply events in order (what the realtime protocol renders)."""
+    names = {
+        ev.SpeechStarted: "speech.started", ev.SpeechStopped: "speech.stopped",
+        ev.UserTranscript: "transcript.user", ev.ReplyStarted: "reply.started",
+        ev.AgentTranscript: "transcript.agent", ev.ReplyDone: "reply.done",
+    }  # fmt: skip
+    out = []
+    for e in events:
+        name = names.get(type(e))
+        if name == "transcript.agent":
+            assert isinstance(e, ev.AgentTranscript)
+            name += " (interrupted)" if e.interrupted else ""
+        if name == "reply.done":
+            assert isinstance(e, ev.ReplyDone)
+            name += f" {e.status}"
+        if name is not None:
+            out.append(name)
+    return out
+
+
+async def test_mm_hmm_over_the_reply_pauses_it_and_it_goes_on_heard_whole_once(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ):
     endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY,))
-    okay = b"".join([c.pcm async for c in piper.synthesize("Okay.", sample_rate=16000)])
+    mm = b"".join([c.pcm async for c in piper.synthesize("Mm-hmm.", sample_rate=16000)])
     steps: list[Step] = [
         silence(0.4),
         utterance("shared-00-piper"),
-        agent_heard_for(1.0),
-        okay,
+        agent_heard_for(1.5),
+        mm,
         silence(0.5),
     ]
     async with llm_for(endpoint) as llm:
         result = await run_script(steps, llm=llm, stt=whisper, tts=piper)
-    replies = [e for e in result.events if isinstance(e, ev.AgentTranscript)]
-    assert len(replies) == 1 and not replies[0].interrupted
-    assert replies[0].text == LONG_REPLY
+    events = result.events
+    # One turn, one reply, completed: the back-channel opened no turn and no second reply.
+    assert core_sequence(events) == [
+        "speech.started", "speech.stopped", "transcript.user", "reply.started",
+        "transcript.agent", "reply.done completed",
+    ], [e.text for e in events if isinstance(e, ev.UserTranscript)]  # fmt: skip
+    replies = {e.reply_id for e in events if isinstance(e, ev.ReplyAudio)}
+    assert len(replies) == 1
+    agent = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    assert agent.text == LONG_REPLY and not agent.interrupted
+    assert result.history[-1] == {"role": "assistant", "content": LONG_REPLY}
+    # The agent paused while the user said it: a stretch of silence (no sentence pause of the
+    # voice is as long) that begins during the "mm-hmm".
+    mm_start = result.starts[3]
+    mm_end = mm_start + len(mm) / 2 / 16000
+    pauses = [(a, b) for a, b in zero_runs(result.agent, 0.6) if mm_start <= a <= mm_end]
+    assert len(pauses) == 1, zero_runs(result.agent, 0.3)
+    # Nothing lost or repeated: what was heard, silences aside, is every sample the voice made,
+    # once, in order.
+    written = b"".join(e.pcm for e in events if isinstance(e, ev.ReplyAudio))
+    assert without_zeros(result.agent) == without_zeros(written)
+    # And as a listener hears it: every word of the reply, none twice.
+    # (Each stretch between long silences on its own: Whisper hears 30 s at a time.)
+    gaps = zero_runs(result.agent, 0.6)
+    cuts = [0, *[int(a * OUTPUT_RATE) * 2 for a, _ in gaps], len(result.agent)]
+    texts = []
+    for a, b in itertools.pairwise(cuts):
+        if np.any(np.frombuffer(result.agent[a:b], "<i2")):
+            texts.append((await whisper.transcribe(result.agent[a:b], OUTPUT_RATE)).text)
+    heard = " ".join(texts)
+    got, want = said(heard).split(), said(LONG_REPLY).split()
+    ops = difflib.SequenceMatcher(a=want, b=got, autojunk=False).get_opcodes()
+    stretches = [(op, want[i1:i2], got[j1:j2]) for op, i1, i2, j1, j2 in ops if op != "equal"]
+    # A misheard word or two is the recognizer; a lost or repeated stretch is not.
+    assert all(i2 - i1 <= 2 and j2 - j1 <= 2 for _, i1, i2, j1, j2 in ops if _ != "equal"), (
+        stretches
+    )
+    assert abs(len(got) - len(want)) <= 2, stretches
 
 
 async def test_no_interruption_when_interrupt_response_is_off(

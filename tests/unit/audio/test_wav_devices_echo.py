@@ -288,3 +288,44 @@ async def test_missing_portaudio_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
         Microphone().start()
     with pytest.raises(DeviceUnavailable, match="PortAudio is not installed"):
         Speaker().start()
+
+
+async def test_speaker_pause_holds_the_rest_and_resume_plays_it_from_there():
+    streams: list[FakeStream] = []
+
+    def factory(**kwargs):
+        streams.append(FakeStream(**kwargs))
+        return streams[-1]
+
+    async with Speaker(
+        sample_rate=8000, block_ms=20, high_water_ms=100, stream_factory=factory
+    ) as spk:
+        stream = streams[0]
+        audio = np.arange(1, 401, dtype="<i2").tobytes()  # 50 ms
+        await spk.write(audio)
+        out = bytearray(320)
+        stream.callback(out, 160, None, None)
+        spk.pause()
+        assert spk.paused
+        for _ in range(3):  # paused: silence, nothing consumed, the position holds
+            stream.callback(out, 160, None, None)
+            assert set(out) == {0} and spk.played_samples == 160
+        assert spk.statistics().underruns == 0
+        waiting = asyncio.create_task(spk.wait_for_playout())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        spk.resume()
+        assert not spk.paused
+        stream.callback(out, 160, None, None)
+        assert bytes(out) == audio[320:640] and spk.played_samples == 320
+        stream.callback(out, 160, None, None)
+        assert bytes(out[:160]) == audio[640:] and spk.played_samples == 400
+        await asyncio.wait_for(waiting, 1)
+        # An interruption while paused drops what was held and ends the pause.
+        await spk.write(audio)
+        stream.callback(out, 160, None, None)
+        spk.pause()
+        assert spk.clear_buffer() == 240
+        assert not spk.paused and spk.played_samples == 560
+        stream.callback(out, 160, None, None)
+        assert set(out) == {0} and spk.played_samples == 560
