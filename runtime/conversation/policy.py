@@ -41,9 +41,8 @@ Phases::
   (:class:`Interrupt`; :func:`claims_the_floor_so_far`: a word cut by the end
   of the audio, or one that may still grow into an acknowledgement, waits for
   the next hearing). Once the burst has ended (``burst_end_ms`` of silence),
-  its whole transcript decides (:func:`classify`): words the recognizer made
-  out interrupt; an acknowledgement, or words it could not make out (a hum
-  heard as "In a month."), are a :class:`BackChannel`. Without ``interrupt_response``
+  its whole transcript decides (:func:`classify`): words interrupt, an
+  acknowledgement is a :class:`BackChannel`. Without ``interrupt_response``
   nothing interrupts.
 * Pause, then decide: once a burst over the reply has ``hold_ms`` of speech,
   :class:`HoldReply` pauses the agent's audio at once (the listener has heard
@@ -355,7 +354,6 @@ class _Burst:
     pending: int | None = None  # check id in flight
     pending_to: int = -1
     text: str = ""
-    clear: bool = True  # the recognizer made the last hearing's words out (CLEAR_WORDS)
     t_last_speech: int = 0
 
 
@@ -508,14 +506,13 @@ class TurnTakingPolicy:
         burst.pending = None
         burst.checked_to = burst.pending_to
         burst.text = text
-        clear = confidence is None or confidence >= self._clear_words
-        burst.clear = clear
         ended_covered = (
             burst.quiet_ms >= self._burst_end_ms
             and burst.checked_to >= self._frame + 1 - burst.quiet_ms // FRAME_MS
         )
         if ended_covered:
             return self._conclude(burst)
+        clear = confidence is None or confidence >= self._clear_words
         if (
             clear
             and claims_the_floor_so_far(text)
@@ -526,11 +523,7 @@ class TurnTakingPolicy:
 
     def _conclude(self, burst: _Burst) -> list[Decision]:
         """The burst has ended and its last transcript covers all of it."""
-        if (
-            classify(burst.text) == "words"
-            and word_count(burst.text) >= self.td.barge_in_min_words
-            and burst.clear
-        ):
+        if classify(burst.text) == "words" and word_count(burst.text) >= self.td.barge_in_min_words:
             return self._interrupt(burst)
         self._burst = None
         return [BackChannel(burst.text), *self._release()]
