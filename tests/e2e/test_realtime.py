@@ -432,6 +432,33 @@ async def test_endpoint_failure_is_a_reply_error_and_the_session_goes_on(
     assert events[-1].status == "completed"
 
 
+async def test_an_inline_fallback_endpoint_answers_when_the_first_fails(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    with EndpointThread(ReplyPlan(replies=("From the backup.",)), api_key="sk-backup-77") as backup:
+        client = await connect(server.ws)
+        update = inline(endpoint)
+        update["session"]["llm"].append(
+            {"base_url": backup.base_url, "model": "backup-model", "api_key": "sk-backup-77"}
+        )
+        await client.send(update)
+        ready = await client.next("session.ready")
+        assert isinstance(ready, ev.SessionReady)
+        assert ready.config is not None and ready.config["llm"] == [
+            {"base_url": endpoint.base_url, "model": "agent-model"},
+            {"base_url": backup.base_url, "model": "backup-model"},
+        ]
+        endpoint.answer(ReplyPlan(fault="status", status=503))
+        await client.send({"type": "reply.create"})
+        events = await client.until("reply.done")
+        assert not any(isinstance(e, ev.ReplyError) for e in events)  # no apology
+        agent = next(e for e in events if isinstance(e, ev.TranscriptAgent))
+        assert agent.text == "From the backup." and events[-1].status == "completed"
+        # The first entry was asked and failed; the backup answered.
+        assert endpoint.records()[-1].status == 503
+        assert backup.records()[-1].status == 200
+
+
 async def test_an_inline_session_without_llm_is_told_clearly(
     server: Server, endpoint: EndpointThread, connect: Any
 ) -> None:
