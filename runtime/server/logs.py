@@ -76,6 +76,10 @@ FIELDS: Final = (
     "llm_entry",
     "llm_host",
     "llm_skipped",
+    # endpoint failover (runtime.llm.fallback)
+    "entry",
+    "host",
+    "skipped",
     "realtime",
     "speech_engines",
     "readiness",

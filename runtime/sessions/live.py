@@ -503,8 +503,15 @@ class LiveSession:
                     reply_id=reply.reply_id, code=code, message=message, retryable=retryable,
                     status_code=status_code,
                 ))  # fmt: skip
-            case core.TurnMetrics():
-                pass
+            case core.TurnMetrics() as metrics:
+                # Which llm entry answered and why others were skipped, with the latencies
+                # (never the words: user and agent text stay out of the log).
+                fields = {k: v for k, v in metrics.to_json().items()
+                          if k not in ("user_text", "agent_text") and v is not None}  # fmt: skip
+                log.info("turn metrics", extra={
+                    "session_id": self.session_id, "agent_id": self.spec.agent_id or "inline",
+                    **fields,
+                })  # fmt: skip
 
     async def _close_for_tool(
         self, core_id: str, call_id: str, name: str, arguments: dict[str, Any]

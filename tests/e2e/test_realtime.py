@@ -457,6 +457,11 @@ async def test_an_inline_fallback_endpoint_answers_when_the_first_fails(
         # The first entry was asked and failed; the backup answered.
         assert endpoint.records()[-1].status == 503
         assert backup.records()[-1].status == 200
+    lines = [json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{")]
+    failover = [x for x in lines if x.get("logger") == "voxloop.llm" and x.get("entry") == 0]
+    assert failover and (failover[-1]["kind"], failover[-1]["host"]) == ("server", "127.0.0.1")
+    assert "trying the next entry" in failover[-1]["msg"]
+    assert not any(LLM_KEY in x or "sk-backup-77" in x for x in server.log.read_text().splitlines())
 
 
 async def test_an_inline_session_without_llm_is_told_clearly(
