@@ -214,7 +214,7 @@ class TurnDetection(_Model):
 class InputConfig(_Model):
     """The stored form of the WebSocket ``session.input`` (PROTOCOL §3.5)."""
 
-    type: Literal["audio", "text"] | None = None
+    type: Annotated[Literal["audio"] | None, _audio_only("text input")] = None
     format: AudioFormat | None = None
     keyterms: Annotated[list[Short], Field(max_length=100)] | None = None
     turn_detection: TurnDetection | None = None
@@ -229,7 +229,7 @@ class InputConfig(_Model):
 class OutputConfig(_Model):
     """The stored form of ``session.output`` without the voice (PROTOCOL §3.5)."""
 
-    type: Literal["audio", "text"] | None = None
+    type: Annotated[Literal["audio"] | None, _audio_only("a text-only agent")] = None
     format: AudioFormat | None = None
     volume: Annotated[float, Field(ge=0, le=100)] | None = None
 
@@ -283,17 +283,51 @@ def _empty_parameters() -> dict[str, JsonValue]:
     return {"type": "object", "properties": {}}
 
 
-class ToolIn(_Model):
-    """A tool in the flat form (PROTOCOL §2.4); without ``http`` it is answered by the client."""
+def _not_supported(why: str) -> Any:
+    def check(value: Any) -> Any:
+        if value is not None:
+            raise ValueError(why)
+        return value
 
+    return BeforeValidator(check)
+
+
+def _interactive(value: Any) -> Any:
+    if value == "hold":
+        raise ValueError('"hold" is not supported yet; use "interactive"')
+    return value
+
+
+def _audio_only(note: str) -> Any:
+    def check(value: Any) -> Any:
+        if value == "text":
+            raise ValueError(f'"text" ({note}) is not supported yet')
+        return value
+
+    return BeforeValidator(check)
+
+
+Unsupported = Annotated[JsonValue | None, Field(json_schema_extra={"deprecated": True})]
+
+
+class ToolIn(_Model):
+    """A tool in the flat form (PROTOCOL §2.4); without ``http`` it is answered by the client.
+
+    ``id`` is assigned by the server (stable while ``name`` is unchanged) and ignored on writes.
+    """
+
+    id: Annotated[str, Field(max_length=200)] | None = None
     type: Literal["function"] = "function"
     name: ToolName
     description: Text = ""
     parameters: dict[str, JsonValue] = Field(default_factory=_empty_parameters)
-    execution_mode: Literal["interactive", "hold"] = "interactive"
+    execution_mode: Annotated[Literal["interactive"], BeforeValidator(_interactive)] = "interactive"
     timeout_seconds: Annotated[int | float, Field(ge=1, le=300)] = 120
     http: HttpIn | None = None
     response_instructions: ResponseInstructions | None = None
+    dtmf_collected_arguments: Annotated[
+        Unsupported, _not_supported("telephony keypad (DTMF) arguments are not supported yet")
+    ] = None
 
 
 def _unique_tools(value: list[ToolIn]) -> list[ToolIn]:
@@ -314,9 +348,15 @@ class LLMIn(_Model):
     base_url: URLText
     model: Line
     api_key: SecretLine
+    # A voxloop extension: the chat-completions max_tokens for this agent (absent: none sent).
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
-LLMList = Annotated[list[LLMIn], Field(max_length=MAX_LLM_ENTRIES)]
+def _llm_form(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value  # one entry given as an object
+
+
+LLMList = Annotated[list[LLMIn], Field(max_length=MAX_LLM_ENTRIES), BeforeValidator(_llm_form)]
 """An endpoint and its fallbacks, in order (the first answers while it is healthy)."""
 
 
@@ -331,6 +371,18 @@ class AgentCreate(_Model):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tools: Tools = Field(default_factory=list)
     llm: LLMList = Field(default_factory=list)
+    pre_connect_requests: Annotated[
+        Unsupported, _not_supported("telephony pre-connect requests are not supported yet")
+    ] = None
+    transfer_targets: Annotated[
+        Unsupported, _not_supported("telephony transfers are not supported yet")
+    ] = None
+    outbound_trunk_id: Annotated[
+        Unsupported, _not_supported("telephony trunks are not supported yet")
+    ] = None
+    caller_id: Annotated[
+        Unsupported, _not_supported("telephony caller ids are not supported yet")
+    ] = None
 
 
 def _absent() -> Any:
@@ -352,6 +404,18 @@ class AgentUpdate(_Model):
     output: OutputConfig = _absent()
     tools: Tools = _absent()
     llm: LLMList = _absent()
+    pre_connect_requests: Annotated[
+        Unsupported, _not_supported("telephony pre-connect requests are not supported yet")
+    ] = None
+    transfer_targets: Annotated[
+        Unsupported, _not_supported("telephony transfers are not supported yet")
+    ] = None
+    outbound_trunk_id: Annotated[
+        Unsupported, _not_supported("telephony trunks are not supported yet")
+    ] = None
+    caller_id: Annotated[
+        Unsupported, _not_supported("telephony caller ids are not supported yet")
+    ] = None
 
 
 # -- responses (for the OpenAPI document) --------------------------------------------
@@ -369,6 +433,7 @@ class HttpOut(_Model):
 
 
 class ToolOut(_Model):
+    id: str  # server-assigned, stable while the name is unchanged
     type: Literal["function"]
     name: str
     description: str
@@ -382,6 +447,7 @@ class ToolOut(_Model):
 class LLMOut(_Model):
     base_url: str
     model: str
+    max_tokens: int | None = None
 
 
 class AgentWarning(_Model):
@@ -463,6 +529,7 @@ class LLMInput:
     base_url: str
     model: str
     api_key: Secret
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,7 +635,8 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
         out.tools = [_tool(t) for t in parsed.tools]
     if "llm" in given or not partial:
         out.llm = [
-            LLMInput(e.base_url, e.model, Secret(e.api_key.get_secret_value())) for e in parsed.llm
+            LLMInput(e.base_url, e.model, Secret(e.api_key.get_secret_value()), e.max_tokens)
+            for e in parsed.llm
         ]
     return out
 
@@ -597,7 +665,9 @@ def _check_runnable(parsed: AgentCreate | AgentUpdate) -> None:
 
 
 def _tool(tool: ToolIn) -> ToolInput:
-    doc = tool.model_dump(mode="json", exclude={"http", "response_instructions"})
+    doc = tool.model_dump(
+        mode="json", exclude={"id", "http", "response_instructions", "dtmf_collected_arguments"}
+    )
     if tool.response_instructions is not None:
         doc["response_instructions"] = tool.response_instructions.model_dump(exclude_none=True)
     if tool.http is None:

@@ -61,7 +61,9 @@ class SessionConfig:
     apology: str = APOLOGY
     max_tool_rounds: int = 4
     temperature: float | None = None
-    max_tokens: int | None = 256
+    # The chat-completions ``max_tokens`` (None: none is sent, as the hosted platform
+    # sends none; some endpoints reject it or cut answers short with it).
+    max_tokens: int | None = None
     # The longest the caller waits in silence for a reply's first token, across
     # the endpoint client's retries, before the apology (None: the client's own
     # first_token_budget_s, 5 s).

@@ -176,12 +176,15 @@ class ToolSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LLMSpec:
+    """An OpenAI-compatible endpoint; ``max_tokens`` (a voxloop extension) caps each reply."""
+
     base_url: str
     model: str
     api_key: Secret | None = None
     # Whether the model's chat template opens a think block before every reply
     # ("auto", "template" or "none"; see runtime.llm.think).
     think_block: Literal["auto", "template", "none"] = "auto"
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,6 +204,55 @@ class SessionPatch:
     input: InputPatch | None = None
     output: OutputPatch | None = None
     llm: tuple[LLMSpec, ...] | None = None
+    ignored: tuple[str, ...] = ()
+    """Fields accepted but without effect on this server (see :data:`IGNORED_INPUT`)."""
+
+
+IGNORED_INPUT: Final = {
+    "transcription_mode": "end-of-turn timing comes from input.turn_detection and the "
+    "server's own turn model",
+    "language_codes": "the recognizer detects the language itself",
+    "voice_focus": "there is no server-side voice focus; audio is used as it arrives",
+    "voice_focus_threshold": "there is no server-side voice focus",
+    "continuous_partials": "partial transcripts are sent while the user speaks either way",
+    "transcription_prompt": "the recognizer takes no prompt",
+}
+"""``session.input`` fields accepted without effect, and why (each gets a ``warnings`` entry)."""
+
+IGNORED_TURN_DETECTION: Final = {
+    "type": "turn detection is always semantic (silence plus the turn model)",
+    "interruption_delay": "barge-in is decided by the speech detector and the turn model",
+    "uninterruptible_turns": "every turn may be interrupted unless interrupt_response is false",
+}
+"""``session.input.turn_detection`` fields accepted without effect, and why."""
+
+IGNORED_TOOL: Final = {
+    "response_instructions": "tool results reach the model as they are; put guidance in "
+    "the tool's description or the system prompt",
+}
+
+NOT_SUPPORTED: Final = {
+    "webhook": "inline webhooks are not supported by this server yet",
+    "pre_connect_requests": "telephony pre-connect requests are not supported yet",
+    "transfer_targets": "telephony transfers are not supported yet",
+    "outbound_trunk_id": "telephony trunks are not supported yet",
+    "caller_id": "telephony caller ids are not supported yet",
+}
+"""Session (and agent) fields refused with a message naming them."""
+
+TOOL_NOT_SUPPORTED: Final = {
+    "dtmf_collected_arguments": "telephony keypad (DTMF) arguments are not supported yet",
+}
+
+
+def ignored_reason(param: str) -> str:
+    """Why the field at ``param`` (``session.input.language_codes`` …) has no effect."""
+    leaf = param.rsplit(".", 1)[-1]
+    if ".turn_detection." in param:
+        return IGNORED_TURN_DETECTION.get(leaf, "")
+    if ".tools[" in param or param.startswith("tools["):
+        return IGNORED_TOOL.get(leaf, "")
+    return IGNORED_INPUT.get(leaf, "")
 
 
 # -- client -> server ----------------------------------------------------------------------
@@ -493,6 +545,7 @@ def _format(value: Any, param: str) -> AudioFormat:
 
 def _input(value: Any) -> InputPatch:
     doc = _obj(value, "session.input")
+    _kind(doc, "session.input", ("audio",), "(text input) is not supported yet")
     fmt = _format(doc["format"], "session.input.format") if doc.get("format") is not None else None
     keyterms = None
     if doc.get("keyterms") is not None:
@@ -521,6 +574,28 @@ def _input(value: Any) -> InputPatch:
     return InputPatch(format=fmt, keyterms=keyterms, turn_detection=td)
 
 
+def _input_ignored(value: Any) -> list[str]:
+    doc = value if isinstance(value, dict) else {}
+    out = [f"session.input.{k}" for k in IGNORED_INPUT if doc.get(k) is not None]
+    td = doc.get("turn_detection")
+    if isinstance(td, dict):
+        out += [
+            f"session.input.turn_detection.{k}"
+            for k in IGNORED_TURN_DETECTION
+            if td.get(k) is not None
+        ]
+    return out
+
+
+def _kind(doc: Mapping[str, Any], param: str, allowed: tuple[str, ...], note: str) -> None:
+    kind = doc.get("type")
+    if kind is None or kind in allowed:
+        return
+    if kind in ("audio", "text"):
+        raise ProtocolError("invalid_value", f"{param}.type {kind!r} {note}", param=f"{param}.type")
+    raise _fail(f"{param}.type", 'must be "audio"')
+
+
 def _voice(value: Any, param: str) -> str:
     voice = value.get("voice_id") if isinstance(value, dict) else value
     if not isinstance(voice, str) or not voice:
@@ -530,6 +605,7 @@ def _voice(value: Any, param: str) -> str:
 
 def _output(value: Any) -> OutputPatch:
     doc = _obj(value, "session.output")
+    _kind(doc, "session.output", ("audio",), "(a text-only agent) is not supported yet")
     voice = _voice(doc["voice"], "session.output.voice") if doc.get("voice") is not None else None
     fmt = _format(doc["format"], "session.output.format") if doc.get("format") is not None else None
     volume = _number(doc, "volume", "session.output.", 0.0, 100.0)
@@ -567,8 +643,17 @@ def _tool(value: Any, i: int) -> ToolSpec:
         parameters = {"type": "object", "properties": {}}
     parameters = _obj(parameters, f"{param}.parameters")
     mode = _str(doc, "execution_mode", f"{param}.") or "interactive"
-    if mode not in ("interactive", "hold"):
+    if mode == "hold":
+        raise ProtocolError(
+            "invalid_value",
+            f'{param}.execution_mode "hold" is not supported yet; use "interactive"',
+            param=f"{param}.execution_mode",
+        )
+    if mode != "interactive":
         raise _fail(f"{param}.execution_mode", "must be interactive or hold")
+    for key, why in TOOL_NOT_SUPPORTED.items():
+        if doc.get(key) is not None:
+            raise ProtocolError("invalid_config", f"{param}.{key}: {why}", param=f"{param}.{key}")
     timeout = _number(doc, "timeout_seconds", f"{param}.", 1, 300)
     http = None
     if doc.get("http") is not None:
@@ -599,6 +684,8 @@ SINGLE_ENTRY_MESSAGE: Final = (
 
 
 def _llm(value: Any) -> tuple[LLMSpec, ...]:
+    if isinstance(value, dict):  # one entry given as an object
+        value = [value]
     if not isinstance(value, list):
         raise _fail("session.llm", "must be a list")
     if len(value) > MAX_LLM_ENTRIES:
@@ -613,12 +700,14 @@ def _llm(value: Any) -> tuple[LLMSpec, ...]:
         think = _str(doc, "think_block", param) or "auto"
         if think not in ("auto", "template", "none"):
             raise _fail(f"{param}think_block", "must be 'auto', 'template' or 'none'")
+        max_tokens = _int(doc, "max_tokens", param, 1, 1_000_000)
         assert base_url is not None
         assert model is not None
         out.append(
             LLMSpec(
                 base_url=base_url, model=model, api_key=Secret(key) if key else None,
                 think_block=cast("Literal['auto', 'template', 'none']", think),
+                max_tokens=max_tokens,
             )
         )  # fmt: skip
     return tuple(out)
@@ -643,11 +732,23 @@ def parse_session(value: Any) -> SessionPatch:
                 param="session.agent_id",
             )
         return SessionPatch(keys=keys, agent_id=agent_id)
+    for key, why in NOT_SUPPORTED.items():
+        if doc.get(key) is not None:
+            raise ProtocolError("invalid_config", f"session.{key}: {why}", param=f"session.{key}")
+    ignored: list[str] = []
+    if doc.get("input") is not None:
+        ignored += _input_ignored(doc["input"])
     tools = None
     if doc.get("tools") is not None:
         if not isinstance(doc["tools"], list):
             raise _fail("session.tools", "must be a list")
         tools = tuple(_tool(t, i) for i, t in enumerate(doc["tools"]))
+        ignored += [
+            f"session.tools[{i}].{k}"
+            for i, t in enumerate(doc["tools"])
+            for k in IGNORED_TOOL
+            if t.get(k) is not None
+        ]
         if len({t.name for t in tools}) != len(tools):
             raise _fail("session.tools", "must have unique names", "invalid_config")
     output = _output(doc["output"]) if doc.get("output") is not None else None
@@ -666,6 +767,7 @@ def parse_session(value: Any) -> SessionPatch:
         input=_input(doc["input"]) if doc.get("input") is not None else None,
         output=output,
         llm=_llm(doc["llm"]) if doc.get("llm") is not None else None,
+        ignored=tuple(ignored),
     )
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import hashlib
 import hmac
 import html
 import json
@@ -30,12 +32,14 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -71,9 +75,9 @@ from runtime.agents.store import (
 )
 from runtime.agents.tokens import Tokens
 from runtime.endpoints import Resolver, StaticResolver, SystemResolver, URLPolicy
-from runtime.protocol.events import LLMSpec
+from runtime.protocol.events import IGNORED_INPUT, IGNORED_TOOL, IGNORED_TURN_DETECTION, LLMSpec
 from runtime.secret import Secret
-from runtime.server.logs import AccessLog
+from runtime.server.logs import AccessLog, current_request_id
 from runtime.server.page import PageSettings, page_response, page_routes, wants_page
 from runtime.server.realtime import realtime_endpoint, unknown_socket
 from runtime.server.telephony import MEDIA_PATH, VOICE_PATH, Telephony, TwilioSettings
@@ -94,6 +98,7 @@ from runtime.sessions.shared_state import (
     RedisTokenUses,
 )
 from runtime.sessions.shared_state import connect as connect_redis
+from runtime.speech.voices import VoiceMap, voice_map_from_env
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -144,6 +149,14 @@ class Settings:
     tokens_per_minute: int = 600
     # SIGTERM: how long live sessions may finish their reply before they are handed off.
     drain_timeout_s: float = 30.0
+    # What each voice name speaks with on this server's TTS engine (None: the default map).
+    voice_map: VoiceMap | None = None
+    # GET /v1/agents: "auto" (the envelope for clients that page or identify as the
+    # agents SDK, the bare array otherwise), "array" or "envelope".
+    agents_list: str = "auto"
+    # The chat-completions max_tokens for every session (None: none sent); an agent's
+    # llm[0].max_tokens wins.
+    max_tokens: int | None = None
 
 
 def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
@@ -202,11 +215,22 @@ def settings_from_env(
         if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
             raise ValueError("VOXLOOP_STATIC_HOSTS must be a JSON object of host -> [addresses]")
         resolver = StaticResolver({str(k): [str(a) for a in v] for k, v in table.items()})
+    tts_engine = env.get("VOXLOOP_TTS", "piper")
+    voice_map = voice_map_from_env(
+        env, tts_engine, [v for v in known_voices() if v.engine == tts_engine]
+    )
+    agents_list = env.get("VOXLOOP_AGENTS_LIST", "auto").strip().lower() or "auto"
+    if agents_list not in ("auto", "array", "envelope"):
+        raise ValueError("VOXLOOP_AGENTS_LIST must be auto, array or envelope")
+    raw_max = env.get("VOXLOOP_LLM_MAX_TOKENS", "").strip()
+    if raw_max and (not _ASCII_INT.fullmatch(raw_max) or int(raw_max) < 1):
+        raise ValueError("VOXLOOP_LLM_MAX_TOKENS must be a positive integer")
+    max_tokens = int(raw_max) if raw_max else None
     return Settings(
-        keys, directory, url, ring, policy, resolver, voice_ids(known_voices()),
-        installed_voice_ids(), key_file=key_file,
+        keys, directory, url, ring, policy, resolver,
+        voice_ids(known_voices()) | voice_map.names(), installed_voice_ids(), key_file=key_file,
         limits=RunnerLimits.from_env(env), default_llm=default_llm_from_env(env),
-        stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=env.get("VOXLOOP_TTS", "piper"),
+        stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=tts_engine,
         twilio=TwilioSettings.from_env(env),
         page=PageSettings.from_env(env),
         redis_url=_redis_url(env.get("VOXLOOP_REDIS_URL", "").strip()) or None,
@@ -216,6 +240,7 @@ def settings_from_env(
         sessions_per_minute=_positive(env, "VOXLOOP_SESSIONS_PER_MINUTE", 120),
         tokens_per_minute=_positive(env, "VOXLOOP_TOKENS_PER_MINUTE", 600),
         drain_timeout_s=_seconds(env, "VOXLOOP_DRAIN_TIMEOUT", 30.0),
+        voice_map=voice_map, agents_list=agents_list, max_tokens=max_tokens,
     )  # fmt: skip
 
 
@@ -293,6 +318,21 @@ def _field_error(status: int, exc: FieldError, code: str) -> JSONResponse:
     return _error(status, exc.message, param=exc.param, code=code, headers=closing)
 
 
+_STATUS_CODES: Final = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "invalid_request",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
 def _error(
     status: int,
     message: str,
@@ -301,15 +341,48 @@ def _error(
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    """The error envelope every failed request gets.
+
+    ``{"code", "message", "param", "request_id", "errors"?, "detail"}``: ``code`` a
+    machine-readable string (``_STATUS_CODES`` by status unless given), ``message`` one
+    line, ``param`` the offending field or ``null``, ``errors`` one ``{param, message}``
+    per field problem, ``request_id`` the ``X-Request-ID`` header's value, and ``detail``
+    the message again for clients written against the older ``{"detail": ...}`` form.
+    """
     message = shorten(message)
-    body: dict[str, Any] = {"detail": message}
-    if code:
-        body["code"] = code
+    request_id = current_request_id.get() or uuid.uuid4().hex
+    body: dict[str, Any] = {
+        "code": code or _STATUS_CODES.get(status, "error"),
+        "message": message,
+        "param": None,
+        "request_id": request_id,
+    }
     if param:
         param = shorten(param, 200)
         body["param"] = param
         body["errors"] = [{"param": param, "message": message}]
-    return JSONResponse(body, status_code=status, headers=headers)
+    body["detail"] = message
+    out = dict(headers or {})
+    out["X-Request-ID"] = request_id
+    return JSONResponse(body, status_code=status, headers=out)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Unknown routes (404) and methods (405) answer with the JSON error envelope too."""
+    assert isinstance(exc, HTTPException)
+    messages = {404: "no such route", 405: f"method {request.method} is not allowed here"}
+    message = messages.get(exc.status_code, str(exc.detail))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Every method the path has (one route per method), not only the first route's.
+        allowed = {
+            method
+            for route in request.app.routes
+            if isinstance(route, Route) and route.path_regex.match(request.url.path)
+            for method in route.methods or ()
+        }
+        headers["Allow"] = ", ".join(sorted(allowed))
+    return _error(exc.status_code, message, headers=headers)
 
 
 def _iso(value: Any) -> str:
@@ -324,6 +397,7 @@ class LoadedLLM:
     base_url: str
     model: str
     api_key: Secret
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,17 +441,17 @@ class Api:
     def authorized(self, request: Request) -> JSONResponse | None:
         raw = request.headers.get("authorization")
         if not raw:
-            return _error(401, "Missing authorization header")
+            return _error(401, "Missing authorization header", code="missing_authorization")
         # Header values are bytes (decoded as latin-1 by Starlette); compare bytes, so a
         # non-ASCII value is simply a wrong key.
         key = raw[7:].strip() if raw.lower().startswith("bearer ") else raw.strip()
         given = key.encode("latin-1", "replace")
         if not any(hmac.compare_digest(given, k) for k in self._api_keys):
-            return _error(401, "Unauthorized")
+            return _error(401, "Unauthorized", code="unauthorized")
         return None
 
-    async def body(self, request: Request) -> Any:
-        """The request body as checked JSON.
+    async def body(self, request: Request, *, empty: Any = ...) -> Any:
+        """The request body as checked JSON (``empty``, when given, for an empty body).
 
         Raises:
             FieldError: too large, too slow (more than ``BODY_TIMEOUT_S``), or not acceptable JSON.
@@ -394,13 +468,15 @@ class Api:
                         raise BodyRefused("body", f"is larger than {MAX_BODY} bytes")
         except TimeoutError:
             raise BodyRefused("body", f"was not received within {BODY_TIMEOUT_S:.0f} s") from None
+        if not data and empty is not ...:
+            return empty
         return parse_json(bytes(data))
 
     def public(self, row: AgentRow) -> dict[str, Any]:
         config = dict(row.config)
         tools = []
         for tool in config.get("tools", []):
-            tool = dict(tool)
+            tool = {"id": tool_id(row.id, tool["name"]), **tool}
             if "http" in tool:
                 stored = row.tool_secrets.get(tool["name"], {})
                 http = dict(tool["http"])
@@ -419,7 +495,11 @@ class Api:
             "input": config.get("input", {}),
             "output": config.get("output", {}),
             "tools": tools,
-            "llm": [{"base_url": e["base_url"], "model": e["model"]} for e in row.llm],
+            "llm": [
+                {"base_url": e["base_url"], "model": e["model"]}
+                | ({"max_tokens": e["max_tokens"]} if e.get("max_tokens") is not None else {})
+                for e in row.llm
+            ],
             "created_at": _iso(row.created_at),
             "updated_at": _iso(row.updated_at),
             "warnings": self.warnings(config),
@@ -444,17 +524,55 @@ class Api:
             )
         return kid
 
+    def voice_map(self) -> VoiceMap:
+        from runtime.speech.engines.registry import known_voices
+
+        if self.settings.voice_map is None:
+            engine = self.settings.tts_engine
+            self.settings.voice_map = VoiceMap(
+                engine, [v for v in known_voices() if v.engine == engine]
+            )
+        return self.settings.voice_map
+
     def warnings(self, config: dict[str, Any]) -> list[dict[str, str]]:
-        """What keeps a stored agent from working on this installation (empty: nothing)."""
+        """What a stored agent asks for that this installation does differently (empty: nothing).
+
+        A voice name of the hosted catalogue (``voice_alias``), a voice not installed
+        (``voice_not_installed``), and each field accepted without effect (``ignored_field``).
+        """
+        out: list[dict[str, str]] = []
         voice = config.get("voice") or {}
         voice_id = voice.get("voice_id") if isinstance(voice, dict) else None
-        if voice_id is None or voice_id in self.settings.installed_voices:
-            return []
-        return [{
-            "param": "voice", "code": "voice_not_installed",
-            "message": f"voice {voice_id!r} is not installed on this server, so the agent "
-            "cannot speak yet: install the speech engines (pip install 'voxloop[embedded]')",
-        }]  # fmt: skip
+        if voice_id is not None:
+            resolved = self.voice_map().resolve(voice_id)
+            target = resolved.voice_id if resolved is not None else voice_id
+            if resolved is not None and (alias := resolved.warning("voice")) is not None:
+                out.append(alias)
+            installed = self.settings.installed_voices
+            if installed is not None and target not in installed:
+                out.append({
+                    "param": "voice", "code": "voice_not_installed",
+                    "message": (
+                        f"voice {voice_id!r} is not installed on this server"
+                        if target == voice_id
+                        else f"voice {voice_id!r} speaks with {target!r}, which is not "
+                        "installed on this server"
+                    )
+                    + ", so the agent cannot speak yet: install the speech engines "
+                    "(pip install 'voxloop[embedded]')",
+                })  # fmt: skip
+        inp = config.get("input") or {}
+        fields = [(f"input.{k}", IGNORED_INPUT[k]) for k in IGNORED_INPUT if k in inp]
+        td = inp.get("turn_detection") or {}
+        fields += [
+            (f"input.turn_detection.{k}", IGNORED_TURN_DETECTION[k])
+            for k in IGNORED_TURN_DETECTION
+            if k in td
+        ]
+        for i, tool in enumerate(config.get("tools", [])):
+            fields += [(f"tools[{i}].{k}", IGNORED_TOOL[k]) for k in IGNORED_TOOL if k in tool]
+        out += [ignored_warning(param, why) for param, why in fields]
+        return out
 
     def _apply(
         self, row_id: str, agent: AgentInput, old: AgentRow | None, kid: str
@@ -470,6 +588,7 @@ class Api:
                     "base_url": e.base_url,
                     "model": e.model,
                     "api_key": self.box.seal(e.api_key, context=f"{row_id}:llm.api_key", kid=kid),
+                    **({"max_tokens": e.max_tokens} if e.max_tokens is not None else {}),
                 }
                 for e in agent.llm
             ]
@@ -533,8 +652,12 @@ class Api:
             return denied
         params = request.query_params
         paged = "limit" in params or "cursor" in params
+        envelope = self.settings.agents_list == "envelope" or (
+            self.settings.agents_list == "auto"
+            and (paged or request.headers.get("user-agent", "").startswith(SDK_USER_AGENT))
+        )
         try:
-            limit = _int_param(request, "limit", 1, PAGE_MAX) or 50 if paged else None
+            limit = (_int_param(request, "limit", 1, PAGE_MAX) or 50) if envelope else None
             after = None
             if params.get("cursor"):
                 try:
@@ -554,7 +677,7 @@ class Api:
             }
             for r in rows
         ]
-        if not paged:
+        if not envelope:
             return JSONResponse(items)
         return JSONResponse(
             {
@@ -608,7 +731,21 @@ class Api:
             return _error(404, "agent not found", code="agent_not_found")
         return Response(status_code=204)
 
+    def _mint(self, request: Request, ttl: int, session: int | None) -> tuple[str, int]:
+        """A token for the calling key's account, and its expiry (Unix seconds)."""
+        key = _presented_key(request)
+        exp = int(time.time()) + ttl
+        claims = {
+            "jti": os.urandom(16).hex(),
+            "exp": exp,
+            "msd": session or SESSION_MAX,
+            # The minting key's account: its sessions may be resumed by that account.
+            "own": key_owner(key),
+        }
+        return self.tokens.mint(claims), exp
+
     async def token(self, request: Request) -> Response:
+        """``GET /v1/token?expires_in_seconds=…`` → ``{token, expires_in_seconds}``."""
         if (denied := self.authorized(request)) is not None:
             return denied
         owner = key_owner(_presented_key(request))
@@ -620,12 +757,32 @@ class Api:
             session = _int_param(request, "max_session_duration_seconds", 60, SESSION_MAX)
         except FieldError as exc:
             return _field_error(400, exc, "invalid_request")
-        claims = {
-            "jti": os.urandom(16).hex(),
-            "exp": int(time.time()) + (ttl or 0),
-            "msd": session or SESSION_MAX,
-        }
-        return JSONResponse({"token": self.tokens.mint(claims), "expires_in_seconds": ttl})
+        token, _ = self._mint(request, ttl or 0, session)
+        return JSONResponse({"token": token, "expires_in_seconds": ttl})
+
+    async def create_token(self, request: Request) -> Response:
+        """``POST /v1/tokens`` with JSON ``{expires_in_seconds?: 1..600 (60),
+        max_session_duration_seconds?: 60..10800}`` → ``{token, expires_at}`` (ISO 8601, UTC)."""
+        if (denied := self.authorized(request)) is not None:
+            return denied
+        owner = key_owner(_presented_key(request))
+        if not await self.limiter.allow("tokens", owner, self.settings.tokens_per_minute):
+            return _error(429, "too many tokens minted with this key; wait a minute",
+                          code="rate_limited", headers={"Retry-After": "60"})  # fmt: skip
+        try:
+            body = await self.body(request, empty={})
+            if not isinstance(body, dict):
+                raise FieldError("body", "must be a JSON object")
+            unknown = sorted(set(body) - {"expires_in_seconds", "max_session_duration_seconds"})
+            if unknown:
+                raise FieldError(unknown[0], "is not a known field")
+            ttl = _int_field(body, "expires_in_seconds", 1, TOKEN_TTL_MAX)
+            session = _int_field(body, "max_session_duration_seconds", 60, SESSION_MAX)
+        except FieldError as exc:
+            return _field_error(422, exc, "validation_error")
+        token, exp = self._mint(request, 60 if ttl is None else ttl, session)
+        expires_at = datetime.datetime.fromtimestamp(exp, datetime.UTC).isoformat()
+        return JSONResponse({"token": token, "expires_at": expires_at})
 
     async def voices(self, request: Request) -> Response:
         if (denied := self.authorized(request)) is not None:
@@ -633,11 +790,15 @@ class Api:
         from runtime.speech.engines.registry import known_voices
 
         installed = self.settings.installed_voices
-        return JSONResponse([
+        engine = self.settings.tts_engine
+        listed = self.voice_map().listing(installed)
+        others = [
             {"voice_id": v.id, "name": v.name, "language": v.language, "engine": v.engine,
-             "aliases": list(v.aliases), "installed": v.id in installed}
-            for v in known_voices()
-        ])  # fmt: skip
+             "gender": v.gender, "aliases": list(v.aliases), "installed": v.id in installed,
+             "speaks_with": v.id}
+            for v in known_voices() if v.engine != engine
+        ]  # fmt: skip
+        return JSONResponse(listed + others)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(OPENAPI)
@@ -660,7 +821,7 @@ class Api:
                 key = self.box.open(entry["api_key"], context=f"{row.id}:llm.api_key")
             except SecretError as exc:
                 raise SecretError(f"agent {row.id} llm[{i}].api_key: {exc}") from None
-            llm.append(LoadedLLM(entry["base_url"], entry["model"], key))
+            llm.append(LoadedLLM(entry["base_url"], entry["model"], key, entry.get("max_tokens")))
         headers: dict[str, dict[str, Secret]] = {}
         for tool, stored in row.tool_secrets.items():
             headers[tool] = {}
@@ -742,6 +903,34 @@ def _presented_key(request: Request) -> str:
     return (raw[7:] if raw.lower().startswith("bearer ") else raw).strip()
 
 
+SDK_USER_AGENT: Final = "assemblyai-agents-python/"
+"""The agents SDK's User-Agent prefix: its clients read the paged agents envelope."""
+
+
+def tool_id(agent_id: str, name: str) -> str:
+    """A stored tool's server-assigned id: stable while the agent and the tool's name are."""
+    digest = hashlib.sha256(f"{agent_id}\0{name}".encode()).hexdigest()
+    return "tool_" + digest[:24]
+
+
+def ignored_warning(param: str, why: str) -> dict[str, str]:
+    """The ``warnings`` entry for a field accepted without effect."""
+    return {
+        "param": param,
+        "code": "ignored_field",
+        "message": f"{param} is accepted but has no effect on this server: {why}",
+    }
+
+
+def _int_field(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FieldError(name, f"must be an integer from {low} to {high}")
+    return value
+
+
 def _int_param(
     request: Request, name: str, low: int, high: int, *, required: bool = False
 ) -> int | None:
@@ -799,6 +988,7 @@ def create_app(settings: Settings) -> Starlette:
         default_llm=settings.default_llm, voices=settings.installed_voices, engines=engines,
         limits=settings.limits, states=states, limiter=api.limiter,
         sessions_per_minute=settings.sessions_per_minute, checkpoints=api.redis is not None,
+        voice_map=api.voice_map(), max_tokens=settings.max_tokens,
     )  # fmt: skip
     api.runner = runner
 
@@ -843,6 +1033,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/agents/{agent_id}", api.update_agent, methods=["PUT"]),
             Route("/v1/agents/{agent_id}", api.delete_agent, methods=["DELETE"]),
             Route("/v1/token", api.token, methods=["GET"]),
+            Route("/v1/tokens", api.create_token, methods=["POST"]),
             Route("/v1/voices", api.voices, methods=["GET"]),
             Route("/openapi.json", api.openapi, methods=["GET"]),
             Route("/", api.index, methods=["GET"]),
@@ -856,13 +1047,15 @@ def create_app(settings: Settings) -> Starlette:
             WebSocketRoute("/v1/realtime", socket),
             Route(VOICE_PATH, phone.voice, methods=["POST"]),
             WebSocketRoute(MEDIA_PATH, phone.media),
+            WebSocketRoute("/v1/voice", socket),
             WebSocketRoute("/{path:path}", unknown_socket),
         ],
-        middleware=[Middleware(AccessLog)],
+        # CloseAfterError inside AccessLog: a 500 carries the request id like every error.
+        middleware=[Middleware(AccessLog), Middleware(CloseAfterError)],
+        exception_handlers={HTTPException: _http_exception},
         lifespan=lifespan,
     )
     app.state.api = api
-    app.add_middleware(CloseAfterError)
     app.state.runner = runner
     return app
 

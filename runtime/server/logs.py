@@ -23,6 +23,7 @@ import re
 import time
 import traceback
 import uuid
+from contextvars import ContextVar
 from typing import Any, Final
 
 FIELDS: Final = (
@@ -159,6 +160,9 @@ def configure(level: int) -> None:
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
+current_request_id: ContextVar[str | None] = ContextVar("voxloop_request_id", default=None)
+"""The id of the request being handled (set by :class:`AccessLog`; error bodies carry it)."""
+
 
 class AccessLog:
     """ASGI middleware: one ``request`` log line per HTTP request or WebSocket session."""
@@ -176,6 +180,7 @@ class AccessLog:
         request_id = text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
         started = time.perf_counter()
         status = 0
+        reset = current_request_id.set(request_id)
 
         async def send_logged(message: Any) -> None:
             nonlocal status
@@ -201,6 +206,7 @@ class AccessLog:
             status = status or 500
             raise
         finally:
+            current_request_id.reset(reset)
             access_log.info(
                 "request",
                 extra={

@@ -230,30 +230,47 @@ class Connection:
     # -- authentication -------------------------------------------------------------
 
     async def authenticate(self) -> Principal | SessionRefused:
+        """Who is connecting: an API key, a temporary token or a resume token.
+
+        Each may come as ``Authorization: Bearer <credential>`` (or the raw value) or
+        as ``?token=<credential>``; when both are given and the header's credential is
+        not valid, the query's is tried.
+        """
         header = self.ws.headers.get("authorization", "").strip()
-        token = self.ws.query_params.get("token")
-        if header:
-            key = header[7:].strip() if header.lower().startswith("bearer ") else header
-            if not key.isascii():  # no key has such characters (and compare_digest refuses them)
-                return SessionRefused("unauthorized", "invalid API key")
-            if any(hmac.compare_digest(key, k) for k in self.api_keys):
-                return Principal(kind="key", owner=key_owner(key))
-            if key.startswith(RESUME_PREFIX):
-                return Principal(kind="resume", owner="", resume_token=Secret(key))
+        if header.lower().startswith("bearer "):
+            header = header[7:].strip()
+        query = self.ws.query_params.get("token")
+        refused: SessionRefused | None = None
+        for credential in (header, query):
+            if not credential:
+                continue
+            found = await self._credential(credential)
+            if isinstance(found, Principal):
+                return found
+            refused = refused or found
+        return refused or SessionRefused(
+            "unauthorized", "missing credentials: Authorization or ?token="
+        )
+
+    async def _credential(self, value: str) -> Principal | SessionRefused:
+        if not value.isascii():  # no credential has such characters (compare_digest refuses them)
+            return SessionRefused("unauthorized", "invalid credential")
+        if any(hmac.compare_digest(value, k) for k in self.api_keys):
+            return Principal(kind="key", owner=key_owner(value))
+        if value.startswith(RESUME_PREFIX):
+            return Principal(kind="resume", owner="", resume_token=Secret(value))
+        if "." not in value:
             return SessionRefused("unauthorized", "invalid API key")
-        if token:
-            if not token.isascii():
-                return SessionRefused("unauthorized", "invalid, expired or already used token")
-            if token.startswith(RESUME_PREFIX):
-                return Principal(kind="resume", owner="", resume_token=Secret(token))
-            claims = await self.tokens.redeem(token)
-            if claims is None:
-                return SessionRefused("unauthorized", "invalid, expired or already used token")
-            return Principal(
-                kind="token", owner=f"token:{claims.get('jti')}",
-                max_duration_s=int(claims.get("msd") or 0) or None,
-            )  # fmt: skip
-        return SessionRefused("unauthorized", "missing credentials: Authorization or ?token=")
+        claims = await self.tokens.redeem(value)
+        if claims is None:
+            return SessionRefused("unauthorized", "invalid, expired or already used token")
+        # A token belongs to the account of the key that minted it.
+        owner = claims.get("own")
+        return Principal(
+            kind="token",
+            owner=owner if isinstance(owner, str) and owner else f"token:{claims.get('jti')}",
+            max_duration_s=int(claims.get("msd") or 0) or None,
+        )
 
     # -- the connection -------------------------------------------------------------
 

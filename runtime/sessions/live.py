@@ -330,10 +330,8 @@ class LiveSession:
                 param="session.llm",
             )  # fmt: skip
         spec = self.spec.apply(patch)
-        if spec.voice is not None and not self.runner.voice_known(spec.voice):
-            raise SessionRefused(
-                "invalid_value", f"unknown voice {spec.voice!r}", param="session.output.voice"
-            )
+        if spec.voice != self.spec.voice:
+            spec = self.runner.resolve_voice(spec, "invalid_value")
         self.spec = spec
         if patch.input is not None and patch.input.format is not None:
             self._ingress.set_format(spec.input_format)

@@ -28,6 +28,7 @@ from runtime.sessions.principals import Principal, token_hash
 from runtime.sessions.resume import MemorySessionStore, ResumableState, SessionStateStore
 from runtime.sessions.shared_state import MemoryRateLimiter, RateLimiter
 from runtime.sessions.spec import SessionSpec
+from runtime.speech.voices import DEFAULT_HOSTED_VOICE, VoiceMap
 
 log = logging.getLogger("voxloop.session")
 
@@ -51,8 +52,9 @@ class _Running:
 
 
 def _allowed(principal: Principal, owner: str, resume_token_hash: str) -> bool:
-    """Whether ``principal`` owns a session (its API key, or the session's resume token)."""
-    if principal.kind == "key":
+    """Whether ``principal`` may resume a session: the account whose key opened it (or
+    minted its token), with that key or a fresh token of its own; or its resume token."""
+    if principal.kind in ("key", "token"):
         return hmac.compare_digest(principal.owner, owner)
     return (
         principal.kind == "resume"
@@ -97,6 +99,8 @@ class SessionRunner:
         limiter: RateLimiter | None = None,
         sessions_per_minute: int = 120,
         checkpoints: bool = False,
+        voice_map: VoiceMap | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         self.load_agent = load_agent
         self.box = box
@@ -115,6 +119,8 @@ class SessionRunner:
         self.checkpoints = checkpoints
         #: Set on SIGTERM: no new sessions; live ones finish their reply (see :meth:`drain`).
         self.draining = False
+        self.voice_map = voice_map
+        self.max_tokens = max_tokens
         self.active = 0
         # Connections per credential that have not bound a session yet.
         self._unbound: dict[str, int] = {}
@@ -224,11 +230,8 @@ class SessionRunner:
         else:
             spec = SessionSpec().apply(patch)
             fatal = "invalid_config"
-        if spec.voice is not None and not self.voice_known(spec.voice):
-            raise SessionRefused(
-                "invalid_value" if fatal == "invalid_config" else fatal,
-                f"unknown voice {spec.voice!r}", param="session.output.voice",
-            )  # fmt: skip
+        spec = self.resolve_voice(spec, "invalid_value" if fatal == "invalid_config" else fatal)
+        spec = dataclasses.replace(spec, max_tokens=self.max_tokens)
         if spec.llm is None:
             if self.default_llm is None:
                 raise SessionRefused(
@@ -245,6 +248,33 @@ class SessionRunner:
             )  # fmt: skip
         await self.check_endpoint(spec, fatal)
         return spec
+
+    def resolve_voice(self, spec: SessionSpec, code: ev.ErrorCode) -> SessionSpec:
+        """``spec`` with its voice name resolved to an installed voice (no name: the
+        hosted default), and a ``voice_alias`` warning when the name is an alias.
+
+        Raises:
+            SessionRefused: ``code`` for a name that resolves to no installed voice.
+        """
+        named = spec.voice is not None
+        name = spec.voice if spec.voice is not None else DEFAULT_HOSTED_VOICE
+        resolved = self.voice_map.resolve(name) if self.voice_map is not None else None
+        if resolved is None:
+            if not named:
+                return spec
+            if self.voice_map is None and self.voice_known(name):
+                return dataclasses.replace(spec, voice_id=name)
+            raise SessionRefused(code, f"unknown voice {name!r}", param="session.output.voice")
+        if not self.voice_known(resolved.voice_id):
+            raise SessionRefused(
+                code, f"voice {name!r} speaks with {resolved.voice_id!r}, which is not "
+                "installed on this server", param="session.output.voice",
+            )  # fmt: skip
+        warnings = spec.warnings
+        alias = resolved.warning("session.output.voice")
+        if named and alias is not None:
+            warnings = (*warnings, alias)
+        return dataclasses.replace(spec, voice=name, voice_id=resolved.voice_id, warnings=warnings)
 
     async def check_endpoint(self, spec: SessionSpec, code: ev.ErrorCode) -> None:
         """Resolve and check the endpoint URL again (a name may now point elsewhere).
@@ -304,9 +334,12 @@ class SessionRunner:
             ) from None  # fmt: skip
         spec = dataclasses.replace(SessionSpec().apply(patch), agent_id=str(doc["id"]))
         entries = [
-            ev.LLMSpec(base_url=entry.base_url, model=entry.model, api_key=entry.api_key)
+            ev.LLMSpec(
+                base_url=entry.base_url, model=entry.model, api_key=entry.api_key,
+                max_tokens=getattr(entry, "max_tokens", None),
+            )
             for entry in agent.llm
-        ]
+        ]  # fmt: skip
         if entries:
             spec = dataclasses.replace(spec, llm=entries[0], fallbacks=tuple(entries[1:]))
         return spec
@@ -480,6 +513,8 @@ class SessionRunner:
                 else self.box.seal(e.api_key, context=f"{context}:llm:{i}")
                 for i, e in enumerate(spec.fallbacks, start=1)
             ]  # fmt: skip
+        doc["voice_id"] = spec.voice_id
+        doc["server_max_tokens"] = spec.max_tokens
         return ResumableState(
             session_id=live.session_id, owner=live.owner,
             resume_token_hash=token_hash(live.resume_token), spec=doc,
@@ -502,8 +537,14 @@ class SessionRunner:
         key = doc.pop("llm_key", None)
         fallback_keys = doc.pop("llm_fallback_keys", [])
         agent_id = doc.pop("agent_id", None)
+        voice_id = doc.pop("voice_id", None)
+        max_tokens = doc.pop("server_max_tokens", None)
+        warnings = tuple(doc.pop("warnings", ()))
         patch = ev.parse_session(doc)
-        spec = SessionSpec().apply(patch)
+        spec = dataclasses.replace(
+            SessionSpec().apply(patch), voice_id=voice_id, max_tokens=max_tokens,
+            warnings=warnings,
+        )  # fmt: skip
         td = doc["input"]["turn_detection"]
         spec = dataclasses.replace(
             spec,
@@ -522,11 +563,12 @@ class SessionRunner:
                 fallbacks.append(ev.LLMSpec(
                     base_url=entry["base_url"], model=entry["model"],
                     api_key=self.box.open(sealed, context=f"{context}:llm:{i}") if sealed else None,
+                    max_tokens=entry.get("max_tokens"),
                 ))  # fmt: skip
             spec = dataclasses.replace(
                 spec,
                 llm=ev.LLMSpec(base_url=llm[0]["base_url"], model=llm[0]["model"],
-                               api_key=api_key),
+                               api_key=api_key, max_tokens=llm[0].get("max_tokens")),
                 fallbacks=tuple(fallbacks),
             )  # fmt: skip
         return spec

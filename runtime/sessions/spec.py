@@ -32,9 +32,20 @@ class SessionSpec:
     fallbacks: tuple[ev.LLMSpec, ...] = ()
     """The ``llm`` entries after the first, in order (tried when those before fail)."""
     agent_id: str | None = None
+    # The installed voice that speaks ``voice`` (a hosted name or the voice's own id).
+    voice_id: str | None = None
+    # What this server does differently from what the session asked (``warnings`` entries).
+    warnings: tuple[Mapping[str, str], ...] = ()
+    # The server's chat-completions max_tokens (the llm entry's own wins; None: none sent).
+    max_tokens: int | None = None
 
     def public(self) -> dict[str, Any]:
-        """The configuration as ``session.ready``/``session.updated`` report it (no secrets)."""
+        """The configuration as ``session.ready``/``session.updated`` report it (no secrets).
+
+        The published schema: ``input`` and ``output`` carry ``"type": "audio"``,
+        ``output.voice`` the voice name the session speaks with, ``turn_detection`` the
+        effective values; ``warnings`` lists what this server does differently.
+        """
         td = self.turn_detection
         return {
             **({"agent_id": self.agent_id} if self.agent_id else {}),
@@ -42,6 +53,7 @@ class SessionSpec:
             "greeting": self.greeting,
             "tools": [t.to_json() for t in self.tools],
             "input": {
+                "type": "audio",
                 "format": self.input_format.to_json(),
                 "keyterms": list(self.keyterms),
                 "turn_detection": {
@@ -52,11 +64,17 @@ class SessionSpec:
                 },
             },
             "output": {
+                "type": "audio",
                 "voice": self.voice,
                 "format": self.output_format.to_json(),
                 "volume": self.volume,
             },
-            "llm": [{"base_url": e.base_url, "model": e.model} for e in self.endpoints],
+            "llm": [
+                {"base_url": e.base_url, "model": e.model}
+                | ({"max_tokens": e.max_tokens} if e.max_tokens is not None else {})
+                for e in self.endpoints
+            ],
+            "warnings": [dict(w) for w in self.warnings],
         }
 
     @property
@@ -68,10 +86,15 @@ class SessionSpec:
         return SessionConfig(
             system_prompt=self.system_prompt,
             greeting=self.greeting,
-            voice=self.voice,
+            voice=self.voice_id or self.voice,
             tools=tuple(_core_tool(t) for t in self.tools),
             turn_detection=self.turn_detection,
             warm_prompt=True,
+            max_tokens=(
+                self.llm.max_tokens
+                if self.llm is not None and self.llm.max_tokens is not None
+                else self.max_tokens
+            ),
         )
 
     def apply(self, patch: ev.SessionPatch) -> SessionSpec:
@@ -82,6 +105,10 @@ class SessionSpec:
                 do not fit together.
         """
         spec = self
+        if patch.ignored:
+            known = {w.get("param") for w in spec.warnings}
+            added = tuple(_ignored(param) for param in patch.ignored if param not in known)
+            spec = dataclasses.replace(spec, warnings=spec.warnings + added)
         if patch.system_prompt is not None:
             spec = dataclasses.replace(spec, system_prompt=patch.system_prompt)
         if "greeting" in patch.keys:
@@ -122,6 +149,15 @@ class SessionSpec:
             if patch.output.format is not None and patch.output.format != self.output_format:
                 return "session.output.format"
         return None
+
+
+def _ignored(param: str) -> Mapping[str, str]:
+    return {
+        "param": param,
+        "code": "ignored_field",
+        "message": f"{param} is accepted but has no effect on this server: "
+        f"{ev.ignored_reason(param)}",
+    }
 
 
 def _turn_detection(base: TurnDetection, patch: ev.TurnDetectionPatch) -> TurnDetection:

