@@ -98,6 +98,7 @@ from runtime.sessions.shared_state import (
     RedisTokenUses,
 )
 from runtime.sessions.shared_state import connect as connect_redis
+from runtime.sessions.tracing import TurnTracer
 from runtime.speech.voices import VoiceMap, voice_map_from_env
 
 if TYPE_CHECKING:
@@ -157,6 +158,8 @@ class Settings:
     # The chat-completions max_tokens for every session (None: none sent); an agent's
     # llm[0].max_tokens wins.
     max_tokens: int | None = None
+    # OpenTelemetry spans of answered turns (VOXLOOP_OTEL_TRACES), or None.
+    traces: TurnTracer | None = None
 
 
 def policy_from_env(env: Mapping[str, str]) -> URLPolicy:
@@ -241,6 +244,7 @@ def settings_from_env(
         tokens_per_minute=_positive(env, "VOXLOOP_TOKENS_PER_MINUTE", 600),
         drain_timeout_s=_seconds(env, "VOXLOOP_DRAIN_TIMEOUT", 30.0),
         voice_map=voice_map, agents_list=agents_list, max_tokens=max_tokens,
+        traces=TurnTracer.from_env(env),
     )  # fmt: skip
 
 
@@ -989,6 +993,7 @@ def create_app(settings: Settings) -> Starlette:
         limits=settings.limits, states=states, limiter=api.limiter,
         sessions_per_minute=settings.sessions_per_minute, checkpoints=api.redis is not None,
         voice_map=api.voice_map(), max_tokens=settings.max_tokens,
+        tracer=settings.traces,
     )  # fmt: skip
     api.runner = runner
 

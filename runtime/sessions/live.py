@@ -398,6 +398,8 @@ class LiveSession:
     def _on_core_event(self, event: core.ConversationEvent) -> None:
         self._render(event)
         self.runner.metrics.observe(self.spec.agent_id, event)
+        if self.runner.tracer is not None:
+            self.runner.tracer.observe(self.session_id, self.spec.agent_id, event)
         if self._observe is not None:
             self._observe(event)
         if isinstance(event, core.ReplyDone):

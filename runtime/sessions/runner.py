@@ -28,6 +28,7 @@ from runtime.sessions.principals import Principal, token_hash
 from runtime.sessions.resume import MemorySessionStore, ResumableState, SessionStateStore
 from runtime.sessions.shared_state import MemoryRateLimiter, RateLimiter
 from runtime.sessions.spec import SessionSpec
+from runtime.sessions.tracing import TurnTracer
 from runtime.speech.voices import DEFAULT_HOSTED_VOICE, VoiceMap
 
 log = logging.getLogger("voxloop.session")
@@ -101,6 +102,7 @@ class SessionRunner:
         checkpoints: bool = False,
         voice_map: VoiceMap | None = None,
         max_tokens: int | None = None,
+        tracer: TurnTracer | None = None,
     ) -> None:
         self.load_agent = load_agent
         self.box = box
@@ -117,6 +119,8 @@ class SessionRunner:
         #: Save each session's state after every reply (shared stores: a dead worker's
         #: sessions resume elsewhere). Off for the in-process store, which dies with it.
         self.checkpoints = checkpoints
+        #: Spans of answered turns (``VOXLOOP_OTEL_TRACES``), or ``None``.
+        self.tracer = tracer
         #: Set on SIGTERM: no new sessions; live ones finish their reply (see :meth:`drain`).
         self.draining = False
         self.voice_map = voice_map
