@@ -160,6 +160,7 @@ class LiveSession:
         self._started = asyncio.Event()
         self._end_reason: EndReason = "dropped"
         self._finish_after_reply = False
+        self._unanswered: str | None = None  # the user's last words, until their reply is done
         self._replies: dict[str, _ProtoReply] = {}
         self._ids = itertools.count(1)
         self._user_item: str | None = None
@@ -234,6 +235,11 @@ class LiveSession:
     async def _frames(self) -> AsyncIterator[AudioFrame]:
         # The core asks for the first frame once it runs (history begun, greeting started).
         self._started.set()
+        prior = self._prior_history or []
+        if prior and prior[-1].get("role") == "user" and self._session is not None:
+            # Resumed after the user's last words were kept but before they were answered
+            # (the worker that heard them went away): answer them now.
+            self._session.create_reply()
         async for frame in self._ingress.frames():
             yield frame
 
@@ -257,9 +263,14 @@ class LiveSession:
             self._ended.set()
 
     def history(self) -> list[dict[str, Any]]:
+        """The conversation so far, with the user's last words while their reply is pending."""
         if self._session is not None:
-            return [dict(m) for m in self._session.history]
-        return list(self._prior_history or [])
+            messages = [dict(m) for m in self._session.history]
+        else:
+            messages = list(self._prior_history or [])
+        if self._unanswered and messages[-1:] != [{"role": "user", "content": self._unanswered}]:
+            messages.append({"role": "user", "content": self._unanswered})
+        return messages
 
     def snapshot(self) -> ResumableState:
         """The state to keep for a resume (secrets sealed)."""
@@ -402,6 +413,15 @@ class LiveSession:
             self.runner.tracer.observe(self.session_id, self.spec.agent_id, event)
         if self._observe is not None:
             self._observe(event)
+        if isinstance(event, core.UserTranscript):
+            self._unanswered = event.text
+        elif isinstance(event, core.ReplyDone):
+            self._unanswered = None
+        kept = self._tg is not None and self.runner.checkpoints
+        if isinstance(event, core.UserTranscript) and kept and self._tg is not None:
+            # The user's words are kept before the reply exists: a worker that dies now
+            # leaves them to be answered on the next one.
+            self._tg.create_task(self.runner.checkpoint(self))
         if isinstance(event, core.ReplyDone):
             if self._finish_after_reply:
                 self.end()
