@@ -93,8 +93,9 @@ def start_worker(
     return Worker(line.rsplit(" ", 1)[1].strip(), proc, log)
 
 
-def stop(worker: Worker) -> int:
-    if worker.proc.poll() is None:
+def stop(worker: Worker, *, signalled: bool = False) -> int:
+    """Stop a worker (``signalled``: it was sent SIGTERM already; wait for its exit)."""
+    if not signalled and worker.proc.poll() is None:
         worker.proc.send_signal(signal.SIGTERM)
     code = worker.proc.wait(timeout=60)
     assert worker.proc.stdout is not None
@@ -361,7 +362,7 @@ def test_sigterm_drains_a_session_after_its_reply(tmp_path: Path, redis_url: str
             return types, ws.close_code, text, readiness
 
         types, close_code, text, readiness = asyncio.run(run())
-        code = stop(worker)
+        code = stop(worker, signalled=True)
     # The reply was spoken to its end, then the session ended cleanly.
     assert types[-2:] == ["reply.done", "session.ended"]
     assert "session.error" not in types
@@ -404,7 +405,7 @@ def test_a_drain_timeout_hands_the_session_off_to_another_worker(
                 return ws.close_code, ready["session_id"], again["session_id"]
 
             close_code, before, after = asyncio.run(run())
-            assert stop(leaving) == 0
+            assert stop(leaving, signalled=True) == 0
         finally:
             stop(staying)
     assert close_code == 1012
