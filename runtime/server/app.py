@@ -89,6 +89,7 @@ from runtime.sessions import (
     default_llm_from_env,
     key_owner,
 )
+from runtime.sessions.limits import positive_setting as _positive
 from runtime.sessions.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.sessions.shared_state import (
     MemoryRateLimiter,
@@ -246,15 +247,6 @@ def settings_from_env(
         voice_map=voice_map, agents_list=agents_list, max_tokens=max_tokens,
         traces=TurnTracer.from_env(env),
     )  # fmt: skip
-
-
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.isdigit() or int(raw) <= 0:
-        raise ValueError(f"{name} must be a positive integer")
-    return int(raw)
 
 
 def _redis_url(url: str) -> str:

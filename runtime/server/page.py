@@ -29,6 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from runtime.agents.tokens import Tokens
+from runtime.sessions.limits import positive_setting as _positive
 from runtime.sessions.shared_state import RateLimiter
 
 STATIC: Final = Path(__file__).parent / "page"
@@ -52,15 +53,6 @@ HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-
-
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.isdigit() or int(raw) <= 0:
-        raise ValueError(f"{name} must be a positive integer")
-    return int(raw)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,20 @@ from typing import Final
 RESUME_GRACE_S: Final = 30.0
 
 
+def positive_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    """The positive integer setting ``name`` (ASCII digits only), or ``default`` when unset.
+
+    Raises:
+        ValueError: the value is not a positive integer (the message names the setting).
+    """
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"{name} must be a positive integer")
+    return int(raw)
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerLimits:
     """Per-worker limits (environment: ``VOXLOOP_MAX_SESSIONS`` …; see docs/deployment.md).
@@ -60,12 +74,7 @@ class RunnerLimits:
         """
 
         def number(name: str, default: int) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            if not raw.isdigit() or int(raw) <= 0:
-                raise ValueError(f"{name} must be a positive integer")
-            return int(raw)
+            return positive_setting(env, name, default)
 
         d = cls()
         return cls(

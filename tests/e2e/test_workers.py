@@ -147,6 +147,23 @@ async def open_session(url: str, **connect: Any) -> tuple[Any, dict[str, Any]]:
     return ws, await until(ws, "session.ready")
 
 
+async def resume_and_reply(worker: Worker, ready: dict[str, Any]) -> dict[str, Any]:
+    """Resume the session of ``ready`` on ``worker`` with its resume token, get one reply,
+    end it; returns the new ``session.ready``."""
+    resumed = await websockets.connect(
+        worker.ws, additional_headers={"Authorization": ready["resume_token"]}
+    )
+    await resumed.send(json.dumps({"type": "session.resume",
+                                   "session_id": ready["session_id"]}))  # fmt: skip
+    again = await until(resumed, "session.ready")
+    await resumed.send('{"type": "reply.create"}')
+    await until(resumed, "reply.done")
+    await resumed.send('{"type": "session.end"}')
+    await until(resumed, "session.ended")
+    await resumed.close()
+    return again
+
+
 def key() -> dict[str, Any]:
     return {"additional_headers": {"Authorization": API_KEY}}
 
@@ -267,18 +284,7 @@ def test_a_dropped_session_resumes_on_another_worker_with_its_history(
         ws.transport.abort()
         await ws.wait_closed()
         # The owner's resume token, on the other worker.
-        resumed = await websockets.connect(
-            b.ws, additional_headers={"Authorization": ready["resume_token"]}
-        )
-        await resumed.send(json.dumps({"type": "session.resume",
-                                       "session_id": ready["session_id"]}))  # fmt: skip
-        again = await until(resumed, "session.ready")
-        await resumed.send('{"type": "reply.create"}')
-        await until(resumed, "reply.done")
-        await resumed.send('{"type": "session.end"}')
-        await until(resumed, "session.ended")
-        await resumed.close()
-        return ready["session_id"], again
+        return ready["session_id"], await resume_and_reply(b, ready)
 
     session_id, again = asyncio.run(run())
     assert again["session_id"] == session_id
@@ -477,17 +483,7 @@ def test_a_killed_workers_session_resumes_on_another_from_its_last_reply(
             doomed.proc.wait(timeout=30)
             with contextlib.suppress(websockets.ConnectionClosed):
                 await ws.recv()
-            resumed = await websockets.connect(
-                other.ws, additional_headers={"Authorization": ready["resume_token"]}
-            )
-            await resumed.send(json.dumps({"type": "session.resume",
-                                           "session_id": ready["session_id"]}))  # fmt: skip
-            again = await until(resumed, "session.ready")
-            await resumed.send('{"type": "reply.create"}')
-            await until(resumed, "reply.done")
-            await resumed.send('{"type": "session.end"}')
-            await until(resumed, "session.ended")
-            await resumed.close()
+            again = await resume_and_reply(other, ready)
             return ready["session_id"], again["session_id"]
 
         before, after = asyncio.run(run())
