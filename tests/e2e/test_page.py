@@ -317,7 +317,10 @@ def test_an_interruption_empties_the_playback_buffer(chromium: str, tmp_path: Pa
     assert "input.speech.started" in events
     cut = events.index("input.speech.started")
     assert "reply.done" in events[cut:]
-    assert any(n > 0 for n in state["cleared"]), state["cleared"]
+    # The page emptied its playback buffer at the interruption. (The server pauses the reply
+    # at the user's first speech, so by the decision the buffer holds at most what was sent
+    # ahead, and often nothing: what matters is that the page cleared it and played no more.)
+    assert state["cleared"], state["cleared"]
     # What was heard of the long reply is a strict beginning of it.
     heard = words(state["interrupted"])
     assert (
