@@ -130,7 +130,11 @@ async def test_digits_interrupt(whisper: WhisperSTT, piper: PiperTTS, espeak: Es
         over_the_reply(utterance("shared-00-piper"), digits), whisper, espeak
     )
     assert statuses(events) == ["interrupted", "completed"]
-    assert said(requests[1][3]["content"]).replace("one", "1") == "1 2 3 4"
+    # The answered request holds the whole number; a request started speculatively at the
+    # pause after "three" (and withdrawn when the user went on) holds a beginning of it.
+    assert said(requests[-1][3]["content"]).replace("one", "1") == "1 2 3 4"
+    for early in requests[1:-1]:
+        assert "1 2 3 4".startswith(said(early[3]["content"]).replace("one", "1"))
 
 
 async def test_okay_okay_is_a_backchannel(whisper: WhisperSTT, piper: PiperTTS, espeak: EspeakTTS):
