@@ -97,6 +97,10 @@ CLEAR_WORDS: Final = 0.4
 # Speech over the reply (ms) after which the agent's audio is paused until the burst is decided.
 # Chosen on the turn-taking benchmark (docs/benchmarks.md): VAD onset plus one frame.
 HOLD_MS: Final = 40
+#: Pauses a reply may take that end in a resume; each doubles the speech the next one needs,
+#: and past them the reply is not paused again (its own echo in a room without echo
+#: cancellation pauses it, goes quiet, and would pause it again for ever).
+MAX_RESUMES: Final = 3
 
 # -- what was said ------------------------------------------------------------------
 
@@ -393,6 +397,7 @@ class TurnTakingPolicy:
         self._trailing_end = trailing_end
         self._hold_ms = None if hold_ms is None else max(FRAME_MS, hold_ms)
         self._holding = False
+        self._resumes = 0  # pauses of the reply that ended in a resume (see MAX_RESUMES)
         self.td = turn_detection
         self._complete = complete
         self._confident_end = confident_end
@@ -532,6 +537,7 @@ class TurnTakingPolicy:
         if not self._holding:
             return []
         self._holding = False
+        self._resumes += 1
         return [ReleaseReply(self._t_ns)]
 
     def _interrupt(self, burst: _Burst) -> list[Decision]:
@@ -556,6 +562,7 @@ class TurnTakingPolicy:
     ) -> None:
         self.phase = Phase.USER_TURN
         self._holding = False  # an interruption cuts the held reply; a new turn has none
+        self._resumes = 0
         self._turn_first = first_frame
         self._answering = None
         self._replying = False  # a user turn: any reply was cut, withdrawn or is over
@@ -633,7 +640,12 @@ class TurnTakingPolicy:
             burst.speech_ms += FRAME_MS
             burst.quiet_ms = 0
             burst.t_last_speech = self._t_ns
-            if not self._holding and self._hold_ms is not None and burst.speech_ms >= self._hold_ms:
+            if (
+                not self._holding
+                and self._hold_ms is not None
+                and self._resumes < MAX_RESUMES
+                and burst.speech_ms >= self._hold_ms << self._resumes
+            ):
                 self._holding = True
                 held.append(HoldReply(self._t_ns))
         else:

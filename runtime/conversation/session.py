@@ -267,6 +267,9 @@ class ConversationSession:
                 self.push(frame)
                 await asyncio.sleep(0)
             self._input_ended = True
+            if self._sink.paused:
+                # No more input can decide the speech the reply was paused for: play it on.
+                self._sink.resume()
             if self.turns.state is TurnState.USER_SPEAKING:
                 self._act(self.policy.end_turn())
             self._update_idle()

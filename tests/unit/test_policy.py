@@ -13,6 +13,7 @@ from runtime.conversation.policy import (
     CONFIDENT_END,
     FRAME_MS,
     HOLD_MS,
+    MAX_RESUMES,
     PRE_ROLL_MS,
     TRAILING_END,
     BackChannel,
@@ -412,6 +413,26 @@ def test_a_short_click_during_a_reply_is_nothing():
         (release, ReleaseReply(release * FRAME_MS * MS)),
     ]
     assert drv.policy.reply_ended() == []
+
+
+def test_pauses_that_end_in_a_resume_need_more_speech_each_time_and_then_stop():
+    # A reply's own echo (no echo cancellation) pauses it, goes quiet, and would pause it
+    # again for ever: each resume doubles the speech the next pause needs, and after
+    # MAX_RESUMES the reply is not paused again.
+    td = TurnDetection()
+    drv = responding(td)
+    starts = []
+    for _ in range(MAX_RESUMES + 2):
+        starts.append(drv.policy.frames_seen)
+        drv.feed(True, td.barge_in_ms - 20)  # each burst too short to be anything
+        drv.feed(False, 1000)
+    holds = [frame for frame, d in drv.log if isinstance(d, HoldReply)]
+    releases = [d for _, d in drv.log if isinstance(d, ReleaseReply)]
+    need = [HOLD_MS << n for n in range(MAX_RESUMES)]
+    assert need == [40, 80, 160] and td.barge_in_ms - 20 >= need[-1]
+    assert holds == [start + ms // FRAME_MS - 1 for start, ms in zip(starts, need, strict=False)]
+    assert len(releases) == MAX_RESUMES
+    assert not drv.policy.holding
 
 
 def test_the_reply_pauses_at_hold_ms_of_speech_and_an_interruption_cuts_it():
