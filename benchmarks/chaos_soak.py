@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -48,6 +47,7 @@ import httpx
 from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.bench.reference_thread import ReferenceThread
+from runtime.bench.workers import rss_kb, worker_pids
 from runtime.client.connection import Auth
 from runtime.client.protocol import SessionFailure
 from runtime.client.runner import connect_pcm
@@ -117,26 +117,6 @@ def start_redis(port: int, root: str) -> subprocess.Popen[str]:
         if "Ready to accept connections" in line:
             return proc
     raise SystemExit(f"redis-server exited {proc.wait()}")
-
-
-def rss_kb(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The worker processes of a ``serve --workers`` supervisor (not its resource tracker)."""
-    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
-    pids = []
-    for pid in out.split():
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"resource_tracker" not in cmdline:
-                pids.append(int(pid))
-    return pids
 
 
 async def conversation(url: str, pcm: bytes, tally: Tally) -> None:

@@ -7,9 +7,11 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +194,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "speech_engines": engines, "readiness": "/readyz",
     })  # fmt: skip
     if args.workers > 1:
-        from uvicorn.supervisors import Multiprocess
+        from runtime.server.worker import Supervisor
+        from runtime.sessions.metrics import MULTIPROC_ENV
 
-        with sock:
-            # uvicorn's supervisor: spawns the workers on the shared socket, restarts one
-            # that dies, and on SIGTERM stops them (each drains) and waits for them.
-            Multiprocess(config, sockets=[sock]).run()
+        # The workers of this run write their metrics to files in a directory of its own,
+        # so that a scrape answered by any of them reports the sum over all of them.
+        metrics_dir = tempfile.mkdtemp(prefix="voxloop-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            with sock:
+                # uvicorn's supervisor: spawns the workers on the shared socket, restarts
+                # one that dies, and on SIGTERM stops them (each drains) and waits for them.
+                Supervisor(config, [sock], metrics_dir).run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("shutdown", extra={"signal": "SIGTERM"})
         return EXIT_OK
     with sock:

@@ -21,7 +21,9 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
 from starlette.applications import Starlette
+from uvicorn.supervisors import Multiprocess
 
 from runtime.sessions import SessionRunner
 
@@ -107,6 +109,43 @@ def drain_on_signals(runner: SessionRunner, timeout_s: float) -> Iterator[None]:
             signal.signal(sig, handler)
         for task in draining:
             task.cancel()
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of ``serve --workers N`` (spawns the workers on the shared socket,
+    restarts one that dies, stops them all on SIGTERM), which also tells the shared
+    metrics when a worker is gone: its live gauges (sessions running, queued events) are
+    dropped from the sum, its counters and histograms stay in it.
+
+    ``metrics_dir`` is the ``PROMETHEUS_MULTIPROC_DIR`` the workers were started with.
+    """
+
+    def __init__(self, config: uvicorn.Config, sockets: list[Any], metrics_dir: str) -> None:
+        super().__init__(config, sockets)
+        self.metrics_dir = metrics_dir
+        self._known: set[int] = set()
+
+    def _forget_gone(self) -> None:
+        alive = {p.pid for p in self.processes if p.pid is not None and p.exitcode is None}
+        for pid in self._known - alive:
+            mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        self._known = alive
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._forget_gone()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._forget_gone()
+
+    def handle_signals(self) -> None:
+        super().handle_signals()
+        self._forget_gone()
+
+    def join_all(self) -> None:
+        super().join_all()
+        self._forget_gone()
 
 
 def app_from_env() -> Starlette:

@@ -1,7 +1,12 @@
-"""Prometheus metrics of one worker: sessions, turns, latencies, endpoint errors, queues.
+"""Prometheus metrics of a server: sessions, turns, latencies, endpoint errors, queues.
 
-Served at ``GET /metrics`` (text exposition format) by ``voxloop serve``. Every
-series is per worker process; a scraper adds the ``instance`` label. Agent labels
+Served at ``GET /metrics`` (text exposition format) by ``voxloop serve``. A single
+process serves its own series. The worker processes of one ``serve --workers N``
+share a directory of metric files (prometheus-client's multiprocess mode, chosen
+by ``PROMETHEUS_MULTIPROC_DIR``, which ``serve`` sets): whichever worker answers a
+scrape reports the sum over all the workers of that run, counters of workers that
+died included (their files stay), gauges over the live workers only. Separate
+processes or machines are scraped each (a scraper adds the ``instance`` label). Agent labels
 are bounded: the first :data:`MAX_AGENT_LABELS` stored agents seen get their own
 label value, later ones count as ``other`` and inline sessions as ``inline``, so a
 server with many agents cannot blow up the scraper's memory.
@@ -14,10 +19,12 @@ converted once here.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from runtime.conversation import events as core
 
@@ -26,7 +33,16 @@ MAX_AGENT_LABELS: Final = 50
 BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 LAG_INTERVAL_S: Final = 0.25
 
-__all__ = ["CONTENT_TYPE", "SessionMetrics"]
+#: The environment variable that puts prometheus-client in multiprocess mode (the
+#: directory of the metric files the workers of one run share).
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "SessionMetrics"]
+
+
+def shared_dir() -> str | None:
+    """The metric files' directory when this process is one of several workers, else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class SessionMetrics:
@@ -35,11 +51,13 @@ class SessionMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Gauges of several workers add up over the live ones (a dead worker's are dropped).
         self.live_sessions = Gauge(
-            "voxloop_live_sessions", "Sessions running on this worker now.", registry=r
-        )
+            "voxloop_live_sessions", "Sessions running now.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.sessions = Counter(
-            "voxloop_sessions", "Sessions that ended on this worker, by end reason.",
+            "voxloop_sessions", "Sessions that ended, by end reason.",
             ["reason"], registry=r,
         )  # fmt: skip
         self.turns = Counter(
@@ -63,7 +81,8 @@ class SessionMetrics:
         )
         self.outbound_queue = Gauge(
             "voxloop_outbound_queue_messages",
-            "Server events queued for clients, summed over this worker's sessions.", registry=r,
+            "Server events queued for clients, summed over the live sessions.", registry=r,
+            multiprocess_mode="livesum",
         )  # fmt: skip
         self.loop_lag = Histogram(
             "voxloop_event_loop_lag_seconds",
@@ -129,8 +148,14 @@ class SessionMetrics:
         self.sessions.labels(reason).inc()
 
     def exposition(self) -> bytes:
-        """The text exposition of every metric (``CONTENT_TYPE``)."""
-        return generate_latest(self.registry)
+        """The text exposition of every metric (``CONTENT_TYPE``): this process's, or with
+        several workers (``PROMETHEUS_MULTIPROC_DIR`` set) the sum over all of them."""
+        directory = shared_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
 
     async def watch_loop_lag(self) -> None:
         """Sample the event loop's lag until cancelled (run it in the server's lifespan)."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import httpx
 import pytest
 import websockets
 
+from runtime.bench.workers import connection_worker, worker_pids
 from runtime.llm.reference import ReplyPlan
 from runtime.sessions.resume import ResumableState
 from runtime.sessions.shared_state import (
@@ -91,18 +93,6 @@ def start_worker(
     line = proc.stdout.readline()
     assert line.startswith("voxloop serve listening on "), log.read_text()
     return Worker(line.rsplit(" ", 1)[1].strip(), proc, log)
-
-
-def workers_of(parent: int) -> list[int]:
-    """The app processes of a ``serve --workers`` supervisor (not its resource tracker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-            if int(fields[1]) == parent and b"resource_tracker" not in cmdline:
-                found.append(int(entry.name))
-    return sorted(found)
 
 
 def stop(worker: Worker, *, signalled: bool = False) -> int:
@@ -347,7 +337,7 @@ def test_serve_workers_on_one_port_and_a_clean_stop(
                 pids.add(body.pop("worker"))
                 assert body == {"status": "ready", "database": "ok", "redis": "ok",
                                 "sessions": "ok", "speech_engines": "ok"}  # fmt: skip
-        children = workers_of(worker.proc.pid)
+        children = worker_pids(worker.proc.pid)
     finally:
         code = stop(worker)
     assert code == 0
@@ -496,3 +486,128 @@ def test_a_killed_workers_session_resumes_on_another_from_its_last_reply(
     assert last is not None
     said = [(m["role"], m["content"]) for m in last["messages"] if m["role"] != "system"]
     assert said[:2] == [("user", "Remember the number 42."), ("assistant", "Noted.")]
+
+
+def scrape(http: str) -> dict[str, float]:
+    """One ``/metrics`` scrape on a new connection: ``{"name{labels}": value}``."""
+    text = httpx.get(f"{http}/metrics", headers={"Authorization": API_KEY,
+                                                 "Connection": "close"}, timeout=30).text  # fmt: skip
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(voxloop_\S+) (\S+)$", text, re.M)}
+
+
+def wait_both_ready(worker: Worker) -> list[int]:
+    """Ask /readyz on new connections until both workers of a ``--workers 2`` run say ready."""
+    ready: set[int] = set()
+    with httpx.Client(base_url=worker.http, timeout=30) as client:
+        while len(ready) < 2:
+            answer = client.get("/readyz", headers={"Connection": "close"})
+            if answer.status_code == 200:
+                ready.add(answer.json()["worker"])
+            else:  # a worker loading its speech engines says so; a probe asks again
+                time.sleep(0.2)
+    return sorted(ready)
+
+
+def test_one_scrape_reports_the_sum_over_the_workers(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    worker = start_worker(
+        tmp_path / "data", endpoint, redis_url, "--workers", "2", TMPDIR=str(temp)
+    )
+    port = int(worker.http.rsplit(":", 1)[1])
+    try:
+        pids = wait_both_ready(worker)
+        assert pids == worker_pids(worker.proc.pid)
+        # The run's metric files: one directory, one set of files per worker.
+        (shared,) = temp.glob("voxloop-metrics-*")
+
+        async def sessions_on_both() -> tuple[dict[int, int], list[dict[str, float]]]:
+            # New sessions until each worker holds at least two (the kernel picks the
+            # worker of each connection), all open at once.
+            opened: list[tuple[Any, int]] = []
+            while min(sum(1 for _, w in opened if w == pid) for pid in pids) < 2:
+                assert len(opened) < 40, opened
+                ws, _ = await open_session(worker.ws, **key())
+                owner = connection_worker(pids, port, ws.local_address[1])
+                assert owner in pids
+                opened.append((ws, owner))
+            for ws, _ in opened:
+                await ws.send(json.dumps({"type": "conversation.message", "role": "user",
+                                          "content": "Hello."}))  # fmt: skip
+                await ws.send('{"type": "reply.create"}')
+                await until(ws, "reply.done")
+            during = [scrape(worker.http) for _ in range(4)]
+            for ws, _ in opened:
+                await ws.send('{"type": "session.end"}')
+                await until(ws, "session.ended")
+                await ws.close()
+            share = {pid: sum(1 for _, w in opened if w == pid) for pid in pids}
+            return share, during
+
+        share, during = asyncio.run(sessions_on_both())
+        after = [scrape(worker.http) for _ in range(4)]
+    finally:
+        assert stop(worker) == 0
+    total = sum(share.values())
+    # Whichever worker answers the scrape (a new connection each), it reports all sessions.
+    for scraped in during:
+        assert scraped["voxloop_live_sessions"] == total
+        assert scraped['voxloop_replies_total{status="completed"}'] == total
+    for scraped in after:
+        assert scraped["voxloop_live_sessions"] == 0
+        assert scraped['voxloop_sessions_total{reason="ended"}'] == total
+        assert scraped['voxloop_replies_total{status="completed"}'] == total
+    # The metric files of the run are gone with it.
+    assert not shared.exists()
+
+
+def test_a_killed_workers_counts_stay_in_the_sum_and_its_live_sessions_leave_it(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    worker = start_worker(tmp_path / "data", endpoint, redis_url, "--workers", "2")
+    port = int(worker.http.rsplit(":", 1)[1])
+    try:
+        pids = wait_both_ready(worker)
+
+        async def run() -> tuple[int, list[int], dict[str, float]]:
+            opened: dict[int, Any] = {}
+            while len(opened) < 2:  # one session on each worker (others closed at once)
+                ws, _ = await open_session(worker.ws, **key())
+                owner = connection_worker(pids, port, ws.local_address[1])
+                assert owner in pids
+                if owner in opened:
+                    await ws.send('{"type": "session.end"}')
+                    await until(ws, "session.ended")
+                    await ws.close()
+                    continue
+                opened[owner] = ws
+                await ws.send('{"type": "reply.create"}')
+                await until(ws, "reply.done")
+            victim, survivor = pids
+            os.kill(victim, signal.SIGKILL)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    await opened[victim].recv()
+            # The supervisor replaces the dead worker (and forgets its live gauges first);
+            # the replacement answers readiness once its engines are loaded.
+            now = await asyncio.to_thread(wait_both_ready, worker)
+            scraped = await asyncio.to_thread(scrape, worker.http)
+            ws = opened[survivor]
+            await ws.send('{"type": "session.end"}')
+            await until(ws, "session.ended")
+            await ws.close()
+            return victim, now, scraped
+
+        victim, now, scraped = asyncio.run(run())
+        final = scrape(worker.http)
+    finally:
+        assert stop(worker) == 0
+    assert victim not in now and len(now) == 2
+    # The killed worker's finished replies and sessions stay counted; its live session
+    # is no longer live anywhere.
+    assert scraped["voxloop_live_sessions"] == 1
+    assert scraped['voxloop_replies_total{status="completed"}'] == 2
+    assert final["voxloop_live_sessions"] == 0
+    assert final['voxloop_replies_total{status="completed"}'] == 2

@@ -1,0 +1,70 @@
+"""The worker processes of a ``voxloop serve --workers N`` run, as Linux's ``/proc`` shows them.
+
+Used by the chaos soak and the worker tests: which processes are the workers (the
+supervisor's children, not multiprocessing's resource tracker), how much memory each
+holds, and which worker accepted a given client connection (the kernel picks one per
+connection on the shared socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["connection_worker", "rss_kb", "worker_pids"]
+
+PROC = Path("/proc")
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The app processes of a ``serve --workers`` supervisor ``parent``, sorted (its
+    multiprocessing resource tracker left out); empty if it has none or is gone."""
+    found = []
+    for entry in PROC.iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The process name in /proc/PID/stat may hold spaces and parentheses.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+            if int(fields[1]) == parent and b"resource_tracker" not in cmdline:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` in KiB (``VmRSS``); 0 once the process is gone."""
+    with contextlib.suppress(OSError):
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _tcp_inodes(pid: int, server_port: int, client_port: int) -> set[str]:
+    """Socket inodes of TCP connections from local ``server_port`` to remote ``client_port``."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in (PROC / str(pid) / "net" / table).read_text().splitlines()[1:]:
+                cols = line.split()
+                local, remote, inode = cols[1], cols[2], cols[9]
+                if (int(local.rsplit(":", 1)[1], 16) == server_port
+                        and int(remote.rsplit(":", 1)[1], 16) == client_port):  # fmt: skip
+                    inodes.add(inode)
+    return inodes
+
+
+def connection_worker(workers: list[int], server_port: int, client_port: int) -> int | None:
+    """The pid among ``workers`` holding the accepted end of the connection a client made
+    from local port ``client_port`` to ``server_port``; None if none of them does."""
+    if not workers:
+        return None
+    wanted = {f"socket:[{inode}]" for inode in _tcp_inodes(workers[0], server_port, client_port)}
+    for pid in workers:
+        fds = PROC / str(pid) / "fd"
+        with contextlib.suppress(OSError):
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in wanted:
+                        return pid
+    return None
