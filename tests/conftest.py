@@ -5,7 +5,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from runtime.endpoints import URLPolicy
-from runtime.llm.client import REASONING_MEMORY, ChatClient, ClientTimeouts, Endpoint, RetryPolicy
+from runtime.llm.client import (
+    REASONING_MEMORY,
+    TTFT_MEMORY,
+    ChatClient,
+    ClientTimeouts,
+    Endpoint,
+    RetryPolicy,
+)
 from runtime.llm.reference import ReferenceEndpoint
 from runtime.secret import Secret
 
@@ -23,6 +30,7 @@ def _fresh_reasoning_memory() -> None:
     # Loopback ports are reused between tests: what one test's endpoint taught
     # the process must not carry over to the next test's endpoint on that port.
     REASONING_MEMORY.clear()
+    TTFT_MEMORY.clear()
 
 
 @pytest.fixture

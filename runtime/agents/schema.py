@@ -42,7 +42,12 @@ from pydantic.json_schema import models_json_schema
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
-from runtime.protocol.events import ENCODINGS, MAX_LLM_ENTRIES, SINGLE_ENTRY_MESSAGE
+from runtime.protocol.events import (
+    ENCODINGS,
+    FIRST_TOKEN_TIMEOUT_MS,
+    MAX_LLM_ENTRIES,
+    SINGLE_ENTRY_MESSAGE,
+)
 from runtime.secret import Secret
 
 MAX_TEXT: Final = 20_000
@@ -348,8 +353,13 @@ class LLMIn(_Model):
     base_url: URLText
     model: Line
     api_key: SecretLine
-    # A voxloop extension: the chat-completions max_tokens for this agent (absent: none sent).
+    # voxloop extensions, per entry: the chat-completions max_tokens of this entry's
+    # requests (absent: the server's VOXLOOP_LLM_MAX_TOKENS, else none sent), and how long
+    # this entry may take to its first token before the next entry is asked (ms).
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    first_token_timeout_ms: (
+        Annotated[int, Field(ge=FIRST_TOKEN_TIMEOUT_MS[0], le=FIRST_TOKEN_TIMEOUT_MS[1])] | None
+    ) = None
 
 
 def _llm_form(value: Any) -> Any:
@@ -448,6 +458,7 @@ class LLMOut(_Model):
     base_url: str
     model: str
     max_tokens: int | None = None
+    first_token_timeout_ms: int | None = None
 
 
 class AgentWarning(_Model):
@@ -530,6 +541,7 @@ class LLMInput:
     model: str
     api_key: Secret
     max_tokens: int | None = None
+    first_token_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,7 +647,13 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
         out.tools = [_tool(t) for t in parsed.tools]
     if "llm" in given or not partial:
         out.llm = [
-            LLMInput(e.base_url, e.model, Secret(e.api_key.get_secret_value()), e.max_tokens)
+            LLMInput(
+                e.base_url,
+                e.model,
+                Secret(e.api_key.get_secret_value()),
+                e.max_tokens,
+                e.first_token_timeout_ms,
+            )
             for e in parsed.llm
         ]
     return out

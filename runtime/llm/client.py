@@ -339,6 +339,41 @@ class ReasoningMemory:
 REASONING_MEMORY: Final = ReasoningMemory()
 
 
+class TTFTMemory:
+    """Recent times to first token of each endpoint, in seconds.
+
+    Keyed by ``(base_url, model)``; each time is measured from the start of the
+    request's stream (connect included: what a caller waits) to its first
+    generated delta. Every client of the process adds to it (the warm-up
+    request, earlier replies), and :class:`~runtime.llm.fallback.FallbackChatClient`
+    reads it to decide when to ask the next entry. Bounded: ``keep`` times per
+    endpoint, ``size`` endpoints (the least recently measured forgotten first).
+    """
+
+    def __init__(self, size: int = 256, keep: int = 16) -> None:
+        self._size = size
+        self._keep = keep
+        self._times: dict[tuple[str, str], list[float]] = {}
+
+    def record(self, key: tuple[str, str], seconds: float) -> None:
+        times = self._times.pop(key, [])
+        times.append(seconds)
+        del times[: -self._keep]
+        self._times[key] = times
+        while len(self._times) > self._size:
+            del self._times[next(iter(self._times))]
+
+    def recent(self, key: tuple[str, str]) -> tuple[float, ...]:
+        """The endpoint's recent times to first token, oldest first (seconds)."""
+        return tuple(self._times.get(key, ()))
+
+    def clear(self) -> None:
+        self._times.clear()
+
+
+TTFT_MEMORY: Final = TTFTMemory()
+
+
 class ChatClient:
     """Streams chat completions from one endpoint.
 
@@ -358,6 +393,11 @@ class ChatClient:
             else the model name, else the reply streams at once).
         reasoning_memory: where decisions about endpoints are remembered
             (default: the process-wide :data:`REASONING_MEMORY`).
+        max_tokens: this endpoint's ``max_tokens``, sent when the request has
+            none; a request asking fewer (the warm-up) keeps its own (``None``:
+            the request's, if any).
+        ttft_memory: where the times to first token are kept (default: the
+            process-wide :data:`TTFT_MEMORY`).
 
     Raises:
         URLPolicyError: the base URL is not allowed (raised here for syntax,
@@ -378,8 +418,14 @@ class ChatClient:
         limits: httpx.Limits | None = None,
         leading_reasoning: bool | None = None,
         reasoning_memory: ReasoningMemory | None = None,
+        max_tokens: int | None = None,
+        ttft_memory: TTFTMemory | None = None,
     ) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
         self.endpoint = endpoint
+        self.max_tokens = max_tokens
+        self._ttfts = TTFT_MEMORY if ttft_memory is None else ttft_memory
         self._memory = REASONING_MEMORY if reasoning_memory is None else reasoning_memory
         self._memory_key = (endpoint.base_url, endpoint.model)
         self._configured = leading_reasoning is not None
@@ -448,6 +494,19 @@ class ChatClient:
             self._memory.remember(self._memory_key, leading_reasoning)
             self._leading = leading_reasoning
 
+    @property
+    def timeouts(self) -> ClientTimeouts:
+        """The client's deadlines."""
+        return self._timeouts
+
+    def recent_ttfts_s(self) -> tuple[float, ...]:
+        """This base URL and model's recent times to first token in this process
+        (seconds from the request's start, oldest first; see :class:`TTFTMemory`)."""
+        return self._ttfts.recent(self._memory_key)
+
+    def _record_ttft(self, seconds: float) -> None:
+        self._ttfts.record(self._memory_key, seconds)
+
     def _refresh_reasoning(self) -> None:
         """Pick up what another client of the same endpoint learned meanwhile."""
         if not self._configured:
@@ -481,12 +540,16 @@ class ChatClient:
     async def _ensure_pinned(self) -> PinnedEndpoint:
         return await self._pinned_http.ensure_pinned()
 
-    async def prewarm(self) -> None:
+    async def prewarm(self) -> bool:
         """Resolve, check and open the connection (TCP + TLS) before the first request.
 
         Sends ``GET {base_url}/models``, whose answer is read and discarded so
         the connection returns to the pool. Failures are not raised: a cold
         first request is the fallback.
+
+        Returns:
+            ``False`` when no connection could be opened (refused, unreachable,
+            connect timeout, TLS failure), else ``True`` (whatever the status).
 
         Raises:
             URLPolicyError: the endpoint's addresses are not allowed.
@@ -499,8 +562,12 @@ class ChatClient:
                     received += len(chunk)
                     if received > 65536:
                         break
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            log.info("endpoint prewarm failed to connect", extra={"endpoint": self._url.url})
+            return False
         except httpx.HTTPError:
             log.info("endpoint prewarm failed", extra={"endpoint": self._url.url})
+        return True
 
     async def warm_up(self, system_prompt: str) -> str | None:
         """Send one short request before the first turn; never raises an endpoint error.
@@ -571,8 +638,9 @@ class ChatClient:
             body["tool_choice"] = "auto"
         if request.temperature is not None:
             body["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            body["max_tokens"] = request.max_tokens
+        caps = [n for n in (request.max_tokens, self.max_tokens) if n is not None]
+        if caps:
+            body["max_tokens"] = min(caps)
         body.update(request.extra_body)
         return body
 
@@ -1001,6 +1069,7 @@ class ChatStream:
         if new > 0:
             if t.first_token_ns is None:
                 t.first_token_ns = now
+                self._client._record_ttft((now - t.started_ns) / 1e9)
             t.token_ns.extend([now] * new)
         for event in events:
             if isinstance(event, StreamStarted):

@@ -13,9 +13,10 @@ conversation core uses: ``stream(request)``, ``prewarm()``, ``warm_up()``,
   (connect error, TLS, 5xx, 429, 4xx, a timeout to the first token, a
   malformed or dropped stream, a refused address) closes that request and
   opens the next entry at once. Every entry shares one first-token budget:
-  the request's ``first_token_timeout_s``, else the first client's
-  ``first_token_budget_s``; each entry gets what is left, so the caller hears
-  the reply later, never after more than the budget. When every entry failed
+  the request's ``first_token_timeout_s``, else the longest of the clients'
+  ``first_token_budget_s`` (5 s by default); each entry gets what is left (and
+  no more than its own deadline), so the caller hears the reply later, never
+  after more than the budget. When every entry failed
   (or the budget ran out) the last error is raised, as one endpoint would.
 * **After the first token nothing is retried**: the reply cannot be taken
   back. An error then is raised as is and counts against the entry (an entry
@@ -28,11 +29,25 @@ conversation core uses: ``stream(request)``, ``prewarm()``, ``warm_up()``,
   When every circuit is open, all entries are tried in order anyway (a call
   is never refused without asking an endpoint). Time comes from an injected
   :class:`~runtime.clock.Clock`.
-* **Prewarm and warm-up** go to the first entry whose circuit is closed.
-* **Hedging** (``hedge_after_s``, off by default): when the entry being
-  waited on has produced no token after that long, the next entry is asked
-  too and the first to produce a token answers; the other is closed. Its cost
-  is a duplicate request (tokens billed twice, a slot taken) on every slow turn.
+* **Prewarm and warm-up** go to the first entry whose circuit is closed. A
+  prewarm that cannot connect, or a warm-up that fails or times out, opens
+  that entry's circuit at once (:meth:`CircuitBreaker.trip`) and the next
+  entry is prewarmed or warmed up instead, so the first turn already skips a
+  dead primary.
+* **Asking the next entry early** (hedging; ``hedge_after_s``, ``"auto"`` by
+  default): when the entry being waited on has produced no token after a
+  while, the next entry is asked too; the first to produce a token answers and
+  the other request is closed (nothing is spoken twice). The entry keeps its
+  chance until its own first-token deadline. ``"auto"`` waits
+  :func:`early_start_s`: twice the slowest of the entry's last
+  :data:`EARLY_SAMPLES` times to first token in this process (the warm-up
+  counts), at least :data:`EARLY_MIN_S`, or :data:`EARLY_DEFAULT_S` before
+  the entry has been measured; never as long as the entry's own deadline
+  (then the next entry is asked when it fails). An entry that loses such a
+  race counts a failure (two in a row open its circuit). The cost is a
+  duplicate request (tokens billed twice, a slot taken) on every turn slower
+  than that; ``None`` turns it off (the next entry is asked only when the
+  entry fails).
 
 Each :class:`FallbackStream` says which entry answered (``entry``) and why the
 others were not used (``skipped``: ``(index, reason)`` pairs, the reason an
@@ -58,6 +73,34 @@ log = logging.getLogger("voxloop.llm")
 
 CircuitState = Literal["closed", "open", "half_open"]
 _GENERATED: Final = (TextDelta, ReasoningDelta, ToolCallDelta)
+
+EARLY_FACTOR: Final = 2.0
+"""The next entry is asked after this many times the entry's slowest recent first token."""
+EARLY_SAMPLES: Final = 8
+"""How many of the entry's most recent times to first token are considered."""
+EARLY_MIN_S: Final = 0.5
+"""The earliest the next entry is asked (seconds): a fast endpoint's jitter is not a failure."""
+EARLY_DEFAULT_S: Final = 1.5
+"""When the next entry is asked while the entry has no measured time to first token (seconds)."""
+
+
+def early_start_s(recent_s: Sequence[float], deadline_s: float) -> float | None:
+    """When to ask the next entry too, for an entry with a next one (the ``"auto"`` rule).
+
+    Args:
+        recent_s: the entry's recent times to first token, oldest first (seconds).
+        deadline_s: the entry's own first-token deadline (seconds).
+
+    Returns:
+        Seconds after the entry's request starts: :data:`EARLY_FACTOR` times the
+        slowest of the last :data:`EARLY_SAMPLES` times, at least
+        :data:`EARLY_MIN_S`; :data:`EARLY_DEFAULT_S` with no time measured.
+        ``None`` when that is not before ``deadline_s`` (the entry's failure at
+        its deadline moves on anyway).
+    """
+    window = recent_s[-EARLY_SAMPLES:]
+    after = max(EARLY_MIN_S, EARLY_FACTOR * max(window)) if window else EARLY_DEFAULT_S
+    return after if after < deadline_s else None
 
 
 class CircuitBreaker:
@@ -118,6 +161,13 @@ class CircuitBreaker:
             self._state = "open"
             self._opened_ns = self._clock.now_ns()
 
+    def trip(self) -> None:
+        """Open the circuit now, whatever the count (the entry is known to be down)."""
+        self._failures = max(self._failures + 1, self.failure_threshold)
+        self._probing = False
+        self._state = "open"
+        self._opened_ns = self._clock.now_ns()
+
 
 @dataclass(frozen=True, slots=True)
 class FallbackPolicy:
@@ -127,12 +177,19 @@ class FallbackPolicy:
         failure_threshold: consecutive failures that open an entry's circuit.
         open_s: seconds an open circuit skips its entry before one probe.
         hedge_after_s: ask the next entry too when the current one has produced
-            no token after this many seconds (``None``: no hedging).
+            no token after this many seconds; ``"auto"``: after
+            :func:`early_start_s` of the entry's measured times to first token;
+            ``None``: only when the entry fails.
     """
 
     failure_threshold: int = 2
     open_s: float = 30.0
-    hedge_after_s: float | None = None
+    hedge_after_s: float | Literal["auto"] | None = "auto"
+
+    def __post_init__(self) -> None:
+        after = self.hedge_after_s
+        if after is not None and after != "auto" and not after > 0:
+            raise ValueError("hedge_after_s must be positive, 'auto' or None")
 
 
 class _HedgeFailed(Exception):
@@ -193,6 +250,17 @@ class FallbackChatClient:
         """The host of entry ``index`` (for metrics and logs; never the key)."""
         return self.clients[index].url.host
 
+    def early_start_s(self, index: int) -> float | None:
+        """Seconds after entry ``index``'s request starts when the next entry is asked
+        too (``None``: only when it fails; see :class:`FallbackPolicy`)."""
+        if index >= len(self.clients) - 1:
+            return None
+        after = self.policy.hedge_after_s
+        client = self.clients[index]
+        if after == "auto":
+            return early_start_s(client.recent_ttfts_s(), client.timeouts.first_token_s)
+        return after
+
     def preferred(self) -> int:
         """The first entry whose circuit is closed (else the first)."""
         for i, breaker in enumerate(self.breakers):
@@ -210,18 +278,47 @@ class FallbackChatClient:
         for client in self.clients:
             await client.aclose()
 
-    async def prewarm(self) -> None:
-        """Prewarm the preferred entry (see :meth:`ChatClient.prewarm`)."""
-        await self.clients[self.preferred()].prewarm()
+    async def prewarm(self) -> bool:
+        """Prewarm the preferred entry (see :meth:`ChatClient.prewarm`). One that
+        cannot connect has its circuit opened, and the next preferred entry is
+        prewarmed instead.
+
+        Returns:
+            Whether an entry's connection was opened.
+        """
+        tried: set[int] = set()
+        while (index := self.preferred()) not in tried:
+            tried.add(index)
+            if await self.clients[index].prewarm():
+                return True
+            self.breakers[index].trip()
+            self._log_down(index, "prewarm", "connect")
+        return False
 
     async def warm_up(self, system_prompt: str) -> str | None:
-        """Warm up the preferred entry (see :meth:`ChatClient.warm_up`); a failed
-        warm-up counts against that entry's circuit."""
-        index = self.preferred()
-        finish = await self.clients[index].warm_up(system_prompt)
-        if finish is None:
-            self.breakers[index].failure()
-        return finish
+        """Warm up the preferred entry (see :meth:`ChatClient.warm_up`). A warm-up
+        that fails or times out opens that entry's circuit, and the next preferred
+        entry is warmed up instead.
+
+        Returns:
+            The finish reason of the warm-up that answered (``None``: none did).
+        """
+        tried: set[int] = set()
+        while (index := self.preferred()) not in tried:
+            tried.add(index)
+            finish = await self.clients[index].warm_up(system_prompt)
+            if finish is not None:
+                return finish
+            self.breakers[index].trip()
+            self._log_down(index, "warm-up", "failed")
+        return None
+
+    def _log_down(self, index: int, what: str, kind: str) -> None:
+        log.warning(
+            "endpoint entry %d (%s) %s failed; its circuit is open for %g s",
+            index, self.host(index), what, self.policy.open_s,
+            extra={"entry": index, "host": self.host(index), "kind": kind},
+        )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[FallbackStream]:
@@ -253,8 +350,9 @@ class FallbackStream:
     def __init__(self, owner: FallbackChatClient, request: ChatRequest) -> None:
         self._owner = owner
         self._request = request
-        first = owner.clients[0]
-        self._budget_s = request.first_token_timeout_s or first._timeouts.first_token_budget_s
+        self._budget_s = request.first_token_timeout_s or max(
+            c.timeouts.first_token_budget_s for c in owner.clients
+        )
         self._deadline = asyncio.get_running_loop().time() + self._budget_s
         self.entry: int | None = None
         self.skipped: list[tuple[int, str]] = []
@@ -341,7 +439,6 @@ class FallbackStream:
         owner = self._owner
         n = len(owner.clients)
         last: EndpointError | URLPolicyError | None = None
-        hedge = owner.policy.hedge_after_s
         asked = False
         for forced in (False, True):
             if forced:
@@ -362,6 +459,7 @@ class FallbackStream:
                     self.skipped.append((index, "circuit_open"))
                     continue
                 asked = True
+                hedge = owner.early_start_s(index)
                 try:
                     if hedge is not None and pos < n:
                         attempt, used_next = await self._hedged(index, pos, hedge, forced)
@@ -427,6 +525,7 @@ class FallbackStream:
                 return await a, False
             b = asyncio.create_task(self._try(second))
             pending: set[asyncio.Task[_Attempt]] = {a, b}
+            first_error: BaseException | None = None
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -439,11 +538,16 @@ class FallbackStream:
                                 loser = await other
                                 await loser.stack.aclose()
                         if task is b:
-                            self.skipped.append((first, "hedged"))
-                            self._owner.breakers[first].release()
+                            # Slower than its early start and the next entry together:
+                            # a failure (two in a row open its circuit).
+                            reason = getattr(first_error, "kind", "url_policy")
+                            self.skipped.append((first, reason if first_error else "hedged"))
+                            self._owner.breakers[first].failure()
                         else:
                             breaker.release()
                         return task.result(), True
+                    if task is a:
+                        first_error = exc
                     if task is b:
                         breaker.failure()
                         self.skipped.append((second, getattr(exc, "kind", "url_policy")))

@@ -176,7 +176,10 @@ class ToolSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LLMSpec:
-    """An OpenAI-compatible endpoint; ``max_tokens`` (a voxloop extension) caps each reply."""
+    """An OpenAI-compatible endpoint and its own settings (voxloop extensions):
+    ``max_tokens`` caps each reply of this entry; ``first_token_timeout_ms`` is
+    how long this entry may take to its first token before it counts as failed
+    (milliseconds; ``None``: the client's 4000)."""
 
     base_url: str
     model: str
@@ -185,6 +188,7 @@ class LLMSpec:
     # ("auto", "template" or "none"; see runtime.llm.think).
     think_block: Literal["auto", "template", "none"] = "auto"
     max_tokens: int | None = None
+    first_token_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -672,6 +676,9 @@ def _tool(value: Any, i: int) -> ToolSpec:
     )  # fmt: skip
 
 
+FIRST_TOKEN_TIMEOUT_MS: Final = (100, 30_000)
+"""The bounds of an ``llm`` entry's ``first_token_timeout_ms`` (milliseconds, inclusive)."""
+
 MAX_LLM_ENTRIES: Final = 8
 """The most ``llm`` entries (an endpoint and its fallbacks, in order) a session may carry."""
 
@@ -701,13 +708,14 @@ def _llm(value: Any) -> tuple[LLMSpec, ...]:
         if think not in ("auto", "template", "none"):
             raise _fail(f"{param}think_block", "must be 'auto', 'template' or 'none'")
         max_tokens = _int(doc, "max_tokens", param, 1, 1_000_000)
+        first_token_ms = _int(doc, "first_token_timeout_ms", param, *FIRST_TOKEN_TIMEOUT_MS)
         assert base_url is not None
         assert model is not None
         out.append(
             LLMSpec(
                 base_url=base_url, model=model, api_key=Secret(key) if key else None,
                 think_block=cast("Literal['auto', 'template', 'none']", think),
-                max_tokens=max_tokens,
+                max_tokens=max_tokens, first_token_timeout_ms=first_token_ms,
             )
         )  # fmt: skip
     return tuple(out)

@@ -386,6 +386,10 @@ def _iso(value: Any) -> str:
     return text if value.tzinfo else text + "+00:00"
 
 
+ENTRY_SETTINGS: Final = ("max_tokens", "first_token_timeout_ms")
+"""An ``llm`` entry's own settings, stored and read back beside its URL and model."""
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedLLM:
     """An agent's endpoint with its key opened (in memory only)."""
@@ -394,6 +398,7 @@ class LoadedLLM:
     model: str
     api_key: Secret
     max_tokens: int | None = None
+    first_token_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,7 +498,7 @@ class Api:
             "tools": tools,
             "llm": [
                 {"base_url": e["base_url"], "model": e["model"]}
-                | ({"max_tokens": e["max_tokens"]} if e.get("max_tokens") is not None else {})
+                | {k: e[k] for k in ENTRY_SETTINGS if e.get(k) is not None}
                 for e in row.llm
             ],
             "created_at": _iso(row.created_at),
@@ -585,6 +590,11 @@ class Api:
                     "model": e.model,
                     "api_key": self.box.seal(e.api_key, context=f"{row_id}:llm.api_key", kid=kid),
                     **({"max_tokens": e.max_tokens} if e.max_tokens is not None else {}),
+                    **(
+                        {"first_token_timeout_ms": e.first_token_timeout_ms}
+                        if e.first_token_timeout_ms is not None
+                        else {}
+                    ),
                 }
                 for e in agent.llm
             ]
@@ -817,7 +827,12 @@ class Api:
                 key = self.box.open(entry["api_key"], context=f"{row.id}:llm.api_key")
             except SecretError as exc:
                 raise SecretError(f"agent {row.id} llm[{i}].api_key: {exc}") from None
-            llm.append(LoadedLLM(entry["base_url"], entry["model"], key, entry.get("max_tokens")))
+            llm.append(
+                LoadedLLM(
+                    entry["base_url"], entry["model"], key, entry.get("max_tokens"),
+                    entry.get("first_token_timeout_ms"),
+                )
+            )  # fmt: skip
         headers: dict[str, dict[str, Secret]] = {}
         for tool, stored in row.tool_secrets.items():
             headers[tool] = {}

@@ -190,7 +190,7 @@ class LiveSession:
         await self.runner.states.running(self.session_id, self.runner.limits.resume_grace_s)
         stt, tts = await self.runner.engines.get()
         assert self.spec.llm is not None
-        self._llm = self.runner.chat_client(*self.spec.endpoints)
+        self._llm = self.runner.chat_client(*self.spec.endpoints, max_tokens=self.spec.max_tokens)
         sink: Playout
         if self._make_playout is not None:
             sink = self._make_playout(self.spec.output_format.sample_rate)

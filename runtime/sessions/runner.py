@@ -15,7 +15,7 @@ from typing import Any
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
-from runtime.llm.client import ChatClient, Endpoint, RetryPolicy
+from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
 from runtime.llm.fallback import FallbackChatClient
 from runtime.llm.think import leading_from_setting
 from runtime.protocol import events as ev
@@ -134,15 +134,25 @@ class SessionRunner:
     def voice_known(self, voice: str) -> bool:
         return not self.voices or voice in self.voices
 
-    def chat_client(self, *entries: ev.LLMSpec) -> ChatClient | FallbackChatClient:
+    def chat_client(
+        self, *entries: ev.LLMSpec, max_tokens: int | None = None
+    ) -> ChatClient | FallbackChatClient:
         """The endpoint client of a session: one entry's :class:`ChatClient`, or a
         :class:`FallbackChatClient` over several (an entry with a next one does not
-        retry itself: a failure moves to the next entry at once)."""
+        retry itself: a failure moves to the next entry at once).
+
+        Args:
+            entries: the ``llm`` entries, in order; each one's ``max_tokens`` and
+                ``first_token_timeout_ms`` apply to its own requests.
+            max_tokens: the server's ``max_tokens``, for entries without their own.
+        """
         clients = [
             ChatClient(
                 Endpoint(llm.base_url, llm.model, llm.api_key), policy=self.policy,
                 resolver=self.resolver, leading_reasoning=leading_from_setting(llm.think_block),
                 retry=RetryPolicy(max_attempts=1) if i < len(entries) - 1 else None,
+                timeouts=entry_timeouts(llm),
+                max_tokens=llm.max_tokens if llm.max_tokens is not None else max_tokens,
             )
             for i, llm in enumerate(entries)
         ]  # fmt: skip
@@ -341,6 +351,7 @@ class SessionRunner:
             ev.LLMSpec(
                 base_url=entry.base_url, model=entry.model, api_key=entry.api_key,
                 max_tokens=getattr(entry, "max_tokens", None),
+                first_token_timeout_ms=getattr(entry, "first_token_timeout_ms", None),
             )
             for entry in agent.llm
         ]  # fmt: skip
@@ -568,11 +579,23 @@ class SessionRunner:
                     base_url=entry["base_url"], model=entry["model"],
                     api_key=self.box.open(sealed, context=f"{context}:llm:{i}") if sealed else None,
                     max_tokens=entry.get("max_tokens"),
+                    first_token_timeout_ms=entry.get("first_token_timeout_ms"),
                 ))  # fmt: skip
             spec = dataclasses.replace(
                 spec,
                 llm=ev.LLMSpec(base_url=llm[0]["base_url"], model=llm[0]["model"],
-                               api_key=api_key, max_tokens=llm[0].get("max_tokens")),
+                               api_key=api_key, max_tokens=llm[0].get("max_tokens"),
+                               first_token_timeout_ms=llm[0].get("first_token_timeout_ms")),
                 fallbacks=tuple(fallbacks),
             )  # fmt: skip
         return spec
+
+
+def entry_timeouts(entry: ev.LLMSpec) -> ClientTimeouts | None:
+    """The client deadlines of an ``llm`` entry: its ``first_token_timeout_ms`` bounds
+    its wait for the first token, retries included (``None``: the client's defaults,
+    4 s an attempt and 5 s in all)."""
+    if entry.first_token_timeout_ms is None:
+        return None
+    first = entry.first_token_timeout_ms / 1000
+    return ClientTimeouts(first_token_s=first, first_token_budget_s=first)

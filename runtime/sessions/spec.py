@@ -36,7 +36,8 @@ class SessionSpec:
     voice_id: str | None = None
     # What this server does differently from what the session asked (``warnings`` entries).
     warnings: tuple[Mapping[str, str], ...] = ()
-    # The server's chat-completions max_tokens (the llm entry's own wins; None: none sent).
+    # The server's chat-completions max_tokens (each llm entry's own wins; None: none sent).
+    # Sent by the entries' clients (see SessionRunner.chat_client), not by the core.
     max_tokens: int | None = None
 
     def public(self) -> dict[str, Any]:
@@ -69,11 +70,7 @@ class SessionSpec:
                 "format": self.output_format.to_json(),
                 "volume": self.volume,
             },
-            "llm": [
-                {"base_url": e.base_url, "model": e.model}
-                | ({"max_tokens": e.max_tokens} if e.max_tokens is not None else {})
-                for e in self.endpoints
-            ],
+            "llm": [entry_public(e) for e in self.endpoints],
             "warnings": [dict(w) for w in self.warnings],
         }
 
@@ -90,11 +87,8 @@ class SessionSpec:
             tools=tuple(_core_tool(t) for t in self.tools),
             turn_detection=self.turn_detection,
             warm_prompt=True,
-            max_tokens=(
-                self.llm.max_tokens
-                if self.llm is not None and self.llm.max_tokens is not None
-                else self.max_tokens
-            ),
+            # Each entry's client sends its max_tokens (the entry's own, else the server's).
+            max_tokens=None,
         )
 
     def apply(self, patch: ev.SessionPatch) -> SessionSpec:
@@ -149,6 +143,16 @@ class SessionSpec:
             if patch.output.format is not None and patch.output.format != self.output_format:
                 return "session.output.format"
         return None
+
+
+def entry_public(entry: ev.LLMSpec) -> dict[str, Any]:
+    """An ``llm`` entry as reads show it: no key; optional settings only when set."""
+    doc: dict[str, Any] = {"base_url": entry.base_url, "model": entry.model}
+    if entry.max_tokens is not None:
+        doc["max_tokens"] = entry.max_tokens
+    if entry.first_token_timeout_ms is not None:
+        doc["first_token_timeout_ms"] = entry.first_token_timeout_ms
+    return doc
 
 
 def _ignored(param: str) -> Mapping[str, str]:

@@ -86,3 +86,41 @@ def test_the_single_entry_setting_refuses_a_second_entry(tmp_path: Path):
         assert c.get(f"/v1/agents/{aid}").json()["llm"] == MASKED[:1]
     finally:
         stop(srv)
+
+
+def test_each_entry_keeps_its_own_settings_and_bad_values_name_the_field(tmp_path: Path):
+    srv = start_server(tmp_path / "data")
+    try:
+        c = srv.client()
+        entries = [
+            {**ENTRIES[0], "first_token_timeout_ms": 1200, "max_tokens": 90},
+            {**ENTRIES[1], "max_tokens": 150},
+        ]
+        for bad, message in (
+            (99, "greater than or equal to 100"),
+            (30_001, "less than or equal to 30000"),
+            (1200.5, "must be an integer"),
+            ("1200", "must be an integer"),
+            (True, "must be an integer"),
+        ):
+            body = {**AGENT, "llm": [entries[0], {**entries[1], "first_token_timeout_ms": bad}]}
+            r = c.post("/v1/agents", json=body)
+            assert r.status_code == 422, r.text
+            assert r.json()["param"] == "llm[1].first_token_timeout_ms"
+            assert message in r.json()["detail"] and KEYS[1] not in r.text
+        assert c.get("/v1/agents").json() == []
+        created = c.post("/v1/agents", json={**AGENT, "llm": entries})
+        assert created.status_code == 201, created.text
+        aid = created.json()["id"]
+        shown = [
+            {**MASKED[0], "max_tokens": 90, "first_token_timeout_ms": 1200},
+            {**MASKED[1], "max_tokens": 150},
+        ]
+        assert created.json()["llm"] == shown
+        assert c.get(f"/v1/agents/{aid}").json()["llm"] == shown
+        # PUT of other fields keeps the list and its settings; PUT of the list replaces them.
+        assert c.put(f"/v1/agents/{aid}", json={"name": "renamed"}).json()["llm"] == shown
+        r = c.put(f"/v1/agents/{aid}", json={"llm": [ENTRIES[1]]})
+        assert r.json()["llm"] == MASKED[1:2]
+    finally:
+        stop(srv)

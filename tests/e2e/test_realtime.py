@@ -465,6 +465,46 @@ async def test_an_inline_fallback_endpoint_answers_when_the_first_fails(
     assert not any(LLM_KEY in x or "sk-backup-77" in x for x in server.log.read_text().splitlines())
 
 
+async def test_each_inline_llm_entry_has_its_own_first_token_timeout_and_max_tokens(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    with EndpointThread(ReplyPlan(replies=("From the backup.",)), api_key="sk-backup-78") as backup:
+        client = await connect(server.ws)
+        update = inline(endpoint)
+        update["session"]["llm"][0] |= {"first_token_timeout_ms": 300, "max_tokens": 40}
+        second = {"base_url": backup.base_url, "model": "backup-model", "api_key": "sk-backup-78"}
+        # Bad values are typed errors naming the entry's field; the connection stays open.
+        for bad, message in ((50, "100"), (30_001, "30000"), (150.5, "integer"), ("300", "number")):
+            wrong = {**second, "first_token_timeout_ms": bad}
+            await client.send({**update, "session": {"llm": [*update["session"]["llm"], wrong]}})
+            err = await client.next("session.error")
+            assert isinstance(err, ev.SessionError)
+            assert err.param == "session.llm[1].first_token_timeout_ms", err
+            assert message in err.message and "sk-backup-78" not in err.message
+        update["session"]["llm"].append({**second, "max_tokens": 60})
+        await client.send(update)
+        ready = await client.next("session.ready")
+        assert isinstance(ready, ev.SessionReady)
+        assert ready.config is not None and ready.config["llm"] == [
+            {"base_url": endpoint.base_url, "model": "agent-model", "max_tokens": 40,
+             "first_token_timeout_ms": 300},
+            {"base_url": backup.base_url, "model": "backup-model", "max_tokens": 60},
+        ]  # fmt: skip
+        # The first entry says nothing: after its own 300 ms the backup answers.
+        endpoint.answer(ReplyPlan(fault="hang_headers"))
+        await client.send({"type": "reply.create"})
+        events = await client.until("reply.done")
+        assert not any(isinstance(e, ev.ReplyError) for e in events)
+        agent = next(e for e in events if isinstance(e, ev.TranscriptAgent))
+        assert agent.text == "From the backup." and events[-1].status == "completed"
+        hung, answered = endpoint.chats()[-1], backup.chats()[-1]
+        assert hung.body is not None and hung.body["max_tokens"] == 40
+        assert answered.body is not None and answered.body["max_tokens"] == 60
+    lines = [json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{")]
+    failover = [x for x in lines if x.get("logger") == "voxloop.llm" and x.get("entry") == 0]
+    assert failover and failover[-1]["kind"] == "timeout"
+
+
 async def test_an_inline_session_without_llm_is_told_clearly(
     server: Server, endpoint: EndpointThread, connect: Any
 ) -> None:

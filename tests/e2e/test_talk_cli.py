@@ -190,7 +190,9 @@ def test_repeated_base_urls_are_fallbacks_and_the_metrics_name_the_entry(tmp_pat
     assert "endpoint error" not in result.stdout  # no apology: the backup answered
     [turn] = json.loads(metrics.read_text())["turns"]
     assert (turn["llm_entry"], turn["llm_host"]) == (1, "127.0.0.1")
-    assert turn["llm_skipped"] == [[0, "server"]]
+    # The session's warm-up found the primary failing and opened its circuit: the
+    # first turn did not ask it again.
+    assert turn["llm_skipped"] == [[0, "circuit_open"]]
 
 
 def test_talk_fallback_flags_must_match_the_base_urls():

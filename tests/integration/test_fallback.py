@@ -10,8 +10,15 @@ import pytest
 
 from runtime.clock import ManualClock
 from runtime.errors import EndpointServerError, StreamDropped
-from runtime.llm.client import ChatRequest, ClientTimeouts, RetryPolicy
-from runtime.llm.fallback import CircuitBreaker, FallbackChatClient, FallbackPolicy
+from runtime.llm.client import TTFT_MEMORY, ChatRequest, ClientTimeouts, RetryPolicy
+from runtime.llm.fallback import (
+    EARLY_DEFAULT_S,
+    EARLY_MIN_S,
+    CircuitBreaker,
+    FallbackChatClient,
+    FallbackPolicy,
+    early_start_s,
+)
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.llm.stream import TextDelta
 
@@ -229,7 +236,8 @@ async def test_hedging_asks_the_next_entry_when_the_first_is_slow(
     assert len(server.requests) == 1 and len(backup.requests) == 1
     await server.requests[0].finished.wait()
     assert server.requests[0].disconnected_ns is not None  # the loser was closed
-    assert state(client.breakers[0]) == "closed" and client.breakers[0].failures == 0
+    # Losing the race counts as a failure (two in a row open the circuit).
+    assert state(client.breakers[0]) == "closed" and client.breakers[0].failures == 1
 
 
 def test_a_breaker_frees_its_probe_when_the_request_is_cancelled():
@@ -257,3 +265,128 @@ async def test_an_entry_that_always_fails_after_its_first_token_opens_its_circui
             await reply_text(client)
     assert state(client.breakers[0]) == "open" and backup.requests == []
     assert await reply_text(client) == ("From the backup.", 1, [(0, "circuit_open")])
+
+
+def test_the_next_entry_is_asked_early_by_the_entrys_measured_times_to_first_token():
+    # No time measured yet: the default; then twice the slowest of the last 8 times,
+    # never before EARLY_MIN_S, and not at all when that is not before the deadline.
+    assert (EARLY_DEFAULT_S, EARLY_MIN_S) == (1.5, 0.5)
+    assert early_start_s((), 4.0) == 1.5
+    assert early_start_s((0.01, 0.02), 4.0) == 0.5
+    assert early_start_s((0.4, 0.9, 0.3), 4.0) == 1.8
+    assert early_start_s((3.0, *[0.2] * 8), 4.0) == 0.5  # only the last 8 count
+    assert early_start_s((3.0, *[0.2] * 7), 4.0) is None  # 6 s: the deadline comes first
+    assert early_start_s((), 1.0) is None
+    with pytest.raises(ValueError, match="hedge_after_s"):
+        FallbackPolicy(hedge_after_s=0)
+
+
+def test_a_tripped_breaker_opens_at_once_and_half_opens_on_the_virtual_clock():
+    clock = ManualClock()
+    breaker = CircuitBreaker(clock, failure_threshold=3, open_s=30)
+    breaker.trip()
+    assert state(breaker) == "open" and breaker.failures == 3 and not breaker.allow()
+    clock.advance_ms(29_999)
+    assert state(breaker) == "open"
+    clock.advance_ms(1)
+    assert state(breaker) == "half_open" and breaker.allow()
+    breaker.success()
+    assert state(breaker) == "closed" and breaker.failures == 0
+
+
+async def test_a_silent_primary_costs_its_early_start_then_its_circuit_opens(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    # The warm-up measures the primary (loopback: a few ms), so the backup is asked
+    # after EARLY_MIN_S when the primary says nothing; its deadline is 4 s.
+    clock = ManualClock()
+    client = FallbackChatClient(
+        [
+            make_client(server.base_url, retry=NO_RETRY,
+                        timeouts=ClientTimeouts(first_token_s=4, first_token_budget_s=5)),
+            make_client(backup.base_url),
+        ],
+        clock=clock,
+    )  # fmt: skip
+    assert await client.warm_up("Be brief.") == "stop"
+    (measured,) = TTFT_MEMORY.recent((server.base_url, "test-model"))
+    assert 0 < measured < 0.25 and client.early_start_s(0) == EARLY_MIN_S
+    assert client.early_start_s(1) is None  # the last entry has no next one
+    server.plan = ReplyPlan(fault="hang_headers")
+    for _ in range(2):
+        assert await reply_text(client) == ("From the backup.", 1, [(0, "hedged")])
+    # Each lost race closed the primary's request and counted a failure: two opened it.
+    assert len(server.requests) == 3 and state(client.breakers[0]) == "open"
+    for request in server.requests[1:]:
+        await request.finished.wait()
+        assert request.disconnected_ns is not None
+    assert await reply_text(client) == ("From the backup.", 1, [(0, "circuit_open")])
+    assert len(server.requests) == 3 and len(backup.requests) == 3
+
+
+async def test_a_slow_primary_keeps_its_chance_and_the_backups_request_is_closed(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(replies=("From the primary.",), ttft_ms=900)
+    backup.plan = ReplyPlan(replies=("From the backup.",), ttft_ms=3000)
+    client = FallbackChatClient(
+        [make_client(server.base_url, retry=NO_RETRY), make_client(backup.base_url)],
+        clock=ManualClock(),
+    )
+    TTFT_MEMORY.record((server.base_url, "test-model"), 0.1)  # asked early after 0.5 s
+    assert await reply_text(client) == ("From the primary.", 0, [])
+    assert len(backup.requests) == 1
+    await backup.requests[0].finished.wait()
+    assert backup.requests[0].disconnected_ns is not None and backup.requests[0].tokens_sent == 0
+    assert client.breakers[0].failures == 0 and client.breakers[1].failures == 0
+    # The primary's time was learned: the next early start waits longer.
+    after = client.early_start_s(0)
+    assert after is not None and after > 1.8
+    assert after == pytest.approx(2 * max(TTFT_MEMORY.recent((server.base_url, "test-model"))))
+
+
+async def test_a_failed_warm_up_opens_the_circuit_and_warms_up_the_next_entry(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(fault="hang_headers")
+    client = pair(make_client, server.base_url, backup.base_url)  # deadline 0.4 s
+    assert await client.warm_up("Be brief.") == "stop"
+    assert state(client.breakers[0]) == "open"
+    assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
+    # The first turn already skips the primary: no request, no timeout paid.
+    assert await reply_text(client) == ("From the backup.", 1, [(0, "circuit_open")])
+    assert len(server.requests) == 1
+
+
+async def test_a_prewarm_that_cannot_connect_opens_the_circuit(
+    backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    client = pair(make_client, closed_port_url(), backup.base_url)
+    assert await client.prewarm() is True
+    assert state(client.breakers[0]) == "open"
+    assert [r.path for r in backup.requests] == ["/v1/models"]
+    assert await reply_text(client) == ("From the backup.", 1, [(0, "circuit_open")])
+
+
+async def test_each_entry_sends_its_own_max_tokens(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(fault="status", status=500)
+    client = FallbackChatClient(
+        [
+            make_client(server.base_url, retry=NO_RETRY, max_tokens=40),
+            make_client(backup.base_url, max_tokens=60),
+        ],
+        clock=ManualClock(),
+    )
+    assert (await reply_text(client))[1] == 1
+    assert server.requests[-1].body is not None and server.requests[-1].body["max_tokens"] == 40
+    assert backup.requests[-1].body is not None and backup.requests[-1].body["max_tokens"] == 60
+    # A request asking fewer keeps its own (the warm-up's 32); one asking more is capped.
+    assert await client.clients[1].warm_up("Be brief.") == "stop"
+    assert backup.requests[-1].body is not None and backup.requests[-1].body["max_tokens"] == 32
+    wide = ChatRequest(messages=REQ.messages, max_tokens=500)
+    async with client.clients[1].stream(wide) as stream:
+        async for _ in stream:
+            pass
+    assert backup.requests[-1].body is not None and backup.requests[-1].body["max_tokens"] == 60
