@@ -26,6 +26,11 @@ Whisper's previous-text prompt), so long turns are never re-decoded whole.
 **No text from silence.** Near-silent audio is not decoded at all, and a
 result Whisper itself marks as no-speech (``no_speech_prob`` > 0.6 with a low
 average log-probability, faster-whisper's own rule) is dropped.
+
+**Warm at load.** :meth:`WhisperSTT.load` decodes one second of quiet noise
+before it returns: CTranslate2's first encode and decode set up their buffers
+(~40 ms more than the next ones on one core), and without it the first user
+turn of a process pays that in its end-of-turn decision.
 """
 
 from __future__ import annotations
@@ -125,11 +130,29 @@ class WhisperSTT:
             fe(np.zeros(SAMPLE_RATE * 30, dtype=np.float32))[:, : fe.nb_max_frames]
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxloop-stt")
+        self.warmup_ms: float | None = None  # see warmup()
 
     @classmethod
     async def load(cls, model_dir: Path | None = None, config: WhisperConfig | None = None) -> Self:
-        """Load the model in a worker thread (0.2-1 s) without blocking the loop."""
-        return await asyncio.to_thread(cls, model_dir, config)
+        """Load the model and warm it (:meth:`warmup`) in a worker thread (0.3-1 s)
+        without blocking the loop."""
+
+        engine = await asyncio.to_thread(cls, model_dir, config)
+        await asyncio.to_thread(engine.warmup)
+        return engine
+
+    def warmup(self) -> float:
+        """Decode one second of quiet noise (-40 dBFS, fixed seed) and discard it (blocking).
+
+        The first decode of a process sets up the encoder's and decoder's buffers; this
+        pays for it before any user speaks. Returns the decode's time in ms, also kept
+        as :attr:`warmup_ms`.
+        """
+        noise = np.random.default_rng(0).normal(0.0, 0.01 * 32768, SAMPLE_RATE)
+        pcm = np.clip(noise, -32768, 32767).astype("<i2").tobytes()
+        _, ms, _, _ = self.decode_confident(pcm)
+        self.warmup_ms = ms
+        return ms
 
     @property
     def name(self) -> str:

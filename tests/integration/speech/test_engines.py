@@ -13,11 +13,13 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from audio.frame import AudioFrame
 from audio.reframe import Reframer
 from audio.resample import resample_all
+from audio.vad import frame_level_db
 from audio.wav import read_wav
 from runtime.bench.ttft import VOICE_QUESTIONS
 from runtime.speech.engines._common import ModelVerificationError, verify_sha256
 from runtime.speech.engines.espeak import EspeakTTS
 from runtime.speech.engines.piper import PiperTTS
+from runtime.speech.engines.whisper import _SILENCE_DBFS as SILENCE_DBFS
 from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import UnknownVoice
@@ -312,3 +314,26 @@ def test_model_files_are_verified(tmp_path: Path):
         verify_sha256(tmp_path / "absent.bin", "00")
     with pytest.raises(ModelVerificationError, match="no Whisper model"):
         WhisperSTT(model_dir=tmp_path / "empty")
+
+
+async def test_load_warms_the_decoder_once_on_audio_it_decodes():
+    heard: list[tuple[int, float, str]] = []
+
+    class Recording(WhisperSTT):
+        def decode_confident(
+            self, pcm: bytes, previous_text: str = ""
+        ) -> tuple[str, float, float | None, float | None]:
+            result = super().decode_confident(pcm, previous_text)
+            heard.append((len(pcm), frame_level_db(pcm), result[0]))
+            return result
+
+    engine = await Recording.load()
+    try:
+        # One second of 16 kHz audio, loud enough to be decoded (near-silence is skipped
+        # without running the model), giving no text.
+        [(size, level, text)] = heard
+        assert size == 32000 and text == ""
+        assert level > SILENCE_DBFS
+        assert engine.warmup_ms is not None and engine.warmup_ms > 0
+    finally:
+        await engine.aclose()
