@@ -27,13 +27,21 @@ an older client too::
 With ``--fallback`` a second, healthy reference endpoint is the ``llm`` list's
 second entry (``FallbackChatClient``, the first entry without retries of its
 own, as the session runner builds it): ``silence_s`` is then the caller's
-silence on the first failure of the faulty primary, and ``open_silence_s`` the
-silence once the primary's circuit is open (the requests in between are not
-measured)::
+silence on the first failure of the faulty primary (a new client's first
+request: no time to first token measured yet), ``warm_silence_s`` the first
+request of a new client after its warm-up (as a session sends it when it
+starts; the warm-up's own time is not the caller's), and ``open_silence_s``
+the silence once the primary's circuit is open (the requests in between are
+not measured)::
 
-    nice -n 10 python -m benchmarks.fault_silence --runs 3 --json one.json
-    nice -n 10 python -m benchmarks.fault_silence --runs 3 --fallback --json fallback.json
+    flock /work/notes/bench.lock nice -n 10 python -m benchmarks.fault_silence \
+        --runs 3 --json one.json
+    flock /work/notes/bench.lock nice -n 10 python -m benchmarks.fault_silence \
+        --runs 3 --fallback --json fallback.json
     python -m benchmarks.fault_silence --fallback-table one.json fallback.json
+
+A third file (``--fallback-table one.json fallback.json before.json``, the
+same run with ``--tree`` of an older tree) adds its first failure beside.
 
 The client is measured with its default deadlines and retries; a client that
 supports ``leading_reasoning`` is told the endpoint does not open think blocks
@@ -177,6 +185,9 @@ async def _orchestrate(args: argparse.Namespace, tree: Path, script: str) -> dic
         if args.fallback:
             summary[name]["open_silence_s"] = statistics.median(r["open_silence_s"] for r in runs)
             summary[name]["open_outcome"] = "/".join(sorted({r["open_outcome"] for r in runs}))
+            summary[name]["warm_silence_s"] = statistics.median(r["warm_silence_s"] for r in runs)
+            summary[name]["warm_outcome"] = "/".join(sorted({r["warm_outcome"] for r in runs}))
+            summary[name]["warm_skipped"] = runs[-1]["warm_skipped"]
             summary[name]["entry"] = runs[-1]["entry"]
             summary[name]["skipped"] = runs[-1]["skipped"]
     return {"tree": str(tree), "runs": args.runs, "fallback": args.fallback, "modes": summary}
@@ -199,12 +210,15 @@ async def _measure(url: str, fallback_url: str | None) -> dict[str, Any]:
     from runtime.llm.client import RetryPolicy
     from runtime.llm.fallback import FallbackChatClient
 
-    async with FallbackChatClient(
-        [
-            ChatClient(Endpoint(url, "any"), retry=RetryPolicy(max_attempts=1), **kwargs),
-            ChatClient(Endpoint(fallback_url, "any"), **kwargs),
-        ]
-    ) as fallback:
+    def pair() -> FallbackChatClient:
+        return FallbackChatClient(
+            [
+                ChatClient(Endpoint(url, "any"), retry=RetryPolicy(max_attempts=1), **kwargs),
+                ChatClient(Endpoint(fallback_url, "any"), **kwargs),
+            ]
+        )
+
+    async with pair() as fallback:
         first = await _one(fallback)
         # Open the primary's circuit (if it fails), then measure the next request.
         for _ in range(fallback.policy.failure_threshold):
@@ -215,6 +229,13 @@ async def _measure(url: str, fallback_url: str | None) -> dict[str, Any]:
     first["open_silence_s"] = opened["silence_s"]
     first["open_outcome"] = opened["outcome"]
     first["circuit"] = fallback.breakers[0].state
+    # A session's start: the warm-up, then the first turn.
+    async with pair() as warmed:
+        await warmed.warm_up("You are a helpful assistant.")
+        after = await _one(warmed)
+    first["warm_silence_s"] = after["silence_s"]
+    first["warm_outcome"] = after["outcome"]
+    first["warm_skipped"] = after["skipped"]
     return first
 
 
@@ -285,25 +306,32 @@ def _table(before_path: str, after_path: str) -> str:
     return "\n".join(rows)
 
 
-def _fallback_table(one_path: str, fallback_path: str) -> str:
+def _fallback_table(one_path: str, fallback_path: str, before_path: str | None = None) -> str:
     one = json.loads(Path(one_path).read_text())["modes"]
     fb = json.loads(Path(fallback_path).read_text())["modes"]
+    before = json.loads(Path(before_path).read_text())["modes"] if before_path else None
     # The circuit-open request is a later one (its connection is warm): it is compared
     # with the healthy primary's request at the same position.
     healthy = fb["healthy"]["open_silence_s"]
-    rows = [
-        "| primary endpoint fault | one endpoint: silence (s), outcome "
-        "| with a fallback, first failure: silence (s), outcome "
-        "| circuit open: silence (s), outcome | circuit open minus a healthy primary (ms) |",
-        "|---|---|---|---|---:|",
+    head = ["primary endpoint fault", "one endpoint: silence (s), outcome"]
+    if before is not None:
+        head.append("first failure, before: silence (s), outcome")
+    head += [
+        "first failure: silence (s), outcome",
+        "first turn after the warm-up: silence (s), outcome",
+        "circuit open: silence (s), outcome",
+        "circuit open minus a healthy primary (ms)",
     ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(head) - 1) + "---:|"]
     for name, (desc, _) in MODES.items():
         o, f = one[name], fb[name]
         extra = (f["open_silence_s"] - healthy) * 1000
-        cells = [
-            desc,
-            f"{_silence(o)}, {o['outcome']}",
+        cells = [desc, f"{_silence(o)}, {o['outcome']}"]
+        if before is not None:
+            cells.append(f"{_silence(before[name])}, {before[name]['outcome']}")
+        cells += [
             f"{_silence(f)}, {f['outcome']}",
+            f"{f['warm_silence_s']:.2f}, {f['warm_outcome']}",
             f"{f['open_silence_s']:.2f}, {f['open_outcome']}",
             f"{extra:.0f}",
         ]
@@ -322,12 +350,16 @@ def main() -> None:
         "--fallback", action="store_true", help="a healthy second endpoint behind the faulty one"
     )
     parser.add_argument("--fallback-url", help=argparse.SUPPRESS)
-    parser.add_argument("--fallback-table", nargs=2, metavar=("ONE", "FALLBACK"))
+    parser.add_argument(
+        "--fallback-table", nargs="+", metavar="FILE", help="ONE FALLBACK [FALLBACK_BEFORE]"
+    )
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(asyncio.run(_measure(args.measure, args.fallback_url))))
         return
     if args.fallback_table:
+        if len(args.fallback_table) not in (2, 3):
+            parser.error("--fallback-table takes ONE FALLBACK [FALLBACK_BEFORE]")
         print(_fallback_table(*args.fallback_table))
         return
     if args.table:

@@ -9,6 +9,14 @@ time the speech segmenter would release the first segment
 (the key redacted). Failures and hangs are counted, never fatal: the deadline
 (``timeout_s``) bounds every request.
 
+With ``fallback=True`` the targets are one ``llm`` list instead, in order: every
+request goes through the :class:`~runtime.llm.fallback.FallbackChatClient` a
+session builds (every entry but the last without retries of its own, a
+session's deadlines, circuits and early start). Each request then records which
+entry answered (``entry``), which were skipped and why (``skipped``) and
+``caller_ttft_ms``: from the request's start to the first token, connect and
+the entries that failed included — the wait the caller hears.
+
 Error kinds are the endpoint client's (``auth``, ``rate_limit``, ``server``,
 ``rejected``, ``timeout``, ``stall``, ``malformed``, ``dropped``,
 ``connect``, ``tls``) plus ``dns`` (the host name does not resolve),
@@ -38,11 +46,11 @@ from runtime.errors import EndpointError, URLPolicyError
 from runtime.llm.client import (
     ChatClient,
     ChatRequest,
-    ChatStream,
     ClientTimeouts,
     Endpoint,
     RetryPolicy,
 )
+from runtime.llm.fallback import FallbackChatClient, FallbackStream
 from runtime.llm.stream import TextDelta
 from runtime.secret import Secret
 from runtime.speech.text import SpeechSegmenter
@@ -160,12 +168,19 @@ class RequestResult:
     itl_ms: list[float] = field(default_factory=list)
     started_ns: int | None = None
     reply: str = ""
+    # Fallback runs: the entry that answered, the entries skipped ``(index, reason)``,
+    # and the wait from the request's start to the first token (ms).
+    entry: int | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    caller_ttft_ms: float | None = None
 
 
 @dataclass(slots=True)
 class EndpointReport:
     target: BenchTarget
     results: list[RequestResult] = field(default_factory=list)
+    entries: list[BenchTarget] = field(default_factory=list)
+    """A fallback run's ``llm`` list, in order (empty for one endpoint)."""
 
     @property
     def warm(self) -> list[RequestResult]:
@@ -202,8 +217,12 @@ class EndpointReport:
             passed = sum(passes(r) for r in warm)
             rate = passed / len(warm) if warm else None
             slo = {"slo": {"passed": passed, "total": len(warm), "pass_rate": rate}}
+        fallback: dict[str, Any] = {}
+        if self.entries:
+            fallback = {"fallback": self.fallback_json()}
         return {
             **slo,
+            **fallback,
             "name": self.target.name,
             "base_url": self.target.base_url,
             "model": self.target.model,
@@ -222,6 +241,38 @@ class EndpointReport:
                 "headers_ms": cold.headers_ms,
                 "e2e_ms": cold.e2e_ms,
             },
+        }
+
+    def fallback_json(self) -> dict[str, Any]:
+        """A fallback run: the entries, who answered the warm requests, the caller's
+        TTFT and every request (cold and warm-up included) with its entry and skips."""
+        names = [t.name for t in self.entries]
+
+        def name(index: int | None) -> str | None:
+            return None if index is None else names[index]
+
+        answered = Counter(name(r.entry) for r in self.warm if r.ok)
+        return {
+            "entries": [
+                {"name": t.name, "base_url": t.base_url, "model": t.model} for t in self.entries
+            ],
+            "answered_by": {n: answered.get(n, 0) for n in names},
+            "caller_ttft_ms": summarize(
+                [r.caller_ttft_ms for r in self.warm if r.ok and r.caller_ttft_ms is not None]
+            ),
+            "requests": [
+                {
+                    "phase": r.phase,
+                    "index": r.index,
+                    "ok": r.ok,
+                    "entry": name(r.entry),
+                    "skipped": [{"entry": names[i], "reason": why} for i, why in r.skipped],
+                    "caller_ttft_ms": r.caller_ttft_ms,
+                    "ttft_ms": r.ttft_ms,
+                    "error": r.error,
+                }
+                for r in self.results
+            ],
         }
 
 
@@ -317,6 +368,7 @@ class TTFTBenchmark:
         resolver: host resolver (injectable).
         clock: monotonic clock.
         on_result: called after every request (progress display).
+        fallback: the targets are one ``llm`` list (see the module docstring).
     """
 
     def __init__(
@@ -330,7 +382,11 @@ class TTFTBenchmark:
         clock: Clock | None = None,
         on_result: ProgressHook | None = None,
         env: dict[str, str] | None = None,
+        fallback: bool = False,
     ) -> None:
+        if fallback and len(targets) < 2:
+            raise ValueError("a fallback run needs at least two endpoints")
+        self.fallback = fallback
         self.targets = list(targets)
         self.settings = settings
         self.prompts = [list(p) for p in prompts] if prompts else None
@@ -341,7 +397,13 @@ class TTFTBenchmark:
         self._env = env if env is not None else dict(os.environ)
         self._sent = 0
 
-    def _client(self, target: BenchTarget) -> ChatClient:
+    def _client(
+        self,
+        target: BenchTarget,
+        *,
+        timeouts: ClientTimeouts | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> ChatClient:
         key: Secret | None = None
         if target.api_key_env:
             value = self._env.get(target.api_key_env)
@@ -354,20 +416,45 @@ class TTFTBenchmark:
             policy=self._policy,
             resolver=self._resolver,
             clock=self._clock,
-            timeouts=ClientTimeouts(
-                connect_s=t, first_token_s=t, first_token_budget_s=t, stall_s=t
-            ),
-            retry=RetryPolicy(max_attempts=1),
+            timeouts=timeouts
+            or ClientTimeouts(connect_s=t, first_token_s=t, first_token_budget_s=t, stall_s=t),
+            retry=retry or RetryPolicy(max_attempts=1),
             http2=self.settings.http2,
         )
 
+    def _fallback_client(self) -> FallbackChatClient:
+        """The targets as a session's ``llm`` list: a session's deadlines, every entry
+        but the last without retries of its own."""
+        for t in self.targets:
+            if t.api_key_env and t.api_key_env not in self._env:
+                raise ValueError(f"environment variable {t.api_key_env} is not set")
+        last = len(self.targets) - 1
+        clients = [
+            self._client(
+                t,
+                timeouts=ClientTimeouts(),
+                retry=RetryPolicy() if i == last else RetryPolicy(max_attempts=1),
+            )
+            for i, t in enumerate(self.targets)
+        ]
+        return FallbackChatClient(clients, clock=self._clock)
+
     async def run(self) -> list[EndpointReport]:
+        if self.fallback:
+            return [await self.run_target(self.fallback_target())]
         return [await self.run_target(target) for target in self.targets]
 
+    def fallback_target(self) -> BenchTarget:
+        """The one target a fallback run reports on (named ``fallback``; its URL and
+        model are the first entry's)."""
+        first = self.targets[0]
+        return BenchTarget(name="fallback", base_url=first.base_url, model=first.model)
+
     async def run_target(self, target: BenchTarget) -> EndpointReport:
-        report = EndpointReport(target)
+        report = EndpointReport(target, entries=list(self.targets) if self.fallback else [])
+        client: ChatClient | FallbackChatClient
         try:
-            client = self._client(target)
+            client = self._fallback_client() if self.fallback else self._client(target)
         except (URLPolicyError, ValueError) as exc:
             kind, message = config_kind(exc), str(exc)
             report.results.extend(
@@ -385,7 +472,9 @@ class TTFTBenchmark:
             report.results.extend(await self._warm(client, target))
         return report
 
-    async def _warm(self, client: ChatClient, target: BenchTarget) -> list[RequestResult]:
+    async def _warm(
+        self, client: ChatClient | FallbackChatClient, target: BenchTarget
+    ) -> list[RequestResult]:
         results: list[RequestResult] = []
         pending = iter(range(self.settings.requests))
 
@@ -402,7 +491,7 @@ class TTFTBenchmark:
         return results
 
     @staticmethod
-    def _redacted(client: ChatClient, message: str) -> str:
+    def _redacted(client: ChatClient | FallbackChatClient, message: str) -> str:
         key = client.endpoint.api_key
         return key.redact(message) if key is not None else message
 
@@ -444,7 +533,7 @@ class TTFTBenchmark:
 
     async def _one(
         self,
-        client: ChatClient,
+        client: ChatClient | FallbackChatClient,
         target: BenchTarget,
         index: int,
         phase: str,
@@ -457,7 +546,7 @@ class TTFTBenchmark:
         result.started_ns = self._clock.now_ns()
         segmenter = SpeechSegmenter()
         first_segment_ns: int | None = None
-        stream: ChatStream | None = None
+        stream: Any = None
         reply: list[str] = []
         try:
             async with client.stream(request) as stream:
@@ -479,7 +568,12 @@ class TTFTBenchmark:
             result.message = self._redacted(client, str(exc))
         if stream is None:
             return result
+        if isinstance(stream, FallbackStream):
+            result.entry = stream.entry if result.ok else None
+            result.skipped = list(stream.skipped)
         t = stream.timings
+        if t.first_token_ns is not None and result.started_ns is not None:
+            result.caller_ttft_ms = ns_to_ms(t.first_token_ns - result.started_ns)
         result.new_connection = t.new_connection
         result.headers_ms = t.headers_ms
         result.first_event_ms = t.first_event_ms
@@ -522,8 +616,20 @@ def write_json(
 CSV_FIELDS: Final = (
     "endpoint", "index", "phase", "ok", "error", "message", "new_connection", "headers_ms",
     "first_event_ms", "ttft_ms", "first_answer_ms", "first_sentence_ms", "ttst_ms", "tpot_ms",
-    "e2e_ms", "output_tokens", "tokens_per_s", "itl_ms_mean",
+    "e2e_ms", "output_tokens", "tokens_per_s", "itl_ms_mean", "entry", "skipped",
+    "caller_ttft_ms",
 )  # fmt: skip
+
+
+def csv_row(r: RequestResult) -> dict[str, Any]:
+    """One request as a CSV row (``CSV_FIELDS``; ``skipped`` as ``index:reason`` pairs)."""
+    row = asdict(r)
+    row.pop("started_ns")
+    row.pop("reply")
+    gaps = row.pop("itl_ms")
+    row["itl_ms_mean"] = sum(gaps) / len(gaps) if gaps else None
+    row["skipped"] = " ".join(f"{i}:{why}" for i, why in r.skipped)
+    return row
 
 
 def write_csv(reports: Sequence[EndpointReport], path: Path) -> None:
@@ -532,12 +638,7 @@ def write_csv(reports: Sequence[EndpointReport], path: Path) -> None:
         writer.writeheader()
         for report in reports:
             for r in report.results:
-                row = asdict(r)
-                row.pop("started_ns")
-                row.pop("reply")
-                gaps = row.pop("itl_ms")
-                row["itl_ms_mean"] = sum(gaps) / len(gaps) if gaps else None
-                writer.writerow(row)
+                writer.writerow(csv_row(r))
 
 
 def write_plot(reports: Sequence[EndpointReport], path: Path) -> None:

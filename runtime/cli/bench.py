@@ -160,6 +160,13 @@ def register(sub: Any) -> None:
         default=10.0,
         help="--compare marks changes of at least this many percent",
     )
+    p.add_argument(
+        "--fallback",
+        action="store_true",
+        help="the --base-url endpoints are one llm list, in order: every request goes through "
+        "the fallback client a session uses, and the report says per request which entry "
+        "answered, which were skipped and why, and the TTFT the caller waits",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_bench_ttft)
 
@@ -232,6 +239,14 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not targets and not args.reference:
         raise UsageError("give at least one --base-url, a --config file, or --reference")
+    if args.fallback:
+        if sweep is not None or args.reference:
+            raise UsageError(
+                "--fallback runs one llm list: it does not combine with --reference or the "
+                "load sweep options"
+            )
+        if len(targets) < 2:
+            raise UsageError("--fallback needs at least two endpoints (repeat --base-url)")
     if args.plot_path is not None and args.plot_path.suffix.lower() not in (
         ".png",
         ".svg",
@@ -274,7 +289,7 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
             )
         if sweep is not None:
             return _run_sweep(args, targets, settings, prompts, slo, sweep)
-        reports = _run_bench(targets, settings, prompts, quiet=args.quiet)
+        reports = _run_bench(targets, settings, prompts, quiet=args.quiet, fallback=args.fallback)
         extra: dict[str, Any] = {}
         if reference is not None:
             records = [r for r in reference.records() if r.path.endswith("/chat/completions")]
@@ -422,9 +437,8 @@ def _run_sweep(
 
 def _write_sweep_csv(sweeps: list[Any], path: Path) -> None:
     import csv
-    from dataclasses import asdict
 
-    from runtime.bench.ttft import CSV_FIELDS
+    from runtime.bench.ttft import CSV_FIELDS, csv_row
 
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=("load", *CSV_FIELDS))
@@ -432,12 +446,7 @@ def _write_sweep_csv(sweeps: list[Any], path: Path) -> None:
         for sweep in sweeps:
             for step in sweep.steps:
                 for r in step.results:
-                    row = asdict(r)
-                    row.pop("started_ns")
-                    row.pop("reply")
-                    gaps = row.pop("itl_ms")
-                    row["itl_ms_mean"] = sum(gaps) / len(gaps) if gaps else None
-                    writer.writerow({"load": step.load, **row})
+                    writer.writerow({"load": step.load, **csv_row(r)})
 
 
 def _print_sweep(doc: dict[str, Any]) -> None:
@@ -550,7 +559,12 @@ def _cmd_compare(a: Path, b: Path, threshold: float) -> int:
 
 
 def _run_bench(
-    targets: list[Any], settings: Any, prompts: list[Any] | None, *, quiet: bool
+    targets: list[Any],
+    settings: Any,
+    prompts: list[Any] | None,
+    *,
+    quiet: bool,
+    fallback: bool = False,
 ) -> list[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -567,13 +581,17 @@ def _run_bench(
         transient=True,
         console=rich_console(stderr=True),
     ) as progress:
-        tasks = {t.name: progress.add_task(t.name, total=per_target, status="") for t in targets}
+        tasks: dict[str, Any] = {}
 
         def on_result(name: str, result: Any) -> None:
             status = f"ttft {result.ttft_ms:.0f} ms" if result.ttft_ms else (result.error or "")
             progress.update(tasks[name], advance=1, status=status)
 
-        bench = TTFTBenchmark(targets, settings, prompts=prompts, on_result=on_result)
+        bench = TTFTBenchmark(
+            targets, settings, prompts=prompts, on_result=on_result, fallback=fallback
+        )
+        for t in [bench.fallback_target()] if fallback else targets:
+            tasks[t.name] = progress.add_task(t.name, total=per_target, status="")
         reports: list[Any] = asyncio.run(bench.run())
     return reports
 
@@ -647,9 +665,40 @@ def _print_reports(reports: list[Any], extra: dict[str, Any]) -> None:
                     metric, *(fmt(stats[s]) for s in ("p50", "p90", "p95", "p99", "max", "mean"))
                 )
         console.print(detail)
+    for doc in docs:
+        if "fallback" in doc:
+            _print_fallback(doc["fallback"])
     ref = extra.get("reference_server")
     if ref:
         console.print(
             f"reference endpoint: server-side ttft p50 {ref['ttft_ms_p50']:.2f} ms "
             f"(configured {ref['configured_ttft_ms']:.0f} ms)"
         )
+
+
+def _print_fallback(fb: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = rich_console()
+    names = [e["name"] for e in fb["entries"]]
+    table = Table(title="Fallback: per request (caller ttft: from the request's start, ms)")
+    for column in ("phase", "#", "answered by", "skipped (why)", "caller ttft", "entry ttft"):
+        table.add_column(column, justify="right" if "ttft" in column or column == "#" else "left")
+    for r in fb["requests"]:
+        skipped = ", ".join(f"{s['entry']} ({s['reason']})" for s in r["skipped"]) or "-"
+        table.add_row(
+            r["phase"],
+            str(r["index"]),
+            r["entry"] or f"none ({r['error']})",
+            skipped,
+            fmt(r["caller_ttft_ms"]),
+            fmt(r["ttft_ms"]),
+        )
+    console.print(table)
+    counts = ", ".join(f"{n} {fb['answered_by'][n]}" for n in names)
+    ttft = fb["caller_ttft_ms"] or {}
+    console.print(
+        f"warm requests answered by: {counts}; caller ttft p50 {fmt(ttft.get('p50'))} ms, "
+        f"p95 {fmt(ttft.get('p95'))} ms, max {fmt(ttft.get('max'))} ms",
+        highlight=False,
+    )
