@@ -12,7 +12,7 @@ from audio.g711 import alaw_encode, ulaw_encode
 from runtime.agents.secrets import KeyRing, SecretBox
 from runtime.conversation.config import TurnDetection
 from runtime.endpoints import StaticResolver, URLPolicy
-from runtime.llm.client import ChatClient
+from runtime.llm.client import ChatClient, ClientTimeouts
 from runtime.llm.fallback import FallbackChatClient
 from runtime.protocol import events as ev
 from runtime.secret import Secret
@@ -342,3 +342,32 @@ async def test_each_entry_url_is_checked_and_the_single_entry_setting_refuses_a_
     single = strict.chat_client(*one.endpoints)
     assert isinstance(single, ChatClient)
     await single.aclose()
+
+
+async def test_each_entry_keeps_its_own_settings_through_the_client_and_a_resume() -> None:
+    runner = SessionRunner(
+        load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+        resolver=StaticResolver(HOSTS), default_llm=None, voices=frozenset(), engines=Engines(),
+        max_tokens=300,
+    )  # fmt: skip
+    own = {**LLMS[0], "first_token_timeout_ms": 800, "max_tokens": 50}
+    spec = await runner.bind(patch({"llm": [own, LLMS[1]]}))
+    assert spec.public()["llm"] == [
+        {"base_url": "https://a.example/v1", "model": "ma", "max_tokens": 50,
+         "first_token_timeout_ms": 800},
+        {"base_url": "https://b.example/v1", "model": "mb"},
+    ]  # fmt: skip
+    assert spec.core_config().max_tokens is None  # each entry's client sends its own
+    client = runner.chat_client(*spec.endpoints, max_tokens=spec.max_tokens)
+    assert isinstance(client, FallbackChatClient)
+    first, second = client.clients
+    assert (first.max_tokens, second.max_tokens) == (50, 300)  # the server's for the second
+    assert first.timeouts == ClientTimeouts(first_token_s=0.8, first_token_budget_s=0.8)
+    assert second.timeouts == ClientTimeouts()
+    await client.aclose()
+    owner = Principal(kind="key", owner=key_owner("operator-key"))
+    live = runner.start(spec, owner, lambda e: None)
+    runner.attach(live, lambda: None)
+    await runner.release(live, keep=True)
+    resumed = await runner.resume(live.session_id, owner, lambda e: None)
+    assert resumed.spec.endpoints == spec.endpoints and resumed.spec.max_tokens == 300
