@@ -2,9 +2,10 @@
 
 The server process (this one) runs the voxloop app (uvicorn, the Twilio bridge,
 the session host, the conversation core) and nothing else. A helper process
-(``--callers``) runs everything around it on loopback: an OpenAI-compatible
-audio stand-in (``/v1/audio/transcriptions`` answers a fixed sentence after
-50 ms; ``/v1/audio/speech`` streams 24 kHz PCM, 70 ms per character), the
+(``--callers``) runs everything around it on loopback: the OpenAI-compatible
+audio stand-in of :mod:`benchmarks.standins` (``/v1/audio/transcriptions`` answers a
+fixed sentence after 50 ms; ``/v1/audio/speech`` streams 24 kHz PCM, 70 ms per
+character), the
 reference chat endpoint, and N simultaneous callers driven by streamdouble
 (Twilio Media Streams with pacing and mark echoes): each hears the greeting,
 asks a question (real speech, ``tests/data/speech/shared-00-piper.wav``) and
@@ -42,69 +43,16 @@ from typing import Any
 
 import httpx
 
+from benchmarks.machine import lag_p99_ms, start_lag_probe
+from benchmarks.standins import REPLY, audio_app, serve_app
+
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech"
 QUESTION = SPEECH / "shared-00-piper.wav"
 TOKEN = "bench-twilio-token"
 KEY = "bench-key"
-SENTENCE = "What's the weather like in Paris today?"
-
-
-PROBE = """
-import select, sys, time
-lags = []
-while not select.select([sys.stdin], [], [], 0)[0]:
-    t = time.monotonic()
-    time.sleep(0.01)
-    lags.append((time.monotonic() - t - 0.01) * 1000)
-lags.sort()
-print(lags[min(len(lags) - 1, int(len(lags) * 0.99))])
-"""
 
 
 # -- the helper process: stand-ins and callers ------------------------------------------------
-
-
-def _audio_app() -> Any:
-    import numpy as np
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
-    async def transcriptions(request: Request) -> JSONResponse:
-        await request.form()
-        await asyncio.sleep(0.05)
-        return JSONResponse({"text": SENTENCE})
-
-    async def speech(request: Request) -> StreamingResponse:
-        body = await request.json()
-        seconds = 0.07 * len(str(body.get("input", "")))
-        t = np.arange(int(24000 * seconds)) / 24000
-        pcm = (np.sin(2 * np.pi * 220 * t) * 3000).astype("<i2").tobytes()
-
-        async def chunks() -> Any:
-            for i in range(0, len(pcm), 9600):
-                yield pcm[i : i + 9600]
-                await asyncio.sleep(0)
-
-        return StreamingResponse(chunks(), media_type="audio/pcm")
-
-    return Starlette(routes=[
-        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-        Route("/v1/audio/speech", speech, methods=["POST"]),
-    ])  # fmt: skip
-
-
-async def _serve_app(app: Any) -> tuple[Any, int]:
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return (server, task), port
 
 
 async def _one_call(url: str, agent_id: str, index: int, delay: float) -> dict[str, Any]:
@@ -155,10 +103,8 @@ async def callers_main() -> None:
     from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 
     _signed()
-    _, audio_port = await _serve_app(_audio_app())
-    async with ReferenceEndpoint(
-        ReplyPlan(replies=("It is sunny in Paris today, twenty degrees.",), ttft_ms=100, itl_ms=10)
-    ) as llm:
+    _, audio_port = await serve_app(audio_app())
+    async with ReferenceEndpoint(ReplyPlan(replies=(REPLY,), ttft_ms=100, itl_ms=10)) as llm:
         print(json.dumps({"audio": f"http://127.0.0.1:{audio_port}/v1",
                           "llm": llm.base_url}), flush=True)  # fmt: skip
         loop = asyncio.get_running_loop()
@@ -268,9 +214,7 @@ async def server_main(counts: list[int], spread: float, out: Path | None) -> Non
 
         watcher = loop.create_task(monitor())
         # The machine's own lag next to ours: an idle process timing the same 10 ms sleeps.
-        probe = subprocess.Popen(  # noqa: ASYNC220 - runs beside the round
-            [sys.executable, "-c", PROBE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        probe = start_lag_probe()
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         wall0 = time.monotonic()
         rss0 = _rss_mb()
@@ -288,7 +232,7 @@ async def server_main(counts: list[int], spread: float, out: Path | None) -> Non
             await asyncio.sleep(0.05)
         stop.set()
         await watcher
-        baseline, _ = probe.communicate("\n", timeout=30)
+        baseline = lag_p99_ms(probe)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         wall = time.monotonic() - wall0
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)

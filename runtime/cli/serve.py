@@ -38,8 +38,8 @@ settings (environment variables; flags override the first three):
                           1 (any private address) or comma-separated hosts/CIDRs that
                           endpoints may use (a loopback VOXLOOP_LLM_BASE_URL needs it)
   VOXLOOP_STATIC_HOSTS    JSON {"host": ["address", …]} answered instead of DNS
-  (realtime limits and engines: VOXLOOP_MAX_SESSIONS, VOXLOOP_STT, VOXLOOP_TTS, … in
-  the deployment docs)
+  (realtime limits and engines: VOXLOOP_MAX_SESSIONS, VOXLOOP_STT, VOXLOOP_TTS,
+  VOXLOOP_STT_BASE_URL, … in the deployment docs)
 
 realtime: the Voice Agent WebSocket is ws://HOST:PORT/v1/ws (voxloop connect
 ws://HOST:PORT); the speech engines load when the server starts ("speech engines

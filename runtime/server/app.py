@@ -105,6 +105,8 @@ from runtime.speech.voices import VoiceMap, voice_map_from_env
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from runtime.speech.engines.registry import RemoteOptions
+
 log = logging.getLogger("voxloop.server")
 
 MAX_BODY: Final = 1 << 20
@@ -139,6 +141,9 @@ class Settings:
     default_llm: LLMSpec | None = None
     stt_engine: str = "whisper"
     tts_engine: str = "piper"
+    # Where remote speech engines live (VOXLOOP_STT_BASE_URL …; None: embedded engines).
+    stt_remote: RemoteOptions | None = None
+    tts_remote: RemoteOptions | None = None
     twilio: TwilioSettings = field(default_factory=TwilioSettings)
     page: PageSettings = field(default_factory=PageSettings)
     # Live state shared by several workers (resume, token uses, rate limits); None: memory.
@@ -195,7 +200,12 @@ def settings_from_env(
             or no API key is configured.
         SecretError: the key ring cannot be read.
     """
-    from runtime.speech.engines.registry import installed_voice_ids, known_voices, voice_ids
+    from runtime.speech.engines.registry import (
+        installed_voice_ids,
+        known_voices,
+        remote_options_from_env,
+        voice_ids,
+    )
 
     keys = frozenset(k.strip() for k in env.get("VOXLOOP_API_KEYS", "").split(",") if k.strip())
     if not keys:
@@ -219,7 +229,10 @@ def settings_from_env(
         if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
             raise ValueError("VOXLOOP_STATIC_HOSTS must be a JSON object of host -> [addresses]")
         resolver = StaticResolver({str(k): [str(a) for a in v] for k, v in table.items()})
-    tts_engine = env.get("VOXLOOP_TTS", "piper")
+    stt_engine = env.get("VOXLOOP_STT", "whisper").strip() or "whisper"
+    tts_engine = env.get("VOXLOOP_TTS", "piper").strip() or "piper"
+    stt_remote = remote_options_from_env(env, "STT", stt_engine, policy)
+    tts_remote = remote_options_from_env(env, "TTS", tts_engine, policy)
     voice_map = voice_map_from_env(
         env, tts_engine, [v for v in known_voices() if v.engine == tts_engine]
     )
@@ -234,7 +247,8 @@ def settings_from_env(
         keys, directory, url, ring, policy, resolver,
         voice_ids(known_voices()) | voice_map.names(), installed_voice_ids(), key_file=key_file,
         limits=RunnerLimits.from_env(env), default_llm=default_llm_from_env(env),
-        stt_engine=env.get("VOXLOOP_STT", "whisper"), tts_engine=tts_engine,
+        stt_engine=stt_engine, tts_engine=tts_engine, stt_remote=stt_remote,
+        tts_remote=tts_remote,
         twilio=TwilioSettings.from_env(env),
         page=PageSettings.from_env(env),
         redis_url=_redis_url(env.get("VOXLOOP_REDIS_URL", "").strip()) or None,
@@ -992,7 +1006,10 @@ class CloseAfterError:
 def create_app(settings: Settings) -> Starlette:
     store = Store(settings.database_url)
     api = Api(settings, store)
-    engines = Engines(settings.stt_engine, settings.tts_engine)
+    engines = Engines(
+        settings.stt_engine, settings.tts_engine, stt_remote=settings.stt_remote,
+        tts_remote=settings.tts_remote,
+    )  # fmt: skip
     states = RedisSessionStore(api.redis, settings.redis_prefix) if api.redis is not None else None
     runner = SessionRunner(
         load_agent=api.load_agent, box=api.box, policy=settings.policy, resolver=settings.resolver,

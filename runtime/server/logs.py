@@ -64,6 +64,7 @@ FIELDS: Final = (
     "pacing_p50_ms",
     "pacing_p99_ms",
     "pacing_max_ms",
+    "underrun_ms",
     # per-turn metrics (runtime.conversation.events.TurnMetrics, in ms)
     "interrupted",
     "speculative",

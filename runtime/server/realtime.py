@@ -412,6 +412,7 @@ class Connection:
             **self._fields, "reason": reason,
             "duration_s": round(time.time() - live.started_at, 3),
             "tasks": len(asyncio.all_tasks()),  # the worker's, for leak checks (benchmarks/soak.py)
+            **live.pacing(),
         })  # fmt: skip
         if reason == "failed":
             await self._send_now(_error_event("internal_error", "the session failed"))

@@ -60,6 +60,7 @@ from runtime.protocol import twilio as tw
 from runtime.secret import Secret
 from runtime.sessions import LiveSession, Principal, SessionRefused, SessionRunner, wire_encoder
 from runtime.sessions.marked import MarkedPlayout
+from runtime.sessions.playout import pacing_fields
 
 log = logging.getLogger("voxloop.telephony")
 
@@ -522,16 +523,9 @@ class Call:
             dtmf_messages=self.dtmf_messages,
         )
         if stats is not None:
-            late = sorted(stats.lateness_ms)
             extra.update(
                 marks_sent=stats.marks_sent, marks_acknowledged=stats.marks_acknowledged,
                 clears=stats.clears, played_ms=stats.played_samples // 8,
-                pieces_sent=stats.pieces_sent,
+                pieces_sent=stats.pieces_sent, **pacing_fields(stats.lateness_ms),
             )  # fmt: skip
-            if late:
-                extra.update(
-                    pacing_p50_ms=round(late[len(late) // 2], 2),
-                    pacing_p99_ms=round(late[min(len(late) - 1, len(late) * 99 // 100)], 2),
-                    pacing_max_ms=round(late[-1], 2),
-                )
         log.info("twilio call over", extra=extra)

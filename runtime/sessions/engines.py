@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from runtime.speech.stt import SpeechToText
 from runtime.speech.tts import TextToSpeech
+
+if TYPE_CHECKING:
+    from runtime.speech.engines.registry import RemoteOptions
 
 log = logging.getLogger("voxloop.server")
 
@@ -20,14 +24,25 @@ class EnginesUnavailable(Exception):
 class Engines:
     """The worker's speech engines, loaded once and shared by its sessions.
 
+    Remote engines (``openai``, ``assemblyai``) take their URL, model and key from
+    ``stt_remote`` / ``tts_remote``.
+
     :meth:`start` loads them in the background when the server starts, so the
     first session does not wait for them; :attr:`ready` says when they are
     loaded, :attr:`problem` why they cannot be. :meth:`get` still loads them on
     first use when nothing started the load.
     """
 
-    def __init__(self, stt: str = "whisper", tts: str = "piper") -> None:
+    def __init__(
+        self,
+        stt: str = "whisper",
+        tts: str = "piper",
+        *,
+        stt_remote: RemoteOptions | None = None,
+        tts_remote: RemoteOptions | None = None,
+    ) -> None:
         self._names = (stt, tts)
+        self._remote = (stt_remote, tts_remote)
         self._lock = asyncio.Lock()
         self._loaded: tuple[SpeechToText, TextToSpeech] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -100,8 +115,8 @@ class Engines:
                 missing = missing_engines(*self._names)
                 if missing is not None:
                     raise EnginesUnavailable(missing)
-                stt = await load_stt(self._names[0])
-                tts = await load_tts(self._names[1])
+                stt = await load_stt(self._names[0], self._remote[0])
+                tts = await load_tts(self._names[1], self._remote[1])
                 self._loaded = (stt, tts)
             return self._loaded
 

@@ -25,7 +25,7 @@ from runtime.llm.fallback import FallbackChatClient
 from runtime.protocol import events as ev
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.ingress import AudioIngress
-from runtime.sessions.playout import PacedSink, wire_encoder
+from runtime.sessions.playout import PacedSink, pacing_fields, wire_encoder
 from runtime.sessions.resume import ResumableState
 from runtime.sessions.spec import SessionSpec
 
@@ -227,6 +227,16 @@ class LiveSession:
             self._tg = None
             await self._llm.aclose()
         return self._end_reason
+
+    def pacing(self) -> dict[str, float]:
+        """How late the agent's audio left against real time: ``pacing_p50_ms``,
+        ``pacing_p99_ms``, ``pacing_max_ms``, and ``underrun_ms``, the silence inside
+        replies whose audio came late (empty before any audio, or with a playout
+        other than the paced sink)."""
+        if isinstance(self._sink, PacedSink):
+            fields = pacing_fields(self._sink.lateness_ms)
+            return fields | {"underrun_ms": round(self._sink.underrun_ms, 1)} if fields else {}
+        return {}
 
     async def wait_started(self) -> None:
         """Wait until the conversation runs (client events may be handled from then on)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from audio.frame import check_rate
@@ -31,6 +31,22 @@ def wire_encoder(fmt: ev.AudioFormat, volume: float) -> Callable[[bytes], bytes]
     return scale
 
 
+def pacing_fields(lateness_ms: Iterable[float]) -> dict[str, float]:
+    """How late paced pieces left against their schedule, for a log line.
+
+    Returns ``pacing_p50_ms``, ``pacing_p99_ms`` and ``pacing_max_ms`` (ms, two
+    decimals; nearest-rank percentiles), or nothing when no piece was sent.
+    """
+    late = sorted(lateness_ms)
+    if not late:
+        return {}
+    return {
+        "pacing_p50_ms": round(late[len(late) // 2], 2),
+        "pacing_p99_ms": round(late[min(len(late) - 1, len(late) * 99 // 100)], 2),
+        "pacing_max_ms": round(late[-1], 2),
+    }
+
+
 class PacedSink:
     """The session's speaker: accepts audio like a device and sends it paced to real time.
 
@@ -42,6 +58,9 @@ class PacedSink:
     unplayed audio, and the playout position (``played_samples``, the loop
     clock against the timeline) is what was heard. :meth:`clear_buffer`
     drops what was not played; pieces not yet sent are never sent.
+    :attr:`lateness_ms` holds how late each piece left against its send time
+    (the loop's overshoot: a loaded process sends late), and :attr:`underrun_ms`
+    the silence inside replies whose audio was written later than real time.
 
     :meth:`pause` stops sending: the listener plays out what it was already
     sent (at most ``lead_ms``) and the timeline stops at the end of it, which
@@ -89,7 +108,25 @@ class PacedSink:
         # (timeline position in samples, pcm, tag) not sent yet; bounded by the
         # write-side wait (buffer + one chunk).
         self._pending: collections.deque[tuple[int, bytes, Any]] = collections.deque()
+        # When the audio now pending could first be sent (its write, or the last resume):
+        # the first ``lead_ms`` of a reply are due at once, not in the past.
+        self._ready_at = self._t0
+        self._last_tag: Any = None
+        self._underrun = 0  # samples of silence inside replies (the audio came too late)
         self._wake = asyncio.Event()
+        self._late: collections.deque[float] = collections.deque(maxlen=20_000)
+
+    @property
+    def lateness_ms(self) -> tuple[float, ...]:
+        """How late each piece was sent against its schedule, ms to the microsecond (the
+        last 20 000 pieces)."""
+        return tuple(self._late)
+
+    @property
+    def underrun_ms(self) -> float:
+        """Silence heard inside replies because their audio came later than real time
+        (a TTS slower than real time, a loaded process), ms in all."""
+        return self._underrun * 1000 / self._rate
 
     @property
     def sample_rate(self) -> int:
@@ -119,6 +156,7 @@ class PacedSink:
         raw = int((self._time() - self._t0) * self._rate)
         self._shift = raw - self._paused_at
         self._paused_at = None
+        self._ready_at = self._time()
         self._resumed.set()
         self._wake.set()
 
@@ -139,9 +177,15 @@ class PacedSink:
                 continue
             await asyncio.sleep((ahead - self._buffer) / self._rate)
         tag = self._tag()
-        pos = max(self._end, self._now())
+        now = self._now()
+        if self._written and tag is not None and tag is self._last_tag and now > self._end:
+            self._underrun += now - self._end  # the same reply ran dry: the listener heard a gap
+        self._last_tag = tag
+        pos = max(self._end, now)
         for i in range(0, len(pcm), self._piece):
             piece = pcm[i : i + self._piece]
+            if not self._pending:
+                self._ready_at = self._time()
             self._pending.append((pos, piece, tag))
             pos += len(piece) // 2
         self._end = pos
@@ -180,5 +224,7 @@ class PacedSink:
                 await asyncio.sleep(send_at - loop.time())
                 continue  # cleared or paused meanwhile?
             self._pending.popleft()
+            due = max(send_at, self._ready_at)
+            self._late.append(round(max(0.0, self._time() - due) * 1000, 3))
             self._sent_end = pos + len(piece) // 2
             self._on_audio(piece, tag)

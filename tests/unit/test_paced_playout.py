@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from runtime.sessions.playout import PacedSink
+from runtime.sessions.playout import PacedSink, pacing_fields
 
 RATE = 16000
 
@@ -111,3 +111,45 @@ async def test_paused_and_resumed_audio_reaches_the_listener_whole_and_once(lead
         runner.cancel()
     assert b"".join(sent) == pcm
     assert s.played_samples == len(pcm) // 2
+
+
+async def test_each_piece_records_how_late_it_left_against_its_schedule():
+    clock = Clock()
+    sent: list[int] = []
+    five = asyncio.Event()
+
+    def on_audio(pcm: bytes, _tag: object) -> None:
+        sent.append(len(pcm))
+        if len(sent) == 5:
+            five.set()
+
+    s = PacedSink(RATE, 0, on_audio, buffer_ms=5000, clock=clock)
+    await s.write(tone(0.2))  # five 40 ms pieces, due at 0, 40, 80, 120 and 160 ms
+    clock.advance(100)  # the process comes back to them 100 ms late
+    pacer = asyncio.create_task(s.run())
+    await five.wait()
+    pacer.cancel()
+    # Each is sent now (the test's clock stands still): late by 100 - due, never below 0.
+    assert s.lateness_ms == (100.0, 60.0, 20.0, 0.0, 0.0)
+    assert pacing_fields(s.lateness_ms) == {
+        "pacing_p50_ms": 20.0, "pacing_p99_ms": 100.0, "pacing_max_ms": 100.0,
+    }  # fmt: skip
+    assert pacing_fields(()) == {}
+
+
+async def test_silence_inside_a_reply_is_counted_and_between_replies_is_not():
+    clock = Clock()
+    reply: list[object] = [object()]
+    s = PacedSink(RATE, 0, lambda _pcm, _tag: None, tag=lambda: reply[0], buffer_ms=5000,
+                  clock=clock)  # fmt: skip
+    await s.write(tone(0.2))
+    clock.advance(300)  # the reply's next sentence comes 100 ms after the first ran out
+    await s.write(tone(0.2))
+    assert s.underrun_ms == 100.0
+    clock.advance(50)  # written ahead of time: no gap
+    await s.write(tone(0.2))
+    assert s.underrun_ms == 100.0
+    reply[0] = object()  # the next reply starts after a pause: not a gap inside a reply
+    clock.advance(1000)
+    await s.write(tone(0.2))
+    assert s.underrun_ms == 100.0

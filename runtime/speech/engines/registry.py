@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +24,45 @@ class RemoteOptions:
     model: str | None = None
     api_key: Secret | None = None
     policy: URLPolicy | None = None
+
+
+# The engines that live behind a URL, and what each needs from its settings.
+REMOTE_STT: Final = ("openai", "assemblyai")
+REMOTE_TTS: Final = ("openai",)
+
+
+def remote_options_from_env(
+    env: Mapping[str, str], kind: str, engine: str, policy: URLPolicy
+) -> RemoteOptions | None:
+    """A server's remote engine settings: ``VOXLOOP_<KIND>_BASE_URL``, ``_MODEL`` and
+    ``_API_KEY`` (``kind``: ``STT`` or ``TTS``), checked against ``policy`` when used.
+
+    Returns ``None`` for an embedded engine (whose settings would be ignored).
+
+    Raises:
+        ValueError: an unknown engine name, or a remote engine without what it needs
+            (one line naming the setting).
+    """
+    names = STT_ENGINES if kind == "STT" else TTS_ENGINES
+    remote = REMOTE_STT if kind == "STT" else REMOTE_TTS
+    if engine not in names:
+        raise ValueError(
+            f"VOXLOOP_{kind}={engine!r} is not a {kind} engine (available: {', '.join(names)})"
+        )
+    if engine not in remote:
+        return None
+    base_url = env.get(f"VOXLOOP_{kind}_BASE_URL", "").strip() or None
+    model = env.get(f"VOXLOOP_{kind}_MODEL", "").strip() or None
+    raw_key = env.get(f"VOXLOOP_{kind}_API_KEY", "").strip()
+    key = Secret(raw_key) if raw_key else None
+    if engine == "openai" and base_url is None:
+        raise ValueError(
+            f"VOXLOOP_{kind}=openai needs VOXLOOP_{kind}_BASE_URL (an OpenAI-compatible "
+            "https://host/v1)"
+        )
+    if engine == "assemblyai" and key is None:
+        raise ValueError(f"VOXLOOP_{kind}=assemblyai needs VOXLOOP_{kind}_API_KEY")
+    return RemoteOptions(base_url, model, key, policy)
 
 
 async def load_stt(name: str = "whisper", remote: RemoteOptions | None = None) -> SpeechToText:

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import jiwer
 import pytest
+import websockets
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from audio.reframe import Reframer
+from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.endpoints import StaticResolver, URLPolicy
 from runtime.errors import EndpointAuthError, EndpointServerError, MalformedStream, URLPolicyError
+from runtime.llm.reference import ReplyPlan
 from runtime.secret import Secret
 from runtime.speech.engines.openai_audio import OpenAISTT, OpenAITTS
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
 from runtime.speech.tts import UnknownVoice
 
-from ...helpers import SPEECH, serve_asgi
+from ...helpers import SPEECH, EndpointThread, serve_asgi
 from .openai_audio_server import NATIVE_RATE, Recorder, make_app
 
 KEY = "sk-audio-secret-1234"
@@ -171,3 +182,110 @@ async def test_url_policy_applies_to_speech_servers():
             await stt.transcribe(bytes(3200), 16000)
     finally:
         await stt.aclose()
+
+
+# -- voxloop serve with the remote engines in its settings -----------------------------------
+
+
+def _serve(tmp_path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "data"), "--no-access-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VOXLOOP_API_KEYS": "vk-remote-engines", **env},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"VOXLOOP_STT": "openai"}, "voxloop: error: VOXLOOP_STT=openai needs VOXLOOP_STT_BASE_URL "
+         "(an OpenAI-compatible https://host/v1)"),
+        ({"VOXLOOP_TTS": "openai"}, "voxloop: error: VOXLOOP_TTS=openai needs VOXLOOP_TTS_BASE_URL "
+         "(an OpenAI-compatible https://host/v1)"),
+        ({"VOXLOOP_STT": "assemblyai"}, "voxloop: error: VOXLOOP_STT=assemblyai needs "
+         "VOXLOOP_STT_API_KEY"),
+        ({"VOXLOOP_TTS": "whisper"}, "voxloop: error: VOXLOOP_TTS='whisper' is not a TTS engine "
+         "(available: piper, espeak, openai)"),
+    ],
+)  # fmt: skip
+def test_serve_refuses_a_remote_engine_without_its_settings(tmp_path, env, line):
+    proc = _serve(tmp_path, env)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (2, "", line + "\n")
+
+
+async def test_serve_speaks_through_the_remote_engines_its_settings_name(audio_server, tmp_path):
+    url, recorder = audio_server
+    reply = "It is sunny in Boston."
+    with EndpointThread(ReplyPlan(replies=(reply,), ttft_ms=20, itl_ms=5), api_key="sk-l") as llm:
+        proc = _serve(tmp_path, {
+            "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
+            "VOXLOOP_STT": "openai", "VOXLOOP_STT_BASE_URL": url,
+            "VOXLOOP_STT_MODEL": "whisper-remote", "VOXLOOP_STT_API_KEY": KEY,
+            "VOXLOOP_TTS": "openai", "VOXLOOP_TTS_BASE_URL": url,
+            "VOXLOOP_TTS_MODEL": "tts-remote", "VOXLOOP_TTS_API_KEY": KEY,
+        })  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            http = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+            headers = {"Authorization": "Bearer vk-remote-engines"}
+            async with websockets.connect("ws" + http[4:] + "/v1/ws",
+                                          additional_headers=headers) as ws:  # fmt: skip
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "session.update",
+                            "session": {
+                                "llm": [{"base_url": llm.base_url, "model": "m", "api_key": "sk-l"}]
+                            },
+                        }
+                    )
+                )
+                seen: list[dict[str, Any]] = []
+                while not seen or seen[-1]["type"] != "session.ready":
+                    seen.append(json.loads(await ws.recv()))
+                audio = read_wav(SPEECH / "shared-03-piper.wav")
+                pcm = resample_all(audio.mono(), audio.sample_rate, 24000) + bytes(48000 * 2)
+
+                async def read() -> None:
+                    while seen[-1]["type"] != "reply.done":
+                        seen.append(json.loads(await ws.recv()))
+
+                reader = asyncio.create_task(read())
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                for i in range(0, len(pcm), 4800):  # 100 ms messages, in real time
+                    chunk = base64.b64encode(pcm[i : i + 4800]).decode()
+                    await ws.send(json.dumps({"type": "input.audio", "audio": chunk}))
+                    await asyncio.sleep(max(0.0, t0 + (i + 4800) / 48000 - loop.time()))
+                async with asyncio.timeout(120):
+                    await reader
+                await ws.send(json.dumps({"type": "session.end"}))
+                async for _ in ws:
+                    pass
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            log = proc.stderr.read()
+            proc.stdout.close()
+            proc.stderr.close()
+    user = next(d for d in seen if d["type"] == "transcript.user")
+    assert normalise(user["text"]) == normalise(
+        "How long does it take to drive from Boston to New York?"
+    )
+    agent = next(d for d in seen if d["type"] == "transcript.agent")
+    assert agent["text"] == reply
+    heard = b"".join(base64.b64decode(d["data"]) for d in seen if d["type"] == "reply.audio")
+    assert len(heard) > 24000 * 2 * 0.5  # the reply spoken, from the remote TTS
+    # The engines are the settings' ones: their models and key reached the audio server.
+    paths = {(r["path"], r["model"]) for r in recorder.requests}
+    assert paths == {("transcriptions", "whisper-remote"), ("speech", "tts-remote")}
+    lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+    ready = next(x for x in lines if x["msg"] == "speech engines ready")
+    assert (ready["stt"], ready["tts"]) == ("openai", "openai")
+    # The session's end line says how its audio was paced.
+    over = next(x for x in lines if x["msg"] == "session over")
+    assert {"pacing_p50_ms", "pacing_p99_ms", "pacing_max_ms", "underrun_ms"} <= set(over)
+    assert 0 <= over["pacing_p50_ms"] <= over["pacing_p99_ms"] <= over["pacing_max_ms"]
+    assert KEY not in log and "Traceback" not in log
