@@ -50,9 +50,10 @@ import httpx
 
 from audio.resample import resample_all
 from audio.wav import read_wav
-from benchmarks.chaos_soak import free_port, rss_kb, start_redis, worker_pids
+from benchmarks.chaos_soak import free_port, start_redis
 from benchmarks.machine import lag_p99_ms, start_lag_probe
 from runtime.bench.capacity import Criterion, Level, Run, markdown
+from runtime.bench.workers import rss_kb, worker_pids
 from runtime.client.connection import Auth
 from runtime.client.protocol import SessionFailure
 from runtime.client.runner import connect_pcm
