@@ -47,8 +47,9 @@ import httpx
 from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.bench.reference_thread import ReferenceThread
+from runtime.bench.soak import Seen, drift, turns
 from runtime.bench.workers import rss_kb, worker_pids
-from runtime.client.connection import Auth
+from runtime.client.connection import Auth, ConnectionDropped, SessionResumed
 from runtime.client.protocol import SessionFailure
 from runtime.client.runner import connect_pcm
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
@@ -87,15 +88,20 @@ def _queue(server: ReferenceEndpoint, plans: list[ReplyPlan]) -> None:
 
 @dataclass
 class Tally:
-    sessions: int = 0
-    ended: int = 0
-    lost: int = 0
-    resumed: int = 0
-    user_turns: int = 0
-    answered: int = 0
-    apologised: int = 0
+    attempts: int = 0  # connections opened for a new session
+    sessions: int = 0  # new sessions that got session.ready
+    ended: int = 0  # ... and ended with session.ended
+    lost: int = 0  # ... and failed for good after session.ready
+    dropped: int = 0  # sockets that dropped under a live session (the client resumed)
+    resumed: int = 0  # session.ready after a drop
+    before_ready: dict[str, int] = field(default_factory=dict)  # failed before session.ready
+    outcomes: dict[str, int] = field(default_factory=dict)  # user turns by outcome
+    replies: dict[str, int] = field(default_factory=dict)  # reply.done by status
+    errors: dict[str, int] = field(default_factory=dict)  # reply.error by code
+    lost_by: dict[str, int] = field(default_factory=dict)
     v2v_ms: list[float] = field(default_factory=list)
-    errors: dict[str, int] = field(default_factory=dict)
+    unanswered: list[dict[str, Any]] = field(default_factory=list)  # turns left without
+    lost_sessions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -119,43 +125,123 @@ def start_redis(port: int, root: str) -> subprocess.Popen[str]:
     raise SystemExit(f"redis-server exited {proc.wait()}")
 
 
-async def conversation(url: str, pcm: bytes, tally: Tally) -> None:
-    seen: list[str] = []
+def _seen(event: Any, t: float) -> Seen | None:
+    match event:
+        case ConnectionDropped(close_code=code):
+            return Seen(t, "dropped", str(code))
+        case SessionResumed():
+            return Seen(t, "resumed")
+        case ev.TranscriptUser(item_id=item_id):
+            return Seen(t, "transcript.user", item_id)
+        case ev.ReplyDone(status=status):
+            return Seen(t, "reply.done", status)
+        case ev.ReplyError(code=code):
+            return Seen(t, "reply.error", code)
+        case ev.SessionReady() | ev.ReplyStarted() | ev.SessionEnded() | ev.SessionError():
+            return Seen(t, event.type, getattr(event, "code", ""))
+    return None
+
+
+async def conversation(url: str, pcm: bytes, tally: Tally, t0: float) -> None:
+    """One conversation, as a real client has it: a connection refused or closed before
+    ``session.ready`` is counted and retried as a new session (by the caller's loop)."""
+    seen: list[Seen] = []
 
     def on_event(event: Any) -> None:
-        kind = getattr(event, "type", "")
-        seen.append(kind)
-        if kind == "transcript.user":
-            tally.user_turns += 1
-        elif kind == "reply.error":
-            tally.errors[event.code] = tally.errors.get(event.code, 0) + 1
+        item = _seen(event, time.monotonic() - t0)
+        if item is None:
+            return
+        seen.append(item)
+        if item.kind == "reply.done":
+            tally.replies[item.detail] = tally.replies.get(item.detail, 0) + 1
+        elif item.kind == "reply.error":
+            tally.errors[item.detail] = tally.errors.get(item.detail, 0) + 1
+        elif item.kind == "dropped":
+            tally.dropped += 1
+        elif item.kind == "resumed":
+            tally.resumed += 1
+        elif item.kind == "session.ready" and sum(e.kind == "session.ready" for e in seen) == 1:
+            tally.sessions += 1
 
-    tally.sessions += 1
+    tally.attempts += 1
     session = ev.SessionPatch(keys=frozenset({"system_prompt"}), system_prompt="You are brief.")
+    failure: str | None = None
     try:
         result = await connect_pcm(
             pcm, url=url, auth=Auth(api_key=Secret(API_KEY)), session=session, on_event=on_event,
         )  # fmt: skip
     except SessionFailure as exc:
-        tally.lost += 1
-        tally.errors[f"session:{exc.code}"] = tally.errors.get(f"session:{exc.code}", 0) + 1
-        return
+        failure = exc.code
     except (OSError, ConnectionError) as exc:
-        tally.lost += 1
-        tally.errors[type(exc).__name__] = tally.errors.get(type(exc).__name__, 0) + 1
+        failure = type(exc).__name__
+    if not any(e.kind == "session.ready" for e in seen):
+        code = failure or "no_ready"
+        tally.before_ready[code] = tally.before_ready.get(code, 0) + 1
         return
-    tally.ended += 1
-    tally.resumed += seen.count("session.ready") - 1
-    # Each user turn is followed by a reply (spoken, or the apology) before the next one.
-    turns = [i for i, k in enumerate(seen) if k == "transcript.user"]
-    for n, start in enumerate(turns):
-        end = turns[n + 1] if n + 1 < len(turns) else len(seen)
-        window = seen[start:end]
-        if "reply.error" in window:
-            tally.apologised += 1
-        elif "reply.done" in window:
-            tally.answered += 1
-    tally.v2v_ms += [m.v2v_ms for m in result.metrics if m.v2v_ms is not None]
+    if failure is not None:
+        tally.lost += 1
+        tally.lost_by[failure] = tally.lost_by.get(failure, 0) + 1
+        tally.lost_sessions.append(
+            {"failure": failure, "events": [[round(e.t, 2), e.kind, e.detail] for e in seen]}
+        )
+    else:
+        tally.ended += 1
+        tally.v2v_ms += [m.v2v_ms for m in result.metrics if m.v2v_ms is not None]
+    for turn in turns(seen):
+        tally.outcomes[turn.outcome] = tally.outcomes.get(turn.outcome, 0) + 1
+        if turn.outcome == "neither":
+            tally.unanswered.append({
+                "t": round(turn.t, 2), "session": "lost" if failure else "ended",
+                "events": [[round(e.t, 2), e.kind, e.detail] for e in turn.events],
+            })  # fmt: skip
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """A Prometheus text exposition as ``{"name{labels}": value}`` (voxloop's series)."""
+    found = re.finditer(r"^(voxloop_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text, flags=re.M)
+    return {m[1]: float(m[2]) for m in found}
+
+
+def by_label(scraped: dict[str, float], name: str, label: str) -> dict[str, int]:
+    """The series ``name`` by the value of ``label``: ``{value: count}``."""
+    out: dict[str, int] = {}
+    for key, value in scraped.items():
+        match = re.fullmatch(rf'{name}\{{{label}="([^"]*)"\}}', key)
+        if match and value:
+            out[match[1]] = out.get(match[1], 0) + round(value)
+    return out
+
+
+def compare(scraped: dict[str, float], tally: Tally) -> dict[str, Any]:
+    """/metrics beside the client's own counts; ``mismatches`` names each that differs."""
+    replies = by_label(scraped, "voxloop_replies_total", "status")
+    client_replies = dict(tally.replies)
+    # The server counts a reply the client cancelled as interrupted.
+    if "cancelled" in client_replies:
+        client_replies["interrupted"] = client_replies.get("interrupted", 0) + client_replies.pop(
+            "cancelled"
+        )
+    rows = {
+        "sessions ended (session.ended)": (
+            by_label(scraped, "voxloop_sessions_total", "reason").get("ended", 0), tally.ended,
+        ),
+        "live sessions": (round(scraped.get("voxloop_live_sessions", 0.0)), 0),
+        "turns answered or apologised (voxloop_turns_total)": (
+            round(sum(v for k, v in scraped.items() if k.startswith("voxloop_turns_total"))),
+            tally.outcomes.get("answered", 0) + tally.outcomes.get("apologised", 0),
+        ),
+        **{f"replies {status}": (replies.get(status, 0), client_replies.get(status, 0))
+           for status in sorted(set(replies) | set(client_replies))},
+        **{f"endpoint errors {code}": (
+            by_label(scraped, "voxloop_endpoint_errors_total", "code").get(code, 0),
+            tally.errors.get(code, 0))
+           for code in sorted(set(by_label(scraped, "voxloop_endpoint_errors_total", "code"))
+                              | set(tally.errors))},
+    }  # fmt: skip
+    return {
+        "rows": {k: {"metrics": m, "soak": c} for k, (m, c) in rows.items()},
+        "mismatches": [k for k, (m, c) in rows.items() if m != c],
+    }
 
 
 async def chaos(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,6 +254,9 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
     redis_port = free_port()
     redis = start_redis(redis_port, root)
     plan = ReplyPlan(replies=(REPLY,), ttft_ms=40, itl_ms=10)
+    rss: dict[int, list[tuple[float, float]]] = {}
+    born: dict[int, float] = {}
+    scrapes: list[dict[str, Any]] = []
     with ReferenceThread(plan, api_key=LLM_KEY) as endpoint:
         log = Path(root) / "serve.log"
         with log.open("a") as handle:
@@ -193,12 +282,11 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.5)
         t0 = time.monotonic()
-        rss_start: dict[int, int] = {}
         deadline = t0 + args.minutes * 60
 
         async def caller() -> None:
             while time.monotonic() < deadline:
-                await conversation(url, pcm, tally)
+                await conversation(url, pcm, tally, t0)
 
         async def fault_injector() -> None:
             modes = faults()
@@ -210,10 +298,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
 
         async def disasters() -> None:
             nonlocal redis
-            # RSS is taken once the engines are loaded and the first sessions have run.
-            await asyncio.sleep(args.minutes * 60 / 6)
-            rss_start.update({pid: rss_kb(pid) for pid in worker_pids(server.pid)})
-            await asyncio.sleep(args.minutes * 60 / 6)
+            await asyncio.sleep(args.minutes * 60 / 3)
             redis.terminate()
             redis.wait(30)
             redis = start_redis(redis_port, root)
@@ -223,15 +308,30 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             os.kill(victim, signal.SIGKILL)
             events.append(f"{time.monotonic() - t0:.0f}s: worker {victim} killed")
 
+        async def sampler() -> None:
+            # Each worker's resident memory every few seconds (a replacement from its start).
+            async with httpx.AsyncClient(timeout=30) as client:
+                last_scrape = 0.0
+                while time.monotonic() < deadline:
+                    now = time.monotonic() - t0
+                    for pid in worker_pids(server.pid):
+                        born.setdefault(pid, now)
+                        if kb := rss_kb(pid):
+                            rss.setdefault(pid, []).append((now, float(kb)))
+                    if now - last_scrape >= args.minutes * 60 / 10:
+                        last_scrape = now
+                        scraped = parse_metrics((await client.get(f"{http}/metrics")).text)
+                        scrapes.append({"t": round(now), **compare(scraped, tally)})
+                    await asyncio.sleep(args.sample_seconds)
+
         async with asyncio.TaskGroup() as tg:
             for _ in range(args.sessions):
                 tg.create_task(caller())
             tg.create_task(fault_injector())
             tg.create_task(disasters())
-        elapsed_h = (time.monotonic() - t0 - args.minutes * 60 / 6) / 3600
+            tg.create_task(sampler())
         async with httpx.AsyncClient(timeout=30) as client:
-            scraped = (await client.get(f"{http}/metrics")).text
-        rss_end = {pid: rss_kb(pid) for pid in worker_pids(server.pid)}
+            final = parse_metrics((await client.get(f"{http}/metrics")).text)
         server.send_signal(signal.SIGTERM)
         server.wait(120)
         server.stdout.close()
@@ -239,42 +339,48 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
     redis.wait(30)
     tracebacks = log.read_text().count("Traceback")
 
-    def metric(name: str, label: str) -> float:
-        found = re.findall(rf"^{name}\{{{label}\}} ([0-9.e+]+)$", scraped, flags=re.M)
-        return sum(float(v) for v in found)
-
+    # Drift after warm-up: a worker's samples from a sixth of the run after it started.
+    warm = args.minutes * 60 / 6
+    drifts = {}
+    for pid, points in rss.items():
+        kept = [(t, kb) for t, kb in points if t >= born[pid] + warm]
+        d = drift(kept)
+        drifts[str(pid)] = {
+            "mb_per_hour": d.mb_per_hour, "stderr_mb_per_hour": d.stderr_mb_per_hour,
+            "samples": d.samples, "span_s": d.span_s,
+            "rss_mb_first": round(kept[0][1] / 1024, 1) if kept else None,
+            "rss_mb_last": round(kept[-1][1] / 1024, 1) if kept else None,
+            "born_s": round(born[pid]),
+        }  # fmt: skip
     v2v = sorted(tally.v2v_ms)
+    user_turns = sum(tally.outcomes.values())
+    covered = sum(tally.outcomes.get(k, 0) for k in ("answered", "apologised", "superseded"))
     return {
         "minutes": args.minutes,
         "sessions_concurrent": args.sessions,
         "fault_rate": args.fault_rate,
         "events": events,
+        "attempts": tally.attempts,
+        "failed_before_ready": tally.before_ready,
         "sessions": tally.sessions,
         "ended": tally.ended,
+        "dropped": tally.dropped,
         "resumed": tally.resumed,
         "lost": tally.lost,
-        "user_turns": tally.user_turns,
-        "answered": tally.answered,
-        "apologised": tally.apologised,
-        "answered_or_apologised": round(
-            (tally.answered + tally.apologised) / max(1, tally.user_turns), 4
-        ),
+        "lost_by": tally.lost_by,
+        "user_turns": user_turns,
+        "turn_outcomes": tally.outcomes,
+        "answered_or_apologised": round(covered / max(1, user_turns), 4),
+        "replies": tally.replies,
         "errors": tally.errors,
         "v2v_ms_p50": statistics.median(v2v) if v2v else None,
         "v2v_ms_p99": v2v[min(len(v2v) - 1, int(len(v2v) * 0.99))] if v2v else None,
-        # One scrape reaches one worker: its share, beside the soak's totals.
-        "metrics_scrape": {
-            "sessions_ended": metric("voxloop_sessions_total", 'reason="ended"'),
-            "replies_completed": metric("voxloop_replies_total", 'status="completed"'),
-        },
-        "rss_kb_start": rss_start,
-        "rss_kb_end": rss_end,
-        "rss_drift_kb_per_hour": {
-            str(pid): round((rss_end.get(pid, 0) - kb) / elapsed_h)
-            for pid, kb in rss_start.items()
-            if pid in rss_end
-        },
+        "metrics_during": scrapes,
+        "metrics_final": compare(final, tally),
+        "rss_drift": drifts,
         "tracebacks_in_log": tracebacks,
+        "unanswered_turns": tally.unanswered[:20],
+        "lost_sessions": tally.lost_sessions[:20],
     }
 
 
@@ -284,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--fault-rate", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--sample-seconds", type=float, default=5.0,
+                        help="how often each worker's memory is read (default: 5)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     report = asyncio.run(chaos(args))

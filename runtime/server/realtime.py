@@ -390,6 +390,12 @@ class Connection:
             if live.spec.llm is not None:
                 await self.runner.check_endpoint(live.spec, "agent_init_failed")
             await self._engines()
+            if self.runner.checkpoints:
+                # The state is kept where every worker reads it before the client hears
+                # session.ready: a worker dying at any moment after it (a new session
+                # before its first turn, a resumed one whose state was taken) leaves the
+                # session resumable on another.
+                await self.runner.checkpoint(live)
             self.emit(ev.SessionReady(
                 session_id=live.session_id, config=live.spec.public(),
                 expires_at=int(live.expires_at), resume_token=live.resume_token,

@@ -26,7 +26,7 @@ from runtime.protocol import events as ev
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.ingress import AudioIngress
 from runtime.sessions.playout import PacedSink, pacing_fields, wire_encoder
-from runtime.sessions.resume import ResumableState
+from runtime.sessions.resume import LEASE_RENEW_S, LEASE_S, ResumableState
 from runtime.sessions.spec import SessionSpec
 
 if TYPE_CHECKING:
@@ -186,8 +186,9 @@ class LiveSession:
         Returns:
             Why it stopped: ``ended`` (``session.end``), ``expired``.
         """
-        # A resume arriving at another worker waits for this session's release.
-        await self.runner.states.running(self.session_id, self.runner.limits.resume_grace_s)
+        # A resume arriving at another worker waits for this session's release (or for
+        # the lease, renewed while the session runs here, to lapse: this worker died).
+        await self.runner.states.running(self.session_id, LEASE_S)
         stt, tts = await self.runner.engines.get()
         assert self.spec.llm is not None
         self._llm = self.runner.chat_client(*self.spec.endpoints, max_tokens=self.spec.max_tokens)
@@ -215,6 +216,7 @@ class LiveSession:
                 self._tg = tg
                 conversation = tg.create_task(session.run(self._frames()))
                 pacer = tg.create_task(sink.run())
+                lease = tg.create_task(self._hold_lease())
                 remaining = self.expires_at - time.time()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, remaining)):
@@ -223,6 +225,7 @@ class LiveSession:
                     self._end_reason = "expired"
                 conversation.cancel()
                 pacer.cancel()
+                lease.cancel()
         finally:
             self._tg = None
             await self._llm.aclose()
@@ -237,6 +240,19 @@ class LiveSession:
             fields = pacing_fields(self._sink.lateness_ms)
             return fields | {"underrun_ms": round(self._sink.underrun_ms, 1)} if fields else {}
         return {}
+
+    async def _hold_lease(self) -> None:
+        # Renews the mark that the session runs here until cancelled (the session stops).
+        if not self.runner.checkpoints:
+            return
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                await self.runner.states.running(self.session_id, LEASE_S)
+            except Exception as exc:  # the shared store failing must not end the session
+                log.warning("lease renewal failed", extra={
+                    "session_id": self.session_id, "error": type(exc).__name__,
+                })  # fmt: skip
 
     async def wait_started(self) -> None:
         """Wait until the conversation runs (client events may be handled from then on)."""

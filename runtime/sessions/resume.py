@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+LEASE_S: Final = 4.0
+"""How long a worker's mark that a session runs on it lasts unless renewed: a worker that
+dies without a word (SIGKILL, power loss) holds up a resume elsewhere for at most this,
+plus :data:`LEASE_RENEW_S`."""
+LEASE_RENEW_S: Final = 1.0
+"""How often a worker renews the mark of each session it runs (with several workers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +51,15 @@ class SessionStateStore(Protocol):
         """Forget a session (ended for good)."""
 
     async def running(self, session_id: str, ttl_s: float) -> None:
-        """Note that the session runs on this worker (for resumes arriving elsewhere)."""
+        """Note that the session runs on this worker for the next ``ttl_s`` seconds (a lease
+        renewed while it runs, for resumes arriving elsewhere)."""
 
     async def released(self, session_id: str) -> None:
         """The session's state has been saved (or discarded) after its socket went away."""
 
     async def wait_released(self, session_id: str, timeout_s: float) -> None:
-        """If the session runs on a worker, wait (at most ``timeout_s``) for its release."""
+        """If the session runs on a worker, wait (at most ``timeout_s``) for its release or
+        for its lease to lapse (the worker died)."""
 
 
 class MemorySessionStore:

@@ -25,7 +25,12 @@ from runtime.sessions.limits import RunnerLimits
 from runtime.sessions.live import Emit, LiveSession, Observer, PlayoutFactory
 from runtime.sessions.metrics import SessionMetrics
 from runtime.sessions.principals import Principal, token_hash
-from runtime.sessions.resume import MemorySessionStore, ResumableState, SessionStateStore
+from runtime.sessions.resume import (
+    LEASE_S,
+    MemorySessionStore,
+    ResumableState,
+    SessionStateStore,
+)
 from runtime.sessions.shared_state import MemoryRateLimiter, RateLimiter
 from runtime.sessions.spec import SessionSpec
 from runtime.sessions.tracing import TurnTracer
@@ -465,7 +470,7 @@ class SessionRunner:
         """Keep ``live``'s state now, as a drop would (it still runs here)."""
         try:
             await self.states.save(live.snapshot(), self.limits.resume_grace_s)
-            await self.states.running(live.session_id, self.limits.resume_grace_s)
+            await self.states.running(live.session_id, LEASE_S)
         except Exception as exc:  # the shared store failing must not end the session
             log.warning("checkpoint failed", extra={
                 "session_id": live.session_id, "error": type(exc).__name__,

@@ -12,8 +12,10 @@ Keys (all under ``VOXLOOP_REDIS_PREFIX``, default ``voxloop:``):
 
 * ``session:<id>`` — a :class:`ResumableState` as JSON (secrets sealed), expiring
   after the resume grace period;
-* ``live:<id>`` — the session runs on some worker (a resume arriving at another one
-  waits on ``released:<id>`` until that worker has saved the state, at most 5 s);
+* ``live:<id>`` — the session runs on some worker: a lease of a few seconds that the worker
+  renews every second (a resume arriving at another worker waits on ``released:<id>``
+  until that worker has saved the state, or until the lease lapses because the worker
+  died, at most 10 s);
 * ``token:<jti>`` — a redeemed token, kept as long as the token could be valid;
 * ``rate:<scope>:<key>:<minute>`` — a request count, expiring after the minute.
 """
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PREFIX: Final = "voxloop:"
 #: Longest single blocking wait (below the client's 5 s socket timeout).
-BLOCK_SLICE_S: Final = 2.0
+BLOCK_SLICE_S: Final = 1.0
 
 log = logging.getLogger("voxloop.session")
 
@@ -136,7 +138,8 @@ class RedisSessionStore:
         try:
             if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
                 return
-            # In slices shorter than the client's socket timeout.
+            # In slices shorter than the client's socket timeout; after each, a lease that
+            # lapsed (its worker died without a release) ends the wait.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             while (left := deadline - loop.time()) > 0:
@@ -144,6 +147,8 @@ class RedisSessionStore:
                     [f"{self._prefix}released:{session_id}"], timeout=min(left, BLOCK_SLICE_S)
                 )
                 if woken is not None:
+                    return
+                if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
                     return
         except RedisError as exc:
             _unavailable("wait", session_id, exc)

@@ -611,3 +611,60 @@ def test_a_killed_workers_counts_stay_in_the_sum_and_its_live_sessions_leave_it(
     assert scraped['voxloop_replies_total{status="completed"}'] == 2
     assert final["voxloop_live_sessions"] == 0
     assert final['voxloop_replies_total{status="completed"}'] == 2
+
+
+def test_a_session_killed_before_its_first_turn_resumes_and_again_after_its_resume(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    data = tmp_path / "data"
+    first, second, third = (start_worker(data, endpoint, redis_url) for _ in range(3))
+
+    async def lease_ms(session_id: str) -> int:
+        redis = connect(redis_url)
+        try:
+            return int(await redis.pttl(f"voxloop:live:{session_id}"))
+        finally:
+            await redis.aclose()
+
+    async def killed(worker: Worker, ws: Any) -> None:
+        worker.proc.kill()
+        worker.proc.wait(timeout=30)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                await ws.recv()
+
+    async def run() -> tuple[list[str], list[int], bool]:
+        ws, ready = await open_session(first.ws, **key())
+        leases = [await lease_ms(ready["session_id"])]
+        # The lease is renewed while the session runs: its time to live goes up again.
+        renewed = False
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            now = await lease_ms(ready["session_id"])
+            if now > leases[-1]:
+                renewed = True
+                break
+            leases.append(now)
+        # Killed before any turn: the state was kept before session.ready.
+        await killed(first, ws)
+        again = await websockets.connect(
+            second.ws, additional_headers={"Authorization": ready["resume_token"]}
+        )
+        await again.send(json.dumps({"type": "session.resume",
+                                     "session_id": ready["session_id"]}))  # fmt: skip
+        resumed = await until(again, "session.ready")
+        # Killed right after the resume took the state: kept again before session.ready.
+        await killed(second, again)
+        final = await resume_and_reply(third, resumed)
+        return [ready["session_id"], resumed["session_id"], final["session_id"]], leases, renewed
+
+    try:
+        ids, leases, renewed = asyncio.run(run())
+    finally:
+        stop(third)
+        for gone in (first, second):
+            assert gone.proc.stdout is not None
+            gone.proc.stdout.close()
+    assert ids == [ids[0]] * 3
+    assert 0 < leases[0] <= 4000, leases
+    assert renewed, leases
