@@ -52,7 +52,7 @@ import math
 import re
 import statistics
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from runtime.conversation.policy import (
     HOLD_MS,
     RECHECK_MS,
     TRAILING_END,
+    UNCLEAR_SHORT_MS,
     BackChannel,
     CheckBurst,
     ContinueTurn,
@@ -174,6 +175,10 @@ class Item:
     over_reply: bool
     pause_ms: int = 0
     text: str = ""
+    # Items held out while the rules for sounds and acknowledgements were chosen, reported on
+    # their own: "A" was run once the rules were first chosen (it found one rule too broad and
+    # one fault, both fixed), "B" only after that.
+    held_out: str = ""
 
 
 def silence(seconds: float) -> bytes:
@@ -238,15 +243,128 @@ def word_boundary(whisper: WhisperSTT, pcm: bytes, head: str) -> int:
     raise ValueError(f"no cut in {head!r}'s sentence is heard as ending on {last!r}")
 
 
-async def build_items(piper: PiperTTS, whisper: WhisperSTT) -> list[Item]:
+async def build_items(
+    piper: PiperTTS, whisper: WhisperSTT, over_reply_only: bool = False
+) -> list[Item]:
+    """The labelled set; ``over_reply_only``: only the items said over a reply (a short run)."""
+
     async def say(text: str) -> bytes:
         return b"".join([c.pcm async for c in piper.synthesize(text, sample_rate=RATE)])
 
     def wrap(pcm: bytes) -> bytes:
         return silence(LEAD_S) + pcm + silence(TAIL_S)
 
-    texts = [*COMPLETE, *SHORT, *INTERRUPTIONS, *BACKCHANNELS, *NUMBERS_OVER_REPLY]
+    turns = [] if over_reply_only else [*COMPLETE, *SHORT]
+    texts = [*turns, *INTERRUPTIONS, *BACKCHANNELS, *NUMBERS_OVER_REPLY]
     voice = {text: await say(text) for text in texts}
+    items: list[Item] = []
+    if not over_reply_only:
+        items += await turn_items(say, wrap, voice, whisper)
+    items += [
+        Item("interrupt", text, wrap(voice[text]), n_words(text), True, text=text)
+        for text in INTERRUPTIONS
+    ]
+    case = read_wav(DATA / "speech" / "interrupt-starting-with-um.wav").mono()
+    burst = case[int(6.3 * RATE) * 2 : int(9.7 * RATE) * 2]
+    items.append(Item("interrupt", "case:interrupt-starting-with-um", wrap(burst), 9, True))
+    for name in ("hello-world.wav", "tt-weasels.wav"):
+        audio = read_wav(DATA / "real" / name)
+        pcm = resample_all(audio.mono(), audio.sample_rate, RATE)
+        items.append(Item("interrupt", f"real:{name}", wrap(pcm), 3, True))
+    items += [Item("backchannel", t, wrap(voice[t]), 0, True, text=t) for t in BACKCHANNELS]
+    # The same voice as the realtime WebSocket hears it: 24 kHz on the wire, 16 kHz inside.
+    items += [
+        Item(kind, f"{text} (via 24 kHz)", wrap(via_24k(voice[text])), words, True, text=text)
+        for kind, texts, count in (("interrupt", INTERRUPTIONS, n_words),
+                                   ("backchannel", BACKCHANNELS, lambda _t: 0))
+        for text in texts
+        for words in [count(text)]
+    ]  # fmt: skip
+    items += [
+        Item("numbers", text, wrap(voice[text]), n_words(text), True, text=text)
+        for text in NUMBERS_OVER_REPLY
+    ]
+    for k, colour in enumerate(("white", "pink")):
+        for over in (False, True):
+            pcm = silence(LEAD_S) + noise(3.0, -30.0, colour, k) + silence(TAIL_S)
+            items.append(Item("noise", f"{colour} -30 dBFS", pcm, 0, over))
+    # "Mm-hmm" over the reply at several loudness levels (a caller near or far from the phone).
+    mm = await say("Mm-hmm.")
+    for db in (0, -12, -24):
+        items.append(Item("backchannel", f"Mm-hmm. ({db} dB)", wrap(gain(mm, db)), 0, True,
+                          text="Mm-hmm."))  # fmt: skip
+    # Laughter and coughs over the reply: sounds, not words.
+    for text in LAUGHTER:
+        for db in (0, -12):
+            items.append(Item("laugh", f"{text} ({db} dB)", wrap(gain(await say(text), db)), 0,
+                              True))  # fmt: skip
+    for k in range(3):
+        for db in (-6, -18):
+            items.append(Item("cough", f"cough {k} ({db} dBFS)", wrap(cough(k, db)), 0, True))
+    # Held out: said over the reply, to check the rules for sounds and acknowledgements are not
+    # fitted to the items above.
+    for text in HELD_OUT_INTERRUPTIONS:
+        items.append(Item("interrupt", text, wrap(await say(text)), n_words(text), True,
+                          text=text, held_out="A"))  # fmt: skip
+    for text in HELD_OUT_BACKCHANNELS:
+        items.append(Item("backchannel", text, wrap(await say(text)), 0, True, text=text,
+                          held_out="A"))  # fmt: skip
+    for text, db in (("Mm-hmm.", -6), ("Mm-hmm.", -18), ("Mhm.", 0), ("Mhm.", -12)):
+        items.append(Item("backchannel", f"{text} ({db} dB)", wrap(gain(await say(text), db)),
+                          0, True, text=text, held_out="A"))  # fmt: skip
+    for text in HELD_OUT_LAUGHTER:
+        for db in (0, -12):
+            items.append(Item("laugh", f"{text} ({db} dB)", wrap(gain(await say(text), db)), 0,
+                              True, held_out="A"))  # fmt: skip
+    for k in range(3, 6):
+        items.append(Item("cough", f"cough {k} (-12 dBFS)", wrap(cough(k, -12)), 0, True,
+                          held_out="A"))  # fmt: skip
+    for text in HELD_OUT_B_INTERRUPTIONS:
+        items.append(Item("interrupt", text, wrap(await say(text)), n_words(text), True,
+                          text=text, held_out="B"))  # fmt: skip
+    for text in HELD_OUT_B_BACKCHANNELS:
+        items.append(Item("backchannel", text, wrap(await say(text)), 0, True, text=text,
+                          held_out="B"))  # fmt: skip
+    for text in HELD_OUT_B_LAUGHTER:
+        items.append(Item("laugh", text, wrap(await say(text)), 0, True, held_out="B"))
+    for k in (6, 7):
+        items.append(Item("cough", f"cough {k} (-9 dBFS)", wrap(cough(k, -9)), 0, True,
+                          held_out="B"))  # fmt: skip
+    return items
+
+
+HELD_OUT_B_INTERRUPTIONS = [
+    "No, stop.", "Wait a second.", "Hold on, please.", "Sorry, what?", "Um, no.",
+    "Stop talking.", "Actually, no.", "Excuse me, wait.",
+]  # fmt: skip
+HELD_OUT_B_BACKCHANNELS = [
+    "Uh-huh, uh-huh.", "Mm.", "Yeah, right.", "Okay, sure.", "Oh, I see.", "Gotcha.", "Alright.",
+    "Oh, nice.",
+]  # fmt: skip
+HELD_OUT_B_LAUGHTER = ["Ha ha ha ha.", "Heh."]
+
+
+# Short interruptions that must stop the reply, and acknowledgements and laughs that must not
+# (the held-out items).
+HELD_OUT_INTERRUPTIONS = [
+    "No.", "Wait.", "Stop.", "Okay, stop.", "No, no, no.", "Hang on.", "Excuse me.",
+    "Yeah, no.", "Hmm, no.", "Uh, wait.", "Go back.", "Ha, no, that's wrong.",
+    "Okay, wait a moment.", "Right, but why?",
+]  # fmt: skip
+HELD_OUT_BACKCHANNELS = [
+    "Uh huh, yeah.", "Yeah, yeah.", "Okay, got it.", "Hmm.", "Oh, okay.", "Ah.",
+    "Right, right.", "Oh wow.", "Sure, sure.", "Yep.", "Go on.",
+]  # fmt: skip
+HELD_OUT_LAUGHTER = ["Ha!", "Hahaha.", "Hehe.", "Ha ha."]
+
+
+async def turn_items(
+    say: Callable[[str], Awaitable[bytes]],
+    wrap: Callable[[bytes], bytes],
+    voice: dict[str, bytes],
+    whisper: WhisperSTT,
+) -> list[Item]:
+    """The user turns (not said over a reply): complete, short, paused and spelled."""
     items = [
         Item("complete", text, wrap(voice[text]), n_words(text), False, text=text)
         for text in COMPLETE
@@ -295,47 +413,6 @@ async def build_items(piper: PiperTTS, whisper: WhisperSTT) -> list[Item]:
             pcm += (silence(gap) if k else b"") + await say(part)
         text = " ".join(parts)
         items.append(Item("spelled", text, wrap(pcm), n_words(text), False, int(gap * 1000), text))
-    items += [
-        Item("interrupt", text, wrap(voice[text]), n_words(text), True, text=text)
-        for text in INTERRUPTIONS
-    ]
-    case = read_wav(DATA / "speech" / "interrupt-starting-with-um.wav").mono()
-    burst = case[int(6.3 * RATE) * 2 : int(9.7 * RATE) * 2]
-    items.append(Item("interrupt", "case:interrupt-starting-with-um", wrap(burst), 9, True))
-    for name in ("hello-world.wav", "tt-weasels.wav"):
-        audio = read_wav(DATA / "real" / name)
-        pcm = resample_all(audio.mono(), audio.sample_rate, RATE)
-        items.append(Item("interrupt", f"real:{name}", wrap(pcm), 3, True))
-    items += [Item("backchannel", t, wrap(voice[t]), 0, True, text=t) for t in BACKCHANNELS]
-    # The same voice as the realtime WebSocket hears it: 24 kHz on the wire, 16 kHz inside.
-    items += [
-        Item(kind, f"{text} (via 24 kHz)", wrap(via_24k(voice[text])), words, True, text=text)
-        for kind, texts, count in (("interrupt", INTERRUPTIONS, n_words),
-                                   ("backchannel", BACKCHANNELS, lambda _t: 0))
-        for text in texts
-        for words in [count(text)]
-    ]  # fmt: skip
-    items += [
-        Item("numbers", text, wrap(voice[text]), n_words(text), True, text=text)
-        for text in NUMBERS_OVER_REPLY
-    ]
-    for k, colour in enumerate(("white", "pink")):
-        for over in (False, True):
-            pcm = silence(LEAD_S) + noise(3.0, -30.0, colour, k) + silence(TAIL_S)
-            items.append(Item("noise", f"{colour} -30 dBFS", pcm, 0, over))
-    # "Mm-hmm" over the reply at several loudness levels (a caller near or far from the phone).
-    mm = await say("Mm-hmm.")
-    for db in (0, -12, -24):
-        items.append(Item("backchannel", f"Mm-hmm. ({db} dB)", wrap(gain(mm, db)), 0, True,
-                          text="Mm-hmm."))  # fmt: skip
-    # Laughter and coughs over the reply: sounds, not words.
-    for text in LAUGHTER:
-        for db in (0, -12):
-            items.append(Item("laugh", f"{text} ({db} dB)", wrap(gain(await say(text), db)), 0,
-                              True))  # fmt: skip
-    for k in range(3):
-        for db in (-6, -18):
-            items.append(Item("cough", f"cough {k} ({db} dBFS)", wrap(cough(k, db)), 0, True))
     return items
 
 
@@ -365,7 +442,7 @@ def cough(seed: int, peak_dbfs: float) -> bytes:
 def with_phone_versions(items: list[Item]) -> list[Item]:
     return items + [
         Item(it.kind, f"{it.name} (8 kHz μ-law)", via_phone(it.pcm), it.words, it.over_reply,
-             it.pause_ms, it.text)
+             it.pause_ms, it.text, it.held_out)
         for it in items
     ]  # fmt: skip
 
@@ -411,7 +488,9 @@ class Outcome:
     end_ready: list[int] = field(default_factory=list)  # frame the final transcript is ready
     turns: list[tuple[int, int]] = field(default_factory=list)  # (first, end) frames of turns
     interrupt_at: int | None = None
+    interrupt_text: str = ""  # what the recognizer wrote for the burst that interrupted
     backchannel: bool = False
+    backchannel_text: str = ""  # ... and for the last burst taken as a back-channel
     deferred: bool = False
     audible: list[int] = field(default_factory=list)  # frame each answering reply is heard
     taken_back: int = 0  # turns ended early and continued before their reply was heard
@@ -468,6 +547,7 @@ def run_policy(
                 turn_first = d.first_frame
                 if out.interrupt_at is None:
                     out.interrupt_at = i
+                    out.interrupt_text = d.text
             elif isinstance(d, ContinueTurn):
                 turn_first = d.first_frame
                 answering += 1  # the reply to the ended turn is withdrawn, never heard
@@ -518,6 +598,7 @@ def run_policy(
                 due.setdefault(i + lag, []).append(check)
             elif isinstance(d, BackChannel):
                 out.backchannel = True
+                out.backchannel_text = d.text
             elif isinstance(d, HoldReply):
                 out.holds.append(i)
             elif isinstance(d, ReleaseReply):
@@ -633,6 +714,7 @@ class Variant:
     clear_words: float = CLEAR_WORDS
     trailing_end: float = TRAILING_END
     hold_ms: int | None = HOLD_MS
+    unclear_short_ms: int = UNCLEAR_SHORT_MS
 
 
 def pct(n: int, d: int) -> str:
@@ -680,6 +762,7 @@ def evaluate(
                 td, complete=variant.complete, recheck_ms=variant.recheck_ms,
                 confident_end=variant.confident_end, clear_words=variant.clear_words,
                 trailing_end=variant.trailing_end, hold_ms=variant.hold_ms,
+                unclear_short_ms=variant.unclear_short_ms,
             )  # fmt: skip
             out = run_policy(
                 item, speech, policy, decode, reply_frames, variant.model, variant.verdict,
@@ -712,7 +795,7 @@ def evaluate(
             bc_total += 1
             false_int += out.interrupt_at is not None
             if out.interrupt_at is not None:
-                wrong.append(f"interrupted by {item.name}")
+                wrong.append(f"interrupted by {item.name}, heard {out.interrupt_text!r}")
         elif item.kind == "noise":
             if item.over_reply:
                 bc_total += 1
@@ -726,7 +809,7 @@ def evaluate(
             bc_total += 1
             false_int += out.interrupt_at is not None
             if out.interrupt_at is not None:
-                wrong.append(f"interrupted by {item.name}")
+                wrong.append(f"interrupted by {item.name}, heard {out.interrupt_text!r}")
         else:  # interrupt, numbers: words said over the reply
             if not td.interrupt_response:
                 lost += 0 if out.deferred else item.words
@@ -734,7 +817,7 @@ def evaluate(
             interrupts_total += 1
             if out.interrupt_at is None:
                 missed += 1
-                wrong.append(f"not interrupted by {item.name}")
+                wrong.append(f"not interrupted by {item.name}, heard {out.backchannel_text!r}")
                 if variant.before or not out.deferred:
                     lost += item.words
             elif first_speech is not None:
@@ -770,6 +853,13 @@ def evaluate(
     }
 
 
+HELD_OUT_KEYS = (
+    "missed_interruptions", "false_interruptions", "words_lost",
+    "first_sound_to_agent_silent_ms_p50_p90", "speech_to_interrupt_ms_p50_p90",
+    "pauses_resumed", "left_paused", "wrong_interruption_decisions",
+)  # fmt: skip
+
+
 def variants() -> list[Variant]:
     td = TurnDetection()
     return [
@@ -781,6 +871,13 @@ def variants() -> list[Variant]:
         Variant("default, paused after 100 ms of speech", td, hold_ms=100),
         Variant("default, paused after 200 ms of speech", td, hold_ms=200),
         Variant("default, never paused (or ducked): silent at the decision", td, hold_ms=None),
+        Variant("default, unclear words of a short burst interrupt", td, unclear_short_ms=0),
+        Variant(
+            "default, unclear words up to 300 ms of speech are a sound", td, unclear_short_ms=300
+        ),
+        Variant(
+            "default, unclear words up to 700 ms of speech are a sound", td, unclear_short_ms=700
+        ),
         Variant("default, a trailing ellipsis never ends a turn early", td, trailing_end=1.01),
         Variant("default, trailing ellipsis from end confidence 0.25", td, trailing_end=0.25),
         Variant("default, trailing ellipsis from end confidence 0.4", td, trailing_end=0.4),
@@ -815,7 +912,7 @@ async def amain(args: argparse.Namespace) -> None:
     piper = PiperTTS(noise_scale=0.0, noise_w=0.0)
     whisper = WhisperSTT()
     try:
-        items = await build_items(piper, whisper)
+        items = await build_items(piper, whisper, over_reply_only=args.over_reply_only)
         if args.over_reply_only:
             items = [it for it in items if it.over_reply]
         if args.phone_too:
@@ -828,14 +925,22 @@ async def amain(args: argparse.Namespace) -> None:
     counts: dict[str, int] = {}
     for it in items:
         counts[it.kind] = counts.get(it.kind, 0) + 1
-    print(f"{len(items)} items: {counts}")
+    print(
+        f"{len(items)} items: {counts}, {sum(bool(it.held_out) for it in items)} of them held out"
+    )
     rows = []
     extra = []
     if args.smart_turn:
         extra += smart_turn_variants(SmartTurnJudge(), TurnDetection())
     chosen = [v for v in [*variants(), *extra] if not args.only or v.name in args.only]
+    tuning = [it for it in items if not it.held_out]
+    groups = sorted({it.held_out for it in items if it.held_out})
     for variant in chosen:
-        row = evaluate(items, variant, decode, args.reply_ms, args.lead_ms)
+        row = evaluate(tuning, variant, decode, args.reply_ms, args.lead_ms)
+        for group in groups:
+            part = [it for it in items if it.held_out == group]
+            held = evaluate(part, variant, decode, args.reply_ms, args.lead_ms)
+            row[f"held_out_{group}"] = {k: held[k] for k in HELD_OUT_KEYS}
         rows.append(row)
         print(json.dumps(row))
     whisper._executor.shutdown(wait=True)

@@ -42,8 +42,12 @@ Phases::
   of the audio, or one that may still grow into an acknowledgement, waits for
   the next hearing). Once the burst has ended (``burst_end_ms`` of silence),
   its whole transcript decides (:func:`classify`): words interrupt, an
-  acknowledgement is a :class:`BackChannel`. Without ``interrupt_response``
-  nothing interrupts.
+  acknowledgement or a sound (a hum, "ahh", laughter, an annotation such as
+  "(laughs)") is a :class:`BackChannel`, and so are words the recognizer did
+  not make out in a burst of at most ``unclear_short_ms`` of speech (a hum
+  heard as "In a month."), unless one of them stops a speaker on its own
+  (:data:`FLOOR_CLAIMS`: "no", "wait", "stop" ...). Without
+  ``interrupt_response`` nothing interrupts.
 * Pause, then decide: once a burst over the reply has ``hold_ms`` of speech,
   :class:`HoldReply` pauses the agent's audio at once (the listener has heard
   what was played; the rest is held). The decision then follows as above: an
@@ -94,6 +98,18 @@ TRAILING_END: Final = 0.3
 # its words out (mean token probability): a hum it cannot ("Mm-hmm" heard as "Imam.", "And
 # I'm...") waits for the next hearing or for the burst's end, where its whole transcript decides.
 CLEAR_WORDS: Final = 0.4
+# A burst over the reply with at most this much speech (ms) whose words the recognizer did not
+# make out (mean token probability below CLEAR_WORDS) is a sound, not a claim to the floor: a
+# hummed "Mm-hmm" that Whisper writes as "In a month." or "MMO". Speech this short is what
+# LiveKit Agents, by default, never takes for an interruption at all (min_interruption_duration,
+# 0.5 s); here a short burst heard clearly ("No.", "Wait.") still interrupts.
+UNCLEAR_SHORT_MS: Final = 500
+# Words that stop a speaker on their own ("no", "wait", "stop", "hold on", "hang on", "sorry",
+# "excuse me", "actually", "but"): an unclear short burst with one of them still interrupts
+# ("uh wait", heard with a mean token probability of 0.3 through the phone's μ-law).
+FLOOR_CLAIMS: Final = frozenset(
+    {"no", "nope", "wait", "stop", "hold", "hang", "sorry", "excuse", "pardon", "actually", "but"}
+)
 # Speech over the reply (ms) after which the agent's audio is paused until the burst is decided.
 # Chosen on the turn-taking benchmark (docs/benchmarks.md): VAD onset plus one frame.
 HOLD_MS: Final = 40
@@ -104,8 +120,13 @@ MAX_RESUMES: Final = 3
 
 # -- what was said ------------------------------------------------------------------
 
-# Acknowledgements that do not claim the floor (PROTOCOL §3.7: "uh-huh", "okay", "mm-hmm",
-# "yeah, makes sense"). Matched as whole phrases, any number of times in a row.
+# Acknowledgements that do not claim the floor, matched as whole phrases, any number of times
+# in a row. Sources: PROTOCOL §3.7 ("uh-huh", "okay", "mm-hmm", "yeah, makes sense"); the
+# continuers of conversation analysis ("uh huh", "mm hm", "yeah": Schegloff 1982, "Discourse as
+# an interactional achievement"); the most frequent back-channels of the Switchboard corpus'
+# acknowledge tag ("uh-huh", "yeah", "right", "oh", "yes", "okay", "oh yeah", "sure": Jurafsky,
+# Shriberg and Biasca 1997, SWBD-DAMSL); and requests that the speaker go on, which hand the
+# floor back rather than take it ("go on", "go ahead", "carry on", "keep going").
 BACKCHANNEL_PHRASES: Final = frozenset(
     {
         "uh huh", "mm hmm", "mhm", "mm", "hmm", "hm", "okay", "ok", "yeah", "yes", "yep", "yup",
@@ -113,6 +134,7 @@ BACKCHANNEL_PHRASES: Final = frozenset(
         "oh", "ah", "aha", "wow", "true", "exactly", "indeed", "makes sense", "that makes sense",
         "sounds good", "fair enough", "of course", "perfect", "good", "oh okay", "i know",
         "make sense", "uh", "um", "er", "erm", "m",
+        "go on", "go ahead", "carry on", "keep going",
         # Laughter, as the recognizer writes it: a sound, not a claim to the floor.
         "ha", "haha", "hahaha", "hah", "heh", "hehe", "he he",
     }
@@ -120,7 +142,20 @@ BACKCHANNEL_PHRASES: Final = frozenset(
 _LONGEST_PHRASE: Final = max(len(p.split()) for p in BACKCHANNEL_PHRASES)
 _APOSTROPHE: Final = "\u2019"
 _TOKEN = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
-_HYPHENATED = {"uh-huh": "uh huh", "mm-hmm": "mm hmm", "m-hm": "mm hmm", "uh-uh": "uh uh"}
+# "uh-uh" is a "no": one word, not two acknowledgements.
+_HYPHENATED = {"uh-huh": "uh huh", "mm-hmm": "mm hmm", "m-hm": "mm hmm", "uh-uh": "uhuh"}
+# What the recognizer writes for a sound that is not speech: an annotation in brackets,
+# parentheses or asterisks ("(laughs)", "[Music]", "[BLANK_AUDIO]", "*cough*") or musical notes.
+_ANNOTATION = re.compile(r"\([^)]*\)|\[[^\]]*\]|\*[^*]*\*|[\u266a\u266b\u266c\u2669]")
+_SPELLED = re.compile(r"(?<=\w)-(?=\w)")  # "A-H-H-H", "Uh-h-h-h": one drawn-out sound
+_REPEATS = re.compile(r"(\w)\1+")
+# Non-lexical sounds (Ward 2006, "Non-lexical conversational sounds in American English": they
+# are built from a few components, a nasal hum, a vowel, an h), read on the word with each run
+# of a letter made one ("Mmm" m, "Hmmm" hm, "Ahhh" ah, "M-M-N-N" mn): a hum of m, n and h with
+# an m in it; a lone vowel with or without an h after it ("ah", "oh", "uh", "eh"); laughter,
+# one or more h-syllables ("ha", "heh", "hahaha", "hehe", "aha"). Not "huh" (a question:
+# "what?"), nor "hi" or "no".
+_SOUND = re.compile(r"[hmn]*m[hmn]*|[aeou]h?|a?(?:h[aeo])+h?")
 
 Meaning = Literal["nothing", "backchannel", "words"]
 
@@ -128,16 +163,25 @@ Meaning = Literal["nothing", "backchannel", "words"]
 _STRETCHED = re.compile(r"(\w)\1{2,}")
 
 
+def is_sound(token: str) -> bool:
+    """Whether one lower-case word of a transcript is a non-lexical sound (a hum, "ahh", "haha")."""
+    return _SOUND.fullmatch(_REPEATS.sub(r"\1", token)) is not None
+
+
 def _tokens(text: str) -> list[str]:
-    lowered = text.lower()
+    lowered = _ANNOTATION.sub(" ", text.lower())
     for spelled, spaced in _HYPHENATED.items():
         lowered = lowered.replace(spelled, spaced)
+    lowered = _SPELLED.sub("", lowered)
     lowered = _STRETCHED.sub(r"\1\1", lowered)  # "mmm", "hmmm": a sound held longer
     return [t.replace(_APOSTROPHE, "'") for t in _TOKEN.findall(lowered)]
 
 
 def _backchannel_rest(tokens: list[str]) -> list[str]:
-    """What is left after reading acknowledgement phrases off the front of ``tokens``."""
+    """What is left after reading acknowledgement phrases and sounds off the front of ``tokens``.
+
+    The longest phrase first ("uh huh" before the sound "uh").
+    """
     i = 0
     while i < len(tokens):
         for n in range(min(_LONGEST_PHRASE, len(tokens) - i), 0, -1):
@@ -145,7 +189,9 @@ def _backchannel_rest(tokens: list[str]) -> list[str]:
                 i += n
                 break
         else:
-            break
+            if not is_sound(tokens[i]):
+                break
+            i += 1
     return tokens[i:]
 
 
@@ -358,6 +404,7 @@ class _Burst:
     pending: int | None = None  # check id in flight
     pending_to: int = -1
     text: str = ""
+    confidence: float | None = None  # of the latest transcript (see burst_heard)
     t_last_speech: int = 0
 
 
@@ -379,6 +426,9 @@ class TurnTakingPolicy:
             going on does not interrupt.
         hold_ms: speech (ms) over the reply after which its audio is paused
             (:class:`HoldReply`) until the burst is decided; ``None``: never paused.
+        unclear_short_ms: the most speech (ms) a burst that has ended may hold and still be
+            taken for a sound when its words are unclear (word confidence below
+            ``clear_words``); 0: unclear words interrupt like clear ones.
     """
 
     def __init__(
@@ -393,7 +443,9 @@ class TurnTakingPolicy:
         clear_words: float = CLEAR_WORDS,
         trailing_end: float = TRAILING_END,
         hold_ms: int | None = HOLD_MS,
+        unclear_short_ms: int = UNCLEAR_SHORT_MS,
     ) -> None:
+        self._unclear_short_ms = unclear_short_ms
         self._trailing_end = trailing_end
         self._hold_ms = None if hold_ms is None else max(FRAME_MS, hold_ms)
         self._holding = False
@@ -511,6 +563,7 @@ class TurnTakingPolicy:
         burst.pending = None
         burst.checked_to = burst.pending_to
         burst.text = text
+        burst.confidence = confidence
         ended_covered = (
             burst.quiet_ms >= self._burst_end_ms
             and burst.checked_to >= self._frame + 1 - burst.quiet_ms // FRAME_MS
@@ -527,8 +580,23 @@ class TurnTakingPolicy:
         return self._maybe_check(burst)
 
     def _conclude(self, burst: _Burst) -> list[Decision]:
-        """The burst has ended and its last transcript covers all of it."""
-        if classify(burst.text) == "words" and word_count(burst.text) >= self.td.barge_in_min_words:
+        """The burst has ended and its last transcript covers all of it.
+
+        Words interrupt, unless the burst was short, the recognizer did not make them out
+        (``unclear_short_ms``) and none of them claims the floor on its own
+        (:data:`FLOOR_CLAIMS`): then it was a sound, like an acknowledgement.
+        """
+        unclear = (
+            burst.confidence is not None
+            and burst.confidence < self._clear_words
+            and burst.speech_ms <= self._unclear_short_ms
+            and not FLOOR_CLAIMS.intersection(_tokens(burst.text))
+        )
+        if (
+            not unclear
+            and classify(burst.text) == "words"
+            and word_count(burst.text) >= self.td.barge_in_min_words
+        ):
             return self._interrupt(burst)
         self._burst = None
         return [BackChannel(burst.text), *self._release()]

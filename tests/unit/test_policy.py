@@ -16,6 +16,7 @@ from runtime.conversation.policy import (
     MAX_RESUMES,
     PRE_ROLL_MS,
     TRAILING_END,
+    UNCLEAR_SHORT_MS,
     BackChannel,
     CheckBurst,
     ContinueTurn,
@@ -46,6 +47,7 @@ class Driver:
     ) -> None:
         self.policy = policy
         self.hear = hear  # answers each burst check at once: (first_frame, end_frame) -> text
+        self.confidence: float | None = None  # the word confidence the answers come with
         self.log: list[tuple[int, Decision]] = []
 
     @property
@@ -63,7 +65,7 @@ class Driver:
                 out.append(d)
                 if isinstance(d, CheckBurst) and self.hear is not None:
                     pending += self.policy.burst_heard(
-                        d.check_id, self.hear(d.first_frame, d.end_frame)
+                        d.check_id, self.hear(d.first_frame, d.end_frame), self.confidence
                     )
         return out
 
@@ -499,6 +501,32 @@ def test_without_interrupt_response_the_reply_is_never_paused():
         ("John.", "words"),
         ("", "nothing"),
         (" ... ", "nothing"),
+        # Sounds as Whisper writes them: drawn out, spelled letter by letter, annotated.
+        ("A-H-H-H-H-H-H-", "backchannel"),
+        ("Uh-h-h-h-h-", "backchannel"),
+        ("M-M-N-N-N-N-N-", "backchannel"),
+        ("MMM.", "backchannel"),
+        ("Hmmm, ahh.", "backchannel"),
+        ("Uh huh, yeah.", "backchannel"),
+        ("(laughs)", "nothing"),
+        ("[Music]", "nothing"),
+        ("*coughs*", "nothing"),
+        ("\u266a", "nothing"),
+        ("(laughs) Okay.", "backchannel"),
+        ("(laughs) Wait.", "words"),
+        # Continuers hand the floor back ...
+        ("Go ahead.", "backchannel"),
+        ("Go on.", "backchannel"),
+        ("Okay, carry on.", "backchannel"),
+        # ... other words, and sounds that ask or refuse, take it.
+        ("Go back.", "words"),
+        ("Uh-uh.", "words"),
+        ("Huh?", "words"),
+        ("Hi.", "words"),
+        ("No.", "words"),
+        ("Hmm, no.", "words"),
+        ("In a month.", "words"),
+        ("Home.", "words"),
     ],
 )
 def test_what_a_burst_means(text: str, meaning: str):
@@ -581,3 +609,45 @@ def test_a_burst_that_ends_on_words_interrupts_when_it_ends():
     assert interrupts == [
         (frame, Interrupt(start - PRE_ROLL_MS // FRAME_MS, frame * 20 * MS, "I."))
     ]
+
+
+def said_over_the_reply(
+    speech_ms: int, text: str, confidence: float | None, unclear_short_ms: int = UNCLEAR_SHORT_MS
+) -> list[type]:
+    """The decisions on a burst of ``speech_ms`` over the reply, every hearing of it ``text``."""
+    drv = responding(TurnDetection())
+    drv.policy = TurnTakingPolicy(drv.policy.td, unclear_short_ms=unclear_short_ms)
+    drv.policy.reply_started()
+    drv.hear = lambda _first, _end: text
+    drv.confidence = confidence
+    drv.feed(True, speech_ms)
+    drv.feed(False, BURST_END_MS + 200)
+    kinds = (HoldReply, BackChannel, ReleaseReply, Interrupt)  # not the turn that follows
+    return [type(d) for _, d in drv.log if isinstance(d, kinds)]
+
+
+@pytest.mark.parametrize(
+    ("speech_ms", "text", "confidence", "decisions"),
+    [
+        # A hummed "Mm-hmm" Whisper writes as words it is unsure of: a sound.
+        (UNCLEAR_SHORT_MS, "In a month.", CLEAR_WORDS - 0.01, [BackChannel, ReleaseReply]),
+        (300, "MMO", 0.18, [BackChannel, ReleaseReply]),
+        # Longer, heard clearly, with no confidence given, or with a word that stops a
+        # speaker on its own: words.
+        (UNCLEAR_SHORT_MS + FRAME_MS, "In a month.", CLEAR_WORDS - 0.01, [Interrupt]),
+        (UNCLEAR_SHORT_MS, "In a month.", CLEAR_WORDS, [Interrupt]),
+        (UNCLEAR_SHORT_MS, "In a month.", None, [Interrupt]),
+        (UNCLEAR_SHORT_MS, "uh wait", 0.3, [Interrupt]),
+        (300, "No.", 0.2, [Interrupt]),
+        (300, "Hold on.", 0.2, [Interrupt]),
+    ],
+)
+def test_unclear_words_of_a_short_burst_are_a_sound_unless_they_claim_the_floor(
+    speech_ms: int, text: str, confidence: float | None, decisions: list[type]
+):
+    assert said_over_the_reply(speech_ms, text, confidence) == [HoldReply, *decisions]
+
+
+def test_with_unclear_short_ms_0_unclear_words_interrupt():
+    got = said_over_the_reply(300, "In a month.", 0.2, unclear_short_ms=0)
+    assert got == [HoldReply, Interrupt]
