@@ -13,11 +13,28 @@ two-turn recording streamed in real time through the resuming client, then
 * one worker process is killed (SIGKILL, two thirds of the way in): its sessions
   must resume on the other worker from their last reply.
 
-Reported (JSON on stdout, ``--json FILE`` too): user turns, turns answered or
-apologised (must be all), sessions started, ended cleanly, resumed and lost
-(lost: a session that failed for good), v2v p50/p99 at the client during the
-chaos, /metrics scraped at the end (its session and reply counts beside the
-soak's own), and per worker RSS at the start and end (drift per hour).
+The client behaves as a real one: a drop under a live session is resumed (on
+whichever worker accepts the new connection), and a connection refused or closed
+before ``session.ready`` is counted (``failed_before_ready``) and retried as a new
+session.
+
+Reported (JSON on stdout, ``--json FILE`` too):
+
+* sessions: new ones that got ``session.ready``, ended cleanly, dropped, resumed, and
+  lost (failed for good after ``session.ready``, with the events each one saw);
+* user turns by outcome (:mod:`runtime.bench.soak`): answered, apologised, superseded
+  (the user spoke again before a reply began; the next reply answers both), and
+  neither (the goal: none; each one's events are listed);
+* v2v p50/p99 at the client during the chaos;
+* ``/metrics`` scraped ten times during the run and once at the end beside the soak's
+  own counts (sessions ended, live sessions, turns, replies by status, endpoint errors
+  by kind), with every mismatch named; one scrape reports all the workers of the run,
+  a killed worker's counts included;
+* each worker's resident memory sampled every ``--sample-seconds``, and its drift after
+  warm-up (from a sixth of the run after the worker started): a least-squares slope in
+  MB per hour with its standard error;
+* tracebacks in the server's log.
+
 The full run: ``python -m benchmarks.chaos_soak --minutes 10 --sessions 8``.
 """
 
@@ -94,6 +111,9 @@ class Tally:
     lost: int = 0  # ... and failed for good after session.ready
     dropped: int = 0  # sockets that dropped under a live session (the client resumed)
     resumed: int = 0  # session.ready after a drop
+    live: int = 0  # sessions between their session.ready and their end, now
+    session_ended: int = 0  # session.ended received
+    replies_here: int = 0  # replies to user turns on the connection that heard them
     before_ready: dict[str, int] = field(default_factory=dict)  # failed before session.ready
     outcomes: dict[str, int] = field(default_factory=dict)  # user turns by outcome
     replies: dict[str, int] = field(default_factory=dict)  # reply.done by status
@@ -160,8 +180,11 @@ async def conversation(url: str, pcm: bytes, tally: Tally, t0: float) -> None:
             tally.dropped += 1
         elif item.kind == "resumed":
             tally.resumed += 1
+        elif item.kind == "session.ended":
+            tally.session_ended += 1
         elif item.kind == "session.ready" and sum(e.kind == "session.ready" for e in seen) == 1:
             tally.sessions += 1
+            tally.live += 1
 
     tally.attempts += 1
     session = ev.SessionPatch(keys=frozenset({"system_prompt"}), system_prompt="You are brief.")
@@ -174,7 +197,10 @@ async def conversation(url: str, pcm: bytes, tally: Tally, t0: float) -> None:
         failure = exc.code
     except (OSError, ConnectionError) as exc:
         failure = type(exc).__name__
-    if not any(e.kind == "session.ready" for e in seen):
+    if any(e.kind == "session.ready" for e in seen):
+        tally.live -= 1
+    else:
+        # Counted, and retried as a new session by the caller, as a real client does.
         code = failure or "no_ready"
         tally.before_ready[code] = tally.before_ready.get(code, 0) + 1
         return
@@ -188,6 +214,7 @@ async def conversation(url: str, pcm: bytes, tally: Tally, t0: float) -> None:
         tally.ended += 1
         tally.v2v_ms += [m.v2v_ms for m in result.metrics if m.v2v_ms is not None]
     for turn in turns(seen):
+        tally.replies_here += turn.replies_here
         tally.outcomes[turn.outcome] = tally.outcomes.get(turn.outcome, 0) + 1
         if turn.outcome == "neither":
             tally.unanswered.append({
@@ -212,8 +239,12 @@ def by_label(scraped: dict[str, float], name: str, label: str) -> dict[str, int]
     return out
 
 
-def compare(scraped: dict[str, float], tally: Tally) -> dict[str, Any]:
-    """/metrics beside the client's own counts; ``mismatches`` names each that differs."""
+def compare(scraped: dict[str, float], tally: Tally, *, final: bool) -> dict[str, Any]:
+    """/metrics beside the client's own counts; ``mismatches`` names each that differs.
+
+    During the run (``final`` false) events in flight at the scrape differ by a few, and
+    turns are counted by the client when their conversation ends, so they are compared
+    at the end only."""
     replies = by_label(scraped, "voxloop_replies_total", "status")
     client_replies = dict(tally.replies)
     # The server counts a reply the client cancelled as interrupted.
@@ -221,23 +252,23 @@ def compare(scraped: dict[str, float], tally: Tally) -> dict[str, Any]:
         client_replies["interrupted"] = client_replies.get("interrupted", 0) + client_replies.pop(
             "cancelled"
         )
-    rows = {
+    errors = by_label(scraped, "voxloop_endpoint_errors_total", "code")
+    rows: dict[str, tuple[int, int]] = {
         "sessions ended (session.ended)": (
-            by_label(scraped, "voxloop_sessions_total", "reason").get("ended", 0), tally.ended,
+            by_label(scraped, "voxloop_sessions_total", "reason").get("ended", 0),
+            tally.session_ended,
         ),
-        "live sessions": (round(scraped.get("voxloop_live_sessions", 0.0)), 0),
-        "turns answered or apologised (voxloop_turns_total)": (
+        "live sessions": (round(scraped.get("voxloop_live_sessions", 0.0)), tally.live),
+    }
+    if final:
+        rows["turns (replies to the user's speech)"] = (
             round(sum(v for k, v in scraped.items() if k.startswith("voxloop_turns_total"))),
-            tally.outcomes.get("answered", 0) + tally.outcomes.get("apologised", 0),
-        ),
-        **{f"replies {status}": (replies.get(status, 0), client_replies.get(status, 0))
-           for status in sorted(set(replies) | set(client_replies))},
-        **{f"endpoint errors {code}": (
-            by_label(scraped, "voxloop_endpoint_errors_total", "code").get(code, 0),
-            tally.errors.get(code, 0))
-           for code in sorted(set(by_label(scraped, "voxloop_endpoint_errors_total", "code"))
-                              | set(tally.errors))},
-    }  # fmt: skip
+            tally.replies_here,
+        )
+    for status in sorted(set(replies) | set(client_replies)):
+        rows[f"replies {status}"] = (replies.get(status, 0), client_replies.get(status, 0))
+    for code in sorted(set(errors) | set(tally.errors)):
+        rows[f"endpoint errors {code}"] = (errors.get(code, 0), tally.errors.get(code, 0))
     return {
         "rows": {k: {"metrics": m, "soak": c} for k, (m, c) in rows.items()},
         "mismatches": [k for k, (m, c) in rows.items() if m != c],
@@ -321,7 +352,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
                     if now - last_scrape >= args.minutes * 60 / 10:
                         last_scrape = now
                         scraped = parse_metrics((await client.get(f"{http}/metrics")).text)
-                        scrapes.append({"t": round(now), **compare(scraped, tally)})
+                        scrapes.append({"t": round(now), **compare(scraped, tally, final=False)})
                     await asyncio.sleep(args.sample_seconds)
 
         async with asyncio.TaskGroup() as tg:
@@ -376,7 +407,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         "v2v_ms_p50": statistics.median(v2v) if v2v else None,
         "v2v_ms_p99": v2v[min(len(v2v) - 1, int(len(v2v) * 0.99))] if v2v else None,
         "metrics_during": scrapes,
-        "metrics_final": compare(final, tally),
+        "metrics_final": compare(final, tally, final=True),
         "rss_drift": drifts,
         "tracebacks_in_log": tracebacks,
         "unanswered_turns": tally.unanswered[:20],

@@ -50,6 +50,18 @@ class Turn:
     superseded: bool = False
 
     @property
+    def replies_here(self) -> int:
+        """Replies finished (any status) on the connection that heard the turn: what the
+        server counts as the turn's metrics (``voxloop_turns_total``); a reply after a
+        resume answers from the kept state, not from the speech."""
+        count = 0
+        for e in self.events:
+            if e.kind in ("dropped", "resumed", "session.ready"):
+                break
+            count += e.kind == "reply.done"
+        return count
+
+    @property
     def outcome(self) -> Outcome:
         kinds = [e.kind for e in self.events]
         if "reply.error" in kinds:

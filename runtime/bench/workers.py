@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["connection_worker", "rss_kb", "worker_pids"]
+__all__ = ["connection_worker", "established", "rss_kb", "worker_pids"]
 
 PROC = Path("/proc")
 
@@ -68,3 +68,26 @@ def connection_worker(workers: list[int], server_port: int, client_port: int) ->
                     if os.readlink(fd) in wanted:
                         return pid
     return None
+
+
+def established(workers: list[int], server_port: int) -> dict[int, int]:
+    """How many accepted TCP connections on ``server_port`` each of ``workers`` holds."""
+    if not workers:
+        return {}
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in (PROC / str(workers[0]) / "net" / table).read_text().splitlines()[1:]:
+                cols = line.split()
+                # State 01: ESTABLISHED (the listening socket is 0A).
+                if int(cols[1].rsplit(":", 1)[1], 16) == server_port and cols[3] == "01":
+                    inodes.add(f"socket:[{cols[9]}]")
+    counts = {}
+    for pid in workers:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in (PROC / str(pid) / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    held += os.readlink(fd) in inodes
+        counts[pid] = held
+    return counts

@@ -29,7 +29,13 @@ from typing import Any, Final, Literal
 from audio.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from audio.resample import Resampler
 from audio.wav import interleave, read_speech_file, write_wav
-from runtime.client.connection import Auth, Event, VoiceAgentClient
+from runtime.client.connection import (
+    Auth,
+    ConnectionDropped,
+    Event,
+    SessionResumed,
+    VoiceAgentClient,
+)
 from runtime.client.metrics import ClientTurnMetrics, TurnTimer
 from runtime.client.protocol import PlaybackFlush
 from runtime.conversation.sinks import AudioSink, TimelineSink
@@ -119,10 +125,11 @@ class _Activity:
     awaiting_since: float | None = None
     replies: int = 0
     tools: int = 0
+    resuming: bool = False
 
     def busy(self, now: float) -> bool:
         awaiting = self.awaiting_since is not None and now - self.awaiting_since < REPLY_WAIT_S
-        return self.speaking or awaiting or self.replies > 0 or self.tools > 0
+        return self.speaking or awaiting or self.replies > 0 or self.tools > 0 or self.resuming
 
     def on_event(self, event: Event, now: float) -> None:
         match event:
@@ -136,6 +143,19 @@ class _Activity:
                 self.replies += 1
             case ReplyDone():
                 self.replies = max(0, self.replies - 1)
+            case ConnectionDropped():
+                # The socket went away: its replies end there; a reply that was awaited or
+                # being spoken is awaited again from the resumed session (which answers the
+                # user's last words when their reply was not done).
+                self.resuming = True
+                if self.replies or self.awaiting_since is not None:
+                    self.awaiting_since = now
+                self.replies = 0
+                self.speaking = False
+            case SessionResumed():
+                self.resuming = False
+                if self.awaiting_since is not None:
+                    self.awaiting_since = now
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,14 @@ import httpx
 import pytest
 import websockets
 
-from runtime.bench.workers import connection_worker, worker_pids
+from audio.resample import resample_all
+from audio.wav import read_wav
+from runtime.bench.workers import connection_worker, established, worker_pids
+from runtime.client.connection import Auth
+from runtime.client.runner import connect_pcm
 from runtime.llm.reference import ReplyPlan
+from runtime.protocol import events as ev
+from runtime.secret import Secret
 from runtime.sessions.resume import ResumableState
 from runtime.sessions.shared_state import (
     RedisRateLimiter,
@@ -41,6 +47,8 @@ from ..helpers import EndpointThread
 from ..redis_server import redis_server
 
 pytestmark = pytest.mark.timeout(300)
+
+SPEECH = Path(__file__).resolve().parents[1] / "data" / "speech"
 
 API_KEY = "vk-workers-operator"
 LLM_KEY = "sk-workers-llm-5e4d3c"
@@ -668,3 +676,50 @@ def test_a_session_killed_before_its_first_turn_resumes_and_again_after_its_resu
     assert ids == [ids[0]] * 3
     assert 0 < leases[0] <= 4000, leases
     assert renewed, leases
+
+
+def test_a_turn_whose_worker_dies_before_its_reply_is_answered_after_the_resume(
+    tmp_path: Path, redis_url: str
+) -> None:
+    answer = "It is sunny in Paris today."
+    plan = ReplyPlan(replies=(answer,), ttft_ms=1500, itl_ms=10)
+    audio = read_wav(SPEECH / "shared-00-piper.wav")
+    pcm = resample_all(audio.mono(), audio.sample_rate, 24_000)
+    with EndpointThread(plan, api_key=LLM_KEY) as slow:
+        worker = start_worker(tmp_path / "data", slow, redis_url, "--workers", "2")
+        port = int(worker.http.rsplit(":", 1)[1])
+        try:
+            pids = wait_both_ready(worker)
+            seen: list[tuple[str, str]] = []
+            killed: list[int] = []
+
+            def on_event(event: Any) -> None:
+                kind = str(getattr(event, "type", type(event).__name__))
+                detail = str(getattr(event, "text", None) or getattr(event, "status", ""))
+                seen.append((kind, detail))
+                if kind == "reply.started" and not killed:
+                    # The worker of the session dies while the reply is on its way.
+                    (owner,) = [pid for pid, n in established(pids, port).items() if n]
+                    os.kill(owner, signal.SIGKILL)
+                    killed.append(owner)
+
+            session = ev.SessionPatch(keys=frozenset({"system_prompt"}),
+                                      system_prompt="You are brief.")  # fmt: skip
+            asyncio.run(connect_pcm(pcm, url=worker.ws, auth=Auth(api_key=Secret(API_KEY)),
+                                    session=session, on_event=on_event))  # fmt: skip
+            requests = [c.body for c in slow.chats() if c.body is not None]
+        finally:
+            assert stop(worker) == 0
+    assert len(killed) == 1
+    kinds = [k for k, _ in seen if k not in ("reply.audio", "transcript.agent.delta",
+                                              "transcript.user.delta")]  # fmt: skip
+    said = next(d for k, d in seen if k == "transcript.user")
+    after = kinds[kinds.index("ConnectionDropped") :]
+    assert after[:3] == ["ConnectionDropped", "session.ready", "SessionResumed"], kinds
+    assert after[3:] == ["reply.started", "transcript.agent", "reply.done", "session.ended"], kinds
+    assert [d for k, d in seen if k == "transcript.agent"] == [answer]
+    assert seen[-2] == ("reply.done", "completed")
+    # The worker that took over asked with the user's words last, unanswered.
+    last = [(m["role"], m["content"]) for m in requests[-1]["messages"] if m["role"] != "system"]
+    assert last == [("user", said)]
+    assert len(requests) == 2

@@ -37,6 +37,8 @@ def test_turns_and_their_outcomes() -> None:
         ("item_4", 6.0, "answered"),
         ("item_5", 9.0, "neither"),
     ]
+    # What the server counts as turn metrics: replies on the connection that heard the turn.
+    assert [t.replies_here for t in found] == [1, 1, 0, 1, 0]
     assert [e.kind for e in found[-1].events] == [
         "dropped", "resumed", "session.ready", "session.ended",
     ]  # fmt: skip
