@@ -181,6 +181,19 @@ async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
          "reply.done interrupted"]
     ), seq  # fmt: skip
     assert seq.count("speech.started") == 2 and seq.count("reply.started") == 2, seq
+    # The answer to the interruption starts only after the user finished: up to then the
+    # timeline holds the first reply alone.
+    assert first_reply.text in texts_heard(result, until_s=user_end)
+
+
+def texts_heard(result: Any, until_s: float) -> set[str]:
+    """The first reply's text as far as a listener heard it up to ``until_s`` on the timeline.
+
+    What was played, silences aside (a pause of the reply, the sink's gaps), is a prefix of the
+    reply's audio; the sample count it ends on, to the sample, falls between two written samples
+    of equal value, so the set holds the text for each sample count that fits.
+    """
+    events = result.events
     first_id = next(e.reply_id for e in events if isinstance(e, ev.ReplyStarted))
     segments: list[SpokenSegment] = []
     written = bytearray()
@@ -190,15 +203,13 @@ async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
         elif isinstance(e, ev.AgentTranscriptDelta) and e.reply_id == first_id:
             start = segments[-1].end if segments else 0
             segments.append(SpokenSegment(e.delta, start, len(written) // 2))
-    # The answer to the interruption starts only after the user finished: up to then the
-    # timeline holds the first reply alone.
-    upto = result.agent[: int(user_end * OUTPUT_RATE) * 2]
+    upto = result.agent[: int(until_s * OUTPUT_RATE) * 2]
     played = int(np.count_nonzero(np.frombuffer(upto, "<i2")))
     nonzero = np.cumsum(np.frombuffer(bytes(written), "<i2") != 0)
     first_k = int(np.searchsorted(nonzero, played, side="left")) + 1
     last_k = int(np.searchsorted(nonzero, played, side="right"))
     assert 0 < first_k <= last_k < len(written) // 2
-    assert first_reply.text in {heard_prefix(segments, k) for k in range(first_k, last_k + 1)}
+    return {heard_prefix(segments, k) for k in range(first_k, last_k + 1)}
 
 
 def without_zeros(pcm: bytes) -> bytes:
@@ -244,9 +255,8 @@ async def test_a_backchannel_over_the_reply_pauses_it_and_it_goes_on_heard_whole
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ):
     endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY,))
-    # ("Okay.": Whisper tiny hears the Piper voice's "Mm-hmm." as words now and then; the
-    # turn-taking benchmark counts how often.)
-    mm = b"".join([c.pcm async for c in piper.synthesize("Okay.", sample_rate=16000)])
+    # A hummed "Mm-hmm." (Whisper writes it "MMM." or, unsure of every word, "MMI.", "MMO.").
+    mm = utterance("mm-hmm-piper")
     steps: list[Step] = [
         silence(0.4),
         utterance("shared-00-piper"),
@@ -294,6 +304,43 @@ async def test_a_backchannel_over_the_reply_pauses_it_and_it_goes_on_heard_whole
         stretches
     )
     assert abs(len(got) - len(want)) <= 2, stretches
+
+
+async def test_after_a_backchannel_resumed_the_reply_an_interruption_cuts_it_where_it_was_heard(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=(LONG_REPLY, "Sorry, go ahead."))
+    mm, stop = utterance("mm-hmm-piper"), utterance("shared-11-piper")
+    # "Mm-hmm." over the reply, which pauses and goes on; then "Wait, stop, that's not what I
+    # asked." once it has been heard again for a while.
+    steps: list[Step] = [
+        silence(0.4), utterance("shared-00-piper"), agent_heard_for(1.0), mm,
+        agent_heard_for(3.5), stop, silence(0.5),
+    ]  # fmt: skip
+    async with llm_for(endpoint) as llm:
+        result = await run_script(steps, llm=llm, stt=whisper, tts=piper)
+    events = result.events
+    seq = core_sequence(events)
+    # The back-channel opened no turn; the interruption did, and it alone was answered.
+    assert seq.count("speech.started") == 2 and seq.count("reply.started") == 2, seq
+    assert seq.count("reply.done interrupted") == 1, seq
+    first_reply = next(e for e in events if isinstance(e, ev.AgentTranscript))
+    assert first_reply.interrupted
+    # It paused during the "Mm-hmm" and went on: the pause and the words on both sides of it
+    # were heard, and the history keeps exactly those words, no more.
+    mm_start = result.starts[3]
+    mm_end = mm_start + len(mm) / 2 / 16000
+    assert [a for a, _ in zero_runs(result.agent, 0.6) if mm_start <= a <= mm_end] != []
+    user_end = segment_pcm(result.user, 16000, default_vad())[-1][1]
+    assert active(result.agent, mm_end + 0.6, result.starts[5])
+    assert first_reply.text in texts_heard(result, until_s=user_end)
+    assert LONG_REPLY.startswith(first_reply.text.rstrip(".,")) and len(first_reply.text) < len(
+        LONG_REPLY
+    )
+    messages = chat_bodies(endpoint)[-1]["messages"]
+    assert messages[2] == {"role": "assistant", "content": first_reply.text}
+    assert "stop" in messages[3]["content"].lower()
+    assert len(messages) == 4  # the back-channel is in no message
 
 
 async def test_no_interruption_when_interrupt_response_is_off(
