@@ -114,7 +114,7 @@ def drift(points: Sequence[tuple[float, float]]) -> Drift:
     n = len(points)
     span = points[-1][0] - points[0][0] if points else 0.0
     if n < 3 or span <= 0:
-        return Drift(None, None, n, span)
+        return Drift(None, None, n, round(span, 1))
     mx = sum(t for t, _ in points) / n
     my = sum(kb for _, kb in points) / n
     sxx = sum((t - mx) ** 2 for t, _ in points)
