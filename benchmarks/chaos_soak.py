@@ -33,6 +33,9 @@ Reported (JSON on stdout, ``--json FILE`` too):
 * each worker's resident memory sampled every ``--sample-seconds``, and its drift after
   warm-up (from a sixth of the run after the worker started): a least-squares slope in
   MB per hour with its standard error;
+* each worker's open sockets before the first session and after the last (a worker
+  started in the run has no "before"), and the client connections still open at the
+  end (a leak: the goal is 0);
 * tracebacks in the server's log.
 
 The full run: ``python -m benchmarks.chaos_soak --minutes 10 --sessions 8``.
@@ -65,7 +68,7 @@ from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.bench.reference_thread import ReferenceThread
 from runtime.bench.soak import Seen, drift, turns
-from runtime.bench.workers import rss_kb, worker_pids
+from runtime.bench.workers import established, open_sockets, rss_kb, worker_pids
 from runtime.client.connection import Auth, ConnectionDropped, SessionResumed
 from runtime.client.protocol import SessionFailure
 from runtime.client.runner import connect_pcm
@@ -312,6 +315,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
                 if (await client.get(f"{http}/readyz")).status_code == 200:
                     break
                 await asyncio.sleep(0.5)
+        sockets_start = {pid: open_sockets(pid) for pid in worker_pids(server.pid)}
         t0 = time.monotonic()
         deadline = t0 + args.minutes * 60
 
@@ -363,6 +367,10 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             tg.create_task(sampler())
         async with httpx.AsyncClient(timeout=30) as client:
             final = parse_metrics((await client.get(f"{http}/metrics")).text)
+        # Every session is over: each worker's sockets beside those it held before the first.
+        sockets_end = {pid: open_sockets(pid) for pid in worker_pids(server.pid)}
+        port = int(http.rsplit(":", 1)[1])
+        clients_end = established(worker_pids(server.pid), port)
         server.send_signal(signal.SIGTERM)
         server.wait(120)
         server.stdout.close()
@@ -409,6 +417,9 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_during": scrapes,
         "metrics_final": compare(final, tally, final=True),
         "rss_drift": drifts,
+        "sockets_start": {str(k): v for k, v in sockets_start.items()},
+        "sockets_end": {str(k): v for k, v in sockets_end.items()},
+        "client_connections_end": {str(k): v for k, v in clients_end.items()},
         "tracebacks_in_log": tracebacks,
         "unanswered_turns": tally.unanswered[:20],
         "lost_sessions": tally.lost_sessions[:20],

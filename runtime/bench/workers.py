@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["connection_worker", "established", "rss_kb", "worker_pids"]
+__all__ = ["connection_worker", "established", "open_sockets", "rss_kb", "worker_pids"]
 
 PROC = Path("/proc")
 
@@ -91,3 +91,13 @@ def established(workers: list[int], server_port: int) -> dict[int, int]:
                     held += os.readlink(fd) in inodes
         counts[pid] = held
     return counts
+
+
+def open_sockets(pid: int) -> int:
+    """How many sockets ``pid`` holds open (TCP, Unix); 0 once the process is gone."""
+    held = 0
+    with contextlib.suppress(OSError):
+        for fd in (PROC / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                held += os.readlink(fd).startswith("socket:")
+    return held
