@@ -265,24 +265,29 @@ class ReplyRunner:
             start = reply.written
             # Whatever the text's source, a speech engine never sees a NUL or a lone surrogate.
             run = self._tts.synthesize(safe_text(seg), voice=self._config().voice, sample_rate=rate)
-            async for chunk in run:
-                pcm = chunk.pcm
-                if reply.t_chunk is None:
-                    # The voice's leading silence would only add to the latency.
-                    pcm = trim_leading_silence(pcm, rate)
-                    reply.t_chunk = self._clock.now_ns()
-                if not reply.committed.is_set():
-                    await reply.committed.wait()
-                if reply.t_out is None:
-                    reply.base_played = self._sink.played_samples
-                    reply.t_out = self._clock.now_ns()
-                    self._on_first_audio(reply)
-                await self._sink.write(pcm)
-                reply.written += len(pcm) // 2
-                self._emit(
-                    ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=pcm,
-                               sample_rate=rate)
-                )  # fmt: skip
+            try:
+                async for chunk in run:
+                    pcm = chunk.pcm
+                    if reply.t_chunk is None:
+                        # The voice's leading silence would only add to the latency.
+                        pcm = trim_leading_silence(pcm, rate)
+                        reply.t_chunk = self._clock.now_ns()
+                    if not reply.committed.is_set():
+                        await reply.committed.wait()
+                    if reply.t_out is None:
+                        reply.base_played = self._sink.played_samples
+                        reply.t_out = self._clock.now_ns()
+                        self._on_first_audio(reply)
+                    await self._sink.write(pcm)
+                    reply.written += len(pcm) // 2
+                    self._emit(
+                        ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=pcm,
+                                   sample_rate=rate)
+                    )  # fmt: skip
+            finally:
+                # Cancelled between two chunks (a barge-in): the run's response is closed
+                # here, in this task, not whenever its generator is collected.
+                await run.aclose()
             if reply.written > start:
                 reply.spoken.add(seg, start, reply.written)
                 self._emit(

@@ -12,13 +12,11 @@ environment are ignored (they would bypass the pinning).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import ssl
 import typing
-from collections.abc import AsyncIterator
 
 import httpcore
 import httpx
@@ -221,36 +219,53 @@ class PinnedHTTP:
         await self.http.aclose()
 
 
-@contextlib.asynccontextmanager
-async def map_http_errors(peer: str, *, before_response: bool = True) -> AsyncIterator[None]:
+class map_http_errors:
     """Convert httpx failures into the typed endpoint errors, at one boundary.
+
+    A class rather than a generator-based context manager: used inside an async
+    generator (a streamed speech answer), a generator-based one would be a second
+    generator to finalise when that one is dropped, and asyncio finalises the two
+    concurrently ("aclose(): asynchronous generator is already running").
 
     Args:
         peer: how messages name the other side ("the endpoint", "the speech server").
         before_response: failures before any response byte are safe to retry.
     """
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+
+    def __init__(self, peer: str, *, before_response: bool = True) -> None:
+        self._peer = peer
+        self._before_response = before_response
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        if isinstance(exc, httpx.HTTPError):
+            raise _typed(exc, self._peer, self._before_response) from exc
+        return False
+
+
+def _typed(exc: httpx.HTTPError, peer: str, before_response: bool) -> Exception:
+    """The typed endpoint error for an httpx failure."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         tls = _ssl_cause(exc)
         if tls is not None:
             verify = isinstance(tls, ssl.SSLCertVerificationError)
             message = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
             detail = message or tls.reason or str(tls)
-            raise EndpointTLSError(
+            return EndpointTLSError(
                 f"TLS handshake with {peer} failed: {detail}", retryable=not verify
-            ) from exc
-        raise EndpointConnectError(
+            )
+        return EndpointConnectError(
             f"could not connect to {peer}: {_connect_detail(exc)}", retryable=True
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise EndpointTimeout(
-            f"{peer} timed out: {type(exc).__name__}", retryable=before_response
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise StreamDropped(
-            f"the connection to {peer} failed: {type(exc).__name__}", retryable=before_response
-        ) from exc
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return EndpointTimeout(f"{peer} timed out: {type(exc).__name__}", retryable=before_response)
+    return StreamDropped(
+        f"the connection to {peer} failed: {type(exc).__name__}", retryable=before_response
+    )
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:

@@ -4,7 +4,9 @@
 of :class:`AudioChunk` at the requested sample rate, one or more chunks per
 sentence, each yielded as soon as it is ready. :meth:`TTSRun.cancel` stops it
 at once: no chunk is yielded after it, and the engine stops working as soon as
-the current inference step returns.
+the current inference step returns. :meth:`TTSRun.aclose` also releases what the
+run holds (a remote engine's HTTP response) before it returns; a consumer that
+stops early (a barge-in) awaits it.
 
 An engine's first synthesis is slower than the next ones (model sessions,
 phonemizer data, resampler set-up): engines that can, offer an async
@@ -58,6 +60,9 @@ class TTSRun(Protocol):
     def __aiter__(self) -> AsyncIterator[AudioChunk]: ...
 
     def cancel(self) -> None: ...
+
+    async def aclose(self) -> None:
+        """Cancel and release what the run holds (safe to call more than once)."""
 
 
 class TextToSpeech(Protocol):

@@ -80,6 +80,10 @@ class PulledRun:
     def cancel(self) -> None:
         self._cancelled.set()
 
+    async def aclose(self) -> None:
+        """Cancel (the worker holds nothing else: it stops at the next sentence)."""
+        self._cancelled.set()
+
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()

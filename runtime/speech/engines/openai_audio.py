@@ -26,7 +26,7 @@ import contextlib
 import io
 import wave
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 import httpx
 import numpy as np
@@ -438,7 +438,13 @@ class SpeechBody:
 
 
 class RemoteSpeech:
-    """One ``/audio/speech`` response, yielded as PCM chunks as they arrive."""
+    """One ``/audio/speech`` response, yielded as PCM chunks as they arrive.
+
+    :meth:`aclose` closes the response in the caller's task (a barge-in: the speaker
+    closes its run as it is cancelled). A run dropped unclosed between two chunks is
+    closed when asyncio finalises its generator, which holds no other generator that
+    could be finalised at the same time.
+    """
 
     def __init__(self, engine: OpenAITTS, text: str, voice: str, sample_rate: int) -> None:
         self._engine = engine
@@ -455,7 +461,9 @@ class RemoteSpeech:
         """Stop: nothing more is yielded and the HTTP response is closed."""
         self._cancelled = True
 
-    async def _close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop and close the HTTP response now (safe to call more than once)."""
+        self._cancelled = True
         if self._gen is not None:
             await self._gen.aclose()
 
@@ -466,7 +474,7 @@ class RemoteSpeech:
             chunk = await anext(self._gen)
             if not self._cancelled:
                 return chunk
-        await self._close()
+        await self.aclose()
         raise StopAsyncIteration
 
     async def _chunks(self) -> AsyncGenerator[AudioChunk, None]:
@@ -491,17 +499,24 @@ class RemoteSpeech:
                 resampler = Resampler(rate, self._rate)
             return resampler.process(pcm)
 
-        async with (
-            map_http_errors("the speech server", before_response=False),
-            client.http.stream("POST", f"{client.url.url}/audio/speech", json=body) as response,
-        ):
-            await _raise_for_status(response, engine._api_key)
-            speech = SpeechBody(response.headers.get("content-type", ""), engine._pcm_rate)
-            async for data in response.aiter_bytes():
-                out = play(speech.feed(data), speech.rate)
-                if out:
-                    yield AudioChunk(pcm=out, sample_rate=self._rate, text=self._text)
-            rest, rate = speech.finish()
+        request = client.http.build_request("POST", f"{client.url.url}/audio/speech", json=body)
+        # No generator-based context manager in here (httpx's ``stream()`` is one): see
+        # the class docstring.
+        async with map_http_errors("the speech server", before_response=False):
+            response = await client.http.send(request, stream=True)
+        try:
+            async with map_http_errors("the speech server", before_response=False):
+                await _raise_for_status(response, engine._api_key)
+                speech = SpeechBody(response.headers.get("content-type", ""), engine._pcm_rate)
+                pieces = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+                async with contextlib.aclosing(pieces) as chunks:
+                    async for data in chunks:
+                        out = play(speech.feed(data), speech.rate)
+                        if out:
+                            yield AudioChunk(pcm=out, sample_rate=self._rate, text=self._text)
+                rest, rate = speech.finish()
+        finally:
+            await response.aclose()
         out = play(rest, rate)
         if resampler is not None:
             out += resampler.flush()

@@ -14,6 +14,7 @@ answers quote the key they were given (message and header).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ class Recorder:
     fail_next: int | None = None
     container: Container = "pcm"
     sent_pcm: bytes = b""  # the samples of the last speech answer, as synthesized
+    # Set: a pcm answer sends its first audio, then holds the rest until it is set (a server
+    # still streaming when the client goes away).
+    hold: asyncio.Event | None = None
+    streams_ended: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    """How each pcm answer ended: ``complete`` or ``client gone`` (the client closed it)."""
 
 
 def make_app(stt: WhisperSTT, tts: PiperTTS, api_key: str, recorder: Recorder) -> Starlette:
@@ -94,9 +100,16 @@ def make_app(stt: WhisperSTT, tts: PiperTTS, api_key: str, recorder: Recorder) -
         if recorder.container == "pcm":
 
             async def pcm():
-                async for chunk in tts.synthesize(body["input"], sample_rate=24000):
-                    recorder.sent_pcm += chunk.pcm
-                    yield chunk.pcm
+                ended = "client gone"
+                try:
+                    async for chunk in tts.synthesize(body["input"], sample_rate=24000):
+                        recorder.sent_pcm += chunk.pcm
+                        yield chunk.pcm
+                        if recorder.hold is not None:
+                            await recorder.hold.wait()
+                    ended = "complete"
+                finally:
+                    recorder.streams_ended.put_nowait(ended)
 
             recorder.sent_pcm = b""
             return StreamingResponse(pcm(), media_type="audio/pcm")

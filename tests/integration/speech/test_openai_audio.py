@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from runtime.endpoints import StaticResolver, URLPolicy
 from runtime.errors import EndpointAuthError, EndpointServerError, MalformedStream, URLPolicyError
 from runtime.llm.reference import ReplyPlan
 from runtime.secret import Secret
-from runtime.speech.engines.openai_audio import OpenAISTT, OpenAITTS
+from runtime.speech.engines.openai_audio import OpenAISTT, OpenAITTS, RemoteSpeech
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
 from runtime.speech.tts import UnknownVoice
@@ -105,6 +106,48 @@ async def test_remote_speech_streams_pcm_at_the_requested_rate(audio_server, whi
         assert [c async for c in run] == []
     finally:
         await tts.aclose()
+
+
+async def speaker(run: RemoteSpeech, first: asyncio.Event, *, closes: bool) -> None:
+    """Plays ``run`` as the conversation's speaker does, into a sink that stays full."""
+    try:
+        async for _ in run:
+            first.set()
+            await asyncio.Event().wait()
+    finally:
+        if closes:
+            await run.aclose()
+
+
+async def test_a_speech_cut_mid_stream_closes_its_answer_and_logs_nothing(audio_server, caplog):
+    """A barge-in cancels the speaker while it waits on the sink, between two chunks: the
+    answer is closed at once (the server sees the client go) and nothing is logged at ERROR,
+    whether the speaker closes the run or just drops it, and again at the next barge-in."""
+    url, recorder = audio_server
+    recorder.hold = asyncio.Event()
+    tts = OpenAITTS(url, api_key=Secret(KEY), **op())
+    text = "Let me tell you about the weather in Paris this week. Monday starts cloudy."
+    try:
+        for closes in (False, True, False, True):
+            first = asyncio.Event()
+            task = asyncio.create_task(
+                speaker(tts.synthesize(text, sample_rate=16000), first, closes=closes)
+            )
+            await first.wait()
+            task.cancel()  # the barge-in
+            await asyncio.wait([task])
+            assert task.cancelled()
+            del task
+            gc.collect()  # a dropped run is finalised now, not at some later collection
+            assert await recorder.streams_ended.get() == "client gone"
+        recorder.hold.set()
+        chunks = [c async for c in tts.synthesize("Hello.", sample_rate=16000)]
+        assert await recorder.streams_ended.get() == "complete"
+        assert sum(len(c.pcm) for c in chunks) > 0
+    finally:
+        await tts.aclose()
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_errors_are_typed_and_the_key_never_shows(audio_server, caplog):
