@@ -42,6 +42,7 @@ Private certificate authorities are trusted through :func:`tls_verify`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import re
@@ -592,3 +593,42 @@ def tls_verify(
         reason = getattr(exc, "strerror", None) or "no PEM certificate in it"
         raise ValueError(f"the CA bundle {source} cannot be used: {reason}") from None
     return context
+
+
+PLAIN_HTTP_PROBE_S: Final = 5.0
+"""How long :func:`speaks_plain_http` waits for the connection and the answer (seconds)."""
+
+
+async def speaks_plain_http(host: str, port: int) -> bool:
+    """Whether the server at ``host:port`` answers a plain-http request (no TLS).
+
+    Asked after a TLS handshake failed, to tell "this is an http server" from
+    other TLS failures (OpenSSL's own text for it differs between versions).
+    Never raises: an address that does not answer is ``False``.
+    """
+    try:
+        async with asyncio.timeout(PLAIN_HTTP_PROBE_S):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"HEAD / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+                await writer.drain()
+                head = await reader.read(5)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return False
+    return head == b"HTTP/"
+
+
+def plain_http_message(url: str, flag: str = "") -> str:
+    """The one line for an https/wss URL whose server speaks plain http.
+
+    ``flag``: the option that gave the URL (``--base-url``), shown before it.
+    """
+    parts = urlsplit(url)
+    plain = {"https": "http", "wss": "ws"}.get(parts.scheme.lower(), parts.scheme)
+    fixed = parts._replace(scheme=plain).geturl()
+    head = f"{flag} {url}" if flag else url
+    return f"{head}: the server at {parts.netloc} speaks plain http, not TLS; use {fixed}"

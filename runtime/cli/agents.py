@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime.cli.checks import plain_http_message, speaks_plain_http, use_ca_bundle, with_scheme
+from runtime.cli.checks import use_ca_bundle, with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
@@ -111,6 +111,8 @@ def _plain_http(url: str, exc: Exception) -> bool:
     import ssl
     from urllib.parse import urlsplit
 
+    from runtime.endpoints import speaks_plain_http
+
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -192,6 +194,8 @@ def _cmd_agents(args: argparse.Namespace) -> int:
         # "[Errno 111] Connection refused" -> "connection refused"
         cause = re.sub(r"^\[Errno -?\d+\] ", "", str(exc)).lower() or type(exc).__name__
         if _plain_http(url, exc):
+            from runtime.endpoints import plain_http_message
+
             raise Unavailable(plain_http_message(url)) from None
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             raise Unavailable(

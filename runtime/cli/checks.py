@@ -99,7 +99,9 @@ async def check_endpoint(url: str, flag: str) -> None:
         SystemResolver,
         URLPolicy,
         parse_endpoint_url,
+        plain_http_message,
         resolve_endpoint,
+        speaks_plain_http,
         tls_verify,
     )
     from runtime.errors import URLPolicyError
@@ -217,39 +219,6 @@ async def _is_agent_service(client: Any) -> bool:
     except (httpx.HTTPError, ValueError, AttributeError):
         return False
     return isinstance(title, str) and title.startswith("voxloop agent service")
-
-
-async def speaks_plain_http(host: str, port: int) -> bool:
-    """Whether the server at ``host:port`` answers a plain-http request (no TLS).
-
-    Asked after a TLS handshake failed, to tell "this is an http server" from
-    other TLS failures (OpenSSL's own text for it differs between versions).
-    """
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                writer.write(b"HEAD / HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
-                await writer.drain()
-                head = await reader.read(5)
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except (OSError, TimeoutError):
-        return False
-    return head == b"HTTP/"
-
-
-def plain_http_message(url: str, flag: str = "") -> str:
-    """The one line for an https/wss URL whose server speaks plain http."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    plain = {"https": "http", "wss": "ws"}.get(parts.scheme.lower(), parts.scheme)
-    fixed = parts._replace(scheme=plain).geturl()
-    head = f"{flag} {url}" if flag else url
-    return f"{head}: the server at {parts.netloc} speaks plain http, not TLS; use {fixed}"
 
 
 def _is_v6(host: str) -> bool:

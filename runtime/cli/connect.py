@@ -24,7 +24,6 @@ from runtime.cli.checks import (
     add_echo_option,
     check_devices,
     echo_mode,
-    plain_http_message,
     read_input,
 )
 from runtime.cli.common import (
@@ -311,6 +310,8 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         return asyncio.run(run())
     except SessionFailure as exc:
         if exc.code == "unreachable" and _plain_http(ws_url):
+            from runtime.endpoints import plain_http_message
+
             raise ConnectError(plain_http_message(args.url), EXIT_UNREACHABLE) from None
         raise ConnectError(f"{exc.message} ({exc.code})", _exit_code(exc.code)) from None
     except DeviceUnavailable as exc:
@@ -323,7 +324,7 @@ def _plain_http(ws_url: str) -> bool:
     """Whether a wss:// URL failed because its server speaks plain http."""
     from urllib.parse import urlsplit
 
-    from runtime.cli.checks import speaks_plain_http
+    from runtime.endpoints import speaks_plain_http
 
     parts = urlsplit(ws_url)
     if parts.scheme != "wss" or parts.hostname is None:

@@ -736,7 +736,7 @@ class ChatClient:
             headers={"Content-Type": "application/json"},
             extensions={"trace": trace},
         )
-        async with map_http_errors("the endpoint"):
+        async with map_http_errors("the endpoint", http=self._pinned_http):
             response = await self._http.send(http_request, stream=True)
         timings.http_version = response.http_version
         if timings.headers_ns is None:

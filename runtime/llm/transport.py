@@ -17,6 +17,7 @@ import logging
 import os
 import ssl
 import typing
+from typing import Final
 
 import httpcore
 import httpx
@@ -28,7 +29,9 @@ from runtime.endpoints import (
     Resolver,
     URLPolicy,
     parse_endpoint_url,
+    plain_http_message,
     resolve_endpoint,
+    speaks_plain_http,
     tls_verify,
 )
 from runtime.errors import EndpointConnectError, EndpointTimeout, EndpointTLSError, StreamDropped
@@ -215,6 +218,13 @@ class PinnedHTTP:
                     self._pinned = pinned
         return self._pinned
 
+    async def speaks_plain_http(self) -> bool:
+        """Whether this https endpoint's server answers in plain http (asked after a
+        TLS handshake with it failed; ``False`` for http URLs and unpinned endpoints)."""
+        if self.url.scheme != "https" or self._pinned is None:
+            return False
+        return await speaks_plain_http(str(self._pinned.addresses[0]), self.url.port)
+
     async def aclose(self) -> None:
         await self.http.aclose()
 
@@ -227,14 +237,22 @@ class map_http_errors:
     generator to finalise when that one is dropped, and asyncio finalises the two
     concurrently ("aclose(): asynchronous generator is already running").
 
+    A TLS handshake that fails because the server speaks plain http (asked of the
+    server when ``http`` is given) is the one line every command gives for it
+    (:func:`runtime.endpoints.plain_http_message`), not OpenSSL's text.
+
     Args:
         peer: how messages name the other side ("the endpoint", "the speech server").
         before_response: failures before any response byte are safe to retry.
+        http: the client the request went through (to ask its server in plain http).
     """
 
-    def __init__(self, peer: str, *, before_response: bool = True) -> None:
+    def __init__(
+        self, peer: str, *, before_response: bool = True, http: PinnedHTTP | None = None
+    ) -> None:
         self._peer = peer
         self._before_response = before_response
+        self._http = http
 
     async def __aenter__(self) -> None:
         return None
@@ -243,7 +261,15 @@ class map_http_errors:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> bool:
         if isinstance(exc, httpx.HTTPError):
-            raise _typed(exc, self._peer, self._before_response) from exc
+            typed = _typed(exc, self._peer, self._before_response)
+            if (
+                isinstance(typed, EndpointTLSError)
+                and typed.retryable  # not a certificate that does not verify
+                and self._http is not None
+                and await self._http.speaks_plain_http()
+            ):
+                typed = EndpointTLSError(plain_http_message(self._http.url.url), retryable=False)
+            raise typed from exc
         return False
 
 
@@ -254,7 +280,8 @@ def _typed(exc: httpx.HTTPError, peer: str, before_response: bool) -> Exception:
         if tls is not None:
             verify = isinstance(tls, ssl.SSLCertVerificationError)
             message = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
-            detail = message or tls.reason or str(tls)
+            # OpenSSL's reason (``WRONG_VERSION_NUMBER``) read as words.
+            detail = message or (tls.reason or "").replace("_", " ").lower() or str(tls)
             return EndpointTLSError(
                 f"TLS handshake with {peer} failed: {detail}", retryable=not verify
             )
@@ -262,10 +289,29 @@ def _typed(exc: httpx.HTTPError, peer: str, before_response: bool) -> Exception:
             f"could not connect to {peer}: {_connect_detail(exc)}", retryable=True
         )
     if isinstance(exc, httpx.TimeoutException):
-        return EndpointTimeout(f"{peer} timed out: {type(exc).__name__}", retryable=before_response)
-    return StreamDropped(
-        f"the connection to {peer} failed: {type(exc).__name__}", retryable=before_response
-    )
+        what = _TIMEOUTS.get(type(exc), "no answer in time")
+        return EndpointTimeout(f"{peer} timed out: {what}", retryable=before_response)
+    what = next((w for kind, w in _DROPS if isinstance(exc, kind)), "the HTTP exchange failed")
+    return StreamDropped(f"the connection to {peer} failed: {what}", retryable=before_response)
+
+
+# What each httpx failure means, in words (httpx's class names are not for the people who
+# read these messages: a session's reply.error, a benchmark's table).
+_TIMEOUTS: Final[dict[type[httpx.TimeoutException], str]] = {
+    httpx.ConnectTimeout: "no connection within the connect timeout",
+    httpx.ReadTimeout: "nothing received within the read timeout",
+    httpx.WriteTimeout: "the request could not be sent within the write timeout",
+    httpx.PoolTimeout: "no free connection within the pool timeout",
+}
+_DROPS: Final[tuple[tuple[type[httpx.HTTPError], str], ...]] = (
+    (httpx.RemoteProtocolError, "the server closed the connection or broke the HTTP protocol"),
+    (httpx.LocalProtocolError, "the request could not be sent as HTTP"),
+    (httpx.ReadError, "the connection broke while receiving"),
+    (httpx.WriteError, "the connection broke while sending"),
+    (httpx.DecodingError, "the answer's content encoding does not decode"),
+    (httpx.TooManyRedirects, "too many redirects"),
+    (httpx.UnsupportedProtocol, "the URL's scheme is not http or https"),
+)
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -290,4 +336,4 @@ def _connect_detail(exc: httpx.HTTPError) -> str:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+    return text[:160] if text else "the connection failed"

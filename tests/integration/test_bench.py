@@ -203,12 +203,17 @@ async def test_diagnosis_tells_dns_tls_policy_and_server_failures_apart(
     async with (
         ReferenceEndpoint(ssl_context=server_ctx) as tls_server,
         ReferenceEndpoint(ReplyPlan(fault="status", status=500)) as failing,
+        ReferenceEndpoint() as plain,
     ):
+        plain_http = plain.base_url
+        plain_https = "https" + plain_http[4:]
         targets = [
             BenchTarget("dns", "https://nowhere.example.test/v1", "m"),
             BenchTarget("tls", f"https://llm.example.test:{tls_server.port}/v1", "m"),
             BenchTarget("policy", "https://0x7f000001/v1", "m"),
             BenchTarget("server", failing.base_url, "m", api_key_env="BENCH_KEY"),
+            # https to a plain-http server: the line every command gives, not OpenSSL's text.
+            BenchTarget("plain", plain_https, "m"),
         ]
         reports = await TTFTBenchmark(
             targets,
@@ -224,9 +229,14 @@ async def test_diagnosis_tells_dns_tls_policy_and_server_failures_apart(
         "policy": {"url_policy": "non-canonical numeric IPv4 host '0x7f000001'"},
         # The server quoted the key it was given; the report never does.
         "server": {"server": "endpoint failed (HTTP 500): simulated 500 for the key ********"},
+        "plain": {
+            "tls": f"{plain_https}: the server at {plain_http.split('/')[2]} speaks plain "
+            f"http, not TLS; use {plain_http}"
+        },
     }
     assert {r.target.name: r.error_messages() for r in reports} == expected
     assert reports[1].errors() == {"tls": 2} and len(tls_server.requests) == 0
+    assert reports[4].errors() == {"tls": 2}
 
     write_json(reports, tmp_path / "r.json")
     doc = json.loads((tmp_path / "r.json").read_text())

@@ -4,10 +4,12 @@ import json
 import logging
 import pickle
 
+import httpx
 import pytest
 
 from runtime.errors import (
     EndpointAuthError,
+    EndpointError,
     EndpointRateLimited,
     EndpointRejected,
     EndpointServerError,
@@ -15,6 +17,7 @@ from runtime.errors import (
 )
 from runtime.llm.client import Endpoint, _error_detail, _retry_after_s
 from runtime.llm.stream import status_error
+from runtime.llm.transport import map_http_errors
 from runtime.secret import Secret
 
 KEY = "sk-test-0123456789abcdef"
@@ -85,3 +88,33 @@ def test_error_detail_extracts_message_and_redacts_key():
     assert detail.startswith("Incorrect API key provided")
     assert _error_detail(b'{"detail": "nope"}', None) == "nope"
     assert len(_error_detail(b"x" * 5000, None)) <= 201
+
+
+@pytest.mark.parametrize(
+    ("raised", "kind", "message"),
+    [
+        (httpx.ConnectTimeout("x"), "connect",
+         "could not connect to the endpoint: x"),
+        (httpx.ReadTimeout("x"), "timeout",
+         "the endpoint timed out: nothing received within the read timeout"),
+        (httpx.WriteTimeout("x"), "timeout",
+         "the endpoint timed out: the request could not be sent within the write timeout"),
+        (httpx.RemoteProtocolError("Server disconnected without sending a response."), "dropped",
+         "the connection to the endpoint failed: the server closed the connection or broke the "
+         "HTTP protocol"),
+        (httpx.ReadError(""), "dropped",
+         "the connection to the endpoint failed: the connection broke while receiving"),
+        (httpx.DecodingError("x"), "dropped",
+         "the connection to the endpoint failed: the answer's content encoding does not decode"),
+        (httpx.ConnectError(""), "connect", "could not connect to the endpoint: the connection failed"),
+    ],
+)  # fmt: skip
+async def test_http_failures_read_as_words_not_library_names(
+    raised: httpx.HTTPError, kind: str, message: str
+):
+    """What reaches a session's reply.error or a benchmark table names no httpx class."""
+    with pytest.raises(EndpointError) as info:
+        async with map_http_errors("the endpoint"):
+            raise raised
+    assert (info.value.kind, str(info.value)) == (kind, message)
+    assert info.value.__cause__ is raised

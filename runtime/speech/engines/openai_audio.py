@@ -140,7 +140,7 @@ class OpenAISTT(_Remote):
         if prompt:
             data["prompt"] = prompt
         files = {"file": ("audio.wav", _wav_bytes(pcm, sample_rate), "audio/wav")}
-        async with map_http_errors("the speech server"):
+        async with map_http_errors("the speech server", http=self._client):
             response = await self._client.http.post(
                 f"{self._client.url.url}/audio/transcriptions", data=data, files=files
             )
@@ -502,7 +502,7 @@ class RemoteSpeech:
         request = client.http.build_request("POST", f"{client.url.url}/audio/speech", json=body)
         # No generator-based context manager in here (httpx's ``stream()`` is one): see
         # the class docstring.
-        async with map_http_errors("the speech server", before_response=False):
+        async with map_http_errors("the speech server", before_response=False, http=client):
             response = await client.http.send(request, stream=True)
         try:
             async with map_http_errors("the speech server", before_response=False):
