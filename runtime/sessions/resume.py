@@ -20,7 +20,7 @@ class ResumableState:
     """What a dropped session needs to continue (JSON-serialisable; secrets sealed).
 
     Attributes:
-        spec: :meth:`SessionSpec.public` plus sealed secrets (``llm_key``, ``tool_headers``).
+        spec: :meth:`SessionSpec.to_state`: every setting, secrets sealed.
         history: the messages of the conversation so far.
         started_at, expires_at: wall-clock seconds.
     """

@@ -32,7 +32,7 @@ from runtime.sessions.resume import (
     SessionStateStore,
 )
 from runtime.sessions.shared_state import MemoryRateLimiter, RateLimiter
-from runtime.sessions.spec import SessionSpec
+from runtime.sessions.spec import STATE_FORMAT, SessionSpec
 from runtime.sessions.tracing import TurnTracer
 from runtime.speech.voices import DEFAULT_HOSTED_VOICE, VoiceMap
 
@@ -513,28 +513,10 @@ class SessionRunner:
         return not self._running
 
     def seal_state(self, live: LiveSession) -> ResumableState:
-        spec = live.spec
         context = f"session:{live.session_id}"
-        doc = spec.public()
-        doc["tools"] = []
-        for tool in spec.tools:
-            t = tool.to_json()
-            if tool.http is not None:
-                t["http"]["headers"] = [
-                    {"name": k, "sealed": self.box.seal(v, context=f"{context}:tool:{k}")}
-                    for k, v in tool.http.headers.items()
-                ]
-            doc["tools"].append(t)
-        if spec.llm is not None and spec.llm.api_key is not None:
-            doc["llm_key"] = self.box.seal(spec.llm.api_key, context=f"{context}:llm")
-        if spec.fallbacks:
-            doc["llm_fallback_keys"] = [
-                None if e.api_key is None
-                else self.box.seal(e.api_key, context=f"{context}:llm:{i}")
-                for i, e in enumerate(spec.fallbacks, start=1)
-            ]  # fmt: skip
-        doc["voice_id"] = spec.voice_id
-        doc["server_max_tokens"] = spec.max_tokens
+        doc = live.spec.to_state(
+            lambda value, label: self.box.seal(value, context=f"{context}:{label}")
+        )
         return ResumableState(
             session_id=live.session_id, owner=live.owner,
             resume_token_hash=token_hash(live.resume_token), spec=doc,
@@ -543,6 +525,17 @@ class SessionRunner:
         )  # fmt: skip
 
     def _unseal(self, state: ResumableState) -> SessionSpec:
+        context = f"session:{state.session_id}"
+        if state.spec.get("format") == STATE_FORMAT:
+            return SessionSpec.from_state(
+                state.spec,
+                lambda sealed, label: self.box.open(sealed, context=f"{context}:{label}"),
+            )
+        return self._unseal_public(state)
+
+    def _unseal_public(self, state: ResumableState) -> SessionSpec:
+        """A state written by an earlier version (a worker of it drained into Redis):
+        :meth:`SessionSpec.public` plus sealed keys, which lacks some settings."""
         doc = json.loads(json.dumps(state.spec))
         context = f"session:{state.session_id}"
         for tool in doc["tools"]:

@@ -4,9 +4,9 @@ merged into one :class:`SessionSpec`, and the server's default endpoint."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from runtime.conversation.config import SessionConfig, TurnDetection
 from runtime.conversation.tools import ClientTool, HttpTool, Tool
@@ -133,6 +133,66 @@ class SessionSpec:
                 spec = dataclasses.replace(spec, volume=out.volume)
         return spec
 
+    def to_state(self, seal: Seal) -> dict[str, Any]:
+        """Every field, for a resumable session's state (JSON-serialisable).
+
+        Unlike :meth:`public`, nothing is left out: each ``llm`` entry and tool keeps
+        every setting, and ``turn_detection`` every knob. Secrets are sealed with
+        ``seal(secret, label)``, labels ``llm`` (the first entry's key), ``llm:N``
+        (entry N's) and ``tool:HEADER`` (an HTTP tool's header).
+        """
+        return {
+            "format": STATE_FORMAT,
+            "system_prompt": self.system_prompt,
+            "greeting": self.greeting,
+            "voice": self.voice,
+            "tools": [_tool_state(t, seal) for t in self.tools],
+            "input_format": self.input_format.encoding,
+            "output_format": self.output_format.encoding,
+            "volume": self.volume,
+            "keyterms": list(self.keyterms),
+            "turn_detection": dataclasses.asdict(self.turn_detection),
+            "llm": [
+                _llm_state(e, "llm" if i == 0 else f"llm:{i}", seal)
+                for i, e in enumerate(self.endpoints)
+            ],
+            "agent_id": self.agent_id,
+            "voice_id": self.voice_id,
+            "warnings": [dict(w) for w in self.warnings],
+            "max_tokens": self.max_tokens,
+        }
+
+    @classmethod
+    def from_state(cls, doc: Mapping[str, Any], open_: Open) -> SessionSpec:
+        """The spec :meth:`to_state` wrote; ``open_(sealed, label)`` opens its secrets.
+
+        Raises:
+            KeyError, TypeError, ValueError: not a state this version wrote.
+        """
+        if doc.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a session state of format {STATE_FORMAT}")
+        entries = [
+            _llm_from_state(e, "llm" if i == 0 else f"llm:{i}", open_)
+            for i, e in enumerate(doc["llm"])
+        ]
+        return cls(
+            system_prompt=doc["system_prompt"],
+            greeting=doc["greeting"],
+            voice=doc["voice"],
+            tools=tuple(_tool_from_state(t, open_) for t in doc["tools"]),
+            input_format=ev.AudioFormat(encoding=doc["input_format"]),
+            output_format=ev.AudioFormat(encoding=doc["output_format"]),
+            volume=float(doc["volume"]),
+            keyterms=tuple(doc["keyterms"]),
+            turn_detection=TurnDetection(**doc["turn_detection"]),
+            llm=entries[0] if entries else None,
+            fallbacks=tuple(entries[1:]),
+            agent_id=doc["agent_id"],
+            voice_id=doc["voice_id"],
+            warnings=tuple(doc["warnings"]),
+            max_tokens=doc["max_tokens"],
+        )
+
     def immutable_change(self, patch: ev.SessionPatch) -> str | None:
         """The first field a later update may not change, if it changes one."""
         if "greeting" in patch.keys and (patch.greeting or None) != self.greeting:
@@ -153,6 +213,53 @@ def entry_public(entry: ev.LLMSpec) -> dict[str, Any]:
     if entry.first_token_timeout_ms is not None:
         doc["first_token_timeout_ms"] = entry.first_token_timeout_ms
     return doc
+
+
+STATE_FORMAT: Final = 2
+"""The version of :meth:`SessionSpec.to_state`'s document (states without one were
+written as :meth:`SessionSpec.public` plus sealed keys)."""
+
+Seal = Callable[[Secret, str], str]
+"""Seals a secret under a label (``llm``, ``llm:1``, ``tool:X-Key``): the sealed text."""
+Open = Callable[[str, str], Secret]
+"""Opens what :data:`Seal` sealed under that label."""
+
+
+def _llm_state(entry: ev.LLMSpec, label: str, seal: Seal) -> dict[str, Any]:
+    doc = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)}
+    doc["api_key"] = None if entry.api_key is None else seal(entry.api_key, label)
+    return doc
+
+
+def _llm_from_state(doc: Mapping[str, Any], label: str, open_: Open) -> ev.LLMSpec:
+    sealed = doc["api_key"]
+    return ev.LLMSpec(**{**doc, "api_key": None if sealed is None else open_(sealed, label)})
+
+
+def _tool_state(tool: ev.ToolSpec, seal: Seal) -> dict[str, Any]:
+    doc = {f.name: getattr(tool, f.name) for f in dataclasses.fields(tool) if f.name != "http"}
+    doc["parameters"] = dict(tool.parameters)
+    if tool.http is not None:
+        doc["http"] = {
+            "url": tool.http.url,
+            "method": tool.http.method,
+            "headers": [
+                [name, seal(value, f"tool:{name}")] for name, value in tool.http.headers.items()
+            ],
+        }
+    return doc
+
+
+def _tool_from_state(doc: Mapping[str, Any], open_: Open) -> ev.ToolSpec:
+    fields = {k: v for k, v in doc.items() if k != "http"}
+    http = doc.get("http")
+    return ev.ToolSpec(
+        **fields,
+        http=None if http is None else ev.HttpToolSpec(
+            url=http["url"], method=http["method"],
+            headers={name: open_(sealed, f"tool:{name}") for name, sealed in http["headers"]},
+        ),
+    )  # fmt: skip
 
 
 def _ignored(param: str) -> Mapping[str, str]:

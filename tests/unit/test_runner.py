@@ -371,3 +371,103 @@ async def test_each_entry_keeps_its_own_settings_through_the_client_and_a_resume
     await runner.release(live, keep=True)
     resumed = await runner.resume(live.session_id, owner, lambda e: None)
     assert resumed.spec.endpoints == spec.endpoints and resumed.spec.max_tokens == 300
+
+
+# -- every setting survives a resume -------------------------------------------------------------
+
+EVERY_SETTING = SessionSpec(
+    system_prompt="P", greeting="G", voice="ivy",
+    tools=(ev.ToolSpec(
+        name="lookup", description="d", execution_mode="hold", timeout_seconds=7.5,
+        parameters={"type": "object", "properties": {"q": {"type": "string"}}},
+        http=ev.HttpToolSpec(url="https://x.example/t", method="GET",
+                             headers={"X-Key": Secret("tool-secret")}),
+    ),),
+    input_format=ev.AudioFormat(encoding="audio/pcmu"),
+    output_format=ev.AudioFormat(encoding="audio/pcma"),
+    volume=30.0, keyterms=("voxloop",),
+    turn_detection=TurnDetection(
+        vad_threshold=0.7, min_silence_ms=500, max_silence_ms=900, interrupt_response=False,
+        pause_ms=120, min_speech_ms=80, barge_in_ms=250, barge_in_min_words=2,
+    ),
+    llm=ev.LLMSpec(base_url="https://a.example/v1", model="ma", api_key=Secret("key-a-1"),
+                   think_block="template", max_tokens=50, first_token_timeout_ms=800),
+    fallbacks=(
+        ev.LLMSpec(base_url="https://b.example/v1", model="mb", think_block="none"),
+        ev.LLMSpec(base_url="https://c.example/v1", model="mc", api_key=Secret("key-c-3"),
+                   max_tokens=70, first_token_timeout_ms=1500),
+    ),
+    agent_id="agent_1", voice_id="en_US-joe-medium",
+    warnings=({"param": "session.x", "code": "ignored_field", "message": "m"},),
+    max_tokens=300,
+)  # fmt: skip
+
+
+def _left_at_default(obj: object) -> list[str]:
+    """The fields of dataclass ``obj`` that hold their default."""
+    out = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if getattr(obj, f.name) == default:
+            out.append(f.name)
+    return out
+
+
+def _differences(before: object, after: object, path: str = "spec") -> list[str]:
+    """Every field (nested dataclasses and tuples of them, field by field) that differs."""
+    if dataclasses.is_dataclass(before) and not isinstance(before, type):
+        return [d for f in dataclasses.fields(before)
+                for d in _differences(getattr(before, f.name), getattr(after, f.name),
+                                      f"{path}.{f.name}")]  # fmt: skip
+    if isinstance(before, tuple) and isinstance(after, tuple) and len(before) == len(after):
+        return [d for i, (b, a) in enumerate(zip(before, after, strict=True))
+                for d in _differences(b, a, f"{path}[{i}]")]  # fmt: skip
+    return [] if before == after else [f"{path}: {before!r} became {after!r}"]
+
+
+def test_the_spec_used_by_the_resume_test_sets_every_field() -> None:
+    """A field added later without a value here would not be checked by the resume test."""
+    spec = EVERY_SETTING
+    assert spec.llm is not None and spec.tools[0].http is not None
+    for obj in (spec, spec.llm, spec.turn_detection, spec.tools[0], spec.tools[0].http):
+        assert _left_at_default(obj) == [], type(obj).__name__
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_every_setting_survives_a_resume_field_by_field(store: str) -> None:
+    from contextlib import ExitStack
+
+    from redis.asyncio import Redis
+
+    from runtime.sessions.shared_state import RedisSessionStore
+
+    from ..redis_server import redis_server
+
+    with ExitStack() as stack:
+        states = None
+        redis = None
+        if store == "redis":
+            redis = Redis.from_url(stack.enter_context(redis_server()))
+            states = RedisSessionStore(redis)
+        runner = SessionRunner(
+            load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+            resolver=StaticResolver(HOSTS), default_llm=None, voices=frozenset(),
+            engines=Engines(), states=states,
+        )  # fmt: skip
+        owner = Principal(kind="key", owner=key_owner("operator-key"))
+        live = runner.start(EVERY_SETTING, owner, lambda e: None)
+        runner.attach(live, lambda: None)
+        await runner.release(live, keep=True)
+        stored = await runner.states.peek(live.session_id)
+        assert stored is not None
+        text = repr(stored)
+        assert "tool-secret" not in text and "key-a-1" not in text and "key-c-3" not in text
+        resumed = await runner.resume(live.session_id, owner, lambda e: None)
+        assert _differences(EVERY_SETTING, resumed.spec) == []
+        if redis is not None:
+            await redis.aclose()
