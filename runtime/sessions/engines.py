@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -15,6 +16,20 @@ if TYPE_CHECKING:
     from runtime.speech.engines.registry import RemoteOptions
 
 log = logging.getLogger("voxloop.server")
+
+
+def settle_heap() -> None:
+    """Collect, then freeze what the worker holds once it has started (modules, models,
+    the engines) out of the garbage collector's reach.
+
+    A full collection walks every tracked object: some 120 000 in a worker with its
+    engines loaded, 70-100 ms of the event loop on a loaded core, at whatever
+    allocation triggers it, which then sends every session's audio that much late.
+    Frozen objects are never walked again; those that later become garbage are the
+    start-up's, which live as long as the worker.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class EnginesUnavailable(Exception):
@@ -66,7 +81,8 @@ class Engines:
         """Start loading the engines in the background (call on the server's loop).
 
         A missing ``embedded`` extra is found at once (:attr:`problem`, logged as a
-        warning: sessions will fail); otherwise one log line says when they are ready.
+        warning: sessions will fail); otherwise one log line says when they are ready,
+        and the worker's heap is settled (:func:`settle_heap`).
         """
         from runtime.speech.engines.registry import missing_engines
 
@@ -89,6 +105,7 @@ class Engines:
             log.error("speech engines failed to load", exc_info=exc)
             return
         self.load_s = round(time.monotonic() - started, 3)
+        settle_heap()
         log.info(
             "speech engines ready",
             extra={"stt": self._names[0], "tts": self._names[1], "load_s": self.load_s},
