@@ -179,13 +179,16 @@ class Run:
         return held
 
     def summary(self, criterion: Criterion) -> dict[str, Any]:
-        """Capacity, capacity per worker and the RSS slope over every level."""
+        """Capacity (``at_least``: every level held, so the capacity is the last level
+        or more), capacity per worker and the RSS slope over every level."""
         capacity = self.capacity(criterion)
         slope = rss_slope([(lv.sessions, lv.rss_mb) for lv in self.levels])
         return {
             "engines": self.engines,
             "workers": self.workers,
             "capacity": capacity,
+            # Every level held: the capacity is at least the last level's, not found.
+            "at_least": bool(self.levels) and all(r["holds"] for r in self.rows(criterion)),
             "per_worker": round(capacity / self.workers, 1),
             "idle_rss_mb": round(self.idle_rss_mb, 1),
             "rss_slope_mb_per_session": None if slope is None else round(slope, 2),
@@ -236,9 +239,11 @@ def markdown(runs: Sequence[Run], criterion: Criterion) -> str:
     for run in runs:
         s = run.summary(criterion)
         one = single.get(run.engines)
-        ratio = "-" if run.workers == 1 or not one else f"{s['capacity'] / one:.2f}x"
+        more = ">= " if s["at_least"] else ""
+        ratio = "-" if run.workers == 1 or not one else f"{more}{s['capacity'] / one:.2f}x"
         lines.append(
-            f"| {run.engines} | {run.workers} | {s['capacity']} | {_cell(s['per_worker'])} | "
+            f"| {run.engines} | {run.workers} | {more}{s['capacity']} | "
+            f"{more}{_cell(s['per_worker'])} | "
             f"{_cell(s['idle_rss_mb'])} | {_cell(s['rss_slope_mb_per_session'])} | {ratio} |"
         )
     return "\n".join(lines) + "\n"

@@ -65,10 +65,13 @@ def test_capacity_stops_at_the_first_level_that_does_not_hold():
     assert [r["rss_per_session_mb"] for r in rows] == [None, 2.0, 2.0, 2.0]
     assert rows[2]["why_not"] == ["pacing p99 40 ms > 20 + 1 ms"]
     assert run.summary(c) == {
-        "engines": "remote", "workers": 1, "capacity": 4, "per_worker": 4.0,
-        "idle_rss_mb": 118.0, "rss_slope_mb_per_session": 2.0,
+        "engines": "remote", "workers": 1, "capacity": 4, "at_least": False,
+        "per_worker": 4.0, "idle_rss_mb": 118.0, "rss_slope_mb_per_session": 2.0,
     }  # fmt: skip
     assert Run("embedded", 2, 300.0).capacity(c) == 0
+    assert Run("embedded", 2, 300.0).summary(c)["at_least"] is False
+    held = Run("embedded", 2, 300.0, [level(1), level(4)])
+    assert (held.capacity(c), held.summary(c)["at_least"]) == (4, True)
 
 
 def test_the_markdown_tables():
@@ -90,6 +93,6 @@ def test_the_markdown_tables():
         "| engines | workers | capacity (sessions) | per worker | idle RSS MiB | "
         "RSS slope MiB/session | vs 1 worker |\n"
         "|---|--:|--:|--:|--:|--:|--:|\n"
-        "| remote | 1 | 4 | 4 | 118 | 2 | - |\n"
+        "| remote | 1 | >= 4 | >= 4 | 118 | 2 | - |\n"
         "| remote | 2 | 4 | 2 | 236.5 | 2 | 1.00x |\n"
     )
