@@ -15,6 +15,7 @@ import concurrent.futures
 import ctypes
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from runtime.speech.engines._common import ModelVerificationError, PulledRun
@@ -23,26 +24,62 @@ from runtime.speech.tts import UnknownVoice, Voice
 _AUDIO_OUTPUT_SYNCHRONOUS: Final = 2
 _CHARS_UTF8: Final = 1
 _PARAM_RATE: Final = 1
+_EE_OK: Final = 0
 _CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
 )
-# voice id -> espeak-ng voice name (language, and "+f3" for its female variant).
+
+
+@dataclass(frozen=True, slots=True)
+class _EspeakVoice:
+    """One voice voxloop offers: the name espeak-ng's ``SetVoiceByName`` takes for it (a
+    voice file, ``+f3`` for its female variant), its language tag and what else it answers to."""
+
+    espeak_name: str
+    language: str
+    aliases: tuple[str, ...]
+
+
+# espeak-ng names its British English voice ``en`` (file gmw/en): it has no voice called
+# ``en-gb``, and SetVoiceByName("en-gb") fails (EE_NOT_FOUND) and keeps the previous voice.
 _VOICES: Final = {
-    "espeak-en-us": "en-us",
-    "espeak-en-gb": "en-gb",
-    "espeak-en": "en",
-    "espeak-en-us-f": "en-us+f3",
-    "espeak-en-f": "en+f3",
+    "espeak-en-us": _EspeakVoice("en-us", "en-us", ("en-us",)),
+    "espeak-en-gb": _EspeakVoice("en", "en-gb", ("en-gb",)),
+    "espeak-en": _EspeakVoice("en", "en", ("en",)),
+    "espeak-en-us-f": _EspeakVoice("en-us+f3", "en-us", ("en-us+f3",)),
+    "espeak-en-f": _EspeakVoice("en+f3", "en", ("en+f3", "en-gb+f3")),
 }
 
 
 def espeak_voices(rate: int = 22050) -> list[Voice]:
-    """The espeak-ng voices voxloop offers (ids, languages; aliases are the espeak names)."""
+    """The espeak-ng voices voxloop offers (ids, language tags; aliases: the language tag
+    or espeak-ng's own name)."""
     return [
-        Voice(id=vid, name=f"espeak-ng {name}", language=name.split("+")[0], engine="espeak",
-              sample_rate=rate, aliases=(name,), gender="female" if "+f" in name else "male")
-        for vid, name in _VOICES.items()
+        Voice(id=vid, name=f"espeak-ng {v.espeak_name}", language=v.language, engine="espeak",
+              sample_rate=rate, aliases=v.aliases,
+              gender="female" if "+f" in v.espeak_name else "male")
+        for vid, v in _VOICES.items()
     ]  # fmt: skip
+
+
+def espeak_name(voice: str) -> str:
+    """The name espeak-ng takes for ``voice`` (a voice id or alias of :func:`espeak_voices`).
+
+    Raises:
+        UnknownVoice: not one of them (the message lists the voice ids).
+    """
+    for vid, v in _VOICES.items():
+        if voice == vid or voice in v.aliases:
+            return v.espeak_name
+    raise UnknownVoice(voice, espeak_voices())
+
+
+def espeak_accepts(name: str) -> bool:
+    """Whether espeak-ng's ``SetVoiceByName`` takes ``name`` (it leaves the voice as it was
+    when it does not)."""
+    with _lock:
+        lib, _ = _library()
+        return bool(lib.espeak_SetVoiceByName(name.encode()) == _EE_OK)
 
 
 _lock = threading.Lock()
@@ -90,7 +127,9 @@ def _speak(text: str, voice: str, cancelled: threading.Event) -> bytes:
         buffer: list[bytes] = _state["buffer"]
         buffer.clear()
         _state["cancelled"] = cancelled
-        lib.espeak_SetVoiceByName(voice.encode())
+        if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
+            # Never reached for the voices offered (the engine checks them when it loads).
+            raise RuntimeError(f"espeak-ng has no voice {voice!r}")
         data = text.encode("utf-8") + b"\x00"
         lib.espeak_Synth(data, len(data), 0, 0, 0, _CHARS_UTF8, None, None)
         out = b"".join(buffer)
@@ -105,6 +144,12 @@ class EspeakTTS:
         with _lock:
             lib, self._rate = _library()
             lib.espeak_SetParameter(_PARAM_RATE, rate_wpm, 0)
+        names = {v.espeak_name for v in _VOICES.values()}
+        refused = sorted(name for name in names if not espeak_accepts(name))
+        if refused:
+            raise ModelVerificationError(
+                f"espeak-ng's data has no voice {', '.join(refused)}; reinstall espeakng-loader"
+            )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="voxloop-espeak"
         )
@@ -120,12 +165,7 @@ class EspeakTTS:
     def synthesize(
         self, text: str, *, voice: str | None = None, sample_rate: int = 24000
     ) -> PulledRun:
-        lang = "en-us"
-        if voice is not None:
-            match = [v for v in self._voices if voice == v.id or voice in v.aliases]
-            if not match:
-                raise UnknownVoice(voice, self._voices)
-            lang = _VOICES[match[0].id]
+        lang = _VOICES["espeak-en-us"].espeak_name if voice is None else espeak_name(voice)
 
         def produce(cancelled: threading.Event) -> Iterator[tuple[bytes, str]]:
             if not text.strip():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 import threading
 from pathlib import Path
 
+import espeakng_loader
 import jiwer
 import pytest
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -17,7 +19,7 @@ from audio.vad import frame_level_db
 from audio.wav import read_wav
 from runtime.bench.ttft import VOICE_QUESTIONS
 from runtime.speech.engines._common import ModelVerificationError, verify_sha256
-from runtime.speech.engines.espeak import EspeakTTS
+from runtime.speech.engines.espeak import EspeakTTS, espeak_accepts, espeak_name
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import _SILENCE_DBFS as SILENCE_DBFS
 from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
@@ -303,6 +305,48 @@ def test_voices_and_aliases(piper: PiperTTS, espeak: EspeakTTS):
     assert joe.id == "en_US-joe-medium" and "ivy" in joe.aliases and joe.sample_rate == 22050
     piper.synthesize("hi", voice="ivy")  # the hosted API's voice id maps to the installed voice
     assert {v.id for v in espeak.voices()} >= {"espeak-en-us"}
+
+
+class EspeakVoiceStruct(ctypes.Structure):
+    """espeak-ng's ``espeak_VOICE`` (speak_lib.h)."""
+
+    _fields_ = [
+        ("name", ctypes.c_char_p), ("languages", ctypes.c_char_p),
+        ("identifier", ctypes.c_char_p), ("gender", ctypes.c_ubyte), ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte), ("xx1", ctypes.c_ubyte), ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+async def test_every_espeak_voice_is_a_name_espeak_ng_takes_and_speaks_its_own_accent(
+    espeak: EspeakTTS,
+):
+    # espeak-ng has no voice called "en-gb" (its British English is "en"): a name it does
+    # not take leaves the previous voice speaking.
+    assert not espeak_accepts("en-gb")
+    for voice in espeak.voices():
+        assert espeak_accepts(espeak_name(voice.id)), voice.id
+        assert {espeak_name(alias) for alias in voice.aliases} == {espeak_name(voice.id)}
+
+    # What espeak-ng speaks with after each synthesis: its voice file (+ variant).
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())  # the engine's own (one per process)
+    lib.espeak_GetCurrentVoice.restype = ctypes.POINTER(EspeakVoiceStruct)
+    spoken_with: dict[str, str] = {}
+    for name in ("espeak-en-us", "espeak-en-gb", "espeak-en-us-f", "en-gb", "espeak-en",
+                  "espeak-en-f", "en-us"):  # fmt: skip
+        chunks = [c async for c in espeak.synthesize("Hello.", voice=name)]
+        assert sum(len(c.pcm) for c in chunks) > 0
+        spoken_with[name] = lib.espeak_GetCurrentVoice().contents.identifier.decode()
+    assert spoken_with == {
+        "espeak-en-us": "gmw/en-US", "espeak-en-gb": "gmw/en", "espeak-en-us-f": "gmw/en-US+f3",
+        "en-gb": "gmw/en", "espeak-en": "gmw/en", "espeak-en-f": "gmw/en+f3", "en-us": "gmw/en-US",
+    }  # fmt: skip
+    with pytest.raises(UnknownVoice) as info:
+        espeak.synthesize("hi", voice="en-GB")
+    assert str(info.value) == (
+        "unknown voice 'en-GB'; installed voices: espeak-en-us, espeak-en-gb, espeak-en, "
+        "espeak-en-us-f, espeak-en-f"
+    )
 
 
 def test_model_files_are_verified(tmp_path: Path):
