@@ -896,6 +896,7 @@ def variants() -> list[Variant]:
         ),
         Variant("plain punctuation rule", td, ends_with_punctuation),
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
+        Variant("pause_ms 100", TurnDetection(pause_ms=100)),
         Variant("silence only (max_silence_ms)", td, lambda _t: False),
         Variant("interrupt_response off", TurnDetection(interrupt_response=False)),
         Variant("bursts heard every 200 ms", td, recheck_ms=200),
