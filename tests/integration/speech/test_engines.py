@@ -9,6 +9,7 @@ from pathlib import Path
 
 import espeakng_loader
 import jiwer
+import numpy as np
 import pytest
 from whisper_normalizer.english import EnglishTextNormalizer
 
@@ -22,7 +23,7 @@ from runtime.speech.engines._common import ModelVerificationError, verify_sha256
 from runtime.speech.engines.espeak import EspeakTTS, espeak_accepts, espeak_name
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import _SILENCE_DBFS as SILENCE_DBFS
-from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
+from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT, _logsumexp
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import UnknownVoice
 
@@ -381,3 +382,14 @@ async def test_load_warms_the_decoder_once_on_audio_it_decodes():
         assert engine.warmup_ms is not None and engine.warmup_ms > 0
     finally:
         await engine.aclose()
+
+
+def test_logsumexp_matches_the_pairwise_reduction_on_vocabulary_rows():
+    rng = np.random.default_rng(7)
+    for scale, shift in ((1.0, 0.0), (30.0, -500.0), (300.0, 800.0)):
+        row = rng.normal(shift, scale, 51864)
+        assert _logsumexp(row) == pytest.approx(float(np.logaddexp.reduce(row)), abs=1e-9)
+    # One dominant logit: the result is that logit (no overflow, no underflow to -inf).
+    row = np.full(51864, -1e4)
+    row[3] = 1e4
+    assert _logsumexp(row) == 1e4
