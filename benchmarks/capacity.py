@@ -26,7 +26,8 @@ Run (one engines kind per run, both worker counts; JSON and Markdown out)::
     flock /work/notes/bench.lock python -m benchmarks.capacity --engines remote \\
         --levels 1 4 8 16 24 32 --json benchmarks/results/capacity-remote.json
 
-Exit status: 0 when it ran (whatever held), 2 when a server could not start.
+Exit status: 0 when it ran (whatever held); 1 with one line when a server does not start
+or become ready; 2 for bad options.
 """
 
 from __future__ import annotations
