@@ -30,13 +30,11 @@ The rules, as the published documents state them:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ import websockets
 from runtime.llm.reference import ReplyPlan
 
 from ..helpers import EndpointThread
-from .test_realtime import API_KEY, LLM_KEY, OTHER_KEY, Server, start_server, stop_server
+from .voice_agent import API_KEY, LLM_KEY, OTHER_KEY, EventSocket, Server, running_server, sockets
 
 ERROR_KEYS = {"code", "message", "param", "request_id", "detail"}
 TURN_DETECTION_KEYS = {"vad_threshold", "min_silence", "max_silence", "interrupt_response"}
@@ -61,14 +59,11 @@ def endpoint() -> Iterator[EndpointThread]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
+    with running_server(
         tmp_path_factory.mktemp("conformance") / "data",
         {"VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1"},
-    )
-    try:
+    ) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 def llm(endpoint: EndpointThread, **extra: Any) -> list[dict[str, Any]]:
@@ -109,80 +104,35 @@ def error_envelope(r: httpx.Response, status: int, code: str, param: str | None 
 # -- the WebSocket client, from the published event reference ------------------------------
 
 
-@dataclass
-class Wire:
-    """A Voice Agent client: JSON text frames out, raw JSON frames in."""
+def _frame(message: str | bytes) -> dict[str, Any]:
+    assert isinstance(message, str), "[WebSocket] every frame is a JSON text frame"
+    doc = json.loads(message)
+    assert isinstance(doc, dict) and isinstance(doc.get("type"), str), (
+        "[server events] every event is an object with a type",
+        message[:200],
+    )
+    return doc
 
-    ws: websockets.ClientConnection
-    frames: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    task: asyncio.Task[None] | None = None
 
-    async def _read(self) -> None:
-        try:
-            async for message in self.ws:
-                assert isinstance(message, str), "[WebSocket] every frame is a JSON text frame"
-                await self.frames.put(message)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            await self.frames.put(None)
-
-    async def send(self, doc: dict[str, Any] | str) -> None:
-        await self.ws.send(doc if isinstance(doc, str) else json.dumps(doc))
-
-    async def next(self, *kinds: str, within: float = 60.0) -> dict[str, Any]:
-        """The next event of one of ``kinds`` (others are kept in ``seen``)."""
-        async with asyncio.timeout(within):
-            while True:
-                text = await self.frames.get()
-                if text is None:
-                    await self.frames.put(None)
-                    raise AssertionError(f"closed ({self.ws.close_code}) waiting for {kinds}")
-                doc = json.loads(text)
-                assert isinstance(doc, dict) and isinstance(doc.get("type"), str), (
-                    "[server events] every event is an object with a type",
-                    text[:200],
-                )
-                self.seen.append(doc)
-                if doc["type"] in kinds:
-                    return doc
-
-    async def until(self, kind: str, within: float = 60.0) -> list[dict[str, Any]]:
-        start = len(self.seen)
-        await self.next(kind, within=within)
-        return self.seen[start:]
-
-    async def closed(self, within: float = 30.0) -> tuple[list[dict[str, Any]], int | None]:
-        start = len(self.seen)
-        async with asyncio.timeout(within):
-            while (text := await self.frames.get()) is not None:
-                self.seen.append(json.loads(text))
-        await self.frames.put(None)
-        await self.ws.wait_closed()
-        return self.seen[start:], self.ws.close_code
+Wire = EventSocket[dict[str, Any]]
+"""A Voice Agent client: JSON text frames out, raw JSON frames in."""
 
 
 @pytest.fixture
 async def wire() -> AsyncIterator[Any]:
-    opened: list[Wire] = []
+    def make(ws: websockets.ClientConnection) -> Wire:
+        return Wire(ws, _frame, lambda doc: doc["type"], within_s=60.0, closed_within_s=30.0)
 
-    async def open_(
-        url: str, *, bearer: str | None = API_KEY, query: str = "", path: str = "/v1/ws"
-    ) -> Wire:
-        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
-        base = url.rsplit("/v1/", 1)[0]
-        ws = await websockets.connect(base + path + query, additional_headers=headers)
-        client = Wire(ws)
-        client.task = asyncio.get_running_loop().create_task(client._read())
-        opened.append(client)
-        return client
+    async with sockets(make) as open_ws:
 
-    yield open_
-    for c in opened:
-        await c.ws.close()
-        if c.task is not None:
-            await c.task
+        async def open_(
+            url: str, *, bearer: str | None = API_KEY, query: str = "", path: str = "/v1/ws"
+        ) -> Wire:
+            headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+            client: Wire = await open_ws(url.rsplit("/v1/", 1)[0] + path + query, headers)
+            return client
+
+        yield open_
 
 
 def shape(event: dict[str, Any], *required: str) -> None:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,18 @@ from runtime.llm.reference import ReplyPlan
 from runtime.protocol import events as ev
 
 from ..helpers import SPEECH, EndpointThread
+from .voice_agent import (
+    API_KEY,
+    LLM_KEY,
+    OTHER_KEY,
+    EventSocket,
+    Server,
+    running_server,
+    sockets,
+    start_server,
+    stop_server,
+)
 
-API_KEY = "vk-realtime-operator"
-OTHER_KEY = "vk-second-operator"
-LLM_KEY = "sk-agent-llm-5e4d3c2b1a"
 DEFAULT_KEY = "sk-server-default-0a9b8c"
 LONG_REPLY = (
     "Sure. The weather in Paris today is mild and mostly sunny, with a light breeze from the west, "
@@ -48,45 +55,6 @@ def plan(*replies: str, **kwargs: Any) -> ReplyPlan:
     return ReplyPlan(replies=replies or ("Okay.",), ttft_ms=30, itl_ms=5, **kwargs)
 
 
-# -- the server -------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    http: str
-    ws: str
-    proc: subprocess.Popen[str]
-    log: Path
-    handle: Any = None
-    data_dir: Path | None = None
-
-
-def start_server(data_dir: Path, env: dict[str, str]) -> Server:
-    log = data_dir.parent / f"{data_dir.name}-server.log"
-    handle = log.open("a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "-v", "serve", "--port", "0", "--data-dir",
-         str(data_dir)],
-        stdout=subprocess.PIPE, stderr=handle, text=True,
-        env={**os.environ, "VOXLOOP_API_KEYS": f"{API_KEY},{OTHER_KEY}", **env},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("voxloop serve listening on "), log.read_text()
-    http = line.rsplit(" ", 1)[1].strip()
-    return Server(http, "ws" + http[4:] + "/v1/ws", proc, log, handle, data_dir)
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        server.proc.wait(timeout=30)
-    assert server.proc.stdout is not None
-    server.proc.stdout.close()
-    server.handle.close()
-    assert "Traceback" not in server.log.read_text(), server.log.read_text()
-
-
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[EndpointThread]:
     with EndpointThread(ReplyPlan(replies=("Okay.",)), api_key=LLM_KEY) as thread:
@@ -95,100 +63,39 @@ def endpoint() -> Iterator[EndpointThread]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
+    with running_server(
         tmp_path_factory.mktemp("realtime") / "data",
         {"VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
          "VOXLOOP_STATIC_HOSTS": json.dumps({"llm.example.com": ["93.184.216.34"]})},
-    )  # fmt: skip
-    try:
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
 
 
 # -- the client --------------------------------------------------------------------------------
 
 
-@dataclass
-class Client:
-    ws: websockets.ClientConnection
-    seen: list[ev.ServerEvent] = field(default_factory=list)
-    queue: asyncio.Queue[ev.ServerEvent | None] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
+def _decoded(message: str | bytes) -> ev.ServerEvent:
+    event = ev.decode_server_event(message)
+    assert not isinstance(event, ev.UnknownServerEvent), message
+    return event
 
-    async def _read(self) -> None:
-        try:
-            async for message in self.ws:
-                event = ev.decode_server_event(message)
-                assert not isinstance(event, ev.UnknownServerEvent), message
-                await self.queue.put(event)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            await self.queue.put(None)
 
-    async def send(self, doc: dict[str, Any] | str) -> None:
-        await self.ws.send(doc if isinstance(doc, str) else json.dumps(doc))
-
-    async def next(self, *types: str, within: float = 30.0) -> ev.ServerEvent:
-        """The next event of one of ``types`` (events before it are kept in ``seen``)."""
-        async with asyncio.timeout(within):
-            while True:
-                event = await self.queue.get()
-                if event is None:
-                    await self.queue.put(None)
-                    raise AssertionError(f"closed ({self.ws.close_code}) waiting for {types}")
-                self.seen.append(event)
-                if event.type in types:
-                    return event
-
-    async def until(self, kind: str, within: float = 30.0) -> list[ev.ServerEvent]:
-        """Every event up to and including the next ``kind``."""
-        start = len(self.seen)
-        await self.next(kind, within=within)
-        return self.seen[start:]
-
-    async def closed(self, within: float = 15.0) -> tuple[list[ev.ServerEvent], int | None]:
-        """Events until the server closes, and the close code."""
-        start = len(self.seen)
-        async with asyncio.timeout(within):
-            while (event := await self.queue.get()) is not None:
-                self.seen.append(event)
-        await self.queue.put(None)
-        await self.ws.wait_closed()
-        return self.seen[start:], self.ws.close_code
-
-    async def stream(self, data: bytes, bytes_per_s: int, chunk: int) -> None:
-        """Send audio in real time, in ``chunk``-byte messages."""
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for i in range(0, len(data), chunk):
-            piece = data[i : i + chunk]
-            await self.send({"type": "input.audio", "audio": base64.b64encode(piece).decode()})
-            delay = t0 + (i + len(piece)) / bytes_per_s - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)  # real-time pacing of the microphone
+Client = EventSocket[ev.ServerEvent]
+"""A client that reads frames with voxloop's own codec."""
 
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Any]:
-    clients: list[Client] = []
+    async with sockets(lambda ws: Client(ws, _decoded, lambda e: e.type)) as open_ws:
 
-    async def open_(
-        url: str, key: str | None = API_KEY, *, bearer: bool = True, query: str = ""
-    ) -> Client:
-        headers = {"Authorization": f"Bearer {key}" if bearer else key} if key else {}
-        ws = await websockets.connect(url + query, additional_headers=headers, max_size=None)
-        client = Client(ws)
-        client.task = asyncio.get_running_loop().create_task(client._read())
-        clients.append(client)
-        return client
+        async def open_(
+            url: str, key: str | None = API_KEY, *, bearer: bool = True, query: str = ""
+        ) -> Client:
+            headers = {"Authorization": f"Bearer {key}" if bearer else key} if key else {}
+            client: Client = await open_ws(url + query, headers, max_size=None)
+            return client
 
-    yield open_
-    for c in clients:
-        await c.ws.close()
-        if c.task is not None:
-            await c.task
+        yield open_
 
 
 def inline(endpoint: EndpointThread, **session: Any) -> dict[str, Any]:

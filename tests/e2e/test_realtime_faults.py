@@ -34,20 +34,23 @@ from runtime.protocol import events as ev
 
 from ..helpers import EndpointThread
 from .test_realtime import (
-    API_KEY,
-    LLM_KEY,
     LONG_REPLY,
-    OTHER_KEY,
-    Server,
     inline,
     plan,
     silence,
     speech,
     spoken,
+)
+from .test_realtime import connect as _connect_fixture  # noqa: F401  (the fixture)
+from .voice_agent import (
+    API_KEY,
+    LLM_KEY,
+    OTHER_KEY,
+    Server,
+    running_server,
     start_server,
     stop_server,
 )
-from .test_realtime import connect as _connect_fixture  # noqa: F401  (the fixture)
 
 TYPED = {"invalid_format", "invalid_value", "invalid_audio", "invalid_config", "immutable_field",
          "audio_rate_violation", "agent_id_not_first"}  # fmt: skip
@@ -68,15 +71,12 @@ def endpoint() -> Iterator[EndpointThread]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server whose only rule for a client that stops reading is the full queue."""
-    srv = start_server(
+    with running_server(
         tmp_path_factory.mktemp("faults") / "data",
         {"VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1", "VOXLOOP_OUTBOUND_MESSAGES": "16",
          "VOXLOOP_CLIENT_STALL_SECONDS": "600"},
-    )  # fmt: skip
-    try:
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        stop_server(srv)
 
 
 # -- a client that can stop reading (and answering pings) without closing ------------------

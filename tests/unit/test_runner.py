@@ -189,9 +189,7 @@ async def test_state_is_sealed_and_resumed_only_by_its_owner() -> None:
                "llm": [{"base_url": "https://e.example/v1", "model": "m", "api_key": "llm-secret"}]})
     )  # fmt: skip
     owner = Principal(kind="key", owner=key_owner("operator-key"))
-    live = runner.start(spec, owner, lambda e: None, now=1000.0)
-    runner.attach(live, lambda: None)
-    await runner.release(live, keep=True)
+    live = await _dropped(runner, spec, owner, now=1000.0)
     stored = await runner.states.take(live.session_id)
     assert stored is not None
     text = repr(stored)
@@ -211,9 +209,7 @@ async def test_state_is_sealed_and_resumed_only_by_its_owner() -> None:
         await runner.resume(live.session_id, token, lambda e: None)
     assert info.value.code == "session_expired"
 
-    fresh = runner.start(spec, owner, lambda e: None)
-    runner.attach(fresh, lambda: None)
-    await runner.release(fresh, keep=True)
+    fresh = await _dropped(runner, spec, owner)
     resumed = await runner.resume(fresh.session_id, owner, lambda e: None)
     assert resumed.session_id == fresh.session_id
     assert resumed.expires_at == fresh.expires_at
@@ -237,9 +233,7 @@ async def test_a_refused_resume_leaves_the_grace_period_as_it_was() -> None:
     )  # fmt: skip
     owner = Principal(kind="key", owner=key_owner("operator-key"))
     other = Principal(kind="key", owner=key_owner("other-key"))
-    live = runner.start(SessionSpec(), owner, lambda e: None)
-    runner.attach(live, lambda: None)
-    await runner.release(live, keep=True)  # kept for 30 s from t=0
+    live = await _dropped(runner, SessionSpec(), owner)  # kept for 30 s from t=0
     for t in (10.0, 20.0, 29.0):
         now[0] = t
         with pytest.raises(SessionRefused) as info:
@@ -276,6 +270,16 @@ async def test_the_owner_takes_a_session_over_from_its_open_socket() -> None:
 
 async def _no_agent(agent_id: str) -> None:
     return None
+
+
+async def _dropped(
+    runner: SessionRunner, spec: SessionSpec, owner: Principal, now: float | None = None
+) -> LiveSession:
+    """A session started on ``runner`` whose socket went away: its state kept for a resume."""
+    live = runner.start(spec, owner, lambda e: None, now=now)
+    runner.attach(live, lambda: None)
+    await runner.release(live, keep=True)
+    return live
 
 
 # -- fallback endpoints ---------------------------------------------------------------------
@@ -315,9 +319,7 @@ async def test_a_session_carries_every_llm_entry_in_order_and_resumes_with_their
     assert [c.endpoint.base_url for c in client.clients] == [e.base_url for e in spec.endpoints]
     await client.aclose()
     owner = Principal(kind="key", owner=key_owner("operator-key"))
-    live = runner.start(spec, owner, lambda e: None)
-    runner.attach(live, lambda: None)
-    await runner.release(live, keep=True)
+    live = await _dropped(runner, spec, owner)
     stored = await runner.states.take(live.session_id)
     assert stored is not None
     assert "key-a-1" not in repr(stored) and "key-c-3" not in repr(stored)
@@ -366,9 +368,7 @@ async def test_each_entry_keeps_its_own_settings_through_the_client_and_a_resume
     assert second.timeouts == ClientTimeouts()
     await client.aclose()
     owner = Principal(kind="key", owner=key_owner("operator-key"))
-    live = runner.start(spec, owner, lambda e: None)
-    runner.attach(live, lambda: None)
-    await runner.release(live, keep=True)
+    live = await _dropped(runner, spec, owner)
     resumed = await runner.resume(live.session_id, owner, lambda e: None)
     assert resumed.spec.endpoints == spec.endpoints and resumed.spec.max_tokens == 300
 
@@ -460,9 +460,7 @@ async def test_every_setting_survives_a_resume_field_by_field(store: str) -> Non
             engines=Engines(), states=states,
         )  # fmt: skip
         owner = Principal(kind="key", owner=key_owner("operator-key"))
-        live = runner.start(EVERY_SETTING, owner, lambda e: None)
-        runner.attach(live, lambda: None)
-        await runner.release(live, keep=True)
+        live = await _dropped(runner, EVERY_SETTING, owner)
         stored = await runner.states.peek(live.session_id)
         assert stored is not None
         text = repr(stored)
