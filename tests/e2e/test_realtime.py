@@ -340,6 +340,24 @@ async def test_endpoint_failure_is_a_reply_error_and_the_session_goes_on(
     assert events[-1].status == "completed"
 
 
+async def test_https_to_a_plain_http_endpoint_is_the_one_line_in_reply_error(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    client = await connect(server.ws)
+    https = "https" + endpoint.base_url[4:]
+    llm = [{"base_url": https, "model": "agent-model", "api_key": LLM_KEY}]
+    await client.send({"type": "session.update", "session": {"llm": llm}})
+    await client.next("session.ready")
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done")
+    error = next(e for e in events if isinstance(e, ev.ReplyError))
+    where = endpoint.base_url.split("/")[2]
+    assert (error.code, error.retryable, error.message) == (
+        "tls", False,
+        f"{https}: the server at {where} speaks plain http, not TLS; use {endpoint.base_url}",
+    )  # fmt: skip
+
+
 async def test_an_inline_fallback_endpoint_answers_when_the_first_fails(
     server: Server, endpoint: EndpointThread, connect: Any
 ) -> None:
