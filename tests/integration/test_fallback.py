@@ -346,12 +346,21 @@ async def test_a_slow_primary_keeps_its_chance_and_the_backups_request_is_closed
 
 
 async def test_a_failed_warm_up_opens_the_circuit_and_warms_up_the_next_entry(
-    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+    server: ReferenceEndpoint,
+    backup: ReferenceEndpoint,
+    make_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
 ):
     server.plan = ReplyPlan(fault="hang_headers")
     client = pair(make_client, server.base_url, backup.base_url)  # deadline 0.4 s
-    assert await client.warm_up("Be brief.") == "stop"
+    with caplog.at_level("WARNING", logger="voxloop.llm"):
+        assert await client.warm_up("Be brief.") == "stop"
     assert state(client.breakers[0]) == "open"
+    [line] = [r for r in caplog.records if "warm-up" in r.getMessage()]
+    assert line.getMessage() == (
+        "endpoint entry 0 (127.0.0.1) warm-up failed; its circuit is open for 30 s"
+    )
+    assert (line.entry, line.kind) == (0, "failed")  # type: ignore[attr-defined]
     assert [r.path for r in backup.requests] == ["/v1/chat/completions"]
     # The first turn already skips the primary: no request, no timeout paid.
     assert await reply_text(client) == ("From the backup.", 1, [(0, "circuit_open")])
