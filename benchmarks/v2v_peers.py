@@ -38,7 +38,12 @@ from benchmarks.phone_eos import speech_end_ms
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_voxloop(args: argparse.Namespace, clips: list[Path], out: Path) -> dict[str, list[float]]:
+PARTS = ("endpointing_ms", "stt_final_ms", "ttft_ms", "first_sentence_ms", "tts_first_audio_ms")
+
+
+def run_voxloop(
+    args: argparse.Namespace, clips: list[Path], out: Path, parts: dict[str, dict[str, list[float]]]
+) -> dict[str, list[float]]:
     cmd = [sys.executable, "-m", "benchmarks.v2v", "--base-url", args.base_url,
            "--model", args.model, "--runs", str(args.runs), "--json", str(out)]  # fmt: skip
     for clip in clips:
@@ -50,6 +55,9 @@ def run_voxloop(args: argparse.Namespace, clips: list[Path], out: Path) -> dict[
     values: dict[str, list[float]] = {}
     for run in doc["runs"]:
         values.setdefault(run["clip"], []).extend(run["audio_v2v_ms"][:1])
+        for key in PARTS:
+            got = [t[key] for t in run["turns"][:1] if t.get(key) is not None]
+            parts.setdefault(run["clip"], {}).setdefault(key, []).extend(got)
     return values
 
 
@@ -122,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     values: dict[str, dict[str, list[float]]] = {s: {c.name: [] for c in clips} for s in systems}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.json.with_suffix(".voxloop.json")
+    parts: dict[str, dict[str, list[float]]] = {}
     for rnd in range(1, args.rounds + 1):
-        for clip, got in run_voxloop(args, clips, scratch).items():
+        for clip, got in run_voxloop(args, clips, scratch, parts).items():
             values["voxloop"][clip] += got
         for clip in clips:
             if args.pipecat:
@@ -156,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             v = medians[s][clip.name]
             ratios.append("-" if v is None or not base else f"{v / base:.2f}")
         print(f"| {clip.name} | " + " | ".join(cells + ratios) + " |")
-    doc: dict[str, Any] = {"values": values, "medians": medians,
+    print("\nvoxloop's own turn metrics, medians (ms; the stages overlap):")
+    print("| clip | " + " | ".join(k.removesuffix("_ms") for k in PARTS) + " |")
+    print("|---|" + "---|" * len(PARTS))
+    for clip in clips:
+        mine = parts.get(clip.name, {})
+        cells = [f"{statistics.median(mine[k]):.0f}" if mine.get(k) else "-" for k in PARTS]
+        print(f"| {clip.name} | " + " | ".join(cells) + " |")
+    doc: dict[str, Any] = {"values": values, "medians": medians, "voxloop_parts": parts,
                            "rounds": args.rounds, "runs": args.runs}  # fmt: skip
     args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
