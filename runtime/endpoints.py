@@ -632,3 +632,12 @@ def plain_http_message(url: str, flag: str = "") -> str:
     fixed = parts._replace(scheme=plain).geturl()
     head = f"{flag} {url}" if flag else url
     return f"{head}: the server at {parts.netloc} speaks plain http, not TLS; use {fixed}"
+
+
+def tls_failure(exc: ssl.SSLError) -> str:
+    """What a failed TLS handshake says, in words: what does not verify in a certificate
+    (``unable to get local issuer certificate``), else OpenSSL's reason read as words
+    (``WRONG_VERSION_NUMBER`` -> ``wrong version number``)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    return (exc.reason or "").replace("_", " ").lower() or str(exc)

@@ -102,6 +102,7 @@ async def check_endpoint(url: str, flag: str) -> None:
         plain_http_message,
         resolve_endpoint,
         speaks_plain_http,
+        tls_failure,
         tls_verify,
     )
     from runtime.errors import URLPolicyError
@@ -143,7 +144,7 @@ async def check_endpoint(url: str, flag: str) -> None:
             ):
                 raise Unavailable(plain_http_message(url, flag)) from None
             if isinstance(exc, ssl.SSLError):
-                errors.append(f"TLS handshake failed: {exc.reason or exc}")
+                errors.append(f"TLS handshake failed: {tls_failure(exc)}")
             elif isinstance(exc, TimeoutError):
                 errors.append(f"no answer within {CONNECT_TIMEOUT_S:g} s")
             elif exc.errno:

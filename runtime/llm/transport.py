@@ -32,6 +32,7 @@ from runtime.endpoints import (
     plain_http_message,
     resolve_endpoint,
     speaks_plain_http,
+    tls_failure,
     tls_verify,
 )
 from runtime.errors import EndpointConnectError, EndpointTimeout, EndpointTLSError, StreamDropped
@@ -279,11 +280,8 @@ def _typed(exc: httpx.HTTPError, peer: str, before_response: bool) -> Exception:
         tls = _ssl_cause(exc)
         if tls is not None:
             verify = isinstance(tls, ssl.SSLCertVerificationError)
-            message = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
-            # OpenSSL's reason (``WRONG_VERSION_NUMBER``) read as words.
-            detail = message or (tls.reason or "").replace("_", " ").lower() or str(tls)
             return EndpointTLSError(
-                f"TLS handshake with {peer} failed: {detail}", retryable=not verify
+                f"TLS handshake with {peer} failed: {tls_failure(tls)}", retryable=not verify
             )
         return EndpointConnectError(
             f"could not connect to {peer}: {_connect_detail(exc)}", retryable=True

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -492,6 +493,45 @@ def test_https_to_a_plain_http_endpoint(keyed_endpoint: str):
         f"--base-url {https}: the server at {where} speaks plain http, not TLS; use "
         f"{keyed_endpoint}",
     )  # fmt: skip
+
+
+@pytest.fixture
+def banner_port() -> Iterator[int]:
+    """A loopback port whose server speaks neither TLS nor http: it sends a line and closes."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        stop.set()
+        listener.shutdown(socket.SHUT_RDWR)
+        thread.join(timeout=10)
+
+
+def test_a_tls_failure_reads_as_words(banner_port: int):
+    url = f"https://127.0.0.1:{banner_port}/v1"
+    result = voxloop("talk", "--demo", "--base-url", url)
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("voxloop: error:")]
+    head = f"voxloop: error: --base-url {url}: cannot connect to 127.0.0.1:{banner_port} "
+    assert line.startswith(head + "(TLS handshake failed: "), line
+    reason = line.removeprefix(head + "(TLS handshake failed: ").removesuffix(
+        "); is the server running?"
+    )
+    # OpenSSL's reason as words (its wording differs between versions), never its code.
+    assert reason and all(word.isalpha() and word.islower() for word in reason.split()), line
+    assert result.returncode == 3 and "Traceback" not in result.stderr
 
 
 def test_no_turn_answered_is_not_exit_0():
