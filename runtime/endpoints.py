@@ -641,3 +641,15 @@ def tls_failure(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return str(exc.verify_message)
     return (exc.reason or "").replace("_", " ").lower() or str(exc)
+
+
+def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a failure (through ``__cause__``/``__context__``), if there is one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

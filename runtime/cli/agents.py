@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,18 +106,14 @@ def service_url(url: str | None) -> str:
     return with_scheme(url or os.environ.get("VOXLOOP_URL") or DEFAULT_URL).rstrip("/")
 
 
-def _plain_http(url: str, exc: Exception) -> bool:
-    """Whether an https ``url`` failed because its server speaks plain http."""
+def _plain_http(url: str, tls: ssl.SSLError | None) -> bool:
+    """Whether an https ``url`` failed (with ``tls``) because its server speaks plain http."""
     import asyncio
-    import ssl
     from urllib.parse import urlsplit
 
     from runtime.endpoints import speaks_plain_http
 
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None or isinstance(cause, ssl.SSLCertVerificationError):
+    if tls is None or isinstance(tls, ssl.SSLCertVerificationError):
         return False
     parts = urlsplit(url)
     if parts.scheme != "https" or parts.hostname is None:
@@ -191,17 +188,20 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     except httpx.InvalidURL as exc:
         raise UsageError(f"--url {url}: {exc}") from None
     except httpx.HTTPError as exc:
+        from runtime.endpoints import plain_http_message, ssl_cause, tls_failure
+
         # "[Errno 111] Connection refused" -> "connection refused"
         cause = re.sub(r"^\[Errno -?\d+\] ", "", str(exc)).lower() or type(exc).__name__
-        if _plain_http(url, exc):
-            from runtime.endpoints import plain_http_message
-
+        tls = ssl_cause(exc)
+        if _plain_http(url, tls):
             raise Unavailable(plain_http_message(url)) from None
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        if isinstance(tls, ssl.SSLCertVerificationError):
             raise Unavailable(
                 f"the agent service at {url} has a certificate this machine does not trust; "
                 "for a private CA pass --ca-bundle FILE.pem (or set VOXLOOP_CA_BUNDLE)"
             ) from None
+        if tls is not None:
+            cause = f"TLS handshake failed: {tls_failure(tls)}"
         raise Unavailable(
             f"cannot reach the agent service at {url} ({cause}); is voxloop serve running "
             "there? (--url or VOXLOOP_URL)"

@@ -32,6 +32,7 @@ from runtime.endpoints import (
     plain_http_message,
     resolve_endpoint,
     speaks_plain_http,
+    ssl_cause,
     tls_failure,
     tls_verify,
 )
@@ -277,7 +278,7 @@ class map_http_errors:
 def _typed(exc: httpx.HTTPError, peer: str, before_response: bool) -> Exception:
     """The typed endpoint error for an httpx failure."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        tls = _ssl_cause(exc)
+        tls = ssl_cause(exc)
         if tls is not None:
             verify = isinstance(tls, ssl.SSLCertVerificationError)
             return EndpointTLSError(
@@ -310,18 +311,6 @@ _DROPS: Final[tuple[tuple[type[httpx.HTTPError], str], ...]] = (
     (httpx.TooManyRedirects, "too many redirects"),
     (httpx.UnsupportedProtocol, "the URL's scheme is not http or https"),
 )
-
-
-def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS error behind a connect failure, if that is what it was."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def _connect_detail(exc: httpx.HTTPError) -> str:

@@ -532,6 +532,13 @@ def test_a_tls_failure_reads_as_words(banner_port: int):
     # OpenSSL's reason as words (its wording differs between versions), never its code.
     assert reason and all(word.isalpha() and word.islower() for word in reason.split()), line
     assert result.returncode == 3 and "Traceback" not in result.stderr
+    service = f"https://127.0.0.1:{banner_port}"
+    agents = voxloop("agents", "list", "--url", service, env={"VOXLOOP_API_KEY": "k"})
+    assert_one_line(
+        agents, 3,
+        f"cannot reach the agent service at {service} (TLS handshake failed: {reason}); is "
+        "voxloop serve running there? (--url or VOXLOOP_URL)",
+    )  # fmt: skip
 
 
 def test_no_turn_answered_is_not_exit_0():
