@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -47,6 +48,7 @@ from runtime.client.protocol import (
     SessionFailure,
     State,
 )
+from runtime.endpoints import tls_failure
 from runtime.protocol.events import ClientEvent, SessionPatch
 from runtime.secret import Secret
 
@@ -319,9 +321,18 @@ class VoiceAgentClient:
         if isinstance(exc, TimeoutError):
             return f"cannot reach {host}: no answer within {self._open_timeout:g} s"
         if isinstance(exc, InvalidHandshake):
-            return f"cannot reach {host}: not a WebSocket server ({type(exc).__name__})"
+            return (
+                f"cannot reach {host}: not a WebSocket server (it did not answer the upgrade "
+                "request with a WebSocket handshake)"
+            )
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (
+                f"cannot reach {host}: the server's certificate is not trusted ({tls_failure(exc)})"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return f"cannot reach {host}: TLS handshake failed: {tls_failure(exc)}"
         assert isinstance(exc, OSError)
-        return f"cannot reach {host}: {exc.strerror or type(exc).__name__}"
+        return f"cannot reach {host}: {exc.strerror or 'the connection failed'}"
 
     async def _close_socket(self) -> None:
         self._closing = True  # our own close is not a drop to resume from

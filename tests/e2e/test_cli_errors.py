@@ -520,7 +520,7 @@ def banner_port() -> Iterator[int]:
         thread.join(timeout=10)
 
 
-def test_a_tls_failure_reads_as_words(banner_port: int):
+def test_tls_and_handshake_failures_read_as_words(banner_port: int):
     url = f"https://127.0.0.1:{banner_port}/v1"
     result = voxloop("talk", "--demo", "--base-url", url)
     [line] = [x for x in result.stderr.splitlines() if x.startswith("voxloop: error:")]
@@ -539,6 +539,15 @@ def test_a_tls_failure_reads_as_words(banner_port: int):
         f"cannot reach the agent service at {service} (TLS handshake failed: {reason}); is "
         "voxloop serve running there? (--url or VOXLOOP_URL)",
     )  # fmt: skip
+    clip = str(SPEECH / "shared-04-piper.wav")
+    for scheme, said in (
+        ("wss", f"TLS handshake failed: {reason}"),
+        ("ws", "not a WebSocket server (it did not answer the upgrade request with a WebSocket "
+               "handshake)"),
+    ):  # fmt: skip
+        connect = voxloop("connect", f"{scheme}://127.0.0.1:{banner_port}", "--input", clip,
+                          env={"VOXLOOP_API_KEY": "k"})  # fmt: skip
+        assert_one_line(connect, 3, f"cannot reach 127.0.0.1:{banner_port}: {said} (unreachable)")
 
 
 def test_no_turn_answered_is_not_exit_0():
