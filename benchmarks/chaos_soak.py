@@ -156,11 +156,15 @@ def _seen(event: Any, t: float) -> Seen | None:
             return Seen(t, "resumed")
         case ev.TranscriptUser(item_id=item_id):
             return Seen(t, "transcript.user", item_id)
-        case ev.ReplyDone(status=status):
-            return Seen(t, "reply.done", status)
+        case ev.ReplyDone(status=status, reply_id=reply_id):
+            return Seen(t, "reply.done", status, reply_id or "")
+        case ev.ReplyAudio(reply_id=reply_id):
+            return Seen(t, "reply.audio", "", reply_id or "")
+        case ev.ReplyStarted(reply_id=reply_id):
+            return Seen(t, "reply.started", "", reply_id)
         case ev.ReplyError(code=code):
             return Seen(t, "reply.error", code)
-        case ev.SessionReady() | ev.ReplyStarted() | ev.SessionEnded() | ev.SessionError():
+        case ev.SessionReady() | ev.SessionEnded() | ev.SessionError():
             return Seen(t, event.type, getattr(event, "code", ""))
     return None
 
@@ -169,11 +173,16 @@ async def conversation(url: str, pcm: bytes, tally: Tally, t0: float) -> None:
     """One conversation, as a real client has it: a connection refused or closed before
     ``session.ready`` is counted and retried as a new session (by the caller's loop)."""
     seen: list[Seen] = []
+    audible: set[str] = set()
 
     def on_event(event: Any) -> None:
         item = _seen(event, time.monotonic() - t0)
         if item is None:
             return
+        if item.kind == "reply.audio":
+            if item.reply_id in audible:
+                return  # once per reply: that some of its audio came
+            audible.add(item.reply_id)
         seen.append(item)
         if item.kind == "reply.done":
             tally.replies[item.detail] = tally.replies.get(item.detail, 0) + 1

@@ -33,11 +33,13 @@ class Seen:
     """One event a soak client received: ``t`` seconds since the run began, the event's
     ``kind`` (its protocol type, or ``dropped`` / ``resumed`` for the client's own), and
     ``detail`` (the item id of ``transcript.user``, the status of ``reply.done``, the code of
-    ``reply.error``, the close code of ``dropped``)."""
+    ``reply.error``, the close code of ``dropped``), and the ``reply_id`` of reply events
+    (``reply.audio`` recorded once per reply: that some of it arrived)."""
 
     t: float
     kind: str
     detail: str = ""
+    reply_id: str = ""
 
 
 @dataclass(slots=True)
@@ -51,14 +53,19 @@ class Turn:
 
     @property
     def replies_here(self) -> int:
-        """Replies finished (any status) on the connection that heard the turn: what the
-        server counts as the turn's metrics (``voxloop_turns_total``); a reply after a
-        resume answers from the kept state, not from the speech."""
+        """Replies finished on the connection that heard the turn, as the server counts
+        turn metrics (``voxloop_turns_total``): a reply after a resume answers from the kept
+        state, not from the speech, and a reply interrupted before any of its audio came
+        was withdrawn (the user went on with the same turn) and is no turn of its own."""
         count = 0
+        audible: set[str] = set()
         for e in self.events:
             if e.kind in ("dropped", "resumed", "session.ready"):
                 break
-            count += e.kind == "reply.done"
+            if e.kind == "reply.audio":
+                audible.add(e.reply_id)
+            elif e.kind == "reply.done":
+                count += e.detail != "interrupted" or e.reply_id in audible
         return count
 
     @property

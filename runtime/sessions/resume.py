@@ -50,9 +50,15 @@ class SessionStateStore(Protocol):
     async def discard(self, session_id: str) -> None:
         """Forget a session (ended for good)."""
 
-    async def running(self, session_id: str, ttl_s: float) -> None:
+    async def running(self, session_id: str, ttl_s: float) -> bool:
         """Note that the session runs on this worker for the next ``ttl_s`` seconds (a lease
-        renewed while it runs, for resumes arriving elsewhere)."""
+        renewed while it runs, for resumes arriving elsewhere).
+
+        Returns:
+            Whether the mark was there already: ``False`` for the first mark, and for a
+            renewal after the store lost its data (a restarted Redis), when the session's
+            state must be kept again.
+        """
 
     async def released(self, session_id: str) -> None:
         """The session's state has been saved (or discarded) after its socket went away."""
@@ -92,8 +98,8 @@ class MemorySessionStore:
         self._states.pop(session_id, None)
 
     # One worker: the runner itself knows which sessions it runs.
-    async def running(self, session_id: str, ttl_s: float) -> None:
-        return None
+    async def running(self, session_id: str, ttl_s: float) -> bool:
+        return True
 
     async def released(self, session_id: str) -> None:
         return None

@@ -15,7 +15,8 @@ Keys (all under ``VOXLOOP_REDIS_PREFIX``, default ``voxloop:``):
 * ``live:<id>`` — the session runs on some worker: a lease of a few seconds that the worker
   renews every second (a resume arriving at another worker waits on ``released:<id>``
   until that worker has saved the state, or until the lease lapses because the worker
-  died, at most 10 s);
+  died, at most 10 s); a renewal that finds the lease gone (Redis lost its data) saves
+  the session's state again;
 * ``token:<jti>`` — a redeemed token, kept as long as the token could be valid;
 * ``rate:<scope>:<key>:<minute>`` — a request count, expiring after the minute.
 """
@@ -115,12 +116,14 @@ class RedisSessionStore:
         except RedisError as exc:
             _unavailable("discard", session_id, exc)
 
-    async def running(self, session_id: str, ttl_s: float) -> None:
+    async def running(self, session_id: str, ttl_s: float) -> bool:
         try:
-            await self._redis.set(f"{self._prefix}live:{session_id}", b"1",
-                                  px=max(1, round(ttl_s * 1000)))  # fmt: skip
+            before = await self._redis.set(f"{self._prefix}live:{session_id}", b"1",
+                                           px=max(1, round(ttl_s * 1000)), get=True)  # fmt: skip
         except RedisError as exc:
             _unavailable("mark", session_id, exc)
+            return True  # unknown: nothing can be saved now anyway
+        return before is not None
 
     async def released(self, session_id: str) -> None:
         # The live mark goes, and a resume waiting on another worker is woken.

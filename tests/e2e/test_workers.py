@@ -723,3 +723,54 @@ def test_a_turn_whose_worker_dies_before_its_reply_is_answered_after_the_resume(
     last = [(m["role"], m["content"]) for m in requests[-1]["messages"] if m["role"] != "system"]
     assert last == [("user", said)]
     assert len(requests) == 2
+
+
+def test_a_session_whose_state_redis_lost_is_kept_again_and_resumes_after_a_kill(
+    tmp_path: Path, endpoint: EndpointThread
+) -> None:
+    data = tmp_path / "data"
+    with redis_server() as url:
+        doomed = start_worker(data, endpoint, url)
+        other = start_worker(data, endpoint, url)
+        try:
+
+            async def run() -> tuple[str, str, list[bool]]:
+                redis = connect(url)
+                try:
+                    ws, ready = await open_session(doomed.ws, **key())
+                    sid = ready["session_id"]
+                    await ws.send(json.dumps({"type": "conversation.message", "role": "user",
+                                              "content": "My name is Ada."}))  # fmt: skip
+                    await ws.send('{"type": "reply.create"}')
+                    await until(ws, "reply.done")
+                    # Redis loses everything (a restart without persistence).
+                    await redis.flushall()
+                    lost = [bool(await redis.exists(f"voxloop:session:{sid}"))]
+                    # The worker's next lease renewal finds its mark gone and keeps the state
+                    # again, with no new turn needed.
+                    for _ in range(100):
+                        if await redis.exists(f"voxloop:session:{sid}"):
+                            lost.append(True)
+                            break
+                        await asyncio.sleep(0.1)
+                    doomed.proc.kill()
+                    doomed.proc.wait(timeout=30)
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        while True:
+                            await ws.recv()
+                    again = await resume_and_reply(other, ready)
+                    return sid, again["session_id"], lost
+                finally:
+                    await redis.aclose()
+
+            before, after, kept = asyncio.run(run())
+        finally:
+            stop(other)
+            assert doomed.proc.stdout is not None
+            doomed.proc.stdout.close()
+    assert kept == [False, True]
+    assert after == before
+    last = endpoint.chats()[-1].body
+    assert last is not None
+    said = [(m["role"], m["content"]) for m in last["messages"] if m["role"] != "system"]
+    assert said[:2] == [("user", "My name is Ada."), ("assistant", "Noted.")]

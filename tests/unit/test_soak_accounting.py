@@ -17,10 +17,14 @@ def test_turns_and_their_outcomes() -> None:
         # The user speaks again before any reply began: the next reply answers both.
         Seen(5.0, "transcript.user", "item_3"),
         Seen(6.0, "transcript.user", "item_4"),
-        # The same item again: the turn continued, not a new one.
+        # A reply withdrawn before any of its audio came: the user went on with the turn,
+        # which is transcribed again as the same item (the same turn, continued).
+        Seen(6.1, "reply.started", "", "r4a"),
+        Seen(6.2, "reply.done", "interrupted", "r4a"),
         Seen(6.5, "transcript.user", "item_4"),
-        Seen(7.0, "reply.started"),
-        Seen(8.0, "reply.done", "interrupted"),
+        Seen(7.0, "reply.started", "", "r4b"),
+        Seen(7.1, "reply.audio", "", "r4b"),
+        Seen(8.0, "reply.done", "interrupted", "r4b"),
         # A turn the session left without a reply: the socket dropped, the resume came
         # back and nothing answered it before the end.
         Seen(9.0, "transcript.user", "item_5"),
@@ -37,7 +41,8 @@ def test_turns_and_their_outcomes() -> None:
         ("item_4", 6.0, "answered"),
         ("item_5", 9.0, "neither"),
     ]
-    # What the server counts as turn metrics: replies on the connection that heard the turn.
+    # What the server counts as turn metrics: replies on the connection that heard the turn,
+    # the withdrawn one left out.
     assert [t.replies_here for t in found] == [1, 1, 0, 1, 0]
     assert [e.kind for e in found[-1].events] == [
         "dropped", "resumed", "session.ready", "session.ended",
