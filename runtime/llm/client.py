@@ -107,7 +107,7 @@ from runtime.llm.stream import (
     status_error,
 )
 from runtime.llm.think import template_family
-from runtime.llm.transport import PinnedHTTP, map_http_errors
+from runtime.llm.transport import PinnedHTTP, dropped_words, map_http_errors
 from runtime.secret import Secret
 
 log = logging.getLogger("voxloop.llm")
@@ -963,13 +963,13 @@ class ChatStream:
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.StreamError) as exc:
             await self._close_response()
             raise StreamDropped(
-                f"connection dropped mid-stream: {type(exc).__name__}",
+                f"connection dropped mid-stream: {dropped_words(exc)}",
                 retryable=not self._generated,
             ) from exc
         except httpx.HTTPError as exc:
             await self._close_response()
             raise StreamDropped(
-                f"stream failed: {type(exc).__name__}", retryable=not self._generated
+                f"stream failed: {dropped_words(exc)}", retryable=not self._generated
             ) from exc
 
     def _feed(self, data: bytes) -> None:

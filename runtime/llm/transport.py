@@ -290,8 +290,14 @@ def _typed(exc: httpx.HTTPError, peer: str, before_response: bool) -> Exception:
     if isinstance(exc, httpx.TimeoutException):
         what = _TIMEOUTS.get(type(exc), "no answer in time")
         return EndpointTimeout(f"{peer} timed out: {what}", retryable=before_response)
-    what = next((w for kind, w in _DROPS if isinstance(exc, kind)), "the HTTP exchange failed")
-    return StreamDropped(f"the connection to {peer} failed: {what}", retryable=before_response)
+    return StreamDropped(
+        f"the connection to {peer} failed: {dropped_words(exc)}", retryable=before_response
+    )
+
+
+def dropped_words(exc: Exception) -> str:
+    """What an httpx failure after the connection was made means, in words."""
+    return next((w for kind, w in _DROPS if isinstance(exc, kind)), "the HTTP exchange failed")
 
 
 # What each httpx failure means, in words (httpx's class names are not for the people who
@@ -302,12 +308,13 @@ _TIMEOUTS: Final[dict[type[httpx.TimeoutException], str]] = {
     httpx.WriteTimeout: "the request could not be sent within the write timeout",
     httpx.PoolTimeout: "no free connection within the pool timeout",
 }
-_DROPS: Final[tuple[tuple[type[httpx.HTTPError], str], ...]] = (
+_DROPS: Final[tuple[tuple[type[Exception], str], ...]] = (
     (httpx.RemoteProtocolError, "the server closed the connection or broke the HTTP protocol"),
     (httpx.LocalProtocolError, "the request could not be sent as HTTP"),
     (httpx.ReadError, "the connection broke while receiving"),
     (httpx.WriteError, "the connection broke while sending"),
     (httpx.DecodingError, "the answer's content encoding does not decode"),
+    (httpx.StreamError, "the answer's body could not be read"),
     (httpx.TooManyRedirects, "too many redirects"),
     (httpx.UnsupportedProtocol, "the URL's scheme is not http or https"),
 )

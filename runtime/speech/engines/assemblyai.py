@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ from runtime.endpoints import (
     URLPolicy,
     parse_endpoint_url,
     resolve_endpoint,
+    ssl_cause,
+    tls_failure,
     tls_verify,
 )
 from runtime.errors import (
@@ -228,7 +231,7 @@ class AssemblyAIStreamingSTT:
             ) from None  # fmt: skip
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise EndpointConnectError(
-                f"could not connect to the streaming STT: {type(exc).__name__}", retryable=True
+                f"could not connect to the streaming STT: {_connect_words(exc)}", retryable=True
             ) from None
 
     def start_turn(self, sample_rate: int = 16000) -> AssemblyAITurn:
@@ -406,3 +409,17 @@ def _default_ssl() -> ssl.SSLContext:
     """The system roots, plus ``VOXLOOP_CA_BUNDLE`` if set."""
     verify = tls_verify()
     return verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
+
+
+def _connect_words(exc: BaseException) -> str:
+    """Why a connection to the streaming STT failed, in words (no library class names)."""
+    tls = ssl_cause(exc)
+    if tls is not None:
+        return f"TLS handshake failed: {tls_failure(tls)}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, websockets.InvalidHandshake):
+        return "it did not answer the upgrade request with a WebSocket handshake"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or "the connection failed"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,13 @@ from audio.reframe import Reframer
 from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.endpoints import StaticResolver, URLPolicy
-from runtime.errors import EndpointAuthError, MalformedStream, StreamDropped, URLPolicyError
+from runtime.errors import (
+    EndpointAuthError,
+    EndpointConnectError,
+    MalformedStream,
+    StreamDropped,
+    URLPolicyError,
+)
 from runtime.secret import Secret
 from runtime.speech.engines.assemblyai import (
     AssemblyAIStreamingSTT,
@@ -177,6 +184,16 @@ async def test_unformatted_turns_when_formatting_is_off(aai):
 def test_url_policy_applies():
     with pytest.raises(URLPolicyError):
         AssemblyAIStreamingSTT(Secret(KEY), host="http://streaming.example.com")
+
+
+async def test_a_connection_failure_reads_as_words():
+    """No library class name (ConnectionRefusedError, InvalidMessage) in what a session says."""
+    with socket.socket() as closed:  # bound, never listening: refused
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(EndpointConnectError) as info:
+            await client(refused).transcribe(bytes(3200), 16000)
+    assert str(info.value) == "could not connect to the streaming STT: connection refused"
 
 
 async def test_private_resolution_is_refused():
