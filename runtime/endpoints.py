@@ -653,3 +653,22 @@ def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def connection_failure(exc: BaseException) -> str:
+    """Why a connection failed, in words, whatever library raised it (its chain is read):
+    ``TLS handshake failed: …``, the OS's reason (``connection refused``), ``no answer in
+    time``, else ``the connection failed``. Never a library's class name."""
+    tls = ssl_cause(exc)
+    if tls is not None:
+        return f"TLS handshake failed: {tls_failure(tls)}"
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    timed_out = False
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno:
+            return os.strerror(current.errno).lower()
+        timed_out = timed_out or isinstance(current, TimeoutError)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return "no answer in time" if timed_out else "the connection failed"

@@ -40,6 +40,8 @@ def _cmd_call(args: argparse.Namespace) -> int:
     from twilio.base.exceptions import TwilioException, TwilioRestException
     from twilio.rest import Client
 
+    from runtime.endpoints import connection_failure
+
     env = os.environ
     for number, flag in ((args.to, "the number to call"), (args.from_, "--from")):
         if not E164.fullmatch(number):
@@ -71,10 +73,10 @@ def _cmd_call(args: argparse.Namespace) -> int:
             f"Twilio refused the call: HTTP {exc.status}, code {exc.code}: {exc.msg}"
         ) from None
     except (TwilioException, OSError) as exc:
-        raise Unavailable(f"cannot reach Twilio: {type(exc).__name__}") from None
+        raise Unavailable(f"cannot reach Twilio: {connection_failure(exc)}") from None
     except Exception as exc:  # requests' connection errors are not OSErrors
         if type(exc).__module__.startswith(("requests", "urllib3")):
-            raise Unavailable(f"cannot reach Twilio: {type(exc).__name__}") from None
+            raise Unavailable(f"cannot reach Twilio: {connection_failure(exc)}") from None
         raise
     print(f"{call.sid} {call.status}")
     return 0

@@ -139,4 +139,6 @@ def test_bad_arguments_and_settings_exit_2_and_an_unreachable_api_3(api: str) ->
         assert done.returncode == 2 and message in done.stderr, done.stderr
     closed = settings("http://127.0.0.1:9")
     done = run("+15551230000", "--agent-id", "a", "--from", "+15559870000", **closed)
-    assert done.returncode == 3 and done.stderr.startswith("voxloop: error: cannot reach Twilio")
+    assert done.returncode == 3 and done.stderr == (
+        "voxloop: error: cannot reach Twilio: connection refused\n"
+    ), done.stderr

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,10 +50,10 @@ from runtime.endpoints import (
     Resolver,
     SystemResolver,
     URLPolicy,
+    connection_failure,
     parse_endpoint_url,
     resolve_endpoint,
     ssl_cause,
-    tls_failure,
     tls_verify,
 )
 from runtime.errors import (
@@ -413,13 +412,6 @@ def _default_ssl() -> ssl.SSLContext:
 
 def _connect_words(exc: BaseException) -> str:
     """Why a connection to the streaming STT failed, in words (no library class names)."""
-    tls = ssl_cause(exc)
-    if tls is not None:
-        return f"TLS handshake failed: {tls_failure(tls)}"
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    if isinstance(exc, websockets.InvalidHandshake):
+    if isinstance(exc, websockets.InvalidHandshake) and ssl_cause(exc) is None:
         return "it did not answer the upgrade request with a WebSocket handshake"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return str(exc) or "the connection failed"
+    return connection_failure(exc)
