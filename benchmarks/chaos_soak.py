@@ -11,7 +11,8 @@ two-turn recording streamed in real time through the resuming client, then
   token), ``--fault-rate`` of its requests;
 * Redis is restarted once (a third of the way in: its data is gone);
 * one worker process is killed (SIGKILL, two thirds of the way in): its sessions
-  must resume on the other worker from their last reply.
+  must resume on the other worker from the state last kept (before ``session.ready``,
+  at each transcribed user turn, after each reply).
 
 The client behaves as a real one: a drop under a live session is resumed (on
 whichever worker accepts the new connection), and a connection refused or closed
@@ -24,7 +25,8 @@ Reported (JSON on stdout, ``--json FILE`` too):
   lost (failed for good after ``session.ready``, with the events each one saw);
 * user turns by outcome (:mod:`runtime.bench.soak`): answered, apologised, superseded
   (the user spoke again before a reply began; the next reply answers both), and
-  neither (the goal: none; each one's events are listed);
+  neither (the goal: none; each one's events are listed); ``answered_or_apologised`` is
+  the share of turns that are not ``neither``;
 * v2v p50/p99 at the client during the chaos;
 * ``/metrics`` scraped ten times during the run and once at the end beside the soak's
   own counts (sessions ended, live sessions, turns, replies by status, endpoint errors
