@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from runtime.sessions import (
     SessionSpec,
     default_llm_from_env,
     key_owner,
+    token_hash,
 )
 
 from ..helpers import tone
@@ -469,3 +471,35 @@ async def test_every_setting_survives_a_resume_field_by_field(store: str) -> Non
         assert _differences(EVERY_SETTING, resumed.spec) == []
         if redis is not None:
             await redis.aclose()
+
+
+async def test_a_state_an_earlier_version_wrote_is_still_resumed() -> None:
+    """A worker of the previous version drained its sessions into Redis as the public config
+    plus sealed keys: a worker of this one resumes them with what that held."""
+    box = SecretBox(KeyRing.generate())
+    runner = SessionRunner(
+        load_agent=_no_agent, box=box, policy=URLPolicy(), resolver=StaticResolver(HOSTS),
+        default_llm=None, voices=frozenset(), engines=Engines(),
+    )  # fmt: skip
+    spec = SessionSpec().apply(
+        patch({"system_prompt": "P", "greeting": "G", "output": {"volume": 30},
+               "input": {"turn_detection": {"min_silence": 700, "max_silence": 900}},
+               "llm": [{"base_url": "https://a.example/v1", "model": "ma", "api_key": "key-a-1"},
+                       {"base_url": "https://b.example/v1", "model": "mb"}]})
+    )  # fmt: skip
+    sid = "sess_legacy"
+    doc = spec.public()
+    doc["llm_key"] = box.seal(Secret("key-a-1"), context=f"session:{sid}:llm")
+    doc["llm_fallback_keys"] = [None]
+    doc["voice_id"] = None
+    doc["server_max_tokens"] = 300
+    owner = Principal(kind="key", owner=key_owner("operator-key"))
+    await runner.states.save(
+        ResumableState(
+            session_id=sid, owner=owner.owner, resume_token_hash=token_hash("rt_x"), spec=doc,
+            history=[], started_at=time.time(), expires_at=time.time() + 600, audio_seconds=0.0,
+        ),
+        30,
+    )  # fmt: skip
+    resumed = await runner.resume(sid, owner, lambda e: None)
+    assert resumed.spec == dataclasses.replace(spec, max_tokens=300)
