@@ -558,6 +558,10 @@ class FallbackStream:
             for leftover in (a, b):
                 if leftover is not None and not leftover.done():
                     leftover.cancel()
+                    if leftover is b:
+                        # Cancelled with the reply (the caller went on): ``second`` told
+                        # nothing, so a half-open probe it took is free again.
+                        self._owner.breakers[second].release()
 
     async def aclose(self) -> None:
         # Closed before its end (the caller interrupted): the entry was answering.

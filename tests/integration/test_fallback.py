@@ -3,6 +3,7 @@ entry, through real loopback endpoints (the reference endpoint's fault modes).""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 
@@ -399,3 +400,28 @@ async def test_each_entry_sends_its_own_max_tokens(
         async for _ in stream:
             pass
     assert backup.requests[-1].body is not None and backup.requests[-1].body["max_tokens"] == 60
+
+
+async def test_a_reply_cancelled_during_the_race_frees_the_next_entrys_probe(
+    server: ReferenceEndpoint, backup: ReferenceEndpoint, make_client: ClientFactory
+):
+    # The backup's circuit is half-open; the race takes its one probe, then the reply is
+    # cancelled (the caller spoke again): the probe must be free for the next turn.
+    clock = ManualClock()
+    server.plan = ReplyPlan(fault="hang_headers")
+    backup.plan = ReplyPlan(fault="hang_headers")
+    client = FallbackChatClient(
+        [make_client(server.base_url, retry=NO_RETRY), make_client(backup.base_url)],
+        clock=clock,
+        policy=FallbackPolicy(hedge_after_s=0.001),
+    )
+    client.breakers[1].trip()
+    clock.advance_ms(30_000)
+    assert state(client.breakers[1]) == "half_open"
+    # The race starts after 1 ms, long before this 0.3 s timer cancels the reply.
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await reply_text(client)
+    assert state(client.breakers[1]) == "half_open"
+    assert client.breakers[1].allow()  # the probe is free
+    assert client.breakers[0].failures == 0 and client.breakers[1].failures == 2
