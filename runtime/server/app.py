@@ -421,7 +421,7 @@ class LoadedAgent:
 
     Attributes:
         doc: the public agent (as ``GET /v1/agents/{id}`` returns it).
-        llm: the endpoint (at most one), key opened.
+        llm: the endpoints, in order (the first and its fallbacks), keys opened.
         tool_headers: tool name -> header name -> value, opened.
     """
 
