@@ -50,7 +50,9 @@ def register(sub: Any) -> None:
         description="Speak TEXT (or standard input, with -) into a mono PCM16 WAV file, "
         "or play it.",
     )
-    p.add_argument("text", help="what to say; - reads it from standard input")
+    p.add_argument(
+        "text", nargs="?", help="what to say; - reads standard input (not with --list-voices)"
+    )
     p.add_argument("-o", "--output", type=Path, help="WAV file to write")
     p.add_argument("--voice", help="voice id or alias (default: the engine's first; --list-voices)")
     p.add_argument("--engine", default="piper", choices=TTS_NAMES, help="text-to-speech engine")
@@ -171,6 +173,8 @@ def _cmd_say(args: argparse.Namespace) -> int:
         raise UsageError(f"--rate: {exc}") from None
     if not (args.output or args.play or args.list_voices):
         raise UsageError("give -o OUT.wav, --play, or --list-voices")
+    if args.text is None and not args.list_voices:
+        raise UsageError("give the TEXT to say (or - to read it from standard input)")
     if args.output is not None:
         check_output(args.output, "-o")
     remote = remote_options(args.base_url, args.model, args.api_key_env)

@@ -58,6 +58,7 @@ from runtime.sessions import (
     SessionRunner,
     SessionSpec,
     key_owner,
+    load_failure,
 )
 
 log = logging.getLogger("voxloop.realtime")
@@ -376,9 +377,7 @@ class Connection:
             raise SessionRefused("agent_init_failed", str(exc)) from None
         except Exception as exc:
             log.exception("speech engines failed to load")
-            raise SessionRefused(
-                "agent_init_failed", f"the speech engines cannot start ({type(exc).__name__})"
-            ) from None
+            raise SessionRefused("agent_init_failed", load_failure(exc)) from None
 
     async def _serve(self, live: LiveSession) -> None:
         """Run a bound session (holding its slot) until it ends; then close the socket."""

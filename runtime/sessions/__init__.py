@@ -41,7 +41,7 @@ One module per part:
 * :mod:`~runtime.sessions.errors` — :class:`SessionRefused`, the typed refusal.
 """
 
-from runtime.sessions.engines import Engines, EnginesUnavailable
+from runtime.sessions.engines import Engines, EnginesUnavailable, load_failure
 from runtime.sessions.errors import SessionRefused
 from runtime.sessions.ingress import FRAME_MS, AudioIngress
 from runtime.sessions.limits import RESUME_GRACE_S, RunnerLimits
@@ -72,6 +72,7 @@ __all__ = [
     "SessionStateStore",
     "default_llm_from_env",
     "key_owner",
+    "load_failure",
     "token_hash",
     "wire_encoder",
 ]

