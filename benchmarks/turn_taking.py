@@ -26,6 +26,10 @@ Reported per variant:
 - pauses that resumed: back-channels, coughs, laughter and noise over the reply that paused it
   and let it go on (``ReleaseReply``), and replies left paused for good (must be 0).
 
+Items said over a reply are of three sets: the one the rules for sounds and acknowledgements
+were chosen on, and two held out (``held_out_A``, ``held_out_B`` in each row, reported on their
+own). Each wrong decision is listed with what the recognizer wrote for the burst.
+
 Every item also runs as a phone caller says it: 8 kHz, μ-law coded and decoded, back to 16 kHz
 (``(8 kHz μ-law)`` items, with ``--phone-too``).
 
@@ -36,6 +40,8 @@ end-of-turn test.
 Run:
     nice -n 10 python -m benchmarks.turn_taking [--json out.json] [--phone | --phone-too]
     nice -n 10 python -m benchmarks.turn_taking --over-reply-only --phone-too --only default ...
+
+``--over-reply-only`` builds only the items said over a reply (about 5 minutes).
 
 ``--phone`` passes every item through 8 kHz G.711 μ-law first (the audio the phone
 bridge hands the policy); ``--phone-too`` adds those versions beside the 16 kHz items.
