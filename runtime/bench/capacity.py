@@ -180,7 +180,8 @@ class Run:
 
     def summary(self, criterion: Criterion) -> dict[str, Any]:
         """Capacity (``at_least``: every level held, so the capacity is the last level
-        or more), capacity per worker and the RSS slope over every level."""
+        or more), capacity per worker, the largest level that held (above a level that
+        did not, with ``--all-levels``) and the RSS slope over every level."""
         capacity = self.capacity(criterion)
         slope = rss_slope([(lv.sessions, lv.rss_mb) for lv in self.levels])
         return {
@@ -189,6 +190,10 @@ class Run:
             "capacity": capacity,
             # Every level held: the capacity is at least the last level's, not found.
             "at_least": bool(self.levels) and all(r["holds"] for r in self.rows(criterion)),
+            # With --all-levels a level may hold above one that did not (a one-off outlier).
+            "largest_held": max(
+                (r["sessions"] for r in self.rows(criterion) if r["holds"]), default=0
+            ),
             "per_worker": round(capacity / self.workers, 1),
             "idle_rss_mb": round(self.idle_rss_mb, 1),
             "rss_slope_mb_per_session": None if slope is None else round(slope, 2),
@@ -231,9 +236,9 @@ def markdown(runs: Sequence[Run], criterion: Criterion) -> str:
             )
     lines += [
         "",
-        "| engines | workers | capacity (sessions) | per worker | idle RSS MiB | "
-        "RSS slope MiB/session | vs 1 worker |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| engines | workers | capacity (sessions) | per worker | largest level held | "
+        "idle RSS MiB | RSS slope MiB/session | vs 1 worker |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     single = {r.engines: r.capacity(criterion) for r in runs if r.workers == 1}
     for run in runs:
@@ -243,7 +248,7 @@ def markdown(runs: Sequence[Run], criterion: Criterion) -> str:
         ratio = "-" if run.workers == 1 or not one else f"{more}{s['capacity'] / one:.2f}x"
         lines.append(
             f"| {run.engines} | {run.workers} | {more}{s['capacity']} | "
-            f"{more}{_cell(s['per_worker'])} | "
+            f"{more}{_cell(s['per_worker'])} | {s['largest_held']} | "
             f"{_cell(s['idle_rss_mb'])} | {_cell(s['rss_slope_mb_per_session'])} | {ratio} |"
         )
     return "\n".join(lines) + "\n"

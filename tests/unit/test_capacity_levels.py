@@ -66,12 +66,14 @@ def test_capacity_stops_at_the_first_level_that_does_not_hold():
     assert rows[2]["why_not"] == ["pacing p99 40 ms > 20 + 1 ms"]
     assert run.summary(c) == {
         "engines": "remote", "workers": 1, "capacity": 4, "at_least": False,
-        "per_worker": 4.0, "idle_rss_mb": 118.0, "rss_slope_mb_per_session": 2.0,
+        "largest_held": 16, "per_worker": 4.0, "idle_rss_mb": 118.0,
+        "rss_slope_mb_per_session": 2.0,
     }  # fmt: skip
     assert Run("embedded", 2, 300.0).capacity(c) == 0
     assert Run("embedded", 2, 300.0).summary(c)["at_least"] is False
     held = Run("embedded", 2, 300.0, [level(1), level(4)])
     assert (held.capacity(c), held.summary(c)["at_least"]) == (4, True)
+    assert Run("embedded", 2, 300.0).summary(c)["largest_held"] == 0
 
 
 def test_the_markdown_tables():
@@ -90,9 +92,9 @@ def test_the_markdown_tables():
         "| remote | 2 | 8 | no | 80 | 136 | 2 | 500 | 600 | 5 | 1 | - | 16/16 | "
         "failed:at_capacity x2 |\n"
         "\n"
-        "| engines | workers | capacity (sessions) | per worker | idle RSS MiB | "
-        "RSS slope MiB/session | vs 1 worker |\n"
-        "|---|--:|--:|--:|--:|--:|--:|\n"
-        "| remote | 1 | >= 4 | >= 4 | 118 | 2 | - |\n"
-        "| remote | 2 | 4 | 2 | 236.5 | 2 | 1.00x |\n"
+        "| engines | workers | capacity (sessions) | per worker | largest level held | "
+        "idle RSS MiB | RSS slope MiB/session | vs 1 worker |\n"
+        "|---|--:|--:|--:|--:|--:|--:|--:|\n"
+        "| remote | 1 | >= 4 | >= 4 | 4 | 118 | 2 | - |\n"
+        "| remote | 2 | 4 | 2 | 4 | 236.5 | 2 | 1.00x |\n"
     )
