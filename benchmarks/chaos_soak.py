@@ -38,6 +38,12 @@ Reported (JSON on stdout, ``--json FILE`` too):
 * each worker's open sockets before the first session and after the last (a worker
   started in the run has no "before"), and the client connections still open at the
   end (a leak: the goal is 0);
+* ``leaks``: each worker's asyncio tasks and open sockets as its ``/metrics`` gauges
+  (``voxloop_asyncio_tasks``, ``voxloop_open_sockets``, one series per worker) give them
+  before the first session and after the last has ended and the live sessions are 0,
+  and their difference, ``tasks_leaked`` and ``sockets_leaked`` (the goal: 0 each; the
+  fewest of three scrapes a second apart, so a scrape's own request is not counted; a
+  worker started in the run has no "before" and no difference);
 * tracebacks in the server's log.
 
 The full run: ``python -m benchmarks.chaos_soak --minutes 10 --sessions 8``.
@@ -243,6 +249,65 @@ def parse_metrics(text: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in found}
 
 
+def per_worker(scraped: dict[str, float], name: str) -> dict[str, int]:
+    """A gauge with one series per worker (``pid`` label): ``{pid: value}``."""
+    out: dict[str, int] = {}
+    for key, value in scraped.items():
+        match = re.fullmatch(rf'{name}\{{pid="(\d+)"\}}', key)
+        if match:
+            out[match[1]] = round(value)
+    return out
+
+
+async def worker_counts(http: str, workers: int) -> dict[str, dict[str, int]]:
+    """Each worker's ``tasks`` and ``sockets`` from ``/metrics``: the fewest of three scrapes
+    a second apart (a scrape's own request and connection come and go), once every one of
+    ``workers`` has written its gauges. ``{pid: {"tasks": n, "sockets": n}}``."""
+    seen: list[dict[str, dict[str, int]]] = []
+    async with httpx.AsyncClient(timeout=30, headers={"Connection": "close"}) as client:
+        for _ in range(60):
+            scraped = parse_metrics((await client.get(f"{http}/metrics")).text)
+            tasks = per_worker(scraped, "voxloop_asyncio_tasks")
+            sockets = per_worker(scraped, "voxloop_open_sockets")
+            if len(tasks) >= workers:
+                seen.append({pid: {"tasks": tasks[pid], "sockets": sockets.get(pid, 0)}
+                             for pid in tasks})  # fmt: skip
+                if len(seen) == 3:
+                    break
+            await asyncio.sleep(1.0)
+    return {
+        pid: {k: min(s[pid][k] for s in seen if pid in s) for k in ("tasks", "sockets")}
+        for pid in (seen[-1] if seen else {})
+    }
+
+
+async def drained(http: str) -> None:
+    """Wait (at most 60 s) until ``/metrics`` says no session is live."""
+    async with httpx.AsyncClient(timeout=30, headers={"Connection": "close"}) as client:
+        for _ in range(120):
+            scraped = parse_metrics((await client.get(f"{http}/metrics")).text)
+            if not scraped.get("voxloop_live_sessions"):
+                return
+            await asyncio.sleep(0.5)
+
+
+def leaks(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int | None]]:
+    """Per worker: its tasks and sockets before and after, and what was left behind."""
+    out: dict[str, dict[str, int | None]] = {}
+    for pid, end in after.items():
+        start = before.get(pid)
+        out[pid] = {
+            "tasks_before": start["tasks"] if start else None, "tasks_after": end["tasks"],
+            "tasks_leaked": end["tasks"] - start["tasks"] if start else None,
+            "sockets_before": start["sockets"] if start else None,
+            "sockets_after": end["sockets"],
+            "sockets_leaked": end["sockets"] - start["sockets"] if start else None,
+        }  # fmt: skip
+    return out
+
+
 def by_label(scraped: dict[str, float], name: str, label: str) -> dict[str, int]:
     """The series ``name`` by the value of ``label``: ``{value: count}``."""
     out: dict[str, int] = {}
@@ -326,6 +391,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
                 if (await client.get(f"{http}/readyz")).status_code == 200:
                     break
                 await asyncio.sleep(0.5)
+        counts_start = await worker_counts(http, 2)
         sockets_start = {pid: open_sockets(pid) for pid in worker_pids(server.pid)}
         t0 = time.monotonic()
         deadline = t0 + args.minutes * 60
@@ -376,8 +442,10 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             tg.create_task(fault_injector())
             tg.create_task(disasters())
             tg.create_task(sampler())
+        await drained(http)
         async with httpx.AsyncClient(timeout=30) as client:
             final = parse_metrics((await client.get(f"{http}/metrics")).text)
+        counts_end = await worker_counts(http, len(worker_pids(server.pid)))
         # Every session is over: each worker's sockets beside those it held before the first.
         sockets_end = {pid: open_sockets(pid) for pid in worker_pids(server.pid)}
         port = int(http.rsplit(":", 1)[1])
@@ -428,6 +496,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_during": scrapes,
         "metrics_final": compare(final, tally, final=True),
         "rss_drift": drifts,
+        "leaks": leaks(counts_start, counts_end),
         "sockets_start": {str(k): v for k, v in sockets_start.items()},
         "sockets_end": {str(k): v for k, v in sockets_end.items()},
         "client_connections_end": {str(k): v for k, v in clients_end.items()},

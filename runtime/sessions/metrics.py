@@ -19,7 +19,9 @@ converted once here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -32,6 +34,8 @@ MAX_AGENT_LABELS: Final = 50
 #: Latency buckets (seconds) that resolve the voice range: 50 ms … 10 s.
 BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 LAG_INTERVAL_S: Final = 0.25
+#: How often the worker's task and descriptor counts are refreshed (seconds).
+RESOURCES_INTERVAL_S: Final = 1.0
 
 #: The environment variable that puts prometheus-client in multiprocess mode (the
 #: directory of the metric files the workers of one run share).
@@ -88,6 +92,21 @@ class SessionMetrics:
             "voxloop_event_loop_lag_seconds",
             "How late the event loop ran a timer (sampled every 250 ms).",
             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r,
+        )  # fmt: skip
+        # One series per worker (a ``pid`` label with several workers, bounded by their
+        # number): a leak shows as one worker's count rising while its sessions come and go.
+        self.tasks = Gauge(
+            "voxloop_asyncio_tasks", "asyncio tasks of the worker's event loop.", registry=r,
+            multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.open_fds = Gauge(
+            "voxloop_open_fds", "File descriptors the worker process holds open.", registry=r,
+            multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.open_sockets = Gauge(
+            "voxloop_open_sockets",
+            "Sockets (TCP, Unix) among the worker's open file descriptors.", registry=r,
+            multiprocess_mode="liveall",
         )  # fmt: skip
         names = {
             "v2v": "voice-to-voice: the user stopped speaking to the first reply audio",
@@ -147,9 +166,21 @@ class SessionMetrics:
         self.live_sessions.dec()
         self.sessions.labels(reason).inc()
 
+    def count_resources(self) -> None:
+        """Refresh the worker's task, descriptor and socket gauges (call it on the
+        worker's event loop; descriptors are read from ``/proc/self/fd``, and left
+        unset where there is none)."""
+        with contextlib.suppress(RuntimeError):  # no running loop: tasks are not counted
+            self.tasks.set(len(asyncio.all_tasks()))
+        counted = open_descriptors()
+        if counted is not None:
+            self.open_fds.set(counted[0])
+            self.open_sockets.set(counted[1])
+
     def exposition(self) -> bytes:
         """The text exposition of every metric (``CONTENT_TYPE``): this process's, or with
         several workers (``PROMETHEUS_MULTIPROC_DIR`` set) the sum over all of them."""
+        self.count_resources()
         directory = shared_dir()
         if directory is None:
             return generate_latest(self.registry)
@@ -160,7 +191,30 @@ class SessionMetrics:
     async def watch_loop_lag(self) -> None:
         """Sample the event loop's lag until cancelled (run it in the server's lifespan)."""
         loop = asyncio.get_running_loop()
+        counted_at = loop.time()
         while True:
             due = loop.time() + LAG_INTERVAL_S
             await asyncio.sleep(LAG_INTERVAL_S)
             self.loop_lag.observe(max(0.0, loop.time() - due))
+            if loop.time() - counted_at >= RESOURCES_INTERVAL_S:
+                # Several workers: a scrape reads every worker's last written counts.
+                counted_at = loop.time()
+                self.count_resources()
+
+
+def open_descriptors(fd_dir: Path = Path("/proc/self/fd")) -> tuple[int, int] | None:
+    """``(descriptors, sockets)`` this process holds open, from ``fd_dir`` (Linux's
+    ``/proc``); ``None`` where the directory cannot be read."""
+    try:
+        entries = list(fd_dir.iterdir())
+    except OSError:
+        return None
+    held = sockets = 0
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+        except OSError:  # closed since the listing (the listing's own descriptor among them)
+            continue
+        held += 1
+        sockets += target.startswith("socket:")
+    return held, sockets

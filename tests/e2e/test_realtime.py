@@ -1045,3 +1045,70 @@ async def test_capacity_duration_and_the_default_endpoint(
             assert isinstance(await third.next("session.ready"), ev.SessionReady)
         finally:
             stop_server(srv)
+
+
+# -- a finished session leaves nothing behind --------------------------------------------------
+
+
+async def _resources(http: str) -> dict[str, float]:
+    """The worker's task and descriptor gauges and its live sessions, from one scrape."""
+    async with httpx.AsyncClient(timeout=30) as web:
+        text = (
+            await web.get(f"{http}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        ).text
+    names = ("voxloop_asyncio_tasks", "voxloop_open_sockets", "voxloop_open_fds",
+             "voxloop_live_sessions")  # fmt: skip
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name] = float(value)
+    assert set(found) == set(names), text
+    return found
+
+
+async def _settled(http: str, baseline: dict[str, float]) -> dict[str, float]:
+    """Scrape until the counts are back at ``baseline`` (a closed socket's connection task
+    ends just after the close) or 30 s pass; the last scrape."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (now := await _resources(http)) != baseline and loop.time() < deadline:
+        pass
+    return now
+
+
+async def _spoken_session(
+    server: Server, endpoint: EndpointThread, connect: Any, ending: str
+) -> None:
+    """One session of one spoken turn, ended with ``session.end`` or dropped."""
+    audio = speech("conv-two_turns", 24000)[: 24000 * 2 * 4] + silence(2.0, 24000)
+    failing = [plan("Sorry.", fault="status", status=500)] * 8  # every retry fails too
+    endpoint.answer(*(failing if ending == "endpoint failed" else [plan("It is sunny.")]))
+    client = await connect(server.ws)
+    await client.send(inline(endpoint))
+    await client.next("session.ready")
+    await client.stream(audio, 48000, 4800)
+    outcome = await client.next("reply.done", "reply.error", within=40)
+    assert outcome.type == ("reply.error" if ending == "endpoint failed" else "reply.done")
+    if ending == "drop":
+        await client.ws.close()  # kept for a resume: state only, no task, no socket
+        return
+    await client.send({"type": "session.end"})
+    events, code = await client.closed()
+    assert isinstance(events[-1], ev.SessionEnded) and code == 1000
+
+
+async def test_finished_sessions_leave_no_task_or_socket_behind(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    # A first session loads what every later one shares (engine threads and their pipes).
+    await _spoken_session(server, endpoint, connect, "session.end")
+    previous: dict[str, float] = {}
+    baseline = await _resources(server.http)
+    while baseline != previous:  # the last socket's connection task ends just after its close
+        previous, baseline = baseline, await _resources(server.http)
+    assert baseline["voxloop_live_sessions"] == 0
+    assert baseline["voxloop_asyncio_tasks"] >= 1 and baseline["voxloop_open_sockets"] >= 1
+    for ending in ("session.end", "endpoint failed", "drop", "session.end"):
+        await _spoken_session(server, endpoint, connect, ending)
+    assert await _settled(server.http, baseline) == baseline
