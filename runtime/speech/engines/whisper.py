@@ -58,6 +58,11 @@ _MIN_AUDIO_S: Final = 0.1
 _SENTENCE_MARKS: Final = frozenset({".", "?", "!"})
 _TRAILING_MARKS: Final = frozenset({"...", "\u2026", ".."})
 _Decoded = tuple[str, float, float | None, float | None]  # text, ms, end and word confidence
+# Whisper's text context (tokens): the prompt and the generated text together.
+_TEXT_CONTEXT: Final = 448
+# At most this many previous-text tokens go into the prompt, the most recent ones (Whisper's
+# own rule: half the text context less one).
+MAX_PROMPT_TOKENS: Final = _TEXT_CONTEXT // 2 - 1
 
 
 def _logsumexp(row: np.ndarray) -> float:
@@ -200,10 +205,14 @@ class WhisperSTT:
         return text, (time.perf_counter() - t0) * 1000, end, mean
 
     def _prompt(self, previous_text: str) -> list[int]:
+        """The decoder's prompt: the last :data:`MAX_PROMPT_TOKENS` tokens of
+        ``previous_text`` (the front is cut, as Whisper does), then the start of
+        the transcript (at most 226 tokens in all)."""
         tk = self._tokenizer
         prompt: list[int] = []
-        if previous_text:
-            prompt = [tk.sot_prev, *tk.encode(" " + previous_text.strip())[-200:]]
+        previous = tk.encode(" " + previous_text.strip()) if previous_text.strip() else []
+        if previous:
+            prompt = [tk.sot_prev, *previous[-MAX_PROMPT_TOKENS:]]
         return [*prompt, *tk.sot_sequence, tk.no_timestamps]
 
     def _confidences(
@@ -269,13 +278,17 @@ class WhisperSTT:
             np.ascontiguousarray(feats[None, :, :target], dtype=np.float32)
         )
         encoded = self._model.model.encode(features, to_cpu=False)
+        prompt = self._prompt(previous_text)
+        # A few tokens a second is what speech holds: a decoder running on into the
+        # padding stops here, not at the end of the text context. CTranslate2 counts
+        # the prompt in max_length (a prompt as long as it leaves no token to generate),
+        # so the budget comes on top of the prompt.
+        budget = 16 + int(12 * len(audio) / SAMPLE_RATE)
         result = self._model.model.generate(
             encoded,
-            [self._prompt(previous_text)],
+            [prompt],
             beam_size=self.config.beam_size,
-            # A few tokens a second is what speech holds: a decoder running on into the
-            # padding stops here, not at 224.
-            max_length=min(224, 16 + int(12 * len(audio) / SAMPLE_RATE)),
+            max_length=min(_TEXT_CONTEXT, len(prompt) + budget),
             return_scores=True,
             return_logits_vocab=True,
             return_no_speech_prob=True,

@@ -23,7 +23,12 @@ from runtime.speech.engines._common import ModelVerificationError, verify_sha256
 from runtime.speech.engines.espeak import EspeakTTS, espeak_accepts, espeak_name
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import _SILENCE_DBFS as SILENCE_DBFS
-from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT, _logsumexp
+from runtime.speech.engines.whisper import (
+    MAX_PROMPT_TOKENS,
+    WhisperConfig,
+    WhisperSTT,
+    _logsumexp,
+)
 from runtime.speech.text import SpeechSegmenter
 from runtime.speech.tts import UnknownVoice
 
@@ -227,6 +232,60 @@ async def test_long_turns_commit_earlier_text_and_decode_only_the_rest():
         )
     finally:
         await engine.aclose()
+
+
+# Short clips of real speech (Piper, the joe voice, noise scales 0, centred in exactly
+# 0.2, 0.5 and 1 s): what the last stretch of a long turn holds after its earlier text
+# was committed.
+SHORT_CLIPS = {
+    0.2: ("short-no", "No."),
+    0.5: ("short-thank-you", "Thank you."),
+    1.0: ("short-yes-please", "Yes, please."),
+}
+
+
+def previous_text(whisper: WhisperSTT, tokens: int) -> str:
+    """Committed text of ``tokens`` tokens (or the fewest words past it): the end of the test
+    utterances said three times over (a prompt that ends on a sentence, as a commit at a
+    pause does); one token is a word."""
+    if tokens <= 1:
+        return "Okay" if tokens else ""
+    tk = whisper._tokenizer
+    words = " ".join([str(r["text"]) for r in manifest()] * 3).split()
+    for k in range(1, len(words) + 1):  # the front cut at a word
+        text = " ".join(words[-k:])
+        if len(tk.encode(" " + text)) >= tokens:
+            return text
+    raise AssertionError(f"no text of {tokens} tokens")
+
+
+@pytest.mark.parametrize("seconds", sorted(SHORT_CLIPS))
+@pytest.mark.parametrize(
+    "tokens", [0, 1, 80, MAX_PROMPT_TOKENS, 300], ids=["0", "1", "80", "limit", "over"]
+)
+def test_a_short_clip_after_a_long_committed_text_keeps_its_words(
+    whisper: WhisperSTT, tokens: int, seconds: float
+):
+    # CTranslate2 counts the prompt in the decoder's max_length: a prompt longer than a
+    # short clip's token budget left nothing to generate (no text, no logits).
+    name, words = SHORT_CLIPS[seconds]
+    pcm = read_wav(SPEECH / f"{name}.wav").mono()
+    assert len(pcm) == int(seconds * 16000) * 2
+    previous = previous_text(whisper, tokens)
+    said = len(whisper._tokenizer.encode(" " + previous)) if previous else 0
+    assert tokens <= said < tokens + 4
+    # Whisper's own rule: the most recent MAX_PROMPT_TOKENS tokens, the front cut.
+    prompt = whisper._prompt(previous)
+    kept = min(said, MAX_PROMPT_TOKENS)
+    start = [*whisper._tokenizer.sot_sequence, whisper._tokenizer.no_timestamps]
+    assert prompt[-len(start) :] == start
+    assert len(prompt) == len(start) + (kept + 1 if kept else 0)
+    if kept:
+        assert prompt[1 : 1 + kept] == whisper._tokenizer.encode(" " + previous)[-kept:]
+    text, _, end_confidence, confidence = whisper.decode_confident(pcm, previous)
+    assert _normalise(text) == _normalise(words)
+    assert confidence is not None and 0.0 <= confidence <= 1.0
+    assert end_confidence is None or 0.0 <= end_confidence <= 1.0
 
 
 async def test_turn_misuse_is_refused(whisper: WhisperSTT):
