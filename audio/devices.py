@@ -5,15 +5,19 @@ Theory of operation
 PortAudio calls our callbacks on its own real-time thread. They never block
 and never touch asyncio objects directly:
 
-* :class:`Microphone`: the input callback copies the block and hands it to
-  the event loop with ``call_soon_threadsafe``; there it goes into a bounded
-  queue. When the consumer is too slow the **oldest** frame is dropped (live
-  audio: the newest is what matters) and ``statistics().dropped`` counts it.
+* :class:`Microphone`: the input callback copies the block into a
+  lock-protected hand-over list and wakes the event loop with
+  ``call_soon_threadsafe`` only when no wake-up is pending, so a stalled loop
+  (or a device calling back faster than real time) never floods the loop's
+  wake-up socket; a signal written to a full one is lost. On the loop the
+  blocks go into a bounded queue. When the consumer is too slow the **oldest**
+  frame is dropped (live audio: the newest is what matters) and ``statistics().dropped`` counts it.
 * :class:`Speaker`: the output callback pulls from a lock-protected byte
   buffer; when the buffer runs dry it plays silence (an underrun, counted) —
   never garbage or a stall. ``played_samples`` is the playout position: how
   much of the agent's audio has actually gone out (barge-in uses it to know
-  what the user heard). :meth:`Speaker.write` applies backpressure at a
+  what the user heard). It wakes the loop once when the buffer empties, not on
+  every silent block. :meth:`Speaker.write` applies backpressure at a
   high-water mark; :meth:`Speaker.clear_buffer` drops what is queued at once.
 
 The stream classes are injectable (``stream_factory``) so the bridging logic is
@@ -24,6 +28,7 @@ tested without a sound card; the module imports without PortAudio and raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -214,6 +219,14 @@ class Microphone:
         self._dropped = 0
         self._overflows = 0
         self._closed = False
+        # Hand-over from PortAudio's thread: blocks (with their overflow flags) not
+        # yet on the loop, how many older ones were dropped there, and whether a
+        # wake-up of the loop is pending.
+        self._handover_lock = threading.Lock()
+        self._handover: deque[tuple[bytes, bool]] = deque()
+        self._handover_dropped = 0
+        self._handover_dropped_samples = 0
+        self._wake_pending = False
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -251,13 +264,40 @@ class Microphone:
                 self._process_errors += 1
         overflow = bool(status) and bool(getattr(status, "input_overflow", False))
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._push, data, overflow)
+        if loop is None or loop.is_closed():
+            return
+        with self._handover_lock:
+            self._handover.append((data, overflow))
+            if len(self._handover) > self._max:
+                # The loop is behind: the oldest block goes, as in the queue.
+                old, _ = self._handover.popleft()
+                self._handover_dropped += 1
+                self._handover_dropped_samples += len(old) // 2
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._take)
 
     # The event loop's thread.
-    def _push(self, data: bytes, overflow: bool) -> None:
+    def _take(self) -> None:
+        with self._handover_lock:
+            blocks = list(self._handover)
+            self._handover.clear()
+            dropped = self._handover_dropped
+            dropped_samples = self._handover_dropped_samples
+            self._handover_dropped = self._handover_dropped_samples = 0
+            self._wake_pending = False
         if self._closed:
             return
+        # Dropped blocks were older than those handed over: they still advance the clock.
+        self._pts += dropped_samples
+        self._frames += dropped
+        self._dropped += dropped
+        for data, overflow in blocks:
+            self._push(data, overflow)
+
+    def _push(self, data: bytes, overflow: bool) -> None:
         if overflow:
             self._overflows += 1
         frame = AudioFrame(pcm=data, sample_rate=self._rate, pts=self._pts)
@@ -337,6 +377,8 @@ class Speaker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained = asyncio.Event()
         self._drained.set()
+        # Whether the loop has been woken since the buffer last ran empty.
+        self._empty_signalled = True
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -379,6 +421,7 @@ class Speaker:
             with self._lock:
                 if len(self._buf) < self._high:
                     self._buf += pcm
+                    self._empty_signalled = False
                     self._drained.clear()
                     return
             await asyncio.sleep(self._block / self._rate)
@@ -431,14 +474,17 @@ class Speaker:
                 # The buffer ran dry part-way through a block (a slow producer,
                 # or simply the end of an utterance): the rest is silence.
                 self._underruns += 1
-            empty = not self._buf
+            wake = not self._buf and not self._empty_signalled
+            if wake:
+                self._empty_signalled = True
         outdata[:take] = chunk
         outdata[take:need] = b"\x00" * (need - take)
         if self._on_played is not None:
             block = chunk + bytes(need - take)
             self._on_played(block, self._rate, _device_time(time, "outputBufferDacTime"))
-        if empty and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._mark_drained)
+        if wake and self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._mark_drained)
 
     def _mark_drained(self) -> None:
         # Runs on the loop later than the callback: audio may have been written since.

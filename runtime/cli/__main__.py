@@ -2,6 +2,9 @@
 
 import sys
 
-from runtime.cli import main
+try:
+    from runtime.cli import main
+except KeyboardInterrupt:  # Ctrl-C while starting up
+    sys.exit(130)
 
 sys.exit(main())

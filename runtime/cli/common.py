@@ -14,7 +14,8 @@ Exit codes:
     2    bad arguments or settings (nothing was started)
     3    something the command needs is missing or unreachable (nothing was
          started): an optional package, the endpoint, an audio device
-    130  interrupted (Ctrl-C; ``talk`` still writes what it has)
+    130  interrupted (Ctrl-C; ``talk`` still writes what it has; a second
+         Ctrl-C exits at once, skipping the clean-up)
     141  standard output was closed by the reader (``voxloop … | head -1``): a
          quiet exit, 128 + SIGPIPE as for other commands a closed pipe ends
 """
@@ -22,12 +23,16 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from types import FrameType, TracebackType
+from typing import Any, Final, NoReturn, Self
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -35,6 +40,69 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 EXIT_CLOSED_PIPE = 141
+
+
+class CtrlC:
+    """Ctrl-C (SIGINT) for a command running one asyncio task: ``with CtrlC() as ctrl_c:``.
+
+    The first SIGINT cancels the task given to :meth:`attach` (its clean-up runs);
+    before a task is attached it raises ``KeyboardInterrupt`` as Python does. A second
+    SIGINT, or one after the task has finished, flushes standard output and error and
+    ends the process at once with :data:`EXIT_INTERRUPTED`: waits the clean-up cannot
+    cut short (a speech engine still loading on a worker thread) do not hold it.
+
+    The handler is a Python-level one (``signal.signal``), not the event loop's
+    ``add_signal_handler``: that one learns of the signal through the loop's wake-up
+    socket, and a byte written to it is lost when the socket is full (audio callbacks
+    waking a starved loop), which leaves Ctrl-C ignored. A process started with
+    SIGINT ignored (a script's background job inherits that) still stops on
+    ``kill -INT``. Outside the main thread this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[Any] | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def attach(self, task: asyncio.Task[Any]) -> None:
+        """The task the first Ctrl-C cancels."""
+        self._task = task
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a SIGINT has arrived."""
+        return self.count > 0
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Runs on the main thread between two bytecodes, whatever the loop is doing.
+        self.count += 1
+        task = self._task
+        if self.count == 1 and task is None:
+            raise KeyboardInterrupt
+        if self.count > 1 or task is None or task.done():
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(EXIT_INTERRUPTED)
+        # Thread-safe scheduling: the handler may have interrupted the loop mid-step.
+        task.get_loop().call_soon_threadsafe(task.cancel)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

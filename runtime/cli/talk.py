@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from runtime.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     CommandError,
+    CtrlC,
     Unavailable,
     UsageError,
     check_output,
@@ -337,35 +336,24 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     console = rich_console()
     printer = TalkPrinter(console, live=source is None)
 
+    ctrl_c = CtrlC()
+
     async def run(base_url: str) -> int:
         """The conversation; a SIGINT (Ctrl-C) ends it with :data:`EXIT_INTERRUPTED`.
 
-        The handler is the loop's own, as in ``connect``: a process started with SIGINT
-        ignored (a script's background job inherits that) still stops on ``kill -INT``.
+        See :class:`CtrlC`: the first Ctrl-C cancels this task, a second one exits at once.
         """
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        interrupted = False
-
-        def on_sigint() -> None:
-            nonlocal interrupted
-            interrupted = True
-            task.cancel()  # again on a second Ctrl-C: that one cuts the clean-up short
-
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        ctrl_c.attach(task)
         try:
             return await converse(base_url)
         except asyncio.CancelledError:
-            if not interrupted:
+            if not ctrl_c.interrupted:
                 raise
             while task.uncancel():
                 pass
             return EXIT_INTERRUPTED
-        finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGINT)
 
     async def converse(base_url: str) -> int:
         from runtime.talk import talk_live, talk_pcm
@@ -408,7 +396,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
 
     try:
         if base_url:
-            code = asyncio.run(run(base_url))
+            with ctrl_c:
+                code = asyncio.run(run(base_url))
         else:
             from runtime.bench.reference_thread import ReferenceThread
             from runtime.llm.reference import ReplyPlan
@@ -419,7 +408,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                     "[dim]no --base-url: using the built-in reference endpoint at "
                     f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
                 )
-                code = asyncio.run(run(reference.base_url))
+                with ctrl_c:
+                    code = asyncio.run(run(reference.base_url))
     except KeyboardInterrupt:  # Ctrl-C before or after the conversation
         code = EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:
