@@ -45,7 +45,8 @@ EXIT_CLOSED_PIPE = 141
 class CtrlC:
     """Ctrl-C (SIGINT) for a command running one asyncio task: ``with CtrlC() as ctrl_c:``.
 
-    The first SIGINT cancels the task given to :meth:`attach` (its clean-up runs);
+    The first SIGINT cancels the task given to :meth:`attach` (its clean-up runs), or
+    calls the ``stop`` given with it on the task's loop;
     before a task is attached it raises ``KeyboardInterrupt`` as Python does. A second
     SIGINT, or one after the task has finished, flushes standard output and error and
     ends the process at once with :data:`EXIT_INTERRUPTED`: waits the clean-up cannot
@@ -62,6 +63,7 @@ class CtrlC:
     def __init__(self) -> None:
         self.count = 0
         self._task: asyncio.Task[Any] | None = None
+        self._stop: Callable[[], object] | None = None
         self._previous: Any = None
         self._installed = False
 
@@ -81,9 +83,10 @@ class CtrlC:
             signal.signal(signal.SIGINT, self._previous)
             self._installed = False
 
-    def attach(self, task: asyncio.Task[Any]) -> None:
-        """The task the first Ctrl-C cancels."""
+    def attach(self, task: asyncio.Task[Any], stop: Callable[[], object] | None = None) -> None:
+        """The task the first Ctrl-C cancels, or whose loop runs ``stop`` instead."""
         self._task = task
+        self._stop = stop
 
     @property
     def interrupted(self) -> bool:
@@ -102,7 +105,7 @@ class CtrlC:
                     stream.flush()
             os._exit(EXIT_INTERRUPTED)
         # Thread-safe scheduling: the handler may have interrupted the loop mid-step.
-        task.get_loop().call_soon_threadsafe(task.cancel)
+        task.get_loop().call_soon_threadsafe(self._stop or task.cancel)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from runtime.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     CommandError,
+    CtrlC,
     Unavailable,
     UsageError,
     check_output,
@@ -252,7 +251,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         check_devices(args.input_device, args.output_device, mic=True)
     echo = echo_mode(args.echo) if args.input is None else args.echo
     printer = _printer()
-    interrupted = False
+    ctrl_c = CtrlC()
     heard = 0
 
     def on_event(event: Any) -> None:
@@ -264,50 +263,41 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         printer(event)
 
     async def run() -> int:
-        nonlocal interrupted
         from runtime.client.runner import connect_live, connect_pcm
 
-        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-
-        def on_sigint() -> None:
-            nonlocal interrupted
-            interrupted = True
-            stop.set()
-
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGINT, on_sigint)
-        try:
-            if args.input is not None:
-                result = await connect_pcm(
-                    pcm, url=args.url, auth=auth, session=session,
-                    output_wav=args.output, metrics_json=args.metrics_json, on_event=on_event,
-                    tool_handler=tools, stop=stop,
-                )  # fmt: skip
-                _print_summary(result.metrics)
-                wrote(args.output, args.metrics_json)
-            else:
-                await connect_live(
-                    url=args.url, auth=auth, session=session, stop=stop, on_event=on_event,
-                    input_device=args.input_device, output_device=args.output_device,
-                    tool_handler=tools, echo=echo,
-                    on_ready=lambda: rich_console().print(
-                        f"[dim]connected; listening, echo: {ECHO_LINES[echo]} "
-                        "(Ctrl-C to end the session)[/]",
-                        soft_wrap=True,
-                    ),
-                )  # fmt: skip
-        finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGINT)
-        if interrupted:
+        task = asyncio.current_task()
+        assert task is not None
+        # Ctrl-C ends the session cleanly (session.end); a second one exits at once.
+        ctrl_c.attach(task, stop.set)
+        if args.input is not None:
+            result = await connect_pcm(
+                pcm, url=args.url, auth=auth, session=session,
+                output_wav=args.output, metrics_json=args.metrics_json, on_event=on_event,
+                tool_handler=tools, stop=stop,
+            )  # fmt: skip
+            _print_summary(result.metrics)
+            wrote(args.output, args.metrics_json)
+        else:
+            await connect_live(
+                url=args.url, auth=auth, session=session, stop=stop, on_event=on_event,
+                input_device=args.input_device, output_device=args.output_device,
+                tool_handler=tools, echo=echo,
+                on_ready=lambda: rich_console().print(
+                    f"[dim]connected; listening, echo: {ECHO_LINES[echo]} "
+                    "(Ctrl-C to end the session)[/]",
+                    soft_wrap=True,
+                ),
+            )  # fmt: skip
+        if ctrl_c.interrupted:
             return EXIT_INTERRUPTED
         if args.input is not None and not heard:
             raise CommandError(f"no speech was heard in {args.input}")
         return EXIT_OK
 
     try:
-        return asyncio.run(run())
+        with ctrl_c:
+            return asyncio.run(run())
     except SessionFailure as exc:
         if exc.code == "unreachable" and _plain_http(ws_url):
             from runtime.endpoints import plain_http_message

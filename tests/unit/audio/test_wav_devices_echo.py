@@ -154,6 +154,54 @@ async def test_microphone_bridges_the_callback_thread_and_drops_oldest():
     assert [f async for f in mic] == []
 
 
+async def test_devices_wake_a_stalled_loop_once_not_per_block(monkeypatch: pytest.MonkeyPatch):
+    # A device calling back far faster than the loop runs (the ALSA null device does
+    # ~100 000 blocks a second) must not fill the loop's wake-up socket: a signal
+    # written to a full one is lost.
+    loop = asyncio.get_running_loop()
+    wakeups: list[str] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        wakeups.append(getattr(callback, "__qualname__", repr(callback)))
+        return original(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    streams: list[FakeStream] = []
+
+    def factory(**kwargs):
+        streams.append(FakeStream(**kwargs))
+        return streams[-1]
+
+    async with (
+        Microphone(sample_rate=16000, frame_ms=20, max_queued=3, stream_factory=factory) as mic,
+        Speaker(sample_rate=8000, block_ms=20, stream_factory=factory) as spk,
+    ):
+        mic_stream, spk_stream = streams
+        await spk.write(bytes(320))
+
+        def portaudio_threads():  # the loop is blocked meanwhile (joined below)
+            for i in range(1000):
+                mic_stream.callback(np.full(320, i, dtype="<i2").tobytes(), 320, None, None)
+                spk_stream.callback(bytearray(320), 160, None, None)
+
+        t = threading.Thread(target=portaudio_threads)
+        t.start()
+        t.join()
+        assert sorted(wakeups) == ["Microphone._take", "Speaker._mark_drained"]
+        frames = [await mic.__anext__() for _ in range(3)]
+        # The newest blocks are delivered; the clock still counts every block.
+        assert [f.to_numpy()[0] for f in frames] == [997, 998, 999]
+        assert [f.pts for f in frames] == [997 * 320, 998 * 320, 999 * 320]
+        stats = mic.statistics()
+        assert (stats.frames, stats.dropped, stats.queued) == (1000, 997, 0)
+        await asyncio.wait_for(spk.wait_for_playout(), 5)
+        # After the loop has run, the next block wakes it again.
+        mic_stream.callback(np.full(320, 7, dtype="<i2").tobytes(), 320, None, None)
+        assert (await mic.__anext__()).pts == 1000 * 320
+        assert sorted(wakeups) == ["Microphone._take", "Microphone._take", "Speaker._mark_drained"]
+
+
 async def test_speaker_plays_paces_reports_position_and_clears():
     streams: list[FakeStream] = []
 
