@@ -395,20 +395,19 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         return _outcome(printer, source)
 
     try:
-        if base_url:
-            with ctrl_c:
+        with ctrl_c:
+            if base_url:
                 code = asyncio.run(run(base_url))
-        else:
-            from runtime.bench.reference_thread import ReferenceThread
-            from runtime.llm.reference import ReplyPlan
+            else:
+                from runtime.bench.reference_thread import ReferenceThread
+                from runtime.llm.reference import ReplyPlan
 
-            plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
-            with ReferenceThread(plan) as reference:
-                rich_console(stderr=True).print(
-                    "[dim]no --base-url: using the built-in reference endpoint at "
-                    f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
-                )
-                with ctrl_c:
+                plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
+                with ReferenceThread(plan) as reference:
+                    rich_console(stderr=True).print(
+                        "[dim]no --base-url: using the built-in reference endpoint at "
+                        f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"
+                    )
                     code = asyncio.run(run(reference.base_url))
     except KeyboardInterrupt:  # Ctrl-C before or after the conversation
         code = EXIT_INTERRUPTED
