@@ -12,7 +12,8 @@ Afterwards it checks that descriptors, threads and the worker's asyncio tasks ar
 their baseline (tasks from the ``session over`` log line of a session run alone before
 and after), and reports the resident memory per concurrent session and its plateau (the
 median resident memory in each quarter of the run: a plateau when the last two quarters
-differ by less than 5 %).
+differ by less than 5 %), and its drift after warm-up (a least-squares slope in MB per
+hour with its standard error, over the samples from a sixth of the run on).
 
 Run (the full soak, 20 minutes, 20 sessions)::
 
@@ -42,6 +43,7 @@ import websockets
 from audio.resample import resample_all
 from audio.wav import read_wav
 from runtime.bench.reference_thread import ReferenceThread
+from runtime.bench.soak import drift
 from runtime.llm.reference import ReplyPlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,6 +219,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     ]
     medians = [statistics.median(q) if q else 0 for q in quarters]
     peak_threads = max(c.threads for _, c in samples)
+    # Drift after warm-up: the samples from a sixth of the run on (as the chaos soak).
+    slope = drift([(t, float(c.rss_kib)) for t, c in samples if t >= args.minutes * 10])
     return {
         "sessions": args.sessions,
         "minutes": args.minutes,
@@ -232,6 +236,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "peak_threads": peak_threads,
         "rss_mib_by_quarter": [round(m / 1024, 1) for m in medians],
         "rss_mib_per_session": round((medians[-1] - base.rss_kib) / 1024 / args.sessions, 2),
+        "rss_drift_mb_per_hour": slope.mb_per_hour,
+        "rss_drift_stderr_mb_per_hour": slope.stderr_mb_per_hour,
+        "rss_drift_samples": slope.samples,
         "rss_plateau": bool(medians[2]) and abs(medians[3] - medians[2]) / medians[2] < 0.05,
     }
 
@@ -250,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     print(("ok" if ok else "NOT OK") + f": fds {base['fds']}→{after['fds']}, threads "
           f"{base['threads']}→{after['threads']}, tasks {base['tasks']}→{after['tasks']}, "
           f"{report['rss_mib_per_session']} MiB RSS per session, plateau "
-          f"{report['rss_plateau']}")  # fmt: skip
+          f"{report['rss_plateau']}, drift {report['rss_drift_mb_per_hour']} ± "
+          f"{report['rss_drift_stderr_mb_per_hour']} MB/h")  # fmt: skip
     return 0 if ok else 1
 
 
