@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from audio.vad import default_vad, segment_pcm
+from audio.wav import read_wav
 from runtime.conversation import events as ev
 from runtime.conversation.config import SessionConfig, TurnDetection
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
@@ -20,6 +22,7 @@ from runtime.speech.engines.whisper import WhisperSTT
 from runtime.speech.tts import warm_up
 from runtime.talk import talk_pcm
 
+from ...helpers import SPEECH, manifest
 from .script import Step, Until, run_script
 from .test_conversation import active, chat_bodies, llm_for, normalise, silence, utterance
 
@@ -209,3 +212,50 @@ async def test_no_warm_prompt_by_default(
         await talk_pcm(silence(1.0), llm=llm, stt=whisper, tts=piper, config=SessionConfig())
         assert llm.reasoning_source == "default"
     assert chats(endpoint) == []
+
+
+def said_text(name: str) -> str:
+    return next(str(r["text"]) for r in manifest() if r["file"] == f"{name}.wav")
+
+
+LONG_TURN = tuple(f"shared-{i:02}-piper" for i in (2, 5, 6, 7, 3, 4, 9, 11))
+
+
+def spoken(name: str) -> bytes:
+    """The utterance's speech only (its leading and trailing silence cut)."""
+    pcm = utterance(name)
+    segments = segment_pcm(pcm, 16000, default_vad())
+    start, end = segments[0][0], segments[-1][1]
+    return pcm[int(start * 16000) * 2 : int(end * 16000) * 2]
+
+
+async def test_a_long_turn_whose_last_stretch_is_short_reaches_the_endpoint_whole(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    # Eight sentences said without a pause (more than the recognizer's 8 s commit), a pause,
+    # then a short "No.". At the pause after it the eight are committed (their decode is done
+    # by then on all but a very busy machine) and only the stretch after them, about 1.3 s,
+    # is decoded, with the committed text (72 tokens) as Whisper's prompt: longer than such a
+    # stretch's token budget. Its word must still come out, with its confidences.
+    assert whisper.config.commit_after_s == 8.0
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Done.",) * 4)
+    first = silence(0.2).join(spoken(name) for name in LONG_TURN)
+    assert len(first) > whisper.config.commit_after_s * 16000 * 2
+    short = read_wav(SPEECH / "short-no.wav").mono()
+    td = TurnDetection(pause_ms=600, min_silence_ms=1500, max_silence_ms=4000)
+    steps: list[Step] = [silence(0.4), first, silence(0.9), short, silence(0.5)]
+    async with llm_for(endpoint) as llm:
+        result = await run_script(
+            steps, llm=llm, stt=whisper, tts=piper, config=SessionConfig(turn_detection=td)
+        )
+    expected = " ".join([*(said_text(n) for n in LONG_TURN), "No."])
+    finals = [e.text for e in result.events if isinstance(e, ev.UserTranscript)]
+    assert len(finals) == 1 and normalise(finals[0]) == normalise(expected)
+    messages = chat_bodies(endpoint)[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] == finals[0]
+    assert [e.status for e in result.events if isinstance(e, ev.ReplyDone)] == ["completed"]
+    # The turn ended on its confident last word, not on the silence that ends any turn.
+    [metrics] = result.metrics
+    assert metrics.endpointing_ms is not None
+    assert td.min_silence_ms - 20 <= metrics.endpointing_ms < td.max_silence_ms
