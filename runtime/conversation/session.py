@@ -252,33 +252,39 @@ class ConversationSession:
         self._history.start(self._system_prompt())
         self._history.restore(self._prior_history)
         self._input_ended = False
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            tg.create_task(self._prewarm())
-            if not self.config.greeting:  # a greeting warms the TTS itself, sooner
-                tg.create_task(warm_up(self._tts))
-            if self.config.greeting:
-                self._start_reply(
-                    Reply(id=self._new_id("reply"), text_source=None,
-                           fixed_text=self.config.greeting),
-                    committed=True,
-                )  # fmt: skip
-            async for frame in frames:
-                self.push(frame)
-                await asyncio.sleep(0)
-            self._input_ended = True
-            if self._sink.paused:
-                # No more input can decide the speech the reply was paused for: play it on.
-                self._sink.resume()
-            if self.turns.state is TurnState.USER_SPEAKING:
-                self._act(self.policy.end_turn())
-            self._update_idle()
-            await self._idle.wait()
-            for task in list(self._checks):
-                task.cancel()
-            if self._stt_turn is not None:
-                await self._stt_turn.aclose()
-        self._tg = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._prewarm())
+                if not self.config.greeting:  # a greeting warms the TTS itself, sooner
+                    tg.create_task(warm_up(self._tts))
+                if self.config.greeting:
+                    self._start_reply(
+                        Reply(id=self._new_id("reply"), text_source=None,
+                               fixed_text=self.config.greeting),
+                        committed=True,
+                    )  # fmt: skip
+                async for frame in frames:
+                    self.push(frame)
+                    await asyncio.sleep(0)
+                self._input_ended = True
+                if self._sink.paused:
+                    # No more input can decide the speech the reply was paused for: play it on.
+                    self._sink.resume()
+                if self.turns.state is TurnState.USER_SPEAKING:
+                    self._act(self.policy.end_turn())
+                self._update_idle()
+                await self._idle.wait()
+                for task in list(self._checks):
+                    task.cancel()
+                if self._stt_turn is not None:
+                    await self._stt_turn.aclose()
+        finally:
+            self._tg = None
+            # The session's objects reference each other (callbacks, a cancelled task's
+            # traceback), so they wait for the cyclic collector: let go of the kept
+            # audio now rather than then.
+            self._audio.clear()
 
     def push(self, frame: AudioFrame) -> None:
         """Process captured audio (16 kHz mono). Synchronous and cheap: VAD + policy."""

@@ -133,6 +133,9 @@ async def test_two_turn_conversation(
         assert m.endpointing_ms <= m.v2v_ms
     # Every event carries a timestamp from the session clock.
     assert all(isinstance(e.t_ns, int) and e.t_ns > 0 for e in events)
+    # The input audio kept for re-transcription is let go when the session ends (the
+    # session's objects wait for the cyclic collector; its audio must not).
+    assert len(result.session._audio) == 0
 
 
 async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
