@@ -615,13 +615,21 @@ class ChatClient:
         Raises:
             EndpointError: the request failed (401/403 :class:`EndpointAuthError`,
                 404 and other 4xx :class:`EndpointRejected`, no connection
-                :class:`EndpointConnectError` …).
+                :class:`EndpointConnectError`, no response headers within the
+                first-token deadline :class:`EndpointTimeout` …).
             URLPolicyError: the endpoint's addresses are not allowed.
         """
         await self._ensure_pinned()
         timings = StreamTimings(started_ns=self._clock.now_ns())
         request = ChatRequest(messages=[{"role": "user", "content": "Hi"}])
-        response, _ = await self._open(request, timings)
+        limit = self._timeouts.first_token_s
+        try:
+            async with asyncio.timeout(limit):
+                response, _ = await self._open(request, timings)
+        except TimeoutError:
+            raise EndpointTimeout(
+                f"no response within {limit:g} s of the request", retryable=True
+            ) from None
         await response.aclose()
 
     def build_body(self, request: ChatRequest) -> dict[str, Any]:

@@ -205,6 +205,24 @@ def test_repeated_base_urls_are_fallbacks_and_the_metrics_name_the_entry(tmp_pat
     assert turn["llm_skipped"] == [[0, "circuit_open"]]
 
 
+def test_an_endpoint_that_never_answers_is_refused_before_the_conversation(tmp_path: Path):
+    from runtime.bench.reference_thread import ReferenceThread
+    from runtime.llm.reference import ReplyPlan
+
+    with ReferenceThread(ReplyPlan(fault="hang_headers")) as endpoint:
+        url = endpoint.base_url
+        result = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "talk", "--input",
+             str(SPEECH / "shared-04-piper.wav"), "--base-url", url],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip() == (
+        f"voxloop: error: --base-url {url}: the endpoint did not take a chat "
+        "request: no response within 4 s of the request"
+    )
+
+
 def test_talk_fallback_flags_must_match_the_base_urls():
     result = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "talk", "--demo", "--base-url", "http://a.example/v1",

@@ -289,6 +289,22 @@ async def test_timeout_before_first_token(
     assert info.value.retryable
 
 
+async def test_check_of_an_endpoint_that_never_answers_times_out(
+    server: ReferenceEndpoint, make_client: ClientFactory
+):
+    server.plan = ReplyPlan(fault="hang_headers")
+    client = make_client(
+        server.base_url,
+        timeouts=ClientTimeouts(first_token_s=0.2),
+        retry=RetryPolicy(max_attempts=1),
+    )
+    with pytest.raises(EndpointTimeout) as info:
+        await client.check()
+    assert str(info.value) == "no response within 0.2 s of the request"
+    await server.requests[0].finished.wait()
+    assert server.requests[0].disconnected_ns is not None  # the hung request was abandoned
+
+
 async def test_stall_between_tokens(server: ReferenceEndpoint, make_client: ClientFactory):
     server.plan = ReplyPlan(fault="hang", fault_after=2)
     client = make_client(server.base_url, timeouts=ClientTimeouts(first_token_s=5, stall_s=0.2))
