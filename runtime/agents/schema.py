@@ -600,6 +600,9 @@ def _message(error: Mapping[str, Any]) -> str:
     kind = str(error["type"])
     if kind in _MESSAGES:
         return _MESSAGES[kind]
+    ctx = error.get("ctx") or {}
+    if kind == "too_long" and "max_length" in ctx and "actual_length" in ctx:
+        return f"accepts at most {ctx['max_length']} entries, not {ctx['actual_length']}"
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
     return message[:1].lower() + message[1:]
@@ -623,7 +626,7 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+        first = exc.errors(include_url=False, include_input=False)[0]
         raise FieldError(_param(first["loc"]), _message(first)) from None
     given = parsed.model_fields_set
     _check_runnable(parsed)

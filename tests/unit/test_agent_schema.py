@@ -83,7 +83,7 @@ def test_nesting_up_to_the_limit_is_accepted():
         ({**BASE, "llm": [{"base_url": "https://a.example/v1", "model": "m\r\nX-Evil: 1", "api_key": LLM_KEY}]}, "llm[0].model", "must not contain line breaks or NUL characters"),
         ({**BASE, "llm": [{"base_url": "https://a.example/v1", "model": "m", "api_key": LLM_KEY + "\n"}]}, "llm[0].api_key", "must not contain line breaks or NUL characters"),
         ({**BASE, "llm": [{"base_url": "https://a.example/v1", "model": "m", "api_key": ""}]}, "llm[0].api_key", "must not be empty"),
-        ({**BASE, "llm": [{"base_url": "https://a.example/v1", "model": "m", "api_key": LLM_KEY}] * 9}, "llm", "list should have at most 8 items after validation, not 9"),
+        ({**BASE, "llm": [{"base_url": "https://a.example/v1", "model": "m", "api_key": LLM_KEY}] * 9}, "llm", "accepts at most 8 entries, not 9"),
         ({**BASE, "tools": [{"name": "a"}, {"name": "a"}]}, "tools", "tool name 'a' is used twice"),
         ({**BASE, "tools": [{"name": "a b"}]}, "tools[0].name", "string should match pattern '^[A-Za-z0-9_-]+$'"),
         ({**BASE, "tools": [{"name": "a", "timeout_seconds": 0}]}, "tools[0].timeout_seconds", "input should be greater than or equal to 1"),
