@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from runtime.endpoints import URLPolicy
+from runtime.endpoints import URLPolicy, parse_endpoint_url
+from runtime.errors import URLPolicyError
 from runtime.secret import Secret
 from runtime.speech.stt import SpeechToText
 from runtime.speech.tts import TextToSpeech, Voice
@@ -40,8 +41,9 @@ def remote_options_from_env(
     Returns ``None`` for an embedded engine (whose settings would be ignored).
 
     Raises:
-        ValueError: an unknown engine name, or a remote engine without what it needs
-            (one line naming the setting).
+        ValueError: an unknown engine name, a remote engine without what it needs, or an
+            ``openai`` engine's base URL that is malformed or not allowed by ``policy``
+            (checked without resolving the host; one line naming the setting).
     """
     names = STT_ENGINES if kind == "STT" else TTS_ENGINES
     remote = REMOTE_STT if kind == "STT" else REMOTE_TTS
@@ -62,6 +64,12 @@ def remote_options_from_env(
         )
     if engine == "assemblyai" and key is None:
         raise ValueError(f"VOXLOOP_{kind}=assemblyai needs VOXLOOP_{kind}_API_KEY")
+    if engine == "openai" and base_url is not None:
+        try:
+            parse_endpoint_url(base_url, policy)
+        except URLPolicyError as exc:
+            # The value itself is not echoed: it may carry credentials.
+            raise ValueError(f"VOXLOOP_{kind}_BASE_URL: {exc}") from None
     return RemoteOptions(base_url, model, key, policy)
 
 

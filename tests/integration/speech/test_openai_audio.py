@@ -251,6 +251,15 @@ def _serve(tmp_path, env: dict[str, str]) -> subprocess.Popen[str]:
          "VOXLOOP_STT_API_KEY"),
         ({"VOXLOOP_TTS": "whisper"}, "voxloop: error: VOXLOOP_TTS='whisper' is not a TTS engine "
          "(available: piper, espeak, openai)"),
+        ({"VOXLOOP_STT": "openai", "VOXLOOP_STT_BASE_URL": "notaurl"}, "voxloop: error: "
+         "VOXLOOP_STT_BASE_URL: URL scheme must be https, not none"),
+        ({"VOXLOOP_STT": "openai", "VOXLOOP_STT_BASE_URL": "http://stt.example.com/v1"},
+         "voxloop: error: VOXLOOP_STT_BASE_URL: URL scheme must be https; plain http is allowed "
+         "only for private hosts on the operator's allowlist (VOXLOOP_ALLOW_PRIVATE_ENDPOINTS)"),
+        ({"VOXLOOP_TTS": "openai", "VOXLOOP_TTS_BASE_URL": "https://127.0.0.1:1/v1"},
+         "voxloop: error: VOXLOOP_TTS_BASE_URL: host '127.0.0.1' resolves to a loopback address "
+         "(127.0.0.1), which is not allowed; to allow it, add the host or its network to "
+         "VOXLOOP_ALLOW_PRIVATE_ENDPOINTS"),
     ],
 )  # fmt: skip
 def test_serve_refuses_a_remote_engine_without_its_settings(tmp_path, env, line):
