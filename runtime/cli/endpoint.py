@@ -94,6 +94,8 @@ def _cmd_endpoint_serve(args: argparse.Namespace) -> int:
         raise UsageError("--port must be between 0 and 65535")
     if args.capacity is not None and args.capacity < 1:
         raise UsageError("--capacity must be at least 1")
+    if not 400 <= args.status <= 599:
+        raise UsageError(f"--status must be an HTTP error status (400 to 599), not {args.status}")
     try:
         plan = ReplyPlan(
             replies=tuple(args.reply) or ReplyPlan().replies,

@@ -83,6 +83,11 @@ def test_compare_and_sweep_arguments_are_checked(tmp_path: Path):
         assert "Traceback" not in result.stderr
     served = run("endpoint", "serve", "--capacity", "0")
     assert served.returncode == 2 and "--capacity must be at least 1" in served.stderr
+    served = run("endpoint", "serve", "--fault", "status", "--status", "99")
+    assert (served.returncode, served.stderr) == (
+        2,
+        "voxloop: error: --status must be an HTTP error status (400 to 599), not 99\n",
+    )
 
 
 def test_config_endpoint_with_an_unset_key_is_a_config_error_not_fatal(tmp_path: Path):
