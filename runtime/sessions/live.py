@@ -171,6 +171,7 @@ class LiveSession:
         self._tg: asyncio.TaskGroup | None = None
         self._sink: Playout | None = None
         self._speaking: _ProtoReply | None = None
+        self._speaking_core: str | None = None  # the core's id of the reply being spoken
         self._item_ids = itertools.count(1)
         self._cancelled: set[str] = set()
 
@@ -479,7 +480,7 @@ class LiveSession:
                 self._user_item = None
             case core.ReplyStarted(reply_id=core_id):
                 reply = self._reply(core_id)
-                self._speaking = reply
+                self._speaking, self._speaking_core = reply, core_id
                 emit(ev.ReplyStarted(reply_id=reply.reply_id, item_id=reply.item_id))
             case core.ReplyAudio(reply_id=core_id, pcm=pcm):
                 # Written to the sink, which sends it paced (_on_audio).
@@ -519,6 +520,8 @@ class LiveSession:
                 ))  # fmt: skip
             case core.ReplyDone(reply_id=core_id, status=status):
                 done = self._replies.pop(core_id, None) or self._reply(core_id)
+                if core_id == self._speaking_core:  # nothing is being spoken now
+                    self._speaking, self._speaking_core = None, None
                 self._replies.pop(core_id, None)
                 if done.closed and status == "completed":
                     return

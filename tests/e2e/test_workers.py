@@ -395,6 +395,30 @@ def test_sigterm_drains_a_session_after_its_reply(tmp_path: Path, redis_url: str
     assert '"msg": "drained: 1 session(s) ended, 0 handed off to resume"' in log, log
 
 
+def test_sigterm_ends_a_session_between_replies_at_once(tmp_path: Path, redis_url: str) -> None:
+    # Its reply is over: nothing is being spoken, so the drain ends it now (session.ended,
+    # 1000), not when the drain timeout hands it off.
+    with EndpointThread(ReplyPlan(replies=("Done.",)), api_key=LLM_KEY) as endpoint:
+        worker = start_worker(tmp_path / "data", endpoint, redis_url, "--drain-timeout", "60")
+
+        async def run() -> tuple[list[str], int | None]:
+            ws, _ = await open_session(worker.ws, **key())
+            await ws.send('{"type": "reply.create"}')
+            await until(ws, "reply.done")
+            worker.proc.send_signal(signal.SIGTERM)
+            types: list[str] = []
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    types.append(json.loads(await ws.recv())["type"])
+            return types, ws.close_code
+
+        types, close_code = asyncio.run(run())
+        code = stop(worker, signalled=True)
+    assert (types, close_code, code) == (["session.ended"], 1000, 0)
+    log = worker.log.read_text()
+    assert '"msg": "drained: 1 session(s) ended, 0 handed off to resume"' in log, log
+
+
 def test_a_drain_timeout_hands_the_session_off_to_another_worker(
     tmp_path: Path, endpoint: EndpointThread, redis_url: str
 ) -> None:
