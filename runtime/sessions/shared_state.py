@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -179,8 +180,21 @@ class RedisTokenUses:
         return bool(done)
 
 
+# One key's sliding window, atomically: forget starts older than 60 s, refuse at the limit,
+# else note this start (refused attempts are not counted, as in MemoryRateLimiter).
+_SLIDING_WINDOW = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - 60)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], 61)
+return 1
+"""
+
+
 class RedisRateLimiter:
-    """:class:`RateLimiter` in Redis: a count per key and wall-clock minute (``INCR``)."""
+    """:class:`RateLimiter` in Redis: a sliding 60 s window per key (a sorted set of start
+    times, checked and updated in one script), the same rule as :class:`MemoryRateLimiter`
+    across every worker. No burst of twice the limit across a minute's boundary."""
 
     def __init__(
         self, redis: Redis, prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.time
@@ -190,18 +204,18 @@ class RedisRateLimiter:
         self._clock = clock
 
     async def allow(self, scope: str, key: str, limit: int) -> bool:
-        minute = int(self._clock() // 60)
-        name = f"{self._prefix}rate:{scope}:{key}:{minute}"
+        now = self._clock()
+        name = f"{self._prefix}rate:{scope}:{key}"
+        member = f"{now!r}:{uuid.uuid4().hex}"
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incr(name)
-                pipe.expire(name, 120)
-                count, _ = await pipe.execute()
+            allowed = await self._redis.eval(
+                _SLIDING_WINDOW, 1, name, repr(now), str(limit), member
+            )
         except RedisError as exc:
             # A limit that cannot be counted does not stop calls (it is not a security gate).
             _unavailable("rate limit", scope, exc)
             return True
-        return int(count) <= limit
+        return int(allowed) == 1
 
 
 def _unavailable(what: str, key: str, exc: Exception) -> None:
