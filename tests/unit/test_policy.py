@@ -234,7 +234,8 @@ def test_an_interruption_that_starts_with_a_filler_is_re_decided_as_it_grows():
 
 @pytest.mark.parametrize(
     ("confidence", "interrupts"),
-    [(None, True), (0.9, True), (CLEAR_WORDS, True), (CLEAR_WORDS - 0.01, False), (0.12, False)],
+    # Fixed values on both sides of the bar ("Okay, got it." was heard as "Okay, okay, bye" at 0.41).
+    [(None, True), (0.9, True), (0.45, True), (0.44, False), (0.41, False), (0.12, False)],
 )
 def test_words_the_recognizer_could_not_make_out_do_not_interrupt_yet(
     confidence: float | None, interrupts: bool
@@ -487,6 +488,9 @@ def test_without_interrupt_response_the_reply_is_never_paused():
         ("Okay, okay.", "backchannel"),
         ("Yeah yeah yeah", "backchannel"),
         ("Right. Got it.", "backchannel"),
+        ("Gotcha.", "backchannel"),
+        ("Okay, gotcha.", "backchannel"),
+        ("Gotcha, but why?", "words"),
         # ... and true interruptions.
         ("Wait, stop.", "words"),
         ("Hold on.", "words"),
@@ -632,6 +636,11 @@ def said_over_the_reply(
         # A hummed "Mm-hmm" Whisper writes as words it is unsure of: a sound.
         (UNCLEAR_SHORT_MS, "In a month.", CLEAR_WORDS - 0.01, [BackChannel, ReleaseReply]),
         (300, "MMO", 0.18, [BackChannel, ReleaseReply]),
+        # A hummed "Mhm." written "and may come." (560 ms of speech, 0.43): a sound. Fixed values
+        # on both sides of both bars.
+        (600, "and may come.", 0.44, [BackChannel, ReleaseReply]),
+        (620, "and may come.", 0.44, [Interrupt]),
+        (600, "and may come.", 0.45, [Interrupt]),
         # Longer, heard clearly, with no confidence given, or with a word that stops a
         # speaker on its own: words.
         (UNCLEAR_SHORT_MS + FRAME_MS, "In a month.", CLEAR_WORDS - 0.01, [Interrupt]),
