@@ -23,7 +23,7 @@ does not (``--all-levels``: runs them all).
 
 Run (one engines kind per run, both worker counts; JSON and Markdown out)::
 
-    flock /work/notes/bench.lock python -m benchmarks.capacity --engines remote \\
+    python -m benchmarks.capacity --engines remote \\
         --levels 1 4 8 16 24 32 --json benchmarks/results/capacity-remote.json
 
 Exit status: 0 when it ran (whatever held); 1 with one line when a server does not start

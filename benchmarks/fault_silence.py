@@ -34,9 +34,9 @@ starts; the warm-up's own time is not the caller's), and ``open_silence_s``
 the silence once the primary's circuit is open (the requests in between are
 not measured)::
 
-    flock /work/notes/bench.lock nice -n 10 python -m benchmarks.fault_silence \
+    python -m benchmarks.fault_silence \
         --runs 3 --json one.json
-    flock /work/notes/bench.lock nice -n 10 python -m benchmarks.fault_silence \
+    python -m benchmarks.fault_silence \
         --runs 3 --fallback --json fallback.json
     python -m benchmarks.fault_silence --fallback-table one.json fallback.json
 
