@@ -314,14 +314,12 @@ async def build_items(
         for text in h.interruptions:
             items.append(Item("interrupt", text, wrap(await say(text)), n_words(text), True,
                               text=text, held_out=h.name))  # fmt: skip
-        for text, level in h.backchannels:
-            name = text if level is None else f"{text} ({level} dB)"
-            items.append(Item("backchannel", name, wrap(gain(await say(text), level or 0)), 0,
-                              True, text=text, held_out=h.name))  # fmt: skip
-        for text, level in h.laughter:
-            name = text if level is None else f"{text} ({level} dB)"
-            items.append(Item("laugh", name, wrap(gain(await say(text), level or 0)), 0, True,
-                              held_out=h.name))  # fmt: skip
+        for kind, said in (("backchannel", h.backchannels), ("laugh", h.laughter)):
+            for text, level in said:
+                name = text if level is None else f"{text} ({level} dB)"
+                items.append(Item(kind, name, wrap(gain(await say(text), level or 0)), 0, True,
+                                  text=text if kind == "backchannel" else "",
+                                  held_out=h.name))  # fmt: skip
         for k, peak in h.coughs:
             items.append(Item("cough", f"cough {k} ({peak} dBFS)", wrap(cough(k, peak)), 0, True,
                               held_out=h.name))  # fmt: skip
