@@ -288,8 +288,11 @@ class ReplyRunner:
                 # Cancelled between two chunks (a barge-in): the run's response is closed
                 # here, in this task, not whenever its generator is collected.
                 await run.aclose()
-            if reply.written > start:
+                # What was written counts, also when a barge-in cuts the segment before its
+                # last chunk (a voice's trailing chunk waiting on a paused, full sink): what
+                # the listener heard of it is then read from it.
                 reply.spoken.add(seg, start, reply.written)
+            if reply.written > start:
                 self._emit(
                     AgentTranscriptDelta(t_ns=self._clock.now_ns(), reply_id=reply.id, delta=seg)
                 )

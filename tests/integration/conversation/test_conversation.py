@@ -8,6 +8,7 @@ Where the user must hear the agent before going on, the input waits for it
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import ipaddress
 import itertools
@@ -36,6 +37,7 @@ from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
+from runtime.speech.text import SegmenterConfig
 from runtime.talk import OUTPUT_RATE
 
 from ...helpers import SPEECH, serve_asgi
@@ -186,15 +188,17 @@ async def test_barge_in_cuts_the_reply_and_keeps_only_what_was_heard(
     assert seq.count("speech.started") == 2 and seq.count("reply.started") == 2, seq
     # The answer to the interruption starts only after the user finished: up to then the
     # timeline holds the first reply alone.
-    assert first_reply.text in texts_heard(result, until_s=user_end)
+    assert first_reply.text in texts_heard(result, until_s=user_end, reply=LONG_REPLY)
 
 
-def texts_heard(result: Any, until_s: float) -> set[str]:
+def texts_heard(result: Any, until_s: float, reply: str) -> set[str]:
     """The first reply's text as far as a listener heard it up to ``until_s`` on the timeline.
 
     What was played, silences aside (a pause of the reply, the sink's gaps), is a prefix of the
     reply's audio; the sample count it ends on, to the sample, falls between two written samples
-    of equal value, so the set holds the text for each sample count that fits.
+    of equal value, so the set holds the text for each sample count that fits. Audio written
+    after the last finished segment belongs to the segment the cut fell in: its text is the
+    rest of ``reply`` up to a mark where such a segment may end.
     """
     events = result.events
     first_id = next(e.reply_id for e in events if isinstance(e, ev.ReplyStarted))
@@ -206,13 +210,26 @@ def texts_heard(result: Any, until_s: float) -> set[str]:
         elif isinstance(e, ev.AgentTranscriptDelta) and e.reply_id == first_id:
             start = segments[-1].end if segments else 0
             segments.append(SpokenSegment(e.delta, start, len(written) // 2))
+    done = segments[-1].end if segments else 0
+    cuts = [segments]
+    if len(written) // 2 > done:
+        # A segment after the first ends at a clause mark or at a sentence's end once it holds
+        # min_chars: the candidates run up to the first such sentence end.
+        rest = reply.split()[sum(len(seg.text.split()) for seg in segments) :]
+        cuts = []
+        for i, word in enumerate(rest):
+            text = " ".join(rest[: i + 1])
+            if word[-1] in ".,;:!?" and len(text) >= SegmenterConfig().min_chars:
+                cuts.append([*segments, SpokenSegment(text, done, len(written) // 2)])
+                if word[-1] in ".!?":
+                    break
     upto = result.agent[: int(until_s * OUTPUT_RATE) * 2]
     played = int(np.count_nonzero(np.frombuffer(upto, "<i2")))
     nonzero = np.cumsum(np.frombuffer(bytes(written), "<i2") != 0)
     first_k = int(np.searchsorted(nonzero, played, side="left")) + 1
     last_k = int(np.searchsorted(nonzero, played, side="right"))
     assert 0 < first_k <= last_k < len(written) // 2
-    return {heard_prefix(segments, k) for k in range(first_k, last_k + 1)}
+    return {heard_prefix(cut, k) for cut in cuts for k in range(first_k, last_k + 1)}
 
 
 def without_zeros(pcm: bytes) -> bytes:
@@ -336,7 +353,7 @@ async def test_after_a_backchannel_resumed_the_reply_an_interruption_cuts_it_whe
     assert [a for a, _ in zero_runs(result.agent, 0.6) if mm_start <= a <= mm_end] != []
     user_end = segment_pcm(result.user, 16000, default_vad())[-1][1]
     assert active(result.agent, mm_end + 0.6, result.starts[5])
-    assert first_reply.text in texts_heard(result, until_s=user_end)
+    assert first_reply.text in texts_heard(result, until_s=user_end, reply=LONG_REPLY)
     assert LONG_REPLY.startswith(first_reply.text.rstrip(".,")) and len(first_reply.text) < len(
         LONG_REPLY
     )
@@ -458,6 +475,64 @@ async def test_endpoint_failures_apologise_and_the_next_turn_works(
     # The failed turn's user message is kept; the apology is not put in the model's mouth.
     roles = [m["role"] for m in session.history]
     assert roles == ["system", "user", "user", "assistant"]
+
+
+class FullSpeaker(ImmediateSink):
+    """A speaker whose buffer takes the first write and then stays full (the reply paused
+    over the user): later writes wait; ``played`` is set by the test."""
+
+    def __init__(self, sample_rate: int) -> None:
+        super().__init__(sample_rate)
+        self.played = 0
+        self.writes: list[int] = []
+        self._never = asyncio.Event()
+
+    @property
+    def played_samples(self) -> int:
+        return self.played
+
+    async def write(self, pcm: bytes) -> None:
+        if self.writes:
+            await self._never.wait()
+        self.writes.append(len(pcm) // 2)
+        self.audio += pcm
+
+
+async def test_a_barge_in_before_a_segments_last_chunk_keeps_what_was_heard_of_it(
+    endpoint: ReferenceEndpoint, piper: PiperTTS, whisper: WhisperSTT
+):
+    # Piper writes a segment in two chunks: the sentence, then the resampler's tail. Cut
+    # while the tail waits on a full speaker, half of the sentence's audio played: the words
+    # of that half were heard, and only they go into the history.
+    endpoint.plan = ReplyPlan(
+        replies=("It's sunny and mild in Paris today, around eighteen degrees.",)
+    )
+    sink = FullSpeaker(OUTPUT_RATE)
+    events: list[ev.ConversationEvent] = []
+
+    def on_event(event: ev.ConversationEvent) -> None:
+        events.append(event)
+        if isinstance(event, ev.ReplyAudio) and len(sink.writes) == 1 and not sink.played:
+            sink.played = sink.writes[0] // 2
+            asyncio.get_running_loop().call_soon(session.cancel_reply)
+
+    async with llm_for(endpoint) as llm:
+        session = ConversationSession(
+            config=SessionConfig(), llm=llm, stt=whisper, tts=piper, sink=sink,
+            on_event=on_event,
+        )  # fmt: skip
+
+        async def frames() -> AsyncIterator[Any]:
+            session.inject_user_text("Hello?")
+            await session.wait_idle()
+            return
+            yield
+
+        await session.run(frames())
+    assert len(sink.writes) == 1  # the tail never got in: the cut came before it
+    done = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert [(e.text, e.interrupted) for e in done] == [("It's sunny and", True)]
+    assert session.history[-1] == {"role": "assistant", "content": "It's sunny and"}
 
 
 async def test_empty_completion_says_nothing(
