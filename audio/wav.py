@@ -113,7 +113,9 @@ def riff_layout(raw: bytes, name: str = "<bytes>") -> RiffLayout:
     raise ValueError(f"{name}: not a valid PCM WAV file (no data chunk)")
 
 
-def read_wav(source: str | Path | bytes, *, any_rate: bool = False) -> WavAudio:
+def read_wav(
+    source: str | Path | bytes, *, any_rate: bool = False, name: str | None = None
+) -> WavAudio:
     """Read a WAV file (a path, or the file's bytes) as PCM16.
 
     Real-world variants are read the same on every supported Python version:
@@ -125,12 +127,14 @@ def read_wav(source: str | Path | bytes, *, any_rate: bool = False) -> WavAudio:
     Args:
         any_rate: accept any sample rate (the caller resamples), not only
             :data:`~audio.frame.SUPPORTED_RATES`.
+        name: what the errors call the file (default: the path, or ``<bytes>``).
 
     Raises:
         ValueError: the file is missing, malformed, truncated, or not mono/stereo
             at a supported rate.
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes):
         raw = source
     else:
@@ -214,8 +218,10 @@ def read_speech_file(path: str | Path) -> WavAudio:
         raw = source.read_bytes()
     except OSError as exc:
         raise ValueError(f"{name}: cannot open: {exc.strerror}") from None
+    if not raw:
+        raise NoAudioError(f"{name}: is empty (0 bytes)")
     if raw[:4] in (b"RIFF", b"RF64"):
-        audio = read_wav(raw, any_rate=True)
+        audio = read_wav(raw, any_rate=True, name=name)
     else:
         audio = _decode_other(raw, name)
     low, high = SPEECH_RATES

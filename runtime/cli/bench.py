@@ -263,8 +263,12 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
                        ("--plot", args.plot_path)):  # fmt: skip
         if path is not None:
             check_output(path, flag)
-    if args.reference_ttft_ms < 0 or args.reference_itl_ms < 0:
-        raise UsageError("reference delays must not be negative")
+    from runtime.llm.reference import ReplyPlan
+
+    try:
+        reference_plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=args.reference_itl_ms)
+    except ValueError as exc:
+        raise UsageError(f"reference {exc}") from None
     if args.reference_capacity is not None and args.reference_capacity < 1:
         raise UsageError("--reference-capacity must be at least 1")
     if args.report_path is not None:
@@ -274,13 +278,9 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         reference = None
         if args.reference:
             from runtime.bench.reference_thread import ReferenceThread
-            from runtime.llm.reference import ReplyPlan
 
             reference = stack.enter_context(
-                ReferenceThread(
-                    ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=args.reference_itl_ms),
-                    capacity=args.reference_capacity,
-                )
+                ReferenceThread(reference_plan, capacity=args.reference_capacity)
             )
             targets.append(
                 BenchTarget(

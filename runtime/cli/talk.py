@@ -274,6 +274,14 @@ def _cmd_talk(args: argparse.Namespace) -> int:
     if args.metrics_json is not None:
         check_output(args.metrics_json, "--metrics-json")
     turn_detection = _turn_detection(args)
+    from runtime.llm.reference import ReplyPlan
+
+    try:
+        reference_plan = ReplyPlan(
+            ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES
+        )
+    except ValueError as exc:
+        raise UsageError(f"--reference-ttft-ms: {exc}") from None
     check_engine("STT", args.stt, STT_ENGINES)
     check_engine("TTS", args.tts, TTS_ENGINES)
     stt_remote = remote_options(args.stt_base_url, args.stt_model, args.stt_api_key_env)
@@ -400,10 +408,8 @@ def _cmd_talk(args: argparse.Namespace) -> int:
                 code = asyncio.run(run(base_url))
             else:
                 from runtime.bench.reference_thread import ReferenceThread
-                from runtime.llm.reference import ReplyPlan
 
-                plan = ReplyPlan(ttft_ms=args.reference_ttft_ms, itl_ms=20.0, replies=DEMO_REPLIES)
-                with ReferenceThread(plan) as reference:
+                with ReferenceThread(reference_plan) as reference:
                     rich_console(stderr=True).print(
                         "[dim]no --base-url: using the built-in reference endpoint at "
                         f"{reference.base_url} (TTFT {args.reference_ttft_ms:g} ms)[/]"

@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import re
 import ssl
 import time
@@ -142,8 +143,8 @@ class ReplyPlan:
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
-        if self.ttft_ms < 0 or self.itl_ms < 0:
-            raise ValueError("delays must not be negative")
+        if not all(0 <= ms < math.inf for ms in (self.ttft_ms, self.itl_ms)):
+            raise ValueError("delays must be finite numbers of milliseconds, 0 or more")
         if not self.replies:
             raise ValueError("at least one reply is required")
 

@@ -203,6 +203,19 @@ def test_silence_limits_name_the_flags(args: tuple[str, ...], message: str):
     assert_one_line(voxloop("talk", "--demo", *args), 2, message)
 
 
+@pytest.mark.parametrize(
+    ("command", "value"),
+    [(("talk", "--demo", "--reference-ttft-ms"), v) for v in ("-100", "nan", "inf")]
+    + [(("bench", "ttft", "--reference", "--reference-itl-ms"), v) for v in ("-1", "nan")],
+)
+def test_reference_endpoint_delays_must_be_finite_and_not_negative(
+    command: tuple[str, ...], value: str
+):
+    flag = "--reference-ttft-ms: " if command[0] == "talk" else "reference "
+    message = f"{flag}delays must be finite numbers of milliseconds, 0 or more"
+    assert_one_line(voxloop(*command, value), 2, message)
+
+
 # -- optional dependencies, checked up front ---------------------------------------------
 
 
@@ -348,7 +361,13 @@ def test_unusable_input_files_are_the_same_line_and_exit_2_in_every_command(
     empty = _write_mono(tmp_path / "empty.wav", b"", 16000)
     aac = tmp_path / "voice-memo.wav"
     aac.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    zero = tmp_path / "zero.wav"
+    zero.write_bytes(b"")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(_write_mono(tmp_path / "whole.wav", bytes(3200), 16000).read_bytes()[:1000])
     cases = [
+        (zero, f"{zero}: is empty (0 bytes)"),
+        (cut, f"{cut}: truncated data (956 bytes, header says 3200)"),
         (tmp_path, f"{tmp_path}: is a directory; give an audio file"),
         (tmp_path / "nope.wav", f"{tmp_path / 'nope.wav'}: no such file"),
         (empty, f"{empty}: holds no audio (the file declares no samples)"),
