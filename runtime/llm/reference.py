@@ -144,7 +144,7 @@ class ReplyPlan:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         if not all(0 <= ms < math.inf for ms in (self.ttft_ms, self.itl_ms)):
-            raise ValueError("delays must be finite numbers of milliseconds, 0 or more")
+            raise ValueError("delays must be finite and not negative (milliseconds)")
         if not self.replies:
             raise ValueError("at least one reply is required")
 

@@ -212,7 +212,7 @@ def test_reference_endpoint_delays_must_be_finite_and_not_negative(
     command: tuple[str, ...], value: str
 ):
     flag = "--reference-ttft-ms: " if command[0] == "talk" else "reference "
-    message = f"{flag}delays must be finite numbers of milliseconds, 0 or more"
+    message = f"{flag}delays must be finite and not negative (milliseconds)"
     assert_one_line(voxloop(*command, value), 2, message)
 
 
