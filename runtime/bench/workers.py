@@ -3,7 +3,7 @@
 Used by the chaos soak and the worker tests: which processes are the workers (the
 supervisor's children, not multiprocessing's resource tracker), how much memory each
 holds, and which worker accepted a given client connection (the kernel picks one per
-connection on the shared socket).
+connection).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["connection_worker", "established", "open_sockets", "rss_kb", "worker_pids"]
+__all__ = [
+    "connection_worker", "established", "listening", "open_sockets", "rss_kb", "worker_pids",
+]  # fmt: skip
 
 PROC = Path("/proc")
 
@@ -70,8 +72,9 @@ def connection_worker(workers: list[int], server_port: int, client_port: int) ->
     return None
 
 
-def established(workers: list[int], server_port: int) -> dict[int, int]:
-    """How many accepted TCP connections on ``server_port`` each of ``workers`` holds."""
+def _held(workers: list[int], server_port: int, state: str) -> dict[int, set[str]]:
+    """The TCP sockets on local ``server_port`` in ``state`` (``/proc/net/tcp``'s hex
+    code) that each of ``workers`` holds open, as ``socket:[inode]`` links."""
     if not workers:
         return {}
     inodes = set()
@@ -79,18 +82,28 @@ def established(workers: list[int], server_port: int) -> dict[int, int]:
         with contextlib.suppress(OSError):
             for line in (PROC / str(workers[0]) / "net" / table).read_text().splitlines()[1:]:
                 cols = line.split()
-                # State 01: ESTABLISHED (the listening socket is 0A).
-                if int(cols[1].rsplit(":", 1)[1], 16) == server_port and cols[3] == "01":
+                if int(cols[1].rsplit(":", 1)[1], 16) == server_port and cols[3] == state:
                     inodes.add(f"socket:[{cols[9]}]")
-    counts = {}
+    held: dict[int, set[str]] = {}
     for pid in workers:
-        held = 0
+        held[pid] = set()
         with contextlib.suppress(OSError):
             for fd in (PROC / str(pid) / "fd").iterdir():
                 with contextlib.suppress(OSError):
-                    held += os.readlink(fd) in inodes
-        counts[pid] = held
-    return counts
+                    if (link := os.readlink(fd)) in inodes:
+                        held[pid].add(link)
+    return held
+
+
+def established(workers: list[int], server_port: int) -> dict[int, int]:
+    """How many accepted TCP connections on ``server_port`` each of ``workers`` holds."""
+    return {pid: len(socks) for pid, socks in _held(workers, server_port, "01").items()}
+
+
+def listening(workers: list[int], server_port: int) -> dict[int, set[str]]:
+    """The listening sockets on ``server_port`` each of ``workers`` holds
+    (``socket:[inode]``): one each, all different, when each has its own."""
+    return _held(workers, server_port, "0A")
 
 
 def open_sockets(pid: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -169,17 +170,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     # Bind before serving: clients may connect as soon as the address is printed.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        socks = listening_sockets(family, args.host, args.port, args.workers)
     except OSError as exc:
-        sock.close()
         raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    # Accepted connections inherit this on Linux; without it a keep-alive client waits
-    # for a delayed ACK (~40 ms) on every response.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.listen(128)
+    sock = socks[0]
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     url = f"http://{host}:{sock.getsockname()[1]}"
     print(f"voxloop serve listening on {url}", flush=True)
@@ -202,10 +197,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="voxloop-metrics-")
         os.environ[MULTIPROC_ENV] = metrics_dir
         try:
-            with sock:
-                # uvicorn's supervisor: spawns the workers on the shared socket, restarts
-                # one that dies, and on SIGTERM stops them (each drains) and waits for them.
-                Supervisor(config, [sock], metrics_dir).run()
+            with contextlib.ExitStack() as held:
+                for each in socks:
+                    held.enter_context(each)
+                # uvicorn's supervisor: spawns the workers on their sockets, restarts one
+                # that dies, and on SIGTERM stops them (each drains) and waits for them.
+                Supervisor(config, socks, metrics_dir).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("shutdown", extra={"signal": "SIGTERM"})
@@ -217,6 +214,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = signal.Signals(server.stop_signal).name if server.stop_signal else "none"
     log.info("shutdown", extra={"signal": name})
     return EXIT_OK
+
+
+def listening_sockets(family: int, host: str, port: int, workers: int) -> list[socket.socket]:
+    """The listening sockets of a run: one, or on Linux one per worker of ``--workers N``.
+
+    Several workers each get a socket of their own on the one port (``SO_REUSEPORT``), so
+    the kernel spreads new connections evenly over them. On one shared socket the worker
+    that went idle last takes the next connection, so under load one worker took every
+    session while the other sat idle. Elsewhere than Linux the workers share one socket.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not local, no permission).
+    """
+    per_worker = workers > 1 and sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(workers if per_worker else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if per_worker:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # The first socket picks the port (0: any free one); the others join it.
+            sock.bind((host, socks[0].getsockname()[1] if len(socks) > 1 else port))
+            # Accepted connections inherit this on Linux; without it a keep-alive client
+            # waits for a delayed ACK (~40 ms) on every response.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.listen(128)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:

@@ -23,7 +23,9 @@ from typing import Any
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 from starlette.applications import Starlette
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
 from runtime.sessions import SessionRunner
 
@@ -112,18 +114,23 @@ def drain_on_signals(runner: SessionRunner, timeout_s: float) -> Iterator[None]:
 
 
 class Supervisor(Multiprocess):
-    """uvicorn's supervisor of ``serve --workers N`` (spawns the workers on the shared socket,
-    restarts one that dies, stops them all on SIGTERM), which also tells the shared
-    metrics when a worker is gone: its live gauges (sessions running, queued events) are
-    dropped from the sum, its counters and histograms stay in it.
+    """uvicorn's supervisor of ``serve --workers N`` (spawns the workers, restarts one that
+    dies, stops them all on SIGTERM), which also tells the shared metrics when a worker is
+    gone: its live gauges (sessions running, queued events) are dropped from the sum, its
+    counters and histograms stay in it.
 
-    ``metrics_dir`` is the ``PROMETHEUS_MULTIPROC_DIR`` the workers were started with.
+    ``sockets``: one listening socket per worker (``SO_REUSEPORT`` on one port; see
+    :func:`runtime.cli.serve.listening_sockets`), worker *i* serving ``sockets[i]`` and its
+    replacement the same one, so connections queued while a worker died are served by the
+    next; or one socket all workers share. ``metrics_dir`` is the
+    ``PROMETHEUS_MULTIPROC_DIR`` the workers were started with.
     """
 
     def __init__(self, config: uvicorn.Config, sockets: list[Any], metrics_dir: str) -> None:
         super().__init__(config, sockets)
         self.metrics_dir = metrics_dir
         self._known: set[int] = set()
+        self._per_worker = len(sockets) == config.workers > 1
 
     def _forget_gone(self) -> None:
         alive = {p.pid for p in self.processes if p.pid is not None and p.exitcode is None}
@@ -131,13 +138,53 @@ class Supervisor(Multiprocess):
             mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         self._known = alive
 
+    def _spawn(self, index: int) -> Process:
+        sockets = [self.sockets[index]] if self._per_worker else self.sockets
+        process = Process(self.config, sockets)
+        process.start()
+        return process
+
     def init_processes(self) -> None:
-        super().init_processes()
+        self.processes = [self._spawn(i) for i in range(self.processes_num)]
         self._forget_gone()
 
     def keep_subprocess_alive(self) -> None:
-        super().keep_subprocess_alive()
+        """As uvicorn's, with the replacement spawned on the dead worker's socket."""
+        if self.should_exit.is_set():
+            return
+        for index, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # gone or hung
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                # It failed before serving: the app or the socket is broken, and every
+                # replacement would fail the same way.
+                log.error(f"worker {process.pid} failed to start; stopping")
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.info(f"worker {process.pid} died; starting another")
+            self.processes[index] = self._spawn(index)
         self._forget_gone()
+
+    def restart_all(self) -> None:
+        """SIGHUP: replace each worker in turn, the new one on the old one's socket and in
+        service before the old one is stopped (as uvicorn's)."""
+        for index, old in enumerate(self.processes):
+            if self.should_exit.is_set():
+                return
+            new = self._spawn(index)
+            if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
+                new.kill()
+                new.join()
+                if not self.should_exit.is_set():
+                    log.error(f"worker {new.pid} was not ready in time; keeping {old.pid}")
+                return
+            old.terminate()
+            old.join()
+            self.processes[index] = new
 
     def handle_signals(self) -> None:
         super().handle_signals()

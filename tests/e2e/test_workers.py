@@ -29,7 +29,7 @@ import websockets
 
 from audio.resample import resample_all
 from audio.wav import read_wav
-from runtime.bench.workers import connection_worker, established, worker_pids
+from runtime.bench.workers import connection_worker, established, listening, worker_pids
 from runtime.client.connection import Auth
 from runtime.client.runner import connect_pcm
 from runtime.llm.reference import ReplyPlan
@@ -348,6 +348,7 @@ def test_serve_workers_on_one_port_and_a_clean_stop(
                 assert body == {"status": "ready", "database": "ok", "redis": "ok",
                                 "sessions": "ok", "speech_engines": "ok"}  # fmt: skip
         children = worker_pids(worker.proc.pid)
+        sockets = listening(children, int(worker.http.rsplit(":", 1)[1]))
     finally:
         code = stop(worker)
     assert code == 0
@@ -355,6 +356,10 @@ def test_serve_workers_on_one_port_and_a_clean_stop(
     # kernel's choice): every answer came from one of them.
     assert len(children) == 2, children
     assert pids and pids <= set(children), (pids, children)
+    # Each listens on a socket of its own (the kernel spreads connections evenly over
+    # them; one shared socket goes to whichever worker went idle last).
+    assert [len(held) for held in sockets.values()] == [1, 1], sockets
+    assert len(set().union(*sockets.values())) == 2, sockets
 
 
 def test_sigterm_drains_a_session_after_its_reply(tmp_path: Path, redis_url: str) -> None:
@@ -547,8 +552,8 @@ def test_one_scrape_reports_the_sum_over_the_workers(
 ) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    # The kernel may hand one worker most connections (a busy one accepts later): room
-    # for every session the loop below may open on one worker.
+    # The kernel picks each connection's worker at random: room for every session the
+    # loop below may open on one worker.
     worker = start_worker(tmp_path / "data", endpoint, redis_url, "--workers", "2",
                           TMPDIR=str(temp), VOXLOOP_MAX_SESSIONS="40")  # fmt: skip
     port = int(worker.http.rsplit(":", 1)[1])
@@ -608,7 +613,10 @@ def test_a_killed_workers_counts_stay_in_the_sum_and_its_live_sessions_leave_it(
 
         async def run() -> tuple[int, list[int], dict[str, float]]:
             opened: dict[int, Any] = {}
+            tries = 0
             while len(opened) < 2:  # one session on each worker (others closed at once)
+                tries += 1
+                assert tries <= 40, opened
                 ws, _ = await open_session(worker.ws, **key())
                 owner = connection_worker(pids, port, ws.local_address[1])
                 assert owner in pids
