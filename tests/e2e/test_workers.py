@@ -567,22 +567,24 @@ def test_one_scrape_reports_the_sum_over_the_workers(
             # New sessions until each worker holds at least two (the kernel picks the
             # worker of each connection), all open at once.
             opened: list[tuple[Any, int]] = []
-            while min(sum(1 for _, w in opened if w == pid) for pid in pids) < 2:
-                assert len(opened) < 40, opened
-                ws, _ = await open_session(worker.ws, **key())
-                owner = connection_worker(pids, port, ws.local_address[1])
-                assert owner in pids
-                opened.append((ws, owner))
-            for ws, _ in opened:
-                await ws.send(json.dumps({"type": "conversation.message", "role": "user",
-                                          "content": "Hello."}))  # fmt: skip
-                await ws.send('{"type": "reply.create"}')
-                await until(ws, "reply.done")
-            during = [scrape(worker.http) for _ in range(4)]
-            for ws, _ in opened:
-                await ws.send('{"type": "session.end"}')
-                await until(ws, "session.ended")
-                await ws.close()
+            async with contextlib.AsyncExitStack() as held:  # closed even on a failure
+                while min(sum(1 for _, w in opened if w == pid) for pid in pids) < 2:
+                    assert len(opened) < 40, opened
+                    ws, _ = await open_session(worker.ws, **key())
+                    held.push_async_callback(ws.close)
+                    owner = connection_worker(pids, port, ws.local_address[1])
+                    assert owner in pids
+                    opened.append((ws, owner))
+                for ws, _ in opened:
+                    await ws.send(json.dumps({"type": "conversation.message", "role": "user",
+                                              "content": "Hello."}))  # fmt: skip
+                    await ws.send('{"type": "reply.create"}')
+                    await until(ws, "reply.done")
+                during = [scrape(worker.http) for _ in range(4)]
+                for ws, _ in opened:
+                    await ws.send('{"type": "session.end"}')
+                    await until(ws, "session.ended")
+                    await ws.close()
             share = {pid: sum(1 for _, w in opened if w == pid) for pid in pids}
             return share, during
 
@@ -613,35 +615,37 @@ def test_a_killed_workers_counts_stay_in_the_sum_and_its_live_sessions_leave_it(
 
         async def run() -> tuple[int, list[int], dict[str, float]]:
             opened: dict[int, Any] = {}
-            tries = 0
-            while len(opened) < 2:  # one session on each worker (others closed at once)
-                tries += 1
-                assert tries <= 40, opened
-                ws, _ = await open_session(worker.ws, **key())
-                owner = connection_worker(pids, port, ws.local_address[1])
-                assert owner in pids
-                if owner in opened:
-                    await ws.send('{"type": "session.end"}')
-                    await until(ws, "session.ended")
-                    await ws.close()
-                    continue
-                opened[owner] = ws
-                await ws.send('{"type": "reply.create"}')
-                await until(ws, "reply.done")
-            victim, survivor = pids
-            os.kill(victim, signal.SIGKILL)
-            with contextlib.suppress(websockets.ConnectionClosed):
-                while True:
-                    await opened[victim].recv()
-            # The supervisor replaces the dead worker (and forgets its live gauges first);
-            # the replacement answers readiness once its engines are loaded.
-            now = await asyncio.to_thread(wait_both_ready, worker)
-            scraped = await asyncio.to_thread(scrape, worker.http)
-            ws = opened[survivor]
-            await ws.send('{"type": "session.end"}')
-            await until(ws, "session.ended")
-            await ws.close()
-            return victim, now, scraped
+            async with contextlib.AsyncExitStack() as held:  # closed even on a failure
+                tries = 0
+                while len(opened) < 2:  # one session on each worker (others closed at once)
+                    tries += 1
+                    assert tries <= 40, opened
+                    ws, _ = await open_session(worker.ws, **key())
+                    held.push_async_callback(ws.close)
+                    owner = connection_worker(pids, port, ws.local_address[1])
+                    assert owner in pids
+                    if owner in opened:
+                        await ws.send('{"type": "session.end"}')
+                        await until(ws, "session.ended")
+                        await ws.close()
+                        continue
+                    opened[owner] = ws
+                    await ws.send('{"type": "reply.create"}')
+                    await until(ws, "reply.done")
+                victim, survivor = pids
+                os.kill(victim, signal.SIGKILL)
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    while True:
+                        await opened[victim].recv()
+                # The supervisor replaces the dead worker (and forgets its live gauges first);
+                # the replacement answers readiness once its engines are loaded.
+                now = await asyncio.to_thread(wait_both_ready, worker)
+                scraped = await asyncio.to_thread(scrape, worker.http)
+                ws = opened[survivor]
+                await ws.send('{"type": "session.end"}')
+                await until(ws, "session.ended")
+                await ws.close()
+                return victim, now, scraped
 
         victim, now, scraped = asyncio.run(run())
         final = scrape(worker.http)
