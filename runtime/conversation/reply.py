@@ -6,7 +6,8 @@ Theory of operation
 answers (a transcript, possibly still being decoded by speculation), the
 endpoint's streamed tokens (tool rounds included), the segmenter, the TTS and
 the sink. A reply that is not yet *committed* (a speculative one) prepares its
-audio but holds it, and buffers its events, until the session adopts it.
+audio but holds it, and buffers its events, until the session adopts it; the
+tools its model asks for run only then.
 When it ends — completed, failed (an apology is spoken) or cancelled — it is
 recorded once (:meth:`ReplyRunner.finish`): the history gets what the user
 actually heard (:mod:`runtime.conversation.history`), the client gets
@@ -246,6 +247,9 @@ class ReplyRunner:
         return calls
 
     async def _run_tools(self, reply: Reply, calls: list[ToolCall]) -> None:
+        # A speculative reply runs no tool before its turn is over and it is the reply: a
+        # tool acts (a client's, an HTTP call), and the turn may yet go on or change.
+        await reply.committed.wait()
         for call in calls:
             result = await self._tools.run(call)
             reply.tool_messages.append({"role": "tool", "tool_call_id": call.id, "content": result})

@@ -106,16 +106,26 @@ async def run_script(
     tts: TextToSpeech,
     config: SessionConfig | None = None,
     policy: TurnTakingPolicy | None = None,
+    on_event: Callable[[ConversationSession, ev.ConversationEvent], None] | None = None,
 ) -> Scripted:
-    """Run the conversation ``steps`` describe (16 kHz mono PCM, or :class:`Until`)."""
+    """Run the conversation ``steps`` describe (16 kHz mono PCM, or :class:`Until`).
+
+    ``on_event`` sees each event as it happens, with the session (to answer a client tool).
+    """
     progress = Progress()
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     sink = progress.sink = TimelineSink(OUTPUT_RATE, t0)
     session = ConversationSession(
         config=config or SessionConfig(), llm=llm, stt=stt, tts=tts, sink=sink,
-        on_event=progress.events.append, policy=policy,
+        on_event=lambda e: record(e), policy=policy,
     )  # fmt: skip
+
+    def record(event: ev.ConversationEvent) -> None:
+        progress.events.append(event)
+        if on_event is not None:
+            on_event(session, event)
+
     pacer = LoopPacer(t0)
     recorded = bytearray()
     starts: list[float] = []

@@ -7,6 +7,7 @@ the server's receive times and the session's events share one clock
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,8 @@ from audio.vad import default_vad, segment_pcm
 from audio.wav import read_wav
 from runtime.conversation import events as ev
 from runtime.conversation.config import SessionConfig, TurnDetection
+from runtime.conversation.session import ConversationSession
+from runtime.conversation.tools import ClientTool
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
@@ -259,3 +262,57 @@ async def test_a_long_turn_whose_last_stretch_is_short_reaches_the_endpoint_whol
     [metrics] = result.metrics
     assert metrics.endpointing_ms is not None
     assert td.min_silence_ms - 20 <= metrics.endpointing_ms < td.max_silence_ms
+
+
+async def test_a_speculative_reply_runs_its_tool_only_once_the_turn_is_over(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    # The model asks for a client tool at once, and the turn ends only seconds after the
+    # pause, once that request is over: the speculative reply has its tool call long before
+    # it is the reply. A tool acts, so it is asked for only then, as part of the reply.
+    config = SessionConfig(
+        turn_detection=TurnDetection(pause_ms=160, min_silence_ms=2500, max_silence_ms=2500),
+        tools=(ClientTool("get_weather", "Current weather",
+                          {"type": "object", "properties": {"city": {"type": "string"}}}),),
+    )  # fmt: skip
+    endpoint.queue(ReplyPlan(ttft_ms=50, itl_ms=5, tool_name="get_weather",
+                             tool_arguments='{"city": "Paris"}'))  # fmt: skip
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("It is twenty degrees in Paris.",))
+    answered = Until(
+        "the speculative request's answer",
+        lambda _p: any(r.ended_ns is not None for r in chats(endpoint)),
+        limit_s=2.0,
+    )
+    steps: list[Step] = [silence(0.4), utterance("shared-00-piper"), answered]
+
+    def answer_tools(session: ConversationSession, event: ev.ConversationEvent) -> None:
+        if isinstance(event, ev.ToolCallRequested):
+            session.submit_tool_result(event.call_id, json.dumps({"temp_c": 20}))
+
+    async with llm_for(endpoint) as llm:
+        result = await run_script(
+            steps, llm=llm, stt=whisper, tts=piper, config=config, on_event=answer_tools
+        )
+    kinds = [type(e).__name__ for e in result.events
+             if isinstance(e, (ev.SpeechStopped, ev.ReplyStarted, ev.ToolCallRequested))]  # fmt: skip
+    assert kinds == ["SpeechStopped", "ReplyStarted", "ToolCallRequested"]
+    [started] = [e for e in result.events if isinstance(e, ev.ReplyStarted)]
+    [call] = [e for e in result.events if isinstance(e, ev.ToolCallRequested)]
+    assert (call.reply_id, call.name, call.arguments) == (
+        started.reply_id,
+        "get_weather",
+        {"city": "Paris"},
+    )
+    [metrics] = result.metrics
+    assert metrics.speculative is True
+    [heard] = [e.text for e in result.events if isinstance(e, ev.UserTranscript)]
+    first, second = chats(endpoint)
+    assert first.body["messages"][-1] == {"role": "user", "content": heard}
+    assert second.body["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": call.call_id,
+        "content": '{"temp_c": 20}',
+    }
+    assert [e.text for e in result.events if isinstance(e, ev.AgentTranscript)] == [
+        "It is twenty degrees in Paris."
+    ]
