@@ -43,9 +43,11 @@ from runtime.llm.think import THINK_BLOCK_CHOICES, leading_from_setting
 
 TURN_DEFAULTS = TurnDetection()
 
+# Two replies of the same shape (a seven-word first clause): the demo's two turns then do the
+# same work, so its table compares the first turn with the next like for like.
 DEMO_REPLIES = (
     "It's sunny and mild in Paris today, around eighteen degrees.",
-    "Done. I've booked a table for two at seven thirty tonight.",
+    "I've booked a table for two tonight, at seven thirty.",
 )
 
 
