@@ -127,7 +127,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors exit with :data:`EXIT_USAGE`; help shows defaults."""
+    """An ``ArgumentParser`` whose errors are one line and exit with :data:`EXIT_USAGE`;
+    help shows defaults."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -141,8 +142,8 @@ class Parser(argparse.ArgumentParser):
             stream.flush()
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # One line, as every other mistake is reported (argparse adds its usage block).
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class CommandError(Exception):
@@ -265,7 +266,9 @@ def rich_console(*, stderr: bool = False) -> Any:
     """A rich console without syntax highlighting (stdout, or stderr)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    # Soft wrap: a line longer than the terminal (or than 80 columns, into a pipe or a
+    # file) is written whole, not broken into two.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
 def fmt(value: float | None) -> str:

@@ -325,6 +325,8 @@ def _plain_http(ws_url: str) -> bool:
 def _print_summary(metrics: list[Any]) -> None:
     from rich.table import Table
 
+    if not metrics:
+        return  # nothing answered: the outcome says why
     table = Table(title="Turns, timed at the client (ms)")
     for col in ("turn", "v2v", "endpointing", "transcript", "reply started", "interrupted"):
         table.add_column(col, justify="right")

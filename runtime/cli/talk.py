@@ -446,6 +446,8 @@ def _outcome(printer: TalkPrinter, source: Path | None) -> int:
 def _print_talk_summary(metrics: list[Any], console: Any) -> None:
     from rich.table import Table
 
+    if not metrics:
+        return  # nothing answered: the outcome says why
     table = Table(title="Turns (ms; stages overlap, see the latency lines)")
     for col in ("turn", "v2v", "endpointing", "stt final", "ttft", "first sentence",
                 "tts first audio", "overhead"):  # fmt: skip
