@@ -228,6 +228,13 @@ def listening_sockets(family: int, host: str, port: int, workers: int) -> list[s
         OSError: the address cannot be bound (in use, not local, no permission).
     """
     per_worker = workers > 1 and sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+    if per_worker:
+        # The port must be free, as for one socket: a group of another run of the same
+        # user on it would otherwise be joined, and the two runs would share its calls.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]  # (0: a free one)
     socks: list[socket.socket] = []
     try:
         for _ in range(workers if per_worker else 1):
@@ -236,8 +243,7 @@ def listening_sockets(family: int, host: str, port: int, workers: int) -> list[s
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if per_worker:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            # The first socket picks the port (0: any free one); the others join it.
-            sock.bind((host, socks[0].getsockname()[1] if len(socks) > 1 else port))
+            sock.bind((host, port))
             # Accepted connections inherit this on Linux; without it a keep-alive client
             # waits for a delayed ACK (~40 ms) on every response.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -362,6 +362,30 @@ def test_serve_workers_on_one_port_and_a_clean_stop(
     assert len(set().union(*sockets.values())) == 2, sockets
 
 
+def test_a_port_a_run_of_workers_holds_is_refused_to_another_run(
+    tmp_path: Path, endpoint: EndpointThread, redis_url: str
+) -> None:
+    # Each worker's socket allows others on its port (SO_REUSEPORT): a second run, with
+    # one worker or several, must still be refused the port, not join the first run.
+    worker = start_worker(tmp_path / "data", endpoint, redis_url, "--workers", "2")
+    port = worker.http.rsplit(":", 1)[1]
+    try:
+        for workers in ("2", "1"):
+            second = subprocess.run(
+                [sys.executable, "-m", "runtime.cli", "serve", "--port", port,
+                 "--data-dir", str(tmp_path / "data2"), "--workers", workers],
+                capture_output=True, text=True, timeout=120,
+                env={**os.environ, "VOXLOOP_API_KEYS": API_KEY, "VOXLOOP_REDIS_URL": redis_url},
+            )  # fmt: skip
+            assert second.returncode == 1, second.stderr
+            assert second.stderr.endswith(
+                f"voxloop: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+            ), second.stderr
+            assert "listening" not in second.stdout
+    finally:
+        assert stop(worker) == 0
+
+
 def test_sigterm_drains_a_session_after_its_reply(tmp_path: Path, redis_url: str) -> None:
     plan = ReplyPlan(replies=(LONG_REPLY,), ttft_ms=20, itl_ms=40)
     with EndpointThread(plan, api_key=LLM_KEY) as slow:
