@@ -189,11 +189,18 @@ def _printer() -> Any:
 
     console = rich_console()
     err = rich_console(stderr=True)
+    printed: list[str] = []  # the item of the last user line
 
     def on_event(event: Any) -> None:
         match event:
-            case ev.TranscriptUser(text=text):
-                console.print(f"[bold cyan]you[/]   {text}")
+            case ev.TranscriptUser(text=text, item_id=item_id):
+                # A turn taken back comes again whole, as the same item: it replaces the line.
+                went_on = bool(item_id) and printed == [item_id]
+                note = " [dim](went on: replaces the line above)[/]" if went_on else ""
+                printed[:] = [item_id]
+                console.print(f"[bold cyan]you[/]   {text}{note}")
+            case ev.TranscriptAgent(text=""):
+                pass  # cut (or withdrawn) before a word of it was heard
             case ev.TranscriptAgent(text=text, interrupted=interrupted):
                 suffix = " [yellow](interrupted)[/]" if interrupted else ""
                 console.print(f"[bold green]agent[/] {text}{suffix}")

@@ -203,6 +203,25 @@ def test_client_tool_round_trip_from_the_command_line(
     assert messages[-1]["role"] == "tool" and messages[-1]["content"] == '{"temp_c": 18}'
 
 
+def test_a_turn_taken_back_prints_as_one_sentence(
+    served: Served, endpoint: EndpointThread, tmp_path: Path
+):
+    # "I want to fly from Boston to" [900 ms] "New York next week.": the turn ends at the
+    # pause, and the user goes on before the slow reply is heard; as talk prints it.
+    agent = create_agent(served)
+    slow = ReplyPlan(replies=("Which day?",), ttft_ms=3000, itl_ms=5)
+    endpoint.answer(*[slow] * 6)
+    clip = tmp_path / "in.wav"
+    write_wav(clip, bytes(8000) + read_wav(SPEECH / "paused-boston.wav").pcm + bytes(32000), 16000)
+    result = connect_cli(served, "--agent-id", agent, "--input", str(clip))
+    assert result.returncode == 0, result.stderr
+    you = [line for line in result.stdout.splitlines() if line.startswith("you ")]
+    assert len(you) == 2 and you[1].endswith("(went on: replaces the line above)"), result.stdout
+    assert "new york next week" in you[1].lower() and "(went on" not in you[0], result.stdout
+    agent_lines = [line for line in result.stdout.splitlines() if line.startswith("agent")]
+    assert agent_lines == ["agent Which day?"], result.stdout
+
+
 def test_exit_codes_against_the_server(served: Served, endpoint: EndpointThread, tmp_path: Path):
     clip = SPEECH / "shared-09-piper.wav"
     bad = connect_cli(served, "--agent-id", "agent_x", "--input", str(clip), key="not-a-key")
