@@ -18,16 +18,27 @@ cuts at.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+
+# The speech rate assumed for a segment cut before its voice had written all of it: a fast
+# speaker's, below what the bundled voices take (51-91 ms per character, trailing pause
+# included), so that a segment cut in its last chunk keeps its written length, and a segment
+# cut early is not heard as more than a fast voice would have said by then.
+FAST_MS_PER_CHAR: Final = 45.0
 
 
 @dataclass(frozen=True, slots=True)
 class SpokenSegment:
-    """A segment of text and where its audio lies (samples, from the reply's first sample)."""
+    """A segment of text and where its audio lies (samples, from the reply's first sample).
+
+    ``full_end``: where its audio would have ended had it all been written, for a segment
+    cut before its voice finished it (an estimate); None when ``end`` is the whole of it.
+    """
 
     text: str
     start: int
     end: int
+    full_end: int | None = None
 
 
 @dataclass(slots=True)
@@ -36,9 +47,23 @@ class SpokenLog:
 
     segments: list[SpokenSegment] = field(default_factory=list)
 
-    def add(self, text: str, start: int, end: int) -> None:
-        if end > start:
-            self.segments.append(SpokenSegment(text, start, end))
+    def add(
+        self, text: str, start: int, end: int, *, complete: bool = True, sample_rate: int = 0
+    ) -> None:
+        """Record a segment whose audio was written from ``start`` to ``end`` (samples).
+
+        ``complete=False``: the voice was cut before it wrote all of the segment (a
+        streaming voice writes a segment in many chunks). Its whole length is then taken
+        as at least its characters at :data:`FAST_MS_PER_CHAR` (at ``sample_rate``), so
+        that a cut after a tenth of a sentence's audio is not heard as the whole sentence.
+        """
+        if end <= start:
+            return
+        full_end = None
+        if not complete:
+            fast = round(len(text) * FAST_MS_PER_CHAR * sample_rate / 1000)
+            full_end = start + max(end - start, fast)
+        self.segments.append(SpokenSegment(text, start, end, full_end))
 
     @property
     def text(self) -> str:
@@ -49,15 +74,17 @@ def heard_prefix(segments: list[SpokenSegment], played: int) -> str:
     """The words of ``segments`` a listener heard once ``played`` samples were played.
 
     A segment cut part-way contributes the share of its words proportional to
-    the share of its audio played (rounded down). ``played`` <= 0 gives "".
+    the share of its audio played (rounded down), of its whole length for a segment
+    its voice did not finish (``full_end``). ``played`` <= 0 gives "".
     """
     words: list[str] = []
     for seg in segments:
-        if seg.end <= played:
+        full = seg.end if seg.full_end is None else seg.full_end
+        if full <= played:
             words += seg.text.split()
         elif seg.start < played:
             seg_words = seg.text.split()
-            fraction = (played - seg.start) / max(1, seg.end - seg.start)
+            fraction = (min(played, seg.end) - seg.start) / max(1, full - seg.start)
             words += seg_words[: int(len(seg_words) * fraction)]
             break
         else:

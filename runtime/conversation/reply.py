@@ -269,6 +269,7 @@ class ReplyRunner:
             start = reply.written
             # Whatever the text's source, a speech engine never sees a NUL or a lone surrogate.
             run = self._tts.synthesize(safe_text(seg), voice=self._config().voice, sample_rate=rate)
+            complete = False
             try:
                 async for chunk in run:
                     pcm = chunk.pcm
@@ -288,6 +289,7 @@ class ReplyRunner:
                         ReplyAudio(t_ns=self._clock.now_ns(), reply_id=reply.id, pcm=pcm,
                                    sample_rate=rate)
                     )  # fmt: skip
+                complete = True
             finally:
                 # Cancelled between two chunks (a barge-in): the run's response is closed
                 # here, in this task, not whenever its generator is collected.
@@ -295,7 +297,7 @@ class ReplyRunner:
                 # What was written counts, also when a barge-in cuts the segment before its
                 # last chunk (a voice's trailing chunk waiting on a paused, full sink): what
                 # the listener heard of it is then read from it.
-                reply.spoken.add(seg, start, reply.written)
+                reply.spoken.add(seg, start, reply.written, complete=complete, sample_rate=rate)
             if reply.written > start:
                 self._emit(
                     AgentTranscriptDelta(t_ns=self._clock.now_ns(), reply_id=reply.id, delta=seg)

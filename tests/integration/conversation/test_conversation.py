@@ -38,6 +38,7 @@ from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
 from runtime.speech.text import SegmenterConfig
+from runtime.speech.tts import AudioChunk
 from runtime.talk import OUTPUT_RATE
 
 from ...helpers import SPEECH, serve_asgi
@@ -533,6 +534,84 @@ async def test_a_barge_in_before_a_segments_last_chunk_keeps_what_was_heard_of_i
     done = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert [(e.text, e.interrupted) for e in done] == [("It's sunny and", True)]
     assert session.history[-1] == {"role": "assistant", "content": "It's sunny and"}
+
+
+class StreamingVoice:
+    """Piper's audio for each segment, written in 100 ms chunks, as a streaming voice does."""
+
+    def __init__(self, inner: PiperTTS) -> None:
+        self.inner = inner
+
+    @property
+    def name(self) -> str:
+        return "streaming-piper"
+
+    def voices(self) -> Any:
+        return self.inner.voices()
+
+    def synthesize(self, text: str, *, voice: str | None = None, sample_rate: int = 24000) -> Any:
+        return _Chunked(self.inner.synthesize(text, voice=voice, sample_rate=sample_rate))
+
+    async def aclose(self) -> None:
+        """The wrapped voice is the fixture's: it stays open."""
+
+
+class _Chunked:
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def __aiter__(self) -> AsyncIterator[AudioChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[AudioChunk]:
+        async for chunk in self.run:
+            step = chunk.sample_rate // 10 * 2
+            for i in range(0, len(chunk.pcm), step):
+                yield AudioChunk(
+                    pcm=chunk.pcm[i : i + step], sample_rate=chunk.sample_rate, text=chunk.text
+                )
+
+    def cancel(self) -> None:
+        self.run.cancel()
+
+    async def aclose(self) -> None:
+        await self.run.aclose()
+
+
+async def test_a_barge_in_early_in_a_streaming_voices_segment_does_not_claim_the_segment(
+    endpoint: ReferenceEndpoint, piper: PiperTTS, whisper: WhisperSTT
+):
+    # The voice had written 100 ms of a 2 s clause when the user cut in, and all of it
+    # played: none of the clause's seven words was heard (it was all of them).
+    endpoint.plan = ReplyPlan(
+        replies=("It's sunny and mild in Paris today, around eighteen degrees.",)
+    )
+    sink = FullSpeaker(OUTPUT_RATE)
+    events: list[ev.ConversationEvent] = []
+
+    def on_event(event: ev.ConversationEvent) -> None:
+        events.append(event)
+        if isinstance(event, ev.ReplyAudio) and len(sink.writes) == 1 and not sink.played:
+            sink.played = sink.writes[0]
+            asyncio.get_running_loop().call_soon(session.cancel_reply)
+
+    async with llm_for(endpoint) as llm:
+        session = ConversationSession(
+            config=SessionConfig(), llm=llm, stt=whisper, tts=StreamingVoice(piper), sink=sink,
+            on_event=on_event,
+        )  # fmt: skip
+
+        async def frames() -> AsyncIterator[Any]:
+            session.inject_user_text("Hello?")
+            await session.wait_idle()
+            return
+            yield
+
+        await session.run(frames())
+    assert len(sink.writes) == 1 and 0 < sink.writes[0] <= OUTPUT_RATE // 10
+    done = [e for e in events if isinstance(e, ev.AgentTranscript)]
+    assert [(e.text, e.interrupted) for e in done] == [("", True)]
+    assert session.history[-1] == {"role": "user", "content": "Hello?"}
 
 
 async def test_empty_completion_says_nothing(
