@@ -499,12 +499,11 @@ class FullSpeaker(ImmediateSink):
         self.audio += pcm
 
 
-async def test_a_barge_in_before_a_segments_last_chunk_keeps_what_was_heard_of_it(
-    endpoint: ReferenceEndpoint, piper: PiperTTS, whisper: WhisperSTT
-):
-    # Piper writes a segment in two chunks: the sentence, then the resampler's tail. Cut
-    # while the tail waits on a full speaker, half of the sentence's audio played: the words
-    # of that half were heard, and only they go into the history.
+async def cut_after_the_first_write(
+    endpoint: ReferenceEndpoint, tts: Any, whisper: WhisperSTT, played_share: float
+) -> tuple[FullSpeaker, list[ev.ConversationEvent], ConversationSession]:
+    """One reply to "Hello?" on a :class:`FullSpeaker`, cut once its first write is in and
+    ``played_share`` of that write has played."""
     endpoint.plan = ReplyPlan(
         replies=("It's sunny and mild in Paris today, around eighteen degrees.",)
     )
@@ -514,14 +513,13 @@ async def test_a_barge_in_before_a_segments_last_chunk_keeps_what_was_heard_of_i
     def on_event(event: ev.ConversationEvent) -> None:
         events.append(event)
         if isinstance(event, ev.ReplyAudio) and len(sink.writes) == 1 and not sink.played:
-            sink.played = sink.writes[0] // 2
+            sink.played = int(sink.writes[0] * played_share)
             asyncio.get_running_loop().call_soon(session.cancel_reply)
 
     async with llm_for(endpoint) as llm:
         session = ConversationSession(
-            config=SessionConfig(), llm=llm, stt=whisper, tts=piper, sink=sink,
-            on_event=on_event,
-        )  # fmt: skip
+            config=SessionConfig(), llm=llm, stt=whisper, tts=tts, sink=sink, on_event=on_event
+        )
 
         async def frames() -> AsyncIterator[Any]:
             session.inject_user_text("Hello?")
@@ -530,6 +528,16 @@ async def test_a_barge_in_before_a_segments_last_chunk_keeps_what_was_heard_of_i
             yield
 
         await session.run(frames())
+    return sink, events, session
+
+
+async def test_a_barge_in_before_a_segments_last_chunk_keeps_what_was_heard_of_it(
+    endpoint: ReferenceEndpoint, piper: PiperTTS, whisper: WhisperSTT
+):
+    # Piper writes a segment in two chunks: the sentence, then the resampler's tail. Cut
+    # while the tail waits on a full speaker, half of the sentence's audio played: the words
+    # of that half were heard, and only they go into the history.
+    sink, events, session = await cut_after_the_first_write(endpoint, piper, whisper, 0.5)
     assert len(sink.writes) == 1  # the tail never got in: the cut came before it
     done = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert [(e.text, e.interrupted) for e in done] == [("It's sunny and", True)]
@@ -583,31 +591,8 @@ async def test_a_barge_in_early_in_a_streaming_voices_segment_does_not_claim_the
 ):
     # The voice had written 100 ms of a 2 s clause when the user cut in, and all of it
     # played: none of the clause's seven words was heard (it was all of them).
-    endpoint.plan = ReplyPlan(
-        replies=("It's sunny and mild in Paris today, around eighteen degrees.",)
-    )
-    sink = FullSpeaker(OUTPUT_RATE)
-    events: list[ev.ConversationEvent] = []
-
-    def on_event(event: ev.ConversationEvent) -> None:
-        events.append(event)
-        if isinstance(event, ev.ReplyAudio) and len(sink.writes) == 1 and not sink.played:
-            sink.played = sink.writes[0]
-            asyncio.get_running_loop().call_soon(session.cancel_reply)
-
-    async with llm_for(endpoint) as llm:
-        session = ConversationSession(
-            config=SessionConfig(), llm=llm, stt=whisper, tts=StreamingVoice(piper), sink=sink,
-            on_event=on_event,
-        )  # fmt: skip
-
-        async def frames() -> AsyncIterator[Any]:
-            session.inject_user_text("Hello?")
-            await session.wait_idle()
-            return
-            yield
-
-        await session.run(frames())
+    voice = StreamingVoice(piper)
+    sink, events, session = await cut_after_the_first_write(endpoint, voice, whisper, 1.0)
     assert len(sink.writes) == 1 and 0 < sink.writes[0] <= OUTPUT_RATE // 10
     done = [e for e in events if isinstance(e, ev.AgentTranscript)]
     assert [(e.text, e.interrupted) for e in done] == [("", True)]
