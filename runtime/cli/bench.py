@@ -451,6 +451,7 @@ def _write_sweep_csv(sweeps: list[Any], path: Path) -> None:
 
 def _print_sweep(doc: dict[str, Any]) -> None:
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     console = rich_console()
@@ -459,16 +460,16 @@ def _print_sweep(doc: dict[str, Any]) -> None:
     budgets = ", ".join(f"{m} <= {v:g} ms" for m, v in doc["slo"]["budgets_ms"].items())
     for ep in doc["endpoints"]:
         if ep["error"]:
-            console.print(f"{ep['name']}: not run ({ep['error']}): {ep['message']}")
+            console.print(escape(f"{ep['name']}: not run ({ep['error']}): {ep['message']}"))
             continue
         load = Table(
-            title=f"{ep['name']} - {ep['model']} @ {ep['base_url']}",
+            title=escape(f"{ep['name']} - {ep['model']} @ {ep['base_url']}"),
             caption="* not steady; client: its CPU ms per request",
             box=box.SIMPLE_HEAD,
         )
         for column in (mode, "ok", "errors", "req/s", "out tok/s", "SLO pass", "client"):
             load.add_column(column, justify="left" if column == "errors" else "right")
-        latency = Table(title=f"{ep['name']}: latency, ms", box=box.SIMPLE_HEAD)
+        latency = Table(title=escape(f"{ep['name']}: latency, ms"), box=box.SIMPLE_HEAD)
         for column in (mode, "ttft p50", "ttft p95", "ttst p50", "1st sentence p50", "p95",
                        "p99", "e2e p50"):  # fmt: skip
             latency.add_column(column, justify="right")
@@ -518,6 +519,7 @@ def _print_sweep(doc: dict[str, Any]) -> None:
 
 
 def _cmd_compare(a: Path, b: Path, threshold: float) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from runtime.bench.report import compare, load_document
@@ -530,7 +532,7 @@ def _cmd_compare(a: Path, b: Path, threshold: float) -> int:
         raise UsageError(str(exc)) from None
     changes = compare(doc_a, doc_b, threshold / 100)
     console = rich_console()
-    table = Table(title=f"{a.name} -> {b.name} (changes of {threshold:g} % or more marked)")
+    table = Table(title=escape(f"{a.name} -> {b.name} (changes of {threshold:g} % or more marked)"))
     for column in ("endpoint", "load", "", "A", "B", "change", ""):
         table.add_column(column, justify="left" if column in ("endpoint", "") else "right")
     for c in changes:
@@ -600,6 +602,7 @@ _STATS = ("p50", "p90", "p95", "p99", "max", "mean")
 
 
 def _print_reports(reports: list[Any], extra: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = rich_console()
@@ -652,10 +655,10 @@ def _print_reports(reports: list[Any], extra: dict[str, Any]) -> None:
             count = doc["errors"].get(kind, 0) + (
                 1 if (doc["cold"] or {}).get("error") == kind else 0
             )
-            errors.add_row(doc["name"], kind, str(count), message or "-")
+            errors.add_row(escape(doc["name"]), kind, str(count), escape(message or "-"))
         console.print(errors)
     for doc in docs:
-        detail = Table(title=f"{doc['name']} — {doc['model']} @ {doc['base_url']}")
+        detail = Table(title=escape(f"{doc['name']} — {doc['model']} @ {doc['base_url']}"))
         detail.add_column("metric")
         for name in _STATS:
             detail.add_column(name, justify="right")

@@ -184,6 +184,8 @@ def _tool_handler(specs: list[str] | None) -> Any:
 
 
 def _printer() -> Any:
+    from rich.markup import escape
+
     from runtime.client import connection as conn
     from runtime.protocol import events as ev
 
@@ -198,19 +200,19 @@ def _printer() -> Any:
                 went_on = bool(item_id) and printed == [item_id]
                 note = " [dim](went on: replaces the line above)[/]" if went_on else ""
                 printed[:] = [item_id]
-                console.print(f"[bold cyan]you[/]   {text}{note}")
+                console.print(f"[bold cyan]you[/]   {escape(text)}{note}")
             case ev.TranscriptAgent(text=""):
                 pass  # cut (or withdrawn) before a word of it was heard
             case ev.TranscriptAgent(text=text, interrupted=interrupted):
                 suffix = " [yellow](interrupted)[/]" if interrupted else ""
-                console.print(f"[bold green]agent[/] {text}{suffix}")
+                console.print(f"[bold green]agent[/] {escape(text)}{suffix}")
             case ev.ToolCall(name=name, call_id=call_id):
-                console.print(f"[dim]tool call {name} ({call_id})[/]")
+                console.print(f"[dim]tool call {escape(name)} ({escape(call_id)})[/]")
             case ev.ReplyError(code=code, message=message):
-                err.print(f"[red]reply error ({code}):[/] {message}")
+                err.print(f"[red]reply error ({escape(code)}):[/] {escape(message)}")
             case ev.SessionError(code=code, message=message) if code not in ev.FATAL_CODES:
                 # (A fatal one ends the session: the command's error line says it.)
-                err.print(f"[red]session error ({code}):[/] {message}")
+                err.print(f"[red]session error ({escape(code)}):[/] {escape(message)}")
             case conn.ConnectionDropped():
                 err.print("[yellow]connection lost; resuming the session...[/]")
             case conn.SessionResumed():

@@ -192,6 +192,8 @@ class TalkPrinter:
         self.last_error = ""
 
     def __call__(self, event: Any) -> None:
+        from rich.markup import escape
+
         from runtime.conversation import events as ev
 
         console = self.console
@@ -202,27 +204,27 @@ class TalkPrinter:
                     console.print("[dim]you   …[/]", end="\r")
             case ev.UserTranscriptDelta(text=text) if self.interactive:
                 # The partial transcript, rewritten in place while the user talks.
-                console.print(f"[cyan]you[/]   {text} …", end="\r", soft_wrap=True)
+                console.print(f"[cyan]you[/]   {escape(text)} …", end="\r", soft_wrap=True)
             case ev.UserTranscript(text=text):
                 # A turn taken back is printed again whole: it replaces the line before.
                 note = " [dim](went on: replaces the line above)[/]" if self.went_on else ""
                 if not self.went_on:
                     self.user_turns += 1
                 self.went_on = False
-                console.print(f"[bold cyan]you[/]   {text}{note}")
+                console.print(f"[bold cyan]you[/]   {escape(text)}{note}")
             case ev.AgentTranscript(text=""):
                 pass  # cut (or withdrawn) before a word of it was heard
             case ev.AgentTranscript(text=text, interrupted=interrupted):
                 suffix = " [yellow](interrupted)[/]" if interrupted else ""
-                console.print(f"[bold green]agent[/] {text}{suffix}")
+                console.print(f"[bold green]agent[/] {escape(text)}{suffix}")
             case ev.ReplyError(code=code, message=message):
                 self.failed += 1
                 self.last_error = f"{message} ({code})"
-                console.print(f"[red]endpoint error ({code}):[/] {message}")
+                console.print(f"[red]endpoint error ({escape(code)}):[/] {escape(message)}")
             case ev.TurnMetrics() as m:
                 if m.ttft_ms is not None:
                     self.answered += 1
-                console.print(f"[dim]{latency_line(m)}[/]", soft_wrap=True)
+                console.print(f"[dim]{escape(latency_line(m))}[/]", soft_wrap=True)
             case _:
                 pass
 

@@ -222,6 +222,19 @@ def test_a_turn_taken_back_prints_as_one_sentence(
     assert agent_lines == ["agent Which day?"], result.stdout
 
 
+def test_what_is_said_is_printed_as_said_brackets_included(
+    served: Served, endpoint: EndpointThread, tmp_path: Path
+):
+    text = "Press the [/] key, then [bold]enter[/bold] and type [red] twice."
+    agent = create_agent(served)
+    endpoint.answer(ReplyPlan(replies=(text,), ttft_ms=30, itl_ms=5))
+    result = connect_cli(served, "--agent-id", agent, "--input",
+                         str(SPEECH / "shared-09-piper.wav"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("agent")]
+    assert lines == [f"agent {text}"], result.stdout
+
+
 def test_exit_codes_against_the_server(served: Served, endpoint: EndpointThread, tmp_path: Path):
     clip = SPEECH / "shared-09-piper.wav"
     bad = connect_cli(served, "--agent-id", "agent_x", "--input", str(clip), key="not-a-key")

@@ -297,3 +297,27 @@ def test_file_mode_on_a_terminal_prints_lines_above_a_live_progress_bar():
     assert not [line for line in screen if "input " in line], screen
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
     assert re.search(r"input \S+ +1/\d+ s", plain) and re.search(r"input \S+ +5/\d+ s", plain)
+
+
+BRACKETS = "Press the [/] key, then [bold]enter[/bold] and type [red] twice."
+
+
+def test_what_is_said_is_printed_as_said_brackets_included(tmp_path: Path):
+    # Square brackets are rich's markup: a reply (or a transcript) holding them was taken
+    # for styling ('[red]' vanished) or failed the command ('[/]' closes nothing).
+    from runtime.bench.reference_thread import ReferenceThread
+    from runtime.llm.reference import ReplyPlan
+
+    clip = tmp_path / "in.wav"
+    write_wav(clip, bytes(8000) + read_wav(SPEECH / "shared-09-piper.wav").pcm + bytes(8000),
+              16000)  # fmt: skip
+    with ReferenceThread(ReplyPlan(replies=(BRACKETS,))) as endpoint:
+        result = subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "talk", "--input", str(clip),
+             "--base-url", endpoint.base_url, "--model", "m"],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    agent = [line for line in result.stdout.splitlines() if line.startswith("agent")]
+    assert agent == [f"agent {BRACKETS}"], result.stdout
