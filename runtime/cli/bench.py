@@ -18,7 +18,7 @@ from runtime.cli.common import (
     CommandError,
     Parser,
     UsageError,
-    check_output,
+    check_outputs,
     fmt,
     require,
     rich_console,
@@ -259,10 +259,14 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         require("matplotlib")
     if args.http2:
         require("h2")
-    for flag, path in (("--json", args.json_path), ("--csv", args.csv_path),
-                       ("--plot", args.plot_path)):  # fmt: skip
-        if path is not None:
-            check_output(path, flag)
+    reads = [("--config", args.config), ("--prompts", args.prompts)]
+    if args.conversations not in (None, "builtin"):
+        reads.append(("--conversations", Path(args.conversations)))
+    check_outputs(
+        [("--json", args.json_path), ("--csv", args.csv_path), ("--plot", args.plot_path),
+         ("--report", args.report_path)],
+        reads=reads,
+    )  # fmt: skip
     from runtime.llm.reference import ReplyPlan
 
     try:
@@ -271,8 +275,6 @@ def _cmd_bench_ttft(args: argparse.Namespace) -> int:
         raise UsageError(f"reference {exc}") from None
     if args.reference_capacity is not None and args.reference_capacity < 1:
         raise UsageError("--reference-capacity must be at least 1")
-    if args.report_path is not None:
-        check_output(args.report_path, "--report")
 
     with contextlib.ExitStack() as stack:
         reference = None

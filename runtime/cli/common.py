@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Final, NoReturn, Self
@@ -213,6 +213,34 @@ def check_output(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag} {path}: directory {parent} is not writable")
+
+
+def check_outputs(
+    outputs: Sequence[tuple[str, Path | None]], *, reads: Sequence[tuple[str, Path | None]] = ()
+) -> None:
+    """:func:`check_output` for each ``(flag, path)`` given, and that no output is the file
+    of another output or of a file the command reads (``reads``).
+
+    Raises:
+        UsageError: as :func:`check_output`; or two of them are one file (the input or an
+            earlier output would be overwritten).
+    """
+    seen = [(flag, path) for flag, path in reads if path is not None]
+    for flag, path in outputs:
+        if path is None:
+            continue
+        check_output(path, flag)
+        for other_flag, other in seen:
+            if _same_file(path, other):
+                raise UsageError(f"{flag} {path}: is also the {other_flag} file; give another name")
+        seen.append((flag, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def report(error: CommandError) -> int:

@@ -31,7 +31,7 @@ from runtime.cli.common import (
     CtrlC,
     Unavailable,
     UsageError,
-    check_output,
+    check_outputs,
     env_value,
     fmt,
     rich_console,
@@ -245,10 +245,10 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     if (args.output or args.metrics_json) and args.input is None:
         raise UsageError("--output and --metrics-json need --input")
     pcm = read_input(args.input).mono_at(RATE) if args.input is not None else b""
-    if args.output is not None:
-        check_output(args.output, "--output")
-    if args.metrics_json is not None:
-        check_output(args.metrics_json, "--metrics-json")
+    check_outputs(
+        [("--output", args.output), ("--metrics-json", args.metrics_json)],
+        reads=[("--input", args.input)],
+    )
     try:
         ws_url = websocket_url(args.url)
     except ValueError as exc:

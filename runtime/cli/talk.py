@@ -29,7 +29,7 @@ from runtime.cli.common import (
     CtrlC,
     Unavailable,
     UsageError,
-    check_output,
+    check_outputs,
     env_value,
     fmt,
     progress_bar,
@@ -273,10 +273,10 @@ def _cmd_talk(args: argparse.Namespace) -> int:
         from runtime.conversation.session import RATE
 
         pcm16k = read_input(source).mono_at(RATE)
-    if args.output is not None:
-        check_output(args.output, "--output")
-    if args.metrics_json is not None:
-        check_output(args.metrics_json, "--metrics-json")
+    check_outputs(
+        [("--output", args.output), ("--metrics-json", args.metrics_json)],
+        reads=[("--input", args.input)],
+    )
     turn_detection = _turn_detection(args)
     from runtime.llm.reference import ReplyPlan
 

@@ -611,3 +611,29 @@ def test_a_closed_stdout_is_a_quiet_exit(args: tuple[str, ...]):
     assert proc.wait(timeout=TIMEOUT) == 141
     assert stderr == ""
     proc.stderr.close()
+
+
+def test_an_output_that_is_the_input_or_another_output_is_refused_before_any_work(
+    tmp_path: Path,
+):
+    clip = _write_mono(tmp_path / "clip.wav", read_wav(SPEECH / "shared-09-piper.wav").pcm, 16000)
+    before = clip.read_bytes()
+    same = tmp_path / "out.wav"
+    # The same file by another spelling is the same file.
+    alias = str(tmp_path / "sub" / ".." / "clip.wav")
+    (tmp_path / "sub").mkdir()
+    cases = [
+        (("talk", "--input", str(clip), "--output", alias),
+         f"--output {alias}: is also the --input file; give another name"),
+        (("talk", "--input", str(clip), "--output", str(same), "--metrics-json", str(same)),
+         f"--metrics-json {same}: is also the --output file; give another name"),
+        (("connect", "ws://127.0.0.1:9/v1/ws", "--input", str(clip), "--metrics-json", str(clip)),
+         f"--metrics-json {clip}: is also the --input file; give another name"),
+        (("bench", "ttft", "--reference", "--json", str(same), "--csv", str(same)),
+         f"--csv {same}: is also the --json file; give another name"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = voxloop(*args, env={**os.environ, "VOXLOOP_API_KEY": "vk-x"})
+        assert_one_line(result, 2, message)
+        assert result.stdout == ""
+    assert clip.read_bytes() == before and not same.exists()
