@@ -55,7 +55,8 @@ Phases::
   too short to be anything, is followed by :class:`ReleaseReply`: the reply
   goes on from where it paused, nothing lost or repeated.
 * A turn ended too soon is taken back: until the reply that answers it is
-  audible (:meth:`~TurnTakingPolicy.reply_audible`), speech of
+  audible (:meth:`~TurnTakingPolicy.reply_audible`) or runs a tool
+  (:meth:`~TurnTakingPolicy.reply_acts`), speech of
   ``min_speech_ms`` is the user going on, not a new turn — a mid-sentence
   pause read as the end ("I'd like to book … a table for two"). The reply,
   unheard, is withdrawn and the same turn goes on from its first frame
@@ -536,6 +537,14 @@ class TurnTakingPolicy:
 
         From here on, user speech is judged as speech over the agent (bursts),
         no longer as the user going on with the turn that just ended.
+        """
+        self._answering = None
+
+    def reply_acts(self) -> None:
+        """The reply runs a tool: the turn it answers is settled, as once the reply is audible.
+
+        A tool acts; were the turn taken back, the withdrawn reply's call would be made
+        again for the same words. Speech from here on is speech over the agent.
         """
         self._answering = None
 

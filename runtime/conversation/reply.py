@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from audio.vad import trim_leading_silence
 from runtime.clock import Clock, ns_to_ms
@@ -93,6 +93,10 @@ class Reply:
     stt_final_ms: float | None = None
 
 
+TOOL_CUT: Final = "Error: no result: the user spoke before the tool answered."
+"""The result a tool call gets in the history when its reply was cut before it answered."""
+
+
 class ReplyRunner:
     """Runs replies for one session (see the module docstring).
 
@@ -107,6 +111,7 @@ class ReplyRunner:
         on_first_audio: called when a reply's first audio goes to the sink.
         metrics: where each answered turn's :class:`TurnMetrics` is appended.
         before_request: called just before each request to the endpoint.
+        on_tools: called when a reply (committed) is about to run its model's tool calls.
     """
 
     def __init__(
@@ -124,8 +129,10 @@ class ReplyRunner:
         on_first_audio: Callable[[Reply], None],
         metrics: list[TurnMetrics],
         before_request: Callable[[], None] = lambda: None,
+        on_tools: Callable[[Reply], None] = lambda _reply: None,
     ) -> None:
         self._before_request = before_request
+        self._on_tools = on_tools
         self._llm = llm
         self._tts = tts
         self._sink = sink
@@ -250,9 +257,23 @@ class ReplyRunner:
         # A speculative reply runs no tool before its turn is over and it is the reply: a
         # tool acts (a client's, an HTTP call), and the turn may yet go on or change.
         await reply.committed.wait()
-        for call in calls:
-            result = await self._tools.run(call)
-            reply.tool_messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+        self._on_tools(reply)
+        answered = 0
+        try:
+            for call in calls:
+                result = await self._tools.run(call)
+                reply.tool_messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "content": result}
+                )
+                answered += 1
+        except asyncio.CancelledError:
+            # Cut (a barge-in) before every call had its result: the history still answers
+            # each call, as an endpoint requires of the next request.
+            for call in calls[answered:]:
+                reply.tool_messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "content": TOOL_CUT}
+                )
+            raise
 
     async def _put_segment(
         self, reply: Reply, segments: asyncio.Queue[str | None], seg: str

@@ -217,7 +217,7 @@ class ConversationSession:
             llm=llm, tts=tts, sink=sink, history=self._history, tools=self._tools,
             config=lambda: self.config, clock=self._clock, emit=self._emit,
             prewarmed=self._prewarmed, on_first_audio=self._first_audio, metrics=self.metrics,
-            before_request=self._before_request,
+            before_request=self._before_request, on_tools=self._tools_run,
         )  # fmt: skip
 
     # -- public API ------------------------------------------------------------------
@@ -633,6 +633,11 @@ class ConversationSession:
             self.policy.reply_audible()
         if self.turns.state is TurnState.THINKING:
             self.turns.to(TurnState.SPEAKING)
+
+    def _tools_run(self, reply: Reply) -> None:
+        """A reply runs the tools its model asked for: its turn is no longer taken back."""
+        if reply is self._reply:
+            self.policy.reply_acts()
 
     def _client_tool_call(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
         reply = self._reply

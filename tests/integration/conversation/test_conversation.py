@@ -29,6 +29,7 @@ from audio.wav import read_wav
 from runtime.conversation import events as ev
 from runtime.conversation.config import SessionConfig, TurnDetection
 from runtime.conversation.history import SpokenSegment, heard_prefix
+from runtime.conversation.reply import TOOL_CUT
 from runtime.conversation.session import ConversationSession
 from runtime.conversation.sinks import ImmediateSink
 from runtime.conversation.tools import ClientTool, HttpTool
@@ -42,7 +43,7 @@ from runtime.speech.tts import AudioChunk
 from runtime.talk import OUTPUT_RATE
 
 from ...helpers import SPEECH, serve_asgi
-from .script import Step, agent_heard_for, last_heard, replies_done, run_script
+from .script import Step, Until, agent_heard_for, last_heard, replies_done, run_script
 
 normalise = EnglishTextNormalizer()
 
@@ -662,6 +663,53 @@ async def test_client_tool_round_trip(
     assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == [
         "It is twenty degrees in Paris."
     ]
+
+
+async def test_a_turn_whose_reply_ran_a_tool_is_not_taken_back_and_the_tool_runs_once(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    # "I want to fly from Boston to" [pause] "New York next week.": the turn ends at the
+    # pause and its reply calls a client tool at once, which answers slowly (here: once the
+    # user speaks again). Before the reply is audible the user goes on: a turn whose reply
+    # ran a tool is not taken back (the tool acted; taking it back called it again for the
+    # same words, and left its first call out of the history); the user's words interrupt.
+    config = SessionConfig(
+        tools=(ClientTool("find_flights", "Flights between two cities",
+                          {"type": "object", "properties": {"to": {"type": "string"}}}),),
+    )  # fmt: skip
+    endpoint.queue(ReplyPlan(ttft_ms=50, itl_ms=5, tool_name="find_flights",
+                             tool_arguments='{"to": "?"}'))  # fmt: skip
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Which day?",))
+    pcm = utterance("paused-boston")
+    first, rest = pcm[: 2 * 16000 * 2], pcm[2 * 16000 * 2 :]
+    called = Until(
+        "the tool call",
+        lambda p: any(isinstance(e, ev.ToolCallRequested) for e in p.events),
+        limit_s=4.0,
+    )
+    pending: list[str] = []
+
+    def slow_tool(session: ConversationSession, event: ev.ConversationEvent) -> None:
+        if isinstance(event, ev.ToolCallRequested):
+            pending.append(event.call_id)
+        elif isinstance(event, ev.SpeechStarted) and pending:
+            session.submit_tool_result(pending.pop(), '{"flights": 3}')
+
+    steps: list[Step] = [silence(0.4), first, called, rest, silence(0.5)]
+    async with llm_for(endpoint) as llm:
+        result = await run_script(
+            steps, llm=llm, stt=whisper, tts=piper, config=config, on_event=slow_tool
+        )
+    calls = [e for e in result.events if isinstance(e, ev.ToolCallRequested)]
+    assert [c.name for c in calls] == ["find_flights"]
+    history = result.session.history
+    asked = [m for m in history if m.get("tool_calls")]
+    answers = [m for m in history if m["role"] == "tool"]
+    assert [m["tool_calls"][0]["id"] for m in asked] == [calls[0].call_id]
+    assert answers == [{"role": "tool", "tool_call_id": calls[0].call_id, "content": TOOL_CUT}]
+    users = [normalise(m["content"]) for m in history if m["role"] == "user"]
+    assert len(users) == 2 and "new york next week" in users[1], users
+    assert history[-1] == {"role": "assistant", "content": "Which day?"}
 
 
 async def test_http_tool_against_a_loopback_server(
