@@ -135,6 +135,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(check_database(settings))
     except StoreError as exc:
         raise UsageError(str(exc)) from None
+    # Bound before the app is built (its log lines would come before a refusal) and before
+    # serving: clients may connect as soon as the address is printed.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        socks = listening_sockets(family, args.host, args.port, args.workers)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    sock = socks[0]
     from runtime.server.logs import configure
 
     configure(logging.INFO)
@@ -168,13 +176,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
     server = WorkerServer(config)
 
-    # Bind before serving: clients may connect as soon as the address is printed.
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    try:
-        socks = listening_sockets(family, args.host, args.port, args.workers)
-    except OSError as exc:
-        raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    sock = socks[0]
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     url = f"http://{host}:{sock.getsockname()[1]}"
     print(f"voxloop serve listening on {url}", flush=True)
