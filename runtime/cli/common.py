@@ -141,6 +141,16 @@ class Parser(argparse.ArgumentParser):
             stream.write(message)
             stream.flush()
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            # A command's own flags: an unknown one is its mistake, said with its name and
+            # its --help (argparse leaves it to the top parser: "voxloop: error: ...").
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
     def error(self, message: str) -> NoReturn:
         # One line, as every other mistake is reported (argparse adds its usage block).
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

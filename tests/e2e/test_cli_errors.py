@@ -637,3 +637,17 @@ def test_an_output_that_is_the_input_or_another_output_is_refused_before_any_wor
         assert_one_line(result, 2, message)
         assert result.stdout == ""
     assert clip.read_bytes() == before and not same.exists()
+
+
+@pytest.mark.parametrize(
+    "command", [("talk",), ("connect", "ws://127.0.0.1:9"), ("serve",), ("agents", "list"),
+                ("bench", "ttft", "--reference"), ("endpoint", "serve"), ("transcribe", "x.wav")],
+)  # fmt: skip
+def test_an_unknown_flag_is_the_commands_one_line(command: tuple[str, ...]):
+    result = voxloop(*command, "--bogus")
+    name = " ".join(c for c in command if not c.startswith(("ws:", "--")) and c != "x.wav")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"voxloop {name}: error: unrecognized arguments: --bogus (see voxloop {name} --help)\n"
+    )
+    assert result.stdout == ""
