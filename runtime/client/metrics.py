@@ -24,6 +24,7 @@ from runtime.protocol.events import (
     ReplyAudio,
     ReplyDone,
     ReplyStarted,
+    ToolCall,
     TranscriptAgent,
     TranscriptUser,
 )
@@ -114,11 +115,13 @@ class _Turn:
     stopped: float | None = None
     user_text: str = ""
     transcript_at: float | None = None
+    item_id: str = ""
     reply_id: str | None = None
     reply_started: float | None = None
     first_audio: float | None = None
     agent_text: str = ""
     interrupted: bool = False
+    calls_tool: bool = False  # its reply's part ended with a tool call: the reply goes on
 
 
 class TurnTimer:
@@ -127,7 +130,12 @@ class TurnTimer:
     Feed it the audio sent (:meth:`audio_sent`) and every application event
     (:meth:`on_event`); it returns a :class:`ClientTurnMetrics` when the reply
     to a user turn is done. Replies that answer no user turn (the greeting,
-    ``reply.create``, the reply after a tool result) are not turns.
+    ``reply.create``) are not turns. A reply whose part ends with ``tool.call``
+    goes on after the result as a new ``reply.started``: the same turn (its text
+    both parts', its first audio the first heard). A turn taken back (the user
+    went on before hearing its reply: the next ``transcript.user`` carries the
+    same ``item_id``) is no turn of its own: its withdrawn reply leaves
+    :attr:`metrics`, and the whole turn is the next one.
     """
 
     def __init__(self, sample_rate: int) -> None:
@@ -135,6 +143,8 @@ class TurnTimer:
         self._awaiting: _Turn | None = None  # the user turn whose reply has not started
         self._replies: dict[str, _Turn] = {}
         self._current = ""  # the latest reply.started (events without a reply_id)
+        self._after_tool: _Turn | None = None  # a turn whose reply waits on a tool result
+        self._items: dict[int, str] = {}  # id() of a finished metric -> its user item
         self.metrics: list[ClientTurnMetrics] = []
 
     def audio_sent(self, pcm: bytes, t_end: float) -> None:
@@ -145,15 +155,24 @@ class TurnTimer:
         """Take one event received at ``now``; returns a finished turn, if any."""
         match event:
             case InputSpeechStopped():
+                finished = self._finish_after_tool()
                 self._awaiting = _Turn(voice_end=self.voice.last_voice_end, stopped=now)
-            case TranscriptUser(text=text):
+                return finished
+            case TranscriptUser(text=text, item_id=item_id):
                 if self._awaiting is not None:
                     self._awaiting.user_text = text
                     self._awaiting.transcript_at = now
+                    self._awaiting.item_id = item_id
+                    self._drop_taken_back(item_id)
             case ReplyStarted(reply_id=reply_id):
                 self._current = reply_id
                 awaiting, self._awaiting = self._awaiting, None
-                if awaiting is not None:
+                if awaiting is None and self._after_tool is not None:
+                    # The reply goes on after its tool result: the same turn.
+                    awaiting, self._after_tool = self._after_tool, None
+                    awaiting.calls_tool = False
+                    self._replies[reply_id] = awaiting
+                elif awaiting is not None:
                     awaiting.reply_id, awaiting.reply_started = reply_id, now
                     self._replies[reply_id] = awaiting
             case ReplyAudio(reply_id=reply_id):
@@ -163,12 +182,29 @@ class TurnTimer:
             case TranscriptAgent(reply_id=reply_id, text=text, interrupted=interrupted):
                 spoken = self._replies.get(reply_id or self._current)
                 if spoken is not None:
-                    spoken.agent_text, spoken.interrupted = text, interrupted
+                    spoken.agent_text = " ".join(t for t in (spoken.agent_text, text) if t)
+                    spoken.interrupted = interrupted
+            case ToolCall(reply_id=reply_id):
+                calling = self._replies.get(reply_id or self._current)
+                if calling is not None:
+                    calling.calls_tool = True
             case ReplyDone(reply_id=reply_id, status=status):
                 done = self._replies.pop(reply_id or self._current, None)
-                if done is not None:
+                if done is not None and done.calls_tool and status == "completed":
+                    self._after_tool = done  # finished when the reply after the result is
+                elif done is not None:
                     return self._finish(done, interrupted=status == "interrupted")
         return None
+
+    def _finish_after_tool(self) -> ClientTurnMetrics | None:
+        """A new user turn: a turn still waiting for the reply after its tool ends here."""
+        waiting, self._after_tool = self._after_tool, None
+        return None if waiting is None else self._finish(waiting, interrupted=False)
+
+    def _drop_taken_back(self, item_id: str) -> None:
+        for m in [m for m in self.metrics if self._items.get(id(m)) == item_id]:
+            self.metrics.remove(m)
+            del self._items[id(m)]
 
     def _finish(self, turn: _Turn, *, interrupted: bool) -> ClientTurnMetrics:
         m = ClientTurnMetrics(
@@ -182,4 +218,6 @@ class TurnTimer:
             reply_started_ms=_ms(turn.voice_end, turn.reply_started),
         )
         self.metrics.append(m)
+        if turn.item_id:
+            self._items[id(m)] = turn.item_id
         return m

@@ -186,7 +186,7 @@ def test_client_tool_round_trip_from_the_command_line(
     agent = create_agent(served, tools=[tool])
     endpoint.answer(
         ReplyPlan(tool_name="get_weather", tool_arguments='{"city": "Paris"}',
-                  replies=("Let me check.",), ttft_ms=30, itl_ms=5),
+                  tool_after_text=True, replies=("Let me check.",), ttft_ms=30, itl_ms=5),
         ReplyPlan(replies=("It is eighteen degrees.",), ttft_ms=30, itl_ms=5),
     )  # fmt: skip
     n_before = len(endpoint.chats())
@@ -195,12 +195,21 @@ def test_client_tool_round_trip_from_the_command_line(
                          "--tool-result", 'get_weather={"temp_c": 18}',
                          "--metrics-json", str(metrics))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "tool call get_weather" in result.stdout
-    assert "agent It is eighteen degrees." in result.stdout
+    lines = [line.split(" (")[0] for line in result.stdout.splitlines()
+             if line.startswith(("agent", "tool call"))]  # fmt: skip
+    assert lines == [
+        "agent Let me check.",
+        "tool call get_weather",
+        "agent It is eighteen degrees.",
+    ]
     chats = endpoint.chats()[n_before:]
     assert len(chats) == 2
     messages = chats[1].body["messages"]  # type: ignore[index]
     assert messages[-1]["role"] == "tool" and messages[-1]["content"] == '{"temp_c": 18}'
+    # One turn: the reply went on after the tool's result (a new reply.started).
+    [turn] = json.loads(metrics.read_text())["turns"]
+    assert turn["agent_text"] == "Let me check. It is eighteen degrees."
+    assert turn["v2v_ms"] > turn["endpointing_ms"] > 0 and not turn["interrupted"]
 
 
 def test_a_turn_taken_back_prints_as_one_sentence(
@@ -213,8 +222,14 @@ def test_a_turn_taken_back_prints_as_one_sentence(
     endpoint.answer(*[slow] * 6)
     clip = tmp_path / "in.wav"
     write_wav(clip, bytes(8000) + read_wav(SPEECH / "paused-boston.wav").pcm + bytes(32000), 16000)
-    result = connect_cli(served, "--agent-id", agent, "--input", str(clip))
+    metrics = tmp_path / "m.json"
+    result = connect_cli(served, "--agent-id", agent, "--input", str(clip),
+                         "--metrics-json", str(metrics))  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # One turn, the whole of it: the withdrawn reply is no turn.
+    [turn] = json.loads(metrics.read_text())["turns"]
+    assert "new york next week" in turn["user_text"].lower(), turn
+    assert (turn["agent_text"], turn["interrupted"]) == ("Which day?", False)
     you = [line for line in result.stdout.splitlines() if line.startswith("you ")]
     assert len(you) == 2 and you[1].endswith("(went on: replaces the line above)"), result.stdout
     assert "new york next week" in you[1].lower() and "(went on" not in you[0], result.stdout
