@@ -108,15 +108,20 @@ class EndpointThread(ReferenceThread):
     """A key-checking :class:`ReferenceEndpoint` on its own loop, shared by a test module.
 
     ``answer`` queues plans for the next requests and then falls back to ``default``
-    (one reply text) or, without it, to the plan the thread was started with.
+    (one reply text, or a plan) or, without it, to the plan the thread was started with.
     """
 
     def __init__(self, plan: ReplyPlan, *, api_key: str) -> None:
         super().__init__(plan, api_key=api_key)
         self._initial = plan
 
-    def answer(self, *plans: ReplyPlan, default: str | None = None) -> None:
-        fallback = self._initial if default is None else ReplyPlan(replies=(default,))
+    def answer(self, *plans: ReplyPlan, default: str | ReplyPlan | None = None) -> None:
+        if default is None:
+            fallback = self._initial
+        elif isinstance(default, str):
+            fallback = ReplyPlan(replies=(default,))
+        else:
+            fallback = default
 
         def apply(server: ReferenceEndpoint) -> None:
             server._queued.clear()
