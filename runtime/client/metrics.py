@@ -77,6 +77,7 @@ class ClientTurnMetrics:
         endpointing_ms: end of the voice → ``input.speech.stopped`` received.
         stt_final_ms: ``input.speech.stopped`` → ``transcript.user`` received.
         reply_started_ms: end of the voice → ``reply.started`` received.
+        item_id: the user turn's item (``transcript.user``; not in :meth:`to_json`).
     """
 
     reply_id: str
@@ -87,6 +88,7 @@ class ClientTurnMetrics:
     endpointing_ms: float | None
     stt_final_ms: float | None
     reply_started_ms: float | None
+    item_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The same keys as ``voxloop talk``'s metrics; the server-internal
@@ -144,7 +146,6 @@ class TurnTimer:
         self._replies: dict[str, _Turn] = {}
         self._current = ""  # the latest reply.started (events without a reply_id)
         self._after_tool: _Turn | None = None  # a turn whose reply waits on a tool result
-        self._items: dict[int, str] = {}  # id() of a finished metric -> its user item
         self.metrics: list[ClientTurnMetrics] = []
 
     def audio_sent(self, pcm: bytes, t_end: float) -> None:
@@ -202,9 +203,8 @@ class TurnTimer:
         return None if waiting is None else self._finish(waiting, interrupted=False)
 
     def _drop_taken_back(self, item_id: str) -> None:
-        for m in [m for m in self.metrics if self._items.get(id(m)) == item_id]:
-            self.metrics.remove(m)
-            del self._items[id(m)]
+        if item_id:
+            self.metrics[:] = [m for m in self.metrics if m.item_id != item_id]
 
     def _finish(self, turn: _Turn, *, interrupted: bool) -> ClientTurnMetrics:
         m = ClientTurnMetrics(
@@ -216,8 +216,7 @@ class TurnTimer:
             endpointing_ms=_ms(turn.voice_end, turn.stopped),
             stt_final_ms=_ms(turn.stopped, turn.transcript_at),
             reply_started_ms=_ms(turn.voice_end, turn.reply_started),
+            item_id=turn.item_id,
         )
         self.metrics.append(m)
-        if turn.item_id:
-            self._items[id(m)] = turn.item_id
         return m
