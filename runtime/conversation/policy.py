@@ -506,23 +506,44 @@ class TurnTakingPolicy:
             return self._user_turn(speech)
         return self._responding(speech)
 
-    def partial(self, text: str, end_confidence: float | None = None) -> list[Decision]:
+    def partial(
+        self, text: str, end_confidence: float | None = None, t_ns: int | None = None
+    ) -> list[Decision]:
         """The latest transcript of the current user turn (used for end of turn).
 
         ``end_confidence``: the recognizer's confidence (0-1) that the text ends a
         sentence, when it gives one (:attr:`runtime.speech.stt.Transcript.end_confidence`).
+        ``t_ns``: when the transcript arrived, given when that is between two frames.
+
+        Returns :class:`EndTurn` when the user paused, the silence already reached
+        ``min_silence_ms`` and this transcript ends the turn: a decode that finishes after
+        that ends it at once, not at the next frame (which a client sending 50 ms chunks
+        holds back up to 50 ms).
         """
-        if self.phase is Phase.USER_TURN:
-            self._partial = text
-            self._doubtful = end_confidence is not None and end_confidence < self._confident_end
-            closed = trails_off(text)
-            self._trailed_off = (
-                closed is not None
-                and end_confidence is not None
-                and end_confidence >= self._trailing_end
-                and self._complete(closed)
-            )
+        if self.phase is not Phase.USER_TURN:
+            return []
+        self._partial = text
+        self._doubtful = end_confidence is not None and end_confidence < self._confident_end
+        closed = trails_off(text)
+        self._trailed_off = (
+            closed is not None
+            and end_confidence is not None
+            and end_confidence >= self._trailing_end
+            and self._complete(closed)
+        )
+        if self._paused and self._silence_ms >= self.td.min_silence_ms and self._ends_turn():
+            if t_ns is not None:
+                self._t_ns = max(self._t_ns, t_ns)
+            return [self.end_turn()]
         return []
+
+    def _ends_turn(self) -> bool:
+        """Whether the silence so far ends the turn, with the transcript as it reads now."""
+        return (
+            self._silence_ms >= self.td.max_silence_ms
+            or (self._complete(self._partial) and not self._doubtful)
+            or self._trailed_off
+        )
 
     def reply_started(self) -> None:
         """A reply is now the agent's (adopted after a turn, or injected)."""
@@ -671,11 +692,7 @@ class TurnTakingPolicy:
         if self._silence_ms >= td.pause_ms and not self._paused:
             self._paused = True
             out.append(Pause(self._t_ns, self._t_speech_end))
-        if self._silence_ms >= td.min_silence_ms and (
-            self._silence_ms >= td.max_silence_ms
-            or (self._complete(self._partial) and not self._doubtful)
-            or self._trailed_off
-        ):
+        if self._silence_ms >= td.min_silence_ms and self._ends_turn():
             out.append(self.end_turn())
         return out
 

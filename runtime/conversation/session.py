@@ -359,12 +359,21 @@ class ConversationSession:
         turn = self._stt_turn
         if turn is not None:
             turn.push(frame)
-            partial = turn.partial
-            if partial is not None and partial.text and partial.text != self._last_partial:
-                self._last_partial = partial.text
-                self.policy.partial(partial.text, partial.end_confidence)
-                self._emit_hook(UserTranscriptDelta(t_ns=self._clock.now_ns(), text=partial.text))
+            self._take_partial(turn)
         for decision in self.policy.frame(speech, self._clock.now_ns()):
+            self._act(decision)
+
+    def _take_partial(self, turn: STTTurn) -> None:
+        """Give the policy the turn's latest transcript, if it is new (and act on it)."""
+        if turn is not self._stt_turn:
+            return
+        partial = turn.partial
+        if partial is None or not partial.text or partial.text == self._last_partial:
+            return
+        self._last_partial = partial.text
+        now = self._clock.now_ns()
+        self._emit_hook(UserTranscriptDelta(t_ns=now, text=partial.text))
+        for decision in self.policy.partial(partial.text, partial.end_confidence, now):
             self._act(decision)
 
     def _frames_from(self, first: int, end: int | None = None) -> list[AudioFrame]:
@@ -453,6 +462,8 @@ class ConversationSession:
 
         async def source() -> str:
             result: Transcript | None = await speculative()
+            # The pause's decode is in: the turn may end now rather than at the next frame.
+            self._take_partial(turn)
             return self._with_carry(result.text if result is not None else "")
 
         reply = Reply(

@@ -87,6 +87,44 @@ def responding(td: TurnDetection) -> Driver:
     return drv
 
 
+def spoken(td: TurnDetection) -> tuple[Driver, int]:
+    """A policy in a user turn after one second of speech, and the last speech frame."""
+    drv = Driver(TurnTakingPolicy(td))
+    drv.feed(False, 400)
+    drv.feed(True, 1000)
+    return drv, drv.frame
+
+
+def test_a_transcript_that_arrives_after_min_silence_ends_the_turn_when_it_arrives():
+    td = TurnDetection(min_silence_ms=300, pause_ms=160)
+    drv, last_speech = spoken(td)
+    assert [type(d) for d in drv.feed(False, 160)] == [Pause]
+    # The pause's decode is late: the silence runs past min_silence_ms with nothing to read.
+    assert drv.feed(False, 200) == []
+    assert drv.frame - last_speech == 18
+    assert [type(d) for _, d in drv.log] == [StartTurn, Pause]
+    # A doubtful end does not end it.
+    assert drv.policy.partial("Book a table for two.", CONFIDENT_END - 0.01, 1) == []
+    arrived = (drv.frame * 20 + 7) * MS  # between two frames
+    decisions = drv.policy.partial("Book a table for two.", CONFIDENT_END, arrived)
+    assert decisions == [EndTurn(t_ns=arrived, t_speech_end_ns=last_speech * 20 * MS)]
+    assert drv.policy.phase is Phase.RESPONDING
+    assert drv.feed(False, 100) == []
+
+
+@pytest.mark.parametrize("silence_ms", [140, 200, 280])
+def test_a_transcript_that_arrives_before_min_silence_ends_the_turn_at_it(silence_ms: int):
+    td = TurnDetection(min_silence_ms=300, pause_ms=min(silence_ms, 160))
+    drv, last_speech = spoken(td)
+    drv.feed(False, silence_ms)
+    assert drv.policy.partial("Book a table for two.", 0.9, (drv.frame * 20 + 7) * MS) == []
+    assert drv.policy.phase is Phase.USER_TURN
+    drv.feed(False, 2000)
+    end_frame, end = drv.first(EndTurn)
+    assert end_frame - last_speech == 300 // FRAME_MS
+    assert isinstance(end, EndTurn) and end.t_ns == end_frame * 20 * MS
+
+
 @pytest.mark.parametrize("min_silence_ms", [200, 300, 500, 840])
 def test_a_complete_turn_ends_after_exactly_min_silence(min_silence_ms: int):
     td = TurnDetection(min_silence_ms=min_silence_ms, pause_ms=160)

@@ -7,17 +7,21 @@ the server's receive times and the session's events share one clock
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from audio.frame import AudioFrame
+from audio.reframe import Reframer
 from audio.vad import default_vad, segment_pcm
 from audio.wav import read_wav
 from runtime.conversation import events as ev
 from runtime.conversation.config import SessionConfig, TurnDetection
-from runtime.conversation.session import ConversationSession
+from runtime.conversation.session import RATE, ConversationSession
+from runtime.conversation.sinks import ImmediateSink
 from runtime.conversation.tools import ClientTool
 from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.speech.engines.piper import PiperTTS
@@ -320,4 +324,103 @@ async def test_a_speculative_reply_runs_its_tool_only_once_the_turn_is_over(
     }
     assert [e.text for e in result.events if isinstance(e, ev.AgentTranscript)] == [
         "It is twenty degrees in Paris."
+    ]
+
+
+class LateTurn:
+    """A real recognizer's turn whose pause transcript is seen only once ``release`` is set."""
+
+    def __init__(self, inner: Any, release: asyncio.Event) -> None:
+        self.inner = inner
+        self.release = release
+
+    def push(self, frame: AudioFrame) -> None:
+        self.inner.push(frame)
+
+    def pause(self) -> None:
+        self.inner.pause()
+
+    def resume(self) -> None:
+        self.inner.resume()
+
+    @property
+    def partial(self) -> Any:
+        return self.inner.partial if self.release.is_set() else None
+
+    async def speculative(self) -> Any:
+        result = await self.inner.speculative()
+        await self.release.wait()
+        return result
+
+    async def finalize(self) -> Any:
+        return await self.inner.finalize()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class LateTranscripts:
+    """Whisper, with every pause's transcript held back until ``release`` is set: a decode
+    that finishes after the last frame of the end-of-turn silence."""
+
+    def __init__(self, inner: WhisperSTT) -> None:
+        self.inner = inner
+        self.release = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    async def transcribe(self, pcm: bytes, sample_rate: int) -> Any:
+        return await self.inner.transcribe(pcm, sample_rate)
+
+    def start_turn(self, sample_rate: int = 16000) -> LateTurn:
+        return LateTurn(self.inner.start_turn(sample_rate), self.release)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_pause_transcript_that_comes_after_the_silence_ends_the_turn_when_it_comes(
+    endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
+):
+    # The frames of the whole end-of-turn silence are in before the pause's transcript is:
+    # the turn ends when the transcript comes, with no frame after it (a client sending 50 ms
+    # chunks, or a decode slower than the silence, no longer waits for the next frame).
+    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Your subscription is cancelled.",))
+    stt = LateTranscripts(whisper)
+    events: list[ev.ConversationEvent] = []
+    stopped = asyncio.Event()
+
+    def record(event: ev.ConversationEvent) -> None:
+        events.append(event)
+        if isinstance(event, ev.SpeechStopped):
+            stopped.set()
+
+    # The recording ends in 0.7 s of silence: with 0.2 s more, the silence is past
+    # min_silence_ms and short of max_silence_ms (1.2 s).
+    pcm = silence(0.4) + utterance("shared-04-piper") + silence(0.2)
+    frames = Reframer(RATE, 20).process(pcm)
+
+    async def user() -> AsyncIterator[AudioFrame]:
+        for frame in frames:
+            yield frame
+        n = len(events)
+        stt.release.set()  # the transcript is in; no frame follows until the turn has ended
+        async with asyncio.timeout(30):
+            await stopped.wait()
+        assert [type(e) for e in events[n:]][:2] == [ev.UserTranscriptDelta, ev.SpeechStopped]
+
+    async with llm_for(endpoint) as llm:
+        session = ConversationSession(
+            config=SessionConfig(), llm=llm, stt=stt, tts=piper, sink=ImmediateSink(24000),
+            on_event=record,
+        )  # fmt: skip
+        await session.run(user())
+    [transcript] = [e for e in events if isinstance(e, ev.UserTranscript)]
+    assert normalise(transcript.text) == normalise(CANCEL)
+    [metrics] = session.metrics
+    assert metrics.speculative is True
+    assert [e.text for e in events if isinstance(e, ev.AgentTranscript)] == [
+        "Your subscription is cancelled."
     ]
