@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from runtime.bench.files import read_utf8
 from runtime.bench.ttft import VOICE_SYSTEM_PROMPT
 
 WORDS_PER_S: Final = 2.5  # 150 words a minute, a conversational speaking rate
@@ -138,10 +139,7 @@ def load_conversations(path: Path) -> list[Conversation]:
     Raises:
         ValueError: unreadable file, bad JSON, or a line of neither form (with its line number).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    text = read_utf8(path)
     try:
         whole = json.loads(text)
     except ValueError:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from runtime.bench.files import read_utf8
 from runtime.bench.stats import PERCENTILES
 from runtime.bench.sweep import SLO, EndpointSweep, SweepSpec
 
@@ -261,10 +262,9 @@ def load_document(path: Path) -> dict[str, Any]:
     Raises:
         ValueError: unreadable, not JSON, or neither kind of document.
     """
+    text = read_utf8(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        doc = json.loads(text)
     except ValueError:
         raise ValueError(f"{path} is not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("endpoints"), list):

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from runtime.bench.files import read_utf8
 from runtime.bench.stats import summarize
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
 from runtime.endpoints import Resolver, URLPolicy
@@ -282,10 +283,9 @@ def load_targets(path: Path) -> list[BenchTarget]:
     Raises:
         ValueError: the file is missing, not TOML, or an entry is incomplete.
     """
+    text = read_utf8(path)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
     entries = doc.get("endpoints")
@@ -323,10 +323,7 @@ def load_prompts(path: Path) -> list[list[dict[str, Any]]]:
     Raises:
         ValueError: unreadable file, bad JSON, or a line of neither form.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    lines = read_utf8(path).splitlines()
     prompts: list[list[dict[str, Any]]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

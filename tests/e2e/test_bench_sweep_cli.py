@@ -90,6 +90,23 @@ def test_compare_and_sweep_arguments_are_checked(tmp_path: Path):
     )
 
 
+@pytest.mark.parametrize("option", ["--config", "--prompts", "--conversations", "--compare"])
+def test_an_input_file_that_is_not_utf8_is_named_in_one_line(tmp_path: Path, option: str):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b'[[endpoints]]\nname = "caf\xe9"\n')  # Latin-1, not UTF-8
+    args = {
+        "--config": ("--config", str(bad)),
+        "--prompts": ("--reference", "--prompts", str(bad)),
+        "--conversations": ("--reference", "--conversations", str(bad)),
+        "--compare": ("--compare", str(bad), str(bad)),
+    }[option]
+    result = run("bench", "ttft", *args)
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"voxloop: error: {bad} is not UTF-8 text (byte 25 cannot be read)\n",
+    )
+
+
 def test_config_endpoint_with_an_unset_key_is_a_config_error_not_fatal(tmp_path: Path):
     config = tmp_path / "e.toml"
     config.write_text(
