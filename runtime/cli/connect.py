@@ -37,7 +37,7 @@ from runtime.cli.common import (
     rich_console,
     wrote,
 )
-from runtime.protocol.events import AudioFormat, Encoding
+from runtime.protocol.events import AudioFormat, Encoding, is_tool_name
 
 EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
@@ -173,6 +173,12 @@ def _tool_handler(specs: list[str] | None) -> Any:
         name, sep, text = spec.partition("=")
         if not sep or not name:
             raise UsageError(f"--tool-result wants NAME=TEXT, got {spec!r}")
+        if not is_tool_name(name):
+            raise UsageError(
+                f"--tool-result: {name!r} cannot name a tool (letters, digits, _ and - only)"
+            )
+        if name in answers:
+            raise UsageError(f"--tool-result answers {name!r} twice")
         answers[name] = text
 
     async def handle(call: Any) -> tuple[str, bool]:

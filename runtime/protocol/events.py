@@ -634,12 +634,17 @@ def _headers(value: Any, param: str) -> dict[str, Secret]:
     return out
 
 
+def is_tool_name(name: str) -> bool:
+    """Whether ``name`` can name a tool: letters, digits, ``_`` and ``-``, at least one."""
+    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+
+
 def _tool(value: Any, i: int) -> ToolSpec:
     param = f"session.tools[{i}]"
     doc = _obj(value, param)
     name = _str(doc, "name", f"{param}.", required=True)
     assert name is not None
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
+    if not is_tool_name(name):
         raise _fail(f"{param}.name", "must be an identifier (letters, digits, _ and -)")
     description = _str(doc, "description", f"{param}.") or ""
     parameters = doc.get("parameters")

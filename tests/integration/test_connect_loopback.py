@@ -437,6 +437,15 @@ async def test_cli_exit_codes(tmp_path: Path):
         (["--input", str(tmp_path / "missing.wav")], "no such file"),
         (["--min-silence-ms", "5"], "between 50 and 10000"),
         (["--tool-result", "nameonly"], "NAME=TEXT"),
+        (
+            ["--tool-result", "book table=ok"],
+            "voxloop: error: --tool-result: 'book table' cannot name a tool (letters, digits, _ and - "
+            "only)\n",
+        ),
+        (
+            ["--tool-result", "a=1", "--tool-result", "a=2"],
+            "voxloop: error: --tool-result answers 'a' twice\n",
+        ),
     ]:
         code, _, err = await cli(url, *args)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
