@@ -76,11 +76,19 @@ class HandshakeRejected(SessionFailure):
             message = f"the server refused the credentials: HTTP {status}"
         elif url:
             parts = urlsplit(url)
+            tried = f"{parts.scheme}://{parts.netloc}{parts.path}"
             socket_url = urlunsplit((parts.scheme, parts.netloc, "/v1/ws", "", ""))
-            message = (
-                f"no Voice Agent WebSocket at {parts.scheme}://{parts.netloc}{parts.path} "
-                f"(HTTP {status}); voxloop serves it at {socket_url}"
-            )
+            if parts.path.rstrip("/") == "/v1/ws":
+                advice = "the server there is not voxloop serve"
+            else:
+                advice = f"voxloop serve answers at {socket_url}"
+            path = parts.path.rstrip("/")
+            if path.endswith(("/v1", "/chat/completions", "/models")):
+                advice += (
+                    "; if that is a chat-completions endpoint, give it to voxloop serve "
+                    "(VOXLOOP_LLM_BASE_URL, or an agent's llm.base_url) and connect to the server"
+                )
+            message = f"no Voice Agent WebSocket at {tried} (HTTP {status}); {advice}"
         else:
             message = f"no Voice Agent WebSocket at that URL: HTTP {status}"
         super().__init__(code, message)

@@ -499,7 +499,9 @@ async def test_unknown_socket_paths_are_404_naming_the_socket(server: Server) ->
     _, err = await proc.communicate()
     assert (proc.returncode, err.decode()) == (
         3, f"voxloop: error: no Voice Agent WebSocket at {server.ws[:-3]} (HTTP 404); voxloop "
-           f"serves it at {server.ws} (http_404)\n",
+           f"serve answers at {server.ws}; if that is a chat-completions endpoint, give it to "
+           "voxloop serve (VOXLOOP_LLM_BASE_URL, or an agent's llm.base_url) and connect to the "
+           "server (http_404)\n",
     )  # fmt: skip
 
 

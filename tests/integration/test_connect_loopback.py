@@ -82,7 +82,7 @@ class Peer:
         self.auth_headers.append(auth)
         if auth == "Bearer reject-http":
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
-        if request.path.split("?")[0] != "/v1/ws":
+        if request.path.split("?")[0] != "/v1/ws" or auth == "Bearer not-voxloop":
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
         return None
 
@@ -408,8 +408,16 @@ async def test_cli_exit_codes(tmp_path: Path):
         code, _, err = await cli(wrong, "--agent-id", "agent_1", "--input", str(clip),
                                  key="reject-http-404")  # fmt: skip
         assert (code, err) == (
-            3, f"voxloop: error: no Voice Agent WebSocket at {wrong} (HTTP 404); voxloop serves "
-               f"it at {url} (http_404)\n"
+            3, f"voxloop: error: no Voice Agent WebSocket at {wrong} (HTTP 404); voxloop serve "
+               f"answers at {url} (http_404)\n"
+        )  # fmt: skip
+        # The right path on a server that is not voxloop's (it has no WebSocket anywhere): no
+        # advice to try that same URL.
+        code, _, err = await cli(url, "--agent-id", "agent_1", "--input", str(clip),
+                                 key="not-voxloop")  # fmt: skip
+        assert (code, err) == (
+            3, f"voxloop: error: no Voice Agent WebSocket at {url} (HTTP 404); the server there "
+               "is not voxloop serve (http_404)\n"
         )  # fmt: skip
     # A drop the server does not let us resume from: exit 6; an expired session: exit 7.
     for other_peer, exit_code, message in [
