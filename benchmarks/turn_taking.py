@@ -97,7 +97,7 @@ from runtime.conversation.policy import (
 )
 from runtime.conversation.session import RATE, SpeechGate
 from runtime.speech.engines.piper import PiperTTS
-from runtime.speech.engines.whisper import WhisperSTT
+from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -975,7 +975,10 @@ async def amain(args: argparse.Namespace) -> None:
         piper._executor.shutdown(wait=True)
     if args.phone:
         items = [dataclasses.replace(it, pcm=via_phone(it.pcm)) for it in items]
-    decode = Decoder(whisper, args.decode_ms or None)
+    hearing = whisper
+    if args.min_frames is not None:
+        hearing = WhisperSTT(config=WhisperConfig(min_frames=args.min_frames))
+    decode = Decoder(hearing, args.decode_ms or None)
     counts: dict[str, int] = {}
     for it in items:
         counts[it.kind] = counts.get(it.kind, 0) + 1
@@ -998,6 +1001,7 @@ async def amain(args: argparse.Namespace) -> None:
         rows.append(row)
         print(json.dumps(row))
     whisper._executor.shutdown(wait=True)
+    hearing._executor.shutdown(wait=True)
     if args.json:
         doc = json.dumps({"items": counts, "rows": rows}, indent=2) + "\n"
         await asyncio.to_thread(Path(args.json).write_text, doc)
@@ -1047,6 +1051,13 @@ def main() -> None:
         "--smart-turn",
         action="store_true",
         help="also evaluate the Smart Turn v3.2 audio model (the smart-turn extra)",
+    )
+    parser.add_argument(
+        "--min-frames",
+        type=int,
+        default=None,
+        help="the recognizer's short-window padding target for the policy's hearings "
+        "(WhisperConfig.min_frames, 100 a second; default: the recognizer's)",
     )
     asyncio.run(amain(parser.parse_args()))
 
