@@ -300,13 +300,22 @@ def env_value(name: str) -> str:
     return value
 
 
+PIPE_COLUMNS: Final = 200
+"""The width tables are laid out for when the output is not a terminal (``COLUMNS`` overrides)."""
+
+
 def rich_console(*, stderr: bool = False) -> Any:
     """A rich console without syntax highlighting (stdout, or stderr)."""
     from rich.console import Console
 
     # Soft wrap: a line longer than the terminal (or than 80 columns, into a pipe or a
     # file) is written whole, not broken into two.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        # Into a pipe or a file a table keeps its natural width: at rich's 80 columns its
+        # headers were cut ("endpoin…").
+        console.width = PIPE_COLUMNS
+    return console
 
 
 def fmt(value: float | None) -> str:

@@ -415,9 +415,15 @@ def test_talk_takes_the_rates_transcribe_takes(tmp_path: Path):
     samples = np.frombuffer(source.mono(), dtype="<i2")
     resampled = soxr.resample(samples, source.sample_rate, 11025)
     clip = _write_mono(tmp_path / "11k.wav", np.asarray(resampled, dtype="<i2").tobytes(), 11025)
-    result = voxloop("talk", "--input", str(clip), "--reference-ttft-ms", "50")
+    result = voxloop("talk", "--input", str(clip), "--reference-ttft-ms", "50", env={"COLUMNS": ""})
     assert result.returncode == 0, result.stderr
     assert "you   Please cancel my subscription." in result.stdout.splitlines()
+    # Into a pipe the table of turns keeps its width: every header whole, on one line.
+    [header] = [line for line in result.stdout.splitlines() if line.startswith("┃ turn")]
+    assert [h.strip() for h in header.strip("┃").split("┃")] == [
+        "turn", "v2v", "endpointing", "stt final", "ttft", "first sentence", "tts first audio",
+        "overhead",
+    ]  # fmt: skip
 
 
 def test_connect_checks_its_files_and_devices_as_talk_does(tmp_path: Path, refused_port: int):
