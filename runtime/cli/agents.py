@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime.cli.checks import use_ca_bundle, with_scheme
+from runtime.cli.checks import no_user_info, use_ca_bundle, with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
@@ -102,8 +102,26 @@ def _connection_flags(parser: argparse.ArgumentParser, *, default: Any) -> None:
 
 
 def service_url(url: str | None) -> str:
-    """The agent service URL: ``url``, else ``$VOXLOOP_URL``, else the default (scheme added)."""
-    return with_scheme(url or os.environ.get("VOXLOOP_URL") or DEFAULT_URL).rstrip("/")
+    """The agent service URL: ``url``, else ``$VOXLOOP_URL``, else the default (scheme added).
+
+    Raises:
+        ValueError: not an http(s) URL with a host, or one holding user information.
+    """
+    from urllib.parse import urlsplit
+
+    given = url or os.environ.get("VOXLOOP_URL") or DEFAULT_URL
+    what = "--url" if url else "VOXLOOP_URL"
+    no_user_info(given, what)
+    full = with_scheme(given).rstrip("/")
+    parts = urlsplit(full)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() for c in full)
+    ):
+        raise ValueError(f"{what} must be the http:// or https:// address of voxloop serve, "
+                         f"not {given!r}")  # fmt: skip
+    return full
 
 
 def _plain_http(url: str, tls: ssl.SSLError | None) -> bool:
@@ -149,14 +167,19 @@ def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_agents(args: argparse.Namespace) -> int:
     import httpx
 
-    url = service_url(args.url)
+    try:
+        url = service_url(args.url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     use_ca_bundle(args.ca_bundle)
     from runtime.endpoints import tls_verify
 
     key_env = args.api_key_env or "VOXLOOP_API_KEY"
     try:
         key = env_value(key_env)
-    except ValueError:
+    except ValueError as exc:
+        if os.environ.get(key_env):
+            raise UsageError(str(exc)) from None
         raise UsageError(
             f"environment variable {key_env} is not set: put one of the server's "
             "VOXLOOP_API_KEYS in it"

@@ -47,6 +47,22 @@ def check_engine(kind: str, name: str, available: tuple[str, ...]) -> None:
         require(module)
 
 
+def no_user_info(url: str, what: str) -> None:
+    """Refuse a URL that carries ``user:password@`` (which would replace the API key with
+    HTTP Basic credentials, and show the password in every error naming the URL).
+
+    Raises:
+        ValueError: it does; the message does not repeat the URL.
+    """
+    from urllib.parse import urlsplit
+
+    if "@" in urlsplit(url).netloc:
+        raise ValueError(
+            f"{what} holds user information (user:password@): keys go in environment "
+            "variables, never in a URL"
+        )
+
+
 def with_scheme(url: str) -> str:
     """``host:port`` (or ``host``) as ``http://host:port``; URLs with a scheme unchanged."""
     if "://" in url:

@@ -289,14 +289,26 @@ def describe(exc: BaseException) -> CommandError:
 
 
 def env_value(name: str) -> str:
-    """The non-empty value of environment variable ``name`` (keys are never passed as flags).
+    """The key in environment variable ``name`` (keys are never passed as flags).
+
+    A key travels in an HTTP header: one line of printable ASCII, no spaces.
 
     Raises:
-        ValueError: unset or empty.
+        ValueError: unset or empty, or holding what no header can carry (a line break, a
+            space, a character that is not ASCII); the message never shows the value.
     """
     value = os.environ.get(name)
     if not value:
         raise ValueError(f"environment variable {name} is not set")
+    bad = next((i for i, ch in enumerate(value) if not "!" <= ch <= "~"), None)
+    if bad is not None:
+        what = {"\n": "a line break", "\r": "a line break", " ": "a space", "\t": "a tab"}.get(
+            value[bad], "a character that is not printable ASCII"
+        )
+        raise ValueError(
+            f"environment variable {name} holds {what} (character {bad + 1} of {len(value)}); "
+            "a key is one line of printable ASCII"
+        )
     return value
 
 

@@ -126,9 +126,14 @@ def websocket_url(url: str) -> str:
     an address without a path gets the protocol's path ``/v1/ws``.
 
     Raises:
-        ValueError: not an http(s)/ws(s) URL.
+        ValueError: not an http(s)/ws(s) URL, or one holding user information.
     """
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "the URL holds user information (user:password@): the key goes in "
+            "VOXLOOP_API_KEY (or --token), never in the URL"
+        )
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
         raise ValueError(f"not a ws://, wss://, http:// or https:// URL: {url!r}")

@@ -115,6 +115,68 @@ def test_agents_cli_names_the_url_it_could_not_reach(refused_port: int):
                                "the server's VOXLOOP_API_KEYS in it")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        ("sk-secret-123\n", "a line break (character 14 of 14)"),
+        ("sk-secret 123", "a space (character 10 of 13)"),
+        ("sk-secret-\u2713", "a character that is not printable ASCII (character 11 of 11)"),
+    ],
+)
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(
+    refused_port: int, key: str, what: str
+):
+    message = (
+        f"environment variable VOXLOOP_API_KEY holds {what}; a key is one line of printable ASCII"
+    )
+    clip = str(SPEECH / "shared-04-piper.wav")
+    for args, suffix in (
+        (("agents", "list", "--url", f"127.0.0.1:{refused_port}"), ""),
+        (
+            ("connect", f"ws://127.0.0.1:{refused_port}/v1/ws", "--input", clip),
+            " (or give --token)",
+        ),
+    ):
+        result = voxloop(*args, env={"VOXLOOP_API_KEY": key})
+        assert_one_line(result, 2, message + suffix)
+        assert "secret" not in result.stderr and result.stdout == ""
+
+
+def test_user_information_in_a_url_is_refused_without_showing_it(refused_port: int):
+    clip = str(SPEECH / "shared-04-piper.wav")
+    url = f"127.0.0.1:{refused_port}"
+    for args, env, message in (
+        (
+            ("agents", "list", "--url", f"http://ada:pa55word@{url}"),
+            {},
+            "--url holds user information "
+            "(user:password@): keys go in environment variables, never in a URL",
+        ),
+        (
+            ("agents", "list"),
+            {"VOXLOOP_URL": f"http://ada:pa55word@{url}"},
+            "VOXLOOP_URL holds user "
+            "information (user:password@): keys go in environment variables, never in a URL",
+        ),
+        (
+            ("connect", f"ws://ada:pa55word@{url}/v1/ws", "--input", clip),
+            {},
+            "the URL holds user "
+            "information (user:password@): the key goes in VOXLOOP_API_KEY (or --token), never in the URL",
+        ),
+    ):
+        result = voxloop(*args, env={"VOXLOOP_API_KEY": "k", **env})
+        assert_one_line(result, 2, message)
+        assert "pa55word" not in result.stderr
+    for given in ("ftp://x", "not a url"):
+        result = voxloop("agents", "list", "--url", given, env={"VOXLOOP_API_KEY": "k"})
+        assert_one_line(
+            result,
+            2,
+            f"--url must be the http:// or https:// address of voxloop serve, not {given!r}",
+        )
+
+
 # -- voices against the engine ---------------------------------------------------------
 
 
