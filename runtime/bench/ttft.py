@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from runtime.bench.files import read_utf8
 from runtime.bench.stats import summarize
@@ -298,6 +299,11 @@ def load_targets(path: Path) -> list[BenchTarget]:
         for key in ("base_url", "model"):
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise ValueError(f"{path}: endpoints[{i}].{key} is required (a string)")
+        if "@" in urlsplit(entry["base_url"]).netloc:
+            raise ValueError(
+                f"{path}: endpoints[{i}].base_url holds user information (user:password@): "
+                "keys go in the environment variable api_key_env names, never in a URL"
+            )
         key_env = entry.get("api_key_env")
         if key_env is not None and not isinstance(key_env, str):
             raise ValueError(f"{path}: endpoints[{i}].api_key_env must be a string")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime.cli.checks import add_ca_bundle_flag, use_ca_bundle, with_scheme
+from runtime.cli.checks import add_ca_bundle_flag, no_user_info, use_ca_bundle, with_scheme
 from runtime.cli.common import (
     EXIT_OK,
     CommandError,
@@ -200,6 +200,7 @@ def _targets_from_flags(args: argparse.Namespace) -> list[Any]:
     keys = per_url(args.api_key_env, "--api-key-env", None)
     for url, model, name, key in zip(urls, models, names, keys, strict=True):
         assert model is not None
+        no_user_info(url, "--base-url")
         url = with_scheme(url)
         # A key named on the command line must be there; one named in a --config
         # file is counted as a `config` error of that endpoint (the others still run).

@@ -123,6 +123,10 @@ async def check_endpoint(url: str, flag: str) -> None:
     )
     from runtime.errors import URLPolicyError
 
+    try:
+        no_user_info(url, flag)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     policy = URLPolicy.operator()
     try:
         endpoint = parse_endpoint_url(url, policy)

@@ -168,6 +168,14 @@ def test_user_information_in_a_url_is_refused_without_showing_it(refused_port: i
         result = voxloop(*args, env={"VOXLOOP_API_KEY": "k", **env})
         assert_one_line(result, 2, message)
         assert "pa55word" not in result.stderr
+    message = "--base-url holds user information (user:password@): keys go in environment variables, never in a URL"
+    for args in (
+        ("talk", "--base-url", f"http://ada:pa55word@{url}/v1", "--model", "m", "--input", clip),
+        ("bench", "ttft", "--base-url", f"http://ada:pa55word@{url}/v1", "--model", "m"),
+    ):
+        result = voxloop(*args)
+        assert_one_line(result, 2, message)
+        assert "pa55word" not in result.stderr + result.stdout
     for given in ("ftp://x", "not a url"):
         result = voxloop("agents", "list", "--url", given, env={"VOXLOOP_API_KEY": "k"})
         assert_one_line(

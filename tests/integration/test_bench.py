@@ -153,13 +153,18 @@ def test_toml_config(tmp_path: Path):
         ("x = 1", "no \\[\\[endpoints\\]\\]"),
         ('[[endpoints]]\nmodel = "m"', "base_url is required"),
         ('[[endpoints]]\nbase_url = "u"\nmodel = "m"\ncolour = "red"', "unknown keys: colour"),
+        (
+            '[[endpoints]]\nbase_url = "https://ada:pa55@h/v1"\nmodel = "m"',
+            "endpoints\\[0\\].base_url holds user information",
+        ),
     ],
 )
 def test_bad_toml_config(tmp_path: Path, text: str, message: str):
     path = tmp_path / "e.toml"
     path.write_text(text)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         load_targets(path)
+    assert "pa55" not in str(info.value)
 
 
 def test_settings_are_validated():
