@@ -169,11 +169,11 @@ def test_user_information_in_a_url_is_refused_without_showing_it(refused_port: i
         assert_one_line(result, 2, message)
         assert "pa55word" not in result.stderr
     message = "--base-url holds user information (user:password@): keys go in environment variables, never in a URL"
-    for args in (
+    for command in (
         ("talk", "--base-url", f"http://ada:pa55word@{url}/v1", "--model", "m", "--input", clip),
         ("bench", "ttft", "--base-url", f"http://ada:pa55word@{url}/v1", "--model", "m"),
     ):
-        result = voxloop(*args)
+        result = voxloop(*command)
         assert_one_line(result, 2, message)
         assert "pa55word" not in result.stderr + result.stdout
     for given in ("ftp://x", "not a url"):
