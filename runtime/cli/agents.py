@@ -66,9 +66,9 @@ def register(sub: Any) -> None:
     c.add_argument("--llm-api-key-env", help="environment variable holding the endpoint's key")
     add("list", "list agents, newest first")
     for name, text in (("get", "show an agent"), ("delete", "delete an agent")):
-        add(name, text).add_argument("agent_id", help="the agent's id (agent_…)")
+        add(name, text).add_argument("agent_id", type=agent_id, help="the agent's id (agent_…)")
     k = add("link", "print a single-use browser link to talk to an agent on the page")
-    k.add_argument("agent_id", help="the agent's id (agent_…)")
+    k.add_argument("agent_id", type=agent_id, help="the agent's id (agent_…)")
     k.add_argument(
         "--expires-in", type=int, default=300, metavar="S",
         help="seconds the link may wait before it is opened, 1-600 (default: 300); "
@@ -76,7 +76,7 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     k.add_argument("--open", action="store_true", help="open the link in this machine's browser")
     u = add("update", "update fields from a JSON file (present fields replace)")
-    u.add_argument("agent_id", help="the agent's id (agent_…)")
+    u.add_argument("agent_id", type=agent_id, help="the agent's id (agent_…)")
     u.add_argument("--file", type=Path, required=True, help="the fields as JSON")
     a.set_defaults(handler=_cmd_agents)
 
@@ -99,6 +99,19 @@ def _connection_flags(parser: argparse.ArgumentParser, *, default: Any) -> None:
         default=default,
         help="environment variable holding the API key (default: VOXLOOP_API_KEY)",
     )
+
+
+def agent_id(value: str) -> str:
+    """An agent id as the command line takes it: letters, digits, ``_`` and ``-`` (``agent_…``).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (it would become another path of the API).
+    """
+    if not value or not all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
+        raise argparse.ArgumentTypeError(
+            f"not an agent id: {value!r} (an id is letters, digits, _ and -: agent_…)"
+        )
+    return value
 
 
 def service_url(url: str | None) -> str:
@@ -229,22 +242,40 @@ def _cmd_agents(args: argparse.Namespace) -> int:
             f"cannot reach the agent service at {url} ({cause}); is voxloop serve running "
             "there? (--url or VOXLOOP_URL)"
         ) from None
+    answer = _service_answer(response)
+    not_voxloop = CommandError(
+        f"{method} {url}{path}: HTTP {response.status_code}, not an answer of voxloop serve's "
+        "agent service; is --url (or VOXLOOP_URL) voxloop serve's address?"
+    )
     if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-            param = response.json().get("param")
-        except (ValueError, AttributeError):
-            detail, param = response.text[:200], None
+        if not isinstance(answer, dict) or "detail" not in answer:
+            raise not_voxloop
+        param = answer.get("param")
         where = f" ({param})" if param else ""
         hint = f"; check {key_env}" if response.status_code == 401 else ""
         raise CommandError(
-            f"{method} {url}{path}: HTTP {response.status_code}{where}: {detail}{hint}"
+            f"{method} {url}{path}: HTTP {response.status_code}{where}: {answer['detail']}{hint}"
         )
+    if response.status_code == 204:
+        return EXIT_OK
+    if response.status_code not in (200, 201) or answer is None:
+        raise not_voxloop
     if args.agents_command == "link":
-        return _print_link(url, args.agent_id, response.json()["token"], opening=args.open)
-    if response.status_code != 204:
-        print(json.dumps(response.json(), indent=2))
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if not isinstance(token, str):
+            raise not_voxloop
+        return _print_link(url, args.agent_id, token, opening=args.open)
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
     return EXIT_OK
+
+
+def _service_answer(response: Any) -> dict[str, Any] | list[Any] | None:
+    """The JSON object or list a response holds, or ``None`` (no body, not JSON, a scalar)."""
+    try:
+        doc = response.json()
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict | list) else None
 
 
 def _print_link(url: str, agent_id: str, token: str, *, opening: bool) -> int:

@@ -185,6 +185,41 @@ def test_user_information_in_a_url_is_refused_without_showing_it(refused_port: i
         )
 
 
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(404, b'{"error": {"message": "Not Found"}}'), (307, b""), (200, b"<html>hello</html>")],
+)
+def test_agents_against_a_server_that_is_not_voxloop_says_so(status: int, body: bytes):
+    import http.server
+    import threading
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = voxloop("agents", "list", "--url", url, env={"VOXLOOP_API_KEY": "k"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert_one_line(
+        result, 1,
+        f"GET {url}/v1/agents: HTTP {status}, not an answer of voxloop serve's agent service; "
+        "is --url (or VOXLOOP_URL) voxloop serve's address?",
+    )  # fmt: skip
+    assert result.stdout == ""
+
+
 # -- voices against the engine ---------------------------------------------------------
 
 

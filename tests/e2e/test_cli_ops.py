@@ -99,6 +99,25 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
             )  # fmt: skip
             assert listed.returncode == 0, listed.stderr
             assert json.loads(listed.stdout) == []
+            # Names print as written (not \\u escapes); an id that is no id is refused at once.
+            made = subprocess.run(
+                [*VOXLOOP, "agents", "create", "--url", url, "--name", "Café 🎉",
+                 "--system-prompt", "Be brief."],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, "VOXLOOP_API_KEY": "key-1"},
+            )  # fmt: skip
+            assert made.returncode == 0, made.stderr
+            assert json.loads(made.stdout)["name"] == "Café 🎉"
+            assert '"name": "Café 🎉"' in made.stdout and "\\u" not in made.stdout
+            empty = subprocess.run(
+                [*VOXLOOP, "agents", "get", "", "--url", url], capture_output=True, text=True,
+                timeout=60, check=False, env={**os.environ, "VOXLOOP_API_KEY": "key-1"},
+            )  # fmt: skip
+            assert (empty.returncode, empty.stderr) == (
+                2,
+                "voxloop agents get: error: argument agent_id: not an agent id: '' (an id is "
+                "letters, digits, _ and -: agent_…) (see voxloop agents get --help)\n",
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
@@ -109,7 +128,7 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
     requests = [r for r in lines if r["msg"] == "request"]
     assert [(r["method"], r["path"], r["status"]) for r in requests] == [
         ("GET", "/", 200), ("GET", "/health", 200), ("GET", "/docs", 200),
-        ("GET", "/v1/token", 200), ("GET", "/v1/agents", 200),
+        ("GET", "/v1/token", 200), ("GET", "/v1/agents", 200), ("POST", "/v1/agents", 201),
     ]  # fmt: skip
     assert requests[1]["request_id"] == "req-42"
     assert all(len(r["request_id"]) == 32 for i, r in enumerate(requests) if i != 1)
