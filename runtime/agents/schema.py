@@ -56,17 +56,25 @@ MAX_TOOLS: Final = 128
 MAX_HEADERS: Final = 32
 MAX_URL: Final = 2048
 MAX_MESSAGE: Final = 300
+MAX_PROBLEMS: Final = 20  # field problems listed in one error response
 HTTP_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 class FieldError(ValueError):
-    """A request body problem, tied to a field path (``param``)."""
+    """A request body problem, tied to a field path (``param``).
 
-    def __init__(self, param: str, message: str) -> None:
+    ``problems``: every ``(param, message)`` found in the body, the first being this one's
+    (a body with several wrong fields names each).
+    """
+
+    def __init__(
+        self, param: str, message: str, problems: list[tuple[str, str]] | None = None
+    ) -> None:
         message = shorten(message)
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+        self.problems = problems or [(param, message)]
 
 
 def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -618,7 +626,8 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
 
     Raises:
         FieldError: the first problem found (the ``param`` of the first
-            pydantic error, in document order).
+            pydantic error, in document order), with every problem of the body's shape
+            (up to :data:`MAX_PROBLEMS`) in ``problems``.
     """
     if not isinstance(body, dict):
         raise FieldError("body", "must be a JSON object")
@@ -626,8 +635,11 @@ def validate_agent(body: Any, *, partial: bool, voices: frozenset[str]) -> Agent
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        raise FieldError(_param(first["loc"]), _message(first)) from None
+        found = [
+            (_param(e["loc"]), shorten(_message(e)))
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise FieldError(*found[0], problems=found[:MAX_PROBLEMS]) from None
     given = parsed.model_fields_set
     _check_runnable(parsed)
     out = AgentInput()

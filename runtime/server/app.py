@@ -327,7 +327,9 @@ class BodyRefused(FieldError):
 
 def _field_error(status: int, exc: FieldError, code: str) -> JSONResponse:
     closing = {"connection": "close"} if isinstance(exc, BodyRefused) else None
-    return _error(status, exc.message, param=exc.param, code=code, headers=closing)
+    return _error(
+        status, exc.message, param=exc.param, code=code, headers=closing, problems=exc.problems
+    )
 
 
 _STATUS_CODES: Final = {
@@ -352,6 +354,7 @@ def _error(
     param: str | None = None,
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
+    problems: list[tuple[str, str]] | None = None,
 ) -> JSONResponse:
     """The error envelope every failed request gets.
 
@@ -372,7 +375,10 @@ def _error(
     if param:
         param = shorten(param, 200)
         body["param"] = param
-        body["errors"] = [{"param": param, "message": message}]
+        body["errors"] = [
+            {"param": shorten(p, 200), "message": shorten(m)}
+            for p, m in (problems or [(param, message)])
+        ]
     body["detail"] = message
     out = dict(headers or {})
     out["X-Request-ID"] = request_id

@@ -95,7 +95,7 @@ def error_envelope(r: httpx.Response, status: int, code: str, param: str | None 
         body,
     )
     if param is not None:
-        assert body["errors"] == [{"param": param, "message": body["message"]}], (
+        assert body["errors"][0] == {"param": param, "message": body["message"]}, (
             "[REST errors] errors lists each field problem",
             body,
         )

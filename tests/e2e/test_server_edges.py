@@ -81,6 +81,23 @@ def test_what_a_session_cannot_run_is_refused_at_write_time(edge_server: Server)
         assert r.status_code == 422 and r.json()["param"] == param, r.text
 
 
+def test_every_problem_of_a_body_is_listed(edge_server: Server) -> None:
+    c = edge_server.client()
+    r = c.post("/v1/agents", json={"name": 5, "system_prompt": 6, "voice": "ivy", "bogus": 1})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert (body["param"], body["detail"]) == ("name", "must be a string")
+    assert body["errors"] == [
+        {"param": "name", "message": "must be a string"},
+        {"param": "system_prompt", "message": "must be a string"},
+        {"param": "bogus", "message": "is not a known field"},
+    ]
+    r = c.post("/v1/agents", json={})
+    assert r.json()["errors"] == [
+        {"param": p, "message": "is required"} for p in ("name", "system_prompt", "voice")
+    ]
+
+
 def test_a_local_use_nat64_endpoint_is_refused(edge_server: Server) -> None:
     c = edge_server.client()
     for host in ("[64:ff9b:1::a00:1]", "[64:ff9b:1:a00:1::]", "[64:ff9b:1::5db8:d822]"):
