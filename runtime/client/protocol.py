@@ -46,12 +46,14 @@ The rules, from the protocol's lifecycle section:
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from runtime.errors import VoiceAgentError
 from runtime.protocol.events import (
+    CLIENT_EVENT_TYPES,
     FATAL_CODES,
     ClientEvent,
     InputAudio,
@@ -209,6 +211,7 @@ class ClientProtocol:
     _interrupted: set[str] = field(default_factory=set)
     _pending: list[_Pending] = field(default_factory=list)
     _counters: _Counters = field(default_factory=_Counters)
+    _heard: bool = False  # a message came on this connection
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -220,6 +223,7 @@ class ClientProtocol:
         """
         if self.state is not State.CONNECTING:
             raise InvalidState(f"connection_made in state {self.state.value}")
+        self._heard = False
         if self._resuming:
             assert self.session_id is not None
             self._send(SessionResume(session_id=self.session_id))
@@ -244,15 +248,31 @@ class ClientProtocol:
         Malformed messages and unknown types are skipped and counted (a newer
         server may send events this client does not know); they never raise.
         """
+        first = self.state is State.BINDING and not self._heard
+        self._heard = True
         try:
             event = decode_server_event(text)
         except ProtocolError:
+            if first and not _reads_as_an_event(text):
+                self._not_voice_agent("not a JSON event")
+                return
             self._counters.ignored += 1
             return
         if isinstance(event, UnknownServerEvent):
+            if first and event.type in CLIENT_EVENT_TYPES:
+                self._not_voice_agent(f"{event.type!r}, the client's own event sent back")
+                return
             self._counters.ignored += 1
             return
         self._receive(event)
+
+    def _not_voice_agent(self, what: str) -> None:
+        # A Voice Agent server's first message is session.ready or an error: whatever answers
+        # here is another kind of WebSocket server (an echo, a different protocol).
+        self._fail(
+            "unreachable",
+            f"the server there is not a Voice Agent server: its first message was {what}",
+        )
 
     def send_audio(self, data: bytes) -> bool:
         """Queue one chunk of input audio (already in the session's input encoding).
@@ -457,3 +477,12 @@ class ClientProtocol:
             for p in self._pending:
                 self._send(p.result)
             self._pending.clear()
+
+
+def _reads_as_an_event(text: str | bytes) -> bool:
+    """Whether ``text`` is a JSON object with a string ``type`` (a Voice Agent message's shape)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("type"), str)

@@ -837,6 +837,13 @@ def _load(text: str | bytes, *, limit: int | None) -> dict[str, Any]:
     return doc
 
 
+CLIENT_EVENT_TYPES: Final = frozenset({
+    "session.update", "session.resume", "input.audio", "tool.result", "reply.create",
+    "conversation.message", "reply.cancel", "session.end",
+})  # fmt: skip
+"""The ``type`` of every client event (what :func:`decode_client_event` takes)."""
+
+
 def decode_client_event(
     text: str | bytes, *, max_chars: int | None = MAX_MESSAGE_CHARS
 ) -> ClientEvent:

@@ -262,3 +262,44 @@ def test_every_state_has_a_transition_row_and_terminal_states_are_final():
     proto.give_up("window over")
     assert state_of(proto) is State.FAILED and proto.error is not None
     assert proto.error.code == "resume_failed"
+
+
+@pytest.mark.parametrize(
+    ("first", "what"),
+    [
+        ("hello", "not a JSON event"),
+        ("[1, 2]", "not a JSON event"),
+        ('{"kind": "ready"}', "not a JSON event"),
+        (json.dumps({"type": "session.update", "session": {"agent_id": "agent_1"}}),
+         "'session.update', the client's own event sent back"),
+    ],
+)  # fmt: skip
+def test_a_first_message_no_voice_agent_server_sends_fails_the_session_at_once(
+    first: str, what: str
+):
+    proto = ClientProtocol(BIND)
+    proto.connection_made()
+    proto.data_to_send()
+    proto.receive_text(first)
+    assert state_of(proto) is State.FAILED
+    assert proto.error is not None
+    assert (proto.error.code, proto.error.message) == (
+        "unreachable",
+        f"the server there is not a Voice Agent server: its first message was {what}",
+    )
+
+
+def test_an_unknown_or_malformed_event_is_skipped_first_or_later():
+    proto = ClientProtocol(BIND)
+    proto.connection_made()
+    proto.data_to_send()
+    # A newer server's event type, or a known type with a bad field: a Voice Agent server's.
+    proto.receive_text('{"type": "session.welcome"}')
+    proto.receive_text('{"type": "session.ready"}')  # no session_id
+    assert state_of(proto) is State.BINDING
+    feed(proto, {"type": "session.ready", "session_id": "sess_1", "resume_token": "rt_1"})
+    assert state_of(proto) is State.READY
+    # Once the server spoke the protocol, anything odd is skipped as before.
+    proto.receive_text("hello")
+    proto.receive_text(json.dumps({"type": "session.update", "session": {}}))
+    assert state_of(proto) is State.READY
