@@ -323,6 +323,10 @@ class Call:
                     extra=self._ids(code=exc.code, error=exc.message,
                                     event=exc.event or ""),
                 )  # fmt: skip
+                if exc.code == "unsupported_format" and not self.stream_sid:
+                    # A stream whose audio cannot be heard or spoken: hang up at once rather
+                    # than hold a silent call open until the start times out.
+                    raise _Hangup from None
 
     async def _close(self) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -406,3 +407,35 @@ async def test_malformed_messages_are_logged_and_the_call_goes_on(
     assert ("invalid_field", "media") in rejected
     assert ("invalid_event", "warp") in rejected
     assert line["reason"] == "caller_hangup" and line["rejected_messages"] == 3
+
+
+async def test_a_stream_in_a_format_that_cannot_be_heard_is_hung_up_at_once(
+    server: Server, endpoint: EndpointThread
+) -> None:
+    agent = make_agent(server, endpoint, greeting="Hello there.")
+    async with websockets.connect(
+        server.media, additional_headers={"X-Twilio-Signature": sign(server.media)}
+    ) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(json.dumps({"event": "start", "streamSid": "MZwide",
+                                  "start": {"callSid": "CAwide", "accountSid": "AC1",
+                                            "customParameters": {"agent_id": agent},
+                                            "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                            "sampleRate": 16000, "channels": 1}}}))  # fmt: skip
+        # A start it could play comes next: the call must not go on with it.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(json.dumps({"event": "start", "streamSid": "MZwide",
+                                      "start": {"callSid": "CAwide", "accountSid": "AC1",
+                                                "customParameters": {"agent_id": agent},
+                                                "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                                "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
+        # The server closes the stream (Twilio then ends the call): no greeting, no media.
+        async with asyncio.timeout(30):
+            with pytest.raises(websockets.ConnectionClosedOK):
+                while True:
+                    got = json.loads(await ws.recv())
+                    assert got["event"] not in ("media", "mark"), got
+    rejected = [(d["code"], d.get("event", "")) for d in server.lines()
+                if d["msg"] == "twilio message rejected"]  # fmt: skip
+    assert rejected[-1] == ("unsupported_format", "start")
+    assert any(d["msg"] == "twilio stream ended before start" for d in server.lines())
