@@ -522,9 +522,11 @@ def _check_http(scheme: str, address: IPAddress, host: str, policy: URLPolicy) -
 def check_address(address: IPAddress, host: str, policy: URLPolicy) -> None:
     """Raise :class:`URLPolicyError` unless ``policy`` permits connecting to ``address``."""
     if not policy.permits_address(address, host):
+        kind = describe_address(address)
+        article = "an" if kind[:1].lower() in "aeiou" else "a"  # "an IPv4-mapped", "a loopback"
         raise _reject(
             "private-address",
-            f"host {host[:80]!r} resolves to a {describe_address(address)} address ({address}), "
+            f"host {host[:80]!r} resolves to {article} {kind} address ({address}), "
             "which is not allowed; to allow it, add the host or its network to "
             f"{ALLOWLIST_SETTING}",
         )

@@ -297,16 +297,17 @@ def load_targets(path: Path) -> list[BenchTarget]:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: endpoints[{i}] is not a table")
         for key in ("base_url", "model"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
+            if key not in entry:
                 raise ValueError(f"{path}: endpoints[{i}].{key} is required (a string)")
+        for key in ("name", "base_url", "model", "api_key_env"):
+            if key in entry and (not isinstance(entry[key], str) or not entry[key]):
+                raise ValueError(f"{path}: endpoints[{i}].{key} must be a non-empty string")
         if "@" in urlsplit(entry["base_url"]).netloc:
             raise ValueError(
                 f"{path}: endpoints[{i}].base_url holds user information (user:password@): "
                 "keys go in the environment variable api_key_env names, never in a URL"
             )
         key_env = entry.get("api_key_env")
-        if key_env is not None and not isinstance(key_env, str):
-            raise ValueError(f"{path}: endpoints[{i}].api_key_env must be a string")
         unknown = set(entry) - {"name", "base_url", "model", "api_key_env"}
         if unknown:
             raise ValueError(
@@ -314,7 +315,7 @@ def load_targets(path: Path) -> list[BenchTarget]:
             )
         targets.append(
             BenchTarget(
-                name=str(entry.get("name") or entry["base_url"]),
+                name=entry.get("name") or entry["base_url"],
                 base_url=entry["base_url"],
                 model=entry["model"],
                 api_key_env=key_env,

@@ -253,6 +253,8 @@ def _cmd_agents(args: argparse.Namespace) -> int:
         param = answer.get("param")
         where = f" ({param})" if param else ""
         hint = f"; check {key_env}" if response.status_code == 401 else ""
+        if response.status_code == 404 and url.endswith("/v1") and path.startswith("/v1/"):
+            hint = f"; --url (or VOXLOOP_URL) is the server's address, without /v1: {url[:-3]}"
         raise CommandError(
             f"{method} {url}{path}: HTTP {response.status_code}{where}: {answer['detail']}{hint}"
         )

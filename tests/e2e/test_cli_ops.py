@@ -109,6 +109,15 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
             assert made.returncode == 0, made.stderr
             assert json.loads(made.stdout)["name"] == "Café 🎉"
             assert '"name": "Café 🎉"' in made.stdout and "\\u" not in made.stdout
+            doubled = subprocess.run(
+                [*VOXLOOP, "agents", "list", "--url", f"{url}/v1"], capture_output=True,
+                text=True, timeout=60, check=False, env={**os.environ, "VOXLOOP_API_KEY": "key-1"},
+            )  # fmt: skip
+            assert (doubled.returncode, doubled.stderr) == (
+                1,
+                f"voxloop: error: GET {url}/v1/v1/agents: HTTP 404: no such route; --url (or "
+                f"VOXLOOP_URL) is the server's address, without /v1: {url}\n",
+            )
             empty = subprocess.run(
                 [*VOXLOOP, "agents", "get", "", "--url", url], capture_output=True, text=True,
                 timeout=60, check=False, env={**os.environ, "VOXLOOP_API_KEY": "key-1"},
@@ -129,6 +138,7 @@ def test_serve_public_routes_access_log_and_a_clean_sigterm(tmp_path: Path):
     assert [(r["method"], r["path"], r["status"]) for r in requests] == [
         ("GET", "/", 200), ("GET", "/health", 200), ("GET", "/docs", 200),
         ("GET", "/v1/token", 200), ("GET", "/v1/agents", 200), ("POST", "/v1/agents", 201),
+        ("GET", "/v1/v1/agents", 404),
     ]  # fmt: skip
     assert requests[1]["request_id"] == "req-42"
     assert all(len(r["request_id"]) == 32 for i, r in enumerate(requests) if i != 1)

@@ -153,6 +153,9 @@ def test_toml_config(tmp_path: Path):
         ("x = 1", "no \\[\\[endpoints\\]\\]"),
         ('[[endpoints]]\nmodel = "m"', "base_url is required"),
         ('[[endpoints]]\nbase_url = "u"\nmodel = "m"\ncolour = "red"', "unknown keys: colour"),
+        ('[[endpoints]]\nname = 5\nbase_url = "u"\nmodel = "m"', "name must be a non-empty string"),
+        ('[[endpoints]]\nbase_url = ["u"]\nmodel = "m"', "base_url must be a non-empty string"),
+        ('[[endpoints]]\nbase_url = "u"\nmodel = "m"\napi_key_env = 1', "api_key_env must be a"),
         (
             '[[endpoints]]\nbase_url = "https://ada:pa55@h/v1"\nmodel = "m"',
             "endpoints\\[0\\].base_url holds user information",

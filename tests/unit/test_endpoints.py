@@ -11,6 +11,7 @@ from runtime.endpoints import (
     IPV6_SPECIAL,
     StaticResolver,
     URLPolicy,
+    check_address,
     check_endpoint_url,
     is_public_address,
     parse_endpoint_url,
@@ -409,3 +410,18 @@ def test_ca_bundle_is_loaded_from_the_setting(tmp_path):
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(ValueError, match="cannot be used"):
         tls_verify(tmp_path / "bad.pem")
+
+
+@pytest.mark.parametrize(
+    ("address", "said"),
+    [
+        ("::ffff:10.0.0.1", "an IPv4-mapped address (::ffff:a00:1)"),
+        ("::", "an unspecified address (::)"),
+        ("127.0.0.1", "a loopback address (127.0.0.1)"),
+        ("10.1.2.3", "a private address (10.1.2.3)"),
+    ],
+)
+def test_a_refused_address_is_named_in_plain_english(address: str, said: str):
+    with pytest.raises(URLPolicyError) as info:
+        check_address(ipaddress.ip_address(address), "h", URLPolicy())
+    assert str(info.value).startswith(f"host 'h' resolves to {said}, which is not allowed")
