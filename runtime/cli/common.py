@@ -291,23 +291,26 @@ def describe(exc: BaseException) -> CommandError:
 def env_value(name: str) -> str:
     """The key in environment variable ``name`` (keys are never passed as flags).
 
-    A key travels in an HTTP header: one line of printable ASCII, no spaces.
+    A key travels in an HTTP header: one line of printable ASCII, with no space at either end.
 
     Raises:
         ValueError: unset or empty, or holding what no header can carry (a line break, a
-            space, a character that is not ASCII); the message never shows the value.
+            tab, a character that is not ASCII, a space at its start or end); the message
+            never shows the value.
     """
     value = os.environ.get(name)
     if not value:
         raise ValueError(f"environment variable {name} is not set")
-    bad = next((i for i, ch in enumerate(value) if not "!" <= ch <= "~"), None)
+    bad = next((i for i, ch in enumerate(value) if not " " <= ch <= "~"), None)
+    if bad is None and value != value.strip(" "):
+        bad = 0 if value[0] == " " else len(value) - 1
     if bad is not None:
         what = {"\n": "a line break", "\r": "a line break", " ": "a space", "\t": "a tab"}.get(
             value[bad], "a character that is not printable ASCII"
         )
         raise ValueError(
             f"environment variable {name} holds {what} (character {bad + 1} of {len(value)}); "
-            "a key is one line of printable ASCII"
+            "a key is one line of printable ASCII, with no space at either end"
         )
     return value
 
