@@ -246,7 +246,10 @@ class ClientProtocol:
         """Take one server message.
 
         Malformed messages and unknown types are skipped and counted (a newer
-        server may send events this client does not know); they never raise.
+        server may send events this client does not know); they never raise. Only the
+        first message of a connection, before ``session.ready``, is held to more: one that
+        no Voice Agent server sends (not a JSON event, or a client event sent back) fails
+        the session as ``unreachable``: the socket is another kind of server's.
         """
         first = self.state is State.BINDING and not self._heard
         self._heard = True
