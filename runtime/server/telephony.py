@@ -392,7 +392,12 @@ class Call:
         spec = await self._bind()
         principal = Principal(kind="key", owner="twilio:" + (start.account_sid or "unknown"))
         live = self.runner.start(
-            spec, principal, self._on_event, playout=self._make_playout, observe=self._observe
+            spec,
+            principal,
+            self._on_event,
+            playout=self._make_playout,
+            observe=self._observe,
+            log_context={"call_sid": self.call_sid, "stream_sid": self.stream_sid},
         )
         self.live = live
         self.started = time.monotonic()
@@ -512,10 +517,7 @@ class Call:
         if isinstance(event, core.ReplyDone) and self._hanging_up:
             self._end_call.set()  # the reply that asked to hang up is over: its audio played
         if isinstance(event, core.TurnMetrics):
-            self.turns += 1
-            fields = {k: v for k, v in event.to_json().items()
-                      if k not in ("user_text", "agent_text") and v is not None}  # fmt: skip
-            log.info("turn metrics", extra=self._ids(turn=self.turns, **fields))
+            self.turns += 1  # its "turn metrics" line is the session's, with the call's ids
 
     def _log_end(self) -> None:
         stats = self.playout.statistics() if self.playout is not None else None

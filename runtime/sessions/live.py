@@ -12,7 +12,7 @@ import logging
 import re
 import secrets as pysecrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
@@ -139,6 +139,7 @@ class LiveSession:
         emit: Emit,
         playout: PlayoutFactory | None = None,
         observe: Observer | None = None,
+        log_context: Mapping[str, str] | None = None,
     ) -> None:
         self.runner = runner
         self.session_id = session_id
@@ -151,6 +152,8 @@ class LiveSession:
         self._emit = emit
         self._make_playout = playout
         self._observe = observe
+        self._log_context = dict(log_context or {})
+        self._turns_logged = 0
         self.resume_token = "rt_" + pysecrets.token_urlsafe(24)
         self._ingress = AudioIngress(spec.input_format, runner.limits.input_buffer_ms)
         self._encode = wire_encoder(spec.output_format, spec.volume)
@@ -562,9 +565,10 @@ class LiveSession:
                 # (never the words: user and agent text stay out of the log).
                 fields = {k: v for k, v in metrics.to_json().items()
                           if k not in ("user_text", "agent_text") and v is not None}  # fmt: skip
+                self._turns_logged += 1
                 log.info("turn metrics", extra={
                     "session_id": self.session_id, "agent_id": self.spec.agent_id or "inline",
-                    **fields,
+                    **self._log_context, "turn": self._turns_logged, **fields,
                 })  # fmt: skip
 
     async def _close_for_tool(

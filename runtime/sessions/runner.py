@@ -10,7 +10,7 @@ import json
 import logging
 import secrets as pysecrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
@@ -375,6 +375,7 @@ class SessionRunner:
         now: float | None = None,
         playout: PlayoutFactory | None = None,
         observe: Observer | None = None,
+        log_context: Mapping[str, str] | None = None,
     ) -> LiveSession:
         """A new session (run it with :meth:`LiveSession.run`).
 
@@ -382,6 +383,8 @@ class SessionRunner:
             playout: makes the session's speaker (default: ``reply.audio`` paced by
                 :class:`PacedSink` and rendered through ``emit``).
             observe: sees every core event (metrics, logs).
+            log_context: more fields for the session's ``turn metrics`` lines (a phone
+                call's ``call_sid`` and ``stream_sid``).
         """
         started = time.time() if now is None else now
         duration = min(
@@ -391,6 +394,7 @@ class SessionRunner:
             self, session_id="sess_" + pysecrets.token_hex(12), spec=spec,
             owner=principal.owner, started_at=started, expires_at=started + duration,
             history=None, audio_seconds=0.0, emit=emit, playout=playout, observe=observe,
+            log_context=log_context,
         )  # fmt: skip
 
     async def resume(self, session_id: str, principal: Principal, emit: Emit) -> LiveSession:

@@ -214,11 +214,13 @@ async def test_greeting_then_a_spoken_turn(server: Server, endpoint: EndpointThr
     assert line["stream_sid"] == report.stream_sid and line["duration_ms"] > 0
     # Everything sent was acknowledged: reply audio of greeting + answer, no stale marks.
     assert line["marks_acknowledged"] == line["marks_sent"]
-    metrics = [
-        d for d in server.lines()
-        if d["msg"] == "turn metrics" and d.get("stream_sid") == report.stream_sid
-    ]  # fmt: skip
+    # One line per answered turn: the session's, with the call's ids (not a second one).
+    metrics = [d for d in server.lines() if d["msg"] == "turn metrics"
+               and d.get("session_id") == line["session_id"]]  # fmt: skip
     assert len(metrics) == 1 and metrics[0]["v2v_ms"] > 0 and "user_text" not in metrics[0]
+    assert (metrics[0]["stream_sid"], metrics[0]["call_sid"], metrics[0]["turn"]) == (
+        report.stream_sid, line["call_sid"], 1,
+    )  # fmt: skip
 
 
 async def test_barge_in_clears_and_keeps_what_was_played(
