@@ -456,8 +456,15 @@ class Call:
                     if not self._hanging_up:
                         self.reason = "caller_hangup"
                     return
-                case tw.Start() | tw.Connected():
-                    pass  # a second start is ignored: one stream per socket
+                case tw.Start():
+                    # One stream per socket: a second start changes nothing, and is counted.
+                    self.rejected += 1
+                    log.warning("twilio message rejected", extra=self._ids(
+                        code="invalid_event", error="a second start on the same stream",
+                        event="start",
+                    ))  # fmt: skip
+                case tw.Connected():
+                    pass
 
     async def _dtmf_loop(self, live: LiveSession) -> None:
         """Digits become one ``DTMF: <digits>`` user message after ``#`` or a pause."""

@@ -385,6 +385,11 @@ async def test_malformed_messages_are_logged_and_the_call_goes_on(
                                                             "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
         await ws.send(json.dumps({"event": "media", "streamSid": "MZbad", "media": {}}))
         await ws.send(json.dumps({"event": "warp", "streamSid": "MZbad"}))
+        await ws.send(json.dumps({"event": "start", "streamSid": "MZother",
+                                  "start": {"callSid": "CAother", "accountSid": "AC1",
+                                            "customParameters": {"agent_id": agent},
+                                            "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                            "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
         silence = base64.b64encode(b"\xff" * 160).decode()
         got: list[dict[str, Any]] = []
         async with asyncio.timeout(60):
@@ -408,7 +413,8 @@ async def test_malformed_messages_are_logged_and_the_call_goes_on(
     assert ("invalid_json", "") in rejected
     assert ("invalid_field", "media") in rejected
     assert ("invalid_event", "warp") in rejected
-    assert line["reason"] == "caller_hangup" and line["rejected_messages"] == 3
+    assert ("invalid_event", "start") in rejected  # the second start: the call stays MZbad's
+    assert line["reason"] == "caller_hangup" and line["rejected_messages"] == 4
 
 
 async def test_a_stream_in_a_format_that_cannot_be_heard_is_hung_up_at_once(
