@@ -517,7 +517,7 @@ def _number(doc: Mapping[str, Any], key: str, param: str, low: float, high: floa
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _fail(f"{param}{key}", "must be a number")
     if not low <= value <= high:
-        raise _fail(f"{param}{key}", f"must be from {low:g} to {high:g}")
+        raise _fail(f"{param}{key}", f"must be from {_plain(low)} to {_plain(high)}")
     return float(value)
 
 
@@ -632,6 +632,11 @@ def _headers(value: Any, param: str) -> dict[str, Secret]:
             raise _fail(f"{param}[{i}]", "is not a valid header")
         out[name] = Secret(text)
     return out
+
+
+def _plain(bound: float) -> str:
+    """A bound as people write it: 1000000, not 1e+06; 0.5 as is."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def is_tool_name(name: str) -> bool:

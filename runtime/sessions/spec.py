@@ -212,6 +212,8 @@ def entry_public(entry: ev.LLMSpec) -> dict[str, Any]:
         doc["max_tokens"] = entry.max_tokens
     if entry.first_token_timeout_ms is not None:
         doc["first_token_timeout_ms"] = entry.first_token_timeout_ms
+    if entry.think_block != "auto":
+        doc["think_block"] = entry.think_block
     return doc
 
 

@@ -432,3 +432,13 @@ def test_mutated_messages_are_handled(text: str, data: st.DataObject) -> None:
     for mutated in (text[:i], text[:i] + junk + text[i:], text[:i] + text[i + 1 :]):
         result = outcome(mutated)
         assert not isinstance(result, ev.ProtocolError) or result.code in CLIENT_CODES
+
+
+def test_a_bound_is_written_as_people_write_it():
+    doc = {"type": "session.update", "session": {"llm": [
+        {"base_url": "https://llm.example/v1", "model": "m", "max_tokens": 0}]}}  # fmt: skip
+    error = error_of(dumps(doc))
+    assert (error.code, error.param, str(error)) == (
+        "invalid_value", "session.llm[0].max_tokens",
+        "session.llm[0].max_tokens must be from 1 to 1000000",
+    )  # fmt: skip

@@ -354,11 +354,12 @@ async def test_each_entry_keeps_its_own_settings_through_the_client_and_a_resume
         resolver=StaticResolver(HOSTS), default_llm=None, voices=frozenset(), engines=Engines(),
         max_tokens=300,
     )  # fmt: skip
-    own = {**LLMS[0], "first_token_timeout_ms": 800, "max_tokens": 50}
-    spec = await runner.bind(patch({"llm": [own, LLMS[1]]}))
+    own = {**LLMS[0], "first_token_timeout_ms": 800, "max_tokens": 50, "think_block": "none"}
+    spec = await runner.bind(patch({"llm": [own, {**LLMS[1], "think_block": "auto"}]}))
+    # The settings given are shown (think_block "auto" is the default, shown by its absence).
     assert spec.public()["llm"] == [
         {"base_url": "https://a.example/v1", "model": "ma", "max_tokens": 50,
-         "first_token_timeout_ms": 800},
+         "first_token_timeout_ms": 800, "think_block": "none"},
         {"base_url": "https://b.example/v1", "model": "mb"},
     ]  # fmt: skip
     assert spec.core_config().max_tokens is None  # each entry's client sends its own
