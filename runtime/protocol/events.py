@@ -23,7 +23,8 @@ Decoding is liberal in what it accepts (the forms older clients send:
 results as objects, ``tool.call`` ``args``) and encoding is conservative
 (always ``type``, ``arguments`` as an object, ``reply.done`` ``status``,
 ``reply_id``/``item_id`` wherever the current schema has them). Unknown keys
-in a client message are ignored, so newer clients keep working.
+in a client message are ignored, so newer clients keep working; in ``session.update``
+each is named (:func:`unknown_fields`) so that the session reports it as a warning.
 
 A malformed client message raises :class:`ProtocolError` carrying the error
 code of the protocol's error table (``invalid_format``, ``invalid_value``,
@@ -591,6 +592,45 @@ def _input_ignored(value: Any) -> list[str]:
     return out
 
 
+_KNOWN_KEYS: Final = {
+    "session": {"agent_id", "system_prompt", "greeting", "tools", "input", "output", "llm",
+                "voice", *NOT_SUPPORTED},
+    "session.input": {"type", "format", "keyterms", "turn_detection", *IGNORED_INPUT},
+    "session.input.turn_detection": {"vad_threshold", "min_silence", "max_silence",
+                                     "interrupt_response", *IGNORED_TURN_DETECTION},
+    "session.output": {"type", "voice", "format", "volume"},
+    "format": {"encoding", "sample_rate"},
+    "llm": {"base_url", "model", "api_key", "think_block", "max_tokens",
+            "first_token_timeout_ms"},
+}  # fmt: skip
+
+
+def unknown_fields(session: Mapping[str, Any]) -> list[str]:
+    """The paths of ``session.update`` fields this server does not know (a typo, or a field
+    of a newer protocol): accepted, without effect, each reported as a warning."""
+    out: list[str] = []
+
+    def check(doc: Any, path: str, known: set[str] | frozenset[str]) -> None:
+        if isinstance(doc, dict):
+            out.extend(f"{path}.{k}" for k in doc if k not in known)
+
+    check(session, "session", _KNOWN_KEYS["session"])
+    inp, outp = session.get("input"), session.get("output")
+    check(inp, "session.input", _KNOWN_KEYS["session.input"])
+    if isinstance(inp, dict):
+        check(inp.get("turn_detection"), "session.input.turn_detection",
+              _KNOWN_KEYS["session.input.turn_detection"])  # fmt: skip
+        check(inp.get("format"), "session.input.format", _KNOWN_KEYS["format"])
+    check(outp, "session.output", _KNOWN_KEYS["session.output"])
+    if isinstance(outp, dict):
+        check(outp.get("format"), "session.output.format", _KNOWN_KEYS["format"])
+    llm = session.get("llm")
+    if isinstance(llm, list):
+        for i, entry in enumerate(llm):
+            check(entry, f"session.llm[{i}]", _KNOWN_KEYS["llm"])
+    return out
+
+
 def _kind(doc: Mapping[str, Any], param: str, allowed: tuple[str, ...], note: str) -> None:
     kind = doc.get("type")
     if kind is None or kind in allowed:
@@ -753,7 +793,7 @@ def parse_session(value: Any) -> SessionPatch:
     for key, why in NOT_SUPPORTED.items():
         if doc.get(key) is not None:
             raise ProtocolError("invalid_config", f"session.{key}: {why}", param=f"session.{key}")
-    ignored: list[str] = []
+    ignored: list[str] = unknown_fields(doc)
     if doc.get("input") is not None:
         ignored += _input_ignored(doc["input"])
     tools = None

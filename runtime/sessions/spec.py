@@ -265,11 +265,17 @@ def _tool_from_state(doc: Mapping[str, Any], open_: Open) -> ev.ToolSpec:
 
 
 def _ignored(param: str) -> Mapping[str, str]:
+    reason = ev.ignored_reason(param)
+    if not reason:
+        return {
+            "param": param,
+            "code": "unknown_field",
+            "message": f"{param} is not a field this server knows; it has no effect",
+        }
     return {
         "param": param,
         "code": "ignored_field",
-        "message": f"{param} is accepted but has no effect on this server: "
-        f"{ev.ignored_reason(param)}",
+        "message": f"{param} is accepted but has no effect on this server: {reason}",
     }
 
 

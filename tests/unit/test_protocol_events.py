@@ -136,6 +136,27 @@ def test_fields_without_effect_are_listed() -> None:
     )
 
 
+def test_fields_this_server_does_not_know_are_listed() -> None:
+    event = ev.decode_client_event(dumps({"type": "session.update", "session": {
+        "system_prompt": "Be brief.", "foo": 1,
+        "input": {"bar": 2, "format": {"encoding": "audio/pcm", "rate": 24000},
+                  "turn_detection": {"min_silense": 300, "min_silence": 400}},
+        "output": {"volume": 50, "colour": "blue"},
+        "llm": [{"base_url": "https://api.example.com/v1", "model": "m", "temprature": 0.2}],
+    }}))  # fmt: skip
+    assert isinstance(event, ev.SessionUpdate)
+    assert event.session.ignored == (
+        "session.foo",
+        "session.input.bar",
+        "session.input.turn_detection.min_silense",
+        "session.input.format.rate",
+        "session.output.colour",
+        "session.llm[0].temprature",
+    )
+    assert event.session.input is not None and event.session.input.turn_detection is not None
+    assert event.session.input.turn_detection.min_silence == 400
+
+
 def test_stored_agent_bind_must_be_alone() -> None:
     event = ev.decode_client_event(dumps({"type": "session.update", "session": {"agent_id": "a1"}}))
     assert isinstance(event, ev.SessionUpdate)
@@ -399,11 +420,17 @@ def test_decoder_gives_an_event_or_a_typed_error(doc: dict[str, Any]) -> None:
         return
     assert event.type == doc["type"]
     # A decoded event encodes to a message that decodes to the same event
-    # (unknown session keys are ignored, so only the known ones survive).
+    # (unknown session keys are ignored, so only the known ones survive, and what was
+    # reported as ignored is not sent again).
     again = ev.decode_client_event(ev.encode(event))
     if isinstance(event, ev.SessionUpdate):
         assert isinstance(again, ev.SessionUpdate)
-        assert dataclasses.replace(again.session, keys=event.session.keys) == event.session
+        assert (
+            dataclasses.replace(
+                again.session, keys=event.session.keys, ignored=event.session.ignored
+            )
+            == event.session
+        )
     else:
         assert again == event
 

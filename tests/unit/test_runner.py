@@ -504,3 +504,22 @@ async def test_a_state_an_earlier_version_wrote_is_still_resumed() -> None:
     )  # fmt: skip
     resumed = await runner.resume(sid, owner, lambda e: None)
     assert resumed.spec == dataclasses.replace(spec, max_tokens=300)
+
+
+async def test_a_field_the_server_does_not_know_is_a_warning_never_silence() -> None:
+    runner = SessionRunner(
+        load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+        resolver=StaticResolver(HOSTS), default_llm=None, voices=frozenset(), engines=Engines(),
+    )  # fmt: skip
+    spec = await runner.bind(patch({"llm": [LLMS[0]], "system_prompt": "Hi.",
+                                    "input": {"turn_detection": {"min_silense": 300,
+                                                                 "interruption_delay": 5}}}))  # fmt: skip
+    assert [dict(w) for w in spec.warnings] == [
+        {"param": "session.input.turn_detection.min_silense", "code": "unknown_field",
+         "message": "session.input.turn_detection.min_silense is not a field this server knows; "
+                    "it has no effect"},
+        {"param": "session.input.turn_detection.interruption_delay", "code": "ignored_field",
+         "message": "session.input.turn_detection.interruption_delay is accepted but has no "
+                    "effect on this server: barge-in is decided by the speech detector and the "
+                    "turn model"},
+    ]  # fmt: skip
