@@ -359,6 +359,9 @@ class LiveSession:
             )
         if self._session is not None and self._session.cancel_reply():
             self._cancelled.update(r.core_id for r in current)
+        elif not current:
+            # Nothing to stop (it ended, or never started): said, not silently dropped.
+            raise SessionRefused("invalid_value", "no reply is in progress", param="type")
 
     def _update(self, patch: ev.SessionPatch) -> None:
         if patch.agent_id is not None:

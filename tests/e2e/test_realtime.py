@@ -307,6 +307,16 @@ async def test_lifecycle_greeting_updates_and_every_error_code(
     final = next(e for e in events if isinstance(e, ev.TranscriptAgent))
     assert final.interrupted and len(final.text) < len(LONG_REPLY)
     assert isinstance(events[-1], ev.ReplyDone) and events[-1].status == "cancelled"
+    # A cancel with nothing in progress is said, not dropped; the session goes on.
+    for cancel, message, param in (
+        ({"type": "reply.cancel"}, "no reply is in progress", "type"),
+        ({"type": "reply.cancel", "reply_id": "reply_x"}, "reply 'reply_x' is not in progress",
+         "reply_id"),
+    ):  # fmt: skip
+        await client.send(cancel)
+        error = await client.next("session.error")
+        assert isinstance(error, ev.SessionError)
+        assert (error.code, error.message, error.param) == ("invalid_value", message, param)
 
     # session.end -> session.ended -> close 1000.
     await client.send({"type": "session.end"})
