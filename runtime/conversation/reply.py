@@ -70,6 +70,9 @@ class Reply:
     carried: tuple[str, ...] = ()  # earlier turns' words folded into user_text
     committed: asyncio.Event = field(default_factory=asyncio.Event)
     buffered: list[ConversationEvent] = field(default_factory=list)
+    # The reply this one cut (create_reply, a typed message during a reply): it finishes,
+    # its reply.done sent, before this one starts, so two replies never overlap on the wire.
+    after: asyncio.Task[None] | None = None
     user_text: str = ""
     spoken: SpokenLog = field(default_factory=SpokenLog)
     written: int = 0
@@ -154,6 +157,9 @@ class ReplyRunner:
     async def run(self, reply: Reply) -> None:
         segments: asyncio.Queue[str | None] = asyncio.Queue(maxsize=8)
         try:
+            if reply.after is not None:
+                await asyncio.wait([reply.after])  # its outcome is its own (cancelled)
+                reply.after = None
             if reply.text_source is not None:
                 reply.user_text = (await reply.text_source()).strip()
                 if reply.t_text is None:

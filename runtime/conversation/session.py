@@ -299,16 +299,15 @@ class ConversationSession:
         async def source() -> str:
             return text
 
-        self._cancel_reply()
-        reply = Reply(id=self._new_id("reply"), text_source=source)
+        reply = Reply(id=self._new_id("reply"), text_source=source, after=self._cancel_reply())
         reply.t_text = self._clock.now_ns()
         self._start_reply(reply, committed=True)
 
     def create_reply(self, instructions: str | None = None) -> None:
         """Generate a reply now, optionally steered by one-shot instructions."""
-        self._cancel_reply()
+        cut = self._cancel_reply()
         self._start_reply(
-            Reply(id=self._new_id("reply"), text_source=None, instructions=instructions),
+            Reply(id=self._new_id("reply"), text_source=None, instructions=instructions, after=cut),
             committed=True,
         )
 
@@ -627,13 +626,16 @@ class ConversationSession:
             self._act(decision)
         self._update_idle()
 
-    def _cancel_reply(self) -> None:
+    def _cancel_reply(self) -> asyncio.Task[None] | None:
+        """Cut the reply in progress (and any speculation); returns its task, still ending."""
         self._cancel_speculation()
-        if self._reply_task is not None:
-            self._reply_task.cancel()
+        task = self._reply_task
+        if task is not None:
+            task.cancel()
             self._reply_task = None
             self._reply = None
             self._update_idle()
+        return task
 
     def _emit(self, event: ConversationEvent) -> None:
         self._emit_hook(event)

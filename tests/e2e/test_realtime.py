@@ -307,6 +307,23 @@ async def test_lifecycle_greeting_updates_and_every_error_code(
     final = next(e for e in events if isinstance(e, ev.TranscriptAgent))
     assert final.interrupted and len(final.text) < len(LONG_REPLY)
     assert isinstance(events[-1], ev.ReplyDone) and events[-1].status == "cancelled"
+    # reply.create during a reply: the reply it cuts is done before the new one starts.
+    endpoint.answer(plan(LONG_REPLY), plan("Second thoughts."))
+    await client.send({"type": "reply.create"})
+    cut_audio = await client.next("reply.audio")
+    assert isinstance(cut_audio, ev.ReplyAudio)
+    await client.send({"type": "reply.create"})
+    start = len(client.seen)
+    await client.next("reply.done")
+    events = await client.until("reply.done")
+    seen = client.seen[start:]
+    order = [(type(e).__name__, getattr(e, "reply_id", "")) for e in seen
+             if isinstance(e, ev.ReplyStarted | ev.ReplyDone)]  # fmt: skip
+    second = next(e for e in seen if isinstance(e, ev.ReplyStarted)).reply_id
+    assert order == [("ReplyDone", cut_audio.reply_id), ("ReplyStarted", second),
+                     ("ReplyDone", second)]  # fmt: skip
+    assert [e.status for e in seen if isinstance(e, ev.ReplyDone)] == ["interrupted", "completed"]
+    assert next(e for e in events if isinstance(e, ev.TranscriptAgent)).text == "Second thoughts."
     # A cancel with nothing in progress is said, not dropped; the session goes on.
     for cancel, message, param in (
         ({"type": "reply.cancel"}, "no reply is in progress", "type"),
