@@ -131,6 +131,15 @@ def make_agent(server: Server, endpoint: EndpointThread, **fields: Any) -> str:
     return str(r.json()["id"])
 
 
+def start_message(stream_sid: str, call_sid: str, agent: str, sample_rate: int = 8000) -> str:
+    """Twilio's Media Streams ``start`` for ``agent``: μ-law, mono, at ``sample_rate``."""
+    return json.dumps({"event": "start", "streamSid": stream_sid,
+                       "start": {"callSid": call_sid, "accountSid": "AC1",
+                                 "customParameters": {"agent_id": agent},
+                                 "mediaFormat": {"encoding": "audio/x-mulaw",
+                                                 "sampleRate": sample_rate, "channels": 1}}})  # fmt: skip
+
+
 def sign(url: str, params: dict[str, str] | None = None, token: str = AUTH_TOKEN) -> str:
     return str(RequestValidator(token).compute_signature(url, params or {}))
 
@@ -378,18 +387,10 @@ async def test_malformed_messages_are_logged_and_the_call_goes_on(
     ) as ws:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         await ws.send("{not json")
-        await ws.send(json.dumps({"event": "start", "streamSid": "MZbad",
-                                  "start": {"callSid": "CAmalformed", "accountSid": "AC1",
-                                            "customParameters": {"agent_id": agent},
-                                            "mediaFormat": {"encoding": "audio/x-mulaw",
-                                                            "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
+        await ws.send(start_message("MZbad", "CAmalformed", agent))
         await ws.send(json.dumps({"event": "media", "streamSid": "MZbad", "media": {}}))
         await ws.send(json.dumps({"event": "warp", "streamSid": "MZbad"}))
-        await ws.send(json.dumps({"event": "start", "streamSid": "MZother",
-                                  "start": {"callSid": "CAother", "accountSid": "AC1",
-                                            "customParameters": {"agent_id": agent},
-                                            "mediaFormat": {"encoding": "audio/x-mulaw",
-                                                            "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
+        await ws.send(start_message("MZother", "CAother", agent))
         silence = base64.b64encode(b"\xff" * 160).decode()
         got: list[dict[str, Any]] = []
         async with asyncio.timeout(60):
@@ -425,18 +426,10 @@ async def test_a_stream_in_a_format_that_cannot_be_heard_is_hung_up_at_once(
         server.media, additional_headers={"X-Twilio-Signature": sign(server.media)}
     ) as ws:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await ws.send(json.dumps({"event": "start", "streamSid": "MZwide",
-                                  "start": {"callSid": "CAwide", "accountSid": "AC1",
-                                            "customParameters": {"agent_id": agent},
-                                            "mediaFormat": {"encoding": "audio/x-mulaw",
-                                                            "sampleRate": 16000, "channels": 1}}}))  # fmt: skip
+        await ws.send(start_message("MZwide", "CAwide", agent, sample_rate=16000))
         # A start it could play comes next: the call must not go on with it.
         with contextlib.suppress(websockets.ConnectionClosed):
-            await ws.send(json.dumps({"event": "start", "streamSid": "MZwide",
-                                      "start": {"callSid": "CAwide", "accountSid": "AC1",
-                                                "customParameters": {"agent_id": agent},
-                                                "mediaFormat": {"encoding": "audio/x-mulaw",
-                                                                "sampleRate": 8000, "channels": 1}}}))  # fmt: skip
+            await ws.send(start_message("MZwide", "CAwide", agent))
         # The server closes the stream (Twilio then ends the call): no greeting, no media.
         async with asyncio.timeout(30):
             with pytest.raises(websockets.ConnectionClosedOK):
