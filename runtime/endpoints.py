@@ -293,6 +293,15 @@ class StaticResolver:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
 
 
+def has_user_info(url: str) -> bool:
+    """Whether ``url`` carries ``user[:password]@`` before its host (a URL that cannot be
+    parsed has none; its other faults are reported where it is parsed)."""
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return False
+
+
 def _reject(reason: str, message: str) -> URLPolicyError:
     return URLPolicyError(message, reason=reason)
 

@@ -38,12 +38,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from runtime.bench.files import read_utf8
 from runtime.bench.stats import summarize
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
-from runtime.endpoints import Resolver, URLPolicy
+from runtime.endpoints import Resolver, URLPolicy, has_user_info
 from runtime.errors import EndpointError, URLPolicyError
 from runtime.llm.client import (
     ChatClient,
@@ -302,7 +301,7 @@ def load_targets(path: Path) -> list[BenchTarget]:
         for key in ("name", "base_url", "model", "api_key_env"):
             if key in entry and (not isinstance(entry[key], str) or not entry[key]):
                 raise ValueError(f"{path}: endpoints[{i}].{key} must be a non-empty string")
-        if "@" in urlsplit(entry["base_url"]).netloc:
+        if has_user_info(entry["base_url"]):
             raise ValueError(
                 f"{path}: endpoints[{i}].base_url holds user information (user:password@): "
                 "keys go in the environment variable api_key_env names, never in a URL"

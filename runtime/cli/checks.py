@@ -54,9 +54,9 @@ def no_user_info(url: str, what: str) -> None:
     Raises:
         ValueError: it does; the message does not repeat the URL.
     """
-    from urllib.parse import urlsplit
+    from runtime.endpoints import has_user_info
 
-    if "@" in urlsplit(url).netloc:
+    if has_user_info(url):
         raise ValueError(
             f"{what} holds user information (user:password@): keys go in environment "
             "variables, never in a URL"

@@ -48,7 +48,7 @@ from runtime.client.protocol import (
     SessionFailure,
     State,
 )
-from runtime.endpoints import tls_failure
+from runtime.endpoints import has_user_info, tls_failure
 from runtime.protocol.events import ClientEvent, SessionPatch
 from runtime.secret import Secret
 
@@ -78,11 +78,11 @@ class HandshakeRejected(SessionFailure):
             parts = urlsplit(url)
             tried = f"{parts.scheme}://{parts.netloc}{parts.path}"
             socket_url = urlunsplit((parts.scheme, parts.netloc, "/v1/ws", "", ""))
-            if parts.path.rstrip("/") == "/v1/ws":
+            path = parts.path.rstrip("/")
+            if path == "/v1/ws":
                 advice = "the server there is not voxloop serve"
             else:
                 advice = f"voxloop serve answers at {socket_url}"
-            path = parts.path.rstrip("/")
             if path.endswith(("/v1", "/chat/completions", "/models")):
                 advice += (
                     "; if that is a chat-completions endpoint, give it to voxloop serve "
@@ -128,12 +128,12 @@ def websocket_url(url: str) -> str:
     Raises:
         ValueError: not an http(s)/ws(s) URL, or one holding user information.
     """
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
+    if has_user_info(url):
         raise ValueError(
             "the URL holds user information (user:password@): the key goes in "
             "VOXLOOP_API_KEY (or --token), never in the URL"
         )
+    parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
         raise ValueError(f"not a ws://, wss://, http:// or https:// URL: {url!r}")
