@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,6 +49,11 @@ def manifest() -> list[dict[str, str | float]]:
     return [
         json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line
     ]
+
+
+def words_of(text: str) -> list[str]:
+    """The words of a transcript, lower case, without punctuation."""
+    return re.findall(r"[a-z']+", text.lower())
 
 
 def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> bytes:

@@ -59,6 +59,11 @@ def register(sub: Any) -> None:
     _add_remote_flags(p)
     p.add_argument("--rate", type=int, default=22050, help="output sample rate, Hz")
     p.add_argument("--play", action="store_true", help="play through the default speaker")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="the same text gives the same samples (piper: no sampling noise; espeak always is)",
+    )
     p.add_argument("--list-voices", action="store_true", help="list the engine's voices and exit")
     p.set_defaults(handler=_cmd_say)
 
@@ -177,6 +182,10 @@ def _cmd_say(args: argparse.Namespace) -> int:
         raise UsageError("give the TEXT to say (or - to read it from standard input)")
     if args.output is not None:
         check_output(args.output, "-o")
+    if args.deterministic and args.engine == "openai":
+        raise UsageError(
+            "--deterministic: the openai engine's audio is its server's; use piper or espeak"
+        )
     remote = remote_options(args.base_url, args.model, args.api_key_env)
     use_ca_bundle(args.ca_bundle)
     if args.play and not args.list_voices:
@@ -185,7 +194,7 @@ def _cmd_say(args: argparse.Namespace) -> int:
 
     async def run() -> bytes | None:
         await check_remote(args.engine, remote, "--base-url")
-        tts = await load_tts(args.engine, remote)
+        tts = await load_tts(args.engine, remote, deterministic=args.deterministic)
         try:
             if args.list_voices:
                 for v in tts.voices():

@@ -421,7 +421,9 @@ def test_transcribe_refuses_a_rate_no_speech_has(tmp_path: Path, rate: int):
 
 def test_say_reads_standard_input(tmp_path: Path):
     out = tmp_path / "stdin.wav"
-    said = voxloop("say", "-", "-o", str(out), stdin="Please cancel my subscription.\n")
+    said = voxloop(
+        "say", "-", "-o", str(out), "--deterministic", stdin="Please cancel my subscription.\n"
+    )
     assert said.returncode == 0, said.stderr
     heard = voxloop("transcribe", str(out))
     assert heard.stdout.strip().lower().rstrip(".") == "please cancel my subscription"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import words_of
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,10 +27,6 @@ def example(heading: str) -> list[str]:
 def voxloop(words: list[str]) -> list[str]:
     assert words[0] == "voxloop", words
     return [sys.executable, "-m", "runtime.cli", *words[1:]]
-
-
-def words_of(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,7 @@ import pytest
 
 from audio.wav import read_wav
 
-from ..helpers import DATA
+from ..helpers import DATA, words_of
 
 VOXLOOP = [sys.executable, "-m", "runtime.cli"]
 
@@ -23,24 +23,38 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(("engine", "rate"), [("piper", "22050"), ("espeak", "16000")])
 def test_say_then_transcribe(tmp_path: Path, engine: str, rate: str):
-    out = tmp_path / "hello.wav"
-    said = run(
-        "say",
-        "**Hello** there! Please cancel my subscription. 😀",
-        "-o",
-        str(out),
-        "--engine",
-        engine,
-        "--rate",
-        rate,
-    )
-    assert said.returncode == 0, said.stderr
-    audio = read_wav(out)
+    # --deterministic: Piper's sampling noise would make each file (and so what Whisper
+    # hears in it) differ from run to run.
+    files = [tmp_path / "hello.wav", tmp_path / "again.wav"]
+    for out in files:
+        said = run(
+            "say",
+            "**Hello** there! Please cancel my subscription. 😀",
+            "-o",
+            str(out),
+            "--engine",
+            engine,
+            "--rate",
+            rate,
+            "--deterministic",
+        )
+        assert said.returncode == 0, said.stderr
+    audio = read_wav(files[0])
     assert audio.sample_rate == int(rate) and audio.channels == 1 and audio.duration_s > 1.5
-    heard = run("transcribe", str(out))
+    assert files[0].read_bytes() == files[1].read_bytes()
+    heard = run("transcribe", str(files[0]))
     assert heard.returncode == 0, heard.stderr
-    words = heard.stdout.lower()
-    assert "cancel" in words and "subscription" in words
+    assert words_of(heard.stdout) == ["hello", "there", "please", "cancel", "my", "subscription"]
+
+
+def test_say_deterministic_is_for_the_embedded_engines(tmp_path: Path):
+    said = run("say", "hi", "-o", str(tmp_path / "x.wav"), "--engine", "openai", "--deterministic")
+    assert (said.returncode, said.stderr) == (
+        2,
+        "voxloop: error: --deterministic: the openai engine's audio is its server's; "
+        "use piper or espeak\n",
+    )
+    assert not (tmp_path / "x.wav").exists()
 
 
 def test_transcribe_real_telephone_audio():

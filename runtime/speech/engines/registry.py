@@ -111,11 +111,17 @@ async def load_stt(name: str = "whisper", remote: RemoteOptions | None = None) -
     raise ValueError(f"unknown STT engine {name!r} (available: {', '.join(STT_ENGINES)})")
 
 
-async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> TextToSpeech:
+async def load_tts(
+    name: str = "piper", remote: RemoteOptions | None = None, *, deterministic: bool = False
+) -> TextToSpeech:
     """Load a TTS engine by name.
 
+    ``deterministic``: the same text gives the same samples (Piper without its sampling
+    noise, a little flatter; espeak-ng always is). A remote engine cannot promise it.
+
     Raises:
-        ValueError: unknown engine name, or a remote engine without its settings.
+        ValueError: unknown engine name, a remote engine without its settings, or
+            ``deterministic`` for a remote engine.
         ModelVerificationError: an embedded engine's pinned voice is missing or altered.
         URLPolicyError: a remote engine's URL is not allowed.
     """
@@ -123,6 +129,8 @@ async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> 
     if name == "piper":
         from runtime.speech.engines.piper import PiperTTS
 
+        if deterministic:
+            return await asyncio.to_thread(PiperTTS, noise_scale=0.0, noise_w=0.0)
         return await asyncio.to_thread(PiperTTS)
     if name == "espeak":
         from runtime.speech.engines.espeak import EspeakTTS
@@ -130,6 +138,11 @@ async def load_tts(name: str = "piper", remote: RemoteOptions | None = None) -> 
         return await asyncio.to_thread(EspeakTTS)
     if name == "openai":
         from runtime.speech.engines.openai_audio import OpenAITTS
+
+        if deterministic:
+            raise ValueError(
+                "the openai TTS engine's audio is its server's: it cannot be deterministic"
+            )
 
         if not remote.base_url:
             raise ValueError("the openai TTS engine needs --base-url")
