@@ -30,8 +30,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -46,6 +46,29 @@ DEFAULT_PREFIX: Final = "voxloop:"
 BLOCK_SLICE_S: Final = 1.0
 
 log = logging.getLogger("voxloop.session")
+
+_T = TypeVar("_T")
+
+
+async def _command(call: Awaitable[_T]) -> _T:
+    """Await one Redis operation in a task of its own, shielded from the caller's cancellation.
+
+    The ``redis`` package's asyncio client can lose a cancellation that arrives while a
+    command is in flight (about one in ten at random points in a renewal loop): the
+    cancelled task then runs on, and a session's lease renewal kept its session from
+    ending. Shielded, the caller's cancellation is raised in the caller at once; the
+    command finishes by itself (bounded by the client's socket timeout) and its outcome
+    is dropped when nobody waits for it any more.
+    """
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(_outcome_dropped)
+    return await asyncio.shield(task)
+
+
+def _outcome_dropped(task: asyncio.Future[Any]) -> None:
+    # Retrieved here so that an abandoned command's error is not reported as never retrieved.
+    if not task.cancelled():
+        task.exception()
 
 
 class RateLimiter(Protocol):
@@ -93,34 +116,38 @@ class RedisSessionStore:
     async def save(self, state: ResumableState, ttl_s: float) -> None:
         body = json.dumps(dataclasses.asdict(state), separators=(",", ":"))
         try:
-            await self._redis.set(self._key(state.session_id), body, px=max(1, round(ttl_s * 1000)))
+            await _command(
+                self._redis.set(self._key(state.session_id), body, px=max(1, round(ttl_s * 1000)))
+            )
         except RedisError as exc:
             _unavailable("save", state.session_id, exc)
 
     async def peek(self, session_id: str) -> ResumableState | None:
         try:
-            raw = await self._redis.get(self._key(session_id))
+            raw = await _command(self._redis.get(self._key(session_id)))
         except RedisError as exc:
             raise _refused(session_id, exc) from None
         return None if raw is None else ResumableState(**json.loads(raw))
 
     async def take(self, session_id: str) -> ResumableState | None:
         try:
-            raw = await self._redis.getdel(self._key(session_id))
+            raw = await _command(self._redis.getdel(self._key(session_id)))
         except RedisError as exc:
             raise _refused(session_id, exc) from None
         return None if raw is None else ResumableState(**json.loads(raw))
 
     async def discard(self, session_id: str) -> None:
         try:
-            await self._redis.delete(self._key(session_id))
+            await _command(self._redis.delete(self._key(session_id)))
         except RedisError as exc:
             _unavailable("discard", session_id, exc)
 
     async def running(self, session_id: str, ttl_s: float) -> bool:
         try:
-            before = await self._redis.set(f"{self._prefix}live:{session_id}", b"1",
-                                           px=max(1, round(ttl_s * 1000)), get=True)  # fmt: skip
+            mark = f"{self._prefix}live:{session_id}"
+            before = await _command(
+                self._redis.set(mark, b"1", px=max(1, round(ttl_s * 1000)), get=True)
+            )
         except RedisError as exc:
             _unavailable("mark", session_id, exc)
             return True  # unknown: nothing can be saved now anyway
@@ -129,30 +156,34 @@ class RedisSessionStore:
     async def released(self, session_id: str) -> None:
         # The live mark goes, and a resume waiting on another worker is woken.
         done = f"{self._prefix}released:{session_id}"
-        try:
+
+        async def release() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(f"{self._prefix}live:{session_id}")
                 pipe.rpush(done, b"1")
                 pipe.expire(done, 60)
                 await pipe.execute()
+
+        try:
+            await _command(release())
         except RedisError as exc:
             _unavailable("release", session_id, exc)
 
     async def wait_released(self, session_id: str, timeout_s: float) -> None:
         try:
-            if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
+            if not await _command(self._redis.exists(f"{self._prefix}live:{session_id}")):
                 return
             # In slices shorter than the client's socket timeout; after each, a lease that
             # lapsed (its worker died without a release) ends the wait.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             while (left := deadline - loop.time()) > 0:
-                woken = await self._redis.blpop(
+                woken = await _command(self._redis.blpop(
                     [f"{self._prefix}released:{session_id}"], timeout=min(left, BLOCK_SLICE_S)
-                )
+                ))  # fmt: skip
                 if woken is not None:
                     return
-                if not await self._redis.exists(f"{self._prefix}live:{session_id}"):
+                if not await _command(self._redis.exists(f"{self._prefix}live:{session_id}")):
                     return
         except RedisError as exc:
             _unavailable("wait", session_id, exc)
@@ -172,8 +203,8 @@ class RedisTokenUses:
         unused, so the client may try it again once Redis is back).
         """
         try:
-            done = await self._redis.set(f"{self._prefix}token:{jti}", b"1", nx=True,
-                                         ex=max(1, ttl_s))  # fmt: skip
+            done = await _command(self._redis.set(f"{self._prefix}token:{jti}", b"1", nx=True,
+                                                  ex=max(1, ttl_s)))  # fmt: skip
         except RedisError as exc:
             _unavailable("redeem", jti[:8], exc)
             return False
@@ -208,8 +239,8 @@ class RedisRateLimiter:
         name = f"{self._prefix}rate:{scope}:{key}"
         member = f"{now!r}:{uuid.uuid4().hex}"
         try:
-            allowed = await self._redis.eval(
-                _SLIDING_WINDOW, 1, name, repr(now), str(limit), member
+            allowed = await _command(
+                self._redis.eval(_SLIDING_WINDOW, 1, name, repr(now), str(limit), member)
             )
         except RedisError as exc:
             # A limit that cannot be counted does not stop calls (it is not a security gate).
