@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import io
 import wave
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import Any, Final, Self, cast
 
 import httpx
@@ -287,6 +287,7 @@ class OpenAITTS(_Remote):
             Voice(id=v, name=v, language="", engine="openai", sample_rate=pcm_rate) for v in voices
         ]
         self._default = default_voice or voices[0]
+        self._readers: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -302,6 +303,22 @@ class OpenAITTS(_Remote):
         if not any(v.id == chosen for v in self._voices):
             raise UnknownVoice(chosen, self._voices)
         return RemoteSpeech(self, text, chosen, check_rate(sample_rate))
+
+    def _read(self, reading: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a run's reader, held here until it ends (a run holds only its task)."""
+        task = asyncio.ensure_future(reading)
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+        return task
+
+    async def aclose(self) -> None:
+        """Stop the runs still reading, then close the connections."""
+        readers = list(self._readers)
+        for task in readers:
+            task.cancel()
+        if readers:
+            await asyncio.wait(readers)
+        await super().aclose()
 
 
 _WAV_TYPES: Final = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
@@ -440,10 +457,14 @@ class SpeechBody:
 class RemoteSpeech:
     """One ``/audio/speech`` response, yielded as PCM chunks as they arrive.
 
-    :meth:`aclose` closes the response in the caller's task (a barge-in: the speaker
-    closes its run as it is cancelled). A run dropped unclosed between two chunks is
-    closed when asyncio finalises its generator, which holds no other generator that
-    could be finalised at the same time.
+    A task of the engine's reads the response and hands its chunks over one at a
+    time, so the consumer's frame never holds a suspended generator of the response:
+    dropped unclosed, such a chain (this run's generator, httpx's and httpcore's) is
+    finalised by asyncio one generator per task, in no set order, and the collector
+    first runs the finalisers of the connection it reaches (an unclosed socket and
+    transport). :meth:`aclose` (or :meth:`cancel`) stops the reader, which closes the
+    response in its own task; a run dropped unclosed stops it when it is finalised.
+    The reader holds nothing of the run, so dropping the run is what frees it.
     """
 
     def __init__(self, engine: OpenAITTS, text: str, voice: str, sample_rate: int) -> None:
@@ -452,73 +473,107 @@ class RemoteSpeech:
         self._voice = voice
         self._rate = sample_rate
         self._cancelled = False
-        self._gen: AsyncGenerator[AudioChunk, None] | None = None
+        self._done = False
+        # One chunk ahead at most: the server is held while the consumer is slow.
+        self._chunks: asyncio.Queue[AudioChunk | Exception | None] = asyncio.Queue(1)
+        self._reader: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> Self:
         return self
 
+    def __del__(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing runs it
+                reader.cancel()
+
     def cancel(self) -> None:
         """Stop: nothing more is yielded and the HTTP response is closed."""
         self._cancelled = True
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def aclose(self) -> None:
         """Stop and close the HTTP response now (safe to call more than once)."""
-        self._cancelled = True
-        if self._gen is not None:
-            await self._gen.aclose()
+        self.cancel()
+        if self._reader is not None:
+            await asyncio.wait([self._reader])
 
     async def __anext__(self) -> AudioChunk:
-        if not self._cancelled:
-            if self._gen is None:
-                self._gen = self._chunks()
-            chunk = await anext(self._gen)
-            if not self._cancelled:
-                return chunk
+        if not (self._cancelled or self._done):
+            if self._reader is None:
+                self._reader = self._engine._read(
+                    _read_speech(self._engine, self._text, self._voice, self._rate, self._chunks)
+                )
+            item = await self._chunks.get()
+            if item is None or isinstance(item, Exception):
+                self._done = True
+                if item is not None:
+                    raise item
+            elif not self._cancelled:
+                return item
         await self.aclose()
         raise StopAsyncIteration
 
-    async def _chunks(self) -> AsyncGenerator[AudioChunk, None]:
-        if not self._text.strip():
-            return
-        engine = self._engine
-        client = engine._client
-        await client.ensure_pinned()
-        body = {
-            "model": engine._model,
-            "input": self._text,
-            "voice": self._voice,
-            "response_format": "pcm",
-        }
-        resampler: Resampler | None = None
 
-        def play(pcm: bytes, rate: int | None) -> bytes:
-            nonlocal resampler
-            if not pcm or rate is None:
-                return b""
-            if resampler is None:
-                resampler = Resampler(rate, self._rate)
-            return resampler.process(pcm)
+async def _read_speech(
+    engine: OpenAITTS,
+    text: str,
+    voice: str,
+    rate: int,
+    out: asyncio.Queue[AudioChunk | Exception | None],
+) -> None:
+    """Read one ``/audio/speech`` answer into ``out``: its chunks at ``rate``, then
+    ``None``, or the error it ended with (raised to the consumer: an
+    :class:`EndpointError`, a :class:`URLPolicyError`)."""
+    try:
+        async with contextlib.aclosing(_speech_chunks(engine, text, voice, rate)) as chunks:
+            async for chunk in chunks:
+                await out.put(chunk)
+    except Exception as exc:
+        await out.put(exc)
+        return
+    await out.put(None)
 
-        request = client.http.build_request("POST", f"{client.url.url}/audio/speech", json=body)
-        # No generator-based context manager in here (httpx's ``stream()`` is one): see
-        # the class docstring.
-        async with map_http_errors("the speech server", before_response=False, http=client):
-            response = await client.http.send(request, stream=True)
-        try:
-            async with map_http_errors("the speech server", before_response=False):
-                await _raise_for_status(response, engine._api_key)
-                speech = SpeechBody(response.headers.get("content-type", ""), engine._pcm_rate)
-                pieces = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
-                async with contextlib.aclosing(pieces) as chunks:
-                    async for data in chunks:
-                        out = play(speech.feed(data), speech.rate)
-                        if out:
-                            yield AudioChunk(pcm=out, sample_rate=self._rate, text=self._text)
-                rest, rate = speech.finish()
-        finally:
-            await response.aclose()
-        out = play(rest, rate)
-        if resampler is not None:
-            out += resampler.flush()
-        if out:
-            yield AudioChunk(pcm=out, sample_rate=self._rate, text=self._text)
+
+async def _speech_chunks(
+    engine: OpenAITTS, text: str, voice: str, rate: int
+) -> AsyncGenerator[AudioChunk, None]:
+    if not text.strip():
+        return
+    client = engine._client
+    await client.ensure_pinned()
+    body = {
+        "model": engine._model,
+        "input": text,
+        "voice": voice,
+        "response_format": "pcm",
+    }
+    resampler: Resampler | None = None
+
+    def play(pcm: bytes, pcm_rate: int | None) -> bytes:
+        nonlocal resampler
+        if not pcm or pcm_rate is None:
+            return b""
+        if resampler is None:
+            resampler = Resampler(pcm_rate, rate)
+        return resampler.process(pcm)
+
+    async with (
+        map_http_errors("the speech server", before_response=False, http=client),
+        client.http.stream("POST", f"{client.url.url}/audio/speech", json=body) as response,
+    ):
+        await _raise_for_status(response, engine._api_key)
+        speech = SpeechBody(response.headers.get("content-type", ""), engine._pcm_rate)
+        pieces = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+        async with contextlib.aclosing(pieces):
+            async for data in pieces:
+                out = play(speech.feed(data), speech.rate)
+                if out:
+                    yield AudioChunk(pcm=out, sample_rate=rate, text=text)
+        rest, rest_rate = speech.finish()
+    out = play(rest, rest_rate)
+    if resampler is not None:
+        out += resampler.flush()
+    if out:
+        yield AudioChunk(pcm=out, sample_rate=rate, text=text)
