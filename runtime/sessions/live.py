@@ -251,17 +251,7 @@ class LiveSession:
             return
         while True:
             await asyncio.sleep(LEASE_RENEW_S)
-            try:
-                kept = await self.runner.states.running(self.session_id, LEASE_S)
-            except Exception as exc:  # the shared store failing must not end the session
-                log.warning("lease renewal failed", extra={
-                    "session_id": self.session_id, "error": type(exc).__name__,
-                })  # fmt: skip
-                continue
-            if not kept:
-                # The store lost its data (Redis restarted): the state is kept again now,
-                # not at the next turn, so a worker dying meanwhile leaves it resumable.
-                await self.runner.checkpoint(self)
+            await self.runner.renew_lease(self)
 
     async def wait_started(self) -> None:
         """Wait until the conversation runs (client events may be handled from then on)."""

@@ -471,14 +471,34 @@ class SessionRunner:
                 running.released.set()
 
     async def checkpoint(self, live: LiveSession) -> None:
-        """Keep ``live``'s state now, as a drop would (it still runs here)."""
+        """Keep ``live``'s state now, as a drop would (it still runs here).
+
+        The lease is marked before the state is written: a store that loses its data
+        between the two writes then has no lease, which the next renewal
+        (:meth:`renew_lease`) notices and keeps the state again. The other order could
+        leave a lease with no state behind it, which no renewal would mend.
+        """
         try:
-            await self.states.save(live.snapshot(), self.limits.resume_grace_s)
             await self.states.running(live.session_id, LEASE_S)
+            await self.states.save(live.snapshot(), self.limits.resume_grace_s)
         except Exception as exc:  # the shared store failing must not end the session
             log.warning("checkpoint failed", extra={
                 "session_id": live.session_id, "error": type(exc).__name__,
             })  # fmt: skip
+
+    async def renew_lease(self, live: LiveSession) -> None:
+        """Renew the mark that ``live`` runs here; a mark the store lost (Redis restarted
+        without its data) means the state may be gone too: it is kept again now, not at
+        the next turn, so a worker dying meanwhile leaves the session resumable."""
+        try:
+            kept = await self.states.running(live.session_id, LEASE_S)
+        except Exception as exc:  # the shared store failing must not end the session
+            log.warning("lease renewal failed", extra={
+                "session_id": live.session_id, "error": type(exc).__name__,
+            })  # fmt: skip
+            return
+        if not kept:
+            await self.checkpoint(live)
 
     @property
     def live_sessions(self) -> int:

@@ -523,3 +523,52 @@ async def test_a_field_the_server_does_not_know_is_a_warning_never_silence() -> 
                     "effect on this server: barge-in is decided by the speech detector and the "
                     "turn model"},
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("lost_after", ["running", "save"])
+async def test_a_state_redis_loses_during_a_checkpoint_is_kept_again_at_the_next_renewal(
+    lost_after: str,
+) -> None:
+    # Redis loses everything (a restart without persistence) right after one of the
+    # checkpoint's two writes; the lease renewal that follows must leave the state kept.
+    from redis.asyncio import Redis
+
+    from runtime.sessions.shared_state import RedisSessionStore
+
+    from ..redis_server import redis_server
+
+    class Losing(RedisSessionStore):
+        armed = False
+
+        async def _lose_after(self, call: str) -> None:
+            if self.armed and call == lost_after:
+                self.armed = False
+                await redis.flushall()
+
+        async def save(self, state: ResumableState, ttl_s: float) -> None:
+            await super().save(state, ttl_s)
+            await self._lose_after("save")
+
+        async def running(self, session_id: str, ttl_s: float) -> bool:
+            kept = await super().running(session_id, ttl_s)
+            await self._lose_after("running")
+            return kept
+
+    with redis_server() as url:
+        redis = Redis.from_url(url)
+        states = Losing(redis)
+        runner = SessionRunner(
+            load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
+            resolver=StaticResolver(HOSTS), default_llm=None, voices=frozenset(),
+            engines=Engines(), states=states, checkpoints=True,
+        )  # fmt: skip
+        owner = Principal(kind="key", owner=key_owner("operator-key"))
+        live = await _dropped(runner, EVERY_SETTING, owner)
+        await states.discard(live.session_id)
+        states.armed = True
+        await runner.checkpoint(live)
+        assert states.armed is False
+        await runner.renew_lease(live)
+        kept = await states.peek(live.session_id)
+        assert kept is not None and kept.session_id == live.session_id
+        await redis.aclose()
