@@ -348,7 +348,9 @@ class LiveSession:
                 "invalid_value", f"reply {reply_id[:64]!r} is not in progress", param="reply_id"
             )
         if self._session is not None and self._session.cancel_reply():
-            self._cancelled.update(r.core_id for r in current)
+            # Every reply the core still runs, a part closed for a client tool call included
+            # (it waits for the result): its end is reported as cancelled.
+            self._cancelled.update(self._replies)
         elif not current:
             # Nothing to stop (it ended, or never started): said, not silently dropped.
             raise SessionRefused("invalid_value", "no reply is in progress", param="type")

@@ -1145,3 +1145,44 @@ async def test_finished_sessions_leave_no_task_or_socket_behind(
     for ending in ("session.end", "endpoint failed", "drop", "session.end"):
         await _spoken_session(server, endpoint, connect, ending)
     assert await _settled(server.http, baseline) == baseline
+
+
+async def test_reply_cancel_while_a_client_tool_call_waits_ends_it_cancelled(
+    server: Server, endpoint: EndpointThread, connect: Any
+) -> None:
+    endpoint.answer(
+        ReplyPlan(tool_name="get_weather", tool_arguments='{"city": "Paris"}',
+                  replies=("Let me check.",)),
+        plan("Goodbye."),
+    )  # fmt: skip
+    client = await connect(server.ws)
+    tool = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}  # fmt: skip
+    await client.send(inline(endpoint, tools=[tool]))
+    await client.send({"type": "conversation.message", "role": "user", "content": "Weather?"})
+    await client.send({"type": "reply.create"})
+    call = await client.next("tool.call")
+    assert isinstance(call, ev.ToolCall)
+    done = await client.next("reply.done")
+    assert isinstance(done, ev.ReplyDone) and done.status == "completed"
+    # The user gives up while the client looks the weather up.
+    await client.send({"type": "reply.cancel"})
+    events = await client.until("reply.done")
+    assert types(events) == ["reply.started", "transcript.agent", "reply.done"]
+    ended = events[-1]
+    assert isinstance(ended, ev.ReplyDone) and ended.status == "cancelled"
+    assert ended.reply_id == events[0].reply_id != call.reply_id
+    # A result for the cancelled call is refused; the session goes on and answers again.
+    await client.send({"type": "tool.result", "call_id": call.call_id, "result": "{}"})
+    await client.send({"type": "conversation.message", "role": "user", "content": "Bye."})
+    await client.send({"type": "reply.create"})
+    events = await client.until("reply.done")
+    refused = events[0]
+    assert isinstance(refused, ev.SessionError)
+    assert (refused.code, refused.message) == (
+        "invalid_value",
+        f"no tool call {call.call_id!r} is waiting for a result",
+    )
+    assert types(events)[1] == "reply.started"
+    final = next(e for e in events if isinstance(e, ev.TranscriptAgent))
+    assert final.text == "Goodbye."
