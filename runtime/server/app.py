@@ -1035,7 +1035,13 @@ def create_app(settings: Settings) -> Starlette:
         await store.start()
         await store.init_primary(settings.ring.primary)
         if api.redis is not None:
-            await api.redis.ping()
+            # `serve` checked Redis before starting; a worker started later (a replacement
+            # for one that died) while Redis is away starts anyway, as the running ones go
+            # on: its shared state waits for Redis, and /readyz says it is unreachable.
+            try:
+                await api.redis.ping()
+            except Exception as exc:
+                log.warning("redis unavailable at start", extra={"error": type(exc).__name__})
         # The first session must not wait for the speech engines: load them now.
         engines.start()
         try:

@@ -838,3 +838,46 @@ def test_a_session_whose_state_redis_lost_is_kept_again_and_resumes_after_a_kill
     assert last is not None
     said = [(m["role"], m["content"]) for m in last["messages"] if m["role"] != "system"]
     assert said[:2] == [("user", "My name is Ada."), ("assistant", "Noted.")]
+
+
+def test_a_worker_replaced_while_redis_is_away_starts_and_the_others_go_on(
+    tmp_path: Path, endpoint: EndpointThread
+) -> None:
+    with redis_server() as url:
+        worker = start_worker(tmp_path / "data", endpoint, url, "--workers", "2")
+        port = int(worker.http.rsplit(":", 1)[1])
+        try:
+            pids = wait_both_ready(worker)
+
+            async def run() -> tuple[int, list[int], str]:
+                ws, _ = await open_session(worker.ws, **key())
+                try:
+                    survivor = connection_worker(pids, port, ws.local_address[1])
+                    [victim] = [pid for pid in pids if pid != survivor]
+                    redis = connect(url)
+                    with contextlib.suppress(Exception):  # the server goes: no answer
+                        await redis.shutdown(nosave=True)
+                    await redis.aclose()
+                    os.kill(victim, signal.SIGKILL)
+                    # The supervisor starts a replacement, which starts without Redis.
+                    for _ in range(600):
+                        now = await asyncio.to_thread(worker_pids, worker.proc.pid)
+                        started = "redis unavailable at start" in worker.log.read_text()
+                        if started and len(now) == 2 and victim not in now:
+                            break
+                        await asyncio.sleep(0.1)
+                    # The session on the other worker goes on.
+                    await ws.send('{"type": "reply.create"}')
+                    done = await until(ws, "reply.done")
+                    return victim, now, str(done["status"])
+                finally:
+                    await ws.close()
+
+            victim, now, status = asyncio.run(run())
+            running = worker.proc.poll() is None
+        finally:
+            code = stop(worker)
+    assert running and victim not in now and len(now) == 2
+    assert status == "completed"
+    assert code == 0
+    assert worker.log.read_text().count('"msg": "redis unavailable at start"') == 1
