@@ -41,7 +41,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("file", type=Path, help="PCM16 WAV file, mono or stereo, any sample rate")
     p.add_argument("--engine", default="whisper", choices=STT_NAMES, help="speech-to-text engine")
-    _add_remote_flags(p)
+    _add_remote_flags(
+        p,
+        "remote engine URL (openai: an OpenAI-compatible https://host/v1, or host:port; "
+        "assemblyai: the streaming host, default https://streaming.assemblyai.com)",
+        "remote engine model (default: whisper-1 for openai, "
+        "universal-streaming-english for assemblyai)",
+    )
     p.set_defaults(handler=_cmd_transcribe)
 
     p = sub.add_parser(
@@ -56,13 +62,18 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", type=Path, help="WAV file to write")
     p.add_argument("--voice", help="voice id or alias (default: the engine's first; --list-voices)")
     p.add_argument("--engine", default="piper", choices=TTS_NAMES, help="text-to-speech engine")
-    _add_remote_flags(p)
+    _add_remote_flags(
+        p,
+        "the openai engine's URL: an OpenAI-compatible https://host/v1, or host:port",
+        "the openai engine's model (default: tts-1)",
+    )
     p.add_argument("--rate", type=int, default=22050, help="output sample rate, Hz")
     p.add_argument("--play", action="store_true", help="play through the default speaker")
     p.add_argument(
         "--deterministic",
         action="store_true",
-        help="the same text gives the same samples (piper: no sampling noise; espeak always is)",
+        help="the same text gives the same samples (piper: no sampling noise; espeak always is; "
+        "not for openai)",
     )
     p.add_argument("--list-voices", action="store_true", help="list the engine's voices and exit")
     p.set_defaults(handler=_cmd_say)
@@ -73,17 +84,9 @@ STT_NAMES = ("whisper", "openai", "assemblyai")
 TTS_NAMES = ("piper", "espeak", "openai")
 
 
-def _add_remote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--base-url",
-        help="remote engine URL (openai: an OpenAI-compatible https://host/v1, or host:port; "
-        "assemblyai: the streaming host, default https://streaming.assemblyai.com)",
-    )
-    p.add_argument(
-        "--model",
-        help="remote engine model (default: whisper-1 / tts-1 for openai, "
-        "universal-streaming-english for assemblyai)",
-    )
+def _add_remote_flags(p: argparse.ArgumentParser, base_url: str, model: str) -> None:
+    p.add_argument("--base-url", help=base_url)
+    p.add_argument("--model", help=model)
     p.add_argument("--api-key-env", help="environment variable holding the remote engine's key")
     add_ca_bundle_flag(p)
 
@@ -180,6 +183,8 @@ def _cmd_say(args: argparse.Namespace) -> int:
         raise UsageError("give -o OUT.wav, --play, or --list-voices")
     if args.text is None and not args.list_voices:
         raise UsageError("give the TEXT to say (or - to read it from standard input)")
+    if args.text is not None and args.list_voices:
+        raise UsageError("--list-voices lists the voices and says nothing: give it no TEXT")
     if args.output is not None:
         check_output(args.output, "-o")
     if args.deterministic and args.engine == "openai":

@@ -88,6 +88,10 @@ def test_bad_input_is_a_clear_error(tmp_path: Path):
             "--rate: unsupported sample rate",
         ),
         (run("say", "hi"), "give -o OUT.wav"),
+        (
+            run("say", "hi", "--list-voices"),
+            "voxloop: error: --list-voices lists the voices and says nothing: give it no TEXT\n",
+        ),
     ]:
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
