@@ -128,6 +128,7 @@ class SessionRunner:
         self.tracer = tracer
         #: Set on SIGTERM: no new sessions; live ones finish their reply (see :meth:`drain`).
         self.draining = False
+        self._kept_while_draining = 0  # sessions released for a resume since the drain began
         self.voice_map = voice_map
         self.max_tokens = max_tokens
         self.active = 0
@@ -459,6 +460,8 @@ class SessionRunner:
         """
         if live.session_id in self._running:
             self.metrics.session_ended(reason or ("dropped" if keep else "ended"))
+            if keep and self.draining:
+                self._kept_while_draining += 1
         try:
             if keep:
                 await self.states.save(live.snapshot(), self.limits.resume_grace_s)
@@ -515,18 +518,18 @@ class SessionRunner:
         clients treat as a drop and resume.
 
         Returns:
-            How many sessions were handed off.
+            How many sessions were kept for a resume rather than ended: handed off at the
+            timeout, or cut meanwhile (a second signal stopping the server, a drop).
         """
         self.draining = True
+        self._kept_while_draining = 0
         for running in list(self._running.values()):
             running.live.finish_after_reply()
-        if await self._settled(timeout_s):
-            return 0
-        handed = [running.live for running in self._running.values()]
-        for live in handed:
-            live.hand_off()
-        await self._settled(TAKEOVER_TIMEOUT_S)
-        return len(handed)
+        if not await self._settled(timeout_s):
+            for running in list(self._running.values()):
+                running.live.hand_off()
+            await self._settled(TAKEOVER_TIMEOUT_S)
+        return self._kept_while_draining
 
     async def _settled(self, timeout_s: float) -> bool:
         """Wait until every session of this worker has released its state."""

@@ -881,3 +881,39 @@ def test_a_worker_replaced_while_redis_is_away_starts_and_the_others_go_on(
     assert status == "completed"
     assert code == 0
     assert worker.log.read_text().count('"msg": "redis unavailable at start"') == 1
+
+
+def test_a_second_sigterm_hands_the_session_off_at_once(tmp_path: Path, redis_url: str) -> None:
+    plan = ReplyPlan(replies=(LONG_REPLY,), ttft_ms=20, itl_ms=200)
+    data = tmp_path / "data"
+    with EndpointThread(plan, api_key=LLM_KEY) as slow:
+        leaving = start_worker(data, slow, redis_url, "--drain-timeout", "60")
+        staying = start_worker(data, slow, redis_url)
+        try:
+
+            async def run() -> tuple[list[str], int | None, str, str]:
+                ws, ready = await open_session(leaving.ws, **key())
+                await ws.send('{"type": "reply.create"}')
+                await until(ws, "reply.started")
+                leaving.proc.send_signal(signal.SIGTERM)
+                for _ in range(300):  # the drain has begun when readiness says so
+                    async with httpx.AsyncClient() as client:
+                        if (await client.get(f"{leaving.http}/readyz")).status_code == 503:
+                            break
+                    await asyncio.sleep(0.1)
+                leaving.proc.send_signal(signal.SIGTERM)  # stop now
+                types: list[str] = []
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    while True:
+                        types.append(json.loads(await ws.recv())["type"])
+                again = await resume_and_reply(staying, ready)
+                return types, ws.close_code, ready["session_id"], again["session_id"]
+
+            types, close_code, before, after = asyncio.run(run())
+            code = stop(leaving, signalled=True)
+        finally:
+            stop(staying)
+    assert "session.ended" not in types and close_code == 1012
+    assert after == before and code == 0
+    log = leaving.log.read_text()
+    assert '"msg": "drained: 0 session(s) ended, 1 handed off to resume"' in log, log
