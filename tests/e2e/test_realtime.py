@@ -725,23 +725,25 @@ async def test_mulaw_in_and_mulaw_out(
 # -- tools -----------------------------------------------------------------------------------------
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+#: The model's first round: a transition phrase, then a call of the weather tool.
+WEATHER_CALL = ReplyPlan(
+    tool_name="get_weather", tool_arguments='{"city": "Paris"}', replies=("Let me check.",)
+)
+
+
 async def test_client_tool_round_trip_follows_the_timing_rule(
     server: Server, endpoint: EndpointThread, connect: Any
 ) -> None:
-    endpoint.answer(
-        ReplyPlan(tool_name="get_weather", tool_arguments='{"city": "Paris"}',
-                  replies=("Let me check.",)),
-        plan("It is twenty degrees in Paris."),
-    )  # fmt: skip
+    endpoint.answer(WEATHER_CALL, plan("It is twenty degrees in Paris."))
     client = await connect(server.ws)
-    tool = {
-        "type": "function",
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    }
     # The messages follow session.update at once: they wait until the session runs.
-    await client.send(inline(endpoint, tools=[tool]))  # fmt: skip
+    await client.send(inline(endpoint, tools=[WEATHER_TOOL]))  # fmt: skip
     await client.send({"type": "conversation.message", "role": "user", "content": "Weather?"})
     await client.send({"type": "reply.create"})
     assert isinstance(await client.next("session.ready"), ev.SessionReady)
@@ -1150,15 +1152,9 @@ async def test_finished_sessions_leave_no_task_or_socket_behind(
 async def test_reply_cancel_while_a_client_tool_call_waits_ends_it_cancelled(
     server: Server, endpoint: EndpointThread, connect: Any
 ) -> None:
-    endpoint.answer(
-        ReplyPlan(tool_name="get_weather", tool_arguments='{"city": "Paris"}',
-                  replies=("Let me check.",)),
-        plan("Goodbye."),
-    )  # fmt: skip
+    endpoint.answer(WEATHER_CALL, plan("Goodbye."))
     client = await connect(server.ws)
-    tool = {"type": "function", "name": "get_weather", "description": "Weather for a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}  # fmt: skip
-    await client.send(inline(endpoint, tools=[tool]))
+    await client.send(inline(endpoint, tools=[WEATHER_TOOL]))
     await client.send({"type": "conversation.message", "role": "user", "content": "Weather?"})
     await client.send({"type": "reply.create"})
     call = await client.next("tool.call")
