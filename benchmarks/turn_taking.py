@@ -89,6 +89,7 @@ from runtime.conversation.policy import (
     Pause,
     ReleaseReply,
     Resume,
+    Speculate,
     StartTurn,
     TurnTakingPolicy,
     classify,
@@ -534,6 +535,8 @@ class Outcome:
     taken_back: int = 0  # turns ended early and continued before their reply was heard
     holds: list[int] = field(default_factory=list)  # frames the reply was paused at
     releases: list[int] = field(default_factory=list)  # frames it went on at
+    decodes: int = 0  # STT decodes asked for (the recognizer's CPU)
+    restarted: int = 0  # speculative replies started again: the early decode read otherwise
 
 
 def speech_frames(item: Item, threshold: float) -> list[bool]:
@@ -565,9 +568,21 @@ def run_policy(
     due: dict[int, list[Callable[[], list[Decision]]]] = {}
     turn_first: int | None = None
     spec_ready: int | None = None  # when the last pause's decode is ready (None after a resume)
+    spec_text = ""
+    early: tuple[str, int] | None = None  # the early decode (Speculate): text, frame ready
+    busy = 0  # the recognizer decodes one span at a time: the frame its worker is free at
     answering = 0  # which ended turn the scheduled "reply heard" belongs to
     if item.over_reply:
         policy.reply_started()
+
+    def submit(i: int, first: int, end: int) -> tuple[str, int, float | None, float | None]:
+        """A decode asked for at frame ``i``: queued behind the one in progress."""
+        nonlocal busy
+        text, lag, confidence, clear = decode.scored(item, first, end)
+        ready = max(i, busy) + lag
+        busy = ready
+        out.decodes += 1
+        return text, ready, confidence, clear
 
     def heard(turn: int, frame: int) -> list[Decision]:
         if turn == answering:
@@ -576,7 +591,7 @@ def run_policy(
         return []
 
     def handle(i: int, decisions: list[Decision]) -> None:
-        nonlocal turn_first, spec_ready, answering
+        nonlocal turn_first, spec_ready, spec_text, early, answering
         for d in decisions:
             if isinstance(d, StartTurn):
                 turn_first = d.first_frame
@@ -591,12 +606,22 @@ def run_policy(
                 answering += 1  # the reply to the ended turn is withdrawn, never heard
                 out.taken_back += 1
                 spec_ready = None
+                early = None
+            elif isinstance(d, Speculate):
+                # Skipped while the recognizer is decoding, or when a decode would not be
+                # done before the pause's is asked for (WhisperTurn.speculate).
+                assert turn_first is not None
+                lag = decode.scored(item, turn_first, i + 1)[1]
+                within = policy.td.pause_ms - (policy.td.speculate_ms or 0)
+                if busy <= i and lag * FRAME_MS <= within:
+                    text, ready, _, _ = submit(i, turn_first, i + 1)
+                    early = (text, ready)
             elif isinstance(d, Pause):
                 assert turn_first is not None
-                text, lag, confidence, _ = decode.scored(item, turn_first, i + 1)
-                spec_ready = i + lag
+                text, ready, confidence, _ = submit(i, turn_first, i + 1)
+                spec_ready, spec_text = ready, text
                 partial = functools.partial(policy.partial, text, confidence)
-                due.setdefault(i + lag, []).append(partial)
+                due.setdefault(ready, []).append(partial)
                 if model is not None and verdict is not None:
                     verdict["complete"] = False
                     prob, ms = model(item.pcm[turn_first * FRAME * 2 : (i + 1) * FRAME * 2])
@@ -611,18 +636,27 @@ def run_policy(
                     due.setdefault(i + lag, []).append(judged)
             elif isinstance(d, Resume):
                 spec_ready = None
+                early = None
             elif isinstance(d, EndTurn):
                 assert turn_first is not None
                 out.ends.append(i)
                 out.turns.append((turn_first, i + 1))
                 if spec_ready is not None:
                     ready = max(i, spec_ready)
-                    at = max(i, spec_ready + reply_frames)
+                    # The reply started on the early decode goes on when the decode the end
+                    # was decided on reads the same; otherwise it starts again on that one.
+                    start = spec_ready
+                    if early is not None and early[0] == spec_text:
+                        start = min(start, early[1])
+                    elif early is not None:
+                        out.restarted += 1
+                    at = max(i, start + reply_frames)
                 else:
-                    ready = i + decode(item, turn_first, i + 1)[1]
+                    ready = submit(i, turn_first, i + 1)[1]
                     at = ready + reply_frames
                 out.end_ready.append(ready)
                 spec_ready = None
+                early = None
                 answering += 1
                 policy.reply_started()
                 if not take_back:
@@ -631,9 +665,9 @@ def run_policy(
                     functools.partial(heard, answering, max(at, i + 1))
                 )
             elif isinstance(d, CheckBurst):
-                text, lag, _, clear = decode.scored(item, d.first_frame, d.end_frame)
+                text, ready, _, clear = submit(i, d.first_frame, d.end_frame)
                 check = functools.partial(policy.burst_heard, d.check_id, text, clear)
-                due.setdefault(i + lag, []).append(check)
+                due.setdefault(ready, []).append(check)
             elif isinstance(d, BackChannel):
                 out.backchannel = True
                 out.backchannel_text = d.text
@@ -779,6 +813,7 @@ def evaluate(
     reply_frames = math.ceil(reply_ms / FRAME_MS)
     cut = turns_total = missed = interrupts_total = false_int = bc_total = lost = 0
     early = taken_back = false_turns = 0
+    turn_decodes = restarted = 0
     cut_items: list[str] = []
     wrong: list[str] = []
     eos: list[float] = []
@@ -820,6 +855,8 @@ def evaluate(
             assert last_speech is not None
             early += bool(out.ends and out.ends[0] < last_speech)
             taken_back += out.taken_back
+            turn_decodes += out.decodes
+            restarted += out.restarted
             if out.audible and out.audible[0] <= last_speech:
                 cut += 1
                 cut_items.append(f"{item.kind}: {item.name} ({item.pause_ms} ms)")
@@ -871,6 +908,8 @@ def evaluate(
         "missed_interruptions": pct(missed, interrupts_total),
         "false_interruptions": pct(false_int, bc_total),
         "noise_turns_with_words": false_turns,
+        "stt_decodes_per_turn": round(turn_decodes / turns_total, 2) if turns_total else None,
+        "replies_started_again": restarted,
         "words_lost": lost,
         "eos_to_transcript_ms_p50_p90": quantiles(eos),
         "short_turns_eos_to_transcript_ms_p50_p90": quantiles(eos_short),
@@ -950,6 +989,10 @@ def variants() -> list[Variant]:
         Variant("plain punctuation rule", td, ends_with_punctuation),
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
         Variant("pause_ms 100", TurnDetection(pause_ms=100)),
+        *(
+            Variant(f"speculate_ms {ms}", TurnDetection(speculate_ms=ms))
+            for ms in (40, 60, 80, 100, 120)
+        ),
         Variant("silence only (max_silence_ms)", td, lambda _t: False),
         Variant("interrupt_response off", TurnDetection(interrupt_response=False)),
         Variant("bursts heard every 200 ms", td, recheck_ms=200),

@@ -11,6 +11,10 @@ SPOKEN_GUIDANCE: Final = (
     "Your reply is spoken aloud by a text-to-speech voice: answer in short, natural sentences, "
     "without markdown, lists, code or emoji, and say numbers the way a person would."
 )
+# Silence (ms) after which the speculative reply's transcript is decoded (see
+# TurnDetection.speculate_ms). Chosen on the turn-taking and voice-to-voice benchmarks
+# (docs/benchmarks.md).
+SPECULATE_MS: Final[int | None] = 40
 APOLOGY: Final = "Sorry, I'm having trouble answering right now. Could you say that again?"
 
 
@@ -23,7 +27,13 @@ class TurnDetection:
         min_silence_ms: silence that ends a turn whose transcript reads complete.
         max_silence_ms: silence that ends any turn.
         interrupt_response: whether user speech can cut the agent off.
-        pause_ms: silence after which transcription (and the reply) start speculatively.
+        pause_ms: silence after which the transcript the end of turn is decided on is
+            decoded (and a speculative reply starts, unless ``speculate_ms`` started one).
+        speculate_ms: silence (ms) after which what was said so far is decoded for a
+            speculative reply only, before ``pause_ms``: the reply's request leaves sooner,
+            while the end of turn still reads the decode at ``pause_ms`` (a reply whose text
+            differs from it is started again on it). ``None``, or a value not below
+            ``pause_ms``: no early decode.
         min_speech_ms: speech needed before a user turn starts.
         barge_in_ms: speech needed, while the agent talks, before it counts as an interruption.
         barge_in_min_words: words needed (back-channels such as "uh-huh" never count).
@@ -34,6 +44,7 @@ class TurnDetection:
     max_silence_ms: int = 1200
     interrupt_response: bool = True
     pause_ms: int = 160
+    speculate_ms: int | None = SPECULATE_MS
     min_speech_ms: int = 60
     barge_in_ms: int = 200
     barge_in_min_words: int = 1
@@ -43,6 +54,8 @@ class TurnDetection:
             raise ValueError("vad_threshold must be within 0..1")
         if not 0 < self.pause_ms <= self.min_silence_ms <= self.max_silence_ms:
             raise ValueError("need 0 < pause_ms <= min_silence_ms <= max_silence_ms")
+        if self.speculate_ms is not None and self.speculate_ms <= 0:
+            raise ValueError("speculate_ms must be positive (or None: no early decode)")
         if self.barge_in_ms < 0 or self.min_speech_ms < 0 or self.barge_in_min_words < 0:
             raise ValueError("barge-in and speech thresholds must not be negative")
 

@@ -23,9 +23,11 @@ Phases::
                                               └────── interruption, or speech before the
                                                       reply is audible (the turn goes on)
 
-* USER_TURN: after ``pause_ms`` of silence, :class:`Pause` (decode now and
-  speculate); speech again, :class:`Resume`. After ``min_silence_ms`` the
-  turn ends if the latest transcript reads as a finished sentence
+* USER_TURN: after ``speculate_ms`` of silence, :class:`Speculate` (decode
+  now for a speculative reply only); after ``pause_ms``, :class:`Pause` (decode
+  the transcript the end of turn is decided on, and speculate on it if the
+  early decode read otherwise); speech again after either, :class:`Resume`.
+  After ``min_silence_ms`` the turn ends if the latest transcript reads as a finished sentence
   (:func:`reads_complete`) and the recognizer is sure of its end (the
   transcript's ``end_confidence``, when the engine gives one, at least
   ``confident_end``), or if it trails off in an ellipsis after words that
@@ -325,8 +327,21 @@ class Pause:
 
 
 @dataclass(frozen=True, slots=True)
+class Speculate:
+    """The user may be pausing (``speculate_ms``): decode what was said and start a reply on it.
+
+    The transcript only starts the speculative reply; the end of turn is still decided
+    on the transcript of the audio up to :class:`Pause`. ``t_speech_end_ns``: the
+    user's last speech frame.
+    """
+
+    t_ns: int
+    t_speech_end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Resume:
-    """The user went on after a pause: drop the speculative reply."""
+    """The user went on after a pause (or a :class:`Speculate`): drop the speculative reply."""
 
     t_ns: int
 
@@ -391,8 +406,8 @@ class ReleaseReply:
 
 
 Decision = (
-    StartTurn | Pause | Resume | EndTurn | ContinueTurn | CheckBurst | Interrupt | BackChannel
-    | HoldReply | ReleaseReply
+    StartTurn | Speculate | Pause | Resume | EndTurn | ContinueTurn | CheckBurst | Interrupt
+    | BackChannel | HoldReply | ReleaseReply
 )  # fmt: skip
 
 
@@ -471,6 +486,7 @@ class TurnTakingPolicy:
         # USER_TURN
         self._silence_ms = 0
         self._paused = False
+        self._speculated = False
         self._partial = ""
         self._doubtful = False
         self._trailed_off = False  # an ellipsis the recognizer is sure enough ends the turn
@@ -672,6 +688,7 @@ class TurnTakingPolicy:
         self._replying = False  # a user turn: any reply was cut, withdrawn or is over
         self._silence_ms = quiet_ms
         self._paused = False
+        self._speculated = False
         self._partial = ""
         self._doubtful = False
         self._trailed_off = False
@@ -683,15 +700,24 @@ class TurnTakingPolicy:
         if speech:
             self._silence_ms = 0
             self._t_speech_end = self._t_ns
-            if self._paused:
-                self._paused = False
+            if self._paused or self._speculated:
+                self._paused = self._speculated = False
                 return [Resume(self._t_ns)]
             return []
         self._silence_ms += FRAME_MS
         out: list[Decision] = []
+        early = td.speculate_ms
         if self._silence_ms >= td.pause_ms and not self._paused:
             self._paused = True
             out.append(Pause(self._t_ns, self._t_speech_end))
+        elif (
+            early is not None
+            and early < td.pause_ms
+            and self._silence_ms >= early
+            and not (self._speculated or self._paused)
+        ):
+            self._speculated = True
+            out.append(Speculate(self._t_ns, self._t_speech_end))
         if self._silence_ms >= td.min_silence_ms and self._ends_turn():
             out.append(self.end_turn())
         return out

@@ -65,6 +65,7 @@ class Reply:
     fixed_text: str | None = None  # greeting / apology: spoken verbatim, no LLM
     instructions: str | None = None
     speculative: bool = False
+    early: bool = False  # speculative, on the decode at speculate_ms (not the pause's)
     turn: int | None = None  # the user turn it answers (None: greeting, injected, create_reply)
     withdrawn: bool = False  # the user went on before hearing it: no trace in the history
     carried: tuple[str, ...] = ()  # earlier turns' words folded into user_text

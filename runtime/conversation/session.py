@@ -13,6 +13,10 @@ turns that into decisions the session carries out:
 * ``Pause`` / ``Resume``: the STT decodes what was said so far and, when
   ``speculative``, a reply starts on that transcript with its audio held
   back; if the user goes on, it is cancelled.
+* ``Speculate`` (``speculate_ms``, before ``Pause``): the STT decodes what was
+  said so far for the speculative reply alone, which starts on it at once.
+  The end of turn still reads the decode at ``Pause``: when that one reads
+  otherwise, the reply is started again on it.
 * ``EndTurn``: the final transcript either confirms the speculative reply
   (its audio is released at once) or a new reply starts.
 * ``ContinueTurn``: the user went on before the reply was audible (a pause
@@ -82,6 +86,7 @@ from runtime.conversation.policy import (
     Pause,
     ReleaseReply,
     Resume,
+    Speculate,
     StartTurn,
     TurnTakingPolicy,
     classify,
@@ -204,6 +209,7 @@ class ConversationSession:
         self._reply: Reply | None = None
         self._reply_task: asyncio.Task[None] | None = None
         self._spec: tuple[Reply, asyncio.Task[None]] | None = None
+        self._spec_early = False  # the speculative reply was started on an early decode
         self._checks: set[asyncio.Task[None]] = set()
         self._input_ended = False
         self._pending_turns = 0
@@ -387,11 +393,23 @@ class ConversationSession:
                 if self.turns.state is not TurnState.LISTENING:
                     self.turns.to(TurnState.LISTENING)
                 self._begin_user_turn(self._frames_from(first), deferred=deferred)
+            case Speculate(t_speech_end_ns=t_end):
+                turn = self._stt_turn
+                assert turn is not None
+                speculate = getattr(turn, "speculate", None)
+                td = self.config.turn_detection
+                within = td.pause_ms - (td.speculate_ms or 0)
+                if self.config.speculative and speculate is not None and speculate(within):
+                    self._speculate(turn, t_end, early=True)
             case Pause(t_speech_end_ns=t_end):
                 assert self._stt_turn is not None
                 self._stt_turn.pause()
                 if self.config.speculative:
-                    self._speculate(self._stt_turn, t_end)
+                    if self._spec is not None and self._spec_early:
+                        turn, reply = self._stt_turn, self._spec[0]
+                        self._spawn(self._confirm_speculation(turn, reply, t_end))
+                    else:
+                        self._speculate(self._stt_turn, t_end)
             case Resume():
                 assert self._stt_turn is not None
                 self._stt_turn.resume()
@@ -453,9 +471,9 @@ class ConversationSession:
             # Speech taken up after the input ended: nothing more will come.
             self._act(self.policy.end_turn())
 
-    def _speculate(self, turn: STTTurn, t_end: int) -> None:
+    def _speculate(self, turn: STTTurn, t_end: int, *, early: bool = False) -> None:
         self._cancel_speculation()
-        speculative = getattr(turn, "speculative", None)
+        speculative = getattr(turn, "early" if early else "speculative", None)
         if speculative is None:
             return
 
@@ -466,13 +484,31 @@ class ConversationSession:
             return self._with_carry(result.text if result is not None else "")
 
         reply = Reply(
-            id=self._new_id("reply"), text_source=source, speculative=True, turn=self._turn_seq
-        )
+            id=self._new_id("reply"), text_source=source, speculative=True, turn=self._turn_seq,
+            early=early,
+        )  # fmt: skip
         reply.t_end = t_end
         task = self._spawn(self._replies.run(reply))
         self._spec = (reply, task)
+        self._spec_early = early
+
+    async def _confirm_speculation(self, turn: STTTurn, reply: Reply, t_end: int) -> None:
+        """Keep the reply started on the early decode if the pause's decode reads the same;
+        otherwise start it again on the pause's (what the end of turn and the final read)."""
+        try:
+            early = await turn.early()  # type: ignore[attr-defined]
+            paused = await turn.speculative()  # type: ignore[attr-defined]
+        except EndpointError:
+            return
+        if self._spec is None or self._spec[0] is not reply:
+            return  # the user went on, or the turn ended (the final transcript decides)
+        said = (early.text if early is not None else "").strip()
+        if paused is not None and paused.text.strip() == said:
+            return
+        self._speculate(turn, t_end)
 
     def _cancel_speculation(self) -> None:
+        self._spec_early = False
         if self._spec is not None:
             _, task = self._spec
             self._spec = None
@@ -489,6 +525,7 @@ class ConversationSession:
         self._emit_hook(SpeechStopped(t_ns=decision.t_ns))
         spec = self._spec
         self._spec = None
+        self._spec_early = False
         self._pending_turns += 1
         self._update_idle()
         self._spawn(
@@ -560,7 +597,15 @@ class ConversationSession:
                     self._act(decision)
             return
         self._carry.clear()
-        if spec is not None and not spec[1].done() and spec[0].user_text in ("", text):
+        # A reply whose transcript is not known yet is kept only when it waits for the same
+        # decode as the final one (the pause's); one started on the early decode must have
+        # read the same words.
+        said = spec[0].user_text if spec is not None else ""
+        if (
+            spec is not None
+            and not spec[1].done()
+            and (said == text or (not said and not spec[0].early))
+        ):
             reply, task = spec
             reply.t_eot, reply.t_stt = t_eot, t_stt
             reply.stt_final_ms = ns_to_ms(t_stt - t_eot)

@@ -18,7 +18,10 @@ Audio longer than 30 s goes through faster-whisper's normal path.
 and when they go on (:meth:`~WhisperTurn.resume`). At a pause the whole turn
 so far is decoded speculatively in the worker thread, while the end-of-turn
 silence is still running; if the user does not resume, :meth:`finalize`
-returns that result at once. If they resume, the speculative result is kept:
+returns that result at once. Sooner still, :meth:`~WhisperTurn.speculate`
+decodes the turn so far for the speculative reply alone (the session's
+``speculate_ms``): the transcript the end of turn is decided on, and the final
+one, still come from the pause. If they resume, the speculative result is kept:
 once a turn grows past ``commit_after_s`` the last speculative text is
 committed and only the newer audio is decoded (with the committed text as
 Whisper's previous-text prompt), so long turns are never re-decoded whole.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -142,7 +146,11 @@ class WhisperSTT:
             fe(np.zeros(SAMPLE_RATE * 30, dtype=np.float32))[:, : fe.nb_max_frames]
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voxloop-stt")
+        self._in_flight = 0  # decodes submitted and not finished or dropped (see busy)
+        self._in_flight_lock = threading.Lock()
         self.warmup_ms: float | None = None  # see warmup()
+        # How long a decode of speech takes now (ms): a moving average of the recent ones.
+        self.recent_decode_ms: float | None = None
 
     @classmethod
     async def load(cls, model_dir: Path | None = None, config: WhisperConfig | None = None) -> Self:
@@ -202,7 +210,10 @@ class WhisperSTT:
             text = self._decode_long(audio, previous_text)
         else:
             text, end, mean = self._decode_short(audio, previous_text)
-        return text, (time.perf_counter() - t0) * 1000, end, mean
+        ms = (time.perf_counter() - t0) * 1000
+        recent = self.recent_decode_ms
+        self.recent_decode_ms = ms if recent is None else 0.5 * (recent + ms)
+        return text, ms, end, mean
 
     def _prompt(self, previous_text: str) -> list[int]:
         """The decoder's prompt: the last :data:`MAX_PROMPT_TOKENS` tokens of
@@ -364,9 +375,22 @@ class WhisperSTT:
     def start_turn(self, sample_rate: int = SAMPLE_RATE) -> WhisperTurn:
         return WhisperTurn(self, sample_rate)
 
+    @property
+    def busy(self) -> bool:
+        """A decode is running or queued (the engine decodes one buffer at a time)."""
+        return self._in_flight > 0
+
     def _submit(self, pcm: bytes, previous_text: str) -> asyncio.Future[_Decoded]:
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, self.decode_confident, pcm, previous_text)
+        work = self._executor.submit(self.decode_confident, pcm, previous_text)
+        with self._in_flight_lock:
+            self._in_flight += 1
+        # Called in the worker when the decode ends, or here when it is dropped unstarted.
+        work.add_done_callback(self._decoded)
+        return asyncio.wrap_future(work)
+
+    def _decoded(self, _work: concurrent.futures.Future[_Decoded]) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
 
 
 @dataclass(slots=True)
@@ -389,6 +413,7 @@ class WhisperTurn:
         self._committed: list[str] = []
         self._committed_end = 0
         self._spec: _Speculation | None = None
+        self._early: _Speculation | None = None
         self._resumed = False
         self._partial: Transcript | None = None
         self._closed = False
@@ -407,7 +432,13 @@ class WhisperTurn:
 
     async def speculative(self) -> Transcript | None:
         """The result of the decode started at the last pause (``None`` if there was none)."""
-        spec = self._spec
+        return await self._result(self._spec)
+
+    async def early(self) -> Transcript | None:
+        """The result of the decode started by :meth:`speculate` (``None`` if there was none)."""
+        return await self._result(self._early)
+
+    async def _result(self, spec: _Speculation | None) -> Transcript | None:
         if spec is None:
             return None
         # Shielded: abandoning a speculative reply must not cancel the decode
@@ -430,6 +461,31 @@ class WhisperTurn:
     def resume(self) -> None:
         """The user went on speaking after a pause."""
         self._resumed = True
+        early, self._early = self._early, None
+        if early is not None:
+            early.future.cancel()  # not started yet: no decode; running: it finishes unused
+
+    def speculate(self, within_ms: float) -> bool:
+        """The user may be pausing: decode what was heard so far for a speculative reply only.
+
+        Its result (:meth:`early`) is neither the :attr:`partial` nor used by
+        :meth:`finalize`: those still come from :meth:`pause`. ``within_ms``: the
+        time until the pause's decode is asked for. Skipped (returns False) when
+        the engine is already decoding, or when its recent decodes took longer
+        than ``within_ms``: the early decode would delay the one the end of turn
+        waits for.
+        """
+        recent = self._engine.recent_decode_ms
+        if self._closed or self._engine.busy or recent is None or recent > within_ms:
+            return False
+        start = self._committed_end
+        end = len(self._pcm)
+        self._early = _Speculation(
+            start=start,
+            end=end,
+            future=self._engine._submit(bytes(self._pcm[start:end]), " ".join(self._committed)),
+        )
+        return True
 
     def pause(self) -> None:
         """The user paused: decode what was heard so far, in the background."""
@@ -484,5 +540,6 @@ class WhisperTurn:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._spec is not None:
-            self._spec.future.cancel()
+        for spec in (self._spec, self._early):
+            if spec is not None:
+                spec.future.cancel()
