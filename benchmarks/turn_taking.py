@@ -96,7 +96,7 @@ from runtime.conversation.policy import (
     ends_with_punctuation,
     reads_complete,
 )
-from runtime.conversation.session import RATE, SpeechGate
+from runtime.conversation.session import RATE, SpeechGate, same_words
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
 
@@ -646,7 +646,7 @@ def run_policy(
                     # The reply started on the early decode goes on when the decode the end
                     # was decided on reads the same; otherwise it starts again on that one.
                     start = spec_ready
-                    if early is not None and early[0] == spec_text:
+                    if early is not None and same_words(early[0], spec_text):
                         start = min(start, early[1])
                     elif early is not None:
                         out.restarted += 1

@@ -163,6 +163,9 @@ def config_for(args: argparse.Namespace, shape: str | None) -> SessionConfig:
     prompt = base.system_prompt
     if shape is not None and args.base_url:
         prompt = f"{prompt} {SHAPE_PROMPTS[shape]}"
+    speculate = getattr(args, "speculate_ms", None)
+    if speculate is not None:
+        td = replace(td, speculate_ms=speculate or None)
     return replace(base, turn_detection=td, system_prompt=prompt, warm_prompt=args.warm_prompt)
 
 
@@ -240,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         "answer with --base-url)",
     )  # fmt: skip
     parser.add_argument("--min-silence-ms", type=int, default=None, help="end-of-turn silence")
+    parser.add_argument(
+        "--speculate-ms", type=int, default=None,
+        help="silence before the early speculative decode (TurnDetection.speculate_ms; "
+        "default: the default, 0: none)",
+    )  # fmt: skip
     parser.add_argument(
         "--no-warm-prompt", dest="warm_prompt", action="store_false",
         help="no warm-up request at session start (warm_prompt, on as in talk and serve)",

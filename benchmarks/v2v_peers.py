@@ -42,10 +42,16 @@ PARTS = ("endpointing_ms", "stt_final_ms", "ttft_ms", "first_sentence_ms", "tts_
 
 
 def run_voxloop(
-    args: argparse.Namespace, clips: list[Path], out: Path, parts: dict[str, dict[str, list[float]]]
+    args: argparse.Namespace,
+    clips: list[Path],
+    out: Path,
+    parts: dict[str, dict[str, list[float]]],
+    speculate_ms: int | None = None,
 ) -> dict[str, list[float]]:
     cmd = [sys.executable, "-m", "benchmarks.v2v", "--base-url", args.base_url,
            "--model", args.model, "--runs", str(args.runs), "--json", str(out)]  # fmt: skip
+    if speculate_ms is not None:
+        cmd += ["--speculate-ms", str(speculate_ms)]
     for clip in clips:
         cmd += ["--clip", str(clip)]
     if args.pin is not None:
@@ -117,23 +123,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2, help="calls per clip, system and round")
     parser.add_argument("--pin", help="CPU list for voxloop and LiveKit (taskset -c)")
+    parser.add_argument(
+        "--voxloop-speculate-ms", type=int, action="append",
+        help="run voxloop once per value of TurnDetection.speculate_ms (0: no early decode), "
+        "each its own column, alternating within each round (default: the default only)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/v2v_peers.json"))
     args = parser.parse_args(argv)
     args.peers_dir = args.peers_dir.resolve()
     clips = [c.resolve() for c in args.clip or [args.peers_dir / "user_hello.wav",
                                                 args.peers_dir / "user_diane.wav"]]  # fmt: skip
+    variants: dict[str, int | None] = {"voxloop": None}
+    if args.voxloop_speculate_ms:
+        variants = {f"voxloop (speculate_ms {ms or 'off'})": ms for ms in args.voxloop_speculate_ms}
     systems = (
-        ["voxloop"]
+        list(variants)
         + (["pipecat"] if args.pipecat else [])
         + (["livekit"] if args.livekit_python else [])
     )
     values: dict[str, dict[str, list[float]]] = {s: {c.name: [] for c in clips} for s in systems}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.json.with_suffix(".voxloop.json")
-    parts: dict[str, dict[str, list[float]]] = {}
+    parts: dict[str, dict[str, dict[str, list[float]]]] = {}
     for rnd in range(1, args.rounds + 1):
-        for clip, got in run_voxloop(args, clips, scratch, parts).items():
-            values["voxloop"][clip] += got
+        for name, ms in variants.items():
+            for clip, got in run_voxloop(args, clips, scratch, parts.setdefault(name, {}),
+                                         ms).items():  # fmt: skip
+                values[name][clip] += got
         for clip in clips:
             if args.pipecat:
                 values["pipecat"][clip.name] += run_pipecat(args, clip)
@@ -166,12 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append("-" if v is None or not base else f"{v / base:.2f}")
         print(f"| {clip.name} | " + " | ".join(cells + ratios) + " |")
     print("\nvoxloop's own turn metrics, medians (ms; the stages overlap):")
-    print("| clip | " + " | ".join(k.removesuffix("_ms") for k in PARTS) + " |")
-    print("|---|" + "---|" * len(PARTS))
-    for clip in clips:
-        mine = parts.get(clip.name, {})
-        cells = [f"{statistics.median(mine[k]):.0f}" if mine.get(k) else "-" for k in PARTS]
-        print(f"| {clip.name} | " + " | ".join(cells) + " |")
+    print("| voxloop | clip | " + " | ".join(k.removesuffix("_ms") for k in PARTS) + " |")
+    print("|---|---|" + "---|" * len(PARTS))
+    for name in variants:
+        for clip in clips:
+            mine = parts.get(name, {}).get(clip.name, {})
+            cells = [f"{statistics.median(mine[k]):.0f}" if mine.get(k) else "-" for k in PARTS]
+            print(f"| {name} | {clip.name} | " + " | ".join(cells) + " |")
     doc: dict[str, Any] = {"values": values, "medians": medians, "voxloop_parts": parts,
                            "rounds": args.rounds, "runs": args.runs}  # fmt: skip
     args.json.write_text(json.dumps(doc, indent=1) + "\n")

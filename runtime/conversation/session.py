@@ -55,6 +55,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -112,6 +113,15 @@ _KEEP_MS: Final = 60_000  # input audio kept for turns and bursts (bounded)
 _AUDIBLE_DBFS: Final = -55.0
 
 EventHook = Callable[[ConversationEvent], None]
+
+
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+
+
+def same_words(a: str, b: str) -> bool:
+    """Whether two transcripts say the same words (case and punctuation aside: the early
+    decode's "Hello World." and the pause's "Hello World..." ask the same thing)."""
+    return _WORD.findall(a.lower()) == _WORD.findall(b.lower())
 
 
 class SpeechGate:
@@ -502,8 +512,8 @@ class ConversationSession:
             return
         if self._spec is None or self._spec[0] is not reply:
             return  # the user went on, or the turn ended (the final transcript decides)
-        said = (early.text if early is not None else "").strip()
-        if paused is not None and paused.text.strip() == said:
+        said = early.text if early is not None else ""
+        if paused is not None and same_words(paused.text, said):
             return
         self._speculate(turn, t_end)
 
@@ -604,9 +614,10 @@ class ConversationSession:
         if (
             spec is not None
             and not spec[1].done()
-            and (said == text or (not said and not spec[0].early))
+            and ((said and same_words(said, text)) or (not said and not spec[0].early))
         ):
             reply, task = spec
+            reply.user_text = text  # the history keeps the final transcript
             reply.t_eot, reply.t_stt = t_eot, t_stt
             reply.stt_final_ms = ns_to_ms(t_stt - t_eot)
             reply.speculative = True

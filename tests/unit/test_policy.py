@@ -28,6 +28,7 @@ from runtime.conversation.policy import (
     Phase,
     ReleaseReply,
     Resume,
+    Speculate,
     StartTurn,
     TurnTakingPolicy,
     claims_the_floor_so_far,
@@ -145,7 +146,9 @@ def test_a_complete_turn_ends_after_exactly_min_silence(min_silence_ms: int):
     assert (end.t_ns - end.t_speech_end_ns) // MS == min_silence_ms
     pause_frame, _ = drv.first(Pause)
     assert pause_frame - last_speech == 160 // FRAME_MS
-    assert [type(d) for _, d in drv.log] == [StartTurn, Pause, EndTurn]
+    speculate_frame, _ = drv.first(Speculate)
+    assert speculate_frame - last_speech == 40 // FRAME_MS
+    assert [type(d) for _, d in drv.log] == [StartTurn, Speculate, Pause, EndTurn]
 
 
 @pytest.mark.parametrize(
@@ -235,8 +238,51 @@ def test_a_pause_then_more_speech_resumes_the_same_turn():
     drv.feed(False, 200)  # past pause_ms (160), short of min_silence_ms (300)
     drv.feed(True, 600)
     kinds = [type(d) for _, d in drv.log]
-    assert kinds == [StartTurn, Pause, Resume]
+    assert kinds == [StartTurn, Speculate, Pause, Resume]
     assert drv.policy.phase is Phase.USER_TURN
+
+
+@pytest.mark.parametrize(
+    ("speculate_ms", "gap_ms", "expected"),
+    [
+        # Speech again after the early decode and before the pause: the reply on it is dropped.
+        (40, 100, [StartTurn, Speculate, Resume]),
+        (100, 100, [StartTurn, Speculate, Resume]),
+        (120, 100, [StartTurn]),  # the gap is shorter than speculate_ms: nothing to drop
+        (None, 100, [StartTurn]),  # no early decode
+        (160, 200, [StartTurn, Pause, Resume]),  # not before pause_ms (160): none either
+        (200, 200, [StartTurn, Pause, Resume]),
+    ],
+)
+def test_the_early_decode_comes_once_before_the_pause_and_speech_drops_it(
+    speculate_ms: int | None, gap_ms: int, expected: list[type]
+):
+    drv = Driver(TurnTakingPolicy(TurnDetection(speculate_ms=speculate_ms)))
+    drv.feed(True, 600)
+    last_speech = drv.frame
+    drv.feed(False, gap_ms)
+    drv.feed(True, 600)
+    assert [type(d) for _, d in drv.log] == expected
+    if Speculate in expected:
+        assert speculate_ms is not None
+        frame, decision = drv.first(Speculate)
+        assert frame - last_speech == speculate_ms // FRAME_MS
+        assert decision == Speculate(t_ns=frame * 20 * MS, t_speech_end_ns=last_speech * 20 * MS)
+
+
+def test_the_early_decode_does_not_decide_the_end_of_turn():
+    # The end of turn waits for the pause's transcript: a Speculate reads nothing.
+    drv = Driver(TurnTakingPolicy(TurnDetection(speculate_ms=40)))
+    drv.feed(True, 600)
+    drv.feed(False, 300)
+    assert [type(d) for _, d in drv.log] == [StartTurn, Speculate, Pause]
+    drv.policy.partial("Book a table for two.", 0.9)
+    assert [type(d) for d in drv.feed(False, 20)] == [EndTurn]
+
+
+def test_speculate_ms_must_be_positive():
+    with pytest.raises(ValueError, match="speculate_ms"):
+        TurnDetection(speculate_ms=0)
 
 
 def test_speech_shorter_than_min_speech_starts_nothing():

@@ -392,6 +392,7 @@ EVERY_SETTING = SessionSpec(
     turn_detection=TurnDetection(
         vad_threshold=0.7, min_silence_ms=500, max_silence_ms=900, interrupt_response=False,
         pause_ms=120, min_speech_ms=80, barge_in_ms=250, barge_in_min_words=2,
+        speculate_ms=20,
     ),
     llm=ev.LLMSpec(base_url="https://a.example/v1", model="ma", api_key=Secret("key-a-1"),
                    think_block="template", max_tokens=50, first_token_timeout_ms=800),
