@@ -96,7 +96,7 @@ from runtime.conversation.policy import (
     ends_with_punctuation,
     reads_complete,
 )
-from runtime.conversation.session import RATE, SpeechGate, same_words
+from runtime.conversation.session import RATE, SpeechGate, early_decode_budget_ms, same_words
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
 
@@ -612,7 +612,7 @@ def run_policy(
                 # done before the pause's is asked for (WhisperTurn.speculate).
                 assert turn_first is not None
                 lag = decode.scored(item, turn_first, i + 1)[1]
-                within = policy.td.pause_ms - (policy.td.speculate_ms or 0)
+                within = early_decode_budget_ms(policy.td)
                 if busy <= i and lag * FRAME_MS <= within:
                     text, ready, _, _ = submit(i, turn_first, i + 1)
                     early = (text, ready)

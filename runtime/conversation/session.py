@@ -64,7 +64,7 @@ from audio.frame import AudioFrame
 from audio.reframe import Reframer
 from audio.vad import VAD, default_vad, frame_level_db
 from runtime.clock import Clock, MonotonicClock, ns_to_ms
-from runtime.conversation.config import SPOKEN_GUIDANCE, SessionConfig
+from runtime.conversation.config import SPOKEN_GUIDANCE, SessionConfig, TurnDetection
 from runtime.conversation.events import (
     ConversationEvent,
     SpeechStarted,
@@ -122,6 +122,18 @@ def same_words(a: str, b: str) -> bool:
     """Whether two transcripts say the same words (case and punctuation aside: the early
     decode's "Hello World." and the pause's "Hello World..." ask the same thing)."""
     return _WORD.findall(a.lower()) == _WORD.findall(b.lower())
+
+
+def early_decode_budget_ms(td: TurnDetection) -> float:
+    """The longest a decode may take for the early one (``speculate_ms``) to be worth it.
+
+    The early decode must not change what the end of turn reads when it reads it: the
+    pause's decode, queued behind it, must still start on time (``pause_ms -
+    speculate_ms``), or at least be done by the first end-of-turn check
+    (``min_silence_ms``: ``speculate_ms`` plus both decodes).
+    """
+    early = td.speculate_ms or 0
+    return max(td.pause_ms - early, (td.min_silence_ms - early) / 2)
 
 
 class SpeechGate:
@@ -407,8 +419,7 @@ class ConversationSession:
                 turn = self._stt_turn
                 assert turn is not None
                 speculate = getattr(turn, "speculate", None)
-                td = self.config.turn_detection
-                within = td.pause_ms - (td.speculate_ms or 0)
+                within = early_decode_budget_ms(self.config.turn_detection)
                 if self.config.speculative and speculate is not None and speculate(within):
                     self._speculate(turn, t_end, early=True)
             case Pause(t_speech_end_ns=t_end):
