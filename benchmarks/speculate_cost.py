@@ -3,14 +3,14 @@
 Each run is one conversation of a recording (default: ``tests/data/speech/conv-two_turns.wav``,
 two user turns, and ``benchmarks/data/user_hello.wav``) through the real session with Whisper
 and Piper in this process, in real time, against the reference endpoint (in this process too;
-100 ms to the first token, a short reply). The variants alternate run by run: the default
-``speculate_ms`` and the early decode off (or the values given). Reported per variant: the
+100 ms to the first token, a short reply). The variants alternate run by run: ``speculate_ms`` 40
+and the early decode off (or the values given). Reported per variant: the
 process CPU time per conversation (user + system, ms; median), the Whisper decodes per
 conversation and the early decodes among them, and the voice-to-voice time heard in the
 recording (median).
 
 Run:
-    flock /work/notes/bench.lock python -m benchmarks.speculate_cost --runs 4
+    python -m benchmarks.speculate_cost --runs 4
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     piper = PiperTTS()
     clips = [(c.name, read_wav(c)) for c in args.clip or CLIPS]
     pcms = [(name, resample_all(a.mono(), a.sample_rate, 16000)) for name, a in clips]
-    values = args.speculate_ms or [SPECULATE_MS or 0, 0]
+    values = args.speculate_ms or [SPECULATE_MS or 40, 0]
     rows: dict[str, dict[str, list[float]]] = {
         str(v): {"cpu_ms": [], "decodes": [], "early": [], "v2v_ms": []} for v in values
     }
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=Path, action="append", help="recordings to use instead")
     parser.add_argument(
         "--speculate-ms", type=int, action="append",
-        help=f"variants (0: no early decode; default: {SPECULATE_MS} and 0)",
+        help="variants (0: no early decode; default: 40 and 0)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

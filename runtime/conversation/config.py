@@ -12,9 +12,9 @@ SPOKEN_GUIDANCE: Final = (
     "without markdown, lists, code or emoji, and say numbers the way a person would."
 )
 # Silence (ms) after which the speculative reply's transcript is decoded (see
-# TurnDetection.speculate_ms). Chosen on the turn-taking and voice-to-voice benchmarks
-# (docs/benchmarks.md).
-SPECULATE_MS: Final[int | None] = 40
+# TurnDetection.speculate_ms). Off: measured side by side, its gain was not steady on one core
+# (docs/benchmarks.md, turn-taking); 40 is the value measured.
+SPECULATE_MS: Final[int | None] = None
 APOLOGY: Final = "Sorry, I'm having trouble answering right now. Could you say that again?"
 
 

@@ -128,7 +128,7 @@ def test_a_transcript_that_arrives_before_min_silence_ends_the_turn_at_it(silenc
 
 @pytest.mark.parametrize("min_silence_ms", [200, 300, 500, 840])
 def test_a_complete_turn_ends_after_exactly_min_silence(min_silence_ms: int):
-    td = TurnDetection(min_silence_ms=min_silence_ms, pause_ms=160)
+    td = TurnDetection(min_silence_ms=min_silence_ms, pause_ms=160, speculate_ms=40)
     drv = Driver(TurnTakingPolicy(td))
     drv.feed(False, 400)
     drv.feed(True, 60)
@@ -231,7 +231,7 @@ def test_the_doubt_is_the_latest_transcripts_own():
 
 
 def test_a_pause_then_more_speech_resumes_the_same_turn():
-    td = TurnDetection()
+    td = TurnDetection(speculate_ms=40)
     drv = Driver(TurnTakingPolicy(td))
     drv.feed(True, 600)
     drv.policy.partial("I'd like to book.")
@@ -278,6 +278,14 @@ def test_the_early_decode_does_not_decide_the_end_of_turn():
     assert [type(d) for _, d in drv.log] == [StartTurn, Speculate, Pause]
     drv.policy.partial("Book a table for two.", 0.9)
     assert [type(d) for d in drv.feed(False, 20)] == [EndTurn]
+
+
+def test_the_early_decode_is_off_by_default():
+    drv = Driver(TurnTakingPolicy(TurnDetection()))
+    drv.feed(True, 600)
+    drv.feed(False, 200)
+    drv.feed(True, 600)
+    assert [type(d) for _, d in drv.log] == [StartTurn, Pause, Resume]
 
 
 def test_speculate_ms_must_be_positive():
