@@ -59,6 +59,12 @@ SHAPES: dict[str, tuple[str, ...]] = {
         "You will need three things for the recipe: two cups of flour, one cup of sugar and "
         "three eggs. Mix them well and bake for thirty minutes.",
     ),
+    "short first clause": (
+        "Diana New Jersey, that's a lovely name. How can I help you today?",
+        "Of course, I can book that for you. Which evening would you like?",
+        "Good morning, thanks for calling the clinic. What can I do for you?",
+        "Hi there, nice to meet you. What brings you here today?",
+    ),
     "number-heavy": (
         "Your total is $1,249.50 for 3 items, due on March 14, 2026 at 7:30 p.m. "
         "The reference number is 4 8 2 7 1.",
@@ -67,9 +73,11 @@ SHAPES: dict[str, tuple[str, ...]] = {
     ),
 }
 POLICIES: dict[str, SegmenterConfig] = {
-    "marks only": SegmenterConfig(),
+    "marks only": SegmenterConfig(first_words=0),
     "5 words": SegmenterConfig(first_words=5),
     "7 words": SegmenterConfig(first_words=7),
+    "7 words, a clause mark from 16 characters": SegmenterConfig(first_words=7, eager_chars=16),
+    "7 words, a clause mark from 12 characters": SegmenterConfig(first_words=7, eager_chars=12),
     "9 words": SegmenterConfig(first_words=9),
     "12 words": SegmenterConfig(first_words=12),
 }

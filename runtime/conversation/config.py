@@ -14,7 +14,7 @@ SPOKEN_GUIDANCE: Final = (
 # Silence (ms) after which the speculative reply's transcript is decoded (see
 # TurnDetection.speculate_ms). Off: measured side by side, its gain was not steady on one core
 # (docs/benchmarks.md, turn-taking); 40 is the value measured.
-SPECULATE_MS: Final[int | None] = None
+SPECULATE_MS: Final[int | None] = 40
 APOLOGY: Final = "Sorry, I'm having trouble answering right now. Could you say that again?"
 
 

@@ -157,7 +157,7 @@ class SegmenterConfig:
         max_chars: a run this long without a boundary is cut at its last clause mark or space.
     """
 
-    eager_chars: int = 24
+    eager_chars: int = 12
     first_words: int = 7
     first_after_ms: float | None = 250.0
     min_chars: int = 30

@@ -99,11 +99,11 @@ def spoken(td: TurnDetection) -> tuple[Driver, int]:
 def test_a_transcript_that_arrives_after_min_silence_ends_the_turn_when_it_arrives():
     td = TurnDetection(min_silence_ms=300, pause_ms=160)
     drv, last_speech = spoken(td)
-    assert [type(d) for d in drv.feed(False, 160)] == [Pause]
+    assert [type(d) for d in drv.feed(False, 160)] == [Speculate, Pause]
     # The pause's decode is late: the silence runs past min_silence_ms with nothing to read.
     assert drv.feed(False, 200) == []
     assert drv.frame - last_speech == 18
-    assert [type(d) for _, d in drv.log] == [StartTurn, Pause]
+    assert [type(d) for _, d in drv.log] == [StartTurn, Speculate, Pause]
     # A doubtful end does not end it.
     assert drv.policy.partial("Book a table for two.", CONFIDENT_END - 0.01, 1) == []
     arrived = (drv.frame * 20 + 7) * MS  # between two frames
@@ -276,12 +276,24 @@ def test_the_early_decode_does_not_decide_the_end_of_turn():
     drv.feed(True, 600)
     drv.feed(False, 300)
     assert [type(d) for _, d in drv.log] == [StartTurn, Speculate, Pause]
-    drv.policy.partial("Book a table for two.", 0.9)
-    assert [type(d) for d in drv.feed(False, 20)] == [EndTurn]
+    assert drv.feed(False, 20) == []  # min_silence_ms passed: still no transcript to read
+    # The pause's transcript ends the turn the moment it comes.
+    assert [type(d) for d in drv.policy.partial("Book a table for two.", 0.9)] == [EndTurn]
 
 
-def test_the_early_decode_is_off_by_default():
+def test_the_early_decode_comes_after_40_ms_of_silence_by_default():
     drv = Driver(TurnTakingPolicy(TurnDetection()))
+    drv.feed(True, 600)
+    assert drv.feed(False, 20) == []
+    assert [type(d) for d in drv.feed(False, 20)] == [Speculate]
+    assert drv.feed(False, 100) == []
+    assert [type(d) for d in drv.feed(False, 20)] == [Pause]
+    drv.feed(True, 600)
+    assert [type(d) for _, d in drv.log] == [StartTurn, Speculate, Pause, Resume]
+
+
+def test_no_early_decode_when_speculate_ms_is_none():
+    drv = Driver(TurnTakingPolicy(TurnDetection(speculate_ms=None)))
     drv.feed(True, 600)
     drv.feed(False, 200)
     drv.feed(True, 600)

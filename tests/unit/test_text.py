@@ -26,7 +26,7 @@ def segments(
         "It costs $29.99 today.",
         "Version 3.5 is out.",
         "We ship to the U.S. and Canada.",
-        "Bring snacks, e.g. apples and pears.",
+        "Snacks, e.g. apples and pears.",
         "Visit example.com or mail help@example.com for details.",
         "Well... maybe later.",
     ],
@@ -63,12 +63,19 @@ def test_eager_first_clause_is_released_with_the_word_after_its_comma():
     ]  # fmt: skip
 
 
+def test_a_first_clause_from_eager_chars_is_released_with_the_next_word():
+    words = ["Good", " morning,", " thanks", " for", " calling."]
+    # "Good morning," is 13 characters (eager_chars 12): out with the next word.
+    assert released_at(words) == [[], [], ["Good morning,"], [], [], ["thanks for calling."]]
+
+
 def test_a_first_clause_under_eager_chars_waits_for_the_word_count():
-    words = ["My", " order", " shipped", " today,", " and", " it", " should", " arrive", " soon."]
-    # "My order shipped today," is 23 characters: not eager; out once the 7th word is
-    # whole (the next one shows it ended), cut at its clause mark.
+    words = ["Oh", " well,", " my", " order", " shipped", " and", " it", " should", " arrive",
+             " soon."]  # fmt: skip
+    # "Oh well," is 8 characters: not eager; out once the 7th word is whole (the next one
+    # shows it ended), cut at its clause mark.
     assert released_at(words) == [
-        [], [], [], [], [], [], [], ["My order shipped today,"], [], ["and it should arrive soon."]
+        [], [], [], [], [], [], [], ["Oh well,"], [], [], ["my order shipped and it should arrive soon."]
     ]  # fmt: skip
 
 
@@ -272,7 +279,7 @@ def test_html_tags_removed_entities_decoded_before_segmenting():
         ),
         (
             "Price &lt; &#36;5 &#x2014; really&nbsp;cheap &eacute;t&eacute;.",
-            ["Price < $5 — really cheap été."],
+            ["Price < $5 —", "really cheap été."],
         ),
         (
             'Visit <a href="https://e.com/?a=1&amp;b=2">our site</a> today.',
@@ -309,8 +316,8 @@ def test_whole_emoji_sequences_disappear(text: str, expected: str):
     ("text", "expected"),
     [
         (
-            "We sell apples, pears, etc. The store opens at nine.",
-            ["We sell apples, pears, etc.", "The store opens at nine."],
+            "We sell apples etc. The store opens at nine.",
+            ["We sell apples etc.", "The store opens at nine."],
         ),
         (
             "I moved to the U.S. Then I found a job there.",
@@ -330,10 +337,12 @@ def test_abbreviations_are_decided_by_what_follows(text: str, expected: list[str
 
 
 def test_first_segment_at_a_word_boundary_when_no_mark_comes_soon():
-    text = "Hello World, welcome to our little corner of the world where everything is possible."
+    text = "Hi World, welcome to our little corner of the world where everything is possible."
     released = streamed(text, 4)
-    # The first clause is short, so it waits for a few more words, then goes alone.
-    assert released[0] == (44, "Hello World,")
+    # The first clause is short (under eager_chars), so it waits for a few more words (the
+    # 7th is whole at the space after "corner", in the 10th push of 4 characters), then
+    # goes alone.
+    assert released[0] == (40, "Hi World,")
     no_marks = "So the best way to get there from the station is by the number nine bus."
     # No mark at all: a word boundary that leaves no dangling article or preposition.
     assert segments(no_marks)[0] == "So the best way to get there"

@@ -47,9 +47,11 @@ class RecordingPolicy(TurnTakingPolicy):
         self.decisions += [(t_ns, d) for d in out]
         return out
 
-    def partial(self, text: str, end_confidence: float | None = None) -> list[Decision]:
+    def partial(
+        self, text: str, end_confidence: float | None = None, t_ns: int | None = None
+    ) -> list[Decision]:
         self.read.append(text)
-        return super().partial(text, end_confidence)
+        return super().partial(text, end_confidence, t_ns)
 
 
 @pytest.fixture
