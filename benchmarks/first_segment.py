@@ -73,13 +73,13 @@ SHAPES: dict[str, tuple[str, ...]] = {
     ),
 }
 POLICIES: dict[str, SegmenterConfig] = {
-    "marks only": SegmenterConfig(first_words=0),
-    "5 words": SegmenterConfig(first_words=5),
-    "7 words": SegmenterConfig(first_words=7),
-    "7 words, a clause mark from 16 characters": SegmenterConfig(first_words=7, eager_chars=16),
-    "7 words, a clause mark from 12 characters": SegmenterConfig(first_words=7, eager_chars=12),
-    "9 words": SegmenterConfig(first_words=9),
-    "12 words": SegmenterConfig(first_words=12),
+    "marks only": SegmenterConfig(first_words=0, eager_chars=24),
+    "5 words": SegmenterConfig(first_words=5, eager_chars=24),
+    "7 words, a clause mark from 24 characters (before)": SegmenterConfig(eager_chars=24),
+    "7 words, a clause mark from 16 characters": SegmenterConfig(eager_chars=16),
+    "7 words, a clause mark from 12 characters (default)": SegmenterConfig(),
+    "9 words": SegmenterConfig(first_words=9, eager_chars=24),
+    "12 words": SegmenterConfig(first_words=12, eager_chars=24),
 }
 _TOKEN = re.compile(r"\s*\S{1,4}")
 normalise = EnglishTextNormalizer()
