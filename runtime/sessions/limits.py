@@ -47,6 +47,9 @@ class RunnerLimits:
             aborted (its descriptor released).
         single_llm_entry: accept one ``llm`` entry only, as the hosted API does
             (``VOXLOOP_LLM_SINGLE_ENTRY=1``; off: an entry and its fallbacks).
+        early_decode: sessions decode a turn after 40 ms of silence for the speculative
+            reply's request (``TurnDetection.speculate_ms``); ``VOXLOOP_EARLY_DECODE=0``
+            turns it off, for more sessions per core at ~120 ms more to the first audio.
     """
 
     max_sessions: int = 16
@@ -61,16 +64,19 @@ class RunnerLimits:
     client_stall_s: float = 10.0
     close_timeout_s: float = 2.0
     single_llm_entry: bool = False
+    early_decode: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerLimits:
         """Read ``VOXLOOP_MAX_SESSIONS``, ``VOXLOOP_MAX_SESSION_SECONDS``,
         ``VOXLOOP_AUDIO_LEAD_MS``, ``VOXLOOP_AUDIO_BUFFER_MS``, ``VOXLOOP_INPUT_BUFFER_MS``,
         ``VOXLOOP_OUTBOUND_MESSAGES``, ``VOXLOOP_UNBOUND_PER_CREDENTIAL``,
-        ``VOXLOOP_CLIENT_STALL_SECONDS``, ``VOXLOOP_LLM_SINGLE_ENTRY`` (``1``/``true``/``yes``).
+        ``VOXLOOP_CLIENT_STALL_SECONDS``, ``VOXLOOP_LLM_SINGLE_ENTRY`` (``1``/``true``/``yes``),
+        ``VOXLOOP_EARLY_DECODE`` (``0``/``false``/``no`` turns it off; ``1``/``true``/``yes``).
 
         Raises:
-            ValueError: a value is not a positive integer.
+            ValueError: a number is not a positive integer, or ``VOXLOOP_EARLY_DECODE``
+                is not one of the words above.
         """
 
         def number(name: str, default: int) -> int:
@@ -90,4 +96,21 @@ class RunnerLimits:
             client_stall_s=float(number("VOXLOOP_CLIENT_STALL_SECONDS", int(d.client_stall_s))),
             single_llm_entry=env.get("VOXLOOP_LLM_SINGLE_ENTRY", "").strip().lower()
             in ("1", "true", "yes"),
+            early_decode=_switch(env, "VOXLOOP_EARLY_DECODE", d.early_decode),
         )
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """An on/off setting: ``1``/``true``/``yes`` or ``0``/``false``/``no`` (any case).
+
+    Raises:
+        ValueError: any other value, named in the message.
+    """
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{name} must be 1, true or yes, or 0, false or no")

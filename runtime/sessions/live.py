@@ -206,7 +206,7 @@ class LiveSession:
                 buffer_ms=self.runner.limits.output_buffer_ms,
             )  # fmt: skip
         self._sink = sink
-        config = self.spec.core_config()
+        config = self.runner.core_config(self.spec)
         if self._prior_history is not None:
             config = dataclasses.replace(config, greeting=None)  # already spoken
         session = ConversationSession(
@@ -378,7 +378,7 @@ class LiveSession:
             self._ingress.set_format(spec.input_format)
         self._encode = wire_encoder(spec.output_format, spec.volume)
         if self._session is not None:
-            config = spec.core_config()
+            config = self.runner.core_config(spec)
             self._session.reconfigure(
                 dataclasses.replace(config, greeting=self._session.config.greeting)
             )

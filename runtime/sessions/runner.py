@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
+from runtime.conversation.config import SessionConfig
 from runtime.endpoints import Resolver, URLPolicy, check_endpoint_url
 from runtime.errors import URLPolicyError
 from runtime.llm.client import ChatClient, ClientTimeouts, Endpoint, RetryPolicy
@@ -139,6 +140,15 @@ class SessionRunner:
 
     def voice_known(self, voice: str) -> bool:
         return not self.voices or voice in self.voices
+
+    def core_config(self, spec: SessionSpec) -> SessionConfig:
+        """The conversation core's configuration for ``spec`` on this worker (its
+        ``early_decode`` setting applied)."""
+        config = spec.core_config()
+        if self.limits.early_decode:
+            return config
+        td = dataclasses.replace(config.turn_detection, speculate_ms=None)
+        return dataclasses.replace(config, turn_detection=td)
 
     def chat_client(
         self, *entries: ev.LLMSpec, max_tokens: int | None = None

@@ -348,6 +348,18 @@ async def test_each_entry_url_is_checked_and_the_single_entry_setting_refuses_a_
     await single.aclose()
 
 
+async def test_the_early_decode_setting_turns_speculate_ms_off_for_the_workers_sessions() -> None:
+    spec = await _runner().bind(patch({"llm": LLMS[:1]}))
+    assert _runner().core_config(spec).turn_detection.speculate_ms == 40
+    for off in ("0", "false", "No"):
+        limits = RunnerLimits.from_env({"VOXLOOP_EARLY_DECODE": off})
+        td = _runner(limits).core_config(spec).turn_detection
+        assert (td.speculate_ms, td.pause_ms, td.min_silence_ms) == (None, 160, 300)
+    assert RunnerLimits.from_env({"VOXLOOP_EARLY_DECODE": "yes"}).early_decode is True
+    with pytest.raises(ValueError, match="^VOXLOOP_EARLY_DECODE must be 1, true or yes, or 0"):
+        RunnerLimits.from_env({"VOXLOOP_EARLY_DECODE": "off"})
+
+
 async def test_each_entry_keeps_its_own_settings_through_the_client_and_a_resume() -> None:
     runner = SessionRunner(
         load_agent=_no_agent, box=SecretBox(KeyRing.generate()), policy=URLPolicy(),
