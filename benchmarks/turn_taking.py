@@ -988,7 +988,7 @@ def variants() -> list[Variant]:
         ),
         Variant("plain punctuation rule", td, ends_with_punctuation),
         Variant("min_silence_ms 500", TurnDetection(min_silence_ms=500)),
-        Variant("pause_ms 100", TurnDetection(pause_ms=100)),
+        Variant("pause_ms 100", TurnDetection(pause_ms=100, speculate_ms=None)),
         Variant("no early decode (speculate_ms None)", TurnDetection(speculate_ms=None)),
         *(
             Variant(f"speculate_ms {ms}", TurnDetection(speculate_ms=ms))
