@@ -356,7 +356,7 @@ async def test_the_early_decode_setting_turns_speculate_ms_off_for_the_workers_s
         td = _runner(limits).core_config(spec).turn_detection
         assert (td.speculate_ms, td.pause_ms, td.min_silence_ms) == (None, 160, 300)
     assert RunnerLimits.from_env({"VOXLOOP_EARLY_DECODE": "yes"}).early_decode is True
-    with pytest.raises(ValueError, match="^VOXLOOP_EARLY_DECODE must be 1, true or yes, or 0"):
+    with pytest.raises(ValueError, match=r"^VOXLOOP_EARLY_DECODE must be 1, true or yes, or 0"):
         RunnerLimits.from_env({"VOXLOOP_EARLY_DECODE": "off"})
 
 
