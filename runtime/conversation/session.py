@@ -231,7 +231,6 @@ class ConversationSession:
         self._reply: Reply | None = None
         self._reply_task: asyncio.Task[None] | None = None
         self._spec: tuple[Reply, asyncio.Task[None]] | None = None
-        self._spec_early = False  # the speculative reply was started on an early decode
         self._checks: set[asyncio.Task[None]] = set()
         self._input_ended = False
         self._pending_turns = 0
@@ -426,7 +425,7 @@ class ConversationSession:
                 assert self._stt_turn is not None
                 self._stt_turn.pause()
                 if self.config.speculative:
-                    if self._spec is not None and self._spec_early:
+                    if self._spec is not None and self._spec[0].early:
                         turn, reply = self._stt_turn, self._spec[0]
                         self._spawn(self._confirm_speculation(turn, reply, t_end))
                     else:
@@ -511,7 +510,6 @@ class ConversationSession:
         reply.t_end = t_end
         task = self._spawn(self._replies.run(reply))
         self._spec = (reply, task)
-        self._spec_early = early
 
     async def _confirm_speculation(self, turn: STTTurn, reply: Reply, t_end: int) -> None:
         """Keep the reply started on the early decode if the pause's decode reads the same;
@@ -529,7 +527,6 @@ class ConversationSession:
         self._speculate(turn, t_end)
 
     def _cancel_speculation(self) -> None:
-        self._spec_early = False
         if self._spec is not None:
             _, task = self._spec
             self._spec = None
@@ -546,7 +543,6 @@ class ConversationSession:
         self._emit_hook(SpeechStopped(t_ns=decision.t_ns))
         spec = self._spec
         self._spec = None
-        self._spec_early = False
         self._pending_turns += 1
         self._update_idle()
         self._spawn(
