@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Final
 
 RESUME_GRACE_S: Final = 30.0
+# The words an on/off setting takes (any case).
+_YES: Final = ("1", "true", "yes")
+_NO: Final = ("0", "false", "no")
 
 
 def positive_setting(env: Mapping[str, str], name: str, default: int) -> int:
@@ -94,8 +97,7 @@ class RunnerLimits:
                 "VOXLOOP_UNBOUND_PER_CREDENTIAL", d.unbound_per_credential
             ),
             client_stall_s=float(number("VOXLOOP_CLIENT_STALL_SECONDS", int(d.client_stall_s))),
-            single_llm_entry=env.get("VOXLOOP_LLM_SINGLE_ENTRY", "").strip().lower()
-            in ("1", "true", "yes"),
+            single_llm_entry=env.get("VOXLOOP_LLM_SINGLE_ENTRY", "").strip().lower() in _YES,
             early_decode=_switch(env, "VOXLOOP_EARLY_DECODE", d.early_decode),
         )
 
@@ -109,8 +111,8 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
         return default
-    if raw in ("1", "true", "yes"):
+    if raw in _YES:
         return True
-    if raw in ("0", "false", "no"):
+    if raw in _NO:
         return False
     raise ValueError(f"{name} must be 1, true or yes, or 0, false or no")
