@@ -29,7 +29,7 @@ from runtime.llm.reference import ReferenceEndpoint, ReplyPlan
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperSTT
 
-from .script import Step, Until, run_script
+from .script import Scripted, Step, Until, run_script
 from .test_conversation import active, llm_for, normalise, silence, utterance
 from .test_speculation import ADDRESS, CANCEL, SPECULATIVE, chats
 
@@ -58,6 +58,26 @@ class RecordingPolicy(TurnTakingPolicy):
 async def endpoint() -> AsyncIterator[ReferenceEndpoint]:
     async with ReferenceEndpoint(ReplyPlan(ttft_ms=50, itl_ms=5)) as server:
         yield server
+
+
+async def converse(
+    endpoint: ReferenceEndpoint,
+    whisper: WhisperSTT,
+    piper: PiperTTS,
+    td: TurnDetection,
+    plan: ReplyPlan,
+    steps: list[Step],
+) -> tuple[Scripted, RecordingPolicy]:
+    """``steps`` through a session on ``td``, Whisper warm, the endpoint answering ``plan``."""
+    await asyncio.to_thread(whisper.warmup)
+    policy = RecordingPolicy(td)
+    endpoint.plan = plan
+    async with llm_for(endpoint) as llm:
+        result = await run_script(
+            steps, llm=llm, stt=whisper, tts=piper,
+            config=SessionConfig(turn_detection=td), policy=policy,
+        )  # fmt: skip
+    return result, policy
 
 
 def frames(pcm: bytes) -> list[AudioFrame]:
@@ -108,16 +128,10 @@ async def test_a_busy_or_slow_recognizer_skips_the_early_decode(whisper: Whisper
 async def test_the_request_leaves_on_the_early_transcript_and_the_end_is_decided_at_the_pause(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ) -> None:
-    await asyncio.to_thread(whisper.warmup)
     td = TurnDetection(speculate_ms=40, pause_ms=600, min_silence_ms=800, max_silence_ms=1200)
-    policy = RecordingPolicy(td)
-    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Your subscription is cancelled.",))
+    plan = ReplyPlan(ttft_ms=50, itl_ms=5, replies=("Your subscription is cancelled.",))
     steps: list[Step] = [silence(0.4), utterance("shared-04-piper"), silence(1.5)]
-    async with llm_for(endpoint) as llm:
-        result = await run_script(
-            steps, llm=llm, stt=whisper, tts=piper,
-            config=SessionConfig(turn_detection=td), policy=policy,
-        )  # fmt: skip
+    result, policy = await converse(endpoint, whisper, piper, td, plan, steps)
     kinds = [type(d) for _, d in policy.decisions]
     # One turn: it ends once, after the pause, whatever speculations came and went inside it.
     assert kinds[0] is StartTurn and kinds.count(EndTurn) == 1 and kinds[-1] is EndTurn
@@ -142,19 +156,13 @@ async def test_the_request_leaves_on_the_early_transcript_and_the_end_is_decided
 async def test_going_on_after_the_early_decode_withdraws_its_reply(
     endpoint: ReferenceEndpoint, whisper: WhisperSTT, piper: PiperTTS
 ) -> None:
-    await asyncio.to_thread(whisper.warmup)
     # The pause's decode never comes between the two sentences: only the early one.
     td = TurnDetection(speculate_ms=40, pause_ms=3000, min_silence_ms=3000, max_silence_ms=5000)
-    policy = RecordingPolicy(td)
-    endpoint.plan = ReplyPlan(ttft_ms=50, itl_ms=20, replies=(SPECULATIVE, *["Done."] * 20))
+    plan = ReplyPlan(ttft_ms=50, itl_ms=20, replies=(SPECULATIVE, *["Done."] * 20))
     first, second = utterance("shared-04-piper"), utterance("shared-05-piper")
     asked = Until("the early request", lambda _p: bool(chats(endpoint)), limit_s=4.0)
     steps: list[Step] = [silence(0.4), first, asked, second, silence(3.5)]
-    async with llm_for(endpoint) as llm:
-        result = await run_script(
-            steps, llm=llm, stt=whisper, tts=piper,
-            config=SessionConfig(turn_detection=td), policy=policy,
-        )  # fmt: skip
+    result, policy = await converse(endpoint, whisper, piper, td, plan, steps)
     requests = chats(endpoint)
     spec, final = requests[0], requests[-1]
     # The early request carried the first sentence and was abandoned when the user went on,
