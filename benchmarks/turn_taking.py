@@ -95,8 +95,9 @@ from runtime.conversation.policy import (
     classify,
     ends_with_punctuation,
     reads_complete,
+    same_words,
 )
-from runtime.conversation.session import RATE, SpeechGate, early_decode_budget_ms, same_words
+from runtime.conversation.session import RATE, SpeechGate, early_decode_budget_ms
 from runtime.speech.engines.piper import PiperTTS
 from runtime.speech.engines.whisper import WhisperConfig, WhisperSTT
 

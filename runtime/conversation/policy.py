@@ -250,6 +250,12 @@ def word_count(text: str) -> int:
     return len(_tokens(text))
 
 
+def same_words(a: str, b: str) -> bool:
+    """Whether two transcripts say the same words (case and punctuation aside: the early
+    decode's "Hello World." and the pause's "Hello World..." ask the same thing)."""
+    return _TOKEN.findall(a.lower()) == _TOKEN.findall(b.lower())
+
+
 # Words a finished sentence does not end with: articles, prepositions, conjunctions, fillers.
 _DANGLING: Final = frozenset(
     {

@@ -55,7 +55,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -92,6 +91,7 @@ from runtime.conversation.policy import (
     TurnTakingPolicy,
     classify,
     is_backchannel,
+    same_words,
 )
 from runtime.conversation.reply import Reply, ReplyRunner
 from runtime.conversation.sinks import AudioSink
@@ -113,15 +113,6 @@ _KEEP_MS: Final = 60_000  # input audio kept for turns and bursts (bounded)
 _AUDIBLE_DBFS: Final = -55.0
 
 EventHook = Callable[[ConversationEvent], None]
-
-
-_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
-
-
-def same_words(a: str, b: str) -> bool:
-    """Whether two transcripts say the same words (case and punctuation aside: the early
-    decode's "Hello World." and the pause's "Hello World..." ask the same thing)."""
-    return _WORD.findall(a.lower()) == _WORD.findall(b.lower())
 
 
 def early_decode_budget_ms(td: TurnDetection) -> float:
